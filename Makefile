@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` and `make test` (each creates .venv if missing).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU wheel of torch: an unpinned torch pulls a multi-GB CUDA build. Repeat the pin on every
+# pip line so no dependency upgrades it. GPU images install a CUDA build instead (infra/).
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test install clean test-%
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q "$(TORCH)" -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	DS_ACCELERATOR=cpu $(BIN)/gammaray demo
+
+test: $(STAMP)
+	DS_ACCELERATOR=cpu $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# one area alone: make test-loss, make test-ingest, ...
+test-%: $(STAMP)
+	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -m $* $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs

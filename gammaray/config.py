@@ -1,0 +1,372 @@
+"""The one config tree.
+
+Every component takes its own section of `GammarayConfig`. The same tree is loaded from YAML,
+patched by dotted paths (`--set loss.gamma.alpha=2` on the CLI, a Ray Tune param space), and
+validated before any cluster resource is used: unknown keys and wrong types are errors that name
+the offending path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the offending dotted path."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------
+# storage and run
+
+
+class StorageConfig(Section):
+    """How to reach object storage. Credentials are named, never written: the config holds the
+    names of environment variables, so a saved config or job metadata never carries a secret."""
+
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint (e.g. http://127.0.0.1:8333); None = AWS_ENDPOINT_URL or AWS."
+    )
+    region: str | None = Field(None, description="S3 region; None = AWS_REGION or the server's default.")
+    access_key_env: str = Field("AWS_ACCESS_KEY_ID", description="Env var holding the access key id.")
+    secret_key_env: str = Field("AWS_SECRET_ACCESS_KEY", description="Env var holding the secret key.")
+    retries: int = Field(5, ge=0, description="Retries with exponential backoff on transient errors.")
+
+
+class RunSection(Section):
+    name: str = Field("gammaray-demo", description="Run name; re-running with the same name resumes.")
+    storage: str = Field(
+        "runs", description="Where checkpoints, metrics and quarantine go: a local path or s3://bucket/prefix."
+    )
+    seed: int = Field(0, description="Seed for data order, augmentation, init and the gamma E-step.")
+    deterministic: bool = Field(False, description="torch deterministic algorithms (exact resume on CPU).")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_path_safe(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError("run name must be a non-empty path-safe string without '/'")
+        return v
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="Ray cluster address; None starts a local instance.")
+    num_cpus: int | None = Field(
+        None, description="Logical CPUs of a local instance (default max(4, cores): leaves room for Ray Data)."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+class AugmentConfig(Section):
+    crop_scale: tuple[float, float] = Field((0.6, 1.0), description="Random resized crop area range.")
+    flip: bool = True
+    color_jitter: float = Field(0.2, ge=0.0, le=1.0, description="Brightness/contrast/saturation jitter.")
+    token_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Probability of dropping a text token.")
+    word_swap: float = Field(0.1, ge=0.0, lt=1.0, description="Probability of swapping adjacent words.")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not (0.0 < lo <= hi <= 1.0):
+            raise ValueError("crop_scale must satisfy 0 < lo <= hi <= 1")
+        return v
+
+
+class DataConfig(Section):
+    train: str | None = Field(None, description="Prepared catalogue (shards + manifest.json), local path or s3://.")
+    val: str | None = Field(None, description="Held-out prepared catalogue for evaluation.")
+    tokenizer: str | None = Field(
+        None, description="Hugging Face tokenizer folder (local or s3://); None = <train>/../tokenizer."
+    )
+    view_pair: Literal["image_text"] = Field("image_text", description="Which two fields form a positive pair.")
+    image_size: int = Field(64, ge=8, description="Side of the square image fed to the image tower.")
+    max_image_pixels: int = Field(25_000_000, ge=1, description="Larger images are quarantined (decompression bombs).")
+    max_text_tokens: int = Field(32, ge=4, description="Token budget per text (truncate/pad).")
+    max_text_chars: int = Field(8192, ge=1, description="Longer texts are quarantined as oversized.")
+    augment: AugmentConfig = AugmentConfig()
+    batch_size: int = Field(16, ge=1, description="Per-device micro-batch of good records.")
+    shuffle: bool = Field(True, description="Shuffle row groups and rows within them every epoch (seeded).")
+    preprocess_num_cpus: float = Field(1.0, gt=0, description="Logical CPUs per Ray Data read+preprocess task.")
+    preprocess_concurrency: int | None = Field(
+        None, ge=1, description="Max concurrent read+preprocess tasks per training worker (None = as resources allow)."
+    )
+    prefetch_batches: int = Field(4, ge=0, description="Batches prefetched by each training worker.")
+    quarantine_max_fraction: float = Field(
+        0.05, ge=0.0, le=1.0, description="Abort the run if more than this fraction of records is bad."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# model
+
+
+def _default_image_tower() -> dict[str, Any]:
+    # a small ResNet learns shapes from a few thousand images on CPU; a ViT this small does not
+    return {
+        "model_type": "resnet",
+        "embedding_size": 32,
+        "hidden_sizes": [32, 64, 128],
+        "depths": [1, 1, 1],
+        "layer_type": "basic",
+    }
+
+
+def _default_text_tower() -> dict[str, Any]:
+    return {
+        "model_type": "bert",
+        "hidden_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 192,
+        "max_position_embeddings": 64,
+    }
+
+
+class TowerConfig(Section):
+    pretrained: str | None = Field(None, description="Local Hugging Face folder to initialise from.")
+    hf_config: dict[str, Any] = Field(
+        default_factory=dict, description="transformers config kwargs (model_type + sizes) for random init."
+    )
+    pooling: Literal["auto", "cls", "mean"] = Field("auto", description="How the tower's tokens become one vector.")
+
+
+class ModelConfig(Section):
+    kind: Literal["two_tower"] = Field("two_tower", description="Model family.")
+    embed_dim: int = Field(64, ge=2, description="Dimension of the shared embedding space.")
+    image: TowerConfig = TowerConfig(hf_config=_default_image_tower())
+    text: TowerConfig = TowerConfig(hf_config=_default_text_tower(), pooling="mean")
+    temperature: float = Field(0.1, gt=0.0, description="Initial temperature tau.")
+    learn_temperature: bool = Field(True, description="Learn tau (as a log-scale) or keep it fixed.")
+    max_logit_scale: float = Field(100.0, gt=0.0, description="Upper clamp of 1/tau.")
+
+
+# --------------------------------------------------------------------------------------------
+# losses
+
+
+class GammaLossConfig(Section):
+    alpha: float = Field(1.0, gt=0.0, description="Gamma shape (alpha=1: InfoNCE/SogCLR weighting).")
+    gamma: float = Field(0.1, gt=0.0, le=1.0, description="EMA weight of the per-sample rate memory.")
+    gamma_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="constant, or cosine from 1.0 down to gamma_min over the run."
+    )
+    gamma_min: float = Field(0.2, gt=0.0, le=1.0, description="Final EMA weight of the cosine schedule.")
+    mode: Literal["mean", "sample"] = Field("mean", description="E-step: u=alpha/R (mean) or u~Gamma(alpha,R).")
+    include_positive: bool = Field(
+        True, description="Z_hat averages over all in-batch candidates (True: mode=mean,gamma=1 equals InfoNCE)."
+    )
+
+
+class StructureConfig(Section):
+    lambda_sep: float = Field(0.0, ge=0.0, description="Weight of deep feature separation (0 = off).")
+    lambda_br: float = Field(0.0, ge=0.0, description="Weight of the Brownian-bridge loss (0 = off).")
+    lambda_gc: float = Field(0.0, ge=0.0, description="Weight of geometric consistency (0 = off).")
+    bridge_t: float = Field(0.25, gt=0.0, lt=1.0, description="Bridge point t (mu = t z_V + (1-t) z_T).")
+
+
+class LossConfig(Section):
+    kind: Literal["infonce", "gamma", "sogclr", "siglip"] = Field("gamma", description="Contrastive objective.")
+    gather_negatives: bool = Field(
+        False, description="InfoNCE/SigLIP: all-gather candidates across workers (with gradient)."
+    )
+    gamma: GammaLossConfig = GammaLossConfig()
+    structure: StructureConfig = StructureConfig()
+
+
+# --------------------------------------------------------------------------------------------
+# training
+
+
+class DeepSpeedSection(Section):
+    zero_stage: Literal[0, 1, 2, 3] = Field(1, description="ZeRO stage.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU.")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_clipping: float = Field(1.0, ge=0.0, description="Global grad-norm clip (0 = off).")
+
+
+class OptimConfig(Section):
+    lr: float = Field(5e-4, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = Field(30, ge=0, description="Linear warm-up, then cosine decay to min_lr_ratio.")
+    min_lr_ratio: float = Field(0.05, ge=0.0, le=1.0)
+
+
+class TrainConfig(Section):
+    workers: int = Field(2, ge=0, description="Ray Train workers (0 = run the loop in the driver).")
+    cpus_per_worker: float = Field(0.5, gt=0.0, description="Logical CPUs per worker (fractional avoids deadlock).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL.")
+    strategy: Literal["deepspeed"] = Field("deepspeed", description="Distributed strategy.")
+    epochs: int = Field(6, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    log_every: int = Field(10, ge=1, description="Steps between metric reports.")
+    checkpoint_every: int = Field(200, ge=1, description="Steps between checkpoints (and one at the end).")
+    eval_every: int | None = Field(None, ge=1, description="Steps between validation R@1 (None = end only).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (best by validation R@1 when it runs).")
+    max_failures: int = Field(0, ge=-1, description="Worker-failure restarts from the last checkpoint.")
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
+    optim: OptimConfig = OptimConfig()
+
+
+class EvalConfig(Section):
+    prompt_template: str = Field("{}", description="Zero-shot prompt; {} = the category path, e.g. 'Bags > Backpacks'.")
+    max_records: int | None = Field(None, ge=1, description="Cap on held-out records evaluated.")
+    batch_size: int = Field(128, ge=1)
+
+
+class GammarayConfig(Section):
+    run: RunSection = RunSection()
+    ray: RayConfig = RayConfig()
+    storage: StorageConfig = StorageConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GammarayConfig":
+        image_cfg_size = self.model.image.hf_config.get("image_size")
+        if image_cfg_size is not None and image_cfg_size != self.data.image_size:
+            raise ValueError(
+                f"model.image.hf_config.image_size={image_cfg_size} differs from data.image_size={self.data.image_size}"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# loading and overriding
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{path}: unknown key")
+        else:
+            lines.append(f"{path}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def from_dict(data: Mapping[str, Any]) -> GammarayConfig:
+    try:
+        return GammarayConfig.model_validate(dict(data))
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load(path: str | os.PathLike | None = None, overrides: list[str] | Mapping[str, Any] | None = None) -> GammarayConfig:
+    """Load a YAML file (or the embedded defaults) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        with open(p) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded
+    cfg = from_dict(data)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b.c=value` -> ("a.b.c", value parsed as YAML, so 2 is int, 0.5 float, [1,2] a list)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like dotted.path=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty path")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {err}") from None
+    return key, value
+
+
+def _known_keys(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def check_path(path: str) -> None:
+    """Raise ConfigError naming `path` if it does not address a field of the tree."""
+    model: Any = GammarayConfig
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            # dict-valued fields (hf_config) accept any sub-key
+            if model is dict or getattr(model, "__origin__", None) is dict:
+                return
+            raise ConfigError(f"{path}: '{'.'.join(parts[:i])}' is a value, it has no key '{part}'")
+        if part not in fields:
+            hint = difflib.get_close_matches(part, list(fields), n=1)
+            where = ".".join(parts[:i]) or "<root>"
+            msg = f"{path}: unknown key '{part}' in {where}"
+            if hint:
+                msg += f" (did you mean '{hint[0]}'?)"
+            raise ConfigError(msg)
+        ann = fields[part].annotation
+        model = _section_type(ann)
+
+
+def _section_type(ann: Any) -> Any:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    origin = getattr(ann, "__origin__", None)
+    if origin is dict or ann is dict:
+        return dict
+    return None
+
+
+def apply_overrides(cfg: GammarayConfig, overrides: list[str] | Mapping[str, Any]) -> GammarayConfig:
+    items = overrides.items() if isinstance(overrides, Mapping) else [parse_override(o) for o in overrides]
+    data = cfg.model_dump(mode="python")
+    for key, value in items:
+        check_path(key)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return from_dict(data)
+
+
+def to_yaml(cfg: GammarayConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save(cfg: GammarayConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(to_yaml(cfg))
+
+
+def describe(model: type[BaseModel] = GammarayConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted path, default, description) for every leaf: the documented config reference."""
+    rows = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        sub = _section_type(field.annotation)
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            rows.extend(describe(sub, prefix=f"{path}."))
+        else:
+            default = field.get_default(call_default_factory=True)
+            rows.append((path, repr(default), field.description or ""))
+    return rows

@@ -1,0 +1,1 @@
+"""Records, storage, preparation and the Ray Data ingest path. Imports no model or loss code."""

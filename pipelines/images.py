@@ -1,0 +1,50 @@
+"""Image bytes -> checked PIL image, with one reason code per way an image can be bad."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image
+
+from gammaray.schema import Reason
+
+
+class BadImage(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def open_checked(data: bytes | None, max_pixels: int) -> Image.Image:
+    """Decode fully (so truncation shows now, not in a training step) and return an RGB image.
+
+    The pixel limit is checked from the header, before any pixel is decoded: a decompression bomb
+    costs a few bytes of reading, not gigabytes of memory.
+    """
+    if data is None or len(data) == 0:
+        raise BadImage(Reason.IMAGE_EMPTY, "zero-byte image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadImage(Reason.IMAGE_TOO_LARGE, str(err)) from None
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for garbage
+        raise BadImage(Reason.IMAGE_UNDECODABLE, f"{type(err).__name__}: {err}") from None
+    if w * h > max_pixels:
+        raise BadImage(Reason.IMAGE_TOO_LARGE, f"{w}x{h} = {w * h} pixels > limit {max_pixels}")
+    try:
+        img.load()
+    except OSError as err:
+        text = str(err)
+        if "truncated" in text or "broken data stream" in text or "premature end" in text.lower():
+            raise BadImage(Reason.IMAGE_TRUNCATED, text) from None
+        raise BadImage(Reason.IMAGE_UNDECODABLE, f"{type(err).__name__}: {text}") from None
+    except Exception as err:  # noqa: BLE001
+        raise BadImage(Reason.IMAGE_UNDECODABLE, f"{type(err).__name__}: {err}") from None
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img

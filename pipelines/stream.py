@@ -1,0 +1,253 @@
+"""Streaming a prepared catalogue into training workers with Ray Data, resumably.
+
+Why not `streaming_split`: it hands blocks to whichever consumer asks first, so which worker sees
+which record is not reproducible and a mid-epoch position cannot be saved (ray #48224). Instead each
+epoch has a *plan*: the catalogue's row groups in a seeded order, rows permuted within each row group,
+the resulting sequence cut into one contiguous part per worker. A worker streams its part through its
+own Ray Data pipeline (read row group from object storage -> decode/augment/tokenize in CPU tasks,
+order preserved) and its data position is one number: records of its part consumed. The remaining
+parts of all workers can be re-cut for a different worker count.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gammaray.schema import BatchKeys as K
+
+from . import storage
+from .preprocess import PreprocessSpec, preprocess_batch
+from .tokenizer import load as load_tokenizer
+
+MODEL_KEYS = (K.SAMPLE_INDEX, K.PIXELS, K.PIXELS_AUG, K.INPUT_IDS, K.ATTENTION_MASK, K.INPUT_IDS_AUG,
+              K.ATTENTION_MASK_AUG)
+READ_COLUMNS = ["product_id", "sample_index", "title", "description", "category", "image"]
+
+
+# --------------------------------------------------------------------------------------------
+# the epoch plan
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One row group of one shard: the smallest unit of shuffling and reading."""
+
+    shard: str        # path relative to the catalogue root
+    row_group: int
+    num_rows: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows [start, stop) of a unit, in the unit's permuted row order for the epoch."""
+
+    unit: int
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def units_from_manifest(manifest: dict) -> list[Unit]:
+    return [Unit(s["path"], g, n) for s in manifest["shards"] for g, n in enumerate(s["row_groups"])]
+
+
+def unit_order(units: list[Unit], epoch: int, seed: int, shuffle: bool) -> list[int]:
+    order = np.arange(len(units))
+    if shuffle:
+        np.random.default_rng([seed, epoch, 7]).shuffle(order)
+    return order.tolist()
+
+
+def row_permutation(unit: int, num_rows: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
+    if not shuffle:
+        return np.arange(num_rows)
+    return np.random.default_rng([seed, epoch, 11, unit]).permutation(num_rows)
+
+
+def split_sequence(segments: list[Segment], world_size: int) -> list[list[Segment]]:
+    """Cut a sequence of segments into world_size contiguous parts whose sizes differ by at most 1."""
+    total = sum(s.size for s in segments)
+    bounds = [total * r // world_size for r in range(world_size + 1)]
+    parts: list[list[Segment]] = [[] for _ in range(world_size)]
+    pos = 0
+    for seg in segments:
+        s0, s1 = pos, pos + seg.size
+        r = max(0, bisect.bisect_right(bounds, s0) - 1)
+        while r < world_size and bounds[r] < s1:
+            lo, hi = max(s0, bounds[r]), min(s1, bounds[r + 1])
+            if hi > lo:
+                parts[r].append(Segment(seg.unit, seg.start + lo - pos, seg.start + hi - pos))
+            r += 1
+        pos = s1
+    return parts
+
+
+def epoch_plan(units: list[Unit], epoch: int, seed: int, world_size: int, shuffle: bool) -> list[list[Segment]]:
+    seq = [Segment(u, 0, units[u].num_rows) for u in unit_order(units, epoch, seed, shuffle)]
+    return split_sequence(seq, world_size)
+
+
+def advance(part: list[Segment], consumed: int) -> list[Segment]:
+    """The part with its first `consumed` records removed."""
+    out = []
+    for seg in part:
+        if consumed >= seg.size:
+            consumed -= seg.size
+            continue
+        out.append(Segment(seg.unit, seg.start + consumed, seg.stop))
+        consumed = 0
+    return out
+
+
+def reshard(remaining: list[list[Segment]], world_size: int) -> list[list[Segment]]:
+    """Re-cut the unconsumed parts of an old worker set for a new worker count (order preserved)."""
+    return split_sequence([s for part in remaining for s in part], world_size)
+
+
+def part_to_json(part: list[Segment]) -> list[list[int]]:
+    return [[s.unit, s.start, s.stop] for s in part]
+
+
+def part_from_json(obj: list[list[int]]) -> list[Segment]:
+    return [Segment(int(u), int(a), int(b)) for u, a, b in obj]
+
+
+# --------------------------------------------------------------------------------------------
+# reading segments
+
+
+@functools.lru_cache(maxsize=64)
+def _parquet_file(uri: str, settings: storage.S3Settings | None) -> pq.ParquetFile:
+    fs, path = storage.resolve(uri, settings)
+    return storage.with_retries(lambda: pq.ParquetFile(fs.open_input_file(path)), retries=settings.retries if settings else 5)
+
+
+def read_segment_rows(catalogue_uri: str, unit: Unit, unit_id: int, start: int, stop: int, epoch: int, seed: int,
+                      shuffle: bool, settings: storage.S3Settings | None) -> pa.Table:
+    uri = storage.join(catalogue_uri, unit.shard)
+    pf = _parquet_file(uri, settings)
+    table = storage.with_retries(lambda: pf.read_row_group(unit.row_group, columns=READ_COLUMNS))
+    perm = row_permutation(unit_id, unit.num_rows, epoch, seed, shuffle)[start:stop]
+    first_row = sum(pf.metadata.row_group(g).num_rows for g in range(unit.row_group))
+    table = table.take(pa.array(perm))
+    return table.append_column("source", pa.array([uri] * len(perm), pa.string())).append_column(
+        "row", pa.array(first_row + perm, pa.int64())
+    )
+
+
+@dataclass
+class StreamBatch:
+    arrays: dict[str, np.ndarray]  # good rows only, 0..batch_size of them
+    consumed: int                  # records of the part consumed through this batch (good + rejected)
+    rejected: list[dict]           # quarantine rows covered by this batch
+
+    @property
+    def size(self) -> int:
+        return len(self.arrays[K.SAMPLE_INDEX]) if self.arrays else 0
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    catalogue_uri: str
+    units: tuple[Unit, ...]
+    preprocess: PreprocessSpec
+    settings: storage.S3Settings | None
+    shuffle: bool
+    batch_size: int
+    preprocess_num_cpus: float
+    prefetch_batches: int
+    concurrency: int | None = None
+
+
+def build_dataset(spec: StreamSpec, part: list[Segment]):
+    """The Ray Data pipeline for one worker's part: read -> preprocess, order preserved."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    items = [{"unit": s.unit, "start": s.start, "stop": s.stop} for s in part]
+    if not items:
+        return None
+    cat, units, pp = spec.catalogue_uri, spec.units, spec.preprocess
+    settings, shuffle = spec.settings, spec.shuffle
+
+    def read_and_preprocess(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # one fused task per segment: reading and decoding in separate operators costs an extra
+        # hop through the object store and doubles per-task overhead for little gain
+        tables = [
+            read_segment_rows(cat, units[int(u)], int(u), int(a), int(b), pp.epoch, pp.seed, shuffle, settings)
+            for u, a, b in zip(batch["unit"], batch["start"], batch["stop"])
+        ]
+        table = pa.concat_tables(tables)
+        cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+        return preprocess_batch(cols, pp, load_tokenizer(pp.tokenizer_uri, settings))
+
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(read_and_preprocess, batch_size=1, batch_format="numpy", num_cpus=spec.preprocess_num_cpus,
+                        concurrency=spec.concurrency)
+    return ds
+
+
+def iterate(spec: StreamSpec, part: list[Segment], start_consumed: int = 0) -> Iterator[StreamBatch]:
+    """Batches of exactly `batch_size` good rows (the last may be smaller), with the data position.
+
+    `part` must already exclude the first `start_consumed` records (see `advance`); positions are
+    reported relative to the original part so they can be checkpointed as one number.
+    """
+    ds = build_dataset(spec, part)
+    if ds is None:
+        return
+    B = spec.batch_size
+    frags: list[dict[str, np.ndarray]] = []
+    have = 0
+    consumed = start_consumed
+    rejects: list[dict] = []
+    for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=spec.prefetch_batches):
+        n = len(block[K.SAMPLE_INDEX])
+        good = block[K.REJECT] == ""
+        pos = 0
+        while pos < n:
+            cum = np.cumsum(good[pos:])
+            hit = int(np.searchsorted(cum, B - have))
+            end = pos + hit + 1 if hit < n - pos else n
+            sel = np.arange(pos, end)
+            for i in sel[~good[pos:end]]:
+                rejects.append({"product_id": block[K.PRODUCT_ID][i], "source": block[K.SOURCE][i],
+                                "row": int(block[K.ROW][i]), "reason": block[K.REJECT][i],
+                                "detail": block[K.DETAIL][i], "stage": "stream", "epoch": spec.preprocess.epoch})
+            keep = sel[good[pos:end]]
+            if keep.size:
+                frags.append({k: block[k][keep] for k in MODEL_KEYS if k in block})
+                have += keep.size
+            consumed += end - pos
+            pos = end
+            if have == B:
+                yield StreamBatch(_concat(frags), consumed, rejects)
+                frags, have, rejects = [], 0, []
+    if have or rejects:
+        yield StreamBatch(_concat(frags) if frags else {}, consumed, rejects)
+
+
+def _concat(frags: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(frags) == 1:
+        return frags[0]
+    return {k: np.concatenate([f[k] for f in frags]) for k in frags[0]}
+
+
+def plan_summary(parts: list[list[Segment]]) -> dict[str, Any]:
+    return {"records_per_worker": [sum(s.size for s in p) for p in parts]}
+
+
+__all__ = ["Unit", "Segment", "StreamBatch", "StreamSpec", "units_from_manifest", "epoch_plan", "advance",
+           "reshard", "iterate", "part_to_json", "part_from_json", "asdict"]

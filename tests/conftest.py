@@ -1,0 +1,72 @@
+"""Shared fixtures: one real S3 server (SeaweedFS on 127.0.0.1) and one local Ray instance for the
+whole session, plus a small prepared synthetic catalogue in that server.
+
+Order matters: the S3 server exports AWS_* to this process before Ray starts, so every Ray worker
+(Ray Data tasks, Ray Train workers) inherits the endpoint and credentials.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # a GPU machine must not change CPU test behaviour
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def s3():
+    from infra.s3server import SeaweedS3
+
+    with SeaweedS3(bucket="gammaray-test") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3):
+    import ray
+
+    if not ray.is_initialized():
+        # 4 logical CPUs on a 2-core machine: training workers take 0.5 each and Ray Data tasks
+        # need room beside them (PLATFORM.md: the silent deadlock)
+        ray.init(num_cpus=4, include_dashboard=True, log_to_driver=True,
+                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": _repo_root()}})
+    yield ray
+    ray.shutdown()
+
+
+def _repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def small_catalogue(s3):
+    """A prepared synthetic catalogue in S3: 384 train (+5 bad) and 96 held-out records, a tokenizer."""
+    from pipelines.prepare import PrepareOptions, prepare
+    from pipelines.synthetic import write_raw_catalogue
+    from pipelines.tokenizer import build_for_catalogue
+
+    with tempfile.TemporaryDirectory() as raw:
+        paths = write_raw_catalogue(raw, n_train=384, n_val=96, seed=3, bad_records=5)
+        opts = PrepareOptions(progress=False, max_records_per_shard=160, row_group_size=32)
+        train = prepare(paths["train"], s3.url("small", "train"), opts)
+        val = prepare(paths["val"], s3.url("small", "val"), opts)
+        build_for_catalogue(s3.url("small", "train"), s3.url("small", "tokenizer"), train.manifest, vocab_size=500)
+    return {"train": s3.url("small", "train"), "val": s3.url("small", "val"),
+            "tokenizer": s3.url("small", "tokenizer"), "train_result": train, "val_result": val}
+
+
+def tiny_overrides(catalogue: dict, run_storage: str, name: str) -> dict:
+    """Config overrides for fast tests: a very small model, few steps."""
+    return {
+        "data.train": catalogue["train"], "data.val": catalogue["val"], "data.tokenizer": catalogue["tokenizer"],
+        "run.storage": run_storage, "run.name": name,
+        "model.embed_dim": 32,
+        "model.image.hf_config": {"model_type": "vit", "image_size": 64, "patch_size": 16, "hidden_size": 32,
+                                  "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
+        "model.text.hf_config": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1,
+                                 "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64},
+        "train.epochs": 1, "train.log_every": 5, "train.checkpoint_every": 1000,
+    }

@@ -1,0 +1,98 @@
+"""The config tree: YAML + dotted overrides, clear errors before any cluster resource is used."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from gammaray.config import ConfigError, GammarayConfig, apply_overrides, describe, load, to_yaml
+
+pytestmark = pytest.mark.foundation
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_defaults_are_valid_and_roundtrip_through_yaml(tmp_path):
+    cfg = GammarayConfig()
+    p = tmp_path / "c.yaml"
+    p.write_text(to_yaml(cfg))
+    assert load(p) == cfg
+
+
+def test_shipped_demo_config_equals_the_embedded_defaults():
+    assert load(os.path.join(ROOT, "configs", "demo.yaml")) == GammarayConfig()
+
+
+def test_dotted_overrides_are_typed_by_yaml():
+    cfg = load(overrides=["loss.gamma.alpha=2", "train.workers=4", "loss.kind=infonce",
+                          "model.image.hf_config.depths=[2, 2, 2]", "data.augment.crop_scale=[0.5, 1.0]"])
+    assert cfg.loss.gamma.alpha == 2.0
+    assert cfg.train.workers == 4 and isinstance(cfg.train.workers, int)
+    assert cfg.loss.kind == "infonce"
+    assert cfg.model.image.hf_config["depths"] == [2, 2, 2]
+    assert cfg.data.augment.crop_scale == (0.5, 1.0)
+
+
+def test_mapping_overrides_work_like_tune_param_spaces():
+    cfg = apply_overrides(GammarayConfig(), {"loss.structure.lambda_br": 0.3, "loss.gamma.gamma": 0.5})
+    assert cfg.loss.structure.lambda_br == 0.3 and cfg.loss.gamma.gamma == 0.5
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("loss.gama.alpha=2", "unknown key 'gama' in loss (did you mean 'gamma'?)"),
+        ("train.wrokers=2", "did you mean 'workers'"),
+        ("train.workers=abc", "train.workers"),
+        ("loss.kind=contrastive", "loss.kind"),
+        ("loss.gamma.gamma=1.5", "loss.gamma.gamma"),
+        ("train.epochs.x=1", "is a value"),
+        ("no_equals_sign", "dotted.path=value"),
+    ],
+)
+def test_bad_overrides_name_the_path(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load(overrides=[override])
+    assert needle in str(err.value)
+
+
+def test_unknown_key_in_yaml_is_an_error(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump({"train": {"workers": 2, "worker_count": 3}}))
+    with pytest.raises(ConfigError, match=r"train.worker_count: unknown key"):
+        load(p)
+
+
+def test_inconsistent_image_size_is_rejected():
+    with pytest.raises(ConfigError, match="image_size"):
+        load(overrides=["model.image.hf_config={model_type: vit, image_size: 32}"])
+
+
+def test_every_leaf_is_documented():
+    rows = describe()
+    undocumented = [path for path, _, desc in rows if not desc and not path.endswith(("flip", "betas"))]
+    assert len(rows) > 40
+    assert len(undocumented) < 15, undocumented
+
+
+def test_cli_rejects_bad_config_before_starting_anything():
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "gammaray.cli", "pretrain", "--set", "loss.gama.alpha=2"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown key 'gama'" in proc.stderr
+    assert "ray" not in proc.stdout.lower()
+    assert time.monotonic() - t0 < 60
+
+
+def test_pretrain_without_data_fails_clearly():
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "gammaray.cli", "pretrain"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 1
+    assert "data.train is not set" in proc.stderr

@@ -1,0 +1,1 @@
+"""What runs on Ray Train workers: models, losses, the training loop, DeepSpeed set-up."""

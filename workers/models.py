@@ -1,0 +1,148 @@
+"""Encoders: transformers towers plus projection heads into one unit-norm embedding space.
+
+The towers are ordinary Hugging Face models (a tiny random config in tests and the demo, any local
+pretrained folder otherwise), so an exported model loads with transformers alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gammaray.config import ModelConfig, TowerConfig
+from gammaray.schema import BatchKeys as K
+
+
+def build_tower(cfg: TowerConfig, **overrides: Any) -> nn.Module:
+    from transformers import AutoConfig, AutoModel
+
+    if cfg.pretrained:
+        return AutoModel.from_pretrained(cfg.pretrained)
+    kwargs = dict(cfg.hf_config)
+    model_type = kwargs.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("tower hf_config needs a 'model_type' (e.g. 'vit', 'bert') or set 'pretrained'")
+    kwargs.update(overrides)
+    hf_cfg = AutoConfig.for_model(model_type, **kwargs)
+    return AutoModel.from_config(hf_cfg)
+
+
+def tower_width(tower: nn.Module) -> int:
+    c = tower.config
+    for name in ("projection_dim", "hidden_size", "dim", "d_model"):
+        if getattr(c, name, None):
+            return int(getattr(c, name))
+    sizes = getattr(c, "hidden_sizes", None)
+    if sizes:
+        return int(sizes[-1])
+    raise ValueError(f"cannot infer the output width of {type(tower).__name__}")
+
+
+def pool(output: Any, mask: torch.Tensor | None, how: str) -> torch.Tensor:
+    """One vector per example. auto: the model's pooler if it has one, else masked mean of tokens."""
+    pooled = getattr(output, "pooler_output", None)
+    if how == "auto" and pooled is not None:
+        return pooled.flatten(1)
+    hidden = output.last_hidden_state
+    if hidden.dim() == 4:  # conv feature map [B, C, H, W]
+        return hidden.mean(dim=(2, 3))
+    if how == "cls":
+        return hidden[:, 0]
+    if mask is None:
+        return hidden.mean(dim=1)
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class TwoTowerModel(nn.Module):
+    """CLIP-style: image tower + text tower, linear projections, learnable temperature."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int | None = None, pad_token_id: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        text_overrides = {}
+        if not cfg.text.pretrained:
+            if vocab_size is not None:
+                text_overrides["vocab_size"] = vocab_size
+            if pad_token_id is not None:
+                text_overrides["pad_token_id"] = pad_token_id
+        self.image_tower = build_tower(cfg.image)
+        self.text_tower = build_tower(cfg.text, **text_overrides)
+        self.image_proj = nn.Linear(tower_width(self.image_tower), cfg.embed_dim, bias=False)
+        self.text_proj = nn.Linear(tower_width(self.text_tower), cfg.embed_dim, bias=False)
+        # shape (1,), not (): DeepSpeed 0.19 cannot partition 0-dim parameters across ranks
+        self.log_logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / cfg.temperature)),
+                                            requires_grad=cfg.learn_temperature)
+        self.logit_bias = nn.Parameter(torch.full((1,), -10.0))  # used by SigLIP only
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.image_proj.parameters()).dtype
+        out = self.image_tower(pixel_values=pixel_values.to(dtype))
+        return F.normalize(self.image_proj(pool(out, None, self.cfg.image.pooling)).float(), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.text_tower(input_ids=input_ids, attention_mask=attention_mask)
+        return F.normalize(self.text_proj(pool(out, attention_mask, self.cfg.text.pooling)).float(), dim=-1)
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.log_logit_scale.float().exp().clamp(max=self.cfg.max_logit_scale)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Embeddings of every view present in the batch, plus the scalars the losses need.
+
+        Everything a loss touches is produced here (ZeRO-3 only materialises parameters inside
+        forward)."""
+        out = {"logit_scale": self.logit_scale(), "logit_bias": self.logit_bias.float()}
+        if K.PIXELS in batch:
+            out["image"] = self.encode_image(batch[K.PIXELS])
+        if K.INPUT_IDS in batch:
+            out["text"] = self.encode_text(batch[K.INPUT_IDS], batch[K.ATTENTION_MASK])
+        if K.PIXELS_AUG in batch:
+            out["image_aug"] = self.encode_image(batch[K.PIXELS_AUG])
+        if K.INPUT_IDS_AUG in batch:
+            out["text_aug"] = self.encode_text(batch[K.INPUT_IDS_AUG], batch[K.ATTENTION_MASK_AUG])
+        return out
+
+
+def build_model(cfg: ModelConfig, vocab_size: int | None = None, pad_token_id: int | None = None) -> nn.Module:
+    if cfg.kind == "two_tower":
+        return TwoTowerModel(cfg, vocab_size=vocab_size, pad_token_id=pad_token_id)
+    raise ValueError(f"unknown model.kind {cfg.kind!r}")
+
+
+def save_model(model: nn.Module, out_dir: str, model_cfg: ModelConfig, tokenizer=None) -> None:
+    """Export: each tower with save_pretrained, the heads and the temperature as plain tensors."""
+    os.makedirs(out_dir, exist_ok=True)
+    model.image_tower.save_pretrained(os.path.join(out_dir, "image_tower"))
+    model.text_tower.save_pretrained(os.path.join(out_dir, "text_tower"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(os.path.join(out_dir, "text_tower"))
+    heads = {k: v.detach().cpu().float() for k, v in model.state_dict().items()
+             if not k.startswith(("image_tower.", "text_tower."))}
+    torch.save(heads, os.path.join(out_dir, "heads.pt"))
+    with open(os.path.join(out_dir, "gammaray_model.json"), "w") as f:
+        json.dump({"format": 1, "model": model_cfg.model_dump(mode="json")}, f, indent=2)
+
+
+def load_model(model_dir: str) -> nn.Module:
+    """Rebuild a model saved by `save_model` (towers from their folders, heads from heads.pt)."""
+    with open(os.path.join(model_dir, "gammaray_model.json")) as f:
+        meta = json.load(f)
+    cfg = ModelConfig.model_validate(meta["model"])
+    cfg = cfg.model_copy(update={
+        "image": TowerConfig(pretrained=os.path.join(model_dir, "image_tower"), pooling=cfg.image.pooling),
+        "text": TowerConfig(pretrained=os.path.join(model_dir, "text_tower"), pooling=cfg.text.pooling),
+    })
+    model = build_model(cfg)
+    heads = torch.load(os.path.join(model_dir, "heads.pt"), map_location="cpu")
+    missing, unexpected = model.load_state_dict(heads, strict=False)
+    bad = [k for k in missing if not k.startswith(("image_tower.", "text_tower."))]
+    if bad or unexpected:
+        raise ValueError(f"{model_dir}: heads do not match the model (missing {bad}, unexpected {unexpected})")
+    return model

@@ -1,0 +1,97 @@
+"""The training objective: a contrastive term plus the structure regularizers, as named terms.
+
+`Objective(...)(outputs, batch)` returns `LossTerms`: `terms` are the weighted tensors whose sum is
+what gets backpropagated (`contrastive_loss`, `sep_loss`, `bridge_loss`, `gc_loss`), `metrics` are
+floats for logging (unweighted values, gamma diagnostics). Logging and Ray Tune read the names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from gammaray.config import LossConfig
+from gammaray.schema import BatchKeys as K
+
+from .losses.contrastive import gather_candidates, infonce_loss, siglip_loss
+from .losses.gamma import GammaContrastiveLoss, GammaSettings
+
+
+@dataclass
+class LossTerms:
+    terms: dict[str, torch.Tensor]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> torch.Tensor:
+        return sum(self.terms.values())  # type: ignore[return-value]
+
+    def scalars(self) -> dict[str, float]:
+        out = {name: float(t.detach()) for name, t in self.terms.items()}
+        out["loss"] = float(self.total.detach())
+        out.update(self.metrics)
+        return out
+
+
+def gamma_settings(cfg: LossConfig) -> GammaSettings:
+    g = cfg.gamma
+    if cfg.kind == "sogclr":
+        # SogCLR's estimator: alpha = 1, u = 1/R (mean), negatives only
+        return GammaSettings(alpha=1.0, gamma=g.gamma, gamma_schedule=g.gamma_schedule, gamma_min=g.gamma_min,
+                             mode="mean", include_positive=False, gather_negatives=cfg.gather_negatives)
+    return GammaSettings(alpha=g.alpha, gamma=g.gamma, gamma_schedule=g.gamma_schedule, gamma_min=g.gamma_min,
+                         mode=g.mode, include_positive=g.include_positive, gather_negatives=cfg.gather_negatives)
+
+
+class Objective:
+    def __init__(self, cfg: LossConfig, num_samples: int, seed: int = 0, device: torch.device | str = "cpu",
+                 distributed: bool | None = None):
+        self.cfg = cfg
+        self.gamma: GammaContrastiveLoss | None = None
+        if cfg.kind in ("gamma", "sogclr"):
+            self.gamma = GammaContrastiveLoss(num_samples, gamma_settings(cfg), seed=seed, device=device,
+                                              distributed=distributed)
+
+    @property
+    def needs_augmented_views(self) -> bool:
+        s = self.cfg.structure
+        return s.lambda_sep > 0 or s.lambda_br > 0 or s.lambda_gc > 0
+
+    def __call__(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], progress: float = 0.0,
+                 active: bool = True) -> LossTerms:
+        """`active=False`: this rank has no data this step; it joins the collectives the loss needs
+        (candidate gathers, the loss-state exchange) and contributes exactly zero."""
+        image, text, scale = out["image"], out["text"], out["logit_scale"]
+        metrics: dict[str, float] = {"logit_scale": float(scale.detach())}
+        kind = self.cfg.kind
+        if not active:
+            if self.gamma is not None:
+                self.gamma.participate(image, text)
+            elif self.cfg.gather_negatives:
+                gather_candidates(text[:0])
+                if kind == "infonce":
+                    gather_candidates(image[:0])
+            zero = (image.sum() + text.sum() + scale.sum()) * 0.0
+            return LossTerms(terms={"contrastive_loss": zero}, metrics=metrics)
+        if kind == "infonce":
+            con = infonce_loss(image, text, scale, gather=self.cfg.gather_negatives)
+        elif kind == "siglip":
+            con = siglip_loss(image, text, scale, out["logit_bias"], gather=self.cfg.gather_negatives)
+        else:
+            assert self.gamma is not None
+            con, gm = self.gamma(image, text, scale, batch[K.SAMPLE_INDEX], progress)
+            metrics.update(gm)
+        terms = {"contrastive_loss": con}
+        return LossTerms(terms=terms, metrics=metrics)
+
+    # per-sample state travels with checkpoints
+    def state_dict(self) -> dict:
+        return {"gamma": self.gamma.state_dict()} if self.gamma is not None else {}
+
+    def nbytes(self) -> int:
+        return self.gamma.nbytes() if self.gamma is not None else 0
+
+    def load_shards(self, shards: list[dict]) -> None:
+        if self.gamma is not None and shards and "gamma" in shards[0]:
+            self.gamma.load_shards([s["gamma"] for s in shards])
