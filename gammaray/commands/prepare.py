@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import argparse
+import json
+
+from gammaray.config import ConfigError
+
+from . import add_config_args, config_from_args
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.prepare import PrepareOptions, prepare
+    from pipelines.tokenizer import build_for_catalogue
+
+    cfg = config_from_args(args)
+    column_map = {}
+    for item in args.map:
+        if "=" not in item:
+            raise ConfigError(f"--map {item!r} must look like field=column")
+        k, v = item.split("=", 1)
+        column_map[k.strip()] = v.strip()
+    opts = PrepareOptions(column_map=column_map, max_records_per_shard=args.records_per_shard,
+                          row_group_size=args.row_group_size, max_image_pixels=cfg.data.max_image_pixels,
+                          max_text_chars=cfg.data.max_text_chars, check_images=not args.no_image_check,
+                          progress=not args.quiet)
+    res = prepare(args.src, args.dst, opts, cfg.storage)
+    print(res.summary())
+    if args.build_tokenizer:
+        uri = args.tokenizer_out or args.dst.rstrip("/").rsplit("/", 1)[0] + "/tokenizer"
+        build_for_catalogue(args.dst, uri, res.manifest, vocab_size=args.build_tokenizer, storage_cfg=cfg.storage)
+        print(f"tokenizer -> {uri}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"num_input": res.num_input, "num_written": res.num_written,
+                       "num_already_present": res.num_already_present, "num_quarantined": res.num_quarantined,
+                       "quarantine_by_reason": res.quarantine_by_reason, "shards_written": res.shards_written},
+                      f, indent=2)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("prepare", help="raw catalogue (JSONL/CSV/Parquet + images) -> validated Parquet shards",
+                       description="Validate a raw catalogue, assign a dense sample_index, write Parquet shards, "
+                                   "a manifest and a quarantine of rejected records. Idempotent and append-safe.")
+    p.add_argument("src", help="source file or directory (local path, file://, s3://)")
+    p.add_argument("dst", help="destination catalogue directory (local path, file://, s3://)")
+    p.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN",
+                   help="take record field FIELD from source column COLUMN (repeatable)")
+    p.add_argument("--records-per-shard", type=int, default=1000, help="records per Parquet shard (default 1000)")
+    p.add_argument("--row-group-size", type=int, default=128,
+                   help="rows per row group, the shuffle unit (default 128)")
+    p.add_argument("--no-image-check", action="store_true", help="skip the full decode of every image")
+    p.add_argument("--build-tokenizer", type=int, metavar="VOCAB",
+                   help="also train a WordPiece tokenizer of this size")
+    p.add_argument("--tokenizer-out", metavar="URL", help="where to write it (default: DST/../tokenizer)")
+    p.add_argument("--json", metavar="PATH", help="write the counts as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_args(p)
+    p.set_defaults(func=run)
