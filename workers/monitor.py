@@ -151,6 +151,7 @@ class ProgressPrinter:
                     m = self.queue.get(timeout=0.5)
                 except (pyqueue.Empty, Exception):  # noqa: BLE001
                     continue
+                m = {**self.last, **m}  # a report without throughput keeps the last figures
                 self.last = m
                 if "total_steps" in m and bar.total is None:
                     bar.total = int(m["total_steps"])

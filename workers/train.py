@@ -419,9 +419,11 @@ def step_metrics(state: TrainState, last: dict, window: dict, scheduler, epoch: 
 
     dt = max(1e-9, time.perf_counter() - window["t0"])
     m = dict(last)
+    if window["steps"]:  # throughput of the steps since the last report (none after the last step)
+        m.update({"records_per_s": window["records"] / dt, "step_time_s": dt / window["steps"],
+                  "data_wait_fraction": window["wait"] / dt})
     m.update({
-        "step": state.step, "epoch": epoch, "records_per_s": window["records"] / dt,
-        "step_time_s": dt / max(1, window["steps"]), "data_wait_fraction": window["wait"] / dt,
+        "step": state.step, "epoch": epoch,
         "lr": float(scheduler.get_last_lr()[0]) if scheduler is not None else 0.0,
         "rss_mb": psutil.Process().memory_info().rss / 2**20,
         "records_trained": state.records_trained, "records_quarantined": len(state.quarantine),
@@ -617,5 +619,5 @@ def ensure_ray(cfg: GammarayConfig) -> None:
         return
     num_cpus = cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
     # the dashboard process also serves the state API that Ray Train's placement-group cleaner polls
-    ray.init(num_cpus=num_cpus, log_to_driver=True,
+    ray.init(num_cpus=num_cpus, log_to_driver=True, logging_config=ray.LoggingConfig(log_level="WARNING"),
              runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if cfg.train.use_gpu else "cpu")}})
