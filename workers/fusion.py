@@ -150,8 +150,12 @@ class FusionModel(TwoTowerModel):
 
     @torch.no_grad()
     def reset_momentum(self) -> None:
+        """Momentum encoders := online encoders (parameters and buffers such as BatchNorm statistics)."""
         for p, q in self._pairs():
             q.data.copy_(p.data)
+        for name, m_module in self.momentum.items():
+            for a, b in zip(getattr(self, name).buffers(), m_module.buffers()):
+                b.copy_(a)
 
     def _momentum_embed(self, out: dict, modality: str, h: torch.Tensor) -> None:
         m = self.momentum
