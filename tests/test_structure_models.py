@@ -168,11 +168,11 @@ def test_hard_negatives_follow_the_similarities():
     same = torch.eye(4, dtype=torch.bool)
     g = torch.Generator().manual_seed(0)
     counts = torch.zeros(4)
-    for _ in range(400):
+    for _ in range(200):
         picked, _ = sample_hard_negatives(sim, same, generator=g)
         counts[picked[0]] += 1
     assert counts[0] == 0
-    assert counts[1] > 300 and counts[3] < 5  # softmax weights over the negatives: the hardest dominates
+    assert counts[1] > 150 and counts[3] < 5  # softmax weights over the negatives: the hardest dominates
 
 
 def test_fusion_itm_with_duplicates_and_a_batch_of_one():
@@ -254,3 +254,34 @@ def test_two_tower_behaviour_is_unchanged_without_structure():
     b = batch(aug=True)
     out = m(b)
     assert torch.allclose(out["image_aug"], m.encode_image(b[K.PIXELS_AUG]), atol=1e-6)
+
+
+@pytest.mark.timeout(300)
+def test_fusion_trains_under_zero3_and_the_ema_runs_on_the_partitions():
+    """ZeRO-3 (a world of one, in this process): parameters are partitioned placeholders outside
+    forward, so the EMA must update the local partitions (`ds_tensor`)."""
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from workers.engine import build_engine, init_single_process_group
+
+    init_single_process_group()
+    cfg = cfg_for("fusion", **{"train.deepspeed.zero_stage": 3, "loss.structure.lambda_br": 1.0,
+                               "loss.structure.lambda_sep": 1.0, "model.fusion.momentum": 0.5,
+                               "train.optim.warmup_steps": 0, "train.optim.lr": 1e-2})
+    torch.manual_seed(0)
+    model = build_model(cfg.model, vocab_size=100, pad_token_id=0)
+    obj = Objective(cfg.loss, num_samples=10, distributed=False)
+    engine, _, _ = build_engine(model, cfg, total_steps=10, on_gpu=False)
+    online, mom = engine.module.image_proj.weight, engine.module.momentum["image_proj"].weight
+    assert online.numel() == 0 and online.ds_tensor.numel() > 0  # really partitioned
+    for _ in range(2):
+        before_m, before_o = mom.ds_tensor.clone(), online.ds_tensor.clone()
+        b = batch(6)
+        out = engine(b)
+        lt = obj(out, b)
+        assert {"sep_loss", "bridge_loss", "itm_loss"} <= set(lt.terms) and torch.isfinite(lt.total)
+        engine.backward(lt.total + sum(v.sum() for v in out.values()) * 0.0)
+        engine.step()
+        assert torch.allclose(mom.ds_tensor, 0.5 * before_m + 0.5 * before_o, atol=1e-6)
+        assert not torch.equal(online.ds_tensor, before_o)  # the optimizer moved the online encoder
