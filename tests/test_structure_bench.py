@@ -69,7 +69,11 @@ def test_a_tiny_benchmark_run_writes_rows_png_and_details(tmp_path):
     out = tmp_path / "rows.json"
     rc = main(["bench", "structure", "--json", str(out), "--n-train", "24", "--n-val", "16", "--epochs", "1",
                "--seeds", "1", "--variants", "plain,sep", "--quiet", "--device", "cpu",
-               "--set", "data.batch_size=12", "--set", "model.embed_dim=16"])
+               "--set", "data.batch_size=12", "--set", "model.embed_dim=16", "--set", "data.image_size=32",
+               "--set", "model.image.hf_config={model_type: resnet, embedding_size: 8, hidden_sizes: [8, 16], "
+                        "depths: [1, 1], layer_type: basic}",
+               "--set", "model.text.hf_config={model_type: bert, hidden_size: 16, num_hidden_layers: 1, "
+                        "num_attention_heads: 2, intermediate_size: 32, max_position_embeddings: 64}"])
     assert rc == 0
     rows = json.loads(out.read_text())
     assert [r["variant"] for r in rows] == ["plain", "sep"]

@@ -228,7 +228,20 @@ class Run:
 
 
 def linear_probe(x_train, y_train, x_test, y_test, l2: float = 1e-3, iters: int = 100) -> float:
-    """Multinomial logistic regression on standardised features (full-batch L-BFGS, float64)."""
+    """Multinomial logistic regression on standardised features (full-batch L-BFGS, float64).
+
+    Single-threaded: these tensors are tiny, and intra-op threads only add synchronisation."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _linear_probe(x_train, y_train, x_test, y_test, l2, iters)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _linear_probe(x_train, y_train, x_test, y_test, l2: float, iters: int) -> float:
     import torch
 
     xt = torch.as_tensor(x_train, dtype=torch.float64)
