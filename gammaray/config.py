@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -143,14 +143,46 @@ class TowerConfig(Section):
     pooling: Literal["auto", "cls", "mean"] = Field("auto", description="How the tower's tokens become one vector.")
 
 
+class FusionConfig(Section):
+    """The ALBEF-style fusion model (model.kind=fusion): a cross-attention encoder over the unimodal
+    towers' tokens, trained by image-text matching with hard negatives; momentum (EMA) copies of the
+    unimodal encoders give the augmented features of the structure regularizers."""
+
+    layers: int = Field(2, ge=1, description="Cross-attention fusion layers (transformers Bert blocks).")
+    heads: int | None = Field(None, ge=1, description="Attention heads of the fusion layers (None = the text tower's).")
+    intermediate_size: int | None = Field(
+        None, ge=1, description="Feed-forward width of the fusion layers (None = the text tower's, else 4x width)."
+    )
+    itm_weight: float = Field(
+        1.0, ge=0.0, description="Weight of the image-text matching loss (0 = no ITM compute; the fusion encoder is then unused)."
+    )
+    momentum: float = Field(
+        0.995, ge=0.0, lt=1.0, description="EMA coefficient of the momentum encoders (updated once per training forward)."
+    )
+
+
 class ModelConfig(Section):
-    kind: Literal["two_tower"] = Field("two_tower", description="Model family.")
+    kind: Literal["two_tower", "fusion"] = Field(
+        "two_tower", description="Model family: two_tower (CLIP-style) or fusion (ALBEF-style, see model.fusion)."
+    )
     embed_dim: int = Field(64, ge=2, description="Dimension of the shared embedding space.")
     image: TowerConfig = TowerConfig(hf_config=_default_image_tower())
     text: TowerConfig = TowerConfig(hf_config=_default_text_tower(), pooling="mean")
     temperature: float = Field(0.1, gt=0.0, description="Initial temperature tau.")
     learn_temperature: bool = Field(True, description="Learn tau (as a log-scale) or keep it fixed.")
     max_logit_scale: float = Field(100.0, gt=0.0, description="Upper clamp of 1/tau.")
+    specific_heads: bool | None = Field(
+        None, description="Extra projection heads for modality-specific features (deep feature separation), exported "
+                          "beside the shared ones. None = present exactly when loss.structure.lambda_sep > 0."
+    )
+    specific_dim: int | None = Field(None, ge=2, description="Dimension of the modality-specific features (None = embed_dim).")
+    fusion: FusionConfig = FusionConfig()
+
+    # resolved by GammarayConfig from loss.structure.lambda_sep (not part of the dumped tree)
+    _sep_active: bool = PrivateAttr(False)
+
+    def has_specific_heads(self) -> bool:
+        return self.specific_heads if self.specific_heads is not None else self._sep_active
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,10 +203,28 @@ class GammaLossConfig(Section):
 
 
 class StructureConfig(Section):
-    lambda_sep: float = Field(0.0, ge=0.0, description="Weight of deep feature separation (0 = off).")
+    """Latent modality structure (Jiang et al., CVPR 2023). Every weight 0 = off, with no extra compute
+    (no augmented views, no specific heads)."""
+
+    in_modal: bool = Field(
+        False, description="Base loss L_con = 1/4 (V2T + T2V + V2V + T2T): add in-modal InfoNCE terms (the augmented "
+                           "view is the positive) and halve the cross-modal term."
+    )
+    lambda_sep: float = Field(0.0, ge=0.0, description="Weight of deep feature separation L_ortho + L^i_con + L_uni (0 = off).")
     lambda_br: float = Field(0.0, ge=0.0, description="Weight of the Brownian-bridge loss (0 = off).")
     lambda_gc: float = Field(0.0, ge=0.0, description="Weight of geometric consistency (0 = off).")
     bridge_t: float = Field(0.25, gt=0.0, lt=1.0, description="Bridge point t (mu = t z_V + (1-t) z_T).")
+    bridge_t_range: tuple[float, float] | None = Field(
+        None, description="Sample t per sample uniformly from [lo, hi] each step instead of the fixed bridge_t."
+    )
+    gc_augmented: bool = Field(True, description="Geometric consistency also between each view and its augmented view.")
+
+    @field_validator("bridge_t_range")
+    @classmethod
+    def _t_range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not (0.0 <= v[0] <= v[1] <= 1.0):
+            raise ValueError("bridge_t_range must satisfy 0 <= lo <= hi <= 1")
+        return v
 
 
 class LossConfig(Section):
@@ -244,6 +294,10 @@ class GammarayConfig(Section):
             raise ValueError(
                 f"model.image.hf_config.image_size={image_cfg_size} differs from data.image_size={self.data.image_size}"
             )
+        # deep feature separation needs the specific heads: resolve model.specific_heads=None from it
+        self.model._sep_active = self.loss.structure.lambda_sep > 0
+        if self.loss.structure.lambda_sep > 0 and self.model.specific_heads is False:
+            raise ValueError("loss.structure.lambda_sep > 0 needs model.specific_heads (set it to true or null)")
         return self
 
 

@@ -60,8 +60,20 @@ def pool(output: Any, mask: torch.Tensor | None, how: str) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
+def tower_tokens(output: Any) -> torch.Tensor:
+    """Token features [B, N, D] of a tower's output (a conv feature map becomes its H*W positions)."""
+    hidden = output.last_hidden_state
+    if hidden.dim() == 4:
+        return hidden.flatten(2).transpose(1, 2)
+    return hidden
+
+
 class TwoTowerModel(nn.Module):
-    """CLIP-style: image tower + text tower, linear projections, learnable temperature."""
+    """CLIP-style: image tower + text tower, linear projections, learnable temperature.
+
+    With `cfg.has_specific_heads()` two more linear heads give modality-specific features
+    (`image_specific`, `text_specific`, unit-norm) from the same pooled tower outputs, for deep
+    feature separation; they are exported with the shared heads."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int | None = None, pad_token_id: int | None = None):
         super().__init__()
@@ -80,54 +92,88 @@ class TwoTowerModel(nn.Module):
         self.log_logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / cfg.temperature)),
                                             requires_grad=cfg.learn_temperature)
         self.logit_bias = nn.Parameter(torch.full((1,), -10.0))  # used by SigLIP only
+        self.specific = cfg.has_specific_heads()
+        if self.specific:
+            dim = cfg.specific_dim or cfg.embed_dim
+            self.image_specific_proj = nn.Linear(tower_width(self.image_tower), dim, bias=False)
+            self.text_specific_proj = nn.Linear(tower_width(self.text_tower), dim, bias=False)
+
+    # pooled tower features (before any head)
+    def image_features(self, pixel_values: torch.Tensor, tower: nn.Module | None = None) -> tuple[torch.Tensor, Any]:
+        dtype = next(self.image_proj.parameters()).dtype
+        out = (tower or self.image_tower)(pixel_values=pixel_values.to(dtype))
+        return pool(out, None, self.cfg.image.pooling), out
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      tower: nn.Module | None = None) -> tuple[torch.Tensor, Any]:
+        out = (tower or self.text_tower)(input_ids=input_ids, attention_mask=attention_mask)
+        return pool(out, attention_mask, self.cfg.text.pooling), out
+
+    @staticmethod
+    def head(proj: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return F.normalize(proj(h).float(), dim=-1)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.image_proj.parameters()).dtype
-        out = self.image_tower(pixel_values=pixel_values.to(dtype))
-        return F.normalize(self.image_proj(pool(out, None, self.cfg.image.pooling)).float(), dim=-1)
+        return self.head(self.image_proj, self.image_features(pixel_values)[0])
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.text_tower(input_ids=input_ids, attention_mask=attention_mask)
-        return F.normalize(self.text_proj(pool(out, attention_mask, self.cfg.text.pooling)).float(), dim=-1)
+        return self.head(self.text_proj, self.text_features(input_ids, attention_mask)[0])
 
     def logit_scale(self) -> torch.Tensor:
         return self.log_logit_scale.float().exp().clamp(max=self.cfg.max_logit_scale)
+
+    def _embed(self, out: dict, key: str, h: torch.Tensor, modality: str, suffix: str = "") -> None:
+        out[key + suffix] = self.head(getattr(self, f"{modality}_proj"), h)
+        if self.specific:
+            out[f"{key}_specific{suffix}"] = self.head(getattr(self, f"{modality}_specific_proj"), h)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Embeddings of every view present in the batch, plus the scalars the losses need.
 
         Everything a loss touches is produced here (ZeRO-3 only materialises parameters inside
-        forward)."""
+        forward). Keys: image, text, image_aug, text_aug (augmented views, when the batch has them),
+        and with specific heads image_specific, text_specific (+ _aug)."""
         out = {"logit_scale": self.logit_scale(), "logit_bias": self.logit_bias.float()}
         if K.PIXELS in batch:
-            out["image"] = self.encode_image(batch[K.PIXELS])
+            self._embed(out, "image", self.image_features(batch[K.PIXELS])[0], "image")
         if K.INPUT_IDS in batch:
-            out["text"] = self.encode_text(batch[K.INPUT_IDS], batch[K.ATTENTION_MASK])
+            self._embed(out, "text", self.text_features(batch[K.INPUT_IDS], batch[K.ATTENTION_MASK])[0], "text")
         if K.PIXELS_AUG in batch:
-            out["image_aug"] = self.encode_image(batch[K.PIXELS_AUG])
+            self._embed(out, "image", self.image_features(batch[K.PIXELS_AUG])[0], "image", "_aug")
         if K.INPUT_IDS_AUG in batch:
-            out["text_aug"] = self.encode_text(batch[K.INPUT_IDS_AUG], batch[K.ATTENTION_MASK_AUG])
+            h = self.text_features(batch[K.INPUT_IDS_AUG], batch[K.ATTENTION_MASK_AUG])[0]
+            self._embed(out, "text", h, "text", "_aug")
         return out
 
 
 def build_model(cfg: ModelConfig, vocab_size: int | None = None, pad_token_id: int | None = None) -> nn.Module:
     if cfg.kind == "two_tower":
         return TwoTowerModel(cfg, vocab_size=vocab_size, pad_token_id=pad_token_id)
+    if cfg.kind == "fusion":
+        from .fusion import FusionModel
+
+        return FusionModel(cfg, vocab_size=vocab_size, pad_token_id=pad_token_id)
     raise ValueError(f"unknown model.kind {cfg.kind!r}")
 
 
+# training-only state that an export leaves out (the fusion model's momentum encoders)
+EXPORT_SKIP = ("image_tower.", "text_tower.", "momentum.")
+
+
 def save_model(model: nn.Module, out_dir: str, model_cfg: ModelConfig, tokenizer=None) -> None:
-    """Export: each tower with save_pretrained, the heads and the temperature as plain tensors."""
+    """Export: each tower with save_pretrained, the heads (shared and modality-specific), the
+    temperature and, for the fusion model, the fusion encoder and ITM head as plain tensors."""
     os.makedirs(out_dir, exist_ok=True)
     model.image_tower.save_pretrained(os.path.join(out_dir, "image_tower"))
     model.text_tower.save_pretrained(os.path.join(out_dir, "text_tower"))
     if tokenizer is not None:
         tokenizer.save_pretrained(os.path.join(out_dir, "text_tower"))
-    heads = {k: v.detach().cpu().float() for k, v in model.state_dict().items()
-             if not k.startswith(("image_tower.", "text_tower."))}
+    heads = {k: v.detach().cpu().float() for k, v in model.state_dict().items() if not k.startswith(EXPORT_SKIP)}
     torch.save(heads, os.path.join(out_dir, "heads.pt"))
+    # the specific heads' presence is resolved from the loss config at training time: write it down
+    resolved = model_cfg.model_copy(update={"specific_heads": bool(getattr(model, "specific", False))})
     with open(os.path.join(out_dir, "gammaray_model.json"), "w") as f:
-        json.dump({"format": 1, "model": model_cfg.model_dump(mode="json")}, f, indent=2)
+        json.dump({"format": 1, "model": resolved.model_dump(mode="json")}, f, indent=2)
 
 
 def load_model(model_dir: str) -> nn.Module:
@@ -142,7 +188,9 @@ def load_model(model_dir: str) -> nn.Module:
     model = build_model(cfg)
     heads = torch.load(os.path.join(model_dir, "heads.pt"), map_location="cpu")
     missing, unexpected = model.load_state_dict(heads, strict=False)
-    bad = [k for k in missing if not k.startswith(("image_tower.", "text_tower."))]
+    bad = [k for k in missing if not k.startswith(EXPORT_SKIP)]
     if bad or unexpected:
         raise ValueError(f"{model_dir}: heads do not match the model (missing {bad}, unexpected {unexpected})")
+    if hasattr(model, "reset_momentum"):
+        model.reset_momentum()
     return model

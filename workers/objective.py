@@ -16,6 +16,7 @@ from gammaray.schema import BatchKeys as K
 
 from .losses.contrastive import gather_candidates, infonce_loss, siglip_loss
 from .losses.gamma import GammaContrastiveLoss, GammaSettings
+from .losses.structure import StructureObjective, StructureSettings
 
 
 @dataclass
@@ -52,11 +53,12 @@ class Objective:
         if cfg.kind in ("gamma", "sogclr"):
             self.gamma = GammaContrastiveLoss(num_samples, gamma_settings(cfg), seed=seed, device=device,
                                               distributed=distributed)
+        # latent modality structure (workers/losses/structure.py): in-modal terms, the regularizers, ITM
+        self.structure = StructureObjective(StructureSettings.from_config(cfg.structure, cfg.gather_negatives))
 
     @property
     def needs_augmented_views(self) -> bool:
-        s = self.cfg.structure
-        return s.lambda_sep > 0 or s.lambda_br > 0 or s.lambda_gc > 0
+        return self.structure.needs_augmented_views
 
     def __call__(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], progress: float = 0.0,
                  active: bool = True) -> LossTerms:
@@ -73,7 +75,9 @@ class Objective:
                 if kind == "infonce":
                     gather_candidates(image[:0])
             zero = (image.sum() + text.sum() + scale.sum()) * 0.0
-            return LossTerms(terms={"contrastive_loss": zero}, metrics=metrics)
+            inactive_terms = {"contrastive_loss": zero}
+            self.structure.apply(out, inactive_terms, metrics, active=False)
+            return LossTerms(terms=inactive_terms, metrics=metrics)
         if kind == "infonce":
             con = infonce_loss(image, text, scale, gather=self.cfg.gather_negatives)
         elif kind == "siglip":
@@ -83,6 +87,7 @@ class Objective:
             con, gm = self.gamma(image, text, scale, batch[K.SAMPLE_INDEX], progress)
             metrics.update(gm)
         terms = {"contrastive_loss": con}
+        self.structure.apply(out, terms, metrics)
         return LossTerms(terms=terms, metrics=metrics)
 
     # per-sample state travels with checkpoints
