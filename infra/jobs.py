@@ -251,7 +251,11 @@ def project_root() -> Path:
 
 
 def project_requirements(root: Path) -> list[str]:
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        raise SubmitError("--requirements auto reads pyproject.toml with tomllib (Python 3.11+): "
+                          "pass --requirements FILE or none") from None
 
     py = root / "pyproject.toml"
     if not py.exists():

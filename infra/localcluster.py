@@ -250,7 +250,7 @@ class LocalRayCluster:
                 out.append(p)
         return out
 
-    def stop(self, grace_s: float = 5.0, keep_logs: bool = False) -> None:
+    def stop(self, grace_s: float = 3.0, keep_logs: bool = False) -> None:
         import psutil
 
         procs = self.our_processes()
