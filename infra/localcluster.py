@@ -99,7 +99,9 @@ class LocalRayCluster:
     dashboard_url: str = ""
     dashboard_port: int = 0
     gcs_address: str = ""
+    start_attempts: int = 3
     _nodes: list[NodeHandle] = field(default_factory=list)
+    _all_sessions: set[int] = field(default_factory=set)  # every `ray start` ever run, failed ones too
     _own_tmp: bool = False
 
     # ---------------------------------------------------------------------------------------- start
@@ -156,14 +158,32 @@ class LocalRayCluster:
         return self
 
     def _start_node(self, head: bool) -> None:
+        """`ray start` one node; a node that misses Ray's fixed 30 s registration window (its agents
+        start slowly on a loaded machine) is killed and started again, on fresh ports."""
+        index = len(self._nodes)
+        node_tmp = self.node_temp_dir(index)
+        log_path = os.path.join(self.temp_dir, f"ray-start-{index}.log")
+        last = ""
+        for attempt in range(1, self.start_attempts + 1):
+            handle, rc, last = self._ray_start(head, node_tmp, log_path)
+            if rc == 0:
+                self._nodes.append(handle)
+                return
+            self._kill_sessions({handle.session_id})
+            if "timed out during startup" not in last:
+                break
+            print(f"[localcluster] node {index} missed Ray's startup window (attempt {attempt}); retrying",
+                  file=sys.stderr, flush=True)
+        raise RuntimeError(f"`ray start` failed for node {index}; log {log_path}:\n{last}")
+
+    def _ray_start(self, head: bool, node_tmp: str, log_path: str) -> tuple[NodeHandle, int, str]:
         names = ["node_manager", "object_manager", "agent_listen", "agent_grpc", "runtime_env_agent", "metrics"]
         if head:
             names += ["gcs", "dashboard", "client_server"]
         ports = dict(zip(names, free_ports(len(names))))
         if head:
             self.dashboard_port = ports["dashboard"]
-        node_tmp = self.node_temp_dir(len(self._nodes))
-        os.makedirs(node_tmp, exist_ok=True)
+        os.makedirs(node_tmp, exist_ok=True)  # nodes must not share a session dir (module docstring)
         launcher = [_ray_binary()] if head else [sys.executable, "-c", _LOOPBACK_RAY_START]
         cmd = [
             *launcher, "start", f"--temp-dir={node_tmp}",
@@ -175,27 +195,26 @@ class LocalRayCluster:
             f"--metrics-export-port={ports['metrics']}", "--disable-usage-stats",
         ]
         if head:
-            cmd += ["--head", "--node-ip-address=127.0.0.1", f"--port={ports['gcs']}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={ports['dashboard']}", f"--ray-client-server-port={ports['client_server']}"]
+            cmd += ["--head", "--node-ip-address=127.0.0.1", f"--port={ports['gcs']}", "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
+                    f"--ray-client-server-port={ports['client_server']}"]
         else:
             cmd += [f"--address={self.gcs_address}"]
-        log_path = os.path.join(self.temp_dir, f"ray-start-{len(self._nodes)}.log")
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(cmd, env=self.base_env(head), stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, cwd=node_tmp)
-        self._nodes.append(NodeHandle(session_id=proc.pid, ports=ports, log_path=log_path))
+        handle = NodeHandle(session_id=proc.pid, ports=ports, log_path=log_path)
+        self._all_sessions.add(proc.pid)
         try:
             rc = proc.wait(timeout=self.startup_timeout_s)
         except subprocess.TimeoutExpired:
-            raise TimeoutError(f"`ray start` did not return in {self.startup_timeout_s}s; log: {log_path}") from None
-        if rc != 0:
-            with open(log_path, errors="replace") as f:
-                tail = f.read()[-3000:]
-            raise RuntimeError(f"`ray start` failed with exit code {rc}:\n{tail}")
-        if head:
+            return handle, -1, f"`ray start` did not return in {self.startup_timeout_s}s (timed out during startup)"
+        with open(log_path, errors="replace") as f:
+            tail = f.read()[-3000:]
+        if rc == 0 and head:
             self.gcs_address = f"127.0.0.1:{ports['gcs']}"
             self.dashboard_url = f"http://127.0.0.1:{ports['dashboard']}"
-        # nodes must not share a session dir (see the module docstring)
+        return handle, rc, tail
 
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.auth else {}
@@ -232,7 +251,7 @@ class LocalRayCluster:
         """Processes started by this cluster: same session as one of our `ray start`s, or naming our temp dir."""
         import psutil
 
-        sids = {n.session_id for n in self._nodes}
+        sids = set(self._all_sessions)
         me = os.getpid()
         out = []
         for p in psutil.process_iter(["pid", "cmdline"]):
@@ -249,6 +268,29 @@ class LocalRayCluster:
             if mine:
                 out.append(p)
         return out
+
+    def _kill_sessions(self, sids: set[int], grace_s: float = 3.0) -> None:
+        import psutil
+
+        procs = []
+        for p in psutil.process_iter(["pid"]):
+            try:
+                if os.getsid(p.pid) in sids and p.pid != os.getpid():
+                    procs.append(p)
+            except (ProcessLookupError, PermissionError, psutil.Error):
+                continue
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=grace_s)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=5)
 
     def stop(self, grace_s: float = 3.0, keep_logs: bool = False) -> None:
         import psutil
@@ -273,6 +315,7 @@ class LocalRayCluster:
             except psutil.Error:
                 pass
         self._nodes.clear()
+        self._all_sessions.clear()
         if self._own_tmp and self.temp_dir and not keep_logs:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             self.temp_dir = ""

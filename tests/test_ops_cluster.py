@@ -25,6 +25,7 @@ import sys
 import time
 
 import pytest
+import ray.job_submission  # noqa: F401 - Ray binds its log handler to sys.stderr at import: not to a capsys stream
 
 pytestmark = pytest.mark.ops
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,6 +135,13 @@ def test_submission_without_the_clusters_token_is_refused(ops_env, cli, tmp_path
     other = cli("submit", "--token-file", str(wrong), *args)
     assert other.returncode == 3, other.stdout + other.stderr
     assert "is not this cluster's" in other.stderr
+    # everything the cluster serves listens on the loopback address only
+    import psutil
+
+    pids = {p.pid for p in c.our_processes()}
+    listening = {(cn.laddr.ip, cn.laddr.port) for cn in psutil.net_connections(kind="inet")
+                 if cn.pid in pids and cn.status == psutil.CONN_LISTEN}
+    assert len(listening) >= 10 and {ip for ip, _ in listening} <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, listening
     # neither created a job; with the token the same client sees the (empty) job list
     ok = cli("status", "--all", "--json", "--address", c.dashboard_url, "--token-file", c.token_path)
     assert ok.returncode == 0, ok.stderr
