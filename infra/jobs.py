@@ -54,11 +54,12 @@ ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 MIN_SECRET_LEN = 8  # shorter values ("1", "true") would match everywhere and protect nothing
 
 # never uploaded: build outputs, environments, VCS data, and files that usually hold credentials
+# (a pattern starting with "/" matches a path from the project root, any other one any path component)
 DEFAULT_EXCLUDES = [
-    ".git", ".hg", ".venv", "venv", "env", "__pycache__", "*.pyc", ".pytest_cache", ".mypy_cache",
-    ".ruff_cache", "*.egg-info", "build", "dist", "node_modules", "runs", JOB_DIR, "tests", ".ci",
+    ".git", ".hg", ".venv", "/venv", "/env", "__pycache__", "*.pyc", ".pytest_cache", ".mypy_cache",
+    ".ruff_cache", "*.egg-info", "/build", "/dist", "node_modules", "/runs", JOB_DIR, "/tests", "/.ci",
     ".env", ".env.*", "*.pem", "*.key", "*.p12", "credentials", ".aws", ".ray", "auth_token", "*.token",
-    ".whl", ".gl", ".ipynb_checkpoints",
+    "/.whl", "/.gl", ".ipynb_checkpoints",
 ]
 CREDENTIAL_FILES = [".env", ".env.*", "*.pem", "*.key", "*.p12", "credentials", ".aws", ".ray", "auth_token",
                     "*.token"]
@@ -301,8 +302,13 @@ def parse_env(items: Iterable[str]) -> dict[str, str]:
 
 def _excluded(rel: str, patterns: list[str]) -> bool:
     parts = rel.split("/")
-    return any(fnmatch.fnmatch(part, pat) for part in parts for pat in patterns) or any(
-        fnmatch.fnmatch(rel, pat) for pat in patterns)
+    for pat in patterns:
+        if pat.startswith("/"):
+            if fnmatch.fnmatch(rel, pat[1:]):
+                return True
+        elif any(fnmatch.fnmatch(part, pat) for part in parts) or fnmatch.fnmatch(rel, pat):
+            return True
+    return False
 
 
 def stage_working_dir(src: Path, excludes: list[str]) -> tuple[str, list[str]]:

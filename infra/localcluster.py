@@ -292,7 +292,7 @@ class LocalRayCluster:
                 pass
         psutil.wait_procs(alive, timeout=5)
 
-    def stop(self, grace_s: float = 3.0, keep_logs: bool = False) -> None:
+    def stop(self, grace_s: float = 2.0, keep_logs: bool = False) -> None:
         import psutil
 
         procs = self.our_processes()

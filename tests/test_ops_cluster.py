@@ -173,6 +173,7 @@ def test_demo_submitted_to_two_nodes_follows_to_success_without_leaking_the_secr
     print(f"gammaray submit --follow: {wall:.1f} s")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     assert "SUCCEEDED" in proc.stdout and "== summary" in proc.stdout
+    assert "gammaray job: AWS_SECRET_ACCESS_KEY set" in proc.stdout  # the reference was expanded on the node
     assert "auto scaling on 2 node(s), 4 CPUs, 0 GPUs: train.workers=2, data.batch_size=32" in proc.stdout
     sub = json.loads(out_json.read_text())
     job_id = sub["submission_id"]

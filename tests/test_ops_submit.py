@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray.runtime_env  # noqa: F401 - Ray binds its log handler to sys.stderr at import: not to a capsys stream
 
 from gammaray.config import ConfigError, load
 from gammaray.scaling import ClusterResources, resolve
@@ -123,22 +124,33 @@ def test_invalid_commands_fail_before_anything_is_sent(command, message):
         _plan(command)
 
 
-def test_cli_dry_run_and_exit_codes(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
-    env.update(PYTHONPATH=str(ROOT), HOME=str(tmp_path), GR_SHELL_SECRET=SECRET)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "gammaray.cli", *a], capture_output=True, text=True,  # noqa: E731
-                                    env=env, timeout=120, cwd=tmp_path)
-    dry = run("submit", "--dry-run", "--requirements", "none", "--secret-env", "AWS_SECRET_ACCESS_KEY=GR_SHELL_SECRET",
-              "--", "demo", "--storage", "s3://b/p", "--n-train", "200")
-    assert dry.returncode == 0, dry.stderr
-    plan = json.loads(dry.stdout[dry.stdout.index("\n{\n") + 1:])
+def test_cli_dry_run_and_exit_codes(tmp_path, monkeypatch, capsys):
+    from gammaray.cli import main
+
+    for k in list(os.environ):
+        if k.startswith(("AWS_", "RAY_")):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("GR_SHELL_SECRET", SECRET)
+
+    def run(*args):
+        capsys.readouterr()
+        rc = main(list(args))
+        return (rc, *capsys.readouterr())
+
+    rc, out, err = run("submit", "--dry-run", "--requirements", "none",
+                       "--secret-env", "AWS_SECRET_ACCESS_KEY=GR_SHELL_SECRET",
+                       "--", "demo", "--storage", "s3://b/p", "--n-train", "200")
+    assert rc == 0, err
+    plan = json.loads(out[out.index("\n{\n") + 1:])
     assert plan["runtime_env"]["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "${GR_SHELL_SECRET}"
     assert plan["metadata"]["gammaray.run_dir"] == "s3://b/p/runs/gammaray-demo"
-    assert SECRET not in dry.stdout + dry.stderr
-    refused = run("submit", "--dry-run", "--env", f"AWS_SECRET_ACCESS_KEY={SECRET}", "--", "pretrain")
-    assert refused.returncode == 2 and "by reference" in refused.stderr and SECRET not in refused.stderr
-    no_address = run("status")
-    assert no_address.returncode == 2 and "no cluster address" in no_address.stderr
+    assert SECRET not in out + err
+    assert not os.path.exists(plan["runtime_env"]["working_dir"])  # the staged copy is removed
+    rc, out, err = run("submit", "--dry-run", "--env", f"AWS_SECRET_ACCESS_KEY={SECRET}", "--", "pretrain")
+    assert rc == 2 and "by reference" in err and SECRET not in err
+    rc, out, err = run("status")
+    assert rc == 2 and "no cluster address" in err
 
 
 def test_token_sources_follow_rays_order(tmp_path, monkeypatch):
@@ -218,3 +230,19 @@ def _copy_project(tmp_path: Path) -> Path:
         shutil.copytree(ROOT / name, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", dst / "pyproject.toml")
     return dst
+
+
+def test_job_entry_stops_when_a_promised_credential_is_missing(tmp_path):
+    """On the cluster: a reference whose source variable the node lacks stops the job at once,
+    naming both variables and no value (Ray expands a missing ${SOURCE} to an empty string)."""
+    plan = _plan(["pretrain"], secret_refs=parse_secret_refs(["AWS_SECRET_ACCESS_KEY=GR_NODE_SECRET"]))
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update(PYTHONPATH=plan.working_dir, AWS_SECRET_ACCESS_KEY="")
+        proc = subprocess.run([sys.executable, "-m", "infra.job_entry", "pretrain"], cwd=plan.working_dir, env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 3
+        assert "AWS_SECRET_ACCESS_KEY (from ${GR_NODE_SECRET})" in proc.stderr
+        # (the present case runs in tests/test_ops_cluster.py: the job prints "AWS_SECRET_ACCESS_KEY set")
+    finally:
+        plan.cleanup()

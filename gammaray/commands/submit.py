@@ -193,7 +193,7 @@ def register(sub) -> None:
                    help="a credential by reference: NAME is held by the nodes, or NAME := the nodes' SOURCE (repeatable)")
     p.add_argument("--working-dir", metavar="DIR", help="project directory to upload (default: this gammaray checkout)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                   help="also leave out files or folders matching PATTERN (repeatable)")
+                   help="also leave out files or folders matching PATTERN (fnmatch on any path part; /PATTERN: from the project root; repeatable)")
     p.add_argument("--submission-id", metavar="ID", help="job id (default gammaray-<command>-<run>-<time>-<rand>)")
     p.add_argument("--entrypoint-num-cpus", type=float, metavar="N", help="CPUs reserved for the job's driver")
     p.add_argument("--entrypoint-num-gpus", type=float, metavar="N", help="GPUs reserved for the job's driver")
