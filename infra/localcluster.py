@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 # variables of the caller that must not leak into the cluster's processes: another cluster's
 # address or token, and the caller's object-storage credentials (a node gets only what `env` says)
-_STRIP_ENV_PREFIXES = ("RAY_ADDRESS", "RAY_AUTH_", "AWS_", "RAY_JOB_", "RAY_RUNTIME_ENV_")
+_STRIP_ENV_PREFIXES = ("RAY_ADDRESS", "RAY_AUTH_", "RAY_API_SERVER", "AWS_", "RAY_JOB_", "RAY_RUNTIME_ENV_")
 
 
 # `ray start` for a node that joins a head on 127.0.0.1 and stays on 127.0.0.1 itself. Stock Ray on
@@ -153,7 +153,8 @@ class LocalRayCluster:
                 self._start_node(head=False)
             self.wait_for_nodes(self.nodes)
         except BaseException:
-            self.stop(keep_logs=True)
+            # the error carries the `ray start` log tail; GAMMARAY_KEEP_CLUSTER_LOGS=1 keeps the whole temp dir
+            self.stop(keep_logs=bool(os.environ.get("GAMMARAY_KEEP_CLUSTER_LOGS")))
             raise
         return self
 
