@@ -117,7 +117,7 @@ def boto(s3):
                         aws_secret_access_key=s3.secret_key, region_name="us-east-1")
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)  # includes starting the cluster (up to 3 tries per node on a loaded machine)
 def test_submission_without_the_clusters_token_is_refused(ops_env, cli, tmp_path):
     import requests
 
