@@ -58,11 +58,40 @@ class RunSection(Section):
         return v
 
 
+class AutoScalingConfig(Section):
+    """How the keys set to "auto" (train.workers, data.batch_size, data.preprocess_concurrency) are
+    derived from the cluster's resources when the trainer is built (gammaray/scaling.py), so one
+    config runs unchanged on a laptop, one GPU node or N GPU nodes."""
+
+    global_batch_size: int = Field(
+        64, ge=1, description="data.batch_size=auto: per-worker micro-batch = ceil(this / workers), clamped below."
+    )
+    min_micro_batch: int = Field(8, ge=1, description="Smallest per-worker micro-batch that auto picks.")
+    max_micro_batch: int = Field(64, ge=1, description="Largest per-worker micro-batch that auto picks.")
+    max_workers: int | None = Field(None, ge=1, description="Upper bound of train.workers=auto (None = no bound).")
+    min_workers: int = Field(
+        1, ge=1, description="train.workers=auto never goes below this (set it to the autoscaler's GPU maximum "
+                             "to make a scaled-to-zero GPU group scale up)."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoScalingConfig":
+        if self.min_micro_batch > self.max_micro_batch:
+            raise ValueError("min_micro_batch must not exceed max_micro_batch")
+        if self.max_workers is not None and self.min_workers > self.max_workers:
+            raise ValueError("min_workers must not exceed max_workers")
+        return self
+
+
 class RayConfig(Section):
-    address: str | None = Field(None, description="Ray cluster address; None starts a local instance.")
+    address: str | None = Field(
+        None, description="Ray cluster address for ray.init; None = $RAY_ADDRESS (set inside a Ray job) or a new "
+                          "local instance."
+    )
     num_cpus: int | None = Field(
         None, description="Logical CPUs of a local instance (default max(4, cores): leaves room for Ray Data)."
     )
+    auto: AutoScalingConfig = AutoScalingConfig()
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,16 +126,26 @@ class DataConfig(Section):
     max_text_tokens: int = Field(32, ge=4, description="Token budget per text (truncate/pad).")
     max_text_chars: int = Field(8192, ge=1, description="Longer texts are quarantined as oversized.")
     augment: AugmentConfig = AugmentConfig()
-    batch_size: int = Field(16, ge=1, description="Per-device micro-batch of good records.")
+    batch_size: int | Literal["auto"] = Field(
+        16, description="Per-device micro-batch of good records; auto = ray.auto.global_batch_size / workers."
+    )
     shuffle: bool = Field(True, description="Shuffle row groups and rows within them every epoch (seeded).")
     preprocess_num_cpus: float = Field(1.0, gt=0, description="Logical CPUs per Ray Data read+preprocess task.")
-    preprocess_concurrency: int | None = Field(
-        None, ge=1, description="Max concurrent read+preprocess tasks per training worker (None = as resources allow)."
+    preprocess_concurrency: int | Literal["auto"] | None = Field(
+        None, description="Max concurrent read+preprocess tasks per training worker (None = as resources allow, "
+                          "auto = the cluster's CPUs left by the training workers, shared among them)."
     )
     prefetch_batches: int = Field(4, ge=0, description="Batches prefetched by each training worker.")
     quarantine_max_fraction: float = Field(
         0.05, ge=0.0, le=1.0, description="Abort the run if more than this fraction of records is bad."
     )
+
+    @field_validator("batch_size", "preprocess_concurrency")
+    @classmethod
+    def _positive_or_auto(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be >= 1 or 'auto'")
+        return v
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,7 +295,10 @@ class OptimConfig(Section):
 
 
 class TrainConfig(Section):
-    workers: int = Field(2, ge=0, description="Ray Train workers (0 = run the loop in the driver).")
+    workers: int | Literal["auto"] = Field(
+        2, description="Ray Train workers (0 = run the loop in the driver; auto = one per GPU with use_gpu, "
+                       "else one per node, see ray.auto)."
+    )
     cpus_per_worker: float = Field(0.5, gt=0.0, description="Logical CPUs per worker (fractional avoids deadlock).")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL.")
     strategy: Literal["deepspeed"] = Field("deepspeed", description="Distributed strategy.")
@@ -269,6 +311,13 @@ class TrainConfig(Section):
     max_failures: int = Field(0, ge=-1, description="Worker-failure restarts from the last checkpoint.")
     deepspeed: DeepSpeedSection = DeepSpeedSection()
     optim: OptimConfig = OptimConfig()
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_non_negative(cls, v):
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be >= 0 or 'auto'")
+        return v
 
 
 class EvalConfig(Section):

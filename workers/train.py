@@ -574,6 +574,9 @@ def pretrain(cfg: GammarayConfig, progress: bool = True, callbacks: list | None 
     t0 = time.perf_counter()
     preflight(cfg)
     ensure_ray(cfg)
+    from gammaray.scaling import resolve_for_cluster
+
+    cfg = resolve_for_cluster(cfg)  # train.workers / data.batch_size / preprocess_concurrency = "auto"
     loop_config = {"config": cfg.model_dump(mode="json")}
     if cfg.train.workers == 0:
         loop_config["in_ray"] = False
@@ -614,7 +617,7 @@ def ensure_ray(cfg: GammarayConfig) -> None:
 
     if ray.is_initialized():
         return
-    if cfg.ray.address:
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):  # inside a Ray job RAY_ADDRESS names the cluster
         ray.init(address=cfg.ray.address)
         return
     num_cpus = cfg.ray.num_cpus or max(4, os.cpu_count() or 1)

