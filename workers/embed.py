@@ -122,6 +122,10 @@ class Embedder:
 
         ckpt = open_checkpoint(model_uri, SC.model_validate(storage))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda":
+            # full fp32 (no TF32 convolutions/matmuls): the same embeddings as on CPU, to ~1e-6
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.model = load_model(ckpt.model_dir).to(self.device).eval()
         self.names, self.dims = probe_outputs(self.model, ckpt.cfg, self.device)
 

@@ -150,7 +150,7 @@ def export_checkpoint(uri: str, out_dir: str, storage_cfg: StorageConfig | None 
     meta = {
         "format": 1,
         "embed_dim": mc.embed_dim,
-        "logit_scale": float(model.logit_scale()),
+        "logit_scale": float(model.logit_scale().detach()),
         "image": {"folder": "image_tower", "pooling": mc.image.pooling, "projection": "image_proj.weight",
                   "custom_code": _uses_custom_code(img_dir), "image_size": image_size,
                   "image_mean": IMAGE_MEAN, "image_std": IMAGE_STD},
@@ -243,7 +243,11 @@ processor does exactly that); a product's text is `{meta['text']['record_text']}
 Embedding with transformers alone (no gammaray import; needs torch, transformers >= 5, pillow, safetensors):
 
 ```python
-{SNIPPET.format(out_dir=out_dir)}
+{SNIPPET.format(out_dir=out_dir)}```
+
+Then, for example:
+
+```python
 {USAGE}```
 """
 
