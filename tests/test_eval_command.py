@@ -80,3 +80,20 @@ def test_eval_rejects_a_folder_without_a_model(tmp_path):
 
     (tmp_path / "empty").mkdir()
     assert main(["eval", "--checkpoint", str(tmp_path / "empty"), "--data", str(tmp_path), "--report", ""]) == 1
+
+
+@pytest.mark.parametrize("command", ["eval", "embed", "export"])
+def test_every_option_has_help(command, capsys):
+    from gammaray.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices[command]
+    for action in sub._actions:
+        if action.dest != "help":
+            assert action.help, f"{command} {action.option_strings or action.dest} has no help text"
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, "--help"])
+    out = capsys.readouterr().out
+    for action in sub._actions:
+        for opt in action.option_strings:
+            assert opt in out

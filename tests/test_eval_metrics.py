@@ -237,3 +237,47 @@ def test_probe_gradient_matches_finite_differences_and_fit_reaches_the_optimum()
     loss.backward()
     assert float(loss) == pytest.approx(ours, abs=1e-12)
     assert max(Wt.grad.abs().max().item(), bt.grad.abs().max().item()) < 1e-5
+
+
+def _sync_worker(rank: int, port: int, q) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from workers.evaluate import sync_buffers
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    bn = torch.nn.BatchNorm1d(3)
+    bn.train()
+    torch.manual_seed(rank)
+    bn(torch.randn(8, 3) * (1 + rank) + rank)  # each rank tracks its own batch statistics
+    before = (bn.running_mean.tolist(), bn.running_var.tolist())
+    sync_buffers(bn)
+    # plain lists: tensors would travel as shared-memory handles that vanish with this process
+    q.put((rank, before, bn.running_mean.tolist(), bn.running_var.tolist(), int(bn.num_batches_tracked)))
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_sync_buffers_averages_batchnorm_statistics_over_ranks():
+    """DeepSpeed leaves BatchNorm statistics rank-local; evaluation must see one model on all ranks."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_sync_worker, args=(r, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    out = sorted(q.get(timeout=100) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    (_, b0, m0, v0, n0), (_, b1, m1, v1, n1) = out
+    assert not np.allclose(b0[0], b1[0])
+    assert m0 == m1 and v0 == v1 and n0 == n1 == 1
+    assert np.allclose(m0, (np.asarray(b0[0]) + b1[0]) / 2) and np.allclose(v0, (np.asarray(b0[1]) + b1[1]) / 2)

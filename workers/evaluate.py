@@ -366,6 +366,27 @@ def advance_to_prefix(seq, n: int):
 
 
 @torch.no_grad()
+def sync_buffers(module: torch.nn.Module) -> None:
+    """Make every rank hold the same buffers before evaluating: floating buffers (BatchNorm running
+    statistics) are averaged over ranks, the others broadcast from rank 0.
+
+    DeepSpeed keeps parameters identical across ranks but not buffers: each rank's BatchNorm tracks
+    the statistics of its own batches, so without this every rank would evaluate a slightly different
+    model and the checkpoint (rank 0's module) would not be the model that was evaluated."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    W = dist.get_world_size()
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf.div_(W)
+        else:
+            dist.broadcast(buf, src=0)
+
+
+@torch.no_grad()
 def embed_split(engine, cfg, catalogue_uri: str, device: torch.device,
                 max_records: int | None = None) -> dict[str, np.ndarray]:
     """Embed a prepared catalogue, each rank its part; every rank gets all rows, sorted by index.
@@ -388,6 +409,7 @@ def embed_split(engine, cfg, catalogue_uri: str, device: torch.device,
     parts = reshard([seq], W)
     spec = stream_spec(cfg, catalogue_uri, units, epoch=0, train=False, with_aug=False,
                        batch_size=cfg.eval.batch_size)
+    sync_buffers(getattr(engine, "module", engine))
     was_training = engine.training
     engine.eval()
     chunks: dict[str, list[np.ndarray]] = {}
