@@ -69,8 +69,10 @@ def write_report(res: EvalResult, path: str, title: str = "", top: int = 8, max_
         for j in range(min(len(sel), 40)):
             ax.plot([pi[j, 0], pt[j, 0]], [pi[j, 1], pt[j, 1]], color="0.75", lw=0.5, zorder=0)
         colours = _category_colours(res, sel, top)
-        ax.scatter(pi[:, 0], pi[:, 1], c=colours, marker="o", s=14, alpha=0.8, label="image")
-        ax.scatter(pt[:, 0], pt[:, 1], c=colours, marker="x", s=14, alpha=0.8, label="text")
+        ax.scatter(pi[:, 0], pi[:, 1], c=colours, marker="o", s=14, alpha=0.8)
+        ax.scatter(pt[:, 0], pt[:, 1], c=colours, marker="x", s=14, alpha=0.8)
+        ax.scatter([], [], c="0.3", marker="o", s=14, label="image (colour = category)")
+        ax.scatter([], [], c="0.3", marker="x", s=14, label="text")
         ax.set_title(f"PCA of both modalities (o image, x text; gap {m['modality_gap']:.3f})")
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")

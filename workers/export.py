@@ -49,7 +49,10 @@ def find_model_uri(uri: str, storage_cfg: StorageConfig | None = None) -> str:
     if storage.exists(storage.join(uri, "model", MODEL_MARKER), storage_cfg):
         return storage.join(uri, "model")
     # a run folder: the newest checkpoint in it (Ray names them checkpoint_<timestamp>)
-    found = [f.rsplit("/", 1)[0] for f in storage.list_files(uri, suffix=MODEL_MARKER, storage=storage_cfg)]
+    try:
+        found = [f.rsplit("/", 1)[0] for f in storage.list_files(uri, suffix=MODEL_MARKER, storage=storage_cfg)]
+    except (NotADirectoryError, FileNotFoundError):
+        found = []
     if not found:
         raise FileNotFoundError(f"{uri}: no gammaray model found (expected {MODEL_MARKER} in it, in model/, or in "
                                 "a checkpoint below it)")
