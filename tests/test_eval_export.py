@@ -154,6 +154,8 @@ def test_export_reloads_with_transformers_alone(small_catalogue, tmp_path, reque
     for out, (img, txt) in expected.items():
         got_img, got_txt = np.load(f"{out}/child_image.npy"), np.load(f"{out}/child_text.npy")
         assert got_img.shape == img.shape and got_txt.shape == txt.shape
+        print(f"{os.path.basename(out)}: max |diff| image {np.abs(got_img - img).max():.2e}, "
+              f"text {np.abs(got_txt - txt).max():.2e}")
         assert np.abs(got_img - img).max() < 1e-5, out
         assert np.abs(got_txt - txt).max() < 1e-5, out
         # unit norm, and not a degenerate constant output
