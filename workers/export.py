@@ -29,6 +29,8 @@ from gammaray.schema import IMAGE_MEAN, IMAGE_STD
 
 MODEL_MARKER = "gammaray_model.json"
 KNOWN_HEADS = ("image_proj.weight", "text_proj.weight", "log_logit_scale", "logit_bias")
+# the towers travel as Hugging Face folders; momentum (EMA) encoders are training-only state
+EXPORT_SKIP = ("image_tower.", "text_tower.", "momentum.")
 
 
 @dataclass
@@ -147,7 +149,7 @@ def export_checkpoint(uri: str, out_dir: str, storage_cfg: StorageConfig | None 
     tok.save_pretrained(txt_dir)
 
     heads = {k: v.detach().cpu().float().contiguous() for k, v in model.state_dict().items()
-             if not k.startswith(("image_tower.", "text_tower."))}
+             if not k.startswith(EXPORT_SKIP)}
     save_file(heads, os.path.join(out_dir, "heads.safetensors"))
     mc = cfg.model
     meta = {
@@ -228,8 +230,12 @@ print(images @ texts.T)  # cosine similarities; x meta["logit_scale"] for CLIP l
 def readme(meta: dict, out_dir: str = ".") -> str:
     extra = ""
     if meta["extra_heads"]:
-        extra = ("\nExtra heads in `heads.safetensors` (e.g. modality-specific features): "
-                 + ", ".join(f"`{h}`" for h in meta["extra_heads"]) + ".\n")
+        extra = ("\nExtra tensors in `heads.safetensors`: " + ", ".join(f"`{h}`" for h in meta["extra_heads"]) + ".")
+        if "image_specific_proj.weight" in meta["extra_heads"]:
+            extra += (" Modality-specific features (deep feature separation) come from the same pooled tower "
+                      "output through `image_specific_proj.weight` / `text_specific_proj.weight` instead of the "
+                      "shared projection, then L2-normalised.")
+        extra += "\n"
     custom = ""
     if meta["image"]["custom_code"] or meta["text"]["custom_code"]:
         custom = ("\nA tower whose architecture is not part of transformers (EfficientNet-Lite) carries its "
