@@ -198,3 +198,34 @@ def test_export_from_unknown_package_is_an_error(tmp_path):
     from gammaray.cli import main
 
     assert main(["export", "--out", str(tmp_path / "x")]) == 1
+
+
+def test_modality_specific_heads_flow_into_embed_columns_probes_and_export(small_catalogue, tmp_path):
+    """Feature-separation heads (model.specific_heads, from the structure work) need no change here:
+    every extra [B, D] forward output becomes an embed column and a probed embedding, and the export
+    carries the extra heads."""
+    from gammaray.config import ModelConfig
+
+    if "specific_heads" not in ModelConfig.model_fields:
+        pytest.skip("this branch's model has no modality-specific heads (model.specific_heads) yet")
+    from safetensors.torch import load_file
+
+    from gammaray.cli import main
+    from workers.embed import output_schema, probe_outputs
+    from workers.models import load_model
+
+    ckpt, cfg = make_checkpoint(str(tmp_path), small_catalogue, overrides={"model.specific_heads": True,
+                                                                         "model.specific_dim": 8})
+    model = load_model(f"{ckpt}/model").eval()
+    names, dims = probe_outputs(model, cfg, torch.device("cpu"))
+    assert names == ["image", "text", "image_specific", "text_specific"]
+    assert dims == {"image": 32, "text": 32, "image_specific": 8, "text_specific": 8}
+    assert output_schema(names, dims, {}).names == ["product_id", "sample_index", "image_embedding", "text_embedding",
+                                                    "image_specific_embedding", "text_specific_embedding"]
+    out = str(tmp_path / "export")
+    assert main(["export", "--checkpoint", ckpt, "--out", out]) == 0
+    meta = json.load(open(f"{out}/gammaray_export.json"))
+    assert {"image_specific_proj.weight", "text_specific_proj.weight"} <= set(meta["extra_heads"])
+    heads = load_file(f"{out}/heads.safetensors")
+    assert heads["image_specific_proj.weight"].shape[0] == 8
+    assert "image_specific_proj.weight" in open(f"{out}/README.md").read()
