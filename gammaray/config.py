@@ -324,6 +324,17 @@ class EvalConfig(Section):
     prompt_template: str = Field("{}", description="Zero-shot prompt; {} = the category path, e.g. 'Bags > Backpacks'.")
     max_records: int | None = Field(None, ge=1, description="Cap on held-out records evaluated.")
     batch_size: int = Field(128, ge=1)
+    probe_train: str | None = Field(
+        None, description="Catalogue whose embeddings fit the linear/k-shot probes (gammaray eval); None = "
+                          "a stratified part of the evaluated records."
+    )
+    probe_max_records: int | None = Field(None, ge=1, description="Cap on probe_train records embedded.")
+    probe_test_fraction: float = Field(
+        0.5, gt=0.0, lt=1.0, description="Without probe_train: fraction of each category held out to test the probes."
+    )
+    k_shots: list[int] = Field([1, 5, 10], description="k of the k-shot probes (k labelled examples per class).")
+    k_shot_trials: int = Field(5, ge=1, description="Seeded draws of the k examples averaged per k-shot figure.")
+    probe_l2: float = Field(1e-4, ge=0.0, description="L2 penalty of the logistic-regression probes.")
 
 
 class GammarayConfig(Section):

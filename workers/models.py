@@ -22,7 +22,13 @@ from gammaray.schema import BatchKeys as K
 def build_tower(cfg: TowerConfig, **overrides: Any) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
+    from .hf_efficientnet_lite import register
+
+    register()  # model types gammaray adds to transformers (EfficientNet-Lite)
     if cfg.pretrained:
+        if not os.path.isdir(cfg.pretrained):
+            raise FileNotFoundError(f"pretrained tower folder not found: {cfg.pretrained} (a local Hugging Face "
+                                    "folder; no model hub is reached)")
         return AutoModel.from_pretrained(cfg.pretrained)
     kwargs = dict(cfg.hf_config)
     model_type = kwargs.pop("model_type", None)

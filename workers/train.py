@@ -32,7 +32,7 @@ from pipelines.stream import (Segment, StreamBatch, StreamSpec, advance, epoch_p
 from pipelines.tokenizer import load as load_tokenizer
 
 from .engine import build_engine, init_single_process_group, use_bf16
-from .evaluate import category_prompts, labels_for, modality_gap, retrieval_metrics, zero_shot_accuracy
+from .evaluate import evaluate  # validation: the same code as `gammaray eval`
 from .models import build_model, save_model
 from .objective import Objective
 
@@ -126,102 +126,6 @@ def _world() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-# --------------------------------------------------------------------------------------------
-# evaluation inside the loop (same code as `gammaray eval`)
-
-
-def read_val_labels(val_uri: str, cfg: GammarayConfig) -> dict[int, dict]:
-    import pyarrow.parquet as pq
-
-    manifest = load_manifest(val_uri, cfg.storage)
-    out: dict[int, dict] = {}
-    for shard in manifest["shards"]:
-        fs, path = storage.resolve(storage.join(val_uri, shard["path"]), cfg.storage)
-        t = pq.read_table(path, filesystem=fs, columns=["sample_index", "category", "attributes"])
-        for idx, cat, attrs in zip(t.column("sample_index").to_pylist(), t.column("category").to_pylist(),
-                                   t.column("attributes").to_pylist()):
-            out[idx] = {"category": cat, "attributes": dict(attrs) if attrs else {}}
-    return out
-
-
-@torch.no_grad()
-def embed_split(engine, cfg: GammarayConfig, catalogue_uri: str, device: torch.device,
-                max_records: int | None = None) -> dict[str, np.ndarray]:
-    """Embed a prepared catalogue, each rank its part; every rank gets all rows, sorted by index."""
-    rank, W = _world()
-    manifest = load_manifest(catalogue_uri, cfg.storage)
-    units = units_from_manifest(manifest)
-    seq = [Segment(u, 0, units[u].num_rows) for u in range(len(units))]
-    if max_records is not None:
-        seq = advance_to_prefix(seq, max_records)
-    parts = reshard([seq], W)
-    spec = stream_spec(cfg, catalogue_uri, units, epoch=0, train=False, with_aug=False,
-                       batch_size=cfg.eval.batch_size)
-    was_training = engine.training
-    engine.eval()
-    imgs, txts, idxs = [], [], []
-    for sb, _ in lockstep(iterate(spec, parts[rank]), device):
-        if sb is None or sb.size == 0:
-            batch = placeholder_batch(cfg, False, device)
-            engine(batch)
-            continue
-        out = engine(to_torch(sb.arrays, device))
-        imgs.append(out["image"].float().cpu().numpy())
-        txts.append(out["text"].float().cpu().numpy())
-        idxs.append(sb.arrays[K.SAMPLE_INDEX])
-    if was_training:
-        engine.train()
-    local = {
-        "image": np.concatenate(imgs) if imgs else np.zeros((0, cfg.model.embed_dim), np.float32),
-        "text": np.concatenate(txts) if txts else np.zeros((0, cfg.model.embed_dim), np.float32),
-        "sample_index": np.concatenate(idxs) if idxs else np.zeros((0,), np.int64),
-    }
-    if W > 1:
-        gathered: list[Any] = [None] * W
-        dist.all_gather_object(gathered, local)
-    else:
-        gathered = [local]
-    merged = {k: np.concatenate([g[k] for g in gathered]) for k in local}
-    order = np.argsort(merged["sample_index"], kind="stable")
-    return {k: v[order] for k, v in merged.items()}
-
-
-def advance_to_prefix(seq: list[Segment], n: int) -> list[Segment]:
-    out, left = [], n
-    for s in seq:
-        if left <= 0:
-            break
-        take = min(left, s.size)
-        out.append(Segment(s.unit, s.start, s.start + take))
-        left -= take
-    return out
-
-
-@torch.no_grad()
-def evaluate(engine, cfg: GammarayConfig, tokenizer, device: torch.device) -> dict[str, float]:
-    assert cfg.data.val
-    emb = embed_split(engine, cfg, cfg.data.val, device, cfg.eval.max_records)
-    image, text = torch.from_numpy(emb["image"]), torch.from_numpy(emb["text"])
-    metrics = retrieval_metrics(image, text)
-    metrics["modality_gap"] = modality_gap(image, text)
-    metrics["val_records"] = int(image.shape[0])
-    labels_by_index = read_val_labels(cfg.data.val, cfg)
-    classes = sorted({v["category"] for v in labels_by_index.values() if v["category"]})
-    if classes:
-        prompts = category_prompts(classes, cfg.eval.prompt_template)
-        enc = tokenizer(prompts, max_length=cfg.data.max_text_tokens, truncation=True, padding="max_length",
-                        return_tensors="pt")
-        engine.eval()
-        out = engine({K.INPUT_IDS: enc["input_ids"].to(device), K.ATTENTION_MASK: enc["attention_mask"].to(device)})
-        engine.train()
-        labels = labels_for([labels_by_index[int(i)]["category"] for i in emb["sample_index"]], classes)
-        keep = labels >= 0
-        metrics["zero_shot_acc"] = zero_shot_accuracy(image[keep], out["text"].float().cpu(),
-                                                      torch.from_numpy(labels[keep]))
-        metrics["zero_shot_chance"] = 1.0 / len(classes)
-    return metrics
 
 
 # --------------------------------------------------------------------------------------------
