@@ -102,18 +102,26 @@ def _check_pos(logits: torch.Tensor, pos_col: torch.Tensor) -> None:
 
 
 def infonce_scores(logits: torch.Tensor, pos_col: torch.Tensor, valid: torch.Tensor | None = None,
-                   reduction: str = "mean") -> torch.Tensor:
-    """InfoNCE from a score matrix: per anchor -s_i+ + log sum_j exp(s_ij) over the valid candidates
-    (the positive included). reduction: "mean" or "none"."""
+                   reduction: str = "mean", include_positive: bool = True) -> torch.Tensor:
+    """InfoNCE from a score matrix: per anchor -s_i+ + log sum_j exp(s_ij) over the valid candidates.
+
+    include_positive=True is CLIP's InfoNCE. False sums over the negatives only (the "decoupled"
+    form): up to the constant log(#negatives) it is the minibatch estimate -s_i+ + log mean_{j != i}
+    exp(s_ij) of the objective whose partition function is an expectation over negatives, the one the
+    gamma loss targets. An anchor with nothing to sum counts zero. reduction: "mean" or "none"."""
     _check_pos(logits, pos_col)
     work = _work(logits)
     B, C = work.shape
     if B == 0:
         return work.sum() * 0.0 if reduction == "mean" else work.new_zeros(0)
     pos_col = pos_col.to(work.device).long()
-    ok = candidate_mask(B, C, pos_col, valid, include_positive=True, device=work.device)
+    rows = torch.arange(B, device=work.device)
+    ok = candidate_mask(B, C, pos_col, valid, include_positive=include_positive, device=work.device)
+    has = ok.any(dim=1)
+    if not bool(has.all()):  # a dummy column keeps logsumexp and its gradient finite; masked below
+        ok = ok | ((~has)[:, None] & (torch.arange(C, device=work.device) == 0)[None, :])
     lse = torch.logsumexp(work.masked_fill(~ok, float("-inf")), dim=1)
-    per = lse - work[torch.arange(B, device=work.device), pos_col]
+    per = torch.where(has, lse - work[rows, pos_col], torch.zeros_like(lse))
     return per.mean() if reduction == "mean" else per
 
 
