@@ -21,7 +21,8 @@ of that process's peak resident set (VmHWM, reset through /proc/self/clear_refs 
 loaded) from the model's construction to the end of training: parameters, gradients, optimiser state,
 activations, loss state and allocator slack. On CUDA it is torch.cuda.max_memory_allocated over the
 same span. Step time is timed separately, gamma and InfoNCE alternating on one model in one process
-(so machine load hits both alike), as medians.
+(so machine load hits both alike), as medians: on CPU the training thread's CPU time with one torch
+thread (wall-clock time on a shared machine is meaningless), on CUDA wall-clock time.
 """
 
 from __future__ import annotations
@@ -364,7 +365,7 @@ def run_fresh(job: dict) -> dict:
 # step time: gamma vs InfoNCE at equal batch, alternating on one model
 
 
-def step_times(batch_sizes, device_name: str, threads: int, rounds: int = 4, steps_per_round: int = 3,
+def step_times(batch_sizes, device_name: str, threads: int, rounds: int = 8, steps_per_round: int = 4,
                embed_only_steps: int = 100) -> list[dict]:
     import torch
 
@@ -372,8 +373,11 @@ def step_times(batch_sizes, device_name: str, threads: int, rounds: int = 4, ste
     from workers.models import build_model
     from workers.objective import Objective
 
-    torch.set_num_threads(threads)
     device = torch.device(device_name)
+    # on CPU: one thread and that thread's CPU time, so that other load on the machine does not count
+    # (wall-clock time on a shared machine swings by 10x); on CUDA: wall clock around synchronisations
+    torch.set_num_threads(1 if device.type == "cpu" else threads)
+    clock = time.thread_time if device.type == "cpu" else time.perf_counter
     cfg = _config("infonce", 16)
     rows = []
     for B in batch_sizes:
@@ -394,7 +398,7 @@ def step_times(batch_sizes, device_name: str, threads: int, rounds: int = 4, ste
                 for s in range(steps_per_round):
                     batch[K.SAMPLE_INDEX] = torch.randint(0, 100_000, (B,), generator=g).to(device)
                     sync()
-                    t = time.perf_counter()
+                    t = clock()
                     out = model(batch)
                     loss = objectives[kind](out, batch, progress=0.5).total
                     opt.zero_grad(set_to_none=True)
@@ -402,7 +406,7 @@ def step_times(batch_sizes, device_name: str, threads: int, rounds: int = 4, ste
                     opt.step()
                     sync()
                     if r > 0:                    # round 0 warms up
-                        times[kind].append(time.perf_counter() - t)
+                        times[kind].append(clock() - t)
         # the loss alone (forward + backward from embeddings)
         loss_times = {"infonce": [], "gamma": []}
         D = cfg.model.embed_dim
@@ -413,11 +417,11 @@ def step_times(batch_sizes, device_name: str, threads: int, rounds: int = 4, ste
                 scale = torch.tensor([10.0], device=device, requires_grad=True)
                 idx = torch.randint(0, 100_000, (B,), device=device)
                 sync()
-                t = time.perf_counter()
+                t = clock()
                 loss = objectives[kind]({"image": img, "text": txt, "logit_scale": scale}, {K.SAMPLE_INDEX: idx}).total
                 loss.backward()
                 sync()
-                loss_times[kind].append(time.perf_counter() - t)
+                loss_times[kind].append(clock() - t)
         peak = {}
         if device.type == "cuda":  # peak memory of a training step per loss (fresh optimiser state)
             for kind in ("infonce", "gamma"):
@@ -439,7 +443,8 @@ def step_times(batch_sizes, device_name: str, threads: int, rounds: int = 4, ste
                 model, opt = m2, o2
         med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
         lmed = {k: float(np.median(v)) * 1e3 for k, v in loss_times.items()}
-        rows.append({"batch_size": B, "device": device_name, "step_ms_infonce": med["infonce"],
+        rows.append({"batch_size": B, "device": device_name + (" (thread CPU time)" if device.type == "cpu" else ""),
+                     "step_ms_infonce": med["infonce"],
                      "step_ms_gamma": med["gamma"], "step_ratio": med["gamma"] / med["infonce"],
                      "loss_ms_infonce": lmed["infonce"], "loss_ms_gamma": lmed["gamma"],
                      "steps_timed": len(times["gamma"]),

@@ -45,11 +45,12 @@ def ema_log(old: torch.Tensor, new: torch.Tensor, gamma: float) -> torch.Tensor:
 def combine_duplicates(index: torch.Tensor, log_z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unique indices, per unique index and channel the log of the mean Z over its non-NaN
     occurrences (NaN if none), and the inverse map. log_z is [B, K]."""
+    srt, perm = torch.sort(index)
+    if srt.numel() < 2 or not bool((srt[1:] == srt[:-1]).any()):  # the usual case: no duplicates
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        return srt, log_z[perm], inverse
     uniq, inverse = torch.unique(index, sorted=True, return_inverse=True)
-    if uniq.numel() == index.numel():
-        out = torch.empty_like(log_z)
-        out[inverse] = log_z
-        return uniq, out, inverse
     seen = ~torch.isnan(log_z)
     lz = torch.where(seen, log_z, torch.full_like(log_z, -math.inf))
     U, K = uniq.numel(), log_z.shape[1]
