@@ -237,8 +237,11 @@ class GammaLossConfig(Section):
     gamma_min: float = Field(0.2, gt=0.0, le=1.0, description="Final EMA weight of the cosine schedule.")
     mode: Literal["mean", "sample"] = Field("mean", description="E-step: u=alpha/R (mean) or u~Gamma(alpha,R).")
     include_positive: bool = Field(
-        True, description="Z_hat averages over all in-batch candidates (True: mode=mean,gamma=1 equals InfoNCE)."
+        False,
+        description="Z_hat also averages the positive (False: in-batch negatives only, the estimator that is "
+                    "unbiased for the full-data objective; True: mode=mean,gamma=1,alpha=1 is exactly InfoNCE).",
     )
+    eps: float = Field(0.0, ge=0.0, description="Added to the rate R_i before u_i = alpha/(R_i + eps) (SogCLR's epsilon).")
 
 
 class StructureConfig(Section):

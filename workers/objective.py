@@ -38,11 +38,13 @@ class LossTerms:
 def gamma_settings(cfg: LossConfig) -> GammaSettings:
     g = cfg.gamma
     if cfg.kind == "sogclr":
-        # SogCLR's estimator: alpha = 1, u = 1/R (mean), negatives only
+        # SogCLR: the memory tracks mean_j exp(s_ij - s_i+) over negatives, u = 1/(R + eps)
         return GammaSettings(alpha=1.0, gamma=g.gamma, gamma_schedule=g.gamma_schedule, gamma_min=g.gamma_min,
-                             mode="mean", include_positive=False, gather_negatives=cfg.gather_negatives)
+                             mode="mean", include_positive=False, gather_negatives=cfg.gather_negatives,
+                             eps=g.eps, estimator="sogclr")
     return GammaSettings(alpha=g.alpha, gamma=g.gamma, gamma_schedule=g.gamma_schedule, gamma_min=g.gamma_min,
-                         mode=g.mode, include_positive=g.include_positive, gather_negatives=cfg.gather_negatives)
+                         mode=g.mode, include_positive=g.include_positive, gather_negatives=cfg.gather_negatives,
+                         eps=g.eps)
 
 
 class Objective:
@@ -97,6 +99,8 @@ class Objective:
     def nbytes(self) -> int:
         return self.gamma.nbytes() if self.gamma is not None else 0
 
-    def load_shards(self, shards: list[dict]) -> None:
-        if self.gamma is not None and shards and "gamma" in shards[0]:
-            self.gamma.load_shards([s["gamma"] for s in shards])
+    def load_shards(self, shards) -> None:
+        """Per-rank state dicts of a checkpoint saved with any world size; an iterable (a generator
+        reading one file at a time keeps peak memory at one old shard)."""
+        if self.gamma is not None:
+            self.gamma.load_shards(s["gamma"] for s in shards if "gamma" in s)

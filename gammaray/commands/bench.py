@@ -1,7 +1,8 @@
-"""`gammaray bench <what>`: one dispatcher for every benchmark.
+"""`gammaray bench <what>`: benchmarks that print their figures side by side and write JSON + a PNG.
 
-Each entry of BENCHES maps a name to a module with `add_arguments(parser)` and `run(args) -> int`
-(and a docstring whose first line is the help). Benchmark modules keep heavy imports inside `run`.
+BENCHES maps a name to a module with `add_arguments(parser)` and `run(args) -> int`; each area adds
+its own line. A benchmark's module (torch and all) is imported only when that benchmark runs or its
+help is asked for: `gammaray bench WHAT --help`.
 """
 
 from __future__ import annotations
@@ -10,18 +11,29 @@ import argparse
 import importlib
 
 BENCHES = {
+    "synthetic": "workers.benchmarks.synthetic",
+    "batch": "workers.benchmarks.batch",
     "structure": "workers.benchmarks.structure",
 }
 
 
+def bench_parser(what: str) -> tuple[argparse.ArgumentParser, object]:
+    module = importlib.import_module(BENCHES[what])
+    p = argparse.ArgumentParser(prog=f"gammaray bench {what}", description=module.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(p)
+    return p, module
+
+
+def _run(args: argparse.Namespace) -> int:
+    parser, module = bench_parser(args.what)
+    return int(module.run(parser.parse_args(args.bench_args)) or 0)
+
+
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: figures side by side (see `gammaray bench WHAT --help`)",
+    p = sub.add_parser("bench", help="benchmarks (" + ", ".join(BENCHES) + "): figures, JSON and a PNG",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bsub = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
-    for name, module_name in BENCHES.items():
-        module = importlib.import_module(module_name)
-        doc = (module.__doc__ or name).strip()
-        bp = bsub.add_parser(name, help=doc.splitlines()[0], description=doc,
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(bp)
-        bp.set_defaults(func=module.run)
+    p.add_argument("what", choices=list(BENCHES), help="which benchmark; `gammaray bench WHAT --help` lists its options")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...",
+                   help="the benchmark's own options, e.g. --json PATH")
+    p.set_defaults(func=_run)

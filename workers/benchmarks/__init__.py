@@ -1,1 +1,4 @@
-"""Benchmarks behind `gammaray bench <what>`: scripts that print figures side by side (not timed tests)."""
+"""Benchmarks behind `gammaray bench <what>`: each module has `add_arguments(parser)` and `run(args) -> int`.
+
+They print their figures side by side, write JSON (and a PNG) and are never part of the timed tests.
+"""

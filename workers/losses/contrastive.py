@@ -1,4 +1,11 @@
-"""InfoNCE (CLIP) and SigLIP, with negatives local to the worker or all-gathered with gradient."""
+"""InfoNCE (CLIP) and SigLIP, with negatives local to the worker or all-gathered with gradient.
+
+Each objective has a score-level core that takes `logits` [B, C] (anchor i against candidate j,
+already scaled by 1/tau), `pos_col` [B] (the column of each anchor's positive) and an optional
+validity mask of the candidates, plus an embedding-level form used by `workers/objective.py`.
+Similarities are computed in float32 with autocast off (the embeddings are small; a bf16 logit of
+50 is only good to +-0.25) and reduced with logsumexp / logsigmoid, so any score range is safe.
+"""
 
 from __future__ import annotations
 
@@ -20,28 +27,110 @@ def gather_candidates(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]
     """
     if not _dist_on():
         return x, torch.ones(x.shape[0], dtype=torch.bool, device=x.device), 0
-    import torch.distributed.nn.functional as dnn
-
     W, rank = dist.get_world_size(), dist.get_rank()
     n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(W)]
-    dist.all_gather(sizes, n)
-    sizes_l = [int(s) for s in sizes]
+    sizes = n.new_empty(W)
+    _all_gather_flat(sizes, n)
+    sizes_l = sizes.tolist()
     m = max(sizes_l)
     padded = F.pad(x, (0, 0, 0, m - x.shape[0]))
-    rows = torch.cat(dnn.all_gather(padded), dim=0)
+    rows = _GatherRows.apply(padded)
     valid = torch.cat([torch.arange(m, device=x.device) < s for s in sizes_l])
     return rows, valid, rank * m
+
+
+def _all_gather_flat(out: torch.Tensor, x: torch.Tensor) -> None:
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+    fn(out, x.contiguous())
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather along dim 0 with gradient: the backward sums every rank's gradient for this rank's
+    rows (reduce-scatter on NCCL; all-reduce + slice where the backend has no reduce-scatter, gloo)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        W = dist.get_world_size()
+        out = x.new_empty((W * x.shape[0],) + tuple(x.shape[1:]))
+        _all_gather_flat(out, x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        W, rank = dist.get_world_size(), dist.get_rank()
+        m = grad.shape[0] // W
+        grad = grad.contiguous()
+        if dist.get_backend() == "nccl":
+            out = grad.new_empty((m,) + tuple(grad.shape[1:]))
+            fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+            fn(out, grad)
+            return out
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total[rank * m:(rank + 1) * m]
+
+
+def similarity(anchors: torch.Tensor, candidates: torch.Tensor, logit_scale) -> torch.Tensor:
+    """logit_scale * <a_i, c_j> in float32 (float64 for float64 inputs) whatever the autocast state."""
+    dt = torch.float64 if anchors.dtype == torch.float64 else torch.float32
+    with torch.autocast(device_type=anchors.device.type, enabled=False):
+        scale = torch.as_tensor(logit_scale, device=anchors.device).to(dt)
+        return scale * (anchors.to(dt) @ candidates.to(dt).T)
+
+
+def candidate_mask(B: int, C: int, pos_col: torch.Tensor, valid: torch.Tensor | None, include_positive: bool,
+                   device: torch.device) -> torch.Tensor:
+    """[B, C] bool: which candidates each anchor counts. valid is None, [C] or [B, C]."""
+    if valid is None:
+        ok = torch.ones(B, C, dtype=torch.bool, device=device)
+    else:
+        valid = valid.to(device).bool()
+        ok = (valid[None, :] if valid.dim() == 1 else valid).expand(B, C).clone()
+    if not include_positive and B:
+        ok[torch.arange(B, device=device), pos_col.to(device).long()] = False
+    return ok
+
+
+def _work(logits: torch.Tensor) -> torch.Tensor:
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def _check_pos(logits: torch.Tensor, pos_col: torch.Tensor) -> None:
+    if pos_col.shape != (logits.shape[0],):
+        raise ValueError(f"pos_col must have one column per anchor: shape {tuple(pos_col.shape)} for logits "
+                         f"{tuple(logits.shape)}")
+
+
+def infonce_scores(logits: torch.Tensor, pos_col: torch.Tensor, valid: torch.Tensor | None = None,
+                   reduction: str = "mean", include_positive: bool = True) -> torch.Tensor:
+    """InfoNCE from a score matrix: per anchor -s_i+ + log sum_j exp(s_ij) over the valid candidates.
+
+    include_positive=True is CLIP's InfoNCE. False sums over the negatives only (the "decoupled"
+    form): up to the constant log(#negatives) it is the minibatch estimate -s_i+ + log mean_{j != i}
+    exp(s_ij) of the objective whose partition function is an expectation over negatives, the one the
+    gamma loss targets. An anchor with nothing to sum counts zero. reduction: "mean" or "none"."""
+    _check_pos(logits, pos_col)
+    work = _work(logits)
+    B, C = work.shape
+    if B == 0:
+        return work.sum() * 0.0 if reduction == "mean" else work.new_zeros(0)
+    pos_col = pos_col.to(work.device).long()
+    rows = torch.arange(B, device=work.device)
+    ok = candidate_mask(B, C, pos_col, valid, include_positive=include_positive, device=work.device)
+    has = ok.any(dim=1)
+    if not bool(has.all()):  # a dummy column keeps logsumexp and its gradient finite; masked below
+        ok = ok | ((~has)[:, None] & (torch.arange(C, device=work.device) == 0)[None, :])
+    lse = torch.logsumexp(work.masked_fill(~ok, float("-inf")), dim=1)
+    per = torch.where(has, lse - work[rows, pos_col], torch.zeros_like(lse))
+    return per.mean() if reduction == "mean" else per
 
 
 def infonce_direction(anchors: torch.Tensor, candidates: torch.Tensor, logit_scale: torch.Tensor,
                       valid: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
     """Mean over anchors of -s_i+ + log sum_j exp(s_ij); anchor i's positive is candidate offset+i."""
-    logits = logit_scale * anchors @ candidates.T
-    if valid is not None:
-        logits = logits.masked_fill(~valid[None, :], float("-inf"))
-    target = torch.arange(anchors.shape[0], device=anchors.device) + offset
-    return F.cross_entropy(logits, target)
+    logits = similarity(anchors, candidates, logit_scale)
+    pos_col = torch.arange(anchors.shape[0], device=logits.device) + offset
+    return infonce_scores(logits, pos_col, valid)
 
 
 def infonce_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, gather: bool = False) -> torch.Tensor:
@@ -54,14 +143,30 @@ def infonce_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Ten
     return 0.5 * (infonce_direction(image, text, logit_scale) + infonce_direction(text, image, logit_scale))
 
 
+def siglip_scores(logits: torch.Tensor, pos_col: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Sigmoid loss from a score matrix that already includes the bias:
+    -1/B sum_ij log sigmoid(z_ij l_ij), z = +1 for the positive, -1 otherwise, over valid candidates."""
+    _check_pos(logits, pos_col)
+    work = _work(logits)
+    B, C = work.shape
+    if B == 0:
+        return work.sum() * 0.0
+    pos_col = pos_col.to(work.device).long()
+    labels = -torch.ones_like(work)
+    labels[torch.arange(B, device=work.device), pos_col] = 1.0
+    ok = candidate_mask(B, C, pos_col, valid, include_positive=True, device=work.device)
+    per_pair = F.logsigmoid(labels * work) * ok.to(work.dtype)
+    return -per_pair.sum() / B
+
+
 def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, bias: torch.Tensor,
                 gather: bool = False) -> torch.Tensor:
     """Sigmoid loss (Zhai et al. 2023): -1/|B| sum_ij log sigmoid(z_ij (t <x_i, y_j> + b))."""
-    candidates, valid, offset = (gather_candidates(text) if gather and _dist_on()
-                                 else (text, torch.ones(text.shape[0], dtype=torch.bool, device=text.device), 0))
-    logits = logit_scale * image @ candidates.T + bias
-    labels = -torch.ones_like(logits)
-    idx = torch.arange(image.shape[0], device=image.device)
-    labels[idx, idx + offset] = 1.0
-    per_pair = F.logsigmoid(labels * logits) * valid[None, :].to(logits.dtype)
-    return -per_pair.sum() / image.shape[0]
+    if gather and _dist_on():
+        candidates, valid, offset = gather_candidates(text)
+    else:
+        candidates, valid, offset = text, None, 0
+    logits = similarity(image, candidates, logit_scale)
+    logits = logits + torch.as_tensor(bias, device=image.device).to(logits.dtype)
+    pos_col = torch.arange(image.shape[0], device=image.device) + offset
+    return siglip_scores(logits, pos_col, valid)

@@ -3,25 +3,40 @@
 For anchor i with positive score s_i+ and partition function Z_i = E_neg[exp(s_ij)], the generalized
 loss -s_i+ + alpha log Z_i is made linear in Z_i by the Gamma identity. Each step, per anchor:
 
-  1. log Z_hat_i = logmeanexp_j s_ij over the in-batch candidates            (graph kept)
+  1. log Z_hat_i = logmeanexp_j s_ij over the in-batch candidates (negatives only by default;
+     `include_positive` adds the positive)                                     (graph kept)
   2. E-step: log R_i <- log((1-gamma) R_i + gamma Z_hat_i)  in the per-sample memory (no graph);
-             u_i = alpha / R_i (mode "mean") or u_i ~ Gamma(alpha, rate R_i) (mode "sample")
+             u_i = alpha / (R_i + eps) (mode "mean") or u_i ~ Gamma(alpha, rate R_i + eps) ("sample")
   3. M-step: minimise mean_i [ -s_i+ + stopgrad(u_i) Z_hat_i(theta) ]
 
-With gamma = 1 and mode "mean" the gradient is exactly the minibatch InfoNCE gradient (biased); the
-memory R_i carried across steps is what removes the bias. Because the E-step runs before the M-step,
-u_i Z_hat_i <= alpha / gamma: the weights cannot explode when the scores jump.
-Everything is computed in float32 log space (stable under bf16 autocast).
+With gamma = 1, mode "mean", alpha = 1 and include_positive the gradient is exactly the minibatch
+InfoNCE gradient (biased); the memory R_i carried across steps is what removes the bias. Because the
+E-step runs before the M-step, u_i Z_hat_i <= alpha / gamma in mode "mean": the weights cannot explode
+when the scores jump.
+
+`estimator="sogclr"` is SogCLR (Yuan et al., ICML 2022) in the same machinery: the memory tracks
+g_i = mean_j exp(s_ij - s_i+) (the partition function relative to the positive) and the M-step
+minimises mean_i stopgrad(alpha / (R_i + eps)) g_i(theta), with no separate positive term.
+
+The core works on a score matrix: `logits` [B, C] (anchor i against candidate j, already scaled by
+1/tau), `pos` [B] (the positive's column of each anchor), an optional validity mask of the candidates
+and the anchors' sample indices. `GammaDirection.scores` is that core for one direction (the synthetic
+benchmark drives it with s_theta = theta * g(x, y)); `GammaContrastiveLoss` computes both directions
+of a two-tower batch from embeddings and updates both directions' state in one exchange.
+Scores are computed in float32 with autocast off and everything else in log space, so the loss is
+stable under bf16 autocast and for scores far beyond exp's float32 range.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
-from .contrastive import gather_candidates, _dist_on
+from .contrastive import _dist_on, candidate_mask, gather_candidates, similarity
 from .state import LocalRateStore, ShardedRateStore
 
 
@@ -32,8 +47,24 @@ class GammaSettings:
     gamma_schedule: str = "constant"   # or "cosine": 1.0 -> gamma_min over training
     gamma_min: float = 0.2
     mode: str = "mean"                 # or "sample"
-    include_positive: bool = True
+    include_positive: bool = False
     gather_negatives: bool = False
+    eps: float = 0.0
+    estimator: str = "gamma"           # or "sogclr"
+
+    def __post_init__(self) -> None:
+        if self.alpha <= 0:
+            raise ValueError(f"gamma loss: alpha must be > 0, got {self.alpha}")
+        if not 0.0 < self.gamma <= 1.0 or not 0.0 < self.gamma_min <= 1.0:
+            raise ValueError(f"gamma loss: gamma and gamma_min must be in (0, 1], got {self.gamma}, {self.gamma_min}")
+        if self.mode not in ("mean", "sample"):
+            raise ValueError(f"gamma loss: mode must be 'mean' or 'sample', got {self.mode!r}")
+        if self.gamma_schedule not in ("constant", "cosine"):
+            raise ValueError(f"gamma loss: gamma_schedule must be 'constant' or 'cosine', got {self.gamma_schedule!r}")
+        if self.estimator not in ("gamma", "sogclr"):
+            raise ValueError(f"gamma loss: estimator must be 'gamma' or 'sogclr', got {self.estimator!r}")
+        if self.eps < 0:
+            raise ValueError(f"gamma loss: eps must be >= 0, got {self.eps}")
 
     def gamma_at(self, progress: float) -> float:
         if self.gamma_schedule == "constant":
@@ -42,75 +73,161 @@ class GammaSettings:
         return self.gamma_min + 0.5 * (1.0 - self.gamma_min) * (1.0 + math.cos(math.pi * p))
 
 
-def log_mean_exp(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """log of the mean of exp over valid entries of each row (stable; -inf entries excluded)."""
-    masked = logits.masked_fill(~valid, float("-inf"))
-    count = valid.sum(dim=1).clamp_min(1).to(logits.dtype)
-    return torch.logsumexp(masked, dim=1) - torch.log(count)
+@dataclass
+class PartitionEstimate:
+    """Step 1 for one direction: everything the E- and M-steps need."""
+    logits: torch.Tensor       # [B, C] float32/float64, graph kept
+    pos: torch.Tensor          # [B] positive scores, graph kept
+    log_zhat: torch.Tensor     # [B] log of the mean exp over the candidates counted, graph kept
+    has_neg: torch.Tensor      # [B] bool: the anchor had at least one candidate to average
+    state_input: torch.Tensor  # [B] detached value fed to the memory (NaN = no observation)
+
+
+def estimate_partition(logits: torch.Tensor, pos_col: torch.Tensor, settings: GammaSettings,
+                       valid: torch.Tensor | None = None) -> PartitionEstimate:
+    """log Z_hat_i = log mean_{j counted} exp(s_ij), stable (logsumexp) and NaN-free in its gradient
+    even for an anchor with nothing to average (batch of 1 without the positive)."""
+    work = logits if logits.dtype == torch.float64 else logits.float()
+    B, C = work.shape
+    rows = torch.arange(B, device=work.device)
+    pos_col = pos_col.to(work.device).long()
+    pos = work[rows, pos_col]
+    ok = candidate_mask(B, C, pos_col, valid, include_positive=settings.include_positive, device=work.device)
+    has = ok.any(dim=1)
+    # an empty row gets a dummy column 0 so that logsumexp (and its gradient) stays finite; it is masked out
+    safe = ok | ((~has)[:, None] & (torch.arange(C, device=work.device) == 0)[None, :])
+    count = safe.sum(dim=1).to(work.dtype)
+    log_zhat = torch.logsumexp(work.masked_fill(~safe, -math.inf), dim=1) - torch.log(count)
+    observed = log_zhat.detach() - (pos.detach() if settings.estimator == "sogclr" else 0.0)
+    state_input = torch.where(has, observed, torch.full_like(observed, math.nan))
+    return PartitionEstimate(work, pos, log_zhat, has, state_input)
+
+
+def sample_log_gamma(alpha: float, n: int, generator: torch.Generator) -> torch.Tensor:
+    """log of n draws of Gamma(alpha, 1), float64 on CPU from `generator` (log first: small alpha
+    puts much mass near 0, where float32 underflows)."""
+    g = torch._standard_gamma(torch.full((n,), float(alpha), dtype=torch.float64), generator=generator)
+    return torch.log(g.clamp_min(torch.finfo(torch.float64).tiny))
+
+
+def m_step(est: PartitionEstimate, log_rate: torch.Tensor, settings: GammaSettings,
+           generator: torch.Generator | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Step 3 given the updated memory log R (detached, [B]). Returns the M-step objective
+    mean_i [-s_i+ + stopgrad(u_i) Z_hat_i(theta)] (anchors without negatives count zero; its value is
+    a surrogate, about alpha - s_i+ at the fixed point) and detached diagnostics, among them the
+    generalized loss mean_i [-s_i+ + alpha log R_i] that the EM minimises."""
+    s = settings
+    B = est.pos.shape[0]
+    has = est.has_neg
+    log_r = log_rate.to(est.log_zhat).detach()
+    log_r = torch.where(has, log_r, torch.zeros_like(log_r))  # anchors without negatives: inert
+    if s.eps > 0:
+        log_r = torch.logaddexp(log_r, torch.full_like(log_r, math.log(s.eps)))
+    if s.mode == "sample":
+        log_u = sample_log_gamma(s.alpha, B, generator).to(log_r) - log_r
+    else:
+        log_u = math.log(s.alpha) - log_r
+    if s.estimator == "sogclr":
+        weight = torch.exp(log_u + est.log_zhat - est.pos)          # u_i * g_i(theta)
+        per_anchor = weight
+    else:
+        weight = torch.exp(log_u + est.log_zhat)                    # u_i * Z_hat_i(theta)
+        per_anchor = -est.pos + weight
+    # the generalized loss -s_i+ + alpha log Z_i with the memory's estimate of Z_i (for logging)
+    value = -est.pos.detach() * (s.estimator == "gamma") + s.alpha * log_r
+    per_anchor = torch.where(has, per_anchor, torch.zeros_like(per_anchor))
+    objective = per_anchor.sum() / max(B, 1)
+    if B == 0:
+        objective = est.logits.sum() * 0.0
+    n = has.sum().clamp_min(1)
+    diagnostics = {
+        "log_rate_mean": (log_r * has).sum() / n,
+        "weight_mean": (weight.detach() * has).sum() / n,
+        "generalized_loss": (value * has).sum() / n,
+        "anchors_without_negatives": (~has).sum().to(torch.float32),
+    }
+    return objective, diagnostics
 
 
 class GammaDirection:
-    """One direction (anchors of one modality) with its own per-sample rate memory."""
+    """One direction (anchors of one modality): channel `channel` of a rate store."""
 
-    def __init__(self, store: LocalRateStore | ShardedRateStore, settings: GammaSettings, generator: torch.Generator):
+    def __init__(self, store: LocalRateStore | ShardedRateStore, settings: GammaSettings,
+                 generator: torch.Generator | None = None, channel: int = 0):
         self.store = store
         self.settings = settings
-        self.generator = generator
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.channel = channel
+
+    def scores(self, logits: torch.Tensor, pos_col: torch.Tensor, sample_index: torch.Tensor,
+               progress: float = 0.0, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The whole EM step from a score matrix: logits [B, C], pos_col [B], sample_index [B]."""
+        est = estimate_partition(logits, pos_col, self.settings, valid)
+        obs = est.state_input
+        if self.store.channels > 1:  # the other channels see "no observation"
+            full = torch.full((obs.shape[0], self.store.channels), math.nan, dtype=obs.dtype, device=obs.device)
+            full[:, self.channel] = obs
+            log_rate = self.store.update(sample_index, full, self.settings.gamma_at(progress))[:, self.channel]
+        else:
+            log_rate = self.store.update(sample_index, obs, self.settings.gamma_at(progress))
+        return m_step(est, log_rate, self.settings, self.generator)
 
     def __call__(self, anchors: torch.Tensor, candidates: torch.Tensor, logit_scale: torch.Tensor,
-                 sample_index: torch.Tensor, progress: float, valid: torch.Tensor | None = None,
+                 sample_index: torch.Tensor, progress: float = 0.0, valid: torch.Tensor | None = None,
                  offset: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        s = self.settings
-        B = anchors.shape[0]
-        logits = logit_scale * anchors.float() @ candidates.float().T          # [B, C]
-        pos_idx = torch.arange(B, device=anchors.device) + offset
-        pos = logits[torch.arange(B, device=anchors.device), pos_idx]
-        cand_ok = torch.ones_like(logits, dtype=torch.bool) if valid is None else valid[None, :].expand_as(logits)
-        if not s.include_positive:
-            cand_ok = cand_ok.clone()
-            cand_ok[torch.arange(B, device=anchors.device), pos_idx] = False
-        log_zhat = log_mean_exp(logits, cand_ok)                                # graph kept
+        """Embedding-level form: anchor i's positive is candidate offset + i."""
+        logits = similarity(anchors, candidates, logit_scale)
+        pos_col = torch.arange(anchors.shape[0], device=logits.device) + offset
+        return self.scores(logits, pos_col, sample_index, progress, valid)
 
-        gamma_t = s.gamma_at(progress)
-        log_rate = self.store.update(sample_index, log_zhat.detach(), gamma_t).to(log_zhat)
-        log_u = math.log(s.alpha) - log_rate
-        if s.mode == "sample":
-            g = torch._standard_gamma(torch.full_like(log_rate, s.alpha, device="cpu"), generator=self.generator)
-            log_u = torch.log(g.clamp_min(1e-30)).to(log_rate) - log_rate
-        weight = torch.exp(log_u.detach() + log_zhat)                           # u_i * Z_hat_i(theta)
-        objective = (-pos + weight).mean() if B else logits.sum() * 0.0
-        diagnostics = {
-            "log_rate_mean": log_rate.mean() if B else log_rate.sum(),
-            "weight_mean": weight.detach().mean() if B else weight.detach().sum(),
-            "generalized_loss": (-pos.detach() + s.alpha * log_rate).mean() if B else log_rate.sum(),
-        }
-        return objective, diagnostics
+
+def _derived_seed(*parts) -> int:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else repr(p).encode())
+    return int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1)
 
 
 class GammaContrastiveLoss:
-    """Both directions, each with its own memory. Not an nn.Module: it has no parameters, only
-    per-sample state, which is checkpointed through `state_dict` / `load_shards`."""
+    """Both directions of a two-tower batch, each with its own state (channel 0: image anchors,
+    channel 1: text anchors) in one store, updated in one exchange per step.
+
+    Not an nn.Module: it has no parameters, only per-sample state and the E-step's random generator,
+    which are checkpointed through `state_dict` / `load_shards`."""
+
+    DIRECTIONS = ("image_to_text", "text_to_image")
 
     def __init__(self, num_samples: int, settings: GammaSettings, seed: int = 0, distributed: bool | None = None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", group=None):
         self.settings = settings
+        self.seed = int(seed)
         sharded = _dist_on() if distributed is None else distributed
-        make = (lambda: ShardedRateStore(num_samples, device=device)) if sharded else (lambda: LocalRateStore(num_samples, device=device))
-        self.generator = torch.Generator().manual_seed(seed + (torch.distributed.get_rank() if sharded else 0))
-        self.image_to_text = GammaDirection(make(), settings, self.generator)
-        self.text_to_image = GammaDirection(make(), settings, self.generator)
+        if sharded:
+            self.store: LocalRateStore | ShardedRateStore = ShardedRateStore(num_samples, channels=2, group=group,
+                                                                             device=device)
+        else:
+            self.store = LocalRateStore(num_samples, channels=2, device=device)
+        self.generator = torch.Generator().manual_seed(_derived_seed("gamma-e-step", self.seed, self.store.rank))
+        self.image_to_text = GammaDirection(self.store, settings, self.generator, channel=0)
+        self.text_to_image = GammaDirection(self.store, settings, self.generator, channel=1)
 
     def __call__(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
                  sample_index: torch.Tensor, progress: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-        if self.settings.gather_negatives and _dist_on():
+        s = self.settings
+        if s.gather_negatives and _dist_on():
             all_text, valid_t, off = gather_candidates(text)
             all_image, valid_i, _ = gather_candidates(image)
         else:
             all_text, valid_t, all_image, valid_i, off = text, None, image, None, 0
-        l_i2t, d_i2t = self.image_to_text(image, all_text, logit_scale, sample_index, progress, valid_t, off)
-        l_t2i, d_t2i = self.text_to_image(text, all_image, logit_scale, sample_index, progress, valid_i, off)
+        pos_col = torch.arange(image.shape[0], device=image.device) + off
+        est_i = estimate_partition(similarity(image, all_text, logit_scale), pos_col, s, valid_t)
+        est_t = estimate_partition(similarity(text, all_image, logit_scale), pos_col, s, valid_i)
+        obs = torch.stack([est_i.state_input, est_t.state_input], dim=1)
+        log_rate = self.store.update(sample_index, obs, s.gamma_at(progress))
+        l_i2t, d_i2t = m_step(est_i, log_rate[:, 0], s, self.generator)
+        l_t2i, d_t2i = m_step(est_t, log_rate[:, 1], s, self.generator)
         metrics = {f"gamma/{k}": float(0.5 * (d_i2t[k] + d_t2i[k])) for k in d_i2t}
-        metrics["gamma/gamma_t"] = self.settings.gamma_at(progress)
+        metrics["gamma/gamma_t"] = s.gamma_at(progress)
         return 0.5 * (l_i2t + l_t2i), metrics
 
     def participate(self, image: torch.Tensor, text: torch.Tensor) -> None:
@@ -118,23 +235,43 @@ class GammaContrastiveLoss:
         if self.settings.gather_negatives and _dist_on():
             gather_candidates(text[:0])
             gather_candidates(image[:0])
-        empty_i = torch.zeros(0, dtype=torch.long, device=image.device)
-        empty_z = torch.zeros(0, dtype=torch.float32, device=image.device)
-        for direction in (self.image_to_text, self.text_to_image):
-            direction.store.update(empty_i, empty_z, 1.0)
+        self.store.update(torch.zeros(0, dtype=torch.long, device=image.device),
+                          torch.zeros(0, 2, dtype=torch.float32, device=image.device), 1.0)
 
+    # -- checkpoints
     def state_dict(self) -> dict:
-        return {"image_to_text": self.image_to_text.store.state_dict(),
-                "text_to_image": self.text_to_image.store.state_dict(),
-                "generator": self.generator.get_state()}
+        """This process's shard of both directions plus the E-step generator (no copy of the state:
+        serialise it before the next step)."""
+        return {"image_to_text": self.store.state_dict(0), "text_to_image": self.store.state_dict(1),
+                "generator": self.generator.get_state(), "rank": self.store.rank,
+                "world_size": self.store.world_size, "seed": self.seed}
 
-    def load_shards(self, shards: list[dict]) -> None:
-        """Restore from the per-rank state dicts of a checkpoint saved with any world size."""
-        self.image_to_text.store.load_shards(sd["image_to_text"] for sd in shards)
-        self.text_to_image.store.load_shards(sd["text_to_image"] for sd in shards)
+    def load_shards(self, shards: Iterable[dict] | dict) -> None:
+        """Restore from the per-rank state dicts of a checkpoint saved with any world size. `shards`
+        may be a generator (each shard is read once, then dropped). With the same world size the
+        generator resumes exactly where this rank's left off; after re-sharding it is re-derived
+        deterministically from the checkpoint's generators and the new rank."""
+        if isinstance(shards, dict):
+            shards = [shards]
+        mine, old_states = None, []
+        for sd in shards:
+            self.store.load_shards(sd["image_to_text"], channel=0)
+            self.store.load_shards(sd["text_to_image"], channel=1)
+            if "generator" in sd:
+                r0 = int(sd.get("rank", sd["image_to_text"]["rank"]))
+                w0 = int(sd.get("world_size", sd["image_to_text"]["world_size"]))
+                old_states.append((r0, sd["generator"]))
+                if w0 == self.store.world_size and r0 == self.store.rank:
+                    mine = sd["generator"]
+        if mine is not None:
+            self.generator.set_state(mine)
+        elif old_states:
+            parts = [b"".join(bytes(st.numpy().tobytes()) for _, st in sorted(old_states, key=lambda x: x[0]))]
+            self.generator.manual_seed(_derived_seed("gamma-e-step-reshard", self.seed, self.store.rank,
+                                                     self.store.world_size, *parts))
 
     def load_generator_state(self, state: torch.Tensor) -> None:
         self.generator.set_state(state)
 
     def nbytes(self) -> int:
-        return self.image_to_text.store.nbytes() + self.text_to_image.store.nbytes()
+        return self.store.nbytes()

@@ -1,12 +1,23 @@
 """Per-sample memory of the Gamma rate (the E-step state), single-process or sharded.
 
-Each direction (image anchors, text anchors) keeps log R_i for every sample_index i, as float32 with
-NaN meaning "never visited". Logs, because R_i = E[exp(s)] overflows float32 once 1/tau is large.
+The store keeps log R_i for every sample_index i in one or more *channels* (the gamma loss uses two:
+image anchors and text anchors, each direction with its own state), as float32 with NaN meaning "never
+visited". Logs, because R_i = E[exp(s)] overflows float32 once 1/tau is large. Each channel is its
+own 1-D tensor, so a store of N samples and 2 channels holds exactly 8 N bytes.
 
-`ShardedRateStore` spreads the entries over the training processes: sample i lives on rank
-i mod W at slot i div W, so a process holds ceil(N/W) floats per direction and no process holds all
-N. A step sends each (index, log Z_hat) pair to its owner with one all_to_all, the owner applies the
-EMA, and the updated log R comes back with a second all_to_all: O(batch) traffic, no gather.
+`ShardedRateStore` spreads the entries over the training processes: sample i lives on rank i mod W at
+slot i div W, so a process holds ceil(N/W) floats per channel and no process holds all N. A step
+sends each (index, log Z_hat per channel) row to its owner with one all_to_all (after a tiny one for
+the counts), the owner applies the EMA, and the updated log R comes back with a third all_to_all:
+O(batch) traffic per step, every channel in the same exchange, no gather of the state.
+
+An input log Z_hat of NaN means "no observation" (an anchor that had no negative this step): the
+entry is left as it was and its current value is returned.
+
+Checkpoints: `state_dict(channel)` is one channel of this process's shard, *without a copy* (save it
+before the next update); `load_shards(channel, shards)` takes the shards of a store saved with any
+world size, one at a time, and copies the entries this process owns with strided slices, so peak
+memory while re-sharding is this process's part plus one old shard.
 """
 
 from __future__ import annotations
@@ -19,94 +30,184 @@ import torch.distributed as dist
 
 
 def ema_log(old: torch.Tensor, new: torch.Tensor, gamma: float) -> torch.Tensor:
-    """log((1-gamma) exp(old) + gamma exp(new)), with a NaN old meaning first visit (-> new)."""
+    """log((1-gamma) exp(old) + gamma exp(new)); a NaN old (first visit) gives new, a NaN new
+    (no observation) keeps old."""
+    if not 0.0 < gamma <= 1.0:
+        raise ValueError(f"EMA weight gamma must be in (0, 1], got {gamma}")
     if gamma >= 1.0:
-        return new.clone()
-    mixed = torch.logaddexp(old + math.log1p(-gamma), new + math.log(gamma))
-    return torch.where(torch.isnan(old), new, mixed)
+        mixed = new
+    else:
+        mixed = torch.logaddexp(old + math.log1p(-gamma), new + math.log(gamma))
+    out = torch.where(torch.isnan(old), new, mixed)
+    return torch.where(torch.isnan(new), old, out)
 
 
-def _combine_duplicates(index: torch.Tensor, log_z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Unique indices, the log of the mean Z of their occurrences, and the inverse map."""
+def combine_duplicates(index: torch.Tensor, log_z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unique indices, per unique index and channel the log of the mean Z over its non-NaN
+    occurrences (NaN if none), and the inverse map. log_z is [B, K]."""
+    srt, perm = torch.sort(index)
+    if srt.numel() < 2 or not bool((srt[1:] == srt[:-1]).any()):  # the usual case: no duplicates
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        return srt, log_z[perm], inverse
     uniq, inverse = torch.unique(index, sorted=True, return_inverse=True)
-    if uniq.numel() == index.numel():
-        out = torch.empty_like(log_z)
-        out[inverse] = log_z
-        return uniq, out, inverse
-    counts = torch.zeros(uniq.numel(), dtype=log_z.dtype, device=log_z.device).index_add_(0, inverse, torch.ones_like(log_z))
-    m = torch.full((uniq.numel(),), -math.inf, dtype=log_z.dtype, device=log_z.device)
-    m = m.scatter_reduce(0, inverse, log_z, reduce="amax")
-    s = torch.zeros_like(m).index_add_(0, inverse, torch.exp(log_z - m[inverse]))
-    return uniq, m + torch.log(s) - torch.log(counts), inverse
+    seen = ~torch.isnan(log_z)
+    lz = torch.where(seen, log_z, torch.full_like(log_z, -math.inf))
+    U, K = uniq.numel(), log_z.shape[1]
+    idx = inverse[:, None].expand(-1, K)
+    counts = torch.zeros(U, K, dtype=log_z.dtype, device=log_z.device).scatter_add_(0, idx, seen.to(log_z.dtype))
+    m = torch.full((U, K), -math.inf, dtype=log_z.dtype, device=log_z.device).scatter_reduce(0, idx, lz, reduce="amax")
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    s = torch.zeros_like(m).scatter_add_(0, idx, torch.exp(lz - m_safe.gather(0, idx)))
+    out = m_safe + torch.log(s) - torch.log(counts)
+    return uniq, torch.where(counts > 0, out, torch.full_like(out, math.nan)), inverse
 
 
-class LocalRateStore:
-    """All N entries in one process (single-process training, notebooks, the reference)."""
-
-    def __init__(self, num_samples: int, device: torch.device | str = "cpu"):
-        self.num_samples = int(num_samples)
-        self.log_rate = torch.full((self.num_samples,), math.nan, dtype=torch.float32, device=device)
-
-    def _ensure(self, max_index: int) -> None:
-        if max_index >= self.num_samples:  # an appended catalogue grows the memory
-            grow = torch.full((max_index + 1 - self.num_samples,), math.nan, dtype=torch.float32, device=self.log_rate.device)
-            self.log_rate = torch.cat([self.log_rate, grow])
-            self.num_samples = max_index + 1
-
-    @torch.no_grad()
-    def update(self, index: torch.Tensor, log_z: torch.Tensor, gamma: float) -> torch.Tensor:
-        """EMA-update the entries of `index` with log Z_hat; returns the updated log R per input."""
-        if index.numel() == 0:
-            return log_z.new_empty(0)
-        index = index.to(self.log_rate.device).long()
-        self._ensure(int(index.max()))
-        uniq, lz, inverse = _combine_duplicates(index, log_z.detach().float().to(self.log_rate.device))
-        new = ema_log(self.log_rate[uniq], lz, gamma)
-        self.log_rate[uniq] = new
-        return new[inverse].to(log_z.device)
-
-    @torch.no_grad()
-    def lookup(self, index: torch.Tensor) -> torch.Tensor:
-        return self.log_rate[index.to(self.log_rate.device).long()].clone()
-
-    def state_dict(self) -> dict:
-        return {"log_rate": self.log_rate.clone(), "num_samples": self.num_samples, "rank": 0, "world_size": 1}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.load_shards([state])
-
-    def load_shards(self, shards: Iterable[dict]) -> None:
-        """Load from the shards of a store saved with any world size."""
-        for sd in shards:
-            n = int(sd["num_samples"])
-            self._ensure(n - 1)
-            W, r = int(sd["world_size"]), int(sd["rank"])
-            glob = r + W * torch.arange(sd["log_rate"].numel())
-            self.log_rate[glob.to(self.log_rate.device)] = sd["log_rate"].to(self.log_rate)
-
-    def nbytes(self) -> int:
-        return self.log_rate.numel() * self.log_rate.element_size()
+def _out_dtype(log_z: torch.Tensor) -> torch.dtype:
+    return torch.float64 if log_z.dtype == torch.float64 else torch.float32
 
 
-class ShardedRateStore:
-    """Entries owned by rank i mod W; requires an initialised torch.distributed process group."""
+def _check_index(index: torch.Tensor) -> None:
+    if index.numel() and int(index.min()) < 0:
+        bad = int(index[index < 0][0])
+        raise ValueError(f"sample_index must be >= 0 (got {bad}); it is the dense index assigned by `gammaray prepare`")
 
-    def __init__(self, num_samples: int, group=None, device: torch.device | str = "cpu"):
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
+
+class _Store:
+    """Shared logic: rank r of W owns the samples i with i mod W == r, at slot i div W."""
+
+    rank: int
+    world_size: int
+
+    def __init__(self, num_samples: int, channels: int, device: torch.device | str):
+        if channels < 1:
+            raise ValueError(f"a rate store needs at least one channel, got {channels}")
         self.device = torch.device(device)
+        self.channels = int(channels)
         self.num_samples = int(num_samples)
-        self.log_rate = torch.full((self._local_len(self.num_samples),), math.nan, dtype=torch.float32, device=self.device)
+        n = self._local_len(self.num_samples)
+        self.tables = [torch.full((n,), math.nan, dtype=torch.float32, device=self.device) for _ in range(channels)]
 
+    # -- layout
     def _local_len(self, n: int) -> int:
         return max(0, (n - self.rank + self.world_size - 1) // self.world_size)
 
     def _ensure(self, num_samples: int) -> None:
-        if num_samples > self.num_samples:
-            extra = self._local_len(num_samples) - self.log_rate.numel()
-            self.log_rate = torch.cat([self.log_rate, torch.full((extra,), math.nan, dtype=torch.float32, device=self.device)])
-            self.num_samples = num_samples
+        """Grow to cover sample indices < num_samples (an appended catalogue grows the memory)."""
+        if num_samples <= self.num_samples:
+            return
+        extra = self._local_len(num_samples) - self.tables[0].numel()
+        if extra > 0:
+            self.tables = [torch.cat([t, torch.full((extra,), math.nan, dtype=t.dtype, device=t.device)])
+                           for t in self.tables]
+        self.num_samples = num_samples
+
+    @property
+    def log_rate(self) -> torch.Tensor:
+        """Channel 0 (the only one of a one-channel store)."""
+        return self.tables[0]
+
+    def _apply(self, slots: torch.Tensor, log_z: torch.Tensor, gamma: float) -> torch.Tensor:
+        """EMA-update local slots with log_z [m, K] (duplicates combined). The update is computed in
+        float64 and returned as such (so gamma = 1 returns the input exactly); the table keeps float32."""
+        uniq, lz, inverse = combine_duplicates(slots, log_z.double())
+        new = torch.empty_like(lz)
+        for c, table in enumerate(self.tables):
+            upd = ema_log(table[uniq].double(), lz[:, c], gamma)
+            table[uniq] = upd.to(table.dtype)
+            new[:, c] = upd
+        return new[inverse]
+
+    @staticmethod
+    def _as_matrix(index: torch.Tensor, log_z: torch.Tensor, channels: int) -> tuple[torch.Tensor, bool]:
+        one = log_z.dim() == 1
+        lz = log_z.reshape(index.numel(), -1) if index.numel() else log_z.reshape(0, channels)
+        if lz.shape[1] != channels:
+            raise ValueError(f"log_z has {lz.shape[1]} channel(s), the store {channels}")
+        return lz, one
+
+    # -- checkpoints
+    def state_dict(self, channel: int = 0) -> dict:
+        """One channel of this process's shard. The tensor is the live state, not a copy (a copy
+        would double the memory of a 10^8-entry state): serialise it before the next update."""
+        return {"log_rate": self.tables[channel].detach().cpu(), "num_samples": self.num_samples,
+                "rank": self.rank, "world_size": self.world_size}
+
+    def load_shards(self, shards: Iterable[dict] | dict, channel: int = 0) -> None:
+        """Copy the entries this process owns from shards saved with any world size (re-sharding).
+
+        Shards are visited one at a time and copied with strided slices (no index tensors), so
+        peak memory is this process's part plus one old shard."""
+        if isinstance(shards, dict):
+            shards = [shards]
+        for sd in shards:
+            self._ensure(int(sd["num_samples"]))
+            vals = sd["log_rate"]
+            W0, r0 = int(sd["world_size"]), int(sd["rank"])
+            if not 0 <= r0 < W0:
+                raise ValueError(f"loss-state shard has rank {r0} outside world size {W0}")
+            expected = max(0, (int(sd["num_samples"]) - r0 + W0 - 1) // W0)
+            if vals.numel() > expected:
+                raise ValueError(f"loss-state shard rank {r0}/{W0}: {vals.numel()} entries, more than the "
+                                 f"{expected} of a {sd['num_samples']}-sample state")
+            W, r = self.world_size, self.rank
+            lcm = W0 * W // math.gcd(W0, W)
+            k_step, s_step = lcm // W0, lcm // W
+            # old slot k holds sample r0 + W0 k; it is ours when that is r mod W
+            k0 = next((k for k in range(k_step) if (r0 + W0 * k) % W == r), None)
+            if k0 is None or k0 >= vals.numel():
+                continue
+            src = vals[k0::k_step]
+            s0 = (r0 + W0 * k0) // W
+            table = self.tables[channel]
+            table[s0: s0 + (src.numel() - 1) * s_step + 1: s_step] = src.to(table)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tables)
+
+    @staticmethod
+    def bytes_per_worker(num_samples: int, world_size: int, channels: int = 2) -> int:
+        """What a fully grown shard of the largest rank (rank 0) holds: ceil(N/W) float32 per channel."""
+        return -(-int(num_samples) // int(world_size)) * 4 * channels
+
+
+class LocalRateStore(_Store):
+    """All N entries in one process (single-process training, notebooks, the reference)."""
+
+    def __init__(self, num_samples: int, channels: int = 1, device: torch.device | str = "cpu"):
+        self.rank, self.world_size = 0, 1
+        super().__init__(num_samples, channels, device)
+
+    @torch.no_grad()
+    def update(self, index: torch.Tensor, log_z: torch.Tensor, gamma: float) -> torch.Tensor:
+        """EMA-update the entries of `index` with log Z_hat ([B] or [B, channels]); returns the
+        updated log R per input row, shaped like log_z."""
+        index = index.reshape(-1).to(self.device).long()
+        lz, one = self._as_matrix(index, log_z.detach(), self.channels)
+        if index.numel() == 0:
+            return log_z.detach().new_empty(log_z.shape).to(_out_dtype(log_z))
+        _check_index(index)
+        self._ensure(int(index.max()) + 1)
+        new = self._apply(index, lz.to(self.device), gamma).to(log_z.device, _out_dtype(log_z))
+        return new[:, 0] if one else new
+
+    @torch.no_grad()
+    def lookup(self, index: torch.Tensor) -> torch.Tensor:
+        index = index.reshape(-1).to(self.device).long()
+        out = torch.stack([t[index] for t in self.tables], dim=1)
+        return out[:, 0] if self.channels == 1 else out
+
+
+class ShardedRateStore(_Store):
+    """Entries owned by rank i mod W; requires an initialised torch.distributed process group.
+
+    `update` is a collective: every rank calls it at every step, with its own (possibly empty) batch."""
+
+    def __init__(self, num_samples: int, channels: int = 1, group=None, device: torch.device | str = "cpu"):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        super().__init__(num_samples, channels, device)
 
     def _exchange(self, send: torch.Tensor, send_counts: list[int]) -> tuple[torch.Tensor, list[int]]:
         counts = torch.tensor(send_counts, dtype=torch.int64, device=self.device)
@@ -114,57 +215,34 @@ class ShardedRateStore:
         dist.all_to_all_single(recv_counts_t, counts, group=self.group)
         recv_counts = recv_counts_t.tolist()
         recv = send.new_empty((sum(recv_counts),) + tuple(send.shape[1:]))
-        dist.all_to_all_single(recv, send, output_split_sizes=recv_counts, input_split_sizes=send_counts, group=self.group)
+        dist.all_to_all_single(recv, send, output_split_sizes=recv_counts, input_split_sizes=send_counts,
+                               group=self.group)
         return recv, recv_counts
 
     @torch.no_grad()
     def update(self, index: torch.Tensor, log_z: torch.Tensor, gamma: float) -> torch.Tensor:
-        """Collective: every rank must call it each step, with its own (possibly empty) batch."""
-        index = index.to(self.device).long()
-        log_z = log_z.detach().to(self.device, torch.float64)
-        # the catalogue size can only grow; agree on it so every rank shards the same N
-        n = torch.tensor([self.num_samples, int(index.max()) + 1 if index.numel() else 0], device=self.device)
-        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=self.group)
-        self._ensure(int(n.max()))
-
-        owner = index % self.world_size
+        out_device = log_z.device
+        index = index.reshape(-1).to(self.device).long()
+        lz, one = self._as_matrix(index, log_z.detach(), self.channels)
+        _check_index(index)
+        W, K = self.world_size, self.channels
+        owner = index % W
         order = torch.argsort(owner, stable=True)
-        send_counts = torch.bincount(owner, minlength=self.world_size).tolist()
-        # (index, log z) packed as float64: indices below 2**53 are exact
-        payload = torch.stack([index[order].double(), log_z[order]], dim=1)
+        send_counts = torch.bincount(owner, minlength=W).tolist()
+        # (index, log z per channel) packed as float64: indices below 2**53 are exact
+        payload = torch.cat([index[order].double()[:, None], lz.to(self.device, torch.float64)[order]], dim=1)
         recv, recv_counts = self._exchange(payload, send_counts)
 
-        r_index = recv[:, 0].long()
-        r_logz = recv[:, 1].float()
-        if r_index.numel():
-            slots = r_index // self.world_size
-            uniq, lz, inverse = _combine_duplicates(slots, r_logz)
-            new = ema_log(self.log_rate[uniq], lz, gamma)
-            self.log_rate[uniq] = new
-            reply = new[inverse].double()
+        if recv.shape[0]:
+            r_index = recv[:, 0].long()
+            self._ensure(int(r_index.max()) + 1)
+            reply = self._apply(r_index // W, recv[:, 1:], gamma)
         else:
-            reply = recv.new_empty((0,))
-        back = reply.new_empty((sum(send_counts),))
-        dist.all_to_all_single(back, reply, output_split_sizes=send_counts, input_split_sizes=recv_counts, group=self.group)
+            reply = recv.new_empty((0, K))
+        back = reply.new_empty((sum(send_counts), K))
+        dist.all_to_all_single(back, reply.contiguous(), output_split_sizes=send_counts,
+                               input_split_sizes=recv_counts, group=self.group)
         out = torch.empty_like(back)
         out[order] = back
-        return out.float()
-
-    def state_dict(self) -> dict:
-        return {"log_rate": self.log_rate.clone().cpu(), "num_samples": self.num_samples, "rank": self.rank,
-                "world_size": self.world_size}
-
-    def load_shards(self, shards: Iterable[dict]) -> None:
-        """Load the entries this rank owns from shards saved with any world size (re-sharding).
-
-        Shards are visited one at a time, so peak memory is this rank's part plus one old shard."""
-        for sd in shards:
-            self._ensure(int(sd["num_samples"]))
-            W, r = int(sd["world_size"]), int(sd["rank"])
-            vals = sd["log_rate"].to(self.device)
-            glob = r + W * torch.arange(vals.numel(), device=self.device)
-            mine = glob % self.world_size == self.rank
-            self.log_rate[glob[mine] // self.world_size] = vals[mine]
-
-    def nbytes(self) -> int:
-        return self.log_rate.numel() * self.log_rate.element_size()
+        out = out.to(out_device, _out_dtype(log_z))
+        return out[:, 0] if one else out
