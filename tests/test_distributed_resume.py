@@ -149,7 +149,8 @@ def test_reference_run_counts_steps_metrics_and_progress(reference, small_catalo
     assert sorted(reference["checkpoints"]) == [8, 12]  # keep_checkpoints=2 of 4, 8, 12
     lines = metrics_lines(res.run_dir)
     # one line per report: every 2 steps from every worker, aggregated by the callback
-    assert [ln["step"] for ln in lines if not ln.get("final")] == [2, 4, 6, 8, 10, 12]
+    summary = [(ln["step"], ln.get("final"), "checkpoint" in ln, round(ln["time"] % 1000, 1)) for ln in lines]
+    assert [ln["step"] for ln in lines if not ln.get("final")] == [2, 4, 6, 8, 10, 12], summary
     assert [ln["step"] for ln in lines if "checkpoint" in ln] == [4, 8, 12]
     for ln in lines:
         assert ln["workers"] == 2 and len(ln["node_ids"]) == 2
@@ -174,7 +175,7 @@ def test_reference_run_counts_steps_metrics_and_progress(reference, small_catalo
     acc = EventAccumulator(tb_dir)
     acc.Reload()
     assert {"loss", "lr", "temperature", "step_time_s", "data_wait_fraction"} <= set(acc.Tags()["scalars"])
-    assert [e.step for e in acc.Scalars("loss")][-6:] == [2, 4, 6, 8, 10, 12]
+    assert [e.step for e in acc.Scalars("loss")][-7:] == [2, 4, 6, 8, 10, 12, 12]  # the final line too
     # the driver's progress bar got every line, the last one included
     assert res.progress_updates == len(lines) and res.progress.get("final") == 1
 

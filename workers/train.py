@@ -196,7 +196,7 @@ class SampleAudit:
 
     def close_epoch(self, epoch: int, device: torch.device) -> dict:
         """Collective. Summary of the finished epoch; raises if a record was trained twice."""
-        total = self.counts.to(device)
+        total = self.counts.to(device, copy=True)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(total)
         total = total.cpu()
@@ -428,7 +428,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     gas = cfg.train.deepspeed.gradient_accumulation_steps
     report_every, ckpt_every, max_steps = cfg.train.log_every, cfg.train.checkpoint_every, cfg.train.max_steps
-    window = new_window()
+    window = new_window()   # since the last report
+    attempt = new_window()  # since this process started (the final line's throughput)
     last: dict[str, float] = {}
     micro = 0  # micro-batches accumulated towards the next optimizer step
     done = max_steps is not None and state.step >= max_steps
@@ -466,15 +467,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 check_quality(state, cfg)
                 if audit is not None and active:
                     audit.add(sb.arrays[K.SAMPLE_INDEX])
-            window["records"] += n_local
-            window["micro"] += 1
+            for w in (window, attempt):
+                w["records"] += n_local
+                w["micro"] += 1
             if active:
                 last = terms.scalars()
             if not boundary:
                 continue
             state.step = engine.global_steps
             window["steps"] += 1
-            done = max_steps is not None and state.step >= max_steps
+            attempt["steps"] += 1
+            done = (max_steps is not None and state.step >= max_steps) or (last_batch and epoch == cfg.train.epochs - 1)
             if state.step % report_every == 0 or state.step % ckpt_every == 0 or done:
                 checkpoint_now = state.step % ckpt_every == 0 and not done  # the end saves anyway
                 metrics = step_metrics(state, last, window, scheduler, epoch)
@@ -490,7 +493,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     import ray.train
 
                     ray.train.report(metrics)                                      # [ray]
-                window = new_window()
+                attempt["wait"] += window["wait"]
+                window.update(new_window())  # in place: lockstep holds it as its clock
             if fault is not None:
                 fault.maybe_fire(rank, state.step)
             if done:
@@ -503,7 +507,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         state.epoch, state.part, state.consumed, state.epoch_consumed_before = epoch + 1, None, 0, 0
 
     # final evaluation, totals over all ranks, and the last checkpoint
-    metrics = step_metrics(state, last, window, scheduler, min(state.epoch, cfg.train.epochs - 1))
+    attempt["wait"] += window["wait"]
+    metrics = step_metrics(state, last, attempt, scheduler, min(state.epoch, cfg.train.epochs - 1))
     if cfg.data.val:
         state.last_val = evaluate(engine, cfg, tokenizer, device)
         state.best_val_r_at_1 = max(state.best_val_r_at_1, val_r_at_1(state.last_val))
