@@ -376,6 +376,8 @@ def pick_device(cfg: GammarayConfig, in_ray: bool) -> tuple[bool, torch.device]:
         import ray.train.torch
 
         device = ray.train.torch.get_device()
+        if isinstance(device, list):  # several GPUs per worker: the loop uses the first
+            device = device[0]
     else:
         device = torch.device("cuda", torch.cuda.current_device())
     torch.cuda.set_device(device)
