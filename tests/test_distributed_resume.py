@@ -209,7 +209,7 @@ DRIVER = textwrap.dedent("""
     if address.startswith("cluster:"):  # a 2-node local cluster started here
         from ray.cluster_utils import Cluster
         port = int(address.split(":")[1])
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "port": port, "include_dashboard": False})
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "gcs_server_port": port, "include_dashboard": False})
         cluster.add_node(num_cpus=2)
         address = cluster.address
     ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": root, "DS_ACCELERATOR": "cpu"}})
@@ -295,8 +295,8 @@ def test_two_worker_checkpoint_resumes_on_three_workers(reference, ray_local, s3
     assert m["resumed_from_steps"] == [8, 8] and m["resume_optimizer"] == ["portable", "exact"]
     assert m["samples_seen_total"] == N_TRAIN * EPOCHS
     assert m["audit_epochs"] == [{"epoch": e, "once": N_TRAIN, "repeated": 0, "missed": 0} for e in range(EPOCHS)]
-    # 128 records left over 3 workers: ceil(43 / 16) = 3 micro-batches -> 2 steps
-    assert m["step"] == 10
+    # 256 records of epoch 1 left over 3 workers: ceil(86 / 16) = 6 micro-batches -> 3 steps
+    assert m["step"] == 11 and m["total_steps"] == 11
     end = full_loss_state(checkpoint_state(res2.checkpoint_uri)["loss"])
     # the 128 records of epoch 1 trained before the checkpoint (2 steps x 2 micro-batches x 16 x 2
     # workers) keep exactly the state they were given; the 256 trained after it on 3 workers moved on

@@ -128,6 +128,20 @@ def set_total_steps(scheduler, cfg: GammarayConfig, total_steps: int) -> None:
 # DDP with the DeepSpeed engine's calls
 
 
+class _LeafSafe(torch.nn.Module):
+    """Gives outputs that are parameters themselves (e.g. `logit_bias.float()` of an fp32 parameter) a
+    graph node, so DDP's unused-parameter search finds them instead of marking them ready twice."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        out = self.model(batch)
+        return {k: v.view_as(v) if torch.is_tensor(v) and v.requires_grad and v.grad_fn is None else v
+                for k, v in out.items()}
+
+
 class DDPEngine:
     """torch DistributedDataParallel (through Ray's `prepare_model` inside Ray Train) behind the
     DeepSpeed calls the loop makes: the loss is divided by the accumulation steps, gradients are
@@ -154,13 +168,13 @@ class DDPEngine:
         if in_ray:
             from ray.train.torch import prepare_model
 
-            self.wrapped = prepare_model(model, move_to_device=device, parallel_strategy_kwargs=kwargs)
+            self.wrapped = prepare_model(_LeafSafe(model), move_to_device=device, parallel_strategy_kwargs=kwargs)
         else:
             model.to(device)
             if world > 1:
                 from torch.nn.parallel import DistributedDataParallel
 
-                self.wrapped = DistributedDataParallel(model, **kwargs)
+                self.wrapped = DistributedDataParallel(_LeafSafe(model), **kwargs)
             else:
                 self.wrapped = model
 
