@@ -202,19 +202,33 @@ def test_worker_killed_mid_epoch_recovers_to_identical_state(reference, ray_loca
 
 
 DRIVER = textwrap.dedent("""
-    import json, sys, ray
+    import json, os, sys, ray
     from gammaray.config import GammarayConfig, apply_overrides
     from workers.train import pretrain
     address, root, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    cluster = None
     if address.startswith("cluster:"):  # a 2-node local cluster started here
         from ray.cluster_utils import Cluster
         port = int(address.split(":")[1])
+        from ray._private.utils import get_ray_address_file
+        address_file = get_ray_address_file(None)
+        previous = open(address_file).read() if os.path.exists(address_file) else None
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "gcs_server_port": port, "include_dashboard": False})
+        # Cluster records its head as THE local cluster, which every later bare ray.init() on this
+        # machine would join (other test sessions included): undo that at once
+        if previous is None:
+            os.remove(address_file)
+        else:
+            open(address_file, "w").write(previous)
         cluster.add_node(num_cpus=2)
         address = cluster.address
     ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": root, "DS_ACCELERATOR": "cpu"}})
     res = pretrain(apply_overrides(GammarayConfig(), overrides), progress=False)
-    print("RESULT " + json.dumps({"checkpoint": res.checkpoint_uri, "metrics": res.metrics}, default=str))
+    print("RESULT " + json.dumps({"checkpoint": res.checkpoint_uri, "metrics": res.metrics}, default=str), flush=True)
+    ray.shutdown()
+    if cluster is not None:
+        cluster.shutdown()  # the nodes this process started, and nothing else
+    os._exit(0)  # Ray's exit hooks may report objects lost in the shutdown as an error status
 """)
 
 
