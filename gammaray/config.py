@@ -304,14 +304,28 @@ class TrainConfig(Section):
     )
     cpus_per_worker: float = Field(0.5, gt=0.0, description="Logical CPUs per worker (fractional avoids deadlock).")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL.")
-    strategy: Literal["deepspeed"] = Field("deepspeed", description="Distributed strategy.")
+    strategy: Literal["deepspeed", "ddp"] = Field(
+        "deepspeed", description="deepspeed: a DeepSpeed engine (train.deepspeed); ddp: torch DDP via "
+        "ray.train.torch.prepare_model (same optimizer, schedule, clipping, accumulation and bf16 autocast).")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Placement of the workers on the cluster's nodes (STRICT_SPREAD: one per node).")
     epochs: int = Field(6, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    log_every: int = Field(10, ge=1, description="Steps between metric reports.")
-    checkpoint_every: int = Field(200, ge=1, description="Steps between checkpoints (and one at the end).")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (raising it and re-running extends a run).")
+    log_every: int = Field(10, ge=1, description="Optimizer steps between metric reports.")
+    checkpoint_every: int = Field(200, ge=1, description="Optimizer steps between checkpoints (and one at the end).")
     eval_every: int | None = Field(None, ge=1, description="Steps between validation R@1 (None = end only).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (best by validation R@1 when it runs).")
-    max_failures: int = Field(0, ge=-1, description="Worker-failure restarts from the last checkpoint.")
+    max_failures: int = Field(0, ge=-1, description="Worker-failure restarts from the last checkpoint (-1: unlimited).")
+    portable_checkpoint: bool = Field(
+        True, description="Also write the full fp32 weights and Adam moments once (rank 0, 12 bytes/parameter) so "
+        "that a resume on a different worker count keeps the optimizer state (DeepSpeed's own files are per rank).")
+    resume_from: str | None = Field(
+        None, description="Checkpoint folder (local or s3://) to start from when the run has none of its own, "
+        "e.g. another run's checkpoint on a different worker count.")
+    audit_samples: bool = Field(
+        False, description="Count every sample_index trained per epoch (checkpointed) and fail the run if one is "
+        "trained twice in an epoch; the counts go to the metrics. For tests and debugging: N bytes per worker.")
     deepspeed: DeepSpeedSection = DeepSpeedSection()
     optim: OptimConfig = OptimConfig()
 

@@ -1,16 +1,39 @@
-"""DeepSpeed set-up from the config tree: ZeRO stage, precision, accumulation, clipping, AdamW with
-linear warm-up and cosine decay."""
+"""The training engine from the config tree: DeepSpeed (ZeRO 0/1/2/3, bf16, accumulation, clipping) or
+torch DDP (`ray.train.torch.prepare_model`), both with torch AdamW and linear warm-up + cosine decay.
+
+Both strategies expose the DeepSpeed engine calls the loop uses (`engine(batch)`, `backward`, `step`,
+`set_gradient_accumulation_boundary`, `global_steps`, `module`, `train`/`eval`,
+`save_checkpoint`/`load_checkpoint`), so `workers/train.py` has one loop.
+
+Checkpoints (`save_state` / `load_state`):
+- DeepSpeed's own files: one per rank (ZeRO partitions the fp32 master weights and Adam moments by
+  rank). They restore a run on the same worker count exactly.
+- A *portable* copy (`portable.pt`, written by rank 0 when train.portable_checkpoint): the full fp32
+  master weights, both Adam moments and the step count per named parameter, the LR scheduler, the
+  module buffers and the engine counters. DeepSpeed 0.19 refuses its own optimizer files on a
+  different data-parallel size ("Automatic adjustment of ZeRO's optimizer state partitioning with a
+  new world size is not currently supported") unless they are first converted offline to its
+  "universal" format; the portable copy is gathered with DeepSpeed's public
+  `safe_get_full_fp32_param` / `safe_get_full_optimizer_state` and scattered back with the matching
+  `safe_set_*` calls, which work for ZeRO 1, 2, 3 and the bf16 optimizer alike.
+"""
 
 from __future__ import annotations
 
 import math
 import os
+from contextlib import nullcontext
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from gammaray.config import GammarayConfig
 
 NO_DECAY_HINTS = ("bias", "norm", "layernorm", "log_logit_scale", "logit_bias", "embeddings")
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+PORTABLE_FILE = "portable.pt"
+DDP_FILE = "ddp_state.pt"
 
 
 def use_bf16(cfg: GammarayConfig, on_gpu: bool) -> bool:
@@ -28,9 +51,9 @@ def deepspeed_config(cfg: GammarayConfig, on_gpu: bool) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
+        # always explicit: DeepSpeed 0.19's default is 1.0, so leaving the key out for "off" still clips
+        "gradient_clipping": ds.gradient_clipping,
     }
-    if ds.gradient_clipping > 0:
-        conf["gradient_clipping"] = ds.gradient_clipping
     return conf
 
 
@@ -53,28 +76,359 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return f
 
 
-def build_engine(model: torch.nn.Module, cfg: GammarayConfig, total_steps: int, on_gpu: bool):
+def _optimizer_and_schedule(model: torch.nn.Module, cfg: GammarayConfig, total_steps: int):
+    o = cfg.train.optim
+    # a torch optimizer avoids DeepSpeed's fused_adam JIT build and behaves the same on CPU and GPU
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.warmup_steps, total_steps, o.min_lr_ratio))
+    return optimizer, scheduler
+
+
+def build_engine(model: torch.nn.Module, cfg: GammarayConfig, total_steps: int, on_gpu: bool,
+                 device: torch.device | None = None, in_ray: bool = True):
     """(engine, optimizer, scheduler). The process group must already exist (Ray Train made it)."""
+    if cfg.train.strategy == "ddp":
+        optimizer, scheduler = _optimizer_and_schedule(model, cfg, total_steps)
+        engine = DDPEngine(model, optimizer, scheduler, cfg, device or torch.device("cpu"),
+                           bf16=use_bf16(cfg, on_gpu), in_ray=in_ray)
+        return engine, optimizer, scheduler
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
     import deepspeed
 
     # the shared-memory comm op is JIT-compiled on first use (~35 s on CPU) and not needed here
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    o = cfg.train.optim
-    # a torch optimizer avoids DeepSpeed's fused_adam JIT build and behaves the same on CPU and GPU
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.warmup_steps, total_steps, o.min_lr_ratio))
+    optimizer, scheduler = _optimizer_and_schedule(model, cfg, total_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, on_gpu),
         dist_init_required=False,
     )
+    if use_bf16(cfg, on_gpu):
+        # DeepSpeed casts the parameters to bf16 but not the buffers: BatchNorm (the ResNet image tower)
+        # then fails with "expected scalar type BFloat16 but found Float"
+        for m in engine.module.modules():
+            for name, b in m._buffers.items():
+                if b is not None and b.is_floating_point() and b.dtype != torch.bfloat16:
+                    m._buffers[name] = b.to(torch.bfloat16)
     return engine, optimizer, scheduler
+
+
+def set_total_steps(scheduler, cfg: GammarayConfig, total_steps: int) -> None:
+    """Re-plan the cosine decay for a new total (a resume on a different worker count changes the
+    number of steps left) and put the optimizer's learning rates where the new plan says."""
+    o = cfg.train.optim
+    f = lr_lambda(o.warmup_steps, total_steps, o.min_lr_ratio)
+    scheduler.lr_lambdas = [f] * len(scheduler.lr_lambdas)
+    lrs = [base * f(scheduler.last_epoch) for base in scheduler.base_lrs]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
+# --------------------------------------------------------------------------------------------
+# DDP with the DeepSpeed engine's calls
+
+
+class _LeafSafe(torch.nn.Module):
+    """Gives outputs that are parameters themselves (e.g. `logit_bias.float()` of an fp32 parameter) a
+    graph node, so DDP's unused-parameter search finds them instead of marking them ready twice."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        out = self.model(batch)
+        return {k: v.view_as(v) if torch.is_tensor(v) and v.requires_grad and v.grad_fn is None else v
+                for k, v in out.items()}
+
+
+class DDPEngine:
+    """torch DistributedDataParallel (through Ray's `prepare_model` inside Ray Train) behind the
+    DeepSpeed calls the loop makes: the loss is divided by the accumulation steps, gradients are
+    synchronised only at accumulation boundaries, clipped, then AdamW and the schedule step. bf16
+    runs under autocast with fp32 weights. The optimizer state is replicated, so a checkpoint loads
+    on any worker count."""
+
+    def __init__(self, model: torch.nn.Module, optimizer, scheduler, cfg: GammarayConfig, device: torch.device,
+                 bf16: bool, in_ray: bool):
+        self.module = model
+        self.optimizer = optimizer
+        self.lr_scheduler = scheduler
+        self.gas = cfg.train.deepspeed.gradient_accumulation_steps
+        self.clip = cfg.train.deepspeed.gradient_clipping
+        self.micro_batch = cfg.data.batch_size
+        self.device = device
+        self.bf16 = bf16
+        self.global_steps = 0
+        self.global_samples = 0
+        self.micro_steps = 0
+        self._boundary: bool | None = None
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        kwargs = {"find_unused_parameters": True}  # towers compute poolers that a loss may not use
+        if in_ray:
+            from ray.train.torch import prepare_model
+
+            self.wrapped = prepare_model(_LeafSafe(model), move_to_device=device, parallel_strategy_kwargs=kwargs)
+        else:
+            model.to(device)
+            if world > 1:
+                from torch.nn.parallel import DistributedDataParallel
+
+                self.wrapped = DistributedDataParallel(_LeafSafe(model), **kwargs)
+            else:
+                self.wrapped = model
+
+    # the DeepSpeed engine's surface -------------------------------------------------------
+    @property
+    def training(self) -> bool:
+        return self.module.training
+
+    def train(self) -> None:
+        self.module.train()
+
+    def eval(self) -> None:
+        self.module.eval()
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        if self._boundary is not None:
+            return self._boundary
+        return (self.micro_steps + 1) % self.gas == 0
+
+    def set_gradient_accumulation_boundary(self, is_boundary: bool) -> None:
+        self._boundary = is_boundary
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if hasattr(self.wrapped, "require_backward_grad_sync"):
+            # DDP's no_sync(), without a context manager around forward and backward
+            self.wrapped.require_backward_grad_sync = self.is_gradient_accumulation_boundary() or not self.module.training
+        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        with ctx:
+            return self.wrapped(batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.gas).backward()
+
+    def step(self) -> None:
+        if self.is_gradient_accumulation_boundary():
+            if self.clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.global_steps += 1
+        self.micro_steps += 1
+        self.global_samples += self.micro_batch * (dist.get_world_size() if dist.is_initialized() else 1)
+
+    def save_checkpoint(self, save_dir: str, tag: str = "state") -> None:
+        if (dist.get_rank() if dist.is_initialized() else 0) != 0:
+            return
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "lr_scheduler": self.lr_scheduler.state_dict(), "global_steps": self.global_steps,
+                    "global_samples": self.global_samples, "micro_steps": self.micro_steps},
+                   os.path.join(save_dir, tag, DDP_FILE))
+
+    def load_checkpoint(self, load_dir: str, tag: str = "state", **_: Any) -> None:
+        sd = torch.load(os.path.join(load_dir, tag, DDP_FILE), map_location=self.device, weights_only=False)
+        self.module.load_state_dict(sd["module"])
+        self.optimizer.load_state_dict(sd["optimizer"])
+        self.lr_scheduler.load_state_dict(sd["lr_scheduler"])
+        self.global_steps, self.global_samples, self.micro_steps = sd["global_steps"], sd["global_samples"], sd["micro_steps"]
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def is_zero3(engine) -> bool:
+    return not isinstance(engine, DDPEngine) and engine.zero_optimization_stage() == 3
+
+
+def base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer that holds the Adam state (DeepSpeed's ZeRO and bf16 wrappers keep it in
+    `.optimizer`, keyed by their flat fp32 partitions)."""
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def _gathered(engine, params: list[torch.nn.Parameter], modifier_rank: int | None = None):
+    if is_zero3(engine):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+    return nullcontext()
+
+
+def _ensure_adam_state(engine) -> None:
+    """Give every flat partition an Adam state (zeros, step 0: what AdamW creates at its first step)
+    and link DeepSpeed's per-parameter views to it, so that `safe_*_full_optimizer_state` work on an
+    engine that has not stepped yet."""
+    base = base_optimizer(engine)
+    opt = engine.optimizer
+    # ZeRO-3 lists its flat fp32 partitions in the torch optimizer's groups only while it steps
+    flats = getattr(opt, "fp32_partitioned_groups_flat", None) or [p for g in base.param_groups for p in g["params"]]
+    for p in flats:
+        st = base.state[p]
+        if "exp_avg" not in st:
+            st["step"] = torch.tensor(0.0)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):  # ZeRO 1/2 and the bf16 optimizer
+        # always re-link: DeepSpeed 0.19 links once, right after the FIRST param group's first step,
+        # so the views of every later group point at an empty state (safe_get_* then fails)
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
+def _full_value(engine, p: torch.nn.Parameter, key: str | None) -> torch.Tensor:
+    """Collective: the full fp32 master weight (key None) or Adam moment of one parameter."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    v = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
+    if v is None:  # a plain fp32 parameter (ZeRO 0 without bf16): the optimizer holds it directly
+        v = p.detach() if key is None else base_optimizer(engine).state[p][key]
+    return v.detach().float().cpu().clone()
+
+
+def _set_zero3_partition(p: torch.nn.Parameter, value: torch.Tensor, key: str | None) -> None:
+    """This rank's slice of a ZeRO-3 fp32 master weight or Adam moment. DeepSpeed 0.19's own
+    `set_full_hp_param` narrows the unpadded value by the padded partition size, which fails when the
+    parameter's size is not a multiple of the world size (e.g. a shape-(1,) temperature on 3 ranks)."""
+    opt = p._z3_optimizer
+    part, _ = opt._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
+    n, r, world = part.numel(), opt._get_param_partition_rank(p), opt._get_param_partition_world_size(p)
+    flat = torch.zeros(n * world, dtype=part.dtype)
+    flat[: value.numel()] = value.flatten().to(part.dtype)
+    part.data.copy_(flat[r * n:(r + 1) * n].to(part.device))
+
+
+def _set_full_value(engine, p: torch.nn.Parameter, value: torch.Tensor, key: str | None) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    zero3 = hasattr(p, "ds_id")
+    if key is None:
+        with _gathered(engine, [p], modifier_rank=0):
+            p.data.copy_(value.to(device=p.device, dtype=p.dtype).view_as(p.data))  # the low-precision copy
+        if p.requires_grad and zero3:
+            _set_zero3_partition(p, value, None)
+        elif p.requires_grad:
+            safe_set_full_fp32_param(p, value.to(p.device))                          # the fp32 master, if separate
+        return
+    if zero3:
+        _set_zero3_partition(p, value, key)
+    elif hasattr(p, "_hp_mapping"):
+        safe_set_full_optimizer_state(p, value.to(p.device), key)
+    else:
+        base_optimizer(engine).state[p][key].copy_(value.view_as(p))
+
+
+def portable_state(engine, scheduler) -> dict | None:
+    """Collective over all ranks; rank 0 gets the world-size-independent training state."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if isinstance(engine, DDPEngine):
+        return None  # the DDP checkpoint is already complete on every rank
+    _ensure_adam_state(engine)
+    out: dict[str, Any] = {"format": 1, "params": {}, "frozen": {}, **{k: {} for k in ADAM_KEYS}}
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            with _gathered(engine, [p]):
+                out["frozen"][name] = p.detach().float().cpu().clone()
+            continue
+        out["params"][name] = _full_value(engine, p, None)
+        for k in ADAM_KEYS:
+            out[k][name] = _full_value(engine, p, k)
+    if rank != 0:
+        return None
+    base = base_optimizer(engine)
+    steps = {float(st["step"]) for st in base.state.values() if "step" in st}
+    if len(steps) > 1:
+        raise RuntimeError(f"optimizer partitions disagree on the step count: {sorted(steps)}")
+    out["optimizer_step"] = steps.pop() if steps else 0.0
+    out["param_groups"] = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
+    out["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+    out["buffers"] = {n: b.detach().cpu().clone() for n, b in engine.module.named_buffers()}
+    out["engine"] = {k: int(getattr(engine, k, 0)) for k in ("global_steps", "global_samples", "micro_steps",
+                                                               "skipped_steps")}
+    return out
+
+
+def load_portable_state(engine, scheduler, state: dict) -> None:
+    """Collective: put a `portable_state` into an engine of any world size and ZeRO stage."""
+    _ensure_adam_state(engine)
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            _set_full_value(engine, p, state["frozen"][name], None)
+            continue
+        _set_full_value(engine, p, state["params"][name], None)
+        for k in ADAM_KEYS:
+            _set_full_value(engine, p, state[k][name], k)
+    base = base_optimizer(engine)
+    for st in base.state.values():
+        if "step" in st:
+            st["step"] = torch.full_like(st["step"], state["optimizer_step"]) if torch.is_tensor(st["step"]) \
+                else state["optimizer_step"]
+    for group, saved in zip(base.param_groups, state["param_groups"]):
+        group["lr"] = saved["lr"]
+    buffers = dict(engine.module.named_buffers())
+    for n, b in state["buffers"].items():
+        if n in buffers:
+            buffers[n].copy_(b.to(buffers[n]))
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    for k, v in state["engine"].items():
+        if hasattr(engine, k):
+            setattr(engine, k, v)
+
+
+def save_state(engine, scheduler, d: str, portable: bool) -> None:
+    """Every rank: the engine's own checkpoint (per rank) and, once, the portable copy."""
+    engine.save_checkpoint(os.path.join(d, "deepspeed"), tag="state")
+    if portable:
+        state = portable_state(engine, scheduler)
+        if state is not None:
+            torch.save(state, os.path.join(d, PORTABLE_FILE))
+
+
+def load_state(engine, scheduler, d: str, same_world: bool) -> str:
+    """Every rank. Returns how the optimizer state came back: 'exact' (same worker count, the
+    engine's own files), 'portable' (different worker count, from the portable copy) or
+    'weights-only' (different worker count and no portable copy: fresh optimizer)."""
+    if same_world or isinstance(engine, DDPEngine):
+        engine.load_checkpoint(os.path.join(d, "deepspeed"), tag="state")
+        return "exact"
+    path = os.path.join(d, PORTABLE_FILE)
+    if os.path.exists(path):
+        load_portable_state(engine, scheduler, torch.load(path, map_location="cpu", weights_only=False))
+        return "portable"
+    if is_zero3(engine):
+        raise RuntimeError(f"{d}: a ZeRO-3 checkpoint without {PORTABLE_FILE} cannot be loaded on a different "
+                           "worker count (its weights are partitioned by rank); save with train.portable_checkpoint")
+    engine.load_checkpoint(os.path.join(d, "deepspeed"), tag="state", load_module_only=True,
+                           load_optimizer_states=False, load_lr_scheduler_states=False)
+    return "weights-only"
+
+
+@torch.no_grad()
+def sync_buffers(model) -> None:
+    """[dist] One set of module buffers on every rank, before evaluation and checkpoints.
+
+    DeepSpeed keeps parameters identical across ranks but not buffers: each rank's BatchNorm tracks
+    the statistics of its own batches. Floating buffers (running statistics) are averaged over ranks,
+    the others (batch counters) broadcast from rank 0, so every rank evaluates the same model and
+    the checkpoint (rank 0's module) is the model that was evaluated."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    W = dist.get_world_size()
+    for buf in getattr(model, "module", model).buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf.data)
+            buf.data.div_(W)
+        else:
+            dist.broadcast(buf.data, src=0)
 
 
 def init_single_process_group() -> None:
     """A world of one for the driver-side loop (ScalingConfig(num_workers=0), notebooks)."""
-    import torch.distributed as dist
-
     if dist.is_initialized():
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -366,27 +366,6 @@ def advance_to_prefix(seq, n: int):
 
 
 @torch.no_grad()
-def sync_buffers(module: torch.nn.Module) -> None:
-    """Make every rank hold the same buffers before evaluating: floating buffers (BatchNorm running
-    statistics) are averaged over ranks, the others broadcast from rank 0.
-
-    DeepSpeed keeps parameters identical across ranks but not buffers: each rank's BatchNorm tracks
-    the statistics of its own batches, so without this every rank would evaluate a slightly different
-    model and the checkpoint (rank 0's module) would not be the model that was evaluated."""
-    import torch.distributed as dist
-
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    W = dist.get_world_size()
-    for buf in module.buffers():
-        if buf.is_floating_point():
-            dist.all_reduce(buf)
-            buf.div_(W)
-        else:
-            dist.broadcast(buf, src=0)
-
-
-@torch.no_grad()
 def embed_split(engine, cfg, catalogue_uri: str, device: torch.device,
                 max_records: int | None = None) -> dict[str, np.ndarray]:
     """Embed a prepared catalogue, each rank its part; every rank gets all rows, sorted by index.
@@ -398,6 +377,7 @@ def embed_split(engine, cfg, catalogue_uri: str, device: torch.device,
     from pipelines.prepare import load_manifest
     from pipelines.stream import Segment, iterate, reshard, units_from_manifest
 
+    from .engine import sync_buffers
     from .train import _world, lockstep, placeholder_batch, stream_spec, to_torch
 
     rank, W = _world()
@@ -409,12 +389,12 @@ def embed_split(engine, cfg, catalogue_uri: str, device: torch.device,
     parts = reshard([seq], W)
     spec = stream_spec(cfg, catalogue_uri, units, epoch=0, train=False, with_aug=False,
                        batch_size=cfg.eval.batch_size)
-    sync_buffers(getattr(engine, "module", engine))
+    sync_buffers(engine)
     was_training = engine.training
     engine.eval()
     chunks: dict[str, list[np.ndarray]] = {}
     idxs = []
-    for sb, _ in lockstep(iterate(spec, parts[rank]), device):
+    for sb, _, _ in lockstep(iterate(spec, parts[rank]), device):
         if sb is None or sb.size == 0:
             engine(placeholder_batch(cfg, False, device))  # same collectives on every rank
             continue

@@ -17,26 +17,37 @@ from pipelines import storage
 from ray.train.v2.api.callback import UserCallback
 
 SUM_KEYS = {"records_per_s", "records_trained", "records_quarantined"}
-MAX_KEYS = {"rss_mb", "gpu_mem_mb", "step_time_s", "data_wait_fraction"}
+MAX_KEYS = {"rss_mb", "gpu_mem_mb", "step_time_s", "data_wait_fraction", "data_wait_s"}
+FIRST_KEYS = {"step", "epoch", "final", "total_steps", "samples_seen_total", "records_quarantined_stream",
+              "audit_repeated_total", "audit_missed_total", "lr", "temperature", "logit_scale"}
+PER_WORKER_KEYS = ("data_wait_fraction", "step_time_s", "records_per_s")
 
 
 def aggregate(per_worker: list[dict[str, Any]]) -> dict[str, Any]:
+    """One line from every worker's report: throughput and counts summed, times and memory as the
+    slowest/largest worker, loss terms averaged, schedule values from rank 0; the node of each worker
+    and a few per-worker figures kept as lists; other values (lists, dicts) from rank 0."""
     keys = set().union(*(m.keys() for m in per_worker)) if per_worker else set()
     out: dict[str, Any] = {"workers": len(per_worker)}
     for k in sorted(keys):
-        vals = [m[k] for m in per_worker if isinstance(m.get(k), (int, float))]
+        vals = [m[k] for m in per_worker if isinstance(m.get(k), (int, float)) and not isinstance(m.get(k), bool)]
         if not vals:
+            if k == "node_id":
+                out["node_ids"] = [m.get("node_id") for m in per_worker]
+            elif k in per_worker[0]:
+                out[k] = per_worker[0][k]
             continue
         if k in SUM_KEYS:
             out[k] = sum(vals)
         elif k in MAX_KEYS:
             out[k] = max(vals)
-        elif k in ("step", "epoch", "final", "samples_seen_total", "records_quarantined_stream"):
+        elif k in FIRST_KEYS:
             out[k] = vals[0]
         else:
             out[k] = sum(vals) / len(vals)
-    if per_worker and "data_wait_fraction" in per_worker[0]:
-        out["data_wait_fraction_per_worker"] = [m.get("data_wait_fraction") for m in per_worker]
+    for k in PER_WORKER_KEYS:
+        if per_worker and k in per_worker[0]:
+            out[f"{k}_per_worker"] = [m.get(k) for m in per_worker]
     return out
 
 
@@ -82,7 +93,7 @@ class MetricsCallback(UserCallback):
         try:
             tb = self._tensorboard()
             for k, v in agg.items():
-                if isinstance(v, (int, float)) and k not in ("time", "step"):
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("time", "step"):
                     tb.add_scalar(k, v, global_step=int(agg.get("step", 0)))
             tb.flush()
         except Exception:  # noqa: BLE001
@@ -120,6 +131,7 @@ class ProgressPrinter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last: dict[str, Any] = {}
+        self.updates = 0
         if enabled:
             from ray.util.queue import Queue
 
@@ -134,7 +146,7 @@ class ProgressPrinter:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=15)
         if self.queue is not None:
             try:
                 self.queue.shutdown()
@@ -146,15 +158,18 @@ class ProgressPrinter:
 
         bar = tqdm(desc=self.desc, unit="step", dynamic_ncols=True)
         try:
-            while not self._stop.is_set():
+            while True:
                 try:
                     m = self.queue.get(timeout=0.5)
                 except (pyqueue.Empty, Exception):  # noqa: BLE001
+                    if self._stop.is_set():  # stop only once the queue is drained: the final line counts
+                        break
                     continue
                 m = {**self.last, **m}  # a report without throughput keeps the last figures
                 self.last = m
-                if "total_steps" in m and bar.total is None:
-                    bar.total = int(m["total_steps"])
+                self.updates += 1
+                if "total_steps" in m:
+                    bar.total = int(m["total_steps"])  # re-planned when a resume changes the worker count
                 bar.n = int(m.get("step", bar.n))
                 post = {"epoch": m.get("epoch"), "loss": _fmt(m.get("loss")), "rec/s": _fmt(m.get("records_per_s"), 0),
                         "wait": _fmt(m.get("data_wait_fraction"), 2)}

@@ -1,10 +1,15 @@
-"""Training: the per-worker loop (DeepSpeed engine + objective + resumable data stream) and the
+"""Training: the per-worker loop (DeepSpeed or DDP engine + objective + resumable data stream) and the
 `pretrain` entry point that runs it on Ray Train.
 
 The loop reads like the single-process one; the distributed parts are marked:
   [ray]  ray.train.get_context / get_checkpoint / report
-  [ds]   engine forward / backward / step / save_checkpoint / load_checkpoint
+  [ds]   engine forward / backward / step / save / load (DeepSpeed, or DDP behind the same calls)
   [dist] one small all_reduce per step so every rank takes the same number of steps
+
+Steps are optimizer steps. With gradient accumulation a step is `train.deepspeed.gradient_accumulation_steps`
+micro-batches per worker; an accumulation group never spans two epochs (the last one of an epoch may be
+shorter), and reports, evaluations and checkpoints happen only on step boundaries, so a checkpoint never
+holds half-accumulated gradients and resume is exact.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import math
 import os
 import random
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -31,14 +37,20 @@ from pipelines.stream import (Segment, StreamBatch, StreamSpec, advance, epoch_p
                               part_to_json, reshard, units_from_manifest)
 from pipelines.tokenizer import load as load_tokenizer
 
-from .engine import build_engine, init_single_process_group, use_bf16
+from .engine import build_engine, init_single_process_group, load_state, save_state, set_total_steps, sync_buffers, use_bf16
 from .evaluate import evaluate  # validation: the same code as `gammaray eval`
 from .models import build_model, save_model
 from .objective import Objective
 
+FAULT_ENV = "GAMMARAY_FAULT"
+
 
 class DataQualityError(RuntimeError):
     """Too many bad records: the run stops instead of training on a broken catalogue."""
+
+
+class DuplicateSampleError(RuntimeError):
+    """train.audit_samples found a record trained twice within one epoch."""
 
 
 def tokenizer_uri(cfg: GammarayConfig) -> str:
@@ -60,6 +72,7 @@ def run_dir(cfg: GammarayConfig) -> str:
 class TrainState:
     epoch: int = 0
     step: int = 0
+    total_steps: int = 0                  # the step count the LR schedule and the gamma schedule plan for
     part: list[Segment] | None = None     # this rank's records of the epoch not yet consumed at (re)start
     consumed: int = 0                     # records of `part` consumed since then
     epoch_consumed_before: int = 0        # records of the epoch consumed before `part` began
@@ -67,24 +80,42 @@ class TrainState:
     quarantine: list[dict] = field(default_factory=list)
     best_val_r_at_1: float = -1.0
     last_val: dict = field(default_factory=dict)
+    resumes: list[dict] = field(default_factory=list)   # one entry per restart: step, world sizes, how
+    audit: list[dict] = field(default_factory=list)     # per finished epoch (train.audit_samples)
+    plan: dict = field(default_factory=dict)            # train.epochs / max_steps that total_steps was planned for
 
     def position_json(self, rank: int, world_size: int) -> dict:
-        remaining = advance(self.part or [], self.consumed)
+        # None: the epoch's plan is not cut yet (every rank alike)
+        remaining = None if self.part is None else part_to_json(advance(self.part, self.consumed))
         return {"rank": rank, "world_size": world_size, "epoch": self.epoch, "step": self.step,
-                "remaining": part_to_json(remaining),
+                "total_steps": self.total_steps, "remaining": remaining,
                 "epoch_consumed": self.epoch_consumed_before + self.consumed,
                 "records_trained": self.records_trained, "best_val_r_at_1": self.best_val_r_at_1,
-                "last_val": self.last_val}
+                "last_val": self.last_val, "resumes": self.resumes, "audit": self.audit, "plan": self.plan}
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        s["cuda"] = torch.cuda.get_rng_state()
+    return s
 
 
 def _set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
     torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+def _reseed(seed: int, rank: int, step: int) -> int:
+    """RNG seed for a rank that resumes on a different worker count (no saved stream to continue)."""
+    s = (seed * 1_000_003 + step * 1_009 + rank) % (2**31 - 1)
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+    return s
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,23 +140,110 @@ def placeholder_batch(cfg: GammarayConfig, with_aug: bool, device: torch.device)
     return {k: v.to(device) for k, v in b.items()}
 
 
-def lockstep(batches: Iterator[StreamBatch], device: torch.device) -> Iterator[tuple[StreamBatch | None, int]]:
-    """[dist] Yield (this rank's batch or None, global number of good rows) until every rank is done."""
+def lockstep(batches: Iterator[StreamBatch], device: torch.device,
+             clock: dict | None = None) -> Iterator[tuple[StreamBatch | None, int, bool]]:
+    """[dist] Yield (this rank's batch or None, global number of good rows, last) until every rank is
+    done; `last` says no rank has another batch. One all_reduce per batch, one batch read ahead.
+    Time spent waiting for data is added to clock["wait"]."""
     it = iter(batches)
-    while True:
-        sb = next(it, None)
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+
+    def pull() -> tuple[StreamBatch | None, torch.Tensor]:
+        t0 = time.perf_counter()
+        sb = next(it, None)  # waiting for this rank's data pipeline (not for the other ranks)
+        if clock is not None:
+            clock["wait"] = clock.get("wait", 0.0) + time.perf_counter() - t0
         flag = torch.tensor([0 if sb is None else 1, 0 if sb is None else sb.size], dtype=torch.long, device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if distributed:
             dist.all_reduce(flag)
-        if int(flag[0]) == 0:
+        return sb, flag
+
+    cur, flag = pull()
+    if int(flag[0]) == 0:
+        return
+    while True:
+        nxt, nflag = pull()
+        last = int(nflag[0]) == 0
+        yield cur, int(flag[1]), last
+        if last:
             return
-        yield sb, int(flag[1])
+        cur, flag = nxt, nflag
 
 
 def _world() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+class SampleAudit:
+    """train.audit_samples: how often each sample_index was trained in the current epoch. Per rank,
+    checkpointed with the rank; summed over ranks at the end of every epoch."""
+
+    def __init__(self, num_samples: int):
+        self.counts = torch.zeros(num_samples, dtype=torch.int32)
+
+    def add(self, sample_index: np.ndarray) -> None:
+        idx = torch.from_numpy(np.asarray(sample_index, dtype=np.int64))
+        if idx.numel() and int(idx.max()) >= self.counts.numel():
+            self.counts = torch.cat([self.counts, torch.zeros(int(idx.max()) + 1 - self.counts.numel(), dtype=torch.int32)])
+        self.counts.index_add_(0, idx, torch.ones_like(idx, dtype=torch.int32))
+
+    def add_counts(self, counts: torch.Tensor) -> None:
+        n = max(self.counts.numel(), counts.numel())
+        self.counts = torch.nn.functional.pad(self.counts, (0, n - self.counts.numel()))
+        self.counts[: counts.numel()] += counts.to(torch.int32)
+
+    def close_epoch(self, epoch: int, device: torch.device) -> dict:
+        """Collective. Summary of the finished epoch; raises if a record was trained twice."""
+        total = self.counts.to(device, copy=True)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(total)
+        total = total.cpu()
+        self.counts.zero_()
+        summary = {"epoch": epoch, "once": int((total == 1).sum()), "repeated": int((total > 1).sum()),
+                   "missed": int((total == 0).sum())}
+        if summary["repeated"]:
+            twice = torch.nonzero(total > 1).flatten()[:10].tolist()
+            raise DuplicateSampleError(f"epoch {epoch}: {summary['repeated']} records trained more than once, "
+                                       f"e.g. sample_index {twice}")
+        return summary
+
+
+@dataclass
+class Fault:
+    """Test hook for failure handling, set by the driver's environment (GAMMARAY_FAULT, JSON):
+    at optimizer step `step`, rank `rank` SIGKILLs itself ("worker") or the driver process ("driver"),
+    once: a marker file guards it so the restarted run does not repeat it. `delay_s` first lets the
+    Ray Train controller register the checkpoint reported just before (it polls every 2 s)."""
+
+    target: str
+    step: int
+    marker: str
+    rank: int = 0
+    delay_s: float = 0.0
+    driver_pid: int | None = None
+
+    @classmethod
+    def parse(cls, spec: str | None) -> "Fault | None":
+        if not spec:
+            return None
+        d = json.loads(spec)
+        if d.get("target") not in ("worker", "driver") or "step" not in d or "marker" not in d:
+            raise ValueError(f"{FAULT_ENV}: need target=worker|driver, step and marker; got {spec}")
+        return cls(**d)
+
+    def maybe_fire(self, rank: int, step: int) -> None:
+        if rank != self.rank or step != self.step or os.path.exists(self.marker):
+            return
+        with open(self.marker, "w") as f:
+            json.dump({"step": step, "rank": rank, "pid": os.getpid(), "time": time.time()}, f)
+        time.sleep(self.delay_s)
+        if self.target == "worker":
+            os.kill(os.getpid(), signal.SIGKILL)
+        assert self.driver_pid is not None
+        os.kill(self.driver_pid, signal.SIGKILL)
+        time.sleep(3600)  # hold the others at the next collective until Ray reaps the orphaned job
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,24 +263,51 @@ def stream_spec(cfg: GammarayConfig, catalogue_uri: str, units, epoch: int, trai
                       prefetch_batches=d.prefetch_batches, concurrency=d.preprocess_concurrency)
 
 
+def steps_per_epoch(cfg: GammarayConfig, records_per_worker: int) -> int:
+    micro = math.ceil(records_per_worker / cfg.data.batch_size)
+    return math.ceil(micro / cfg.train.deepspeed.gradient_accumulation_steps)
+
+
 def estimate_total_steps(cfg: GammarayConfig, num_records: int, world_size: int) -> int:
-    per_epoch = math.ceil(num_records / max(1, world_size) / cfg.data.batch_size)
-    per_epoch = math.ceil(per_epoch / cfg.train.deepspeed.gradient_accumulation_steps)
-    total = per_epoch * cfg.train.epochs
+    total = steps_per_epoch(cfg, math.ceil(num_records / max(1, world_size))) * cfg.train.epochs
     return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
+def pick_device(cfg: GammarayConfig, in_ray: bool) -> tuple[bool, torch.device]:
+    if not (cfg.train.use_gpu and torch.cuda.is_available()):
+        return False, torch.device("cpu")
+    if in_ray:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+        if isinstance(device, list):  # several GPUs per worker: the loop uses the first
+            device = device[0]
+    else:
+        device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.set_device(device)
+    return True, device
+
+
+def open_checkpoint(cfg: GammarayConfig, in_ray: bool):
+    """[ray] The run's latest checkpoint, else train.resume_from, else None."""
     import ray.train
 
+    ckpt = ray.train.get_checkpoint() if in_ray else None
+    if ckpt is None and cfg.train.resume_from:
+        fs, path = storage.resolve(cfg.train.resume_from, cfg.storage)
+        ckpt = ray.train.Checkpoint(path=path, filesystem=fs)
+    return ckpt
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"])
     in_ray = loop_config.get("in_ray", True)
+    fault = Fault.parse(loop_config.get("fault"))
     quiet_libraries()
     if not in_ray:
         init_single_process_group()
     rank, W = _world()
-    on_gpu = cfg.train.use_gpu and torch.cuda.is_available()
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
+    on_gpu, device = pick_device(cfg, in_ray)
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
@@ -171,99 +316,125 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     manifest = load_manifest(cfg.data.train, cfg.storage)
     units = units_from_manifest(manifest)
+    num_samples = int(manifest["next_sample_index"])
     tokenizer = load_tokenizer(tokenizer_uri(cfg), storage.S3Settings.from_config(cfg.storage))
     model = build_model(cfg.model, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    objective = Objective(cfg.loss, num_samples=int(manifest["next_sample_index"]), seed=cfg.run.seed,
-                          device=device, distributed=W > 1)
+    objective = Objective(cfg.loss, num_samples=num_samples, seed=cfg.run.seed, device=device, distributed=W > 1)
     with_aug = objective.needs_augmented_views
     total_steps = estimate_total_steps(cfg, int(manifest["num_records"]), W)
-    engine, _, scheduler = build_engine(model, cfg, total_steps, on_gpu)  # [ds]
+    engine, _, scheduler = build_engine(model, cfg, total_steps, on_gpu, device, in_ray)   # [ds]
     bf16 = use_bf16(cfg, on_gpu)
+    audit = SampleAudit(num_samples) if cfg.train.audit_samples else None
 
-    state = TrainState()
-    ckpt = ray.train.get_checkpoint() if in_ray else None  # [ray]
+    state = TrainState(total_steps=total_steps, plan=plan_of(cfg))
+    ckpt = open_checkpoint(cfg, in_ray)                                                 # [ray]
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = restore(d, engine, objective, rank, W)
+            state = restore(d, engine, scheduler, objective, audit, cfg, units, rank, W)
 
-    report_every, ckpt_every = cfg.train.log_every, cfg.train.checkpoint_every
-    window = {"t0": time.perf_counter(), "records": 0, "wait": 0.0, "steps": 0}
+    gas = cfg.train.deepspeed.gradient_accumulation_steps
+    report_every, ckpt_every, max_steps = cfg.train.log_every, cfg.train.checkpoint_every, cfg.train.max_steps
+    window = new_window()   # since the last report
+    attempt = new_window()  # since this process started (the final line's throughput)
     last: dict[str, float] = {}
-    done = False
-    for epoch in range(state.epoch, cfg.train.epochs):
-        if state.part is None or state.epoch != epoch:
-            state.epoch, state.part, state.consumed, state.epoch_consumed_before = epoch, epoch_plan(
+    micro = 0  # micro-batches accumulated towards the next optimizer step
+    done = max_steps is not None and state.step >= max_steps
+    while not done and state.epoch < cfg.train.epochs:
+        epoch = state.epoch
+        if state.part is None:
+            state.part, state.consumed, state.epoch_consumed_before = epoch_plan(
                 units, epoch, cfg.run.seed, W, cfg.data.shuffle)[rank], 0, 0
         spec = stream_spec(cfg, cfg.data.train, units, epoch, train=True, with_aug=with_aug,
                            batch_size=cfg.data.batch_size)
-        stream = iterate(spec, state.part)
-        t_wait = time.perf_counter()
-        for sb, n_global in lockstep(stream, device):
-            window["wait"] += time.perf_counter() - t_wait
+        epoch_finished = True  # no rank has data left (an empty part, or a resume at the epoch's end)
+        for sb, n_global, last_batch in lockstep(iterate(spec, state.part), device, window):  # [dist]
+            epoch_finished = last_batch
             active = sb is not None and sb.size > 0
             batch = to_torch(sb.arrays, device) if active else placeholder_batch(cfg, with_aug, device)
             if bf16:
                 for k in (K.PIXELS, K.PIXELS_AUG):
                     if k in batch:
                         batch[k] = batch[k].to(torch.bfloat16)
-            progress = state.step / max(1, total_steps)
+            boundary = micro + 1 == gas or last_batch
+            engine.set_gradient_accumulation_boundary(boundary)                    # [ds] groups end with the epoch
             out = engine(batch)                                                    # [ds]
-            terms = objective(out, batch, progress, active=active)
-            # weight so the DeepSpeed average over ranks is the mean over all good rows of the step
+            terms = objective(out, batch, state.step / max(1, state.total_steps), active=active)
+            # weight so the average over ranks is the mean over all good rows of the step
             n_local = sb.size if active else 0
             weight = n_local * W / max(1, n_global)
             touch = sum(v.sum() for v in out.values()) * 0.0  # same parameters get grads on every rank
             engine.backward(terms.total * weight + touch)                          # [ds]
             engine.step()                                                          # [ds]
+            micro = 0 if boundary else micro + 1
             if sb is not None:
                 state.consumed = sb.consumed
                 state.records_trained += sb.size
                 state.quarantine.extend(sb.rejected)
                 check_quality(state, cfg)
-            state.step = engine.global_steps
-            window["records"] += n_local
-            window["steps"] += 1
+                if audit is not None and active:
+                    audit.add(sb.arrays[K.SAMPLE_INDEX])
+            for w in (window, attempt):
+                w["records"] += n_local
+                w["micro"] += 1
             if active:
                 last = terms.scalars()
-            at_end = cfg.train.max_steps is not None and state.step >= cfg.train.max_steps
-            if state.step % report_every == 0 or state.step % ckpt_every == 0 or at_end:
+            if not boundary:
+                continue
+            state.step = engine.global_steps
+            window["steps"] += 1
+            attempt["steps"] += 1
+            done = (max_steps is not None and state.step >= max_steps) or (last_batch and epoch == cfg.train.epochs - 1)
+            if state.step % report_every == 0 or state.step % ckpt_every == 0 or done:
+                checkpoint_now = state.step % ckpt_every == 0 and not done  # the end saves anyway
                 metrics = step_metrics(state, last, window, scheduler, epoch)
-                metrics["total_steps"] = total_steps
-                val_now = cfg.train.eval_every is not None and cfg.data.val and state.step % cfg.train.eval_every == 0
+                val_now = bool(cfg.data.val) and cfg.train.eval_every is not None and (
+                    state.step % cfg.train.eval_every == 0 or checkpoint_now)
                 if val_now:
                     state.last_val = evaluate(engine, cfg, tokenizer, device)
                     state.best_val_r_at_1 = max(state.best_val_r_at_1, val_r_at_1(state.last_val))
-                metrics.update(prefixed(state.last_val))
-                if state.step % ckpt_every == 0 and not at_end:
-                    save_and_report(engine, objective, state, cfg, metrics, rank, W, in_ray)
+                metrics.update(prefixed(state.last_val, cfg))
+                if checkpoint_now:
+                    save_and_report(engine, scheduler, objective, audit, state, cfg, metrics, rank, W, in_ray)
                 elif in_ray:
+                    import ray.train
+
                     ray.train.report(metrics)                                      # [ray]
-                window = {"t0": time.perf_counter(), "records": 0, "wait": 0.0, "steps": 0}
-            if at_end:
-                done = True
+                attempt["wait"] += window["wait"]
+                window.update(new_window())  # in place: lockstep holds it as its clock
+            if fault is not None:
+                fault.maybe_fire(rank, state.step)
+            if done:
                 break
-            t_wait = time.perf_counter()
-        if done:
-            break
-        state.part, state.consumed = [], 0  # epoch finished
-        if epoch + 1 < cfg.train.epochs:
-            state.epoch = epoch + 1
-            state.part = None
+        if not epoch_finished:
+            break  # stopped by max_steps inside the epoch: the position stays for a later extension
+        # the epoch is finished
+        if audit is not None:
+            state.audit.append(audit.close_epoch(epoch, device))
+        state.epoch, state.part, state.consumed, state.epoch_consumed_before = epoch + 1, None, 0, 0
 
     # final evaluation, totals over all ranks, and the last checkpoint
-    metrics = step_metrics(state, last, window, scheduler, state.epoch)
-    metrics["total_steps"] = total_steps
+    attempt["wait"] += window["wait"]
+    metrics = step_metrics(state, last, attempt, scheduler, min(state.epoch, cfg.train.epochs - 1))
     if cfg.data.val:
         state.last_val = evaluate(engine, cfg, tokenizer, device)
         state.best_val_r_at_1 = max(state.best_val_r_at_1, val_r_at_1(state.last_val))
-    metrics.update(prefixed(state.last_val))
+    metrics.update(prefixed(state.last_val, cfg))
     unique_bad = len({(q["source"], q["row"]) for q in state.quarantine})
     totals = torch.tensor([state.records_trained, unique_bad], dtype=torch.long, device=device)
     if W > 1:
         dist.all_reduce(totals)
     metrics.update({"samples_seen_total": int(totals[0]), "records_quarantined_stream": int(totals[1]),
-                    "final": 1, "loss_state_bytes_per_worker": objective.nbytes()})
-    save_and_report(engine, objective, state, cfg, metrics, rank, W, in_ray, final=True)
+                    "final": 1, "loss_state_bytes_per_worker": objective.nbytes(),
+                    "resumed_from_steps": [r["step"] for r in state.resumes],
+                    "resume_optimizer": [r["optimizer"] for r in state.resumes]})
+    if state.audit:
+        metrics.update({"audit_epochs": state.audit, "audit_repeated_total": sum(a["repeated"] for a in state.audit),
+                        "audit_missed_total": sum(a["missed"] for a in state.audit)})
+    save_and_report(engine, scheduler, objective, audit, state, cfg, metrics, rank, W, in_ray, final=True)
+
+
+def new_window() -> dict:
+    return {"t0": time.perf_counter(), "records": 0, "wait": 0.0, "steps": 0, "micro": 0}
 
 
 def quiet_libraries() -> None:
@@ -298,10 +469,10 @@ def val_r_at_1(val: dict) -> float:
     return 0.5 * (val["r_at_1_i2t"] + val["r_at_1_t2i"])
 
 
-def prefixed(val: dict) -> dict:
+def prefixed(val: dict, cfg: GammarayConfig | None = None) -> dict:
     out = {f"val_{k}": v for k, v in val.items()}
-    if val:
-        out["val_r_at_1"] = val_r_at_1(val)
+    if val or (cfg is not None and cfg.train.eval_every):
+        out["val_r_at_1"] = val_r_at_1(val)  # checkpoints are ranked by it: never missing
     return out
 
 
@@ -318,21 +489,42 @@ def check_quality(state: TrainState, cfg: GammarayConfig) -> None:
         )
 
 
+_NODE_ID: str | None = None
+
+
+def node_id() -> str:
+    global _NODE_ID
+    if _NODE_ID is None:
+        try:
+            import ray
+
+            _NODE_ID = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        except Exception:  # noqa: BLE001
+            _NODE_ID = "local"
+    return _NODE_ID
+
+
 def step_metrics(state: TrainState, last: dict, window: dict, scheduler, epoch: int) -> dict:
+    """This worker's figures since the previous report (the callback aggregates all workers)."""
     import psutil
 
     dt = max(1e-9, time.perf_counter() - window["t0"])
+    steps = max(1, window["steps"])
     m = dict(last)
     if window["steps"]:  # throughput of the steps since the last report (none after the last step)
-        m.update({"records_per_s": window["records"] / dt, "step_time_s": dt / window["steps"],
-                  "data_wait_fraction": window["wait"] / dt})
+        m.update({"records_per_s": window["records"] / dt, "step_time_s": dt / steps,
+                  "data_wait_s": window["wait"] / steps, "data_wait_fraction": window["wait"] / dt,
+                  "micro_batches_per_step": window["micro"] / steps})
     m.update({
-        "step": state.step, "epoch": epoch,
+        "step": state.step, "epoch": epoch, "total_steps": state.total_steps,
         "lr": float(scheduler.get_last_lr()[0]) if scheduler is not None else 0.0,
         "rss_mb": psutil.Process().memory_info().rss / 2**20,
         "records_trained": state.records_trained, "records_quarantined": len(state.quarantine),
+        "node_id": node_id(),
     })
-    if torch.cuda.is_available():
+    if "logit_scale" in m and m["logit_scale"] > 0:
+        m["temperature"] = 1.0 / m["logit_scale"]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         m["gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return m
 
@@ -341,16 +533,18 @@ def step_metrics(state: TrainState, last: dict, window: dict, scheduler, epoch: 
 # checkpoints: engine state of every rank, the sharded loss state, data position, RNG
 
 
-def save_and_report(engine, objective: Objective, state: TrainState, cfg: GammarayConfig, metrics: dict,
-                    rank: int, W: int, in_ray: bool, final: bool = False) -> None:
-    import ray.train
-
+def save_and_report(engine, scheduler, objective: Objective, audit: SampleAudit | None, state: TrainState,
+                    cfg: GammarayConfig, metrics: dict, rank: int, W: int, in_ray: bool, final: bool = False) -> None:
+    """Every rank writes its part of one checkpoint folder; Ray merges the ranks' folders."""
+    sync_buffers(engine)  # [dist] one set of BatchNorm statistics in the checkpoint and the export
     with tempfile.TemporaryDirectory(prefix="gammaray-ckpt-") as d:
-        engine.save_checkpoint(os.path.join(d, "deepspeed"), tag="state")        # [ds] every rank
+        save_state(engine, scheduler, d, cfg.train.portable_checkpoint)          # [ds] every rank
         rdir = os.path.join(d, f"rank-{rank:05d}")
         os.makedirs(rdir)
         torch.save(objective.state_dict(), os.path.join(rdir, "loss_state.pt"))
         torch.save(_rng_state(), os.path.join(rdir, "rng.pt"))
+        if audit is not None:
+            torch.save(audit.counts, os.path.join(rdir, "audit.pt"))
         with open(os.path.join(rdir, "train_state.json"), "w") as f:
             json.dump(state.position_json(rank, W), f)
         with open(os.path.join(rdir, "quarantine.json"), "w") as f:
@@ -360,12 +554,12 @@ def save_and_report(engine, objective: Objective, state: TrainState, cfg: Gammar
             export_model(engine, cfg, os.path.join(d, "model"))
             with open(os.path.join(d, "config.json"), "w") as f:
                 json.dump(cfg.model_dump(mode="json"), f, indent=1)
-        elif cfg.train.deepspeed.zero_stage == 3:
+        else:
             export_model(engine, cfg, None)  # ZeRO-3 gathers are collective
         if in_ray:
-            from ray.train import Checkpoint
+            import ray.train
 
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))     # [ray]
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))  # [ray]
         else:
             local = os.path.join(storage.join(run_dir(cfg), "local-checkpoint"))
             if final and not storage.is_remote(local):
@@ -376,8 +570,12 @@ def save_and_report(engine, objective: Objective, state: TrainState, cfg: Gammar
 
 
 def export_model(engine, cfg: GammarayConfig, out_dir: str | None) -> None:
+    """Towers in Hugging Face format plus the heads; under ZeRO-3 the weights are gathered first
+    (every rank must call this)."""
+    from .engine import is_zero3
+
     model = engine.module
-    if cfg.train.deepspeed.zero_stage == 3:
+    if is_zero3(engine):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
@@ -406,38 +604,82 @@ def write_quarantine(state: TrainState, cfg: GammarayConfig, rank: int) -> None:
                         cfg.storage)
 
 
-def restore(d: str, engine, objective: Objective, rank: int, W: int) -> TrainState:
+def read_positions(d: str) -> list[dict]:
     positions = []
     for name in sorted(os.listdir(d)):
         if name.startswith("rank-"):
             with open(os.path.join(d, name, "train_state.json")) as f:
                 positions.append(json.load(f))
+    if not positions or [p["rank"] for p in positions] != list(range(positions[0]["world_size"])):
+        raise RuntimeError(f"{d}: incomplete checkpoint, rank folders {[p['rank'] for p in positions]}")
+    return positions
+
+
+def plan_of(cfg: GammarayConfig) -> dict:
+    return {"epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps}
+
+
+def remaining_steps(cfg: GammarayConfig, parts: list[list[Segment]], epoch: int, num_records: int, W: int) -> int:
+    """Optimizer steps left: the rest of this epoch (the largest part decides) plus the later epochs."""
+    left = steps_per_epoch(cfg, max((sum(s.size for s in p) for p in parts), default=0))
+    later = max(0, cfg.train.epochs - epoch - 1) * steps_per_epoch(cfg, math.ceil(num_records / W))
+    return left + later
+
+
+def restore(d: str, engine, scheduler, objective: Objective, audit: SampleAudit | None, cfg: GammarayConfig,
+            units, rank: int, W: int) -> TrainState:
+    """Every rank, from one checkpoint folder saved with any worker count."""
+    positions = read_positions(d)
     old_W = positions[0]["world_size"]
     same_world = old_W == W
-    # [ds] optimizer partitions follow the world size; a changed world size reloads weights only
-    engine.load_checkpoint(os.path.join(d, "deepspeed"), tag="state", load_module_only=not same_world,
-                           load_optimizer_states=same_world, load_lr_scheduler_states=same_world)
-    objective.load_shards([torch.load(os.path.join(d, f"rank-{p['rank']:05d}", "loss_state.pt"), weights_only=False)
-                           for p in positions])
+    how = load_state(engine, scheduler, d, same_world)                          # [ds]
+    # the per-sample memory, re-sharded for W ranks; a generator reads one old shard at a time, so
+    # peak memory stays at this rank's part plus one old shard (and the E-step generator comes back)
+    objective.load_shards(torch.load(os.path.join(d, f"rank-{p['rank']:05d}", "loss_state.pt"), weights_only=False)
+                          for p in positions)
     mine = positions[rank] if same_world else positions[0]
-    state = TrainState(epoch=mine["epoch"], step=mine["step"], records_trained=mine["records_trained"],
-                       best_val_r_at_1=mine["best_val_r_at_1"], last_val=mine.get("last_val", {}))
+    step = mine["step"]
+    state = TrainState(epoch=mine["epoch"], step=step, records_trained=mine["records_trained"],
+                       best_val_r_at_1=mine["best_val_r_at_1"], last_val=mine.get("last_val", {}),
+                       resumes=list(mine.get("resumes", [])), audit=list(mine.get("audit", [])), plan=plan_of(cfg))
     if same_world:
-        state.part = part_from_json(mine["remaining"])
+        parts = [part_from_json(p["remaining"] or []) for p in positions]
+        state.part = None if mine["remaining"] is None else parts[rank]
         state.epoch_consumed_before = mine["epoch_consumed"]
         _set_rng_state(torch.load(os.path.join(d, f"rank-{rank:05d}", "rng.pt"), weights_only=False))
         with open(os.path.join(d, f"rank-{rank:05d}", "quarantine.json")) as f:
             state.quarantine = json.load(f)
+        if audit is not None and os.path.exists(os.path.join(d, f"rank-{rank:05d}", "audit.pt")):
+            audit.counts = torch.load(os.path.join(d, f"rank-{rank:05d}", "audit.pt"))
     else:
         # re-cut the unconsumed records of every old rank for the new worker count; totals are
-        # kept on rank 0 so sums over ranks stay right
-        state.part = reshard([part_from_json(p["remaining"]) for p in positions], W)[rank]
+        # kept on rank 0 so sums over ranks stay right; random streams restart from a seed
+        parts = reshard([part_from_json(p["remaining"] or []) for p in positions], W)
+        state.part = None if mine["remaining"] is None else parts[rank]
         state.epoch_consumed_before = 0
         state.records_trained = sum(p["records_trained"] for p in positions) if rank == 0 else 0
+        new_seed = _reseed(cfg.run.seed, rank, step)
+        if objective.gamma is not None:
+            objective.gamma.generator.manual_seed(new_seed)
         if rank == 0:
             for p in positions:
                 with open(os.path.join(d, f"rank-{p['rank']:05d}", "quarantine.json")) as f:
                     state.quarantine.extend(json.load(f))
+        if audit is not None and rank == 0:
+            for p in positions:
+                f = os.path.join(d, f"rank-{p['rank']:05d}", "audit.pt")
+                if os.path.exists(f):
+                    audit.add_counts(torch.load(f))
+    # the step count the schedules plan for: kept while the plan holds (exact resume), re-planned from
+    # the remaining data when the worker count, train.epochs or train.max_steps changed
+    if same_world and mine.get("plan") == plan_of(cfg) and mine.get("total_steps"):
+        state.total_steps = mine["total_steps"]
+    else:
+        current = state.epoch if state.part is not None else state.epoch - 1  # an uncut epoch counts whole
+        total = step + remaining_steps(cfg, parts, current, sum(u.num_rows for u in units), W)
+        state.total_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+    set_total_steps(scheduler, cfg, state.total_steps)
+    state.resumes.append({"step": step, "world_size": W, "from_world_size": old_W, "optimizer": how})
     return state
 
 
@@ -451,6 +693,8 @@ class PretrainResult:
     checkpoint_uri: str | None
     run_dir: str
     wall_s: float
+    progress: dict = field(default_factory=dict)   # the last state the driver's progress bar showed
+    progress_updates: int = 0
 
 
 def preflight(cfg: GammarayConfig) -> dict:
@@ -467,44 +711,67 @@ def preflight(cfg: GammarayConfig) -> dict:
     return manifest
 
 
-def pretrain(cfg: GammarayConfig, progress: bool = True, callbacks: list | None = None) -> PretrainResult:
-    """Train on Ray Train (or in this process with train.workers=0); returns final metrics."""
-    import ray
+def build_trainer(cfg: GammarayConfig, callbacks: list | None = None, fault: str | None = None):
+    """The TorchTrainer for a config: scaling, placement, failure handling, checkpoint retention."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .monitor import MetricsCallback, ProgressPrinter
-
-    t0 = time.perf_counter()
-    preflight(cfg)
-    ensure_ray(cfg)
-    from gammaray.scaling import resolve_for_cluster
-
-    cfg = resolve_for_cluster(cfg)  # train.workers / data.batch_size / preprocess_concurrency = "auto"
     loop_config = {"config": cfg.model_dump(mode="json")}
-    if cfg.train.workers == 0:
-        loop_config["in_ray"] = False
-        train_loop_per_worker(loop_config)
-        return PretrainResult(metrics={}, checkpoint_uri=None, run_dir=run_dir(cfg), wall_s=time.perf_counter() - t0)
-
-    printer = ProgressPrinter(enabled=progress)
-    cb = MetricsCallback(run_dir(cfg), cfg.storage, printer.queue)
+    if fault:
+        loop_config["fault"] = fault
     fs, path = storage.resolve(cfg.run.storage, cfg.storage)
     score = {"checkpoint_score_attribute": "val_r_at_1", "checkpoint_score_order": "max"} if cfg.train.eval_every else {}
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
+                                     placement_strategy=cfg.train.placement_strategy,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker,
                                                            **({"GPU": 1} if cfg.train.use_gpu else {})}),
         run_config=RunConfig(
             name=cfg.run.name, storage_path=path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints, **score),
-            callbacks=[cb, *(callbacks or [])],
+            callbacks=callbacks or [],
         ),
     )
+
+
+def fault_from_env() -> str | None:
+    """The GAMMARAY_FAULT test hook, with this (driver) process's id filled in for target=driver."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    fault = Fault.parse(spec)
+    assert fault is not None
+    if fault.target == "driver" and fault.driver_pid is None:
+        fault.driver_pid = os.getpid()
+    return json.dumps(fault.__dict__)
+
+
+def pretrain(cfg: GammarayConfig, progress: bool = True, callbacks: list | None = None) -> PretrainResult:
+    """Train on Ray Train (or in this process with train.workers=0); returns final metrics.
+
+    Re-running with the same run.name and run.storage resumes from the run's latest checkpoint;
+    FailureConfig(train.max_failures) restarts the workers from it after a failure."""
+    from .monitor import MetricsCallback, ProgressPrinter
+
+    from gammaray.scaling import resolve_for_cluster
+
+    t0 = time.perf_counter()
+    preflight(cfg)
+    ensure_ray(cfg)
+    cfg = resolve_for_cluster(cfg)  # train.workers / data.batch_size / preprocess_concurrency = "auto"
+    fault = fault_from_env()
+    if cfg.train.workers == 0:
+        loop_config = {"config": cfg.model_dump(mode="json"), "in_ray": False, "fault": fault}
+        train_loop_per_worker(loop_config)
+        return PretrainResult(metrics={}, checkpoint_uri=None, run_dir=run_dir(cfg), wall_s=time.perf_counter() - t0)
+
+    printer = ProgressPrinter(enabled=progress)
+    cb = MetricsCallback(run_dir(cfg), cfg.storage, printer.queue)
+    trainer = build_trainer(cfg, [cb, *(callbacks or [])], fault)
     with printer:
         result = trainer.fit()
     if result.error:
@@ -513,7 +780,7 @@ def pretrain(cfg: GammarayConfig, progress: bool = True, callbacks: list | None 
     if result.checkpoint is not None:
         ckpt_uri = ("s3://" if storage.is_remote(cfg.run.storage) else "") + result.checkpoint.path
     return PretrainResult(metrics=dict(result.metrics or {}), checkpoint_uri=ckpt_uri, run_dir=run_dir(cfg),
-                          wall_s=time.perf_counter() - t0)
+                          wall_s=time.perf_counter() - t0, progress=dict(printer.last), progress_updates=printer.updates)
 
 
 def ensure_ray(cfg: GammarayConfig) -> None:

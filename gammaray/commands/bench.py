@@ -14,6 +14,7 @@ BENCHES = {
     "synthetic": "workers.benchmarks.synthetic",
     "batch": "workers.benchmarks.batch",
     "structure": "workers.benchmarks.structure",
+    "scaling": "workers.benchmarks.scaling",
 }
 
 

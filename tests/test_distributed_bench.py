@@ -1,0 +1,67 @@
+"""`gammaray bench scaling` (bytes per step counted on the real collectives) and the GPU check
+script's logic, rehearsed on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+pytestmark = pytest.mark.distributed
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--set", "model.embed_dim=32",
+        "--set", "model.image.hf_config={model_type: vit, image_size: 64, patch_size: 16, hidden_size: 32, "
+                 "num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64}",
+        "--set", "model.text.hf_config={model_type: bert, hidden_size: 32, num_hidden_layers: 1, "
+                 "num_attention_heads: 2, intermediate_size: 64, max_position_embeddings: 64}"]
+
+
+@pytest.mark.timeout(600)
+def test_bench_scaling_counts_loss_traffic(tmp_path):
+    out = tmp_path / "scaling.json"
+    env = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR="cpu")
+    proc = subprocess.run([sys.executable, "-m", "gammaray.cli", "bench", "scaling", "--workers", "2", "--steps", "2",
+                           "--warmup", "1", "--batch-size", "16", "--json", str(out), *TINY],
+                          capture_output=True, text=True, env=env, timeout=580, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = {r["loss"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"infonce", "gamma"}
+    for r in rows.values():
+        assert {"loss", "workers", "batch_size", "step_time_s", "samples_per_s", "bytes_per_step"} <= r.keys()
+        assert r["workers"] == 2 and r["batch_size"] == 16 and r["step_time_s"] > 0
+        assert r["samples_per_s"] == pytest.approx(32 / r["step_time_s"], rel=1e-3)
+        assert r["bytes_per_step"] == r["loss_bytes_per_step"] + r["grad_bytes_per_step"] + r["param_bytes_per_step"]
+    B, D, W = 16, 32, 2
+    # InfoNCE: all-gathers image and text embeddings (B x D float32 each, plus the batch sizes), and in
+    # backward (gloo has no reduce-scatter) scatters W blocks of their gradients from every rank
+    assert rows["infonce"]["loss_bytes_per_step"] == 2 * (8 + B * D * 4) + 2 * W * B * D * 4
+    # gamma: per direction, the catalogue size (2 x int64), per-owner counts (W x int64),
+    # (index, log Z) pairs (B x 2 x float64) and the updated rates back (B x float64)
+    assert rows["gamma"]["loss_bytes_per_step"] == 2 * (16 + 8 * W + 16 * B + 8 * B)
+    # the gradient traffic depends on the model only
+    assert rows["infonce"]["grad_bytes_per_step"] == rows["gamma"]["grad_bytes_per_step"] > 0
+    assert "infonce" in proc.stdout and "bytes/step" in proc.stdout
+
+
+@pytest.mark.timeout(900)
+def test_gpu_check_logic_on_cpu(ray_local, tmp_path):
+    """The GPU check script end to end with --cpu: its own local catalogue (no S3), bf16 ZeRO-3
+    (export through GatheredParameters, bf16 BatchNorm buffers of a ResNet tower), JSON results."""
+    from workers.benchmarks import gpu_check
+
+    out = tmp_path / "gpu.json"
+    rc = gpu_check.main(["--cpu", "--tiny", "--stages", "3", "--n-train", "96", "--n-val", "32", "--batch-size", "16",
+                         "--epochs", "1", "--workdir", str(tmp_path / "work"), "--json", str(out),
+                         "--set", "data.image_size=32"])
+    res = json.loads(out.read_text())
+    assert rc == 0, res
+    (run,) = res["runs"]
+    assert run["run"] == "zero3-bf16" and run["ok"] and run["steps"] == 6 and run["samples_seen"] == 96
+    assert run["checkpoint_has"] == {"portable": True, "model_heads": True, "loss_state": True,
+                                     "deepspeed_files": run["checkpoint_has"]["deepspeed_files"]}
+    assert run["checkpoint_has"]["deepspeed_files"] >= 2
+    assert 0.0 <= run["val_r_at_1"] <= 1.0 and run["samples_per_s"] > 0
