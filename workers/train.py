@@ -561,12 +561,36 @@ def preflight(cfg: GammarayConfig) -> dict:
     return manifest
 
 
-def pretrain(cfg: GammarayConfig, progress: bool = True, callbacks: list | None = None) -> PretrainResult:
-    """Train on Ray Train (or in this process with train.workers=0); returns final metrics."""
-    import ray
+def build_trainer(cfg: GammarayConfig, callbacks: list | None = None, **run_config: Any):
+    """The TorchTrainer that runs `cfg`'s training loop; starts nothing (no ray.init, no progress
+    queue). Shared by `pretrain` and the Ray Tune trials of tuning/: `callbacks` go to the RunConfig
+    (e.g. Tune's report callback), `run_config` overrides RunConfig fields (name, storage_path,
+    storage_filesystem, ...)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    fs, path = storage.resolve(cfg.run.storage, cfg.storage)
+    score = {"checkpoint_score_attribute": "val_r_at_1", "checkpoint_score_order": "max"} if cfg.train.eval_every else {}
+    rc: dict[str, Any] = dict(
+        name=cfg.run.name, storage_path=path, storage_filesystem=fs,
+        failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints, **score),
+        callbacks=list(callbacks or []),
+    )
+    rc.update(run_config)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json")},
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker,
+                                                           **({"GPU": 1} if cfg.train.use_gpu else {})}),
+        run_config=RunConfig(**rc),
+    )
+
+
+def pretrain(cfg: GammarayConfig, progress: bool = True, callbacks: list | None = None) -> PretrainResult:
+    """Train on Ray Train (or in this process with train.workers=0); returns final metrics."""
     from .monitor import MetricsCallback, ProgressPrinter
 
     t0 = time.perf_counter()
@@ -580,22 +604,7 @@ def pretrain(cfg: GammarayConfig, progress: bool = True, callbacks: list | None 
 
     printer = ProgressPrinter(enabled=progress)
     cb = MetricsCallback(run_dir(cfg), cfg.storage, printer.queue)
-    fs, path = storage.resolve(cfg.run.storage, cfg.storage)
-    score = {"checkpoint_score_attribute": "val_r_at_1", "checkpoint_score_order": "max"} if cfg.train.eval_every else {}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker,
-                                                           **({"GPU": 1} if cfg.train.use_gpu else {})}),
-        run_config=RunConfig(
-            name=cfg.run.name, storage_path=path, storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints, **score),
-            callbacks=[cb, *(callbacks or [])],
-        ),
-    )
+    trainer = build_trainer(cfg, callbacks=[cb, *(callbacks or [])])
     with printer:
         result = trainer.fit()
     if result.error:
