@@ -147,25 +147,24 @@ def test_best_row_prefers_trials_that_ran_their_budget():
 # one real search: interrupted after two trials, resumed, best config trained
 
 SAMPLES = 4
-TRIAL_STEPS = 4
+TRIAL_STEPS = 3  # validation at step 2 (the one ASHA rung) and at the end
 
 
-class _InterruptAfter:
-    """Interrupts the experiment like a user would (Tune's stop signal) once `n` trials ended."""
+def _interrupt_after(n: int):
+    """A Tune callback that interrupts the experiment as a user would (Tune's stop signal, like
+    Ctrl+C) once `n` trials have ended."""
+    from ray.tune import Callback
 
-    def __new__(cls, n: int):
-        from ray.tune import Callback
+    class Interrupt(Callback):
+        def __init__(self):
+            self.finished: list[str] = []
 
-        class Interrupt(Callback):
-            def __init__(self):
-                self.finished: list[str] = []
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.finished.append(trial.trial_id)
+            if len(self.finished) == n:
+                os.kill(os.getpid(), signal.SIGUSR1)
 
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                self.finished.append(trial.trial_id)
-                if len(self.finished) == n:
-                    os.kill(os.getpid(), signal.SIGUSR1)
-
-        return Interrupt()
+    return Interrupt()
 
 
 def _started_recorder():
@@ -187,21 +186,23 @@ def search(ray_local, s3, small_catalogue, tmp_path_factory):
 
     ov = tiny_overrides(small_catalogue, s3.url("runs"), "tune-e2e")
     ov.update({
-        "train.workers": 2, "train.cpus_per_worker": 0.25, "data.preprocess_num_cpus": 0.5,
+        "train.workers": 2, "train.cpus_per_worker": 0.25, "data.preprocess_num_cpus": 0.5, "data.prefetch_batches": 1,
         "train.log_every": 2, "train.max_steps": 2, "train.optim.warmup_steps": 0,
         "tune.trial_overrides": {"train.max_steps": TRIAL_STEPS},
-        "tune.samples": SAMPLES, "tune.max_concurrent": 1, "tune.asha.reduction_factor": 2,
-        # eval.max_records is searched as an oracle for ASHA: with 1 held-out record R@1 is exactly
-        # 1, with 16 it is below 1; the first two trials take one of each, so ASHA's decision at the
-        # first rung is known in advance (the weights' effect on R@1 after 2 steps is noise)
+        "tune.samples": SAMPLES, "tune.asha.reduction_factor": 2,  # tune.max_concurrent: auto (2 here)
+        # eval.max_records is searched as an oracle for ASHA: with 1 held-out record R@1 is exactly 1,
+        # with 16 it is near chance (1/16) after 2 steps. The first three trials are 1, 16, 16: whichever
+        # of the first two reaches the rung first, a 16-record trial meets a recorded 1.0 there and is
+        # stopped, in any order the two concurrent trials arrive (the weights' effect after 2 steps is noise)
         "tune.space": {**GammarayConfig().tune.model_dump(mode="json")["space"],
                        "eval.max_records": {"kind": "choice", "values": [1, 16]}},
-        "tune.points_to_evaluate": [{"eval.max_records": 1}, {"eval.max_records": 16, "loss.structure.lambda_br": 0.1}],
+        "tune.points_to_evaluate": [{"eval.max_records": 1}, {"eval.max_records": 16, "loss.structure.lambda_br": 0.1},
+                                    {"eval.max_records": 16}],
     })
     cfg = apply_overrides(GammarayConfig(), ov)
     out_dir = tmp_path_factory.mktemp("tune-out")
     t0 = time.perf_counter()
-    interrupt = _InterruptAfter(2)
+    interrupt = _interrupt_after(2)
     first = run_tune(cfg, progress=False, callbacks=[interrupt], out_dir=str(out_dir))
     t1 = time.perf_counter()
     started = _started_recorder()
@@ -228,17 +229,15 @@ def test_small_search_runs_real_trials_and_asha_stops_early(search):
         assert r.train_workers == 2  # each trial is a TorchTrainer run with 2 workers ...
     assert search["cfg"].train.cpus_per_worker < 1  # ... of fractional CPUs
     assert out.trial_max_steps == TRIAL_STEPS
-    # the two seeded points ran first: the 1-record trial completes with R@1 = 1, the 16-record one
-    # is below that at the first rung and is stopped there
-    first_two = [r for r in out.rows if r.trial_id in search["finished_before"]]
-    assert {r.values["eval.max_records"] for r in first_two} == {1, 16}
-    for r in first_two:
+    # the oracle: a 1-record trial has R@1 = 1 and is never stopped; a 16-record one was stopped
+    assert out.plan.max_concurrent == 2  # two trials x two workers at once on ray.init(num_cpus=4)
+    for r in out.rows:
         if r.values["eval.max_records"] == 1:
             assert r.status == report.COMPLETED and r.metric == pytest.approx(1.0)
-        else:
-            assert r.status == report.STOPPED and r.metric < 1.0
-            assert r.values["loss.structure.lambda_br"] == pytest.approx(0.1)
-    assert search["wall_first"] + search["wall_second"] < 300
+    assert any(r.values["eval.max_records"] == 16 for r in stopped)
+    assert any(r.values["loss.structure.lambda_br"] == pytest.approx(0.1) for r in out.rows)  # the seeded point
+    wall = search["wall_first"] + search["wall_second"]
+    assert wall < 300, f"the search took {wall:.0f} s (first run {search['wall_first']:.0f} s, resumed run {search['wall_second']:.0f} s)"
 
 
 @pytest.mark.timeout(600)

@@ -94,6 +94,7 @@ def plot_png(rows: list[TrialRow], space: Mapping[str, SearchDim], metric: str, 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     paths = list(space)
     names = short_names(paths)
@@ -119,12 +120,20 @@ def plot_png(rows: list[TrialRow], space: Mapping[str, SearchDim], metric: str, 
                        linewidths=1.5, label="best")
         if cats:
             ax.set_xticks(range(len(cats)), cats, rotation=30)
-        elif is_log(dim):
+        elif dim.kind == "loguniform":  # the x range is the searched range
+            lo, hi = float(dim.low), float(dim.high)
             if dim.zero:  # 0 (term off) sits left of the log-spaced range
-                ax.set_xscale("symlog", linthresh=float(dim.low))
-                ax.set_xlim(left=-0.1 * float(dim.low))
+                ax.set_xscale("symlog", linthresh=lo)
+                ax.set_xlim(-0.3 * lo, hi * 1.3)
             else:
                 ax.set_xscale("log")
+                ax.set_xlim(lo / 1.3, hi * 1.3)
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        elif dim.kind in ("uniform", "randint"):
+            pad = 0.05 * (float(dim.high) - float(dim.low))
+            ax.set_xlim(float(dim.low) - pad, float(dim.high) + pad)
+        elif is_log(dim):
+            ax.set_xscale("log")
         ax.set_xlabel(names[path])
         ax.set_ylabel("R@1" if metric == "val_r_at_1" else metric)
         ax.grid(alpha=0.3)

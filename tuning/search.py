@@ -13,7 +13,8 @@ Data tasks that feed them, so the number of trials at once is planned here from 
 Layout in the run storage (local or s3://):
   <run.storage>/<tune.name>/               the Tune experiment (state, trial results) - resumable
   <run.storage>/<tune.name>/gammaray_tune.yaml   the base config the search runs with
-  <run.storage>/<tune.name>/train/<trial>/       each trial's Ray Train run (checkpoints, metrics)
+  <run.storage>/<tune.name>/trial_<id>/          Tune's trial folder (every validation report: result.json)
+  <run.storage>/<tune.name>/train/<id>/          the trial's Ray Train run (checkpoints)
   <run.storage>/<tune.name>/results.{txt,csv}, metric_vs_values.png, best_config.yaml
 """
 
@@ -159,8 +160,7 @@ def run_trial(params: dict, base: dict, experiment_uri: str) -> None:
     """The Tune trainable: one TorchTrainer run of the training loop with the trial's values."""
     import ray.tune
 
-    from workers.monitor import MetricsCallback
-    from workers.train import build_trainer, run_dir
+    from workers.train import build_trainer
 
     cfg0 = from_dict(base)
     values = space.effective(params, cfg0.tune.space)
@@ -168,8 +168,9 @@ def run_trial(params: dict, base: dict, experiment_uri: str) -> None:
     cfg = space.trial_config(cfg0, values)
     # the trial's Train run lives in the experiment; a restarted trial resumes it from its checkpoint
     cfg = apply_overrides(cfg, {"run.storage": storage.join(experiment_uri, "train"), "run.name": trial_id})
-    trainer = build_trainer(cfg, callbacks=[MetricsCallback(run_dir(cfg), cfg.storage),
-                                            _forwarding_callback(cfg0.tune.metric, cfg.train.eval_every)])
+    # (no MetricsCallback: the trial's reports are in its Tune result files, and TensorBoard's
+    # import in every trial's controller costs seconds of CPU)
+    trainer = build_trainer(cfg, callbacks=[_forwarding_callback(cfg0.tune.metric, cfg.train.eval_every)])
     trainer.fit()
 
 
@@ -223,6 +224,13 @@ def run_tune(cfg: GammarayConfig, samples: int | None = None, progress: bool = T
         log(f"tune: resuming experiment {exp_uri} (finished trials are kept, unfinished ones continue)")
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, param_space=params, resume_unfinished=True,
                                    resume_errored=retry_errored, storage_filesystem=fs)
+        # Tuner.restore brings back the RunConfig pickled at the start, callbacks and verbosity
+        # included; this session's callbacks and verbosity replace them
+        local = getattr(tuner, "_local_tuner", None)  # None only under Ray Client
+        if local is not None:
+            run_config = local.get_run_config()
+            run_config.callbacks = list(callbacks or [])
+            run_config.verbose = 1 if progress else 0
     else:
         storage.write_bytes(base_uri, to_yaml(cfg).encode(), cfg.storage)
         log(f"tune: experiment {exp_uri}: {cfg.tune.samples} trials, {plan.max_concurrent} at once "
