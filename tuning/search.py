@@ -13,6 +13,7 @@ Data tasks that feed them, so the number of trials at once is planned here from 
 Layout in the run storage (local or s3://):
   <run.storage>/<tune.name>/               the Tune experiment (state, trial results) - resumable
   <run.storage>/<tune.name>/gammaray_tune.yaml   the base config the search runs with
+  <run.storage>/<tune.name>/asha_state.pkl       ASHA's rungs (Ray Tune does not restore a scheduler)
   <run.storage>/<tune.name>/trial_<id>/          Tune's trial folder (every validation report: result.json)
   <run.storage>/<tune.name>/train/<id>/          the trial's Ray Train run (checkpoints)
   <run.storage>/<tune.name>/results.{txt,csv}, metric_vs_values.png, best_config.yaml
@@ -240,7 +241,7 @@ def run_tune(cfg: GammarayConfig, samples: int | None = None, progress: bool = T
             trainable,
             param_space=params,
             tune_config=tune.TuneConfig(
-                metric=cfg.tune.metric, mode="max", search_alg=_searcher(cfg), scheduler=_scheduler(cfg, budget),
+                metric=cfg.tune.metric, mode="max", search_alg=_searcher(cfg), scheduler=_scheduler(cfg, budget, exp_uri),
                 num_samples=cfg.tune.samples, max_concurrent_trials=plan.max_concurrent,
                 trial_dirname_creator=trial_dirname, trial_name_creator=trial_dirname,
             ),
@@ -264,8 +265,10 @@ def _searcher(cfg: GammarayConfig):
     return BasicVariantGenerator(random_state=seed, points_to_evaluate=points)
 
 
-def _scheduler(cfg: GammarayConfig, budget: int):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def _scheduler(cfg: GammarayConfig, budget: int, exp_uri: str):
+    from ray.tune.schedulers import FIFOScheduler
+
+    from .asha import STATE_FILE, RungMemoryASHA
 
     a = cfg.tune.asha
     trial = space.trial_config(cfg, {})
@@ -274,8 +277,8 @@ def _scheduler(cfg: GammarayConfig, budget: int):
         return FIFOScheduler()  # (a grace period of the whole budget leaves ASHA nothing to stop)
     # time = optimizer steps. Rungs sit at grace * rf^k strictly below the budget: a trial that
     # survives them runs to its end and its final report (no rung at the last step)
-    return ASHAScheduler(time_attr="step", max_t=budget - 1, grace_period=grace,
-                         reduction_factor=a.reduction_factor, stop_last_trials=False)
+    return RungMemoryASHA(storage.join(exp_uri, STATE_FILE), cfg.storage, time_attr="step", max_t=budget - 1,
+                          grace_period=grace, reduction_factor=a.reduction_factor, stop_last_trials=False)
 
 
 def _check_same_experiment(cfg: GammarayConfig, base_uri: str) -> None:
