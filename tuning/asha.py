@@ -17,7 +17,9 @@ from ray.tune.schedulers import AsyncHyperBandScheduler
 from gammaray.config import StorageConfig
 from pipelines import storage
 
-STATE_FILE = "asha_state.pkl"
+# not .pkl or .json: Tune copies those at the experiment root down on resume and back up at the end,
+# which would put the state of the first run back over the resumed one
+STATE_FILE = "asha_rungs.state"
 
 
 class RungMemoryASHA(AsyncHyperBandScheduler):

@@ -13,7 +13,7 @@ Data tasks that feed them, so the number of trials at once is planned here from 
 Layout in the run storage (local or s3://):
   <run.storage>/<tune.name>/               the Tune experiment (state, trial results) - resumable
   <run.storage>/<tune.name>/gammaray_tune.yaml   the base config the search runs with
-  <run.storage>/<tune.name>/asha_state.pkl       ASHA's rungs (Ray Tune does not restore a scheduler)
+  <run.storage>/<tune.name>/asha_rungs.state     ASHA's rungs (Ray Tune does not restore a scheduler)
   <run.storage>/<tune.name>/trial_<id>/          Tune's trial folder (every validation report: result.json)
   <run.storage>/<tune.name>/train/<id>/          the trial's Ray Train run (checkpoints)
   <run.storage>/<tune.name>/results.{txt,csv}, metric_vs_values.png, best_config.yaml
