@@ -354,6 +354,124 @@ class EvalConfig(Section):
     probe_l2: float = Field(1e-4, ge=0.0, description="L2 penalty of the logistic-regression probes.")
 
 
+# --------------------------------------------------------------------------------------------
+# tuning (Ray Tune over the config tree; tuning/)
+
+
+class SearchDim(Section):
+    """One dimension of the search space, keyed in `tune.space` by the dotted path it sets."""
+
+    kind: Literal["loguniform", "uniform", "randint", "choice"] = Field(
+        ..., description="loguniform/uniform floats in [low, high], randint integers in [low, high), choice of values."
+    )
+    low: float | None = Field(None, description="Lower bound (loguniform: > 0).")
+    high: float | None = Field(None, description="Upper bound.")
+    values: list[Any] | None = Field(None, description="choice: the candidate values (non-empty).")
+    zero: bool = Field(
+        False, description="loguniform: also try exactly 0 (a regularizer switched off), through a boolean "
+                           "search variable '<path>#zero'."
+    )
+
+    @model_validator(mode="after")
+    def _well_formed(self) -> "SearchDim":
+        if self.kind == "choice":
+            if not self.values:
+                raise ValueError("choice needs a non-empty 'values' list")
+            if self.low is not None or self.high is not None or self.zero:
+                raise ValueError("choice takes 'values' only (no low/high/zero)")
+            return self
+        if self.values is not None:
+            raise ValueError(f"{self.kind} takes low/high, not 'values'")
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.kind} needs both 'low' and 'high'")
+        if not self.low < self.high:
+            raise ValueError(f"{self.kind} needs low < high (got low={self.low}, high={self.high})")
+        if self.kind == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs 0 < low (got low={self.low}); use zero: true to also try 0")
+        if self.zero and self.kind != "loguniform":
+            raise ValueError("zero: true is for loguniform dimensions")
+        if self.kind == "randint" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError("randint needs integer low and high")
+        return self
+
+
+def _default_space() -> dict[str, "SearchDim"]:
+    weight = dict(kind="loguniform", low=1e-3, high=1.0, zero=True)
+    return {
+        "loss.structure.lambda_sep": SearchDim(**weight),
+        "loss.structure.lambda_br": SearchDim(**weight),
+        "loss.structure.lambda_gc": SearchDim(**weight),
+        "loss.structure.bridge_t": SearchDim(kind="uniform", low=0.1, high=0.9),
+        "model.temperature": SearchDim(kind="loguniform", low=0.02, high=0.2),
+        "loss.gamma.alpha": SearchDim(kind="uniform", low=0.5, high=2.0),
+        "loss.gamma.gamma": SearchDim(kind="loguniform", low=0.02, high=1.0),
+    }
+
+
+class AshaConfig(Section):
+    grace_period: int | None = Field(
+        None, ge=1, description="Steps every trial runs before it can be stopped (None = train.eval_every)."
+    )
+    reduction_factor: float = Field(2.0, gt=1.0, description="Keep the top 1/reduction_factor at each rung.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Budget of a trial in optimizer steps (None = the trial's planned steps)."
+    )
+
+
+class TuneSection(Section):
+    name: str | None = Field(
+        None, description="Experiment name under run.storage (None = '<run.name>-tune'); re-running it resumes."
+    )
+    space: dict[str, SearchDim] = Field(
+        default_factory=_default_space,
+        description="Search space: dotted config path -> {kind, low, high | values, zero}. Any path of the tree.",
+    )
+    samples: int = Field(8, ge=1, description="Number of trials.")
+    metric: str = Field("val_r_at_1", description="Metric the scheduler and searcher maximise (mode max).")
+    searcher: Literal["optuna", "random"] = Field(
+        "optuna", description="optuna: Optuna's TPE sampler through ray.tune.search.optuna; random: plain sampling."
+    )
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="asha: stop weak trials early; fifo: run all fully.")
+    asha: AshaConfig = AshaConfig()
+    seed: int | None = Field(None, description="Searcher seed (None = run.seed).")
+    trial_cpus: float = Field(
+        0.25, gt=0.0, description="Logical CPUs of each trial's own process (it drives the TorchTrainer; 0 is refused)."
+    )
+    max_concurrent: int | None = Field(
+        None, ge=1, description="Trials at once (None = as many as the cluster fits, leaving CPUs for Ray Data)."
+    )
+    trial_overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Dotted overrides for the trials only (e.g. a shorter train.max_steps); not in the best config.",
+    )
+    points_to_evaluate: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Trials to run first, before the searcher proposes its own: {searched path: value}; a searched "
+                    "key left out takes the base config's value ([{}] = the base config as a baseline).",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_path_safe(cls, v: str | None) -> str | None:
+        if v is not None and (not v or "/" in v or v.startswith(".")):
+            raise ValueError("tune.name must be a non-empty path-safe string without '/'")
+        return v
+
+    @field_validator("space")
+    @classmethod
+    def _space_paths(cls, v: dict[str, SearchDim]) -> dict[str, SearchDim]:
+        for path in v:
+            check_path(path)  # names the bad key: "loss.structure.lamda_sep: unknown key ..."
+        return v
+
+    @field_validator("trial_overrides")
+    @classmethod
+    def _override_paths(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for path in v:
+            check_path(path)
+        return v
+
+
 class GammarayConfig(Section):
     run: RunSection = RunSection()
     ray: RayConfig = RayConfig()
@@ -363,6 +481,7 @@ class GammarayConfig(Section):
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    tune: TuneSection = TuneSection()
 
     @model_validator(mode="after")
     def _consistent(self) -> "GammarayConfig":

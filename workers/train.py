@@ -711,8 +711,11 @@ def preflight(cfg: GammarayConfig) -> dict:
     return manifest
 
 
-def build_trainer(cfg: GammarayConfig, callbacks: list | None = None, fault: str | None = None):
-    """The TorchTrainer for a config: scaling, placement, failure handling, checkpoint retention."""
+def build_trainer(cfg: GammarayConfig, callbacks: list | None = None, fault: str | None = None,
+                  **run_config: Any):
+    """The TorchTrainer that runs `cfg`'s training loop; starts nothing (no ray.init, no progress
+    queue). Shared by `pretrain` and the Ray Tune trials of tuning/: `callbacks` go to the RunConfig
+    (e.g. Tune's report callback), `run_config` overrides RunConfig fields (name, storage_path, ...)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -721,6 +724,13 @@ def build_trainer(cfg: GammarayConfig, callbacks: list | None = None, fault: str
         loop_config["fault"] = fault
     fs, path = storage.resolve(cfg.run.storage, cfg.storage)
     score = {"checkpoint_score_attribute": "val_r_at_1", "checkpoint_score_order": "max"} if cfg.train.eval_every else {}
+    rc: dict[str, Any] = dict(
+        name=cfg.run.name, storage_path=path, storage_filesystem=fs,
+        failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints, **score),
+        callbacks=list(callbacks or []),
+    )
+    rc.update(run_config)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -729,12 +739,7 @@ def build_trainer(cfg: GammarayConfig, callbacks: list | None = None, fault: str
                                      placement_strategy=cfg.train.placement_strategy,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker,
                                                            **({"GPU": 1} if cfg.train.use_gpu else {})}),
-        run_config=RunConfig(
-            name=cfg.run.name, storage_path=path, storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints, **score),
-            callbacks=callbacks or [],
-        ),
+        run_config=RunConfig(**rc),
     )
 
 
