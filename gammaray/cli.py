@@ -13,7 +13,7 @@ import sys
 
 from gammaray.config import ConfigError
 
-COMMANDS = ["demo", "prepare", "pretrain", "config"]
+COMMANDS = ["demo", "prepare", "pretrain", "config", "bench"]
 
 EPILOG = """config: every subcommand that trains reads one config tree: --config FILE (YAML) then any
 number of --set dotted.path=value (YAML-typed values), e.g. --set loss.gamma.alpha=2

@@ -107,6 +107,11 @@ class TwoTowerModel(nn.Module):
             out["image_aug"] = self.encode_image(batch[K.PIXELS_AUG])
         if K.INPUT_IDS_AUG in batch:
             out["text_aug"] = self.encode_text(batch[K.INPUT_IDS_AUG], batch[K.ATTENTION_MASK_AUG])
+        # the second view of the non-default view pairs (gammaray.schema.VIEW_PAIRS)
+        if K.PIXELS_PAIR in batch:
+            out["image_pair"] = self.encode_image(batch[K.PIXELS_PAIR])
+        if K.INPUT_IDS_PAIR in batch:
+            out["text_pair"] = self.encode_text(batch[K.INPUT_IDS_PAIR], batch[K.ATTENTION_MASK_PAIR])
         return out
 
 

@@ -27,7 +27,7 @@ def aggregate(per_worker: list[dict[str, Any]]) -> dict[str, Any]:
         vals = [m[k] for m in per_worker if isinstance(m.get(k), (int, float))]
         if not vals:
             continue
-        if k in SUM_KEYS:
+        if k in SUM_KEYS or k.startswith("quarantined_"):
             out[k] = sum(vals)
         elif k in MAX_KEYS:
             out[k] = max(vals)
