@@ -52,6 +52,7 @@ class PrepareOptions:
     max_image_pixels: int = 25_000_000
     max_text_chars: int = 8192
     check_images: bool = True
+    check_draft_side: int | None = 256  # JPEGs are checked at a reduced decode scale (every byte still read)
     io_threads: int = 8
     progress: bool = True
 
@@ -149,9 +150,10 @@ def validate_raw(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfig |
             v["extra_images"] = [_load_image(e, raw.source, storage_cfg) for e in extra]
         rec = validate_record(v, limits)
         if opts.check_images:
-            open_checked(rec["image"], opts.max_image_pixels)
+            draft = (opts.check_draft_side, opts.check_draft_side) if opts.check_draft_side else None
+            open_checked(rec["image"], opts.max_image_pixels, draft)
             for b in rec["extra_images"] or ():
-                open_checked(b, opts.max_image_pixels)
+                open_checked(b, opts.max_image_pixels, draft)
     except (Invalid, BadImage) as bad:
         return None, (bad.reason, bad.detail)
     return rec, None

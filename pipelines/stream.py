@@ -24,7 +24,7 @@ from gammaray.schema import RECORD_SCHEMA, BatchKeys as K, Reason, SchemaError, 
 
 from . import storage
 from .preprocess import PreprocessSpec, preprocess_batch
-from .tokenizer import load as load_tokenizer
+from .tokenizer import load_fast as load_tokenizer
 
 MODEL_KEYS = (K.SAMPLE_INDEX, K.PIXELS, K.PIXELS_AUG, K.INPUT_IDS, K.ATTENTION_MASK, K.INPUT_IDS_AUG,
               K.ATTENTION_MASK_AUG, K.PIXELS_PAIR, K.INPUT_IDS_PAIR, K.ATTENTION_MASK_PAIR)
@@ -247,8 +247,9 @@ def build_dataset(spec: StreamSpec, part: list[Segment]):
 
     k = max(1, spec.segments_per_task)
     ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // k)))
+    compute = ray.data.TaskPoolStrategy(size=spec.concurrency) if spec.concurrency else None
     ds = ds.map_batches(read_and_preprocess, batch_size=k, batch_format="numpy", num_cpus=spec.preprocess_num_cpus,
-                        concurrency=spec.concurrency)
+                        compute=compute)
     return ds
 
 

@@ -40,7 +40,7 @@ def _limit_worker(args: tuple) -> float:
     import pyarrow as pa
 
     from pipelines.preprocess import preprocess_batch
-    from pipelines.tokenizer import load as load_tokenizer
+    from pipelines.tokenizer import load_fast as load_tokenizer
 
     table = pa.ipc.open_stream(table_bytes).read_all()
     groups = [table.slice(s, 128) for s in range(0, table.num_rows, 128)]
@@ -97,7 +97,7 @@ class SegmentDataset:
     def __getitem__(self, i: int) -> dict[str, Any]:
         from pipelines.preprocess import preprocess_batch
         from pipelines.stream import read_segment_rows
-        from pipelines.tokenizer import load as load_tokenizer
+        from pipelines.tokenizer import load_fast as load_tokenizer
 
         s, spec = self.part[i], self.spec
         pp = spec.preprocess
