@@ -32,6 +32,31 @@ from typing import Any
 import numpy as np
 
 # --------------------------------------------------------------------------------------------
+# CPU time of this process and everything it started (Ray's processes, SeaweedFS, pool workers):
+# under load from other programs, CPU seconds per record is the steadier figure
+
+
+def tree_cpu_s() -> float:
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def timed(fn, *a):
+    c0 = tree_cpu_s()
+    out = fn(*a)
+    return out, tree_cpu_s() - c0
+
+
+# --------------------------------------------------------------------------------------------
 # (c) the machine's limit
 
 
@@ -278,16 +303,23 @@ def run(args: argparse.Namespace, cfg=None) -> int:
         limit.run(1.0)
 
         rates: dict[str, list[float]] = {"gammaray": [], "dataloader": [], "limit": []}
+        cpu_ms: dict[str, list[float]] = {"gammaray": [], "dataloader": [], "limit": []}
         for r in range(args.rounds):
-            g, ng = run_gammaray(spec, part)
-            dl, nd = run_dataloader(loader)
+            (g, ng), cg = timed(run_gammaray, spec, part)
+            (dl, nd), cd = timed(run_dataloader, loader)
             duration = max(1.0, ng / max(g, 1.0))  # about as long as one gammaray pass
-            lim = limit.run(duration)
+            t0 = time.perf_counter()
+            lim, cl = timed(limit.run, duration)
+            n_lim = lim * duration
             rates["gammaray"].append(g)
             rates["dataloader"].append(dl)
             rates["limit"].append(lim)
+            for k, c, n in (("gammaray", cg, ng), ("dataloader", cd, nd), ("limit", cl, n_lim)):
+                cpu_ms[k].append(1000.0 * c / max(1.0, n))
             assert ng == nd == res.num_written, (ng, nd, res.num_written)
-            say(f"round {r + 1}/{args.rounds}: gammaray {g:7.0f}  dataloader {dl:7.0f}  limit {lim:7.0f} records/s")
+            say(f"round {r + 1}/{args.rounds}: gammaray {g:7.0f}  dataloader {dl:7.0f}  limit {lim:7.0f} records/s"
+                f"   CPU ms/record {cpu_ms['gammaray'][-1]:.2f} / {cpu_ms['dataloader'][-1]:.2f} / "
+                f"{cpu_ms['limit'][-1]:.2f}  (load {os.getloadavg()[0]:.1f})")
         del loader
         ray.shutdown()
 
@@ -299,6 +331,8 @@ def run(args: argparse.Namespace, cfg=None) -> int:
             "gammaray_vs_limit": round(med["gammaray"] / med["limit"], 3),
             "gammaray_vs_dataloader": round(med["gammaray"] / med["dataloader"], 3),
             "rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+            "cpu_ms_per_record": {k: round(statistics.median(v), 3) for k, v in cpu_ms.items()},
+            "load_average_1m": round(os.getloadavg()[0], 2),
             "records": res.num_written, "cores": cores, "image_side": args.image_side,
             "image_size": d.image_size, "augmented_views": not args.no_aug, "row_group_size": args.row_group_size,
         })
