@@ -341,11 +341,12 @@ def close_prefetched() -> None:
 
 
 def _take_warm(spec: StreamSpec, part: list[Segment]) -> "_Pump | None":
+    """The prefetched pipeline for exactly (spec, part), if any. Others stay warm (an evaluation pass
+    between two epochs must not cancel the next epoch's start); `prefetch` replaces them."""
     with _warm_lock:
         for i, pump in enumerate(_warm):
             if pump.spec == spec and pump.part == list(part):
                 return _warm.pop(i)
-    close_prefetched()
     return None
 
 

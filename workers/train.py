@@ -28,7 +28,7 @@ from pipelines import storage
 from pipelines.prepare import load_manifest
 from pipelines.preprocess import PreprocessSpec
 from pipelines.stream import (Segment, StreamBatch, StreamSpec, advance, close_prefetched, epoch_plan, iterate,
-                              part_from_json, part_to_json, reshard, units_from_manifest)
+                              part_from_json, part_to_json, prefetch, reshard, units_from_manifest)
 from pipelines.tokenizer import load as load_tokenizer
 
 from .engine import build_engine, init_single_process_group, use_bf16
@@ -282,12 +282,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     objective = Objective(cfg.loss, num_samples=int(manifest["next_sample_index"]), seed=cfg.run.seed,
                           device=device, distributed=W > 1, view_pair=cfg.data.view_pair)
     with_aug = objective.needs_augmented_views
+    ckpt = ray.train.get_checkpoint() if in_ray else None  # [ray]
+    if ckpt is None and cfg.data.prefetch_next_epoch:
+        # [data] a fresh run: start epoch 0's pipeline now, so that its worker processes start while
+        # the engine is built (a resumed run starts from its checkpointed position instead)
+        prefetch(stream_spec(cfg, cfg.data.train, units, 0, train=True, with_aug=with_aug,
+                             batch_size=cfg.data.batch_size), epoch_plan(units, 0, cfg.run.seed, W, cfg.data.shuffle)[rank])
     total_steps = estimate_total_steps(cfg, int(manifest["num_records"]), W)
     engine, _, scheduler = build_engine(model, cfg, total_steps, on_gpu)  # [ds]
     bf16 = use_bf16(cfg, on_gpu)
 
     state = TrainState()
-    ckpt = ray.train.get_checkpoint() if in_ray else None  # [ray]
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = restore(d, engine, objective, rank, W)
