@@ -73,6 +73,19 @@ def read_source(uri: str, storage_cfg: StorageConfig | None = None) -> Iterator[
 
 
 def read_jsonl(uri: str, data: bytes) -> Iterator[RawRow]:
+    """JSON Lines; a `.json` file holding one array of objects is read as well."""
+    if data.lstrip()[:1] == b"[":
+        try:
+            items = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            yield RawRow(uri, -1, None, (Reason.WRONG_TYPE, f"not a JSON array of objects: {err}"[:300]))
+            return
+        for i, obj in enumerate(items):
+            if isinstance(obj, dict):
+                yield RawRow(uri, i, obj)
+            else:
+                yield RawRow(uri, i, None, (Reason.WRONG_TYPE, f"item {i} is not a JSON object"))
+        return
     for i, line in enumerate(data.splitlines()):
         if not line.strip():
             continue

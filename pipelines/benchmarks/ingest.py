@@ -219,7 +219,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--row-group-size", type=int, default=128, help="rows per row group = per task (default 128)")
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1,
                    help="processes for the DataLoader and the limit, Ray CPUs for gammaray (default: all cores)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds; the median is reported")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved measurement rounds; the median is reported (0 = only the data-stall run)")
     p.add_argument("--no-aug", action="store_true",
                    help="measure without the augmented second views (the demo model's path)")
     p.add_argument("--train-steps", type=int, default=120,
@@ -278,64 +279,66 @@ def run(args: argparse.Namespace, cfg=None) -> int:
                           concurrency=None, segments_per_task=d.preprocess_segments_per_task)
         part = [Segment(u, 0, units[u].num_rows) for u in range(len(units))]
 
-        # bytes in memory for the limit: the same rows the stream reads, read once
-        table = pa.concat_tables([read_segment_rows(cat, units[s.unit], s.unit, s.start, s.stop, 0, 0, True, settings,
-                                                    pp.columns) for s in part])
-        local_tok = tempfile.mkdtemp(prefix="gammaray-bench-tok-")
-        storage.download_dir(tok, local_tok, cfg.storage)
-        pp_local = PreprocessSpec(**{**pp.__dict__, "tokenizer_uri": local_tok})
+        result.update({"records": res.num_written, "cores": cores, "image_side": args.image_side,
+                       "image_size": d.image_size, "augmented_views": not args.no_aug,
+                       "row_group_size": args.row_group_size})
+        if args.rounds > 0:
+            # bytes in memory for the limit: the same rows the stream reads, read once
+            table = pa.concat_tables([read_segment_rows(cat, units[s.unit], s.unit, s.start, s.stop, 0, 0, True, settings,
+                                                        pp.columns) for s in part])
+            local_tok = tempfile.mkdtemp(prefix="gammaray-bench-tok-")
+            storage.download_dir(tok, local_tok, cfg.storage)
+            pp_local = PreprocessSpec(**{**pp.__dict__, "tokenizer_uri": local_tok})
 
-        import ray
+            import ray
 
-        if ray.is_initialized():
+            if ray.is_initialized():
+                ray.shutdown()
+            ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", os.getcwd()),
+                                               "TOKENIZERS_PARALLELISM": "false"}})
+            say(f"warm-up: {cores} limit processes, {cores} DataLoader workers, Ray Data worker processes")
+            limit = LimitRunner(table, pp_local, cores)
+            stack.callback(limit.close)
+            loader = make_dataloader(spec, part, cores)
+            t_cold = time.perf_counter()
+            cold_g, _ = run_gammaray(spec, part)
+            result["gammaray_cold_start_s"] = round(time.perf_counter() - t_cold, 2)
+            run_dataloader(loader)
+            limit.run(1.0)
+
+            rates: dict[str, list[float]] = {"gammaray": [], "dataloader": [], "limit": []}
+            cpu_ms: dict[str, list[float]] = {"gammaray": [], "dataloader": [], "limit": []}
+            for r in range(args.rounds):
+                (g, ng), cg = timed(run_gammaray, spec, part)
+                (dl, nd), cd = timed(run_dataloader, loader)
+                duration = max(1.0, ng / max(g, 1.0))  # about as long as one gammaray pass
+                t0 = time.perf_counter()
+                lim, cl = timed(limit.run, duration)
+                n_lim = lim * duration
+                rates["gammaray"].append(g)
+                rates["dataloader"].append(dl)
+                rates["limit"].append(lim)
+                for k, c, n in (("gammaray", cg, ng), ("dataloader", cd, nd), ("limit", cl, n_lim)):
+                    cpu_ms[k].append(1000.0 * c / max(1.0, n))
+                assert ng == nd == res.num_written, (ng, nd, res.num_written)
+                say(f"round {r + 1}/{args.rounds}: gammaray {g:7.0f}  dataloader {dl:7.0f}  limit {lim:7.0f} records/s"
+                    f"   CPU ms/record {cpu_ms['gammaray'][-1]:.2f} / {cpu_ms['dataloader'][-1]:.2f} / "
+                    f"{cpu_ms['limit'][-1]:.2f}  (load {os.getloadavg()[0]:.1f})")
+            del loader
             ray.shutdown()
-        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", os.getcwd()),
-                                           "TOKENIZERS_PARALLELISM": "false"}})
-        say(f"warm-up: {cores} limit processes, {cores} DataLoader workers, Ray Data worker processes")
-        limit = LimitRunner(table, pp_local, cores)
-        stack.callback(limit.close)
-        loader = make_dataloader(spec, part, cores)
-        t_cold = time.perf_counter()
-        cold_g, _ = run_gammaray(spec, part)
-        result["gammaray_cold_start_s"] = round(time.perf_counter() - t_cold, 2)
-        run_dataloader(loader)
-        limit.run(1.0)
 
-        rates: dict[str, list[float]] = {"gammaray": [], "dataloader": [], "limit": []}
-        cpu_ms: dict[str, list[float]] = {"gammaray": [], "dataloader": [], "limit": []}
-        for r in range(args.rounds):
-            (g, ng), cg = timed(run_gammaray, spec, part)
-            (dl, nd), cd = timed(run_dataloader, loader)
-            duration = max(1.0, ng / max(g, 1.0))  # about as long as one gammaray pass
-            t0 = time.perf_counter()
-            lim, cl = timed(limit.run, duration)
-            n_lim = lim * duration
-            rates["gammaray"].append(g)
-            rates["dataloader"].append(dl)
-            rates["limit"].append(lim)
-            for k, c, n in (("gammaray", cg, ng), ("dataloader", cd, nd), ("limit", cl, n_lim)):
-                cpu_ms[k].append(1000.0 * c / max(1.0, n))
-            assert ng == nd == res.num_written, (ng, nd, res.num_written)
-            say(f"round {r + 1}/{args.rounds}: gammaray {g:7.0f}  dataloader {dl:7.0f}  limit {lim:7.0f} records/s"
-                f"   CPU ms/record {cpu_ms['gammaray'][-1]:.2f} / {cpu_ms['dataloader'][-1]:.2f} / "
-                f"{cpu_ms['limit'][-1]:.2f}  (load {os.getloadavg()[0]:.1f})")
-        del loader
-        ray.shutdown()
-
-        med = {k: statistics.median(v) for k, v in rates.items()}
-        result.update({
-            "gammaray_records_per_s": round(med["gammaray"], 1),
-            "dataloader_records_per_s": round(med["dataloader"], 1),
-            "limit_records_per_s": round(med["limit"], 1),
-            "gammaray_vs_limit": round(med["gammaray"] / med["limit"], 3),
-            "gammaray_vs_dataloader": round(med["gammaray"] / med["dataloader"], 3),
-            "rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
-            "cpu_ms_per_record": {k: round(statistics.median(v), 3) for k, v in cpu_ms.items()},
-            "load_average_1m": round(os.getloadavg()[0], 2),
-            "records": res.num_written, "cores": cores, "image_side": args.image_side,
-            "image_size": d.image_size, "augmented_views": not args.no_aug, "row_group_size": args.row_group_size,
-        })
+            med = {k: statistics.median(v) for k, v in rates.items()}
+            result.update({
+                "gammaray_records_per_s": round(med["gammaray"], 1),
+                "dataloader_records_per_s": round(med["dataloader"], 1),
+                "limit_records_per_s": round(med["limit"], 1),
+                "gammaray_vs_limit": round(med["gammaray"] / med["limit"], 3),
+                "gammaray_vs_dataloader": round(med["gammaray"] / med["dataloader"], 3),
+                "rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+                "cpu_ms_per_record": {k: round(statistics.median(v), 3) for k, v in cpu_ms.items()},
+                "load_average_1m": round(os.getloadavg()[0], 2),
+            })
 
         if args.train_steps > 0:
             # the demo model on a prefix of the catalogue, so that a short run crosses epoch starts
@@ -350,6 +353,8 @@ def run(args: argparse.Namespace, cfg=None) -> int:
                 f"epochs) for the data-stall fraction")
             result.update(run_training(cfg, sub, tok, f"{base}/bench/runs", args.train_steps, args.train_epochs))
             result["train_records"] = n_train
+            import ray
+
             ray.shutdown()
 
     say("")
@@ -363,12 +368,13 @@ def run(args: argparse.Namespace, cfg=None) -> int:
 
 def format_table(r: dict) -> str:
     lines = [f"ingest benchmark: {r['records']} records, {r['cores']} cores, {r['image_side']}px JPEG -> "
-             f"{r['image_size']}px{' + augmented views' if r['augmented_views'] else ''}, median of "
-             f"{len(r['rounds']['limit'])} rounds",
-             f"  gammaray (Ray Data stream from S3)     {r['gammaray_records_per_s']:8.0f} records/s  "
-             f"({100 * r['gammaray_vs_limit']:.0f}% of limit, {r['gammaray_vs_dataloader']:.2f}x DataLoader)",
-             f"  torch DataLoader (num_workers={r['cores']:<2})     {r['dataloader_records_per_s']:8.0f} records/s",
-             f"  limit (tight loop, bytes in memory)    {r['limit_records_per_s']:8.0f} records/s"]
+             f"{r['image_size']}px{' + augmented views' if r['augmented_views'] else ''}"]
+    if "rounds" in r:
+        lines[0] += f", median of {len(r['rounds']['limit'])} rounds"
+        lines += [f"  gammaray (Ray Data stream from S3)     {r['gammaray_records_per_s']:8.0f} records/s  "
+                  f"({100 * r['gammaray_vs_limit']:.0f}% of limit, {r['gammaray_vs_dataloader']:.2f}x DataLoader)",
+                  f"  torch DataLoader (num_workers={r['cores']:<2})     {r['dataloader_records_per_s']:8.0f} records/s",
+                  f"  limit (tight loop, bytes in memory)    {r['limit_records_per_s']:8.0f} records/s"]
     if "data_stall_fraction" in r:
         lines.append(f"  data-stall fraction, demo model        {r['data_stall_fraction']:8.3f}  "
                      f"(incl. first window {r['data_stall_fraction_incl_start']:.3f}; step {r['train_step_time_s']:.3f} s)")
