@@ -37,7 +37,7 @@ from .models import build_model, save_model
 from .objective import Objective
 
 
-class DataQualityError(RuntimeError):
+class DataQualityError(ValueError):
     """Too many bad records: the run stops instead of training on a broken catalogue."""
 
 
