@@ -24,6 +24,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -60,8 +61,11 @@ def timed(fn, *a):
 # (c) the machine's limit
 
 
-def _limit_worker(args: tuple) -> float:
-    table_bytes, spec, duration, start_at = args
+_LIMIT: dict[str, Any] = {}
+
+
+def _limit_init(table_bytes: bytes, spec, barrier) -> None:
+    """Once per limit process: the rows as in-memory batches, the tokenizer, one warm call."""
     import pyarrow as pa
 
     from pipelines.preprocess import preprocess_batch
@@ -71,12 +75,18 @@ def _limit_worker(args: tuple) -> float:
     groups = [table.slice(s, 128) for s in range(0, table.num_rows, 128)]
     batches = [{c: g.column(c).to_numpy(zero_copy_only=False) for c in g.column_names} for g in groups]
     tok = load_tokenizer(spec.tokenizer_uri, None)
-    preprocess_batch(batches[0], spec, tok)  # warm
-    while time.time() < start_at:
-        time.sleep(0.005)
+    preprocess_batch(batches[0], spec, tok)
+    _LIMIT.update(batches=batches, tok=tok, spec=spec, barrier=barrier)
+
+
+def _limit_worker(duration: float) -> float:
+    """The same per-record code in a tight loop for `duration` seconds; records/s of this process."""
+    from pipelines.preprocess import preprocess_batch
+
+    batches, tok, spec = _LIMIT["batches"], _LIMIT["tok"], _LIMIT["spec"]
+    _LIMIT["barrier"].wait()  # all processes start together, one call each
     t0 = time.perf_counter()
-    n = 0
-    i = 0
+    n = i = 0
     while time.perf_counter() - t0 < duration:
         b = batches[i % len(batches)]
         preprocess_batch(b, spec, tok)
@@ -92,14 +102,13 @@ class LimitRunner:
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, table.schema) as w:
             w.write_table(table)
-        self.table_bytes = sink.getvalue().to_pybytes()
-        self.spec, self.cores = spec, cores
-        self.pool = mp.get_context("spawn").Pool(cores)
+        ctx = mp.get_context("spawn")
+        self.cores = cores
+        self.pool = ctx.Pool(cores, initializer=_limit_init,
+                             initargs=(sink.getvalue().to_pybytes(), spec, ctx.Barrier(cores)))
 
     def run(self, duration: float) -> float:
-        start_at = time.time() + 1.0 + 0.2 * self.cores
-        rates = self.pool.map(_limit_worker, [(self.table_bytes, self.spec, duration, start_at)] * self.cores)
-        return float(sum(rates))
+        return float(sum(self.pool.map(_limit_worker, [duration] * self.cores, chunksize=1)))
 
     def close(self) -> None:
         self.pool.close()
@@ -199,6 +208,15 @@ def run_training(cfg, catalogue: str, tok: str, run_storage: str, steps: int, ep
                                 "run.storage": run_storage, "run.name": f"bench-ingest-{int(time.time())}",
                                 "train.epochs": epochs, "train.max_steps": steps, "train.log_every": 5,
                                 "train.checkpoint_every": 10**6})
+    import ray
+
+    if not ray.is_initialized():
+        # what `pretrain` would start (workers.train.ensure_ray), but always a fresh local instance:
+        # never attach to a cluster someone started with `ray start` on the same machine
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1), log_to_driver=True,
+                 logging_config=ray.LoggingConfig(log_level="WARNING"),
+                 runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+                                           "PYTHONPATH": os.environ.get("PYTHONPATH", os.getcwd())}})
     res = pretrain(cfg, progress=False)
     lines = [json.loads(x) for x in storage.read_bytes(storage.join(res.run_dir, "metrics.jsonl"), cfg.storage)
              .decode().splitlines() if x.strip()]
@@ -219,7 +237,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--row-group-size", type=int, default=128, help="rows per row group = per task (default 128)")
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1,
                    help="processes for the DataLoader and the limit, Ray CPUs for gammaray (default: all cores)")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--rounds", type=int, default=5,
                    help="interleaved measurement rounds; the median is reported (0 = only the data-stall run)")
     p.add_argument("--no-aug", action="store_true",
                    help="measure without the augmented second views (the demo model's path)")
@@ -294,7 +312,7 @@ def run(args: argparse.Namespace, cfg=None) -> int:
 
             if ray.is_initialized():
                 ray.shutdown()
-            ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False,
+            ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", os.getcwd()),
                                                "TOKENIZERS_PARALLELISM": "false"}})
             say(f"warm-up: {cores} limit processes, {cores} DataLoader workers, Ray Data worker processes")
@@ -309,13 +327,23 @@ def run(args: argparse.Namespace, cfg=None) -> int:
 
             rates: dict[str, list[float]] = {"gammaray": [], "dataloader": [], "limit": []}
             cpu_ms: dict[str, list[float]] = {"gammaray": [], "dataloader": [], "limit": []}
+            order_rng = random.Random(0)
+            last_pass_s = 3.0
             for r in range(args.rounds):
-                (g, ng), cg = timed(run_gammaray, spec, part)
-                (dl, nd), cd = timed(run_dataloader, loader)
-                duration = max(1.0, ng / max(g, 1.0))  # about as long as one gammaray pass
-                t0 = time.perf_counter()
-                lim, cl = timed(limit.run, duration)
-                n_lim = lim * duration
+                # the three in a shuffled order each round: load from other programs that comes and
+                # goes hits all three alike (and the median drops the outliers)
+                order = ["gammaray", "dataloader", "limit"]
+                order_rng.shuffle(order)
+                for which in order:
+                    if which == "gammaray":
+                        (g, ng), cg = timed(run_gammaray, spec, part)
+                        last_pass_s = ng / max(g, 1.0)
+                    elif which == "dataloader":
+                        (dl, nd), cd = timed(run_dataloader, loader)
+                    else:
+                        duration = max(1.0, last_pass_s)  # about as long as one pass
+                        lim, cl = timed(limit.run, duration)
+                        n_lim = lim * duration
                 rates["gammaray"].append(g)
                 rates["dataloader"].append(dl)
                 rates["limit"].append(lim)
