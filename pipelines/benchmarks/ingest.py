@@ -1,18 +1,20 @@
 """`gammaray bench ingest`: records/s through read + decode + augment + tokenize, three ways, one run.
 
-  (a) gammaray   the training stream (`pipelines.stream.iterate`): one Ray Data pipeline reading row
-                 groups from S3 and preprocessing them in 1-CPU tasks, batches of data.batch_size
+  (a) gammaray   the training stream (`pipelines.stream.iterate`): per epoch one Ray Data pipeline
+                 reading row groups from S3 and preprocessing them in 1-CPU tasks, batches of
+                 data.batch_size, the next epoch's pipeline started early as in training
   (b) dataloader a plain torch DataLoader over the same row groups, same read and preprocessing code,
-                 num_workers = cores
+                 num_workers = cores, persistent workers
   (c) limit      the same preprocessing code in a tight loop in `cores` processes, bytes already in
                  memory (no storage, no framework): what the machine can do at most
 
-Each is warmed up once (worker processes started, tokenizer loaded), then measured over full passes
-of the catalogue; the three are interleaved over `--rounds` rounds so that load from other
-processes hits them alike, and the median round is reported. Then a short training run of the demo
-model (the demo's config, 2 Ray Train workers) gives the data-stall fraction: the time the training
-step waited for data over the wall time, from the first report window on (the very first steps also
-pay for starting every worker process once per run; that figure is reported separately).
+Each is warmed up once (worker processes started, tokenizer loaded), then measured over passes of
+`--epochs-per-pass` epochs of the catalogue; the three run in a shuffled order in each of `--rounds`
+rounds so that load from other processes hits them alike, and the median round is reported, with
+the CPU time per record of each (this process and everything it started). Then a short training run
+of the demo model (the demo's config, 2 Ray Train workers) gives the data-stall fraction: the time
+the training step waited for data over the wall time, from the first report window on (the very
+first steps also pay for starting every worker process once per run; reported separately).
 
 The catalogue is synthetic (`pipelines.synthetic`), prepared into a local SeaweedFS S3 server that the
 benchmark starts (or into --storage).
@@ -149,13 +151,15 @@ def make_dataloader(spec, part, cores: int):
                           persistent_workers=True, prefetch_factor=2, multiprocessing_context="spawn")
 
 
-def run_dataloader(loader) -> tuple[float, int]:
+def run_dataloader(loader, epochs: int = 1) -> tuple[float, int]:
+    """`epochs` passes back to back (persistent workers: the DataLoader's way to keep them warm)."""
     from gammaray.schema import BatchKeys as K
 
     t0 = time.perf_counter()
     n = 0
-    for batch in loader:
-        n += int((np.asarray(batch[K.SAMPLE_INDEX]) >= 0).sum())
+    for _ in range(epochs):
+        for batch in loader:
+            n += int((np.asarray(batch[K.SAMPLE_INDEX]) >= 0).sum())
     return n / (time.perf_counter() - t0), n
 
 
@@ -163,13 +167,22 @@ def run_dataloader(loader) -> tuple[float, int]:
 # (a) gammaray's stream
 
 
-def run_gammaray(spec, part) -> tuple[float, int]:
-    from pipelines.stream import iterate
+def run_gammaray(spec, part, epochs: int = 1) -> tuple[float, int]:
+    """`epochs` passes back to back as training streams them: each epoch's pipeline starts once the
+    previous one has produced its last block (`iterate(..., then=...)`, data.prefetch_next_epoch)."""
+    import dataclasses
 
+    from pipelines.stream import close_prefetched, iterate
+
+    specs = [dataclasses.replace(spec, preprocess=dataclasses.replace(spec.preprocess, epoch=e))
+             for e in range(epochs)]
     t0 = time.perf_counter()
     n = 0
-    for sb in iterate(spec, part):
-        n += sb.size
+    for e, sp in enumerate(specs):
+        then = (specs[e + 1], part) if e + 1 < epochs else None
+        for sb in iterate(sp, part, then=then):
+            n += sb.size
+    close_prefetched()
     return n / (time.perf_counter() - t0), n
 
 
@@ -239,6 +252,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="processes for the DataLoader and the limit, Ray CPUs for gammaray (default: all cores)")
     p.add_argument("--rounds", type=int, default=5,
                    help="interleaved measurement rounds; the median is reported (0 = only the data-stall run)")
+    p.add_argument("--epochs-per-pass", type=int, default=2,
+                   help="epochs streamed back to back in one measured pass, as in training (default 2)")
     p.add_argument("--no-aug", action="store_true",
                    help="measure without the augmented second views (the demo model's path)")
     p.add_argument("--train-steps", type=int, default=120,
@@ -293,13 +308,16 @@ def run(args: argparse.Namespace, cfg=None) -> int:
                             jpeg_draft=d.jpeg_draft)
         settings = storage.S3Settings.from_config(cfg.storage)
         spec = StreamSpec(catalogue_uri=cat, units=tuple(units), preprocess=pp, settings=settings, shuffle=True,
-                          batch_size=d.batch_size, preprocess_num_cpus=1.0, prefetch_batches=d.prefetch_batches,
-                          concurrency=None, segments_per_task=d.preprocess_segments_per_task)
+                          batch_size=d.batch_size, preprocess_num_cpus=d.preprocess_num_cpus, prefetch_batches=d.prefetch_batches,
+                          concurrency=d.preprocess_concurrency, segments_per_task=d.preprocess_segments_per_task)
         part = [Segment(u, 0, units[u].num_rows) for u in range(len(units))]
 
         result.update({"records": res.num_written, "cores": cores, "image_side": args.image_side,
                        "image_size": d.image_size, "augmented_views": not args.no_aug,
-                       "row_group_size": args.row_group_size})
+                       "row_group_size": args.row_group_size, "epochs_per_pass": args.epochs_per_pass,
+                       "preprocess_num_cpus": d.preprocess_num_cpus,
+                       "preprocess_segments_per_task": d.preprocess_segments_per_task,
+                       "prefetch_batches": d.prefetch_batches})
         if args.rounds > 0:
             # bytes in memory for the limit: the same rows the stream reads, read once
             table = pa.concat_tables([read_segment_rows(cat, units[s.unit], s.unit, s.start, s.stop, 0, 0, True, settings,
@@ -336,10 +354,10 @@ def run(args: argparse.Namespace, cfg=None) -> int:
                 order_rng.shuffle(order)
                 for which in order:
                     if which == "gammaray":
-                        (g, ng), cg = timed(run_gammaray, spec, part)
+                        (g, ng), cg = timed(run_gammaray, spec, part, args.epochs_per_pass)
                         last_pass_s = ng / max(g, 1.0)
                     elif which == "dataloader":
-                        (dl, nd), cd = timed(run_dataloader, loader)
+                        (dl, nd), cd = timed(run_dataloader, loader, args.epochs_per_pass)
                     else:
                         duration = max(1.0, last_pass_s)  # about as long as one pass
                         lim, cl = timed(limit.run, duration)
@@ -349,7 +367,7 @@ def run(args: argparse.Namespace, cfg=None) -> int:
                 rates["limit"].append(lim)
                 for k, c, n in (("gammaray", cg, ng), ("dataloader", cd, nd), ("limit", cl, n_lim)):
                     cpu_ms[k].append(1000.0 * c / max(1.0, n))
-                assert ng == nd == res.num_written, (ng, nd, res.num_written)
+                assert ng == nd == res.num_written * args.epochs_per_pass, (ng, nd, res.num_written)
                 say(f"round {r + 1}/{args.rounds}: gammaray {g:7.0f}  dataloader {dl:7.0f}  limit {lim:7.0f} records/s"
                     f"   CPU ms/record {cpu_ms['gammaray'][-1]:.2f} / {cpu_ms['dataloader'][-1]:.2f} / "
                     f"{cpu_ms['limit'][-1]:.2f}  (load {os.getloadavg()[0]:.1f})")
