@@ -120,7 +120,11 @@ class DataConfig(Section):
     tokenizer: str | None = Field(
         None, description="Hugging Face tokenizer folder (local or s3://); None = <train>/../tokenizer."
     )
-    view_pair: Literal["image_text"] = Field("image_text", description="Which two fields form a positive pair.")
+    view_pair: Literal["image_text", "text_text", "image_image"] = Field(
+        "image_text", description="The positive pair: image_text (photo <-> text), text_text (text <-> its title in "
+                                  "data.pair_locale, from the record's `titles`), image_image (photo <-> one of `extra_images`)."
+    )
+    pair_locale: str | None = Field(None, description="view_pair=text_text: locale of the second text (a key of `titles`).")
     image_size: int = Field(64, ge=8, description="Side of the square image fed to the image tower.")
     max_image_pixels: int = Field(25_000_000, ge=1, description="Larger images are quarantined (decompression bombs).")
     max_text_tokens: int = Field(32, ge=4, description="Token budget per text (truncate/pad).")
@@ -130,12 +134,22 @@ class DataConfig(Section):
         16, description="Per-device micro-batch of good records; auto = ray.auto.global_batch_size / workers."
     )
     shuffle: bool = Field(True, description="Shuffle row groups and rows within them every epoch (seeded).")
-    preprocess_num_cpus: float = Field(1.0, gt=0, description="Logical CPUs per Ray Data read+preprocess task.")
+    preprocess_num_cpus: float = Field(
+        1.0, gt=0, description="Logical CPUs per Ray Data read+preprocess task (below 1 packs more worker processes per "
+                               "core: slower to start, rarely faster)."
+    )
     preprocess_concurrency: int | Literal["auto"] | None = Field(
         None, description="Max concurrent read+preprocess tasks per training worker (None = as resources allow, "
                           "auto = the cluster's CPUs left by the training workers, shared among them)."
     )
-    prefetch_batches: int = Field(4, ge=0, description="Batches prefetched by each training worker.")
+    preprocess_segments_per_task: int = Field(
+        1, ge=1, description="Row groups read+preprocessed by one Ray Data task (the task's batch; more = fewer, larger tasks)."
+    )
+    prefetch_batches: int = Field(4, ge=0, description="Preprocessed blocks (row groups) buffered ahead of each training worker.")
+    prefetch_next_epoch: bool = Field(
+        True, description="Start the next epoch's pipeline once the current one has produced its last block."
+    )
+    jpeg_draft: bool = Field(True, description="Decode JPEGs at a reduced scale (libjpeg DCT scaling) when much larger than needed.")
     quarantine_max_fraction: float = Field(
         0.05, ge=0.0, le=1.0, description="Abort the run if more than this fraction of records is bad."
     )
@@ -485,6 +499,11 @@ class GammarayConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "GammarayConfig":
+        d, st = self.data, self.loss.structure
+        if d.view_pair == "text_text" and not d.pair_locale:
+            raise ValueError("data.view_pair=text_text needs data.pair_locale (the locale of the second title)")
+        if d.view_pair != "image_text" and (st.lambda_sep > 0 or st.lambda_br > 0 or st.lambda_gc > 0):
+            raise ValueError(f"loss.structure regularizers need data.view_pair=image_text, got {d.view_pair}")
         image_cfg_size = self.model.image.hf_config.get("image_size")
         if image_cfg_size is not None and image_cfg_size != self.data.image_size:
             raise ValueError(

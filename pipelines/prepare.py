@@ -1,23 +1,28 @@
 """`gammaray prepare SRC DST`: raw catalogue -> validated Parquet shards with a dense sample_index.
 
-SRC is a JSONL, CSV or Parquet file (or a directory of them) on any fsspec filesystem; images are
-inline bytes, paths relative to the source file, or URIs. DST receives
+SRC is a JSONL, CSV, Parquet or WebDataset (.tar, img2dataset layout) file, or a folder of them, on
+any storage (local path, file://, s3://, any fsspec URL). Images are inline bytes, paths relative to
+the source file, or URIs on any of those filesystems. A column map renames source columns to record
+fields. DST receives
 
     DST/shards/part-00000.parquet ...   RECORD_SCHEMA rows, row groups of `row_group_size`
-    DST/manifest.json                    counts, schema version, source, shards and their row groups
+    DST/manifest.json                    counts, schema version, sources, shards and their row groups
     DST/quarantine/prepare-00000.parquet every rejected record: product_id, source, row, reason
 
-Re-running on the same source writes nothing new (byte-identical shards, same indices); records
-whose product_id is new get the next free sample_index and go to new shards (append-safe).
+Shards are cut at `max_records_per_shard` records or `target_shard_bytes` bytes, whichever comes
+first. The source is streamed: memory holds one shard plus the validation window, not the catalogue.
+
+Idempotent: re-running on the same source writes nothing (same shards, same indices); preparing the
+same source into an empty destination writes byte-identical shards. Append-safe: records whose
+product_id is new get the next free sample_index and go to new shards; old shards are never
+rewritten, so old indices (the keys of the per-sample loss state) never move.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
-import json
-import os
+import itertools
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,33 +33,28 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from gammaray.config import StorageConfig
-from gammaray.schema import QUARANTINE_SCHEMA, RECORD_SCHEMA, SCHEMA_VERSION, Reason
+from gammaray.schema import (QUARANTINE_SCHEMA, RECORD_SCHEMA, REQUIRED_FIELDS, SCHEMA_VERSION, Invalid, Limits,
+                             Reason, check_readable, validate_record)
 
 from . import storage
 from .images import BadImage, open_checked
+from .readers import RawRow, read_source, source_files
 
 RECORD_FIELDS = [f.name for f in RECORD_SCHEMA if f.name != "sample_index"]
-TEXT_FIELDS = ("title", "description", "category", "locale")
 
 
 @dataclass
 class PrepareOptions:
     column_map: dict[str, str] = field(default_factory=dict)  # record field -> source column
     max_records_per_shard: int = 1000
+    target_shard_bytes: int = 128 * 2**20
     row_group_size: int = 128
     max_image_pixels: int = 25_000_000
     max_text_chars: int = 8192
     check_images: bool = True
+    check_draft_side: int | None = 256  # JPEGs are checked at a reduced decode scale (every byte still read)
     io_threads: int = 8
     progress: bool = True
-
-
-@dataclass
-class RawRow:
-    source: str
-    row: int
-    values: dict[str, Any] | None  # None when the row itself could not be read
-    error: tuple[str, str] | None = None  # (reason, detail) found while reading
 
 
 @dataclass
@@ -67,6 +67,7 @@ class PrepareResult:
     quarantine_by_reason: dict[str, int]
     shards_written: list[str]
     manifest: dict
+    wall_s: float = 0.0
 
     def summary(self) -> str:
         lines = [
@@ -78,108 +79,16 @@ class PrepareResult:
         ]
         for reason, n in sorted(self.quarantine_by_reason.items()):
             lines.append(f"    {reason:<22} {n}")
-        lines.append(f"  total in catalogue {self.manifest['num_records']}")
+        lines.append(f"  total in catalogue {self.manifest['num_records']}  (schema version {self.manifest['schema_version']})")
+        if self.wall_s:
+            lines.append(f"  time               {self.wall_s:.1f} s")
         return "\n".join(lines)
 
-
-# --------------------------------------------------------------------------------------------
-# reading raw sources
-
-
-def _source_files(src: str, storage_cfg: StorageConfig | None) -> list[str]:
-    fs, path = storage.resolve(src, storage_cfg)
-    import pyarrow.fs as pafs
-
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"prepare: source not found: {src}")
-    if info.type == pafs.FileType.File:
-        return [src]
-    files = [f for f in storage.list_files(src, storage=storage_cfg) if f.endswith((".jsonl", ".json", ".csv", ".parquet"))]
-    if not files:
-        raise FileNotFoundError(f"prepare: no .jsonl/.csv/.parquet files under {src}")
-    return files
-
-
-def _read_source(uri: str, storage_cfg: StorageConfig | None) -> Iterator[RawRow]:
-    if uri.endswith(".parquet"):
-        yield from _read_parquet(uri, storage_cfg)
-        return
-    data = storage.read_bytes(uri, storage_cfg)
-    if uri.endswith(".csv"):
-        yield from _read_csv(uri, data)
-    else:
-        yield from _read_jsonl(uri, data)
-
-
-def _read_jsonl(uri: str, data: bytes) -> Iterator[RawRow]:
-    for i, line in enumerate(data.splitlines()):
-        if not line.strip():
-            continue
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as err:
-            loose = _loads_or_none(line.decode("utf-8", errors="replace"))
-            yield RawRow(uri, i, loose, (Reason.NON_UTF8_TEXT, f"byte {err.start}: {err.reason}"))
-            continue
-        obj = _loads_or_none(text)
-        if not isinstance(obj, dict):
-            yield RawRow(uri, i, None, (Reason.WRONG_TYPE, "line is not a JSON object"))
-            continue
-        yield RawRow(uri, i, obj)
-
-
-def _loads_or_none(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return None
-
-
-def _read_csv(uri: str, data: bytes) -> Iterator[RawRow]:
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = None
-    if text is None:
-        # decode line by line so one bad row does not sink the file
-        lines = data.splitlines(keepends=True)
-        header = lines[0].decode("utf-8-sig", errors="replace")
-        reader = csv.reader([header])
-        cols = [c.strip() for c in next(reader)]
-        for i, raw in enumerate(lines[1:], start=1):
-            try:
-                vals = next(csv.reader([raw.decode("utf-8")]))
-                yield RawRow(uri, i, dict(zip(cols, vals)))
-            except UnicodeDecodeError as err:
-                vals = next(csv.reader([raw.decode("utf-8", errors="replace")]))
-                yield RawRow(uri, i, dict(zip(cols, vals)), (Reason.NON_UTF8_TEXT, f"byte {err.start}"))
-        return
-    reader = csv.DictReader(io.StringIO(text))
-    reader.fieldnames = [c.strip() for c in (reader.fieldnames or [])]  # headers are often space-padded
-    for i, row in enumerate(reader, start=1):
-        yield RawRow(uri, i, {k: (v.strip() if isinstance(v, str) else v) for k, v in row.items()})
-
-
-def _read_parquet(uri: str, storage_cfg: StorageConfig | None) -> Iterator[RawRow]:
-    fs, path = storage.resolve(uri, storage_cfg)
-    try:
-        pf = pq.ParquetFile(fs.open_input_file(path))
-        n_rows = pf.metadata.num_rows
-    except Exception as err:  # noqa: BLE001 - a corrupt footer shows up as many error types
-        yield RawRow(uri, -1, None, (Reason.UNREADABLE_SHARD, f"{type(err).__name__}: {err}"))
-        return
-    row = 0
-    try:
-        for batch in pf.iter_batches(batch_size=1024):
-            for rec in batch.to_pylist():
-                yield RawRow(uri, row, rec)
-                row += 1
-    except Exception as err:  # noqa: BLE001
-        # the footer was readable, so we know how many records the damaged part held
-        detail = f"{type(err).__name__}: {err}"
-        for r in range(row, n_rows):
-            yield RawRow(uri, r, None, (Reason.UNREADABLE_SHARD, detail))
+    def to_json(self) -> dict:
+        return {"num_input": self.num_input, "num_written": self.num_written,
+                "num_already_present": self.num_already_present, "num_quarantined": self.num_quarantined,
+                "quarantine_by_reason": self.quarantine_by_reason, "shards_written": self.shards_written,
+                "num_records": self.manifest["num_records"], "wall_s": round(self.wall_s, 2)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,73 +102,60 @@ def _apply_map(values: dict[str, Any], column_map: dict[str, str]) -> dict[str, 
     return out
 
 
+def _missing_columns(raw: RawRow, opts: PrepareOptions) -> list[str]:
+    if raw.columns is None:
+        return []
+    return [f for f in REQUIRED_FIELDS if opts.column_map.get(f, f) not in raw.columns]
+
+
 def _load_image(value: Any, source_uri: str, storage_cfg: StorageConfig | None) -> bytes:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if isinstance(value, dict) and "bytes" in value:  # HF datasets / parquet struct style
         return bytes(value["bytes"] or b"")
     if not isinstance(value, str):
-        raise BadImage(Reason.WRONG_TYPE, f"image must be bytes or a path/URI, got {type(value).__name__}")
+        raise Invalid(Reason.WRONG_TYPE, f"field 'image' must be bytes or a path/URI, got {type(value).__name__}")
     ref = value.strip()
-    if "://" not in ref and not os.path.isabs(ref):
-        base = source_uri.rsplit("/", 1)[0] if "/" in source_uri else "."
-        ref = storage.join(base, ref)
+    if not ref:
+        raise Invalid(Reason.MISSING_FIELD, "field 'image' is an empty path")
+    if not storage.is_absolute(ref):
+        ref = storage.join(storage.parent(source_uri), ref)
     try:
         return storage.read_bytes(ref, storage_cfg)
-    except (FileNotFoundError, OSError) as err:
-        if isinstance(err, FileNotFoundError) or "not found" in str(err).lower() or "no such" in str(err).lower():
-            raise BadImage(Reason.IMAGE_NOT_FOUND, f"{ref}") from None
-        raise
+    except Exception as err:  # noqa: BLE001 - classify: a missing file is data, anything else is not
+        if storage.is_not_found(err):
+            raise Invalid(Reason.IMAGE_NOT_FOUND, ref) from None
+        raise RuntimeError(f"prepare: cannot read image {ref} (record {source_uri}): {type(err).__name__}: {err}") from err
 
 
-def _validate(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfig | None) -> tuple[dict | None, tuple[str, str] | None]:
+def validate_raw(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfig | None) -> tuple[dict | None, tuple[str, str] | None]:
     """(clean record without sample_index, None) or (None, (reason, detail))."""
     if raw.error is not None:
         return None, raw.error
+    missing = _missing_columns(raw, opts)
+    if missing:
+        return None, (Reason.MISSING_COLUMN, f"source has no column for {missing}"
+                      + (f" (mapped from {[opts.column_map[m] for m in missing if m in opts.column_map]})"
+                         if any(m in opts.column_map for m in missing) else ""))
     v = _apply_map(raw.values or {}, opts.column_map)
-    for name in ("product_id", "title", "image"):
-        if v.get(name) is None or (isinstance(v.get(name), str) and name == "image" and not v[name].strip()):
-            return None, (Reason.MISSING_FIELD, f"field '{name}' is missing")
-    if isinstance(v["product_id"], (int,)) and not isinstance(v["product_id"], bool):
-        v["product_id"] = str(v["product_id"])
-    for name in ("product_id",) + TEXT_FIELDS:
-        if v.get(name) is not None and not isinstance(v[name], str):
-            return None, (Reason.WRONG_TYPE, f"field '{name}' must be a string, got {type(v[name]).__name__}")
-    if not v["title"].strip():
-        return None, (Reason.EMPTY_TEXT, "title is empty")
-    for name in ("title", "description"):
-        text = v.get(name)
-        if text is not None:
-            if "\ufffd" in text:
-                return None, (Reason.NON_UTF8_TEXT, f"field '{name}' holds undecodable bytes")
-            if len(text) > opts.max_text_chars:
-                return None, (Reason.OVERSIZED_TEXT, f"field '{name}' has {len(text)} chars > {opts.max_text_chars}")
-    attrs = v.get("attributes")
-    if attrs is not None and not isinstance(attrs, dict):
-        if isinstance(attrs, str):
-            try:
-                attrs = json.loads(attrs)
-            except json.JSONDecodeError:
-                attrs = None
-        if not isinstance(attrs, dict):
-            return None, (Reason.WRONG_TYPE, "field 'attributes' must be a mapping")
+    limits = Limits(max_text_chars=opts.max_text_chars)
     try:
-        image = _load_image(v["image"], raw.source, storage_cfg)
+        if v.get("image") is None:
+            raise Invalid(Reason.MISSING_FIELD, "field 'image' is missing")
+        # cheap checks first: no image fetch for a record that is bad anyway
+        validate_record({**v, "image": b"x", "extra_images": None}, limits)
+        v["image"] = _load_image(v["image"], raw.source, storage_cfg)
+        extra = v.get("extra_images")
+        if extra is not None and isinstance(extra, (list, tuple)):
+            v["extra_images"] = [_load_image(e, raw.source, storage_cfg) for e in extra]
+        rec = validate_record(v, limits)
         if opts.check_images:
-            open_checked(image, opts.max_image_pixels)
-        elif not image:
-            raise BadImage(Reason.IMAGE_EMPTY, "zero-byte image")
-    except BadImage as bad:
+            draft = (opts.check_draft_side, opts.check_draft_side) if opts.check_draft_side else None
+            open_checked(rec["image"], opts.max_image_pixels, draft)
+            for b in rec["extra_images"] or ():
+                open_checked(b, opts.max_image_pixels, draft)
+    except (Invalid, BadImage) as bad:
         return None, (bad.reason, bad.detail)
-    rec = {
-        "product_id": v["product_id"].strip(),
-        "title": " ".join(v["title"].split()),
-        "description": v.get("description"),
-        "category": v.get("category"),
-        "image": image,
-        "locale": v.get("locale"),
-        "attributes": sorted((str(k), str(val)) for k, val in attrs.items()) if attrs else None,
-    }
     return rec, None
 
 
@@ -278,74 +174,116 @@ def _write_shard(rows: list[dict], uri: str, row_group_size: int, storage_cfg: S
             "first_sample_index": rows[0]["sample_index"], "bytes": len(data)}
 
 
+def _record_bytes(rec: dict) -> int:
+    n = len(rec["image"]) + sum(len(b) for b in rec.get("extra_images") or ())
+    return n + sum(len(rec.get(k) or "") for k in ("title", "description", "category")) + 64
+
+
+def _validated(rows: Iterator[RawRow], opts: PrepareOptions, storage_cfg: StorageConfig | None):
+    """(raw, (rec, err)) in source order; a bounded window of records validated in parallel threads
+    (image fetches are I/O; decoding releases the GIL)."""
+    window = max(1, opts.io_threads) * 16
+    with ThreadPoolExecutor(max_workers=max(1, opts.io_threads)) as pool:
+        while True:
+            chunk = list(itertools.islice(rows, window))
+            if not chunk:
+                return
+            yield from zip(chunk, pool.map(lambda r: validate_raw(r, opts, storage_cfg), chunk))
+
+
+def new_manifest() -> dict:
+    return {"schema_version": SCHEMA_VERSION, "num_records": 0, "next_sample_index": 0, "shards": [],
+            "sources": [], "categories": [], "locales": [], "quarantine": {"count": 0, "by_reason": {}, "files": []}}
+
+
 def prepare(
     src: str,
     dst: str,
     options: PrepareOptions | None = None,
     storage_cfg: StorageConfig | None = None,
 ) -> PrepareResult:
+    import time
+
+    t0 = time.perf_counter()
     opts = options or PrepareOptions()
+    if opts.row_group_size < 1 or opts.max_records_per_shard < 1 or opts.target_shard_bytes < 1:
+        raise ValueError("prepare: row_group_size, max_records_per_shard and target_shard_bytes must be >= 1")
+    unknown = sorted(set(opts.column_map) - set(RECORD_FIELDS))
+    if unknown:
+        raise ValueError(f"prepare: --map names unknown record field(s) {unknown}; fields: {RECORD_FIELDS}")
     manifest_uri = storage.join(dst, "manifest.json")
-    manifest: dict[str, Any]
     if storage.exists(manifest_uri, storage_cfg):
         manifest = storage.read_json(manifest_uri, storage_cfg)
-        if manifest.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"{manifest_uri}: schema_version {manifest.get('schema_version')} != {SCHEMA_VERSION}")
+        version = check_readable(manifest.get("schema_version"), manifest_uri)
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"{manifest_uri}: catalogue has schema version {version}; appending needs version "
+                             f"{SCHEMA_VERSION}: prepare into a new destination")
+        manifest.setdefault("locales", [])
         known_ids = _known_ids(dst, manifest, storage_cfg)
         known_bad = _known_quarantine(dst, manifest, storage_cfg)
     else:
-        manifest = {"schema_version": SCHEMA_VERSION, "num_records": 0, "next_sample_index": 0, "shards": [],
-                    "sources": [], "categories": [], "quarantine": {"count": 0, "by_reason": {}, "files": []}}
-        known_ids = set()
-        known_bad = set()
+        manifest = new_manifest()
+        known_ids, known_bad = set(), set()
 
-    files = _source_files(src, storage_cfg)
-    raw_rows = [r for f in files for r in _read_source(f, storage_cfg)]
+    files = source_files(src, storage_cfg)
+    rows = (r for f in files for r in read_source(f, storage_cfg))
 
     seen: set[str] = set(known_ids)
-    accepted: list[dict] = []
     quarantined: list[dict] = []
-    already = 0
-
-    def check(raw: RawRow):
-        return raw, _validate(raw, opts, storage_cfg)
-
-    bar = tqdm(total=len(raw_rows), desc="prepare: validate", unit="rec", disable=not opts.progress)
-    with ThreadPoolExecutor(max_workers=opts.io_threads) as pool:
-        # map keeps input order: sample indices follow the source order on every run
-        for raw, (rec, err) in pool.map(check, raw_rows):
-            bar.update(1)
-            pid = None if raw.values is None else raw.values.get(opts.column_map.get("product_id", "product_id"))
-            if (raw.source, raw.row) in known_bad:
-                already += 1  # quarantined by an earlier run: keep the run idempotent
-                continue
-            if err is None and rec is not None:
-                if rec["product_id"] in known_ids:
-                    already += 1
-                    continue
-                if rec["product_id"] in seen:
-                    err = (Reason.DUPLICATE_ID, f"product_id {rec['product_id']!r} appears earlier in the source")
-                else:
-                    seen.add(rec["product_id"])
-                    accepted.append(rec)
-                    continue
-            quarantined.append({"product_id": None if pid is None else str(pid), "source": raw.source,
-                                "row": raw.row, "reason": err[0], "detail": err[1][:500], "stage": "prepare",
-                                "epoch": None})
-    bar.close()
-
+    num_input = already = written = 0
     next_index = int(manifest["next_sample_index"])
-    for k, rec in enumerate(accepted):
-        rec["sample_index"] = next_index + k
-
-    shard_uris = []
     first_part = len(manifest["shards"])
-    chunks = [accepted[s : s + opts.max_records_per_shard] for s in range(0, len(accepted), opts.max_records_per_shard)]
-    for j, chunk in enumerate(tqdm(chunks, desc="prepare: write shards", unit="shard", disable=not opts.progress)):
-        rel = f"shards/part-{first_part + j:05d}.parquet"
-        info = _write_shard(chunk, storage.join(dst, rel), opts.row_group_size, storage_cfg)
+    shard_uris: list[str] = []
+    buffer: list[dict] = []
+    buffer_bytes = 0
+    cats = set(manifest.get("categories", []))
+    locales = set(manifest.get("locales", []))
+
+    def flush() -> None:
+        nonlocal buffer, buffer_bytes
+        if not buffer:
+            return
+        rel = f"shards/part-{first_part + len(shard_uris):05d}.parquet"
+        info = _write_shard(buffer, storage.join(dst, rel), opts.row_group_size, storage_cfg)
         manifest["shards"].append({"path": rel, **info})
         shard_uris.append(storage.join(dst, rel))
+        buffer, buffer_bytes = [], 0
+
+    bar = tqdm(desc="prepare", unit="rec", disable=not opts.progress, dynamic_ncols=True)
+    for raw, (rec, err) in _validated(rows, opts, storage_cfg):
+        num_input += 1
+        bar.update(1)
+        pid = _raw_product_id(raw, opts)
+        if (raw.source, raw.row) in known_bad:
+            already += 1  # quarantined by an earlier run: keep the run idempotent
+            continue
+        if err is None and rec is not None:
+            if rec["product_id"] in known_ids:
+                already += 1
+                continue
+            if rec["product_id"] in seen:
+                err = (Reason.DUPLICATE_ID, f"product_id {rec['product_id']!r} appears earlier in the source")
+            else:
+                seen.add(rec["product_id"])
+                rec["sample_index"] = next_index
+                next_index += 1
+                written += 1
+                if rec.get("category"):
+                    cats.add(rec["category"])
+                if rec.get("locale"):
+                    locales.add(rec["locale"])
+                for loc, _ in rec.get("titles") or ():
+                    locales.add(loc)
+                buffer.append(rec)
+                buffer_bytes += _record_bytes(rec)
+                if len(buffer) >= opts.max_records_per_shard or buffer_bytes >= opts.target_shard_bytes:
+                    flush()
+                bar.set_postfix(shards=len(shard_uris), bad=len(quarantined), refresh=False)
+                continue
+        quarantined.append({"product_id": pid, "source": raw.source, "row": raw.row, "reason": err[0],
+                            "detail": str(err[1])[:500], "stage": "prepare", "epoch": None})
+    flush()
+    bar.close()
 
     by_reason = Counter(q["reason"] for q in quarantined)
     if quarantined:
@@ -355,35 +293,35 @@ def prepare(
         storage.write_bytes(storage.join(dst, qrel), buf.getvalue(), storage_cfg)
         manifest["quarantine"]["files"].append(qrel)
         manifest["quarantine"]["count"] += len(quarantined)
-        for reason, n in by_reason.items():
+        for reason, n in sorted(by_reason.items()):
             manifest["quarantine"]["by_reason"][reason] = manifest["quarantine"]["by_reason"].get(reason, 0) + n
 
-    if accepted or quarantined or src not in manifest["sources"]:
-        manifest["num_records"] = int(manifest["num_records"]) + len(accepted)
-        manifest["next_sample_index"] = next_index + len(accepted)
+    if written or quarantined or src not in manifest["sources"]:
+        manifest["num_records"] = int(manifest["num_records"]) + written
+        manifest["next_sample_index"] = next_index
         if src not in manifest["sources"]:
             manifest["sources"].append(src)
-        cats = set(manifest.get("categories", [])) | {r["category"] for r in accepted if r.get("category")}
         manifest["categories"] = sorted(cats)
+        manifest["locales"] = sorted(locales)
         storage.write_json(manifest_uri, manifest, storage_cfg)
 
-    return PrepareResult(
-        dst=dst,
-        num_input=len(raw_rows),
-        num_written=len(accepted),
-        num_already_present=already,
-        num_quarantined=len(quarantined),
-        quarantine_by_reason=dict(by_reason),
-        shards_written=shard_uris,
-        manifest=manifest,
-    )
+    return PrepareResult(dst=dst, num_input=num_input, num_written=written, num_already_present=already,
+                         num_quarantined=len(quarantined), quarantine_by_reason=dict(by_reason),
+                         shards_written=shard_uris, manifest=manifest, wall_s=time.perf_counter() - t0)
+
+
+def _raw_product_id(raw: RawRow, opts: PrepareOptions) -> str | None:
+    if raw.values is None:
+        return None
+    v = raw.values.get(opts.column_map.get("product_id", "product_id"))
+    return None if v is None else str(v)[:512]
 
 
 def _known_ids(dst: str, manifest: dict, storage_cfg: StorageConfig | None) -> set[str]:
     ids: set[str] = set()
     for shard in manifest["shards"]:
-        fs, path = storage.resolve(storage.join(dst, shard["path"]), storage_cfg)
-        table = pq.read_table(path, filesystem=fs, columns=["product_id"])
+        with storage.open_random_access(storage.join(dst, shard["path"]), storage_cfg) as f:
+            table = pq.read_table(f, columns=["product_id"])
         ids.update(table.column("product_id").to_pylist())
     return ids
 
@@ -391,8 +329,8 @@ def _known_ids(dst: str, manifest: dict, storage_cfg: StorageConfig | None) -> s
 def _known_quarantine(dst: str, manifest: dict, storage_cfg: StorageConfig | None) -> set[tuple[str, int]]:
     out: set[tuple[str, int]] = set()
     for rel in manifest["quarantine"]["files"]:
-        fs, path = storage.resolve(storage.join(dst, rel), storage_cfg)
-        t = pq.read_table(path, filesystem=fs, columns=["source", "row"])
+        with storage.open_random_access(storage.join(dst, rel), storage_cfg) as f:
+            t = pq.read_table(f, columns=["source", "row"])
         out.update(zip(t.column("source").to_pylist(), t.column("row").to_pylist()))
     return out
 
@@ -401,4 +339,17 @@ def load_manifest(uri: str, storage_cfg: StorageConfig | None = None) -> dict:
     manifest_uri = storage.join(uri, "manifest.json")
     if not storage.exists(manifest_uri, storage_cfg):
         raise FileNotFoundError(f"no manifest.json under {uri}: run `gammaray prepare` first")
-    return storage.read_json(manifest_uri, storage_cfg)
+    manifest = storage.read_json(manifest_uri, storage_cfg)
+    check_readable(manifest.get("schema_version"), manifest_uri)
+    return manifest
+
+
+def read_quarantine(uri: str, manifest: dict | None = None, storage_cfg: StorageConfig | None = None) -> pa.Table:
+    """Every record `prepare` rejected for the catalogue at uri (all runs), as one table."""
+    manifest = manifest or load_manifest(uri, storage_cfg)
+    tables = []
+    for rel in manifest["quarantine"]["files"]:
+        with storage.open_random_access(storage.join(uri, rel), storage_cfg) as f:
+            tables.append(pq.read_table(f))
+    return pa.concat_tables(tables) if tables else QUARANTINE_SCHEMA.empty_table()
+

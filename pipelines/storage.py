@@ -1,4 +1,5 @@
-"""Where bytes live: local paths, file:// and s3:// URIs, through pyarrow and s3fs.
+"""Where bytes live: local paths, file:// and s3:// URIs through pyarrow (and s3fs), any other
+fsspec URL (memory://, http(s)://, gs://, ... whatever fsspec has a driver for) through fsspec.
 
 Endpoint and credentials come from `StorageConfig` (names of environment variables) or the standard
 AWS environment variables. Transient errors are retried with exponential backoff.
@@ -24,6 +25,36 @@ T = TypeVar("T")
 
 def is_remote(uri: str) -> bool:
     return uri.startswith("s3://")
+
+
+def protocol(uri: str) -> str:
+    """'s3', 'file' (also for plain paths) or another fsspec protocol ('memory', 'https', ...)."""
+    if uri.startswith("s3://"):
+        return "s3"
+    if "://" not in uri or uri.startswith("file://"):
+        return "file"
+    return uri.split("://", 1)[0]
+
+
+def is_fsspec_only(uri: str) -> bool:
+    return protocol(uri) not in ("s3", "file")
+
+
+def _fsspec_generic(uri: str):
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def parent(uri: str) -> str:
+    """The folder holding uri (same scheme)."""
+    u = uri.rstrip("/")
+    return u.rsplit("/", 1)[0] if "/" in u.split("://", 1)[-1] else (u.split("://", 1)[0] + "://" if "://" in u else ".")
+
+
+def is_absolute(ref: str) -> bool:
+    return "://" in ref or os.path.isabs(ref)
 
 
 def join(base: str, *parts: str) -> str:
@@ -154,21 +185,58 @@ def _looks_transient(err: BaseException) -> bool:
     )
 
 
+def is_not_found(err: BaseException) -> bool:
+    if isinstance(err, FileNotFoundError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, OSError) and any(s in text for s in ("not found", "no such", "does not exist", "nosuchkey", "404"))
+
+
 def read_bytes(uri: str, storage: StorageConfig | S3Settings | None = None) -> bytes:
+    retries = _retries(storage)
+    if is_fsspec_only(uri):
+        fs, path = _fsspec_generic(uri)
+        return with_retries(lambda: fs.cat_file(path), retries=retries, what=uri)
     fs, path = resolve(uri, storage)
 
     def _read() -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
 
-    return with_retries(_read, what=uri)
+    return with_retries(_read, retries=retries, what=uri)
+
+
+def open_input(uri: str, storage: StorageConfig | S3Settings | None = None):
+    """A sequential binary file object (streaming: a tar shard need not fit in memory)."""
+    if is_fsspec_only(uri):
+        fs, path = _fsspec_generic(uri)
+        return with_retries(lambda: fs.open(path, "rb"), retries=_retries(storage), what=uri)
+    fs, path = resolve(uri, storage)
+    return with_retries(lambda: fs.open_input_stream(path), retries=_retries(storage), what=uri)
+
+
+def open_random_access(uri: str, storage: StorageConfig | S3Settings | None = None):
+    """A seekable binary file object (Parquet footers)."""
+    if is_fsspec_only(uri):
+        fs, path = _fsspec_generic(uri)
+        return with_retries(lambda: fs.open(path, "rb"), retries=_retries(storage), what=uri)
+    fs, path = resolve(uri, storage)
+    return with_retries(lambda: fs.open_input_file(path), retries=_retries(storage), what=uri)
+
+
+def _retries(storage: StorageConfig | S3Settings | None) -> int:
+    return storage.retries if storage is not None else 5
 
 
 def write_bytes(uri: str, data: bytes, storage: StorageConfig | S3Settings | None = None) -> None:
+    if is_fsspec_only(uri):
+        gfs, gpath = _fsspec_generic(uri)
+        with_retries(lambda: gfs.pipe_file(gpath, data), retries=_retries(storage), what=uri)
+        return
     fs, path = resolve(uri, storage)
-    parent = path.rsplit("/", 1)[0]
+    folder = path.rsplit("/", 1)[0]
     if not is_remote(uri):
-        os.makedirs(parent, exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
 
     def _write() -> None:
         with fs.open_output_stream(path) as f:
@@ -186,12 +254,26 @@ def write_json(uri: str, obj: Any, storage: StorageConfig | S3Settings | None = 
 
 
 def exists(uri: str, storage: StorageConfig | S3Settings | None = None) -> bool:
+    if is_fsspec_only(uri):
+        fs, path = _fsspec_generic(uri)
+        return fs.exists(path)
     fs, path = resolve(uri, storage)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def list_files(uri: str, suffix: str = "", storage: StorageConfig | S3Settings | None = None) -> list[str]:
+def is_dir(uri: str, storage: StorageConfig | S3Settings | None = None) -> bool:
+    if is_fsspec_only(uri):
+        fs, path = _fsspec_generic(uri)
+        return fs.isdir(path)
+    fs, path = resolve(uri, storage)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def list_files(uri: str, suffix: str | tuple[str, ...] = "", storage: StorageConfig | S3Settings | None = None) -> list[str]:
     """Sorted URIs of files under uri (recursive) ending with suffix."""
+    if is_fsspec_only(uri):
+        fs, path = _fsspec_generic(uri)
+        return sorted(fs.unstrip_protocol(p) for p in fs.find(path) if p.endswith(suffix))
     fs, path = resolve(uri, storage)
     info = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     prefix = "s3://" if is_remote(uri) else ""

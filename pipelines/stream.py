@@ -12,6 +12,7 @@ parts of all workers can be re-cut for a different worker count.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
@@ -20,15 +21,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gammaray.schema import BatchKeys as K
+from gammaray.schema import RECORD_SCHEMA, BatchKeys as K, Reason, SchemaError, check_table_schema, conform_table
 
 from . import storage
-from .preprocess import PreprocessSpec, preprocess_batch
-from .tokenizer import load as load_tokenizer
+from .preprocess import PIXEL_KEYS, PreprocessSpec, normalise, preprocess_batch
+from .tokenizer import load_fast as load_tokenizer
 
 MODEL_KEYS = (K.SAMPLE_INDEX, K.PIXELS, K.PIXELS_AUG, K.INPUT_IDS, K.ATTENTION_MASK, K.INPUT_IDS_AUG,
-              K.ATTENTION_MASK_AUG)
+              K.ATTENTION_MASK_AUG, K.PIXELS_PAIR, K.INPUT_IDS_PAIR, K.ATTENTION_MASK_PAIR)
 READ_COLUMNS = ["product_id", "sample_index", "title", "description", "category", "image"]
+UINT8_TRANSPORT = True  # see build_dataset; False only to measure the difference
 
 
 # --------------------------------------------------------------------------------------------
@@ -42,6 +44,7 @@ class Unit:
     shard: str        # path relative to the catalogue root
     row_group: int
     num_rows: int
+    first_row: int = 0  # row of the shard where this row group starts
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,13 @@ class Segment:
 
 
 def units_from_manifest(manifest: dict) -> list[Unit]:
-    return [Unit(s["path"], g, n) for s in manifest["shards"] for g, n in enumerate(s["row_groups"])]
+    out = []
+    for s in manifest["shards"]:
+        first = 0
+        for g, n in enumerate(s["row_groups"]):
+            out.append(Unit(s["path"], g, n, first))
+            first += n
+    return out
 
 
 def unit_order(units: list[Unit], epoch: int, seed: int, shuffle: bool) -> list[int]:
@@ -128,21 +137,63 @@ def part_from_json(obj: list[list[int]]) -> list[Segment]:
 
 @functools.lru_cache(maxsize=64)
 def _parquet_file(uri: str, settings: storage.S3Settings | None) -> pq.ParquetFile:
-    fs, path = storage.resolve(uri, settings)
-    return storage.with_retries(lambda: pq.ParquetFile(fs.open_input_file(path)), retries=settings.retries if settings else 5)
+    retries = settings.retries if settings else 5
+    return storage.with_retries(lambda: pq.ParquetFile(storage.open_random_access(uri, settings)), retries=retries,
+                                what=uri)
+
+
+def _bad_rows(uri: str, rows: np.ndarray, reason: str, detail: str, columns: list[str]) -> pa.Table:
+    """Stand-ins for records that could not be read: they keep their place in the stream (so the
+    data position stays exact) and carry the reason to the quarantine."""
+    n = len(rows)
+    cols: dict[str, pa.Array] = {}
+    for name in columns:
+        if name == "sample_index":
+            cols[name] = pa.array(np.full(n, -1, dtype=np.int64))
+        elif name == "product_id":
+            cols[name] = pa.array([""] * n, pa.string())
+        else:
+            cols[name] = pa.nulls(n, RECORD_SCHEMA.field(name).type)
+    cols["source"] = pa.array([uri] * n, pa.string())
+    cols["row"] = pa.array(rows, pa.int64())
+    cols[K.REJECT] = pa.array([reason] * n, pa.string())
+    cols[K.DETAIL] = pa.array([detail[:300]] * n, pa.string())
+    return pa.table(cols)
 
 
 def read_segment_rows(catalogue_uri: str, unit: Unit, unit_id: int, start: int, stop: int, epoch: int, seed: int,
-                      shuffle: bool, settings: storage.S3Settings | None) -> pa.Table:
+                      shuffle: bool, settings: storage.S3Settings | None,
+                      columns: list[str] | None = None) -> pa.Table:
+    """Rows [start, stop) of the unit's permuted order, with `source`, `row` and reject columns.
+
+    A shard that cannot be read (after retries) or whose columns are wrong does not raise: its rows
+    come back as stand-ins with reason `unreadable_shard` (or the schema problem)."""
+    columns = columns or READ_COLUMNS
     uri = storage.join(catalogue_uri, unit.shard)
-    pf = _parquet_file(uri, settings)
-    table = storage.with_retries(lambda: pf.read_row_group(unit.row_group, columns=READ_COLUMNS))
     perm = row_permutation(unit_id, unit.num_rows, epoch, seed, shuffle)[start:stop]
-    first_row = sum(pf.metadata.row_group(g).num_rows for g in range(unit.row_group))
-    table = table.take(pa.array(perm))
-    return table.append_column("source", pa.array([uri] * len(perm), pa.string())).append_column(
-        "row", pa.array(first_row + perm, pa.int64())
-    )
+    rows = unit.first_row + perm
+    retries = settings.retries if settings else 5
+    try:
+        pf = _parquet_file(uri, settings)
+        check_table_schema(pf.schema_arrow, uri, columns)
+        table = storage.with_retries(lambda: pf.read_row_group(unit.row_group, columns=[
+            c for c in columns if c in pf.schema_arrow.names]), retries=retries, what=uri)
+        if table.num_rows != unit.num_rows:
+            raise SchemaError(f"{uri} row group {unit.row_group}: {table.num_rows} rows, manifest says {unit.num_rows}")
+        table = conform_table(table, columns).take(pa.array(perm))
+    except SchemaError as err:
+        _parquet_file.cache_clear()
+        reason = Reason.MISSING_COLUMN if "is missing" in str(err) else Reason.WRONG_TYPE
+        return _bad_rows(uri, rows, reason, str(err), columns)
+    except Exception as err:  # noqa: BLE001 - a damaged shard: every error type pyarrow has
+        _parquet_file.cache_clear()
+        return _bad_rows(uri, rows, Reason.UNREADABLE_SHARD, f"{uri} row group {unit.row_group}: "
+                         f"{type(err).__name__}: {err}", columns)
+    n = table.num_rows
+    return (table.append_column("source", pa.array([uri] * n, pa.string()))
+            .append_column("row", pa.array(rows, pa.int64()))
+            .append_column(K.REJECT, pa.array([""] * n, pa.string()))
+            .append_column(K.DETAIL, pa.array([""] * n, pa.string())))
 
 
 @dataclass
@@ -167,6 +218,7 @@ class StreamSpec:
     preprocess_num_cpus: float
     prefetch_batches: int
     concurrency: int | None = None
+    segments_per_task: int = 1      # segments (row groups) fused into one read+preprocess task
 
 
 def build_dataset(spec: StreamSpec, part: list[Segment]):
@@ -176,44 +228,158 @@ def build_dataset(spec: StreamSpec, part: list[Segment]):
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
+    # Ray Data 2.60 reserves half of the resources per operator (half of that for outputs): with one
+    # operator on a small machine that leaves one task running where two fit (measured: 2 cores,
+    # concurrency 1 most of the time, about half the machine's throughput). One fused operator has
+    # nothing to share resources with, so turn the reservation off.
+    ctx.op_resource_reservation_enabled = False
     items = [{"unit": s.unit, "start": s.start, "stop": s.stop} for s in part]
     if not items:
         return None
     cat, units, pp = spec.catalogue_uri, spec.units, spec.preprocess
     settings, shuffle = spec.settings, spec.shuffle
+    columns = pp.columns
+    # pixels travel as uint8 (a quarter of the bytes; float32 blocks cost Ray Data more to build and
+    # move than the decode itself) and are normalised by the consumer, batch by batch
+    pp = dataclasses.replace(pp, pixels_uint8=UINT8_TRANSPORT)
 
     def read_and_preprocess(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # one fused task per segment: reading and decoding in separate operators costs an extra
-        # hop through the object store and doubles per-task overhead for little gain
+        # one fused task per segment (or per `segments_per_task`): reading and decoding in separate
+        # operators costs an extra hop through the object store and doubles per-task overhead
         tables = [
-            read_segment_rows(cat, units[int(u)], int(u), int(a), int(b), pp.epoch, pp.seed, shuffle, settings)
+            read_segment_rows(cat, units[int(u)], int(u), int(a), int(b), pp.epoch, pp.seed, shuffle, settings,
+                              columns)
             for u, a, b in zip(batch["unit"], batch["start"], batch["stop"])
         ]
-        table = pa.concat_tables(tables)
+        table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
         cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
         return preprocess_batch(cols, pp, load_tokenizer(pp.tokenizer_uri, settings))
 
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(read_and_preprocess, batch_size=1, batch_format="numpy", num_cpus=spec.preprocess_num_cpus,
-                        concurrency=spec.concurrency)
+    k = max(1, spec.segments_per_task)
+    ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // k)))
+    compute = ray.data.TaskPoolStrategy(size=spec.concurrency) if spec.concurrency else None
+    ds = ds.map_batches(read_and_preprocess, batch_size=k, batch_format="numpy", num_cpus=spec.preprocess_num_cpus,
+                        compute=compute)
     return ds
 
 
-def iterate(spec: StreamSpec, part: list[Segment], start_consumed: int = 0) -> Iterator[StreamBatch]:
+class _Pump:
+    """Runs a pipeline in a background thread into a bounded queue: the pipeline starts (worker
+    processes, the first tasks) before the consumer asks for its first batch."""
+
+    _END = object()
+
+    def __init__(self, spec: StreamSpec, part: list[Segment]):
+        import queue
+        import threading
+
+        self.spec, self.part = spec, list(part)
+        self.queue: "queue.Queue" = queue.Queue(maxsize=max(1, spec.prefetch_batches))
+        self.stop = threading.Event()
+        self.produced_all = threading.Event()
+        self.on_produced_all: Any = None
+        self.thread = threading.Thread(target=self._run, name="gammaray-stream", daemon=True)
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            ds = build_dataset(self.spec, self.part)
+            if ds is not None:
+                for block in ds.iter_batches(batch_size=None, batch_format="numpy",
+                                             prefetch_batches=self.spec.prefetch_batches):
+                    if not self._put(block):
+                        return
+            self.produced_all.set()
+            cb = self.on_produced_all
+            if cb is not None:
+                cb()
+            self._put(self._END)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            self._put(err)
+
+    def blocks(self) -> Iterator[dict[str, np.ndarray]]:
+        try:
+            while True:
+                item = self.queue.get()
+                if item is self._END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.stop.set()
+
+
+_warm: list[_Pump] = []
+_warm_lock = __import__("threading").Lock()
+
+
+def prefetch(spec: StreamSpec, part: list[Segment]) -> None:
+    """Start the pipeline for (spec, part) now; the next `iterate(spec, part)` takes it over.
+    Used to start the next epoch's pipeline while the current epoch's last batches are trained on."""
+    close_prefetched()
+    if not part:
+        return
+    pump = _Pump(spec, part)
+    with _warm_lock:
+        _warm.append(pump)
+
+
+def close_prefetched() -> None:
+    with _warm_lock:
+        while _warm:
+            _warm.pop().close()
+
+
+def _take_warm(spec: StreamSpec, part: list[Segment]) -> "_Pump | None":
+    """The prefetched pipeline for exactly (spec, part), if any. Others stay warm (an evaluation pass
+    between two epochs must not cancel the next epoch's start); `prefetch` replaces them."""
+    with _warm_lock:
+        for i, pump in enumerate(_warm):
+            if pump.spec == spec and pump.part == list(part):
+                return _warm.pop(i)
+    return None
+
+
+def iterate(spec: StreamSpec, part: list[Segment], start_consumed: int = 0,
+            then: tuple[StreamSpec, list[Segment]] | None = None) -> Iterator[StreamBatch]:
     """Batches of exactly `batch_size` good rows (the last may be smaller), with the data position.
 
     `part` must already exclude the first `start_consumed` records (see `advance`); positions are
     reported relative to the original part so they can be checkpointed as one number.
+    `then=(spec, part)`: as soon as this pipeline has produced its last block, start that one
+    (the next epoch) in the background, so its start-up overlaps the training on this epoch's tail.
     """
-    ds = build_dataset(spec, part)
-    if ds is None:
+    if not part:
+        if then is not None:
+            prefetch(*then)
         return
+    pump = _take_warm(spec, part) or _Pump(spec, part)
+    if then is not None:
+        pump.on_produced_all = lambda: prefetch(*then)
+        if pump.produced_all.is_set():
+            prefetch(*then)
     B = spec.batch_size
     frags: list[dict[str, np.ndarray]] = []
     have = 0
     consumed = start_consumed
     rejects: list[dict] = []
-    for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=spec.prefetch_batches):
+    model_keys = list(MODEL_KEYS)
+    for block in pump.blocks():
         n = len(block[K.SAMPLE_INDEX])
         good = block[K.REJECT] == ""
         pos = 0
@@ -223,25 +389,42 @@ def iterate(spec: StreamSpec, part: list[Segment], start_consumed: int = 0) -> I
             end = pos + hit + 1 if hit < n - pos else n
             sel = np.arange(pos, end)
             for i in sel[~good[pos:end]]:
-                rejects.append({"product_id": block[K.PRODUCT_ID][i], "source": block[K.SOURCE][i],
+                rejects.append({"product_id": block[K.PRODUCT_ID][i] or None, "source": block[K.SOURCE][i],
                                 "row": int(block[K.ROW][i]), "reason": block[K.REJECT][i],
                                 "detail": block[K.DETAIL][i], "stage": "stream", "epoch": spec.preprocess.epoch})
-            keep = sel[good[pos:end]]
-            if keep.size:
-                frags.append({k: block[k][keep] for k in MODEL_KEYS if k in block})
+            ok = good[pos:end]
+            if ok.all():  # the common case: a view into the block, no copy
+                frags.append({k: block[k][pos:end] for k in model_keys if k in block})
+                have += end - pos
+            elif ok.any():
+                keep = sel[ok]
+                frags.append({k: block[k][keep] for k in model_keys if k in block})
                 have += keep.size
             consumed += end - pos
             pos = end
             if have == B:
-                yield StreamBatch(_concat(frags), consumed, rejects)
+                yield StreamBatch(_finish(_concat(frags)), consumed, rejects)
                 frags, have, rejects = [], 0, []
     if have or rejects:
-        yield StreamBatch(_concat(frags) if frags else {}, consumed, rejects)
+        yield StreamBatch(_finish(_concat(frags)) if frags else {}, consumed, rejects)
+
+
+def _finish(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """uint8 [B,H,W,3] pixels -> normalised float32 [B,3,H,W] (BatchKeys contract)."""
+    for k in PIXEL_KEYS:
+        v = arrays.get(k)
+        if v is not None and v.dtype == np.uint8:
+            arrays[k] = normalise(v)
+    return arrays
 
 
 def _concat(frags: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One batch from fragments; always writable arrays that own their memory (a view would pin the
+    block in the object store and hand torch a read-only buffer)."""
     if len(frags) == 1:
-        return frags[0]
+        # uint8 pixels need no copy: _finish writes the normalised floats into new arrays
+        return {k: v if (v.flags.writeable and v.base is None) or (k in PIXEL_KEYS and v.dtype == np.uint8)
+                else v.copy() for k, v in frags[0].items()}
     return {k: np.concatenate([f[k] for f in frags]) for k in frags[0]}
 
 
@@ -250,4 +433,4 @@ def plan_summary(parts: list[list[Segment]]) -> dict[str, Any]:
 
 
 __all__ = ["Unit", "Segment", "StreamBatch", "StreamSpec", "units_from_manifest", "epoch_plan", "advance",
-           "reshard", "iterate", "part_to_json", "part_from_json", "asdict"]
+           "reshard", "iterate", "prefetch", "close_prefetched", "part_to_json", "part_from_json", "asdict"]

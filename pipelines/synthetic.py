@@ -172,6 +172,19 @@ def describe_product(p: Product, rng: np.random.Generator) -> tuple[str, str]:
     return title, desc
 
 
+# a second locale for the text<->text view pair: the title in German, word by word
+_DE = {
+    "mug": "Becher", "lamp": "Lampe", "backpack": "Rucksack", "speaker": "Lautsprecher", "watch": "Uhr", "vase": "Vase",
+    "red": "rot", "green": "gruen", "blue": "blau", "yellow": "gelb", "purple": "lila", "orange": "orange",
+    "black": "schwarz", "white": "weiss",
+    "cotton": "Baumwolle", "steel": "Stahl", "ceramic": "Keramik", "bamboo": "Bambus", "leather": "Leder",
+}
+
+
+def german_title(p: Product) -> str:
+    return f"{p.brand} {_DE[p.product]} aus {_DE[p.material]}, {_DE[p.colour]}"
+
+
 def encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
@@ -185,12 +198,15 @@ def write_raw_catalogue(
     seed: int = 0,
     bad_records: int = 0,
     image_side: int = 96,
+    pair_views: bool = False,
 ) -> dict[str, str]:
     """Write `train.jsonl`, `val.jsonl` and `images/*.jpg` under out_dir.
 
     `bad_records` > 0 appends realistic faults to the training file (a truncated JPEG, undecodable
     bytes, a missing image file, an empty title, a duplicate product_id), so the demo shows the
-    quarantine at work. Returns the paths of the two JSONL files.
+    quarantine at work. `pair_views` adds what the other view pairs need: a German title
+    (`titles: {"de_DE": ...}`, text_text) and a second photo (`extra_images`, image_image).
+    Returns the paths of the two JSONL files.
     """
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     rng = np.random.default_rng(seed + 1)
@@ -204,12 +220,23 @@ def write_raw_catalogue(
                 with open(os.path.join(out_dir, rel), "wb") as img_f:
                     img_f.write(encode_jpeg(render_image(p, rng, image_side)))
                 title, desc = describe_product(p, rng)
-                f.write(json.dumps(_row(p, title, desc, rel)) + "\n")
+                row = _row(p, title, desc, rel)
+                if pair_views:
+                    rel2 = f"images/{p.product_id}-2.jpg"
+                    with open(os.path.join(out_dir, rel2), "wb") as img_f:
+                        img_f.write(encode_jpeg(render_image(p, np.random.default_rng([seed, 2, i_of(p)]), image_side)))
+                    row["titles"] = {"de_DE": german_title(p)}
+                    row["extra_images"] = [rel2]
+                f.write(json.dumps(row) + "\n")
             if split == "train" and bad_records > 0:
                 for row in _bad_rows(out_dir, products[0], rng, bad_records, image_side):
                     f.write(json.dumps(row) + "\n")
         paths[split] = path
     return paths
+
+
+def i_of(p: Product) -> int:
+    return int(p.product_id.rsplit("-", 1)[-1])
 
 
 def _row(p: Product, title: str, desc: str, image: str, product_id: str | None = None) -> dict:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gammaray.schema import BatchKeys as K
+from gammaray.schema import BatchKeys as K, pair_slots
 
 # forward outputs that are not per-record embeddings of the evaluated (un-augmented) views
 NOT_EMBEDDINGS = ("logit_scale", "logit_bias")
@@ -477,7 +477,9 @@ def run_evaluation(engine, cfg, tokenizer, device: torch.device, data_uri: str |
     if not uri:
         raise ValueError("nothing to evaluate: set data.val (or pass a catalogue URI)")
     emb = embed_split(engine, cfg, uri, device, cfg.eval.max_records)
-    image, text = torch.from_numpy(emb["image"]), torch.from_numpy(emb["text"])
+    # retrieval runs between the two sides of the trained pair (data.view_pair): image<->text by default
+    side_a, side_b = pair_slots(cfg.data.view_pair)
+    image, text = torch.from_numpy(emb[side_a]), torch.from_numpy(emb[side_b])
     ranks_i2t, ranks_t2i = retrieval_ranks(image, text), retrieval_ranks(text, image)
     metrics: dict[str, float] = {}
     for k in (1, 5, 10):
@@ -491,7 +493,7 @@ def run_evaluation(engine, cfg, tokenizer, device: torch.device, data_uri: str |
     labels_by_index = read_labels(uri, cfg)
     cols = label_columns(labels_by_index, emb["sample_index"])
     classes = sorted({c for c in cols["category"] if c})
-    if classes:
+    if classes and cfg.data.view_pair == "image_text":  # zero-shot = images against category prompts
         class_text = encode_prompts(engine, tokenizer, category_prompts(classes, cfg.eval.prompt_template), cfg, device)
         labels = labels_for(cols["category"], classes)
         keep = labels >= 0

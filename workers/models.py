@@ -149,6 +149,12 @@ class TwoTowerModel(nn.Module):
         if K.INPUT_IDS_AUG in batch:
             h = self.text_features(batch[K.INPUT_IDS_AUG], batch[K.ATTENTION_MASK_AUG])[0]
             self._embed(out, "text", h, "text", "_aug")
+        # the second view of the non-default view pairs (gammaray.schema.VIEW_PAIRS)
+        if K.PIXELS_PAIR in batch:
+            self._embed(out, "image", self.image_features(batch[K.PIXELS_PAIR])[0], "image", "_pair")
+        if K.INPUT_IDS_PAIR in batch:
+            h = self.text_features(batch[K.INPUT_IDS_PAIR], batch[K.ATTENTION_MASK_PAIR])[0]
+            self._embed(out, "text", h, "text", "_pair")
         return out
 
 

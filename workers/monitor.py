@@ -37,7 +37,7 @@ def aggregate(per_worker: list[dict[str, Any]]) -> dict[str, Any]:
             elif k in per_worker[0]:
                 out[k] = per_worker[0][k]
             continue
-        if k in SUM_KEYS:
+        if k in SUM_KEYS or k.startswith("quarantined_"):
             out[k] = sum(vals)
         elif k in MAX_KEYS:
             out[k] = max(vals)

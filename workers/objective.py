@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gammaray.config import LossConfig
-from gammaray.schema import BatchKeys as K
+from gammaray.schema import BatchKeys as K, pair_slots
 
 from .losses.contrastive import gather_candidates, infonce_loss, siglip_loss
 from .losses.gamma import GammaContrastiveLoss, GammaSettings
@@ -49,8 +49,11 @@ def gamma_settings(cfg: LossConfig) -> GammaSettings:
 
 class Objective:
     def __init__(self, cfg: LossConfig, num_samples: int, seed: int = 0, device: torch.device | str = "cpu",
-                 distributed: bool | None = None):
+                 distributed: bool | None = None, view_pair: str = "image_text"):
         self.cfg = cfg
+        # which two model outputs are the positive pair: ("image", "text") unless data.view_pair says otherwise;
+        # below, `image`/`text` name the pair's first/second side
+        self.pair = pair_slots(view_pair)
         self.gamma: GammaContrastiveLoss | None = None
         if cfg.kind in ("gamma", "sogclr"):
             self.gamma = GammaContrastiveLoss(num_samples, gamma_settings(cfg), seed=seed, device=device,
@@ -66,7 +69,7 @@ class Objective:
                  active: bool = True) -> LossTerms:
         """`active=False`: this rank has no data this step; it joins the collectives the loss needs
         (candidate gathers, the loss-state exchange) and contributes exactly zero."""
-        image, text, scale = out["image"], out["text"], out["logit_scale"]
+        image, text, scale = out[self.pair[0]], out[self.pair[1]], out["logit_scale"]
         metrics: dict[str, float] = {"logit_scale": float(scale.detach())}
         kind = self.cfg.kind
         if not active:

@@ -29,12 +29,12 @@ import torch
 import torch.distributed as dist
 
 from gammaray.config import GammarayConfig, from_dict
-from gammaray.schema import BatchKeys as K
+from gammaray.schema import ALL_REASONS, BatchKeys as K, pair_slots
 from pipelines import storage
 from pipelines.prepare import load_manifest
 from pipelines.preprocess import PreprocessSpec
-from pipelines.stream import (Segment, StreamBatch, StreamSpec, advance, epoch_plan, iterate, part_from_json,
-                              part_to_json, reshard, units_from_manifest)
+from pipelines.stream import (Segment, StreamBatch, StreamSpec, advance, close_prefetched, epoch_plan, iterate,
+                              part_from_json, part_to_json, prefetch, reshard, units_from_manifest)
 from pipelines.tokenizer import load as load_tokenizer
 
 from .engine import build_engine, init_single_process_group, load_state, save_state, set_total_steps, sync_buffers, use_bf16
@@ -45,7 +45,7 @@ from .objective import Objective
 FAULT_ENV = "GAMMARAY_FAULT"
 
 
-class DataQualityError(RuntimeError):
+class DataQualityError(ValueError):
     """Too many bad records: the run stops instead of training on a broken catalogue."""
 
 
@@ -135,6 +135,13 @@ def placeholder_batch(cfg: GammarayConfig, with_aug: bool, device: torch.device)
     mask[0, 0] = 1
     b = {K.SAMPLE_INDEX: torch.zeros(1, dtype=torch.long), K.PIXELS: torch.zeros(1, 3, H, H),
          K.INPUT_IDS: ids, K.ATTENTION_MASK: mask}
+    pair = cfg.data.view_pair
+    if pair == "text_text":
+        del b[K.PIXELS]
+        b.update({K.INPUT_IDS_PAIR: ids.clone(), K.ATTENTION_MASK_PAIR: mask.clone()})
+    elif pair == "image_image":
+        del b[K.INPUT_IDS], b[K.ATTENTION_MASK]
+        b[K.PIXELS_PAIR] = torch.zeros(1, 3, H, H)
     if with_aug:
         b.update({K.PIXELS_AUG: torch.zeros(1, 3, H, H), K.INPUT_IDS_AUG: ids.clone(), K.ATTENTION_MASK_AUG: mask.clone()})
     return {k: v.to(device) for k, v in b.items()}
@@ -256,11 +263,13 @@ def stream_spec(cfg: GammarayConfig, catalogue_uri: str, units, epoch: int, trai
     pp = PreprocessSpec(image_size=d.image_size, max_image_pixels=d.max_image_pixels,
                         max_text_tokens=d.max_text_tokens, max_text_chars=d.max_text_chars, augment=d.augment,
                         tokenizer_uri=tokenizer_uri(cfg), seed=cfg.run.seed, epoch=epoch,
-                        with_aug_views=with_aug, train=train)
+                        with_aug_views=with_aug, train=train, view_pair=d.view_pair, pair_locale=d.pair_locale,
+                        jpeg_draft=d.jpeg_draft)
     return StreamSpec(catalogue_uri=catalogue_uri, units=tuple(units), preprocess=pp,
                       settings=storage.S3Settings.from_config(cfg.storage), shuffle=d.shuffle and train,
                       batch_size=batch_size, preprocess_num_cpus=d.preprocess_num_cpus,
-                      prefetch_batches=d.prefetch_batches, concurrency=d.preprocess_concurrency)
+                      prefetch_batches=d.prefetch_batches, concurrency=d.preprocess_concurrency,
+                      segments_per_task=d.preprocess_segments_per_task)
 
 
 def steps_per_epoch(cfg: GammarayConfig, records_per_worker: int) -> int:
@@ -319,15 +328,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
     num_samples = int(manifest["next_sample_index"])
     tokenizer = load_tokenizer(tokenizer_uri(cfg), storage.S3Settings.from_config(cfg.storage))
     model = build_model(cfg.model, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    objective = Objective(cfg.loss, num_samples=num_samples, seed=cfg.run.seed, device=device, distributed=W > 1)
+    objective = Objective(cfg.loss, num_samples=num_samples, seed=cfg.run.seed, device=device, distributed=W > 1,
+                          view_pair=cfg.data.view_pair)
     with_aug = objective.needs_augmented_views
+    ckpt = open_checkpoint(cfg, in_ray)  # [ray]
+    if ckpt is None and cfg.data.prefetch_next_epoch:
+        # [data] a fresh run: start epoch 0's pipeline now, so that its worker processes start while
+        # the engine is built (a resumed run starts from its checkpointed position instead)
+        prefetch(stream_spec(cfg, cfg.data.train, units, 0, train=True, with_aug=with_aug,
+                             batch_size=cfg.data.batch_size), epoch_plan(units, 0, cfg.run.seed, W, cfg.data.shuffle)[rank])
     total_steps = estimate_total_steps(cfg, int(manifest["num_records"]), W)
     engine, _, scheduler = build_engine(model, cfg, total_steps, on_gpu, device, in_ray)   # [ds]
     bf16 = use_bf16(cfg, on_gpu)
     audit = SampleAudit(num_samples) if cfg.train.audit_samples else None
 
     state = TrainState(total_steps=total_steps, plan=plan_of(cfg))
-    ckpt = open_checkpoint(cfg, in_ray)                                                 # [ray]
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = restore(d, engine, scheduler, objective, audit, cfg, units, rank, W)
@@ -346,8 +361,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 units, epoch, cfg.run.seed, W, cfg.data.shuffle)[rank], 0, 0
         spec = stream_spec(cfg, cfg.data.train, units, epoch, train=True, with_aug=with_aug,
                            batch_size=cfg.data.batch_size)
+        then = None
+        if cfg.data.prefetch_next_epoch and epoch + 1 < cfg.train.epochs:
+            # [data] the next epoch's pipeline starts once this one has produced its last block
+            then = (stream_spec(cfg, cfg.data.train, units, epoch + 1, train=True, with_aug=with_aug,
+                                batch_size=cfg.data.batch_size), epoch_plan(units, epoch + 1, cfg.run.seed, W,
+                                                                            cfg.data.shuffle)[rank])
         epoch_finished = True  # no rank has data left (an empty part, or a resume at the epoch's end)
-        for sb, n_global, last_batch in lockstep(iterate(spec, state.part), device, window):  # [dist]
+        for sb, n_global, last_batch in lockstep(iterate(spec, state.part, then=then), device, window):  # [dist]
             epoch_finished = last_batch
             active = sb is not None and sb.size > 0
             batch = to_torch(sb.arrays, device) if active else placeholder_batch(cfg, with_aug, device)
@@ -412,6 +433,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state.audit.append(audit.close_epoch(epoch, device))
         state.epoch, state.part, state.consumed, state.epoch_consumed_before = epoch + 1, None, 0, 0
 
+    close_prefetched()
     # final evaluation, totals over all ranks, and the last checkpoint
     attempt["wait"] += window["wait"]
     metrics = step_metrics(state, last, attempt, scheduler, min(state.epoch, cfg.train.epochs - 1))
@@ -419,14 +441,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
         state.last_val = evaluate(engine, cfg, tokenizer, device)
         state.best_val_r_at_1 = max(state.best_val_r_at_1, val_r_at_1(state.last_val))
     metrics.update(prefixed(state.last_val, cfg))
-    unique_bad = len({(q["source"], q["row"]) for q in state.quarantine})
-    totals = torch.tensor([state.records_trained, unique_bad], dtype=torch.long, device=device)
+    by_reason = quarantine_by_reason(state.quarantine)
+    unique_bad = sum(by_reason.values())
+    totals = torch.tensor([state.records_trained, unique_bad] + [by_reason.get(r, 0) for r in ALL_REASONS],
+                          dtype=torch.long, device=device)
     if W > 1:
         dist.all_reduce(totals)
     metrics.update({"samples_seen_total": int(totals[0]), "records_quarantined_stream": int(totals[1]),
                     "final": 1, "loss_state_bytes_per_worker": objective.nbytes(),
                     "resumed_from_steps": [r["step"] for r in state.resumes],
                     "resume_optimizer": [r["optimizer"] for r in state.resumes]})
+    # per-reason counts: stream (this run, unique records) and prepare (the catalogue's manifest)
+    for r, n in zip(ALL_REASONS, totals[2:].tolist()):
+        if n:
+            metrics[f"quarantine_stream_{r}"] = int(n)
+    q = manifest.get("quarantine", {})
+    metrics["records_quarantined_prepare"] = int(q.get("count", 0))
+    for r, n in q.get("by_reason", {}).items():
+        metrics[f"quarantine_prepare_{r}"] = int(n)
     if state.audit:
         metrics.update({"audit_epochs": state.audit, "audit_repeated_total": sum(a["repeated"] for a in state.audit),
                         "audit_missed_total": sum(a["missed"] for a in state.audit)})
@@ -474,6 +506,14 @@ def prefixed(val: dict, cfg: GammarayConfig | None = None) -> dict:
     if val or (cfg is not None and cfg.train.eval_every):
         out["val_r_at_1"] = val_r_at_1(val)  # checkpoints are ranked by it: never missing
     return out
+
+
+def quarantine_by_reason(quarantine: list[dict]) -> dict[str, int]:
+    """Distinct records (source, row) per reason: a bad record met in every epoch counts once."""
+    seen: dict[str, set] = {}
+    for q in quarantine:
+        seen.setdefault(q["reason"], set()).add((q["source"], q["row"]))
+    return {r: len(v) for r, v in seen.items()}
 
 
 def check_quality(state: TrainState, cfg: GammarayConfig) -> None:
@@ -524,6 +564,8 @@ def step_metrics(state: TrainState, last: dict, window: dict, scheduler, epoch: 
     })
     if "logit_scale" in m and m["logit_scale"] > 0:
         m["temperature"] = 1.0 / m["logit_scale"]
+    for reason, n in quarantine_by_reason(state.quarantine).items():
+        m[f"quarantined_{reason}"] = n  # this rank's stream rejects so far (summed over ranks by the monitor)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         m["gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return m
@@ -704,6 +746,13 @@ def preflight(cfg: GammarayConfig) -> dict:
     manifest = load_manifest(cfg.data.train, cfg.storage)
     if manifest["num_records"] == 0:
         raise ValueError(f"{cfg.data.train}: the catalogue has no records")
+    q = manifest.get("quarantine", {})
+    bad, total = int(q.get("count", 0)), int(manifest["num_records"]) + int(q.get("count", 0))
+    if total and bad / total > cfg.data.quarantine_max_fraction:
+        raise DataQualityError(
+            f"{cfg.data.train}: prepare quarantined {bad} of {total} records ({bad / total:.1%}), above "
+            f"data.quarantine_max_fraction={cfg.data.quarantine_max_fraction}: {q.get('by_reason')}. "
+            f"See {storage.join(cfg.data.train, 'quarantine')} or raise the threshold.")
     if not storage.exists(storage.join(tokenizer_uri(cfg), "tokenizer_config.json"), cfg.storage):
         raise FileNotFoundError(f"no tokenizer at {tokenizer_uri(cfg)} (set data.tokenizer or prepare --build-tokenizer)")
     if cfg.data.val:

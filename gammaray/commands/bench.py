@@ -1,34 +1,52 @@
 """`gammaray bench <what>`: benchmarks that print their figures side by side and write JSON + a PNG.
 
-BENCHES maps a name to a module with `add_arguments(parser)` and `run(args) -> int`; each area adds
-its own line. A benchmark's module (torch and all) is imported only when that benchmark runs or its
-help is asked for: `gammaray bench WHAT --help`.
+BENCHES maps a name to a module with `add_arguments(parser)` and `run(args) -> int` (or
+`run(args, cfg)`: then the benchmark also takes --config/--set and gets the config tree); each area
+adds its own line. A benchmark's module (torch and all) is imported only when that benchmark runs or
+its help is asked for: `gammaray bench WHAT --help`.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 
 BENCHES = {
     "synthetic": "workers.benchmarks.synthetic",
     "batch": "workers.benchmarks.batch",
     "structure": "workers.benchmarks.structure",
     "scaling": "workers.benchmarks.scaling",
+    "ingest": "pipelines.benchmarks.ingest",
 }
 
 
+def _wants_config(module) -> bool:
+    return len(inspect.signature(module.run).parameters) > 1
+
+
 def bench_parser(what: str) -> tuple[argparse.ArgumentParser, object]:
+    from . import EPILOG, add_config_args
+
     module = importlib.import_module(BENCHES[what])
+    wants_config = _wants_config(module)
     p = argparse.ArgumentParser(prog=f"gammaray bench {what}", description=module.__doc__,
+                                epilog=EPILOG if wants_config else None,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(p)
+    if wants_config:
+        add_config_args(p)
     return p, module
 
 
 def _run(args: argparse.Namespace) -> int:
+    from . import config_from_args
+
     parser, module = bench_parser(args.what)
-    return int(module.run(parser.parse_args(args.bench_args)) or 0)
+    bench_args = parser.parse_args(args.bench_args)
+    if _wants_config(module):
+        return int(module.run(bench_args, config_from_args(bench_args)) or 0)
+    return int(module.run(bench_args) or 0)
 
 
 def register(sub) -> None:

@@ -2,10 +2,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 from gammaray.config import ConfigError
 
 from . import add_config_args, config_from_args
+
+
+def parse_size(text: str) -> int:
+    """'128MB', '64 MiB', '1G', '5000' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 128MB, 1GiB, 500000)")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,9 +29,9 @@ def run(args: argparse.Namespace) -> int:
         k, v = item.split("=", 1)
         column_map[k.strip()] = v.strip()
     opts = PrepareOptions(column_map=column_map, max_records_per_shard=args.records_per_shard,
-                          row_group_size=args.row_group_size, max_image_pixels=cfg.data.max_image_pixels,
-                          max_text_chars=cfg.data.max_text_chars, check_images=not args.no_image_check,
-                          progress=not args.quiet)
+                          target_shard_bytes=args.shard_size, row_group_size=args.row_group_size,
+                          max_image_pixels=cfg.data.max_image_pixels, max_text_chars=cfg.data.max_text_chars,
+                          check_images=not args.no_image_check, io_threads=args.io_threads, progress=not args.quiet)
     res = prepare(args.src, args.dst, opts, cfg.storage)
     print(res.summary())
     if args.build_tokenizer:
@@ -31,25 +40,28 @@ def run(args: argparse.Namespace) -> int:
         print(f"tokenizer -> {uri}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"num_input": res.num_input, "num_written": res.num_written,
-                       "num_already_present": res.num_already_present, "num_quarantined": res.num_quarantined,
-                       "quarantine_by_reason": res.quarantine_by_reason, "shards_written": res.shards_written},
-                      f, indent=2)
+            json.dump(res.to_json(), f, indent=2)
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("prepare", help="raw catalogue (JSONL/CSV/Parquet + images) -> validated Parquet shards",
-                       description="Validate a raw catalogue, assign a dense sample_index, write Parquet shards, "
-                                   "a manifest and a quarantine of rejected records. Idempotent and append-safe.")
-    p.add_argument("src", help="source file or directory (local path, file://, s3://)")
-    p.add_argument("dst", help="destination catalogue directory (local path, file://, s3://)")
+    p = sub.add_parser("prepare", help="raw catalogue (JSONL/CSV/Parquet/WebDataset + images) -> validated Parquet shards",
+                       description="Validate a raw catalogue (JSONL, CSV, Parquet or WebDataset .tar shards in "
+                                   "img2dataset's layout; a file or a folder; local, file://, s3:// or any fsspec URL), "
+                                   "assign a dense sample_index, write Parquet shards, a manifest and a quarantine of "
+                                   "rejected records. Idempotent and append-safe.")
+    p.add_argument("src", help="source file or folder (local path, file://, s3://, any fsspec URL)")
+    p.add_argument("dst", help="destination catalogue folder (local path, file://, s3://)")
     p.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN",
-                   help="take record field FIELD from source column COLUMN (repeatable)")
-    p.add_argument("--records-per-shard", type=int, default=1000, help="records per Parquet shard (default 1000)")
+                   help="take record field FIELD from source column COLUMN (repeatable), e.g. --map title=name")
+    p.add_argument("--shard-size", type=parse_size, default=128 * 2**20, metavar="SIZE",
+                   help="target shard size, e.g. 128MB (default 128MiB)")
+    p.add_argument("--records-per-shard", type=int, default=1000, help="at most this many records per shard (default 1000)")
     p.add_argument("--row-group-size", type=int, default=128,
-                   help="rows per row group, the shuffle unit (default 128)")
-    p.add_argument("--no-image-check", action="store_true", help="skip the full decode of every image")
+                   help="rows per row group: the shuffle unit and one Ray Data task (default 128)")
+    p.add_argument("--no-image-check", action="store_true",
+                   help="skip the full decode of every image (bad images are then quarantined while streaming)")
+    p.add_argument("--io-threads", type=int, default=8, help="threads fetching and checking images (default 8)")
     p.add_argument("--build-tokenizer", type=int, metavar="VOCAB",
                    help="also train a WordPiece tokenizer of this size")
     p.add_argument("--tokenizer-out", metavar="URL", help="where to write it (default: DST/../tokenizer)")
