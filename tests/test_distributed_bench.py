@@ -37,11 +37,12 @@ def test_bench_scaling_counts_loss_traffic(tmp_path):
         assert r["bytes_per_step"] == r["loss_bytes_per_step"] + r["grad_bytes_per_step"] + r["param_bytes_per_step"]
     B, D, W = 16, 32, 2
     # InfoNCE: all-gathers image and text embeddings (B x D float32 each, plus the batch sizes), and in
-    # backward (gloo has no reduce-scatter) scatters W blocks of their gradients from every rank
+    # backward (gloo has no reduce-scatter) all-reduces the whole gathered gradient (W x B x D float32)
     assert rows["infonce"]["loss_bytes_per_step"] == 2 * (8 + B * D * 4) + 2 * W * B * D * 4
-    # gamma: per direction, the catalogue size (2 x int64), per-owner counts (W x int64),
-    # (index, log Z) pairs (B x 2 x float64) and the updated rates back (B x float64)
-    assert rows["gamma"]["loss_bytes_per_step"] == 2 * (16 + 8 * W + 16 * B + 8 * B)
+    # gamma: one exchange for both directions (K = 2 channels): per-owner counts (W x int64),
+    # (index, log Z per channel) rows (B x (1 + K) x float64) and the updated rates back (B x K x float64)
+    K = 2
+    assert rows["gamma"]["loss_bytes_per_step"] == 8 * W + 8 * B * (1 + K) + 8 * B * K
     # the gradient traffic depends on the model only
     assert rows["infonce"]["grad_bytes_per_step"] == rows["gamma"]["grad_bytes_per_step"] > 0
     assert "infonce" in proc.stdout and "bytes/step" in proc.stdout

@@ -48,12 +48,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 PAYLOAD_ARG = {  # which argument holds what this rank contributes
     "all_reduce": "tensor", "all_reduce_coalesced": "tensors", "broadcast": "tensor", "reduce": "tensor",
-    "all_gather": "tensor", "all_gather_into_tensor": "input_tensor", "_all_gather_base": "input_tensor",
-    "reduce_scatter_tensor": "input", "_reduce_scatter_base": "input", "reduce_scatter": "input_list",
+    "all_gather": "tensor", "all_gather_single": "input_tensor", "all_gather_into_tensor": "input_tensor",
+    "_all_gather_base": "input_tensor", "reduce_scatter_single": "input", "reduce_scatter_tensor": "input",
+    "_reduce_scatter_base": "input", "reduce_scatter": "input_list",
     "all_to_all_single": "input", "all_to_all": "input_tensor_list",
     # gloo has no reduce-scatter: the backward of torch.distributed.nn's all_gather scatters from each rank
     "scatter": "scatter_list", "gather": "tensor",
 }
+# torch 2.13 renamed the flat collectives to *_single; the old names now call the new ones, so only
+# the new name is counted where it exists (counting both would count every call twice)
+FORWARDS_TO = {"all_gather_into_tensor": "all_gather_single", "_all_gather_base": "all_gather_single",
+               "reduce_scatter_tensor": "reduce_scatter_single", "_reduce_scatter_base": "reduce_scatter_single"}
 
 
 def _nbytes(x) -> int:
@@ -82,7 +87,7 @@ class CommCounter:
 
         for name, arg in PAYLOAD_ARG.items():
             orig = getattr(c10d, name, None)
-            if orig is None:
+            if orig is None or hasattr(c10d, FORWARDS_TO.get(name, "-")):
                 continue
             sig = inspect.signature(orig)
 
