@@ -51,13 +51,16 @@ SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY|A
 REFERENCE_NAME = re.compile(r"(_PATH|_FILE|_DIR|_MODE)$", re.IGNORECASE)  # point at a credential, do not hold it
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+# an access key *ID* names a key pair and is not secret (AWS documents it as such); its value is
+# often a plain word (the local S3 server's is "gammaray") that every project file contains
+KEY_ID_NAME = re.compile(r"KEY_ID$", re.IGNORECASE)
 MIN_SECRET_LEN = 8  # shorter values ("1", "true") would match everywhere and protect nothing
 
 # never uploaded: build outputs, environments, VCS data, and files that usually hold credentials
 # (a pattern starting with "/" matches a path from the project root, any other one any path component)
 DEFAULT_EXCLUDES = [
     ".git", ".hg", ".venv", "/venv", "/env", "__pycache__", "*.pyc", ".pytest_cache", ".mypy_cache",
-    ".ruff_cache", "*.egg-info", "/build", "/dist", "node_modules", "/runs", JOB_DIR, "/tests", "/.ci",
+    ".ruff_cache", ".hypothesis", "*.egg-info", "/build", "/dist", "node_modules", "/runs", JOB_DIR, "/tests", "/.ci",
     ".env", ".env.*", "*.pem", "*.key", "*.p12", "credentials", ".aws", ".ray", "auth_token", "*.token",
     "/.whl", "/.gl", ".ipynb_checkpoints",
 ]
@@ -379,6 +382,8 @@ def secret_values(names: Iterable[str], extra: Iterable[str] = ()) -> dict[str, 
     whose name looks like a credential, and extra literal values (e.g. the Ray token)."""
     out: dict[str, str] = {}
     for name in set(names) | {k for k in os.environ if SECRET_NAME.search(k) and not REFERENCE_NAME.search(k)}:
+        if KEY_ID_NAME.search(name):
+            continue
         v = os.environ.get(name, "")
         if len(v) >= MIN_SECRET_LEN:
             out[f"${name}"] = v

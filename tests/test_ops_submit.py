@@ -246,3 +246,16 @@ def test_job_entry_stops_when_a_promised_credential_is_missing(tmp_path):
         # (the present case runs in tests/test_ops_cluster.py: the job prints "AWS_SECRET_ACCESS_KEY set")
     finally:
         plan.cleanup()
+
+
+def test_an_access_key_id_is_not_a_secret_to_scan_for(monkeypatch):
+    """The local S3 server's key id is the word "gammaray", which every project file holds; a key id
+    names a key pair and is not secret, so it must not block a submission (the secret key still does)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "gammaray")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    plan = _plan(["pretrain"])
+    plan.cleanup()
+    from infra.jobs import secret_values
+
+    found = secret_values({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"})
+    assert "$AWS_ACCESS_KEY_ID" not in found and found["$AWS_SECRET_ACCESS_KEY"] == SECRET
