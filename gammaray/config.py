@@ -502,7 +502,7 @@ class GammarayConfig(Section):
         d, st = self.data, self.loss.structure
         if d.view_pair == "text_text" and not d.pair_locale:
             raise ValueError("data.view_pair=text_text needs data.pair_locale (the locale of the second title)")
-        if d.view_pair != "image_text" and (st.lambda_sep > 0 or st.lambda_br > 0 or st.lambda_gc > 0):
+        if d.view_pair != "image_text" and (st.lambda_sep > 0 or st.lambda_br > 0 or st.lambda_gc > 0 or st.in_modal):
             raise ValueError(f"loss.structure regularizers need data.view_pair=image_text, got {d.view_pair}")
         image_cfg_size = self.model.image.hf_config.get("image_size")
         if image_cfg_size is not None and image_cfg_size != self.data.image_size:

@@ -92,7 +92,10 @@ def gammaray_embeddings(ckpt: str, rows: dict[str, list]) -> tuple[np.ndarray, n
     d = cfg.data
     spec = PreprocessSpec(image_size=d.image_size, max_image_pixels=d.max_image_pixels, max_text_tokens=d.max_text_tokens,
                           max_text_chars=d.max_text_chars, augment=d.augment, tokenizer_uri=f"{ckpt}/model/text_tower",
-                          seed=0, epoch=0, with_aug_views=False, train=False)
+                          seed=0, epoch=0, with_aug_views=False, train=False,
+                          # the exported image processor decodes JPEGs at full scale; data.jpeg_draft's reduced-scale
+                          # decoding of large JPEGs (a speed-up) moves embeddings by ~1e-3
+                          jpeg_draft=False)
     cols = {k: np.asarray(v, dtype=object) for k, v in rows.items()}
     arr = preprocess_batch(cols, spec, load_tokenizer(spec.tokenizer_uri))
     assert (arr[K.REJECT] == "").all()

@@ -12,16 +12,19 @@ pytestmark = pytest.mark.ingest
 
 def test_bench_ingest_is_a_documented_subcommand(capsys):
     from gammaray.cli import build_parser
-    from gammaray.commands.bench import BENCHES
+    from gammaray.commands.bench import BENCHES, bench_parser
 
     assert BENCHES["ingest"] == "pipelines.benchmarks.ingest"
+    args = build_parser().parse_args(["bench", "ingest", "--json", "x.json", "--cores", "3"])
+    assert (args.what, args.bench_args) == ("ingest", ["--json", "x.json", "--cores", "3"])
+    parser, _ = bench_parser("ingest")
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["bench", "ingest", "--help"])
+        parser.parse_args(["--help"])
     out = capsys.readouterr().out
     for opt in ("--json", "--records", "--cores", "--rounds", "--train-steps", "--storage", "--set"):
         assert opt in out
-    args = build_parser().parse_args(["bench", "ingest", "--json", "x.json", "--cores", "3"])
-    assert (args.bench, args.json, args.cores) == ("ingest", "x.json", 3)
+    bench_args = parser.parse_args(args.bench_args)
+    assert (bench_args.json, bench_args.cores) == ("x.json", 3)
 
 
 def test_stall_fraction_is_wall_time_weighted_and_skips_the_first_window():

@@ -97,6 +97,7 @@ def build_engine(model: torch.nn.Module, cfg: GammarayConfig, total_steps: int, 
 
     # the shared-memory comm op is JIT-compiled on first use (~35 s on CPU) and not needed here
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    forget_stale_deepspeed_groups()
     optimizer, scheduler = _optimizer_and_schedule(model, cfg, total_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, on_gpu),
@@ -425,6 +426,18 @@ def sync_buffers(model) -> None:
             buf.data.div_(W)
         else:
             dist.broadcast(buf.data, src=0)
+
+
+def forget_stale_deepspeed_groups() -> None:
+    """DeepSpeed keeps a module-level clone of the world group made by the first engine of a process.
+    When that process group was destroyed and a new one made (a second in-process run: notebooks,
+    train.workers=0 twice), the clone names a dead group and deepspeed.initialize fails with
+    "Group ... is not registered"; drop it so DeepSpeed clones the live world again."""
+    from deepspeed.utils import groups
+
+    stale = groups._WORLD_GROUP  # noqa: SLF001 - DeepSpeed offers no reset
+    if stale is not None and stale not in dist.distributed_c10d._world.pg_group_ranks:  # noqa: SLF001
+        groups._WORLD_GROUP = None
 
 
 def init_single_process_group() -> None:

@@ -60,10 +60,12 @@ class Objective:
                                               distributed=distributed)
         # latent modality structure (workers/losses/structure.py): in-modal terms, the regularizers, ITM
         self.structure = StructureObjective(StructureSettings.from_config(cfg.structure, cfg.gather_negatives))
+        # the structure terms relate the image and the text tower (the config refuses them for other pairs)
+        self.with_structure = self.pair == ("image", "text")
 
     @property
     def needs_augmented_views(self) -> bool:
-        return self.structure.needs_augmented_views
+        return self.with_structure and self.structure.needs_augmented_views
 
     def __call__(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], progress: float = 0.0,
                  active: bool = True) -> LossTerms:
@@ -81,7 +83,8 @@ class Objective:
                     gather_candidates(image[:0])
             zero = (image.sum() + text.sum() + scale.sum()) * 0.0
             inactive_terms = {"contrastive_loss": zero}
-            self.structure.apply(out, inactive_terms, metrics, active=False)
+            if self.with_structure:
+                self.structure.apply(out, inactive_terms, metrics, active=False)
             return LossTerms(terms=inactive_terms, metrics=metrics)
         if kind == "infonce":
             con = infonce_loss(image, text, scale, gather=self.cfg.gather_negatives)
@@ -92,7 +95,8 @@ class Objective:
             con, gm = self.gamma(image, text, scale, batch[K.SAMPLE_INDEX], progress)
             metrics.update(gm)
         terms = {"contrastive_loss": con}
-        self.structure.apply(out, terms, metrics)
+        if self.with_structure:
+            self.structure.apply(out, terms, metrics)
         return LossTerms(terms=terms, metrics=metrics)
 
     # per-sample state travels with checkpoints
