@@ -116,7 +116,8 @@ def resolve_address(address: str | None) -> str:
 
 def _auth_message(err: Exception, address: str, token_source: str) -> str:
     text = str(err)
-    if "401" in text or "Authentication required" in text:
+    # no token sent: that is the reason, whatever words Ray's error chose (its texts vary by endpoint)
+    if token_source == "none" or "401" in text or "Authentication required" in text:
         why = "it requires a token and none was sent"
     elif "403" in text or "invalid" in text.lower():
         why = f"the token from {token_source} is not this cluster's"
