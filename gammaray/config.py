@@ -143,7 +143,7 @@ class DataConfig(Section):
                           "auto = the cluster's CPUs left by the training workers, shared among them)."
     )
     preprocess_segments_per_task: int = Field(
-        2, ge=1, description="Row groups read+preprocessed by one Ray Data task (the task's batch; more = fewer, larger tasks)."
+        4, ge=1, description="Row groups read+preprocessed by one Ray Data task (the task's batch; more = fewer, larger tasks)."
     )
     prefetch_batches: int = Field(4, ge=0, description="Preprocessed blocks (row groups) buffered ahead of each training worker.")
     prefetch_next_epoch: bool = Field(
