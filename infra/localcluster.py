@@ -280,35 +280,13 @@ class LocalRayCluster:
                     procs.append(p)
             except (ProcessLookupError, PermissionError, psutil.Error):
                 continue
-        for p in procs:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=grace_s)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        _terminate(procs, grace_s)
 
     def stop(self, grace_s: float = 2.0, keep_logs: bool = False) -> None:
         import psutil
 
         procs = self.our_processes()
-        for p in procs:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=grace_s)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        _terminate(procs, grace_s)
         # a process may have been forked during the first sweep
         for p in self.our_processes():
             try:
@@ -326,6 +304,24 @@ class LocalRayCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _terminate(procs: list, grace_s: float) -> None:
+    """SIGTERM, wait up to grace_s, SIGKILL what is left."""
+    import psutil
+
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
 
 
 def main() -> None:
