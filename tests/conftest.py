@@ -70,3 +70,14 @@ def tiny_overrides(catalogue: dict, run_storage: str, name: str) -> dict:
                                  "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64},
         "train.epochs": 1, "train.log_every": 5, "train.checkpoint_every": 1000,
     }
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -13,15 +13,7 @@ import torch
 
 from workers.benchmarks import synthetic as syn
 
-pytestmark = pytest.mark.loss
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.loss, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def test_theta_star_is_the_exact_full_data_optimum():

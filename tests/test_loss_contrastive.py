@@ -11,22 +11,9 @@ import torch.nn.functional as F
 
 from workers.losses.contrastive import (infonce_direction, infonce_loss, infonce_scores, siglip_loss,
                                         siglip_scores, similarity)
+from tests.loss_support import unit_embeddings as _emb
 
-pytestmark = pytest.mark.loss
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: intra-op threads only add contention on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _emb(B, D, seed, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(B, D, generator=g, dtype=dtype), dim=1)
+pytestmark = [pytest.mark.loss, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def textbook_infonce(logits: torch.Tensor, pos: torch.Tensor, valid=None) -> float:

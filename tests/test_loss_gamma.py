@@ -16,21 +16,9 @@ from workers.losses.contrastive import infonce_loss, infonce_scores
 from workers.losses.gamma import (GammaContrastiveLoss, GammaDirection, GammaSettings, estimate_partition,
                                   m_step)
 from workers.losses.state import LocalRateStore, ShardedRateStore, combine_duplicates, ema_log
+from tests.loss_support import unit_embeddings as _emb
 
-pytestmark = pytest.mark.loss
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _emb(B, D, seed, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(B, D, generator=g, dtype=dtype), dim=1)
+pytestmark = [pytest.mark.loss, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def _grad(f, *xs):
