@@ -98,20 +98,6 @@ def test_a_literal_secret_is_refused_before_submission(shell_secret, tmp_path, h
     assert "refusing to submit" in msg and where in msg and SECRET not in msg
 
 
-def test_credential_files_are_not_uploaded(tmp_path):
-    proj = _copy_project(tmp_path)
-    (proj / ".env").write_text("AWS_SECRET_ACCESS_KEY=whatever-value-123\n")
-    (proj / "configs" / "deploy.pem").write_text("-----BEGIN PRIVATE KEY-----\n")
-    plan = _plan(["pretrain"], working_dir=str(proj), excludes=["*.txt"])
-    try:
-        staged = Path(plan.working_dir)
-        assert not (staged / ".env").exists() and not (staged / "configs" / "deploy.pem").exists()
-        assert sorted(plan.skipped_files) == [".env", "configs/deploy.pem"]
-        assert (staged / "configs" / "demo.yaml").exists()
-    finally:
-        plan.cleanup()
-
-
 @pytest.mark.parametrize("command,message", [
     ([], "nothing to run"),
     (["pretrian"], "invalid"),
@@ -259,3 +245,4 @@ def test_an_access_key_id_is_not_a_secret_to_scan_for(monkeypatch):
 
     found = secret_values({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"})
     assert "$AWS_ACCESS_KEY_ID" not in found and found["$AWS_SECRET_ACCESS_KEY"] == SECRET
+
