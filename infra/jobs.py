@@ -351,6 +351,9 @@ def _git_files(root: Path) -> list[str] | None:
                                 capture_output=True, text=True, timeout=60)
     except (FileNotFoundError, subprocess.TimeoutExpired):
         return None
+    if inside.returncode != 0 and "not a git repository" not in inside.stderr:
+        # e.g. "detected dubious ownership": not a reason to upload what .gitignore leaves out
+        raise SubmitError(f"git cannot read {root}: {inside.stderr.strip()}")
     if inside.returncode != 0 or inside.stdout.strip() != "true":
         return None
     proc = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
@@ -539,10 +542,11 @@ def _safe_id_part(s: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")[:40] or "job"
 
 
-CREDENTIAL_FILES_HELP = (
-    "Keep them out of the upload: add them to .gitignore (submit uploads what git tracks or would track), "
-    "move them out of the project, or pass --exclude PATTERN. If a file holds no secret (a test fixture, a "
-    "public certificate), pass --allow-file PATH to upload it anyway.")
+def _credential_files_help(git: bool) -> str:
+    where = ("add them to .gitignore (submit uploads what git tracks or would track), move them out of the project"
+             if git else "move them out of the project (it is not a git checkout, so .gitignore is not read)")
+    return (f"Keep them out of the upload: {where}, or pass --exclude PATTERN. If a file holds no secret (a test "
+            "fixture, a public certificate), pass --allow-file PATH to upload it anyway.")
 
 
 def plan_job(command: list[str], config_path: str | None = None, overrides: list[str] | None = None, *,
@@ -607,7 +611,8 @@ def plan_job(command: list[str], config_path: str | None = None, overrides: list
     try:
         if staged.credentials:
             raise SubmitError("refusing to submit: these project files look like credentials and would be uploaded "
-                              "to the cluster:\n  " + "\n  ".join(staged.credentials) + "\n" + CREDENTIAL_FILES_HELP)
+                              "to the cluster:\n  " + "\n  ".join(staged.credentials) + "\n"
+                              + _credential_files_help(staged.source.startswith("git")))
         for must in ("gammaray/cli.py", "infra/job_entry.py"):
             if not os.path.isfile(os.path.join(stage, must)):
                 raise SubmitError(f"the staged project lacks {must}: is it ignored by git in {root}, or excluded?")

@@ -109,8 +109,10 @@ def test_a_symlink_to_an_ignored_credential_inside_the_project_is_refused(tmp_pa
     (proj / ".netrc").write_text(f"machine pypi.example.com login me password {TOKEN}\n")
     (proj / "configs" / "login").symlink_to("../.netrc")
     _git(proj, "init", "-q")
-    with pytest.raises(SubmitError, match=r"configs/login: a netrc file \(login passwords\) \(by its name, via .netrc\)"):
+    with pytest.raises(SubmitError, match=r"configs/login: a netrc file \(login passwords\) \(by its name, via .netrc\)") \
+            as err:
         _plan(proj)
+    assert "add them to .gitignore" in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------------

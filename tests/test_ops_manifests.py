@@ -276,7 +276,8 @@ def test_gpu_image_installs_cuda_torch_deepspeed_and_the_project():
         for part in src.split():
             assert (ROOT / part).exists(), f"COPY source {part} missing"
     ignore = (INFRA / "docker" / "Dockerfile.gpu.dockerignore").read_text()
-    for pattern in ("**/.venv", "**/.env", "**/auth_token", "**/*.pem"):
+    for pattern in ("**/.venv", "**/.env", "**/auth_token", "**/*.pem", "**/id_rsa*", "**/.ssh", "**/.netrc",
+                    "**/.kube", "**/kubeconfig*", "**/*.tfstate", "**/.pypirc", "**/credentials"):
         assert pattern in ignore
     deps = __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert any(d.startswith("deepspeed") for d in deps) and any(d.startswith("torch") for d in deps)
