@@ -390,7 +390,7 @@ class StagedProject:
     credentials: list[str] = field(default_factory=list)       # "path: what it holds (by name|content)"
 
 
-def stage_working_dir(src: Path, excludes: list[str], allow: list[str] = ()) -> StagedProject:
+def stage_working_dir(src: Path, excludes: list[str], allow: Iterable[str] = ()) -> StagedProject:
     """Copy the project's files into a new temp dir: git's view of the project (tracked and
     unignored files) when `src` is in a git work tree, else every file under it; minus `excludes`.
     Symlinks are followed only to files inside the project; files that look like credentials (by
@@ -434,8 +434,7 @@ def _stage_one(root: Path, rel: str, staged: StagedProject, excludes: list[str],
     if stat.S_ISLNK(st.st_mode):
         st = os.stat(real)
         if stat.S_ISDIR(st.st_mode):
-            staged.skipped.append(f"{rel} (a symlink to a folder: not followed; the folder's files are staged from "
-                                  "their own path)")
+            staged.skipped.append(f"{rel} (a symlink to a folder inside the project: not followed)")
             return
     if stat.S_ISDIR(st.st_mode):
         staged.skipped.append(f"{rel} (a git submodule or nested repository: not staged)")
@@ -624,7 +623,7 @@ def plan_job(command: list[str], config_path: str | None = None, overrides: list
         with open(os.path.join(job_dir, JOB_JSON), "w") as f:
             json.dump({"secret_refs": refs, "credential_env": credential_env,
                        "accepts_config": _accepts_config(parser, command),
-                       "imports": import_names(_project_dependencies(root) or pip),
+                       "imports": import_names(_project_dependencies(root)),
                        "requires_python": _requires_python(root)}, f, indent=1)
 
         runtime_env: dict[str, Any] = {"working_dir": stage, "env_vars": env_vars}
@@ -670,7 +669,7 @@ def plan_job(command: list[str], config_path: str | None = None, overrides: list
 
 def _project_dependencies(root: Path) -> list[str]:
     """What the job needs importable on the cluster: the project's dependencies (whatever
-    --requirements says installs them); [] when pyproject.toml cannot be read here."""
+    --requirements says installs them); [] (no import check) when pyproject.toml cannot be read."""
     try:
         return project_requirements(root)
     except SubmitError:
