@@ -189,7 +189,8 @@ def _icc_transform(icc: bytes, mode: str):
         return _UNUSABLE
     if space == "RGB " and "srgb" in (profile.profile.profile_description or "").lower():
         return None
-    return ImageCms.buildTransform(profile, _SRGB, mode, out_mode)
+    # NOCACHE: littleCMS's one-pixel cache is not safe when threads share a transform (prepare's checks)
+    return ImageCms.buildTransform(profile, _SRGB, mode, out_mode, flags=ImageCms.Flags.NOCACHE)
 
 
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
