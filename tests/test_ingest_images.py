@@ -123,3 +123,30 @@ def test_the_stream_decodes_the_same_pixels_with_the_configured_background():
         assert out[K.REJECT].tolist() == [""]
         for key in (K.PIXELS, K.PIXELS_PAIR):
             assert tuple(out[key][0, 0, 0]) == background and tuple(out[key][0, 8, 8]) == S.RED
+
+
+def test_prepare_counts_the_conversions_in_its_report(tmp_path, capsys):
+    from gammaray.cli import main
+
+    files = {"rgba.png": S.rgba_cutout(), "la.png": S.la_cutout(), "palette.png": S.palette_trns(),
+             "gradient16.png": S.gradient_16bit(), "float.tif": S.float_tiff(), "cmyk.jpg": S.cmyk_jpeg(),
+             "adobe.png": S.icc_tagged_png((100, 180, 90)), "rotated.jpg": S.exif_rotated_jpeg()[0],
+             "plain.png": S.png(Image.new("RGB", (8, 8), (1, 2, 3)))}
+    src = tmp_path / "raw"
+    (src / "img").mkdir(parents=True)
+    with open(src / "items.jsonl", "w") as f:
+        for i, (name, data) in enumerate(files.items()):
+            (src / "img" / name).write_bytes(data)
+            f.write(json.dumps({"product_id": f"P{i}", "title": f"product {name}", "image": f"img/{name}"}) + "\n")
+    out = tmp_path / "counts.json"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc = main(["prepare", str(src), str(tmp_path / "catalog"), "--json", str(out), "--quiet"])
+    assert rc == 0
+    assert not [w for w in caught if "Transparency" in str(w.message)]
+    want = {Conversion.TRANSPARENCY: 3, Conversion.HIGH_BIT_DEPTH: 2, Conversion.CMYK: 1, Conversion.ICC_PROFILE: 1,
+            Conversion.EXIF_ORIENTATION: 1}
+    counts = json.loads(out.read_text())
+    assert counts["num_written"] == len(files) and counts["image_conversions"] == want
+    text = capsys.readouterr().out
+    assert "images converted" in text and "transparency           3" in text and "high_bit_depth         2" in text
