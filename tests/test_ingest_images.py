@@ -49,6 +49,17 @@ def test_transparency_is_composited_onto_the_background_never_the_hidden_colour(
         assert tuple(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))[0, 0]) == S.HIDDEN
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_single_colour_marked_transparent_by_trns_is_composited(mode):
+    """tRNS without a palette: one RGB colour (or grey level) means 'transparent'."""
+    key, fg = ((95, 78, 62), (200, 30, 40)) if mode == "RGB" else (95, 200)
+    img = Image.new(mode, (8, 8), key)
+    img.paste(fg, (2, 2, 6, 6))
+    px, done = _pixels(S.png(img, transparency=key), BLACK)
+    assert done == (Conversion.TRANSPARENCY,)
+    assert tuple(px[0, 0]) == BLACK and tuple(px[4, 4]) == (fg if mode == "RGB" else (fg,) * 3)
+
+
 def test_16_bit_png_is_scaled_by_its_range_not_clipped():
     data = S.gradient_16bit()
     assert Image.open(io.BytesIO(data)).mode == "I;16"
