@@ -18,6 +18,7 @@ BENCHES = {
     "structure": "workers.benchmarks.structure",
     "scaling": "workers.benchmarks.scaling",
     "ingest": "pipelines.benchmarks.ingest",
+    "decode": "pipelines.benchmarks.decode",
 }
 
 
