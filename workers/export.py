@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -62,11 +63,29 @@ def find_model_uri(uri: str, storage_cfg: StorageConfig | None = None) -> str:
 
 
 def open_checkpoint(uri: str, storage_cfg: StorageConfig | None = None, local_dir: str | None = None) -> Checkpoint:
+    """The checkpoint's model, local: an s3:// model is downloaded into `local_dir`, or into a
+    temporary folder that lives as long as the returned Checkpoint (removed when it is garbage
+    collected or at exit, on failure too): keep the object while `model_dir` is in use."""
     from pipelines import storage
 
     model_uri = find_model_uri(uri, storage_cfg)
+    owned = tempfile.mkdtemp(prefix="gammaray-model-") if storage.is_remote(model_uri) and local_dir is None else None
+    try:
+        ckpt = _open_checkpoint(uri, model_uri, storage_cfg, local_dir or owned)
+    except BaseException:
+        if owned:
+            shutil.rmtree(owned, ignore_errors=True)
+        raise
+    if owned:
+        weakref.finalize(ckpt, shutil.rmtree, owned, True)
+    return ckpt
+
+
+def _open_checkpoint(uri: str, model_uri: str, storage_cfg: StorageConfig | None, local_dir: str | None) -> Checkpoint:
+    from pipelines import storage
+
     if storage.is_remote(model_uri):
-        local_dir = local_dir or tempfile.mkdtemp(prefix="gammaray-model-")
+        assert local_dir is not None
         storage.download_dir(model_uri, local_dir, storage_cfg)
         model_dir = local_dir
     else:
