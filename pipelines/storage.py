@@ -247,8 +247,8 @@ def with_retries(fn: Callable[[], T], what: str = "", storage: StorageConfig | S
                 cause = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
                 raise StorageUnavailable(
                     f"storage at {endpoint_of(storage)} kept failing for {waited:.0f} s while {what} "
-                    f"(storage.retry_time_s={budget:g}): {cause}. Nothing already written is lost: once the storage "
-                    f"answers again, re-run the same command (a training run resumes from its last checkpoint)."
+                    f"(storage.retry_time_s={budget:g}): {cause}. What was written before is kept: once the storage "
+                    f"answers again, re-run the same command (a training run resumes from its last recorded checkpoint)."
                 ) from None
             if now - _last_warning > 10.0:  # an outage fails many operations at once: warn now and then
                 _last_warning = now

@@ -68,8 +68,7 @@ def test_secret_in_unusual_variables_never_reaches_storage_or_ray(s3, small_cata
              ["pretrain", "--quiet", "--json", str(tmp_path / "pretrain.json"), *args]]
     env = {k: v for k, v in os.environ.items()
            if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_ADDRESS")}
-    env.update(GAMMARAY_TEST_KEY_ID=s3.access_key, GAMMARAY_TEST_SECRET=secret, PYTHONPATH=ROOT,
-               DS_ACCELERATOR="cpu", TMPDIR=str(tmp_path))
+    env.update(GAMMARAY_TEST_KEY_ID=s3.access_key, GAMMARAY_TEST_SECRET=secret, PYTHONPATH=ROOT, DS_ACCELERATOR="cpu")
     proc = subprocess.run([sys.executable, "-c", CLI, json.dumps(argvs)], capture_output=True, text=True, env=env,
                           timeout=1100, cwd=str(tmp_path))
     assert "CODES [0, 0]" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
