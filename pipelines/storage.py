@@ -245,8 +245,9 @@ def with_retries(fn: Callable[[], T], what: str = "", storage: StorageConfig | S
             waited = now - first_failure
             if waited >= budget:
                 cause = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+                where = f" at {endpoint_of(storage)}" if "s3://" in what else ""
                 raise StorageUnavailable(
-                    f"storage at {endpoint_of(storage)} kept failing for {waited:.0f} s while {what} "
+                    f"storage{where} kept failing for {waited:.0f} s while {what} "
                     f"(storage.retry_time_s={budget:g}): {cause}. What was written before is kept: once the storage "
                     f"answers again, re-run the same command (a training run resumes from its last recorded checkpoint)."
                 ) from None

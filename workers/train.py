@@ -86,7 +86,7 @@ class TrainState:
     audit: list[dict] = field(default_factory=list)     # per finished epoch (train.audit_samples)
     plan: dict = field(default_factory=dict)            # train.epochs / max_steps that total_steps was planned for
     identity: dict = field(default_factory=dict)        # what the position means (workers/resume.py)
-    loss_sums: dict = field(default_factory=dict)       # this epoch's loss terms x records (LossSums)
+    loss_sums: dict = field(default_factory=dict)       # this epoch's loss terms x records (add_loss)
     loss_sums_prev: dict = field(default_factory=dict)  # the same for the last finished epoch
 
     def position_json(self, rank: int, world_size: int) -> dict:
@@ -588,9 +588,10 @@ NOT_AVERAGED = ("logit_scale",)  # a parameter's current value, not a per-record
 
 
 def add_loss(state: TrainState, scalars: dict[str, float], n: int) -> None:
-    """Add a micro-batch's loss terms, weighted by its n good records, to this epoch's sums."""
+    """Add a micro-batch's loss terms, weighted by its n good records, to this epoch's sums (reset
+    when an epoch ends: `loss_sums_prev` keeps the finished one)."""
     if not state.loss_sums:
-        state.loss_sums = {"epoch": state.epoch, "records": 0, "sums": {}}
+        state.loss_sums = {"records": 0, "sums": {}}
     sums = state.loss_sums["sums"]
     for k, v in scalars.items():
         if k not in NOT_AVERAGED:
@@ -618,12 +619,7 @@ def epoch_loss_means(state: TrainState, W: int, device: torch.device) -> dict:
     if n == 0:
         return {}
     out = {k: float(t[off + i] / n) for i, k in enumerate(names)}
-    epochs = [x.get("epoch") for x in (cur, prev)]
-    out.update({"loss_epoch": epochs[0] if use_cur else epochs[1], "loss_records": int(n)})
-    if W > 1:  # the epoch is the same on every rank that trained in it
-        e = torch.tensor([out["loss_epoch"] if out["loss_epoch"] is not None else -1], device=device)
-        dist.all_reduce(e, op=dist.ReduceOp.MAX)
-        out["loss_epoch"] = int(e)
+    out.update({"loss_epoch": state.epoch if use_cur else state.epoch - 1, "loss_records": int(n)})
     return out
 
 
@@ -817,7 +813,7 @@ def merge_loss_sums(parts: list[dict]) -> dict:
     for p in parts:
         for k, v in p["sums"].items():
             sums[k] = sums.get(k, 0.0) + v
-    return {"epoch": parts[0]["epoch"], "records": sum(p["records"] for p in parts), "sums": sums}
+    return {"records": sum(p["records"] for p in parts), "sums": sums}
 
 
 # --------------------------------------------------------------------------------------------
