@@ -21,7 +21,8 @@ import os
 import shutil
 import tempfile
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -41,6 +42,12 @@ class Checkpoint:
     model_dir: str        # a local copy of it
     cfg: GammarayConfig   # the training config (defaults + the model config for a bare model folder)
     has_config: bool      # config.json was found next to model/
+    _cleanup: Any = field(default=None, repr=False, compare=False)  # removes a temporary model_dir
+
+    def close(self) -> None:
+        """Remove the temporary local copy now (it goes anyway when the object is collected)."""
+        if self._cleanup is not None:
+            self._cleanup()
 
 
 def find_model_uri(uri: str, storage_cfg: StorageConfig | None = None) -> str:
@@ -77,7 +84,7 @@ def open_checkpoint(uri: str, storage_cfg: StorageConfig | None = None, local_di
             shutil.rmtree(owned, ignore_errors=True)
         raise
     if owned:
-        weakref.finalize(ckpt, shutil.rmtree, owned, True)
+        ckpt._cleanup = weakref.finalize(ckpt, shutil.rmtree, owned, True)
     return ckpt
 
 
@@ -164,6 +171,7 @@ def export_checkpoint(uri: str, out_dir: str, storage_cfg: StorageConfig | None 
     image_processor(image_size).save_pretrained(img_dir)
     model.text_tower.save_pretrained(txt_dir)
     tok = AutoTokenizer.from_pretrained(os.path.join(ckpt.model_dir, "text_tower"))
+    ckpt.close()  # model and tokenizer are in memory: the local copy can go
     tok.model_max_length = max_text_tokens
     tok.save_pretrained(txt_dir)
 
