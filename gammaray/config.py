@@ -46,9 +46,12 @@ class StorageConfig(Section):
     access_key_env: str = Field("AWS_ACCESS_KEY_ID", description="Env var holding the access key id.")
     secret_key_env: str = Field("AWS_SECRET_ACCESS_KEY", description="Env var holding the secret key.")
     retry_time_s: float = Field(
-        180.0, ge=0.0, description="How long every storage operation (reads, checkpoint uploads, quarantine, metrics, "
-        "eval outputs) keeps retrying transient errors (connection refused or reset, timeouts, throttling, 5xx) with "
-        "backoff before it fails with a short error naming the endpoint; 0 = fail at the first one.")
+        180.0, ge=0.0, description="How long every operation on the run's storage (reads, checkpoint uploads, "
+        "quarantine, metrics, eval outputs) keeps retrying transient errors (connection refused or reset, timeouts, "
+        "throttling, 5xx) with backoff before it fails with a short error naming the endpoint; 0 = fail at the first one.")
+    retries: int = Field(
+        5, ge=0, description="Attempts after the first for a read from a host that is not the run's storage (an "
+        "http(s) image URL of a catalogue): past them a host that does not answer is the record's fault, not an outage.")
 
 
 class RunSection(Section):

@@ -87,6 +87,7 @@ class S3Settings:
     access_key_env: str
     secret_key_env: str
     retry_time_s: float
+    retries: int = 5
 
     def __repr__(self) -> str:  # never print credentials, only where they come from
         return (
@@ -104,6 +105,7 @@ class S3Settings:
             access_key_env=cfg.access_key_env,
             secret_key_env=cfg.secret_key_env,
             retry_time_s=cfg.retry_time_s,
+            retries=cfg.retries,
         )
 
     def _credentials(self) -> tuple[str | None, str | None]:
@@ -222,11 +224,16 @@ def endpoint_of(storage: StorageConfig | S3Settings | None) -> str:
     return settings_of(storage).endpoint_url or "the default AWS S3 endpoint"
 
 
-def with_retries(fn: Callable[[], T], what: str = "", storage: StorageConfig | S3Settings | None = None) -> T:
+def with_retries(fn: Callable[[], T], what: str = "", storage: StorageConfig | S3Settings | None = None,
+                 retries: int | None = None) -> T:
     """Call fn; retry transient failures with jittered exponential backoff (0.5 s doubling, at most
     10 s apart) until storage.retry_time_s have passed since the first one, then raise
     StorageUnavailable naming the endpoint and `what` ("reading s3://b/k"). Other errors (not found,
-    access denied, damaged data) are raised at once."""
+    access denied, damaged data) are raised at once.
+
+    `retries=N` instead: N retries, then the last error as it is. For a host that is not the run's
+    storage (storage.retries for an http(s) image URL): a dead link is the record's fault, no outage
+    to wait out."""
     global _last_warning
     budget = storage.retry_time_s if storage is not None else _DEFAULT_RETRY_TIME_S
     first_failure: float | None = None
@@ -240,6 +247,12 @@ def with_retries(fn: Callable[[], T], what: str = "", storage: StorageConfig | S
         except Exception as err:  # noqa: BLE001 - classified below
             if not is_transient(err):
                 raise
+            if retries is not None:
+                if attempt >= retries:
+                    raise
+                time.sleep(min(_MAX_DELAY_S, 0.2 * 2**attempt) * (0.5 + random.random()))
+                attempt += 1
+                continue
             now = time.monotonic()
             first_failure = now if first_failure is None else first_failure
             waited = now - first_failure

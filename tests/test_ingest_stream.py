@@ -255,6 +255,12 @@ def test_reads_retry_transient_connection_resets(s3):
         cfg = StorageConfig(endpoint_url=proxy.endpoint, retry_time_s=30)
         assert storage.read_bytes(uri, cfg) == b"payload" * 100
         assert proxy.accepted >= 4
+        # a host that is not the run's storage (an image URL) gets storage.retries attempts, then its own error
+        proxy.fail, proxy.accepted = 10**9, 0
+        native = storage.S3Settings.from_config(StorageConfig(endpoint_url=proxy.endpoint, retry_time_s=0)).pyarrow_fs()
+        with pytest.raises(OSError) as err:
+            storage.with_retries(lambda: native.get_file_info(uri[len("s3://"):]), f"reading {uri}", retries=2)
+        assert not isinstance(err.value, storage.StorageUnavailable) and proxy.accepted == 3
     finally:
         proxy.close()
 
