@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-from gammaray.config import ConfigError
+from gammaray.config import ConfigError, RunError
 
 COMMANDS = ["demo", "prepare", "pretrain", "config", "eval", "embed", "export", "bench", "tune", "submit"]
 
@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"gammaray: {err}", file=sys.stderr)
         return 2
+    except RunError as err:  # the message says what happened and what to do next
+        print(f"gammaray {args.command}: {err}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, ValueError) as err:
         print(f"gammaray {args.command}: error: {err}", file=sys.stderr)
         return 1

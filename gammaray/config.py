@@ -21,6 +21,12 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the offending dotted path."""
 
 
+class RunError(RuntimeError):
+    """A run stopped for a reason its message explains in full, with what to do next (storage
+    unreachable for longer than storage.retry_time_s, a checkpoint refused, a resume that does not
+    match the run): the CLI prints the message alone, without a traceback."""
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -39,7 +45,13 @@ class StorageConfig(Section):
     region: str | None = Field(None, description="S3 region; None = AWS_REGION or the server's default.")
     access_key_env: str = Field("AWS_ACCESS_KEY_ID", description="Env var holding the access key id.")
     secret_key_env: str = Field("AWS_SECRET_ACCESS_KEY", description="Env var holding the secret key.")
-    retries: int = Field(5, ge=0, description="Retries with exponential backoff on transient errors.")
+    retry_time_s: float = Field(
+        180.0, ge=0.0, description="How long every operation on the run's storage (reads, checkpoint uploads, "
+        "quarantine, metrics, eval outputs) keeps retrying transient errors (connection refused or reset, timeouts, "
+        "throttling, 5xx) with backoff before it fails with a short error naming the endpoint; 0 = fail at the first one.")
+    retries: int = Field(
+        5, ge=0, description="Attempts after the first for a read from a host that is not the run's storage (an "
+        "http(s) image URL of a catalogue): past them a host that does not answer is the record's fault, not an outage.")
 
 
 class RunSection(Section):
@@ -345,13 +357,21 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(200, ge=1, description="Optimizer steps between checkpoints (and one at the end).")
     eval_every: int | None = Field(None, ge=1, description="Steps between validation R@1 (None = end only).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (best by validation R@1 when it runs).")
-    max_failures: int = Field(0, ge=-1, description="Worker-failure restarts from the last checkpoint (-1: unlimited).")
+    max_failures: int = Field(
+        3, ge=-1, description="Restarts of the workers from the last checkpoint after a failure (a lost worker or node, "
+        "storage down for longer than storage.retry_time_s, ...) without a person; each costs a worker start-up and the "
+        "steps since that checkpoint, and an error that repeats (too many bad records) is retried this often before "
+        "the run fails. 0: fail at once, -1: unlimited.")
     portable_checkpoint: bool = Field(
         True, description="Also write the full fp32 weights and Adam moments once (rank 0, 12 bytes/parameter) so "
         "that a resume on a different worker count keeps the optimizer state (DeepSpeed's own files are per rank).")
     resume_from: str | None = Field(
         None, description="Checkpoint folder (local or s3://) to start from when the run has none of its own, "
         "e.g. another run's checkpoint on a different worker count.")
+    resume_force: bool = Field(
+        False, description="Resume even when the checkpoint was trained under another catalogue, run.seed, "
+        "data.shuffle, data.batch_size or gradient accumulation (refused by default: its data position would "
+        "train some records twice and skip others). `gammaray pretrain --force` sets it.")
     audit_samples: bool = Field(
         False, description="Count every sample_index trained per epoch (checkpointed) and fail the run if one is "
         "trained twice in an epoch; the counts go to the metrics. For tests and debugging: N bytes per worker.")

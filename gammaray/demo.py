@@ -98,6 +98,9 @@ def run_demo(cfg: GammarayConfig, opts: DemoOptions) -> dict:
         "modality_gap": m.get("val_modality_gap"),
         "records_trained": res_train.num_written - int(m.get("records_quarantined_stream", 0)),
         "samples_seen": m.get("samples_seen_total"),
+        "loss": m.get("loss"),                 # mean over the last epoch's records, all workers
+        "loss_epoch": m.get("loss_epoch"),
+        "loss_records": m.get("loss_records"),
         "records_quarantined": res_train.num_quarantined + int(m.get("records_quarantined_stream", 0)),
         "quarantine_by_reason": res_train.quarantine_by_reason,
         "val_records": m.get("val_val_records"),
@@ -132,6 +135,8 @@ def format_summary(s: dict) -> str:
         f"   zero-shot category accuracy  {f(s['zero_shot_acc'])}  (chance {f(s['zero_shot_chance'])})",
         f"   chance R@1                   {f(s['chance_r_at_1'], 4)}  ({s['val_records']} held-out records)",
         f"   records trained              {s['records_trained']}  ({s['samples_seen']} samples seen, {s['steps']} steps)",
+        f"   training loss                {f(s.get('loss'), 4)}  (mean over the {s.get('loss_records')} records of epoch "
+        f"{s.get('loss_epoch')}, all workers)",
         f"   records quarantined          {s['records_quarantined']}  {s['quarantine_by_reason']}",
         f"   checkpoint                   {s['checkpoint']}",
         f"   wall time                    {s['wall_s']} s",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -72,6 +73,7 @@ class SeaweedS3:
     _proc: subprocess.Popen | None = None
     _tmp: str | None = None
     _saved_env: dict = field(default_factory=dict)
+    _ports: tuple[int, ...] | None = None   # (s3, master, filer, volume, admin), kept across kill/restart
     log_path: str = ""
 
     def start(self) -> "SeaweedS3":
@@ -81,7 +83,18 @@ class SeaweedS3:
             self._tmp = tempfile.mkdtemp(prefix="gammaray-s3-")
             self.data_dir = self._tmp
         os.makedirs(self.data_dir, exist_ok=True)
-        s3, master, filer, volume, admin = _free_port_block(5)
+        if self._ports is None:
+            self._ports = tuple(_free_port_block(5))
+        self._launch()
+        if self.export_env:
+            for k, v in self.env().items():
+                self._saved_env[k] = os.environ.get(k)
+                os.environ[k] = v
+        return self
+
+    def _launch(self) -> None:
+        assert self._ports is not None and self.data_dir is not None
+        s3, master, filer, volume, admin = self._ports
         self.endpoint = f"http://127.0.0.1:{s3}"
         env = dict(os.environ, AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key)
         cmd = [
@@ -91,15 +104,34 @@ class SeaweedS3:
             "-webdav=false", "-admin.ui=false",
         ]
         self.log_path = os.path.join(self.data_dir, "weed.log")
-        log = open(self.log_path, "ab")
-        self._proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir,
-                                      start_new_session=True)
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self._proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir,
+                                          start_new_session=True)
         self._wait_ready()
-        if self.export_env:
-            for k, v in self.env().items():
-                self._saved_env[k] = os.environ.get(k)
-                os.environ[k] = v
-        return self
+
+    def kill(self) -> None:
+        """An outage: SIGKILL the server (as a crash would), keeping its data, ports and the exported
+        environment; `restart()` brings the same server back on the same endpoint."""
+        self._terminate(signal.SIGKILL)
+
+    def restart(self) -> None:
+        if self._proc is not None:
+            raise RuntimeError("the server is running; kill() it first")
+        self._launch()
+
+    def _terminate(self, sig: int) -> None:
+        if self._proc is None:
+            return
+        try:
+            os.killpg(self._proc.pid, sig)
+            self._proc.wait(timeout=10)
+        except Exception:  # noqa: BLE001
+            try:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait(timeout=10)
+            except Exception:  # noqa: BLE001
+                pass
+        self._proc = None
 
     def env(self) -> dict[str, str]:
         return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
@@ -127,18 +159,7 @@ class SeaweedS3:
         raise TimeoutError(f"SeaweedFS not ready after {self.startup_timeout_s}s ({last_err}); log: {self.log_path}")
 
     def stop(self) -> None:
-        if self._proc is not None:
-            import signal
-
-            try:
-                os.killpg(self._proc.pid, signal.SIGTERM)
-                self._proc.wait(timeout=10)
-            except Exception:  # noqa: BLE001
-                try:
-                    os.killpg(self._proc.pid, signal.SIGKILL)
-                except Exception:  # noqa: BLE001
-                    pass
-            self._proc = None
+        self._terminate(signal.SIGTERM)
         for k, v in self._saved_env.items():
             if v is None:
                 os.environ.pop(k, None)

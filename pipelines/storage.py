@@ -2,7 +2,12 @@
 fsspec URL (memory://, http(s)://, gs://, ... whatever fsspec has a driver for) through fsspec.
 
 Endpoint and credentials come from `StorageConfig` (names of environment variables) or the standard
-AWS environment variables. Transient errors are retried with exponential backoff.
+AWS environment variables, read in whichever process touches the storage: the s3:// filesystem that
+`resolve` returns (and that Ray Train and Ray Tune are given) pickles as those names, never as keys.
+
+Transient errors (connection refused or reset, timeouts, throttling, 5xx) are retried with jittered
+exponential backoff for `storage.retry_time_s`; past that, `StorageUnavailable` names the endpoint
+and the operation in one line.
 """
 
 from __future__ import annotations
@@ -10,15 +15,20 @@ from __future__ import annotations
 import functools
 import io
 import json
+import logging
 import os
 import random
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
-from gammaray.config import StorageConfig
+from gammaray.config import RunError, StorageConfig
+
+log = logging.getLogger("gammaray.storage")
 
 T = TypeVar("T")
 
@@ -76,12 +86,14 @@ class S3Settings:
     region: str | None
     access_key_env: str
     secret_key_env: str
-    retries: int
+    retry_time_s: float
+    retries: int = 5
 
     def __repr__(self) -> str:  # never print credentials, only where they come from
         return (
             f"S3Settings(endpoint_url={self.endpoint_url!r}, region={self.region!r}, "
-            f"access_key_env={self.access_key_env!r}, secret_key_env={self.secret_key_env!r})"
+            f"access_key_env={self.access_key_env!r}, secret_key_env={self.secret_key_env!r}, "
+            f"retry_time_s={self.retry_time_s!r})"
         )
 
     @classmethod
@@ -92,18 +104,31 @@ class S3Settings:
             region=cfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None,
             access_key_env=cfg.access_key_env,
             secret_key_env=cfg.secret_key_env,
+            retry_time_s=cfg.retry_time_s,
             retries=cfg.retries,
         )
 
     def _credentials(self) -> tuple[str | None, str | None]:
         return os.environ.get(self.access_key_env), os.environ.get(self.secret_key_env)
 
+    @property
+    def sdk_attempts(self) -> int:
+        """Attempts inside one client call (the SDK's own quick retries); the long wait for an
+        outage to end is `with_retries`'s."""
+        return 3 if self.retry_time_s > 0 else 1
+
     def pyarrow_fs(self) -> pafs.S3FileSystem:
+        """The native filesystem, with the keys of this process's environment: for this process
+        only (it would pickle them); `resolve` hands out `RetryingS3` instead."""
         key, secret = self._credentials()
         kwargs: dict[str, Any] = dict(
-            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max(1, self.retries + 1)),
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=self.sdk_attempts),
             connect_timeout=10,
             request_timeout=60,
+            # uploads in the writing thread: `copy_files(use_threads=True)` (Ray's checkpoint upload)
+            # runs each file on Arrow's CPU pool, and an output stream that waits there for its own
+            # background parts deadlocks once every pool thread does (apache/arrow#32372)
+            background_writes=False,
         )
         if self.endpoint_url:
             kwargs["endpoint_override"] = self.endpoint_url
@@ -111,8 +136,7 @@ class S3Settings:
         kwargs["region"] = self.region or "us-east-1"
         standard = (self.access_key_env, self.secret_key_env) == ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
         if key and secret and not standard:
-            # explicit keys end up in the pickled filesystem; the standard variables are read by
-            # the AWS credential chain in each process instead, so nothing secret travels
+            # (the standard variables are read by the AWS credential chain itself)
             kwargs["access_key"] = key
             kwargs["secret_key"] = secret
         return pafs.S3FileSystem(**kwargs)
@@ -130,21 +154,25 @@ class S3Settings:
             key=key,
             secret=secret,
             client_kwargs=client_kwargs,
-            config_kwargs={"retries": {"max_attempts": max(1, self.retries + 1), "mode": "standard"}},
+            config_kwargs={"retries": {"max_attempts": self.sdk_attempts, "mode": "standard"}},
             skip_instance_cache=True,
         )
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_pyarrow_fs(settings: S3Settings) -> pafs.S3FileSystem:
+def _native_s3(settings: S3Settings) -> pafs.S3FileSystem:
     return settings.pyarrow_fs()
 
 
+def settings_of(storage: StorageConfig | S3Settings | None) -> S3Settings:
+    return storage if isinstance(storage, S3Settings) else S3Settings.from_config(storage)
+
+
 def resolve(uri: str, storage: StorageConfig | S3Settings | None = None) -> tuple[pafs.FileSystem, str]:
-    """(pyarrow filesystem, path within it) for a URI."""
+    """(pyarrow filesystem, path within it) for a URI. For s3:// a `RetryingS3` filesystem: safe to
+    hand to Ray (it carries no key) and it rides out outages of up to storage.retry_time_s."""
     if is_remote(uri):
-        settings = storage if isinstance(storage, S3Settings) else S3Settings.from_config(storage)
-        return _cached_pyarrow_fs(settings), uri[len("s3://"):].rstrip("/")
+        return retrying_s3(settings_of(storage)), uri[len("s3://"):].rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(_local_path(uri))
 
 
@@ -158,31 +186,258 @@ def fsspec_for(uri: str, storage: StorageConfig | S3Settings | None = None):
     return fsspec.filesystem("file"), os.path.abspath(_local_path(uri))
 
 
+# --------------------------------------------------------------------------------------------
+# transient faults: retried for storage.retry_time_s, then one short error
+
+
+class StorageUnavailable(OSError, RunError):
+    """Storage kept failing with transient errors for longer than storage.retry_time_s."""
+
+
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+# how pyarrow (AWS SDK), botocore/s3fs and urllib3 word an outage, a throttle or a 5xx
+_TRANSIENT_TEXT = (
+    "network_connection", "could not connect", "couldn't connect", "failed to connect", "connection refused",
+    "connection reset", "connection aborted", "connection was closed", "broken pipe", "timed out", "timeout",
+    "slowdown", "slow_down", "throttl", "service_unavailable", "serviceunavailable", "service unavailable",
+    "internal_failure", "internalerror", "internal error", "request_timeout", "temporarily", "endpoint url",
+    "(500)", "(502)", "(503)", "(504)",
+)
+_DEFAULT_RETRY_TIME_S = StorageConfig().retry_time_s
+_MAX_DELAY_S = 10.0
+_last_warning = 0.0
 
 
-def with_retries(fn: Callable[[], T], retries: int = 5, base_delay: float = 0.2, what: str = "") -> T:
-    """Call fn, retrying transient failures (network, throttling) with jittered exponential backoff."""
+def is_transient(err: BaseException) -> bool:
+    if isinstance(err, StorageUnavailable) or is_not_found(err):
+        return False
+    if isinstance(err, TRANSIENT_ERRORS):
+        return True
+    names = {c.__name__ for c in type(err).__mro__}
+    if names & {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError"}:
+        return True
+    text = str(err).lower()
+    return any(s in text for s in _TRANSIENT_TEXT)
+
+
+def endpoint_of(storage: StorageConfig | S3Settings | None) -> str:
+    return settings_of(storage).endpoint_url or "the default AWS S3 endpoint"
+
+
+def with_retries(fn: Callable[[], T], what: str = "", storage: StorageConfig | S3Settings | None = None,
+                 retries: int | None = None) -> T:
+    """Call fn; retry transient failures with jittered exponential backoff (0.5 s doubling, at most
+    10 s apart) until storage.retry_time_s have passed since the first one, then raise
+    StorageUnavailable naming the endpoint and `what` ("reading s3://b/k"). Other errors (not found,
+    access denied, damaged data) are raised at once.
+
+    `retries=N` instead: N retries, then the last error as it is. For a host that is not the run's
+    storage (storage.retries for an http(s) image URL): a dead link is the record's fault, no outage
+    to wait out."""
+    global _last_warning
+    budget = storage.retry_time_s if storage is not None else _DEFAULT_RETRY_TIME_S
+    first_failure: float | None = None
     attempt = 0
     while True:
         try:
-            return fn()
-        except Exception as err:  # noqa: BLE001 - classify below
-            transient = isinstance(err, TRANSIENT_ERRORS) or _looks_transient(err)
-            if not transient or attempt >= retries:
+            result = fn()
+            if first_failure is not None:
+                log.warning("storage: %s succeeded after %.0f s of transient errors", what, time.monotonic() - first_failure)
+            return result
+        except Exception as err:  # noqa: BLE001 - classified below
+            if not is_transient(err):
                 raise
-            delay = base_delay * (2**attempt) * (0.5 + random.random())
+            if retries is not None:
+                if attempt >= retries:
+                    raise
+                time.sleep(min(_MAX_DELAY_S, 0.2 * 2**attempt) * (0.5 + random.random()))
+                attempt += 1
+                continue
+            now = time.monotonic()
+            first_failure = now if first_failure is None else first_failure
+            waited = now - first_failure
+            if waited >= budget:
+                cause = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+                where = f" at {endpoint_of(storage)}" if "s3://" in what else ""
+                raise StorageUnavailable(
+                    f"storage{where} kept failing for {waited:.0f} s while {what} "
+                    f"(storage.retry_time_s={budget:g}): {cause}. What was written before is kept: once the storage "
+                    f"answers again, re-run the same command (a training run resumes from its last recorded checkpoint)."
+                ) from None
+            if now - _last_warning > 10.0:  # an outage fails many operations at once: warn now and then
+                _last_warning = now
+                log.warning("storage: %s failed (%s); retrying for up to %.0f s", what,
+                            (str(err).strip().splitlines() or [""])[0][:160], budget)
+            delay = min(_MAX_DELAY_S, 0.5 * 2**attempt) * (0.5 + random.random())
             attempt += 1
-            time.sleep(delay)
+            time.sleep(max(0.0, min(delay, budget - waited)))
 
 
-def _looks_transient(err: BaseException) -> bool:
-    text = str(err).lower()
-    return any(
-        s in text
-        for s in ("slowdown", "throttl", "timed out", "timeout", "connection reset", "503", "internalerror",
-                  "network_connection", "temporarily")
-    )
+# --------------------------------------------------------------------------------------------
+# the s3:// filesystem handed to our code, Ray Data tasks, Ray Train and Ray Tune
+
+
+def retrying_s3(settings: S3Settings) -> pafs.PyFileSystem:
+    return pafs.PyFileSystem(RetryingS3(settings))
+
+
+class RetryingS3(pafs.FileSystemHandler):
+    """A pyarrow filesystem over S3 that
+
+    - holds no credentials: it pickles as its `S3Settings` (endpoint, region, the NAMES of the key
+      variables) and builds the real S3FileSystem from the environment of the process that uses it,
+      so Ray Train's RunConfig and Ray Tune's tuner.pkl carry no secret;
+    - retries every call for settings.retry_time_s (`with_retries`): metadata calls as they are,
+      reads by reopening the object at the offset where they broke, writes by spooling the object
+      locally (memory, then an anonymous temporary file) and uploading it whole on close, so an
+      upload cut by an outage is redone rather than left half-written. Ray Train's checkpoint upload
+      and storage-marker check go through here."""
+
+    SPOOL_IN_MEMORY = 16 * 2**20
+    CHUNK = 8 * 2**20
+
+    def __init__(self, settings: S3Settings):
+        self.settings = settings
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RetryingS3) and other.settings == self.settings
+
+    def __ne__(self, other) -> bool:
+        return not self == other
+
+    def _fs(self) -> pafs.S3FileSystem:
+        return _native_s3(self.settings)
+
+    def retry(self, what: str, fn: Callable[[], T]) -> T:
+        return with_retries(fn, what, self.settings)
+
+    def get_type_name(self) -> str:
+        return "gammaray-s3"
+
+    def normalize_path(self, path: str) -> str:
+        return self._fs().normalize_path(path)
+
+    def get_file_info(self, paths):
+        return self.retry(f"looking up s3://{paths[0] if paths else ''}", lambda: self._fs().get_file_info(paths))
+
+    def get_file_info_selector(self, selector):
+        return self.retry(f"listing s3://{selector.base_dir}", lambda: self._fs().get_file_info(selector))
+
+    def create_dir(self, path, recursive):
+        self.retry(f"creating s3://{path}", lambda: self._fs().create_dir(path, recursive=recursive))
+
+    def delete_dir(self, path):
+        self.retry(f"deleting s3://{path}", lambda: self._fs().delete_dir(path))
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.retry(f"deleting s3://{path}", lambda: self._fs().delete_dir_contents(path, missing_dir_ok=missing_dir_ok))
+
+    def delete_root_dir_contents(self):
+        raise OSError("refusing to delete the contents of every bucket")
+
+    def delete_file(self, path):
+        self.retry(f"deleting s3://{path}", lambda: self._fs().delete_file(path))
+
+    def move(self, src, dest):
+        self.retry(f"moving s3://{src}", lambda: self._fs().move(src, dest))
+
+    def copy_file(self, src, dest):
+        self.retry(f"copying s3://{src}", lambda: self._fs().copy_file(src, dest))
+
+    def open_input_stream(self, path):
+        return pa.PythonFile(_RetryingReader(self, path), mode="r")
+
+    def open_input_file(self, path):
+        return pa.PythonFile(_RetryingReader(self, path), mode="r")
+
+    def open_output_stream(self, path, metadata):
+        return pa.PythonFile(_SpooledUpload(self, path, metadata), mode="w")
+
+    def open_append_stream(self, path, metadata):
+        raise NotImplementedError("S3 objects cannot be appended to")
+
+
+class _RetryingReader(io.RawIOBase):
+    """Random-access reads of one object (positioned reads, so a retry just asks again)."""
+
+    def __init__(self, handler: RetryingS3, path: str):
+        super().__init__()
+        self._h, self._path, self._pos = handler, path, 0
+        self._f = handler.retry(f"opening s3://{path}", lambda: handler._fs().open_input_file(path))
+        self._size = self._f.size()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = max(0, offset if whence == 0 else self._pos + offset if whence == 1 else self._size + offset)
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        n = self._size - self._pos if size is None or size < 0 else min(size, max(0, self._size - self._pos))
+        if n <= 0:
+            return b""
+
+        def attempt() -> bytes:
+            if self._f is None:  # a broken connection: open the object again
+                self._f = self._h._fs().open_input_file(self._path)
+            try:
+                return self._f.read_at(n, self._pos)
+            except Exception:
+                self._f = None
+                raise
+
+        data = self._h.retry(f"reading s3://{self._path}", attempt)
+        self._pos += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        super().close()
+
+
+class _SpooledUpload(io.RawIOBase):
+    """Writes collect in a spool; close() uploads the whole object, retried as a unit."""
+
+    def __init__(self, handler: RetryingS3, path: str, metadata):
+        super().__init__()
+        self._h, self._path, self._metadata = handler, path, metadata
+        self._spool = tempfile.SpooledTemporaryFile(max_size=RetryingS3.SPOOL_IN_MEMORY)
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        return self._spool.write(b)
+
+    def tell(self) -> int:
+        return self._spool.tell()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            def upload() -> None:
+                self._spool.seek(0)
+                with self._h._fs().open_output_stream(self._path, metadata=self._metadata or None) as out:
+                    while chunk := self._spool.read(RetryingS3.CHUNK):
+                        out.write(chunk)
+
+            self._h.retry(f"writing s3://{self._path}", upload)
+        finally:
+            self._spool.close()
+            super().close()
 
 
 def is_not_found(err: BaseException) -> bool:
@@ -192,46 +447,59 @@ def is_not_found(err: BaseException) -> bool:
     return isinstance(err, OSError) and any(s in text for s in ("not found", "no such", "does not exist", "nosuchkey", "404"))
 
 
+_ACCESS_TEXT = ("access denied", "accessdenied", "forbidden", "invalidaccesskeyid", "signaturedoesnotmatch",
+                "nosuchbucket", "expiredtoken", "permission denied")
+
+
+def is_storage_fault(err: BaseException) -> bool:
+    """The storage failed, not the data: an outage (transient, or one that outlasted the retries) or
+    access to the bucket refused. A run stops on these; it never quarantines records for them."""
+    if isinstance(err, (StorageUnavailable, PermissionError)) or is_transient(err):
+        return True
+    text = str(err).lower()
+    return any(s in text for s in _ACCESS_TEXT)
+
+
 def read_bytes(uri: str, storage: StorageConfig | S3Settings | None = None) -> bytes:
-    retries = _retries(storage)
     if is_fsspec_only(uri):
         fs, path = _fsspec_generic(uri)
-        return with_retries(lambda: fs.cat_file(path), retries=retries, what=uri)
+        return with_retries(lambda: fs.cat_file(path), f"reading {uri}", storage)
     fs, path = resolve(uri, storage)
 
     def _read() -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
 
-    return with_retries(_read, retries=retries, what=uri)
+    return _local_retries(uri, _read, f"reading {uri}", storage)
 
 
 def open_input(uri: str, storage: StorageConfig | S3Settings | None = None):
     """A sequential binary file object (streaming: a tar shard need not fit in memory)."""
     if is_fsspec_only(uri):
         fs, path = _fsspec_generic(uri)
-        return with_retries(lambda: fs.open(path, "rb"), retries=_retries(storage), what=uri)
+        return with_retries(lambda: fs.open(path, "rb"), f"opening {uri}", storage)
     fs, path = resolve(uri, storage)
-    return with_retries(lambda: fs.open_input_stream(path), retries=_retries(storage), what=uri)
+    return _local_retries(uri, lambda: fs.open_input_stream(path), f"opening {uri}", storage)
 
 
 def open_random_access(uri: str, storage: StorageConfig | S3Settings | None = None):
     """A seekable binary file object (Parquet footers)."""
     if is_fsspec_only(uri):
         fs, path = _fsspec_generic(uri)
-        return with_retries(lambda: fs.open(path, "rb"), retries=_retries(storage), what=uri)
+        return with_retries(lambda: fs.open(path, "rb"), f"opening {uri}", storage)
     fs, path = resolve(uri, storage)
-    return with_retries(lambda: fs.open_input_file(path), retries=_retries(storage), what=uri)
+    return _local_retries(uri, lambda: fs.open_input_file(path), f"opening {uri}", storage)
 
 
-def _retries(storage: StorageConfig | S3Settings | None) -> int:
-    return storage.retries if storage is not None else 5
+def _local_retries(uri: str, fn: Callable[[], T], what: str, storage) -> T:
+    """s3:// calls go through RetryingS3, which retries each of them: no second loop around it."""
+    return fn() if is_remote(uri) else with_retries(fn, what, storage)
 
 
 def write_bytes(uri: str, data: bytes, storage: StorageConfig | S3Settings | None = None) -> None:
     if is_fsspec_only(uri):
         gfs, gpath = _fsspec_generic(uri)
-        with_retries(lambda: gfs.pipe_file(gpath, data), retries=_retries(storage), what=uri)
+        with_retries(lambda: gfs.pipe_file(gpath, data), f"writing {uri}", storage)
         return
     fs, path = resolve(uri, storage)
     folder = path.rsplit("/", 1)[0]
@@ -242,7 +510,7 @@ def write_bytes(uri: str, data: bytes, storage: StorageConfig | S3Settings | Non
         with fs.open_output_stream(path) as f:
             f.write(data)
 
-    with_retries(_write, what=uri)
+    _local_retries(uri, _write, f"writing {uri}", storage)
 
 
 def read_json(uri: str, storage: StorageConfig | S3Settings | None = None) -> Any:
@@ -256,7 +524,7 @@ def write_json(uri: str, obj: Any, storage: StorageConfig | S3Settings | None = 
 def exists(uri: str, storage: StorageConfig | S3Settings | None = None) -> bool:
     if is_fsspec_only(uri):
         fs, path = _fsspec_generic(uri)
-        return fs.exists(path)
+        return with_retries(lambda: fs.exists(path), f"looking up {uri}", storage)
     fs, path = resolve(uri, storage)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
@@ -264,7 +532,7 @@ def exists(uri: str, storage: StorageConfig | S3Settings | None = None) -> bool:
 def is_dir(uri: str, storage: StorageConfig | S3Settings | None = None) -> bool:
     if is_fsspec_only(uri):
         fs, path = _fsspec_generic(uri)
-        return fs.isdir(path)
+        return with_retries(lambda: fs.isdir(path), f"looking up {uri}", storage)
     fs, path = resolve(uri, storage)
     return fs.get_file_info(path).type == pafs.FileType.Directory
 
@@ -273,7 +541,8 @@ def list_files(uri: str, suffix: str | tuple[str, ...] = "", storage: StorageCon
     """Sorted URIs of files under uri (recursive) ending with suffix."""
     if is_fsspec_only(uri):
         fs, path = _fsspec_generic(uri)
-        return sorted(fs.unstrip_protocol(p) for p in fs.find(path) if p.endswith(suffix))
+        found = with_retries(lambda: fs.find(path), f"listing {uri}", storage)
+        return sorted(fs.unstrip_protocol(p) for p in found if p.endswith(suffix))
     fs, path = resolve(uri, storage)
     info = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     prefix = "s3://" if is_remote(uri) else ""

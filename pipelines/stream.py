@@ -137,9 +137,8 @@ def part_from_json(obj: list[list[int]]) -> list[Segment]:
 
 @functools.lru_cache(maxsize=64)
 def _parquet_file(uri: str, settings: storage.S3Settings | None) -> pq.ParquetFile:
-    retries = settings.retries if settings else 5
-    return storage.with_retries(lambda: pq.ParquetFile(storage.open_random_access(uri, settings)), retries=retries,
-                                what=uri)
+    # every read below retries transient errors for storage.retry_time_s (storage.RetryingS3)
+    return pq.ParquetFile(storage.open_random_access(uri, settings))
 
 
 def _bad_rows(uri: str, rows: np.ndarray, reason: str, detail: str, columns: list[str]) -> pa.Table:
@@ -166,18 +165,18 @@ def read_segment_rows(catalogue_uri: str, unit: Unit, unit_id: int, start: int, 
                       columns: list[str] | None = None) -> pa.Table:
     """Rows [start, stop) of the unit's permuted order, with `source`, `row` and reject columns.
 
-    A shard that cannot be read (after retries) or whose columns are wrong does not raise: its rows
-    come back as stand-ins with reason `unreadable_shard` (or the schema problem)."""
+    A shard that is damaged, missing or whose columns are wrong does not raise: its rows come back
+    as stand-ins with reason `unreadable_shard` (or the schema problem). An outage is not the
+    records' fault: reads retry for storage.retry_time_s and then raise `StorageUnavailable`, as do
+    errors that make the whole catalogue unreadable (access denied), instead of quarantining records."""
     columns = columns or READ_COLUMNS
     uri = storage.join(catalogue_uri, unit.shard)
     perm = row_permutation(unit_id, unit.num_rows, epoch, seed, shuffle)[start:stop]
     rows = unit.first_row + perm
-    retries = settings.retries if settings else 5
     try:
         pf = _parquet_file(uri, settings)
         check_table_schema(pf.schema_arrow, uri, columns)
-        table = storage.with_retries(lambda: pf.read_row_group(unit.row_group, columns=[
-            c for c in columns if c in pf.schema_arrow.names]), retries=retries, what=uri)
+        table = pf.read_row_group(unit.row_group, columns=[c for c in columns if c in pf.schema_arrow.names])
         if table.num_rows != unit.num_rows:
             raise SchemaError(f"{uri} row group {unit.row_group}: {table.num_rows} rows, manifest says {unit.num_rows}")
         table = conform_table(table, columns).take(pa.array(perm))
@@ -187,6 +186,8 @@ def read_segment_rows(catalogue_uri: str, unit: Unit, unit_id: int, start: int, 
         return _bad_rows(uri, rows, reason, str(err), columns)
     except Exception as err:  # noqa: BLE001 - a damaged shard: every error type pyarrow has
         _parquet_file.cache_clear()
+        if storage.is_storage_fault(err):
+            raise
         return _bad_rows(uri, rows, Reason.UNREADABLE_SHARD, f"{uri} row group {unit.row_group}: "
                          f"{type(err).__name__}: {err}", columns)
     n = table.num_rows

@@ -7,10 +7,11 @@ saved in Hugging Face format next to the shards.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import tempfile
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import pyarrow.parquet as pq
 
@@ -62,13 +63,17 @@ def build_for_catalogue(catalogue_uri: str, out_uri: str, manifest: dict, vocab_
     return out_uri
 
 
-@functools.lru_cache(maxsize=8)
-def _local_copy(uri: str, storage_settings: storage.S3Settings | None) -> str:
+@contextlib.contextmanager
+def _local_copy(uri: str, storage_settings: storage.S3Settings | None) -> Iterator[str]:
+    """A local folder with the tokenizer's files for as long as it takes to load them: an s3://
+    folder is downloaded into a temporary folder that is removed right after (the loaded tokenizer
+    keeps everything in memory), so no process leaves a copy behind."""
     if not storage.is_remote(uri):
-        return uri
-    local = tempfile.mkdtemp(prefix="gammaray-tok-")
-    storage.download_dir(uri, local, storage_settings)
-    return local
+        yield uri
+        return
+    with tempfile.TemporaryDirectory(prefix="gammaray-tok-") as local:
+        storage.download_dir(uri, local, storage_settings)
+        yield local
 
 
 @functools.lru_cache(maxsize=4)
@@ -76,7 +81,8 @@ def load(uri: str, storage_settings: storage.S3Settings | None = None):
     """A transformers tokenizer from a local folder or an s3:// folder (cached per process)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(_local_copy(uri, storage_settings))
+    with _local_copy(uri, storage_settings) as local:
+        return AutoTokenizer.from_pretrained(local)
 
 
 class FastTokenizer:
@@ -133,7 +139,7 @@ class FastTokenizer:
 @functools.lru_cache(maxsize=4)
 def load_fast(uri: str, storage_settings: storage.S3Settings | None = None):
     """`FastTokenizer` when the folder has a tokenizer.json, else the transformers tokenizer."""
-    local = _local_copy(uri, storage_settings)
-    if os.path.exists(os.path.join(local, "tokenizer.json")) and os.path.exists(os.path.join(local, "tokenizer_config.json")):
-        return FastTokenizer(local)
+    with _local_copy(uri, storage_settings) as local:
+        if os.path.exists(os.path.join(local, "tokenizer.json")) and os.path.exists(os.path.join(local, "tokenizer_config.json")):
+            return FastTokenizer(local)  # reads its files now
     return load(uri, storage_settings)

@@ -1,6 +1,6 @@
 """Training that survives failure, on the real stack (Ray Train V2 + DeepSpeed ZeRO-1 over gloo,
-SeaweedFS S3, Ray Data): a worker SIGKILLed mid-epoch, a driver killed mid-epoch and re-run, a
-2-worker checkpoint resumed on 3 workers, 2 workers on 2 Ray nodes. Every run is compared with one
+SeaweedFS S3, Ray Data): a worker SIGKILLed mid-epoch, a driver killed mid-epoch and re-run, the S3
+server down for 20 s mid-run, a 2-worker checkpoint resumed on 3 workers, 2 workers on 2 Ray nodes. Every run is compared with one
 uninterrupted reference run of the same config and seed: weights, fp32 master weights, Adam moments,
 DeepSpeed's per-rank optimizer files and the gamma loss state (mode=sample, so its random generator
 must come back too) must be bit-identical (run.deterministic=true).
@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -199,6 +200,53 @@ def test_worker_killed_mid_epoch_recovers_to_identical_state(reference, ray_loca
     assert m["samples_seen_total"] == N_TRAIN * EPOCHS and m["audit_repeated_total"] == 0
     n = assert_same_training_state(reference["final"], checkpoint_state(res.checkpoint_uri))
     assert n > 50
+
+
+OUTAGE_S = 20
+
+
+@pytest.mark.timeout(900)
+def test_storage_outage_mid_run_is_ridden_out_to_identical_state(reference, ray_local, s3, small_catalogue, tmp_path):
+    """The S3 server holding the catalogue, the checkpoints and the metrics is SIGKILLed right after
+    step 3 and restarted on the same port 20 s later, while the workers stream data and upload the
+    step-4 checkpoint (Ray Train's own upload and storage-marker check). Every storage call retries
+    (storage.retry_time_s), so the run needs no restart (max_failures=0), quarantines nothing, and
+    ends bit-identical to the reference."""
+    from workers.train import FAULT_ENV, pretrain
+
+    marker = tmp_path / "paused"
+    cfg = make_cfg(small_catalogue, s3.url("dist-runs"), "outage",
+                   **{"storage.retry_time_s": 120, "train.max_failures": 0})
+    outage: dict = {}
+
+    def storage_outage() -> None:
+        deadline = time.monotonic() + 600
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        s3.kill()
+        t0 = time.monotonic()
+        time.sleep(OUTAGE_S)
+        s3.restart()
+        outage["down_s"] = time.monotonic() - t0
+
+    thread = threading.Thread(target=storage_outage, daemon=True)
+    thread.start()
+    os.environ[FAULT_ENV] = json.dumps({"target": "pause", "rank": 0, "step": 3, "marker": str(marker), "delay_s": 2})
+    try:
+        res = pretrain(cfg, progress=False)
+    finally:
+        del os.environ[FAULT_ENV]
+        thread.join(timeout=OUTAGE_S + 60)
+        if s3._proc is None:  # never leave the session without its server
+            s3.restart()
+    assert outage.get("down_s", 0) >= OUTAGE_S, "the outage never happened"
+    m = res.metrics
+    assert m["resumed_from_steps"] == [] and m["step"] == 12
+    assert m["samples_seen_total"] == N_TRAIN * EPOCHS and m["records_quarantined_stream"] == 0
+    assert m["audit_epochs"] == [{"epoch": e, "once": N_TRAIN, "repeated": 0, "missed": 0} for e in range(EPOCHS)]
+    assert sorted(checkpoints(res.run_dir)) == [8, 12]  # the step-4 checkpoint was written (then rotated out)
+    assert [ln["step"] for ln in metrics_lines(res.run_dir) if "checkpoint" in ln] == [4, 8, 12]
+    assert_same_training_state(reference["final"], checkpoint_state(res.checkpoint_uri))
 
 
 DRIVER = textwrap.dedent("""

@@ -30,7 +30,7 @@ def test_pretrain_two_workers_deepspeed_gamma_in_s3(ray_local, s3, small_catalog
     # every good record trained exactly once in the one epoch; the 5 bad ones never reached training
     assert small_catalogue["train_result"].num_written == 384
     assert small_catalogue["train_result"].num_quarantined == 5
-    assert m["samples_seen_total"] == 384
+    assert m["samples_seen_total"] == m["records_trained"] == 384  # summed over both workers
     assert m["records_quarantined_stream"] == 0
     for key in ("val_r_at_1_i2t", "val_r_at_1_t2i", "val_r_at_5_i2t", "val_zero_shot_acc", "contrastive_loss"):
         assert key in m, key
@@ -77,7 +77,9 @@ def test_demo_command_end_to_end(tmp_path):
     keys = {"r_at_1_i2t", "r_at_1_t2i", "r_at_5_i2t", "r_at_5_t2i", "zero_shot_acc", "chance_r_at_1",
             "records_trained", "records_quarantined", "wall_s"}
     assert keys <= summary.keys()
-    assert summary["records_trained"] == 320
+    assert summary["records_trained"] == 320 and summary["samples_seen"] == 320  # both workers' records
     assert summary["records_quarantined"] == 5
+    # the training loss is the epoch's mean over all 320 records, not one micro-batch of one worker
+    assert summary["loss_epoch"] == 0 and summary["loss_records"] == 320 and summary["loss"] == summary["loss"]
     assert summary["chance_r_at_1"] == pytest.approx(1 / 64)
     assert "summary" in proc.stdout and "R@1" in proc.stdout

@@ -250,11 +250,46 @@ def test_reads_retry_transient_connection_resets(s3):
     storage.write_bytes(uri, b"payload" * 100)
     proxy = FlakyProxy(s3.endpoint, fail=3)
     try:
-        cfg = StorageConfig(endpoint_url=proxy.endpoint, retries=0)
-        with pytest.raises(OSError):
+        cfg = StorageConfig(endpoint_url=proxy.endpoint, retry_time_s=0)
+        with pytest.raises(storage.StorageUnavailable, match=rf"storage at {proxy.endpoint} kept failing .* while "
+                                                             rf"opening {uri} \(storage.retry_time_s=0\)"):
             storage.read_bytes(uri, cfg)
-        cfg = StorageConfig(endpoint_url=proxy.endpoint, retries=4)
+        cfg = StorageConfig(endpoint_url=proxy.endpoint, retry_time_s=30)
         assert storage.read_bytes(uri, cfg) == b"payload" * 100
         assert proxy.accepted >= 4
+        # a host that is not the run's storage (an image URL) gets storage.retries attempts, then its own error
+        proxy.fail, proxy.accepted = 10**9, 0
+        native = storage.S3Settings.from_config(StorageConfig(endpoint_url=proxy.endpoint, retry_time_s=0)).pyarrow_fs()
+        with pytest.raises(OSError) as err:
+            storage.with_retries(lambda: native.get_file_info(uri[len("s3://"):]), f"reading {uri}", retries=2)
+        assert not isinstance(err.value, storage.StorageUnavailable) and proxy.accepted == 3
+    finally:
+        proxy.close()
+
+
+@pytest.mark.timeout(120)
+def test_stream_reads_ride_out_an_outage_and_never_quarantine_for_it(s3, damaged_catalogue):
+    """Row groups read through a proxy that resets connections: with retry time left, every record
+    comes back good; without, the read stops with StorageUnavailable instead of quarantining the
+    records as unreadable_shard (what a main-branch stream did). A damaged shard is still data."""
+    from gammaray.config import StorageConfig
+
+    cat, m = damaged_catalogue["cat"], damaged_catalogue["manifest"]
+    units = units_from_manifest(m)
+    good_unit = next(i for i, u in enumerate(units) if u.shard.endswith("part-00000.parquet"))
+    bad_unit = next(i for i, u in enumerate(units) if u.shard.endswith("part-00001.parquet"))
+    proxy = FlakyProxy(s3.endpoint, fail=6)
+    try:
+        patient = storage.S3Settings.from_config(StorageConfig(endpoint_url=proxy.endpoint, retry_time_s=60))
+        u = units[good_unit]
+        t = read_segment_rows(cat, u, good_unit, 0, u.num_rows, 0, 1, True, patient)
+        assert t.column(K.REJECT).to_pylist() == [""] * u.num_rows and proxy.accepted > 6
+        b = units[bad_unit]
+        t = read_segment_rows(cat, b, bad_unit, 0, b.num_rows, 0, 1, True, patient)
+        assert set(t.column(K.REJECT).to_pylist()) == {Reason.UNREADABLE_SHARD}  # real damage: quarantined
+        proxy.fail, proxy.accepted = 10**9, 0  # from now on the storage is down
+        impatient = storage.S3Settings.from_config(StorageConfig(endpoint_url=proxy.endpoint, retry_time_s=2))
+        with pytest.raises(storage.StorageUnavailable, match=rf"storage at {proxy.endpoint} kept failing"):
+            read_segment_rows(cat, u, good_unit, 0, u.num_rows, 0, 1, True, impatient)
     finally:
         proxy.close()

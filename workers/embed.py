@@ -89,6 +89,7 @@ def read_and_preprocess(batch: dict[str, np.ndarray], catalogue_uri: str, units:
     """One row group (batch_size=1) -> model-ready arrays; an unreadable row group becomes rejected
     rows with empty model inputs, so that every block has the same columns."""
     from pipelines.preprocess import preprocess_batch
+    from pipelines.storage import is_storage_fault
     from pipelines.stream import read_segment_rows
     from pipelines.tokenizer import load as load_tokenizer
 
@@ -97,6 +98,8 @@ def read_and_preprocess(batch: dict[str, np.ndarray], catalogue_uri: str, units:
     try:
         table = read_segment_rows(catalogue_uri, unit, int(u), 0, unit.num_rows, 0, 0, False, settings)
     except Exception as err:  # noqa: BLE001 - a damaged row group must not sink the job
+        if is_storage_fault(err):
+            raise  # an outage is not the records' fault: no quarantine (reads retried for storage.retry_time_s)
         n, H, L = unit.num_rows, spec.image_size, spec.max_text_tokens
         return {K.SAMPLE_INDEX: np.full(n, -1, np.int64), K.PIXELS: np.zeros((n, 3, H, H), np.float32),
                 K.INPUT_IDS: np.zeros((n, L), np.int64), K.ATTENTION_MASK: np.zeros((n, L), np.int64),

@@ -230,7 +230,9 @@ class DDPEngine:
                    os.path.join(save_dir, tag, DDP_FILE))
 
     def load_checkpoint(self, load_dir: str, tag: str = "state", **_: Any) -> None:
-        sd = torch.load(os.path.join(load_dir, tag, DDP_FILE), map_location=self.device, weights_only=False)
+        from .safe_load import load as load_data
+
+        sd = load_data(os.path.join(load_dir, tag, DDP_FILE), map_location=self.device)
         self.module.load_state_dict(sd["module"])
         self.optimizer.load_state_dict(sd["optimizer"])
         self.lr_scheduler.load_state_dict(sd["lr_scheduler"])
@@ -390,20 +392,26 @@ def save_state(engine, scheduler, d: str, portable: bool) -> None:
             torch.save(state, os.path.join(d, PORTABLE_FILE))
 
 
-def load_state(engine, scheduler, d: str, same_world: bool) -> str:
+def load_state(engine, scheduler, d: str, same_world: bool, shown: str | None = None) -> str:
     """Every rank. Returns how the optimizer state came back: 'exact' (same worker count, the
     engine's own files), 'portable' (different worker count, from the portable copy) or
-    'weights-only' (different worker count and no portable copy: fresh optimizer)."""
+    'weights-only' (different worker count and no portable copy: fresh optimizer). Files that
+    would run code are refused (safe_load); `shown` names the checkpoint in that error."""
+    from .safe_load import check_deepspeed_files, load as load_data
+
+    shown = shown or d
     if same_world or isinstance(engine, DDPEngine):
+        check_deepspeed_files(os.path.join(d, "deepspeed"), f"{shown}/deepspeed")  # DeepSpeed unpickles them
         engine.load_checkpoint(os.path.join(d, "deepspeed"), tag="state")
         return "exact"
     path = os.path.join(d, PORTABLE_FILE)
     if os.path.exists(path):
-        load_portable_state(engine, scheduler, torch.load(path, map_location="cpu", weights_only=False))
+        load_portable_state(engine, scheduler, load_data(path, f"{shown}/{PORTABLE_FILE}"))
         return "portable"
     if is_zero3(engine):
         raise RuntimeError(f"{d}: a ZeRO-3 checkpoint without {PORTABLE_FILE} cannot be loaded on a different "
                            "worker count (its weights are partitioned by rank); save with train.portable_checkpoint")
+    check_deepspeed_files(os.path.join(d, "deepspeed"), f"{shown}/deepspeed")
     engine.load_checkpoint(os.path.join(d, "deepspeed"), tag="state", load_module_only=True,
                            load_optimizer_states=False, load_lr_scheduler_states=False)
     return "weights-only"

@@ -563,6 +563,7 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, overrides: list[str]
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ensure_ray(cfg)
     model = load_checkpoint_model(ckpt, dev)
+    ckpt.close()  # the model is in memory: its temporary local copy can go
     tokenizer = load_tokenizer(cfg.data.tokenizer, storage.S3Settings.from_config(cfg.storage))
     res = run_evaluation(model, cfg, tokenizer, dev, data_uri, full=True)
     summary = {"checkpoint": checkpoint_uri, "model": ckpt.model_uri, "data": data_uri, "device": str(dev),

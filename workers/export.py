@@ -20,7 +20,9 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -40,6 +42,12 @@ class Checkpoint:
     model_dir: str        # a local copy of it
     cfg: GammarayConfig   # the training config (defaults + the model config for a bare model folder)
     has_config: bool      # config.json was found next to model/
+    _cleanup: Any = field(default=None, repr=False, compare=False)  # removes a temporary model_dir
+
+    def close(self) -> None:
+        """Remove the temporary local copy now (it goes anyway when the object is collected)."""
+        if self._cleanup is not None:
+            self._cleanup()
 
 
 def find_model_uri(uri: str, storage_cfg: StorageConfig | None = None) -> str:
@@ -62,11 +70,29 @@ def find_model_uri(uri: str, storage_cfg: StorageConfig | None = None) -> str:
 
 
 def open_checkpoint(uri: str, storage_cfg: StorageConfig | None = None, local_dir: str | None = None) -> Checkpoint:
+    """The checkpoint's model, local: an s3:// model is downloaded into `local_dir`, or into a
+    temporary folder that lives as long as the returned Checkpoint (removed when it is garbage
+    collected or at exit, on failure too): keep the object while `model_dir` is in use."""
     from pipelines import storage
 
     model_uri = find_model_uri(uri, storage_cfg)
+    owned = tempfile.mkdtemp(prefix="gammaray-model-") if storage.is_remote(model_uri) and local_dir is None else None
+    try:
+        ckpt = _open_checkpoint(uri, model_uri, storage_cfg, local_dir or owned)
+    except BaseException:
+        if owned:
+            shutil.rmtree(owned, ignore_errors=True)
+        raise
+    if owned:
+        ckpt._cleanup = weakref.finalize(ckpt, shutil.rmtree, owned, True)
+    return ckpt
+
+
+def _open_checkpoint(uri: str, model_uri: str, storage_cfg: StorageConfig | None, local_dir: str | None) -> Checkpoint:
+    from pipelines import storage
+
     if storage.is_remote(model_uri):
-        local_dir = local_dir or tempfile.mkdtemp(prefix="gammaray-model-")
+        assert local_dir is not None
         storage.download_dir(model_uri, local_dir, storage_cfg)
         model_dir = local_dir
     else:
@@ -145,6 +171,7 @@ def export_checkpoint(uri: str, out_dir: str, storage_cfg: StorageConfig | None 
     image_processor(image_size).save_pretrained(img_dir)
     model.text_tower.save_pretrained(txt_dir)
     tok = AutoTokenizer.from_pretrained(os.path.join(ckpt.model_dir, "text_tower"))
+    ckpt.close()  # model and tokenizer are in memory: the local copy can go
     tok.model_max_length = max_text_tokens
     tok.save_pretrained(txt_dir)
 

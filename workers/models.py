@@ -198,7 +198,9 @@ def load_model(model_dir: str) -> nn.Module:
         "text": TowerConfig(pretrained=os.path.join(model_dir, "text_tower"), pooling=cfg.text.pooling),
     })
     model = build_model(cfg)
-    heads = torch.load(os.path.join(model_dir, "heads.pt"), map_location="cpu")
+    from .safe_load import load as load_data
+
+    heads = load_data(os.path.join(model_dir, "heads.pt"))  # data only: no pickled code runs
     missing, unexpected = model.load_state_dict(heads, strict=False)
     bad = [k for k in missing if not k.startswith(EXPORT_SKIP)]
     if bad or unexpected:

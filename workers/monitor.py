@@ -26,9 +26,11 @@ PER_WORKER_KEYS = ("data_wait_fraction", "step_time_s", "records_per_s")
 def aggregate(per_worker: list[dict[str, Any]]) -> dict[str, Any]:
     """One line from every worker's report: throughput and counts summed, times and memory as the
     slowest/largest worker, loss terms averaged, schedule values from rank 0; the node of each worker
-    and a few per-worker figures kept as lists; other values (lists, dicts) from rank 0."""
+    and a few per-worker figures kept as lists; other values (lists, dicts) from rank 0. The final
+    report's counts and loss terms are already the run's (the loop reduced them over ranks): rank 0's."""
     keys = set().union(*(m.keys() for m in per_worker)) if per_worker else set()
     out: dict[str, Any] = {"workers": len(per_worker)}
+    final = bool(per_worker and per_worker[0].get("final"))
     for k in sorted(keys):
         vals = [m[k] for m in per_worker if isinstance(m.get(k), (int, float)) and not isinstance(m.get(k), bool)]
         if not vals:
@@ -37,7 +39,9 @@ def aggregate(per_worker: list[dict[str, Any]]) -> dict[str, Any]:
             elif k in per_worker[0]:
                 out[k] = per_worker[0][k]
             continue
-        if k in SUM_KEYS or k.startswith("quarantined_"):
+        if final and k not in MAX_KEYS:
+            out[k] = vals[0]
+        elif k in SUM_KEYS or k.startswith("quarantined_"):
             out[k] = sum(vals)
         elif k in MAX_KEYS:
             out[k] = max(vals)
@@ -46,7 +50,7 @@ def aggregate(per_worker: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             out[k] = sum(vals) / len(vals)
     for k in PER_WORKER_KEYS:
-        if per_worker and k in per_worker[0]:
+        if per_worker and k in per_worker[0] and not (final and k in SUM_KEYS):  # (final: run-wide values)
             out[f"{k}_per_worker"] = [m.get(k) for m in per_worker]
     return out
 

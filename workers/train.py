@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from gammaray.config import GammarayConfig, from_dict
+from gammaray.config import GammarayConfig, RunError, from_dict
 from gammaray.schema import ALL_REASONS, BatchKeys as K, pair_slots
 from pipelines import storage
 from pipelines.prepare import load_manifest
@@ -41,15 +41,17 @@ from .engine import build_engine, init_single_process_group, load_state, save_st
 from .evaluate import evaluate  # validation: the same code as `gammaray eval`
 from .models import build_model, save_model
 from .objective import Objective
+from .resume import check_identity, check_run, run_identity
+from .safe_load import load as load_data
 
 FAULT_ENV = "GAMMARAY_FAULT"
 
 
-class DataQualityError(ValueError):
+class DataQualityError(ValueError, RunError):
     """Too many bad records: the run stops instead of training on a broken catalogue."""
 
 
-class DuplicateSampleError(RuntimeError):
+class DuplicateSampleError(RunError):
     """train.audit_samples found a record trained twice within one epoch."""
 
 
@@ -83,6 +85,9 @@ class TrainState:
     resumes: list[dict] = field(default_factory=list)   # one entry per restart: step, world sizes, how
     audit: list[dict] = field(default_factory=list)     # per finished epoch (train.audit_samples)
     plan: dict = field(default_factory=dict)            # train.epochs / max_steps that total_steps was planned for
+    identity: dict = field(default_factory=dict)        # what the position means (workers/resume.py)
+    loss_sums: dict = field(default_factory=dict)       # this epoch's loss terms x records (add_loss)
+    loss_sums_prev: dict = field(default_factory=dict)  # the same for the last finished epoch
 
     def position_json(self, rank: int, world_size: int) -> dict:
         # None: the epoch's plan is not cut yet (every rank alike)
@@ -91,7 +96,8 @@ class TrainState:
                 "total_steps": self.total_steps, "remaining": remaining,
                 "epoch_consumed": self.epoch_consumed_before + self.consumed,
                 "records_trained": self.records_trained, "best_val_r_at_1": self.best_val_r_at_1,
-                "last_val": self.last_val, "resumes": self.resumes, "audit": self.audit, "plan": self.plan}
+                "last_val": self.last_val, "resumes": self.resumes, "audit": self.audit, "plan": self.plan,
+                "identity": self.identity, "loss_sums": self.loss_sums, "loss_sums_prev": self.loss_sums_prev}
 
 
 def _rng_state() -> dict:
@@ -221,8 +227,9 @@ class SampleAudit:
 class Fault:
     """Test hook for failure handling, set by the driver's environment (GAMMARAY_FAULT, JSON):
     at optimizer step `step`, rank `rank` SIGKILLs itself ("worker") or the driver process ("driver"),
-    once: a marker file guards it so the restarted run does not repeat it. `delay_s` first lets the
-    Ray Train controller register the checkpoint reported just before (it polls every 2 s)."""
+    or only writes the marker and waits ("pause": a test acts at that step, e.g. stops the storage
+    server), once: a marker file guards it so the restarted run does not repeat it. `delay_s` first
+    lets the Ray Train controller register the checkpoint reported just before (it polls every 2 s)."""
 
     target: str
     step: int
@@ -236,8 +243,8 @@ class Fault:
         if not spec:
             return None
         d = json.loads(spec)
-        if d.get("target") not in ("worker", "driver") or "step" not in d or "marker" not in d:
-            raise ValueError(f"{FAULT_ENV}: need target=worker|driver, step and marker; got {spec}")
+        if d.get("target") not in ("worker", "driver", "pause") or "step" not in d or "marker" not in d:
+            raise ValueError(f"{FAULT_ENV}: need target=worker|driver|pause, step and marker; got {spec}")
         return cls(**d)
 
     def maybe_fire(self, rank: int, step: int) -> None:
@@ -246,6 +253,8 @@ class Fault:
         with open(self.marker, "w") as f:
             json.dump({"step": step, "rank": rank, "pid": os.getpid(), "time": time.time()}, f)
         time.sleep(self.delay_s)
+        if self.target == "pause":
+            return
         if self.target == "worker":
             os.kill(os.getpid(), signal.SIGKILL)
         assert self.driver_pid is not None
@@ -308,10 +317,16 @@ def open_checkpoint(cfg: GammarayConfig, in_ray: bool):
     return ckpt
 
 
+def checkpoint_uri(ckpt) -> str:
+    """A Ray checkpoint's location as a URI (for messages)."""
+    return ("s3://" if "s3" in ckpt.filesystem.type_name else "") + ckpt.path
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"])
     in_ray = loop_config.get("in_ray", True)
     fault = Fault.parse(loop_config.get("fault"))
+    identity = loop_config.get("identity")
     quiet_libraries()
     if not in_ray:
         init_single_process_group()
@@ -326,6 +341,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     manifest = load_manifest(cfg.data.train, cfg.storage)
     units = units_from_manifest(manifest)
     num_samples = int(manifest["next_sample_index"])
+    identity = identity or run_identity(cfg, manifest)
     tokenizer = load_tokenizer(tokenizer_uri(cfg), storage.S3Settings.from_config(cfg.storage))
     model = build_model(cfg.model, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     objective = Objective(cfg.loss, num_samples=num_samples, seed=cfg.run.seed, device=device, distributed=W > 1,
@@ -342,10 +358,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     bf16 = use_bf16(cfg, on_gpu)
     audit = SampleAudit(num_samples) if cfg.train.audit_samples else None
 
-    state = TrainState(total_steps=total_steps, plan=plan_of(cfg))
+    state = TrainState(total_steps=total_steps, plan=plan_of(cfg), identity=identity)
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = restore(d, engine, scheduler, objective, audit, cfg, units, rank, W)
+            state = restore(d, engine, scheduler, objective, audit, cfg, units, rank, W, identity, checkpoint_uri(ckpt))
 
     gas = cfg.train.deepspeed.gradient_accumulation_steps
     report_every, ckpt_every, max_steps = cfg.train.log_every, cfg.train.checkpoint_every, cfg.train.max_steps
@@ -399,6 +415,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 w["micro"] += 1
             if active:
                 last = terms.scalars()
+                add_loss(state, last, n_local)
             if not boundary:
                 continue
             state.step = engine.global_steps
@@ -432,6 +449,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if audit is not None:
             state.audit.append(audit.close_epoch(epoch, device))
         state.epoch, state.part, state.consumed, state.epoch_consumed_before = epoch + 1, None, 0, 0
+        state.loss_sums_prev, state.loss_sums = state.loss_sums, {}
 
     close_prefetched()
     # final evaluation, totals over all ranks, and the last checkpoint
@@ -441,20 +459,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         state.last_val = evaluate(engine, cfg, tokenizer, device)
         state.best_val_r_at_1 = max(state.best_val_r_at_1, val_r_at_1(state.last_val))
     metrics.update(prefixed(state.last_val, cfg))
-    by_reason = quarantine_by_reason(state.quarantine)
-    unique_bad = sum(by_reason.values())
-    totals = torch.tensor([state.records_trained, unique_bad] + [by_reason.get(r, 0) for r in ALL_REASONS],
-                          dtype=torch.long, device=device)
-    if W > 1:
-        dist.all_reduce(totals)
-    metrics.update({"samples_seen_total": int(totals[0]), "records_quarantined_stream": int(totals[1]),
-                    "final": 1, "loss_state_bytes_per_worker": objective.nbytes(),
+    # the run's figures, the same on every rank: counts summed over ranks, loss terms averaged over
+    # the last epoch's records (one micro-batch may hold a single record or be a rank's stand-in)
+    metrics.update(run_totals(state, attempt, W, device))
+    metrics.update(epoch_loss_means(state, W, device))
+    metrics.update({"final": 1, "loss_state_bytes_per_worker": objective.nbytes(),
                     "resumed_from_steps": [r["step"] for r in state.resumes],
                     "resume_optimizer": [r["optimizer"] for r in state.resumes]})
-    # per-reason counts: stream (this run, unique records) and prepare (the catalogue's manifest)
-    for r, n in zip(ALL_REASONS, totals[2:].tolist()):
-        if n:
-            metrics[f"quarantine_stream_{r}"] = int(n)
     q = manifest.get("quarantine", {})
     metrics["records_quarantined_prepare"] = int(q.get("count", 0))
     for r, n in q.get("by_reason", {}).items():
@@ -571,6 +582,64 @@ def step_metrics(state: TrainState, last: dict, window: dict, scheduler, epoch: 
     return m
 
 
+# the final figures: the run's, not one rank's or one micro-batch's
+
+NOT_AVERAGED = ("logit_scale",)  # a parameter's current value, not a per-record quantity
+
+
+def add_loss(state: TrainState, scalars: dict[str, float], n: int) -> None:
+    """Add a micro-batch's loss terms, weighted by its n good records, to this epoch's sums (reset
+    when an epoch ends: `loss_sums_prev` keeps the finished one)."""
+    if not state.loss_sums:
+        state.loss_sums = {"records": 0, "sums": {}}
+    sums = state.loss_sums["sums"]
+    for k, v in scalars.items():
+        if k not in NOT_AVERAGED:
+            sums[k] = sums.get(k, 0.0) + float(v) * n
+    state.loss_sums["records"] += n
+
+
+def epoch_loss_means(state: TrainState, W: int, device: torch.device) -> dict:
+    """Collective. Every loss term averaged over the records of the last epoch trained (the
+    current one if it trained any record, else the last finished one), on all ranks:
+    `loss_epoch` and `loss_records` say which epoch and how many records."""
+    cur, prev = state.loss_sums or {"records": 0, "sums": {}}, state.loss_sums_prev or {"records": 0, "sums": {}}
+    names = sorted(set(cur["sums"]) | set(prev["sums"]))
+    if W > 1:  # a rank without data in an epoch has no names: use the union
+        every: list = [None] * W
+        dist.all_gather_object(every, names)
+        names = sorted(set().union(*every))
+    t = torch.tensor([cur["records"], prev["records"]] + [cur["sums"].get(k, 0.0) for k in names]
+                     + [prev["sums"].get(k, 0.0) for k in names], dtype=torch.float64, device=device)
+    if W > 1:
+        dist.all_reduce(t)
+    t = t.cpu()
+    use_cur = t[0] > 0
+    n, off = (t[0], 2) if use_cur else (t[1], 2 + len(names))
+    if n == 0:
+        return {}
+    out = {k: float(t[off + i] / n) for i, k in enumerate(names)}
+    out.update({"loss_epoch": state.epoch if use_cur else state.epoch - 1, "loss_records": int(n)})
+    return out
+
+
+def run_totals(state: TrainState, attempt: dict, W: int, device: torch.device) -> dict:
+    """Collective. Counts over all ranks: records trained (each epoch counts), stream rejects (all,
+    and distinct records per reason), records per second of this attempt."""
+    by_reason = quarantine_by_reason(state.quarantine)
+    t = torch.tensor([state.records_trained, len(state.quarantine), attempt["records"], sum(by_reason.values())]
+                     + [by_reason.get(r, 0) for r in ALL_REASONS], dtype=torch.long, device=device)
+    if W > 1:
+        dist.all_reduce(t)
+    t = t.cpu().tolist()
+    out = {"records_trained": t[0], "samples_seen_total": t[0], "records_quarantined": t[1],
+           "records_quarantined_stream": t[3], "records_per_s": t[2] / max(1e-9, time.perf_counter() - attempt["t0"])}
+    for r, n in zip(ALL_REASONS, t[4:]):
+        if n:
+            out[f"quarantine_stream_{r}"] = out[f"quarantined_{r}"] = n  # distinct records, summed over ranks
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # checkpoints: engine state of every rank, the sharded loss state, data position, RNG
 
@@ -669,30 +738,37 @@ def remaining_steps(cfg: GammarayConfig, parts: list[list[Segment]], epoch: int,
 
 
 def restore(d: str, engine, scheduler, objective: Objective, audit: SampleAudit | None, cfg: GammarayConfig,
-            units, rank: int, W: int) -> TrainState:
-    """Every rank, from one checkpoint folder saved with any worker count."""
+            units, rank: int, W: int, identity: dict, shown: str) -> TrainState:
+    """Every rank, from one checkpoint folder saved with any worker count. `shown` names the
+    checkpoint in errors: a file that would run code (workers/safe_load.py) or a checkpoint trained
+    under other data, seed or plan settings (workers/resume.py) is refused."""
     positions = read_positions(d)
+    forced = check_identity(positions[0].get("identity"), identity, cfg, shown)
     old_W = positions[0]["world_size"]
     same_world = old_W == W
-    how = load_state(engine, scheduler, d, same_world)                          # [ds]
+    how = load_state(engine, scheduler, d, same_world, shown)                   # [ds]
+
+    def rank_file(r: int, name: str) -> tuple[str, str]:
+        return os.path.join(d, f"rank-{r:05d}", name), f"{shown}/rank-{r:05d}/{name}"
+
     # the per-sample memory, re-sharded for W ranks; a generator reads one old shard at a time, so
     # peak memory stays at this rank's part plus one old shard (and the E-step generator comes back)
-    objective.load_shards(torch.load(os.path.join(d, f"rank-{p['rank']:05d}", "loss_state.pt"), weights_only=False)
-                          for p in positions)
+    objective.load_shards(load_data(*rank_file(p["rank"], "loss_state.pt")) for p in positions)
     mine = positions[rank] if same_world else positions[0]
     step = mine["step"]
     state = TrainState(epoch=mine["epoch"], step=step, records_trained=mine["records_trained"],
                        best_val_r_at_1=mine["best_val_r_at_1"], last_val=mine.get("last_val", {}),
-                       resumes=list(mine.get("resumes", [])), audit=list(mine.get("audit", [])), plan=plan_of(cfg))
+                       resumes=list(mine.get("resumes", [])), audit=list(mine.get("audit", [])), plan=plan_of(cfg),
+                       identity=identity, loss_sums=mine.get("loss_sums", {}), loss_sums_prev=mine.get("loss_sums_prev", {}))
     if same_world:
         parts = [part_from_json(p["remaining"] or []) for p in positions]
         state.part = None if mine["remaining"] is None else parts[rank]
         state.epoch_consumed_before = mine["epoch_consumed"]
-        _set_rng_state(torch.load(os.path.join(d, f"rank-{rank:05d}", "rng.pt"), weights_only=False))
+        _set_rng_state(load_data(*rank_file(rank, "rng.pt"), numpy_arrays=True))
         with open(os.path.join(d, f"rank-{rank:05d}", "quarantine.json")) as f:
             state.quarantine = json.load(f)
-        if audit is not None and os.path.exists(os.path.join(d, f"rank-{rank:05d}", "audit.pt")):
-            audit.counts = torch.load(os.path.join(d, f"rank-{rank:05d}", "audit.pt"))
+        if audit is not None and os.path.exists(rank_file(rank, "audit.pt")[0]):
+            audit.counts = load_data(*rank_file(rank, "audit.pt"))
     else:
         # re-cut the unconsumed records of every old rank for the new worker count; totals are
         # kept on rank 0 so sums over ranks stay right; random streams restart from a seed
@@ -700,6 +776,8 @@ def restore(d: str, engine, scheduler, objective: Objective, audit: SampleAudit 
         state.part = None if mine["remaining"] is None else parts[rank]
         state.epoch_consumed_before = 0
         state.records_trained = sum(p["records_trained"] for p in positions) if rank == 0 else 0
+        state.loss_sums = merge_loss_sums([p.get("loss_sums", {}) for p in positions]) if rank == 0 else {}
+        state.loss_sums_prev = merge_loss_sums([p.get("loss_sums_prev", {}) for p in positions]) if rank == 0 else {}
         new_seed = _reseed(cfg.run.seed, rank, step)
         if objective.gamma is not None:
             objective.gamma.generator.manual_seed(new_seed)
@@ -709,9 +787,9 @@ def restore(d: str, engine, scheduler, objective: Objective, audit: SampleAudit 
                     state.quarantine.extend(json.load(f))
         if audit is not None and rank == 0:
             for p in positions:
-                f = os.path.join(d, f"rank-{p['rank']:05d}", "audit.pt")
+                f, f_shown = rank_file(p["rank"], "audit.pt")
                 if os.path.exists(f):
-                    audit.add_counts(torch.load(f))
+                    audit.add_counts(load_data(f, f_shown))
     # the step count the schedules plan for: kept while the plan holds (exact resume), re-planned from
     # the remaining data when the worker count, train.epochs or train.max_steps changed
     if same_world and mine.get("plan") == plan_of(cfg) and mine.get("total_steps"):
@@ -721,8 +799,21 @@ def restore(d: str, engine, scheduler, objective: Objective, audit: SampleAudit 
         total = step + remaining_steps(cfg, parts, current, sum(u.num_rows for u in units), W)
         state.total_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
     set_total_steps(scheduler, cfg, state.total_steps)
-    state.resumes.append({"step": step, "world_size": W, "from_world_size": old_W, "optimizer": how})
+    state.resumes.append({"step": step, "world_size": W, "from_world_size": old_W, "optimizer": how,
+                          **({"forced": forced} if forced else {})})
     return state
+
+
+def merge_loss_sums(parts: list[dict]) -> dict:
+    """The loss sums of several old ranks as one (a resume on another worker count keeps them on rank 0)."""
+    parts = [p for p in parts if p]
+    if not parts:
+        return {}
+    sums: dict[str, float] = {}
+    for p in parts:
+        for k, v in p["sums"].items():
+            sums[k] = sums.get(k, 0.0) + v
+    return {"records": sum(p["records"] for p in parts), "sums": sums}
 
 
 # --------------------------------------------------------------------------------------------
@@ -761,16 +852,23 @@ def preflight(cfg: GammarayConfig) -> dict:
 
 
 def build_trainer(cfg: GammarayConfig, callbacks: list | None = None, fault: str | None = None,
-                  **run_config: Any):
+                  identity: dict | None = None, **run_config: Any):
     """The TorchTrainer that runs `cfg`'s training loop; starts nothing (no ray.init, no progress
     queue). Shared by `pretrain` and the Ray Tune trials of tuning/: `callbacks` go to the RunConfig
-    (e.g. Tune's report callback), `run_config` overrides RunConfig fields (name, storage_path, ...)."""
+    (e.g. Tune's report callback), `run_config` overrides RunConfig fields (name, storage_path, ...),
+    `identity` is the run's (workers/resume.py; default: from `cfg`).
+
+    The storage filesystem handed to Ray is `storage.RetryingS3` for s3://: it carries the names of
+    the key variables, never the keys (Ray and Tune pickle it), and retries Ray's own checkpoint
+    uploads and storage checks for storage.retry_time_s."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     loop_config = {"config": cfg.model_dump(mode="json")}
     if fault:
         loop_config["fault"] = fault
+    if identity:
+        loop_config["identity"] = identity
     fs, path = storage.resolve(cfg.run.storage, cfg.storage)
     score = {"checkpoint_score_attribute": "val_r_at_1", "checkpoint_score_order": "max"} if cfg.train.eval_every else {}
     rc: dict[str, Any] = dict(
@@ -814,20 +912,28 @@ def pretrain(cfg: GammarayConfig, progress: bool = True, callbacks: list | None 
     from gammaray.scaling import resolve_for_cluster
 
     t0 = time.perf_counter()
-    preflight(cfg)
+    manifest = preflight(cfg)
+    identity = run_identity(cfg, manifest)  # as written: before "auto" keys are resolved for this cluster
+    check_run(cfg, run_dir(cfg), identity)  # a resume that does not match is refused before Ray starts
     ensure_ray(cfg)
     cfg = resolve_for_cluster(cfg)  # train.workers / data.batch_size / preprocess_concurrency = "auto"
     fault = fault_from_env()
     if cfg.train.workers == 0:
-        loop_config = {"config": cfg.model_dump(mode="json"), "in_ray": False, "fault": fault}
+        loop_config = {"config": cfg.model_dump(mode="json"), "in_ray": False, "fault": fault, "identity": identity}
         train_loop_per_worker(loop_config)
         return PretrainResult(metrics={}, checkpoint_uri=None, run_dir=run_dir(cfg), wall_s=time.perf_counter() - t0)
 
     printer = ProgressPrinter(enabled=progress)
     cb = MetricsCallback(run_dir(cfg), cfg.storage, printer.queue)
-    trainer = build_trainer(cfg, [cb, *(callbacks or [])], fault)
+    trainer = build_trainer(cfg, [cb, *(callbacks or [])], fault, identity)
     with printer:
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as err:  # noqa: BLE001 - Ray Train's TrainingFailedError and what it wraps
+            known = reason_of(err)
+            if known is None:
+                raise
+            raise known from None  # one message that says what happened and what to do, not Ray's tracebacks
     if result.error:
         raise result.error
     ckpt_uri = None
@@ -835,6 +941,26 @@ def pretrain(cfg: GammarayConfig, progress: bool = True, callbacks: list | None 
         ckpt_uri = ("s3://" if storage.is_remote(cfg.run.storage) else "") + result.checkpoint.path
     return PretrainResult(metrics=dict(result.metrics or {}), checkpoint_uri=ckpt_uri, run_dir=run_dir(cfg),
                           wall_s=time.perf_counter() - t0, progress=dict(printer.last), progress_updates=printer.updates)
+
+
+def reason_of(err: BaseException) -> RunError | None:
+    """The gammaray error behind a failed fit (storage down for longer than storage.retry_time_s,
+    a refused checkpoint or resume, too many bad records), found through Ray's wrappers (the worker
+    group's failures, the controller's, RayTaskError causes); None for anything else."""
+    todo, seen = [err], set()
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)  # RayTaskError: the original exception
+        if isinstance(cause, RunError):
+            return cause
+        if isinstance(e, RunError) and not hasattr(e, "cause"):
+            return e
+        todo += [cause, getattr(e, "controller_failure", None), *getattr(e, "worker_failures", {}).values(),
+                 e.__cause__, e.__context__]
+    return None
 
 
 def ensure_ray(cfg: GammarayConfig) -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from gammaray.config import apply_overrides
+
 from . import EPILOG, add_config_args, config_from_args
 
 
@@ -10,6 +12,8 @@ def run(args: argparse.Namespace) -> int:
     from workers.train import pretrain
 
     cfg = config_from_args(args)
+    if args.force:
+        cfg = apply_overrides(cfg, {"train.resume_force": True})
     res = pretrain(cfg, progress=not args.quiet)
     out = {"checkpoint": res.checkpoint_uri, "run_dir": res.run_dir, "wall_s": round(res.wall_s, 1), **res.metrics}
     print(json.dumps({k: out[k] for k in out if not k.endswith("per_worker")}, indent=2, default=str))
@@ -27,4 +31,7 @@ def register(sub) -> None:
     add_config_args(p)
     p.add_argument("--json", metavar="PATH", help="write the final metrics as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--force", action="store_true",
+                   help="resume even if the checkpoint was trained under another catalogue, run.seed, data.shuffle, "
+                        "data.batch_size or gradient accumulation (train.resume_force=true); refused by default")
     p.set_defaults(func=run)

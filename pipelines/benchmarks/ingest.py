@@ -322,7 +322,7 @@ def run(args: argparse.Namespace, cfg=None) -> int:
             # bytes in memory for the limit: the same rows the stream reads, read once
             table = pa.concat_tables([read_segment_rows(cat, units[s.unit], s.unit, s.start, s.stop, 0, 0, True, settings,
                                                         pp.columns) for s in part])
-            local_tok = tempfile.mkdtemp(prefix="gammaray-bench-tok-")
+            local_tok = stack.enter_context(tempfile.TemporaryDirectory(prefix="gammaray-bench-tok-"))
             storage.download_dir(tok, local_tok, cfg.storage)
             pp_local = PreprocessSpec(**{**pp.__dict__, "tokenizer_uri": local_tok})
 

@@ -111,7 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: no CUDA device (use --cpu for the CPU rehearsal)", file=sys.stderr)
         return 2
     os.environ["DS_ACCELERATOR"] = "cpu" if args.cpu else "cuda"
-    root = args.workdir or tempfile.mkdtemp(prefix="gammaray-gpu-check-")
+    if args.workdir:
+        return check(args, torch, args.workdir)
+    with tempfile.TemporaryDirectory(prefix="gammaray-gpu-check-") as root:  # removed on the way out, failures too
+        return check(args, torch, root)
+
+
+def check(args, torch, root: str) -> int:
     env = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": torch.cuda.get_device_name(0) if not args.cpu else "cpu"}
     try:
         import deepspeed

@@ -1,0 +1,91 @@
+"""Credentials are never serialized: with the S3 keys in environment variables of unusual names
+(`storage.access_key_env` / `secret_key_env`, the route the config documents), `gammaray tune` and
+`gammaray pretrain` run against the session's S3 server, and then the secret is searched for in
+every object of the bucket (checkpoints, Tune's tuner.pkl and experiment state, metrics, configs),
+in every Ray session directory on this machine, and in the run's local outputs. A main-branch run
+wrote it into <run.storage>/<experiment>/tuner.pkl: Ray Tune pickled the S3 filesystem object that
+had been built with the key.
+
+The CLI runs in its own process with its own local Ray instance, started with those variables in
+its environment (as on a cluster whose nodes hold them) and without the standard AWS_* keys.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pipelines import storage
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.tune
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CLI = textwrap.dedent("""
+    import json, sys
+    import ray
+    from gammaray.cli import main
+    codes = [main(argv) for argv in json.loads(sys.argv[1])]
+    print("SESSION " + ray._private.worker._global_node.get_session_dir_path(), flush=True)
+    print("CODES " + json.dumps(codes), flush=True)
+""")
+
+
+def files_containing(paths: list[str], needle: bytes) -> list[str]:
+    hits = []
+    for top in paths:
+        for root, _, files in os.walk(top):
+            for name in files:
+                path = os.path.join(root, name)
+                try:
+                    with open(path, "rb") as f:
+                        if needle in f.read():
+                            hits.append(path)
+                except OSError:  # sockets, files removed meanwhile
+                    continue
+    return hits
+
+
+@pytest.mark.timeout(1200)
+def test_secret_in_unusual_variables_never_reaches_storage_or_ray(s3, small_catalogue, tmp_path):
+    secret = s3.secret_key
+    assert len(secret) >= 16
+    over = tiny_overrides(small_catalogue, s3.url("secrets", "runs"), "secret-run")
+    over.update({
+        "storage.access_key_env": "GAMMARAY_TEST_KEY_ID", "storage.secret_key_env": "GAMMARAY_TEST_SECRET",
+        "train.workers": 2, "train.cpus_per_worker": 0.25, "data.preprocess_num_cpus": 0.5, "train.max_steps": 2,
+        "train.log_every": 1, "train.checkpoint_every": 1, "ray.num_cpus": 4,
+        "tune.samples": 1, "tune.scheduler": "fifo", "tune.searcher": "random", "tune.name": "secret-tune",
+    })
+    args = [a for k, v in over.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    argvs = [["tune", "--quiet", "--out", str(tmp_path / "tune-out"), *args],
+             ["pretrain", "--quiet", "--json", str(tmp_path / "pretrain.json"), *args]]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_ADDRESS")}
+    env.update(GAMMARAY_TEST_KEY_ID=s3.access_key, GAMMARAY_TEST_SECRET=secret, PYTHONPATH=ROOT, DS_ACCELERATOR="cpu")
+    proc = subprocess.run([sys.executable, "-c", CLI, json.dumps(argvs)], capture_output=True, text=True, env=env,
+                          timeout=1100, cwd=str(tmp_path))
+    assert "CODES [0, 0]" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
+    session_dir = proc.stdout.split("SESSION ", 1)[1].splitlines()[0]
+
+    # it really ran, in S3: Tune's state, the trial's and the run's checkpoints
+    objects = storage.list_files(s3.url(""))
+    assert any(o.endswith("secret-tune/tuner.pkl") for o in objects)
+    assert any("secret-tune/train/" in o and o.endswith("rank-00001/loss_state.pt") for o in objects)
+    assert any("secret-run/checkpoint_" in o and o.endswith("portable.pt") for o in objects)
+    # ... and nothing holds the secret: no object of the bucket, no Ray session, no local output
+    leaked = [o for o in objects if secret.encode() in storage.read_bytes(o)]
+    assert leaked == []
+    sessions = sorted(set(glob.glob("/tmp/ray/session_*")) | {session_dir})
+    assert session_dir in sessions and os.path.isdir(os.path.join(session_dir, "logs"))
+    assert files_containing([*sessions, str(tmp_path)], secret.encode()) == []
+    # (the search itself finds a secret where there is one)
+    control = tmp_path / "tune-out" / "control.txt"
+    control.write_bytes(f"key={secret}".encode())
+    assert files_containing([str(tmp_path)], secret.encode()) == [str(control)]

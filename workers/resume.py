@@ -1,0 +1,100 @@
+"""What may resume from a checkpoint: its surroundings must be the ones it was trained in.
+
+A checkpoint's data position is "these rows of this epoch's plan are still to come", and the plan is
+a function of the catalogue, `run.seed` and `data.shuffle`: resumed under another seed, the same
+position names other rows (a 1,024-record simulation trained 61 records twice and skipped 61). The
+step count and the LR/gamma schedules are planned in optimizer steps, which `data.batch_size` and
+the gradient accumulation define. So every checkpoint carries the run's *identity* (those settings
+and a sha256 of the catalogue's shard list) and a resume compares it with the current config:
+
+- in the driver, before any cluster resource is used (`check_run`: the run's newest checkpoint, or
+  `train.resume_from`), and
+- in every worker, against the checkpoint it actually loads (`check_identity`).
+
+A mismatch is refused with the differences and the two ways out: another `run.name` (a new run), or
+`--force` / `train.resume_force=true` to resume anyway. Keys that may change on resume are left out:
+the worker count (parts are re-cut), `train.epochs` / `train.max_steps` (extending a run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from gammaray.config import GammarayConfig, RunError
+from pipelines import storage
+
+
+class ResumeMismatch(RunError):
+    """A checkpoint trained under other data, seed or plan settings than the current config."""
+
+
+def catalogue_sha256(manifest: dict) -> str:
+    """The catalogue a data position refers to: its shards (path, rows, row groups, content hash)."""
+    shards = [[s["path"], int(s["num_rows"]), list(s["row_groups"]), s.get("sha256")] for s in manifest["shards"]]
+    return hashlib.sha256(json.dumps(shards, separators=(",", ":")).encode()).hexdigest()
+
+
+def run_identity(cfg: GammarayConfig, manifest: dict) -> dict:
+    """The settings a checkpoint's position and schedules mean something under. Take it from the
+    config as the user wrote it (before `auto` keys are resolved for a cluster), so that
+    data.batch_size=auto resumes on another cluster size."""
+    identity = {
+        "catalogue_sha256": catalogue_sha256(manifest), "catalogue_records": int(manifest["num_records"]),
+        "run.seed": cfg.run.seed, "data.shuffle": cfg.data.shuffle, "data.batch_size": cfg.data.batch_size,
+        "train.deepspeed.gradient_accumulation_steps": cfg.train.deepspeed.gradient_accumulation_steps,
+    }
+    if cfg.data.batch_size == "auto":
+        identity["ray.auto.global_batch_size"] = cfg.ray.auto.global_batch_size
+    return identity
+
+
+def differences(saved: dict, current: dict) -> list[str]:
+    out = []
+    if saved.get("catalogue_sha256") != current["catalogue_sha256"]:
+        out.append(f"the catalogue (data.train) differs: the checkpoint's had {saved.get('catalogue_records')} records "
+                   f"(sha256 {str(saved.get('catalogue_sha256'))[:12]}), this one has {current['catalogue_records']} "
+                   f"(sha256 {current['catalogue_sha256'][:12]})")
+    for key in current:
+        if key.startswith("catalogue_"):
+            continue
+        if saved.get(key) != current[key]:
+            out.append(f"{key} was {saved.get(key)!r}, now {current[key]!r}")
+    return out
+
+
+def check_identity(saved: dict | None, current: dict, cfg: GammarayConfig, shown: str) -> list[str]:
+    """Raise ResumeMismatch when `saved` (a checkpoint's identity) differs from `current`, unless
+    train.resume_force; returns the differences (for the record of a forced resume). A checkpoint
+    written before identities existed cannot be checked and is accepted."""
+    if not saved:
+        return []
+    diff = differences(saved, current)
+    if diff and not cfg.train.resume_force:
+        raise ResumeMismatch(
+            f"run {cfg.run.name!r} cannot resume from {shown}: " + "; ".join(diff) + ". Its data position and "
+            f"schedules only mean something under the settings it was trained with (resuming would train some "
+            f"records twice and skip others). Start a new run with another run.name, or resume anyway with --force "
+            f"(train.resume_force=true).")
+    return diff
+
+
+def newest_checkpoint(run_uri: str, storage_cfg) -> str | None:
+    """The run's newest checkpoint folder (Ray names them checkpoint_<timestamp>; a resume starts
+    from the newest one)."""
+    found = storage.list_files(run_uri, suffix="rank-00000/train_state.json", storage=storage_cfg)
+    folders = sorted(f.rsplit("/rank-00000/", 1)[0] for f in found
+                     if f.rsplit("/rank-00000/", 1)[0].rsplit("/", 1)[-1].startswith("checkpoint_"))
+    return folders[-1] if folders else None
+
+
+def check_run(cfg: GammarayConfig, run_uri: str, identity: dict) -> None:
+    """Driver side, before any cluster resource: the checkpoint this run would resume from (its
+    own newest, else train.resume_from) must match `identity`."""
+    folder = newest_checkpoint(run_uri, cfg.storage) or (cfg.train.resume_from.rstrip("/") if cfg.train.resume_from else None)
+    if folder is None:
+        return
+    state_uri = storage.join(folder, "rank-00000", "train_state.json")
+    if not storage.exists(state_uri, cfg.storage):
+        return  # not a training checkpoint: the workers say so
+    check_identity(storage.read_json(state_uri, cfg.storage).get("identity"), identity, cfg, folder)
