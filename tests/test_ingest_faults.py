@@ -128,7 +128,7 @@ def test_s3_image_the_credentials_cannot_reach(s3, tmp_path, monkeypatch):
     _check(prepare(src, str(tmp_path / "catalog"), PrepareOptions(**OPTS)), Reason.IMAGE_NOT_FOUND, "no-such-bucket")
 
     monkeypatch.setenv("GAMMARAY_TEST_WRONG_SECRET", "not-the-secret")
-    wrong = StorageConfig(secret_key_env="GAMMARAY_TEST_WRONG_SECRET", retries=0)
+    wrong = StorageConfig(secret_key_env="GAMMARAY_TEST_WRONG_SECRET", retries=0, retry_time_s=0)
     src = _write_source(tmp_path / "raw2", {"image": s3.url("faults", "lamp.jpg")})
     _check(prepare(src, str(tmp_path / "catalog2"), PrepareOptions(**OPTS), wrong), Reason.IMAGE_UNREACHABLE,
            "access denied")
@@ -248,7 +248,7 @@ def test_a_source_whose_storage_does_not_answer_stops_with_one_message(tmp_path,
 
     down = f"http://127.0.0.1:{_closed_port()}"
     rc = main(["prepare", "s3://gammaray-test/raw/items.jsonl", str(tmp_path / "catalog"), "--quiet",
-               "--set", f"storage.endpoint_url={down}", "--set", "storage.retries=0"])
+               "--set", f"storage.endpoint_url={down}", "--set", "storage.retries=0", "--set", "storage.retry_time_s=0"])
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith("gammaray prepare: error: cannot list source s3://gammaray-test/raw/items.jsonl")
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -257,7 +257,7 @@ def test_a_source_whose_storage_does_not_answer_stops_with_one_message(tmp_path,
 
 def test_image_storage_down_mid_run_stops_before_anything_is_committed(tmp_path):
     """Images on an object store that stops answering: an outage, not N bad records."""
-    down = StorageConfig(endpoint_url=f"http://127.0.0.1:{_closed_port()}", retries=0)
+    down = StorageConfig(endpoint_url=f"http://127.0.0.1:{_closed_port()}", retries=0, retry_time_s=0)
     src = _write_source(tmp_path / "raw", {"image": "s3://gammaray-test/faults/lamp.jpg"})
     dst = str(tmp_path / "catalog")
     first = prepare(_write_source(tmp_path / "first"), dst, PrepareOptions(**OPTS))
