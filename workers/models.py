@@ -178,13 +178,14 @@ class TwoTowerModel(nn.Module):
             dim = cfg.specific_dim or cfg.embed_dim
             self.image_specific_proj = nn.Linear(widths[0], dim, bias=False)
             self.text_specific_proj = nn.Linear(widths[1], dim, bias=False)
+        self.train()  # a module starts in train mode: put the locked towers' parts in eval mode now
 
     def train(self, mode: bool = True) -> "TwoTowerModel":
         super().train(mode)
         for tower, tcfg in ((self.image_tower, self.cfg.image), (self.text_tower, self.cfg.text)):
             if tower is not None and tcfg.locked:
-                set_train_modes(tower, mode)
                 tower.train(mode and tcfg.unlocked_layers > 0)
+                set_train_modes(tower, mode)
         return self
 
     @staticmethod
