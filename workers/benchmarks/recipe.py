@@ -34,6 +34,7 @@ tiny grid (CI). Data and features are cached under `--cache` (default ~/.cache/g
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -210,6 +211,11 @@ def run_cell(job: dict) -> dict:
     at the end of training (and keep the validation curve)."""
     import torch
 
+    if job["regime"] != "locked":
+        from .recipe_live import run_live_cell
+
+        return run_live_cell(job)
+
     from gammaray.config import from_dict
     from workers.heads import evaluate_heads, train_heads
 
@@ -239,7 +245,7 @@ def run_cell(job: dict) -> dict:
 
 
 def tune_cell(base, stores: dict[str, str], dataset: str, loss: str, batch_size: int, epochs: int, trials: int,
-              cache: str, cpus: int) -> dict:
+              experiments: str, cpus: int) -> dict:
     """Search SPACES[loss] on the validation split; returns {"values": best values, "val_r_at_1", "trials"}.
     The shipped defaults are the first trial (points_to_evaluate=[{}]) for every loss alike."""
     from gammaray.config import apply_overrides
@@ -248,7 +254,7 @@ def tune_cell(base, stores: dict[str, str], dataset: str, loss: str, batch_size:
     cfg = loss_config(base, loss, batch_size, 0, epochs)
     cfg = apply_overrides(cfg, {
         "data.features.train": stores["train"], "data.features.val": stores["val"],
-        "run.storage": os.path.join(cache, "tune"), "run.name": f"{dataset}-{loss}-b{batch_size}",
+        "run.storage": experiments, "run.name": f"{dataset}-{loss}-b{batch_size}",
         "tune.space": SPACES[loss], "tune.samples": trials, "tune.trial_cpus": 1, "tune.max_concurrent": cpus,
         "tune.points_to_evaluate": [{}], "tune.seed": 0,
         # ASHA rungs from a quarter of the run: a trial is judged after several epochs, not one
@@ -288,6 +294,10 @@ class Plan:
     ablation_batch: int | None
     jobs: int
     quick: bool
+    live: dict[str, int] = dataclasses.field(default_factory=dict)   # regime -> epochs (finetune, scratch)
+    live_datasets: list[str] = dataclasses.field(default_factory=list)
+    live_losses: list[str] = dataclasses.field(default_factory=list)
+    live_batch_sizes: list[int] = dataclasses.field(default_factory=list)
 
 
 def _key(row: dict) -> tuple:
@@ -334,7 +344,7 @@ def run_study(plan: Plan, cache: str, json_path: str, tuning_path: str, log=prin
                         continue
                     t0 = time.perf_counter()
                     tuning[key] = tune_cell(base, stores[d], d, loss, B, plan.epochs, plan.trials,
-                                            os.path.join(cache, "quick" if plan.quick else "full"), plan.jobs)
+                                            os.path.join(cache, "tune", _stem(tuning_path)), plan.jobs)
                     _write(tuning_path, tuning)
                     log(f"recipe: tuned {key}: val R@1 {tuning[key]['val_r_at_1']:.4f} with "
                         f"{_differs(tuning[key]['values'], base) or 'the defaults'} ({time.perf_counter() - t0:.0f} s)")
@@ -370,6 +380,7 @@ def run_study(plan: Plan, cache: str, json_path: str, tuning_path: str, log=prin
                            "config": cfg.model_dump(mode="json"), "stores": stores[d]}
                     if _key(job) not in done:
                         jobs.append(job)
+    jobs += live_jobs(plan, cache, done)
     log(f"recipe: {len(jobs)} runs to go ({len(rows)} done), {plan.jobs} at a time")
     if jobs:
         from tqdm.auto import tqdm
@@ -380,6 +391,36 @@ def run_study(plan: Plan, cache: str, json_path: str, tuning_path: str, log=prin
                 rows.append(row)
                 _write(json_path, rows)
     return rows
+
+
+def live_jobs(plan: Plan, cache: str, done: set) -> list[dict]:
+    """The regimes whose towers train: every loss at its shipped defaults (a search per cell does not
+    fit a CPU budget), fewer cells."""
+    from .recipe_live import arrays, live_base, scratch_tokenizer
+
+    jobs = []
+    for regime, epochs in plan.live.items():
+        for d in plan.live_datasets:
+            cats = prepared(d, cache, plan.quick)
+            root = os.path.join(cache, d + ("-quick" if plan.quick else ""), regime)
+            tok = scratch_tokenizer(cats["train"], os.path.join(root, "tokenizer")) if regime == "scratch" else None
+            base = live_base(regime, cache, tok)
+            data = {s: arrays(base, cats[s], os.path.join(root, f"{s}-{base.data.image_size}.npz"))
+                    for s in ("train", "test")}
+            for loss in plan.live_losses:
+                for B in plan.live_batch_sizes:
+                    for seed in plan.seeds:
+                        cfg = loss_config(base, loss, B, seed, epochs)
+                        job = {"dataset": d, "regime": regime, "loss": loss, "settings": "default", "batch_size": B,
+                               "seed": seed, "config": cfg.model_dump(mode="json"), "arrays": data}
+                        if _key(job) not in done:
+                            jobs.append(job)
+    return jobs
+
+
+def _stem(path: str) -> str:
+    """The study's name (its JSON's file name without suffixes): the Tune experiments' folder."""
+    return os.path.basename(path).split(".")[0]
 
 
 def _sibling(path: str, suffix: str) -> str:
@@ -430,11 +471,11 @@ def settings_label(r: dict) -> str:
     return "default" if r["settings"] == "default" else "tuned"
 
 
-def cells(rows: list[dict], metric: str = "r_at_1") -> dict[tuple, list[float]]:
-    """(dataset, loss, settings label, batch) -> the metric per seed."""
+def cells(rows: list[dict], metric: str = "r_at_1", regime: str = "locked") -> dict[tuple, list[float]]:
+    """(dataset, loss, settings label, batch) -> the metric per seed, for one regime."""
     out: dict[tuple, list[float]] = {}
     for r in rows:
-        if r.get(metric) is None:
+        if r.get(metric) is None or r["regime"] != regime:
             continue
         out.setdefault((r["dataset"], r["loss"], settings_label(r), r["batch_size"]), []).append(float(r[metric]))
     return out
@@ -454,9 +495,11 @@ def gathered_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def summary_table(rows: list[dict], metric: str = "r_at_1") -> str:
-    c = cells(rows + gathered_rows(rows), metric)
+def summary_table(rows: list[dict], metric: str = "r_at_1", regime: str = "locked") -> str:
+    c = cells(rows + gathered_rows(rows), metric, regime)
     batches = sorted({k[3] for k in c})
+    if not c:
+        return ""
     lines = [f"| dataset | loss | settings | " + " | ".join(f"B={b}" for b in batches) + " |",
              "|---|---|---|" + "---|" * len(batches)]
     for d, loss, s in sorted({k[:3] for k in c}):
@@ -552,7 +595,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablation-batch", type=int, default=16,
                    help="micro-batch of the one-key ablations of the tuned gamma settings (0 = none)")
     p.add_argument("--jobs", type=int, default=2, help="runs (and Tune trials) at once, one CPU each")
-    p.add_argument("--cache", metavar="DIR", help="data, features and Tune experiments (default ~/.cache/gammaray/recipe)")
+    p.add_argument("--live", metavar="REGIME:EPOCHS", action="append", default=[],
+                   help="also train the towers: finetune (the pretrained towers) or scratch (the small default "
+                        "towers), e.g. --live scratch:30 --live finetune:5; shipped defaults only")
+    p.add_argument("--live-datasets", default="emoji", help="data sets of the --live regimes (default emoji)")
+    p.add_argument("--live-losses", default="infonce,gamma", help="losses of the --live regimes")
+    p.add_argument("--live-batch-sizes", type=int, nargs="+", default=[16, 64], help="micro-batches of the --live regimes")
+    p.add_argument("--cache", metavar="DIR", help="data, features and Tune experiments (CACHE/tune/<json name>/; "
+                                                  "default ~/.cache/gammaray/recipe)")
     p.add_argument("--quick", action="store_true",
                    help="a tiny grid for CI: 360 records per data set, 2 losses x 2 micro-batches, 2 seeds, 2 epochs, 2 trials")
 
@@ -564,10 +614,18 @@ def run(args: argparse.Namespace) -> int:
     plan = Plan(datasets=args.datasets.split(","), losses=args.losses.split(","), batch_sizes=args.batch_sizes,
                 seeds=list(range(args.seeds)), epochs=args.epochs, trials=args.tune_trials,
                 tune_batch_sizes=args.tune_batch_sizes, ablation_batch=args.ablation_batch or None,
-                jobs=args.jobs, quick=args.quick)
+                jobs=args.jobs, quick=args.quick,
+                live={r.split(":")[0]: int(r.split(":")[1]) for r in args.live},
+                live_datasets=args.live_datasets.split(","), live_losses=args.live_losses.split(","),
+                live_batch_sizes=args.live_batch_sizes)
+    for regime in plan.live:
+        if regime not in ("finetune", "scratch"):
+            raise SystemExit(f"bench recipe: --live {regime}: unknown regime; known: finetune, scratch")
     if args.quick:
         plan = Plan(datasets=plan.datasets, losses=["infonce", "gamma"], batch_sizes=[8, 16], seeds=[0, 1], epochs=2,
-                    trials=2, tune_batch_sizes=[16], ablation_batch=None, jobs=plan.jobs, quick=True)
+                    trials=2, tune_batch_sizes=[16], ablation_batch=None, jobs=plan.jobs, quick=True,
+                    live={r: 1 for r in plan.live}, live_datasets=plan.datasets[:1], live_losses=["infonce", "gamma"],
+                    live_batch_sizes=[16])
     for name, values, known in (("--datasets", plan.datasets, DATASETS), ("--losses", plan.losses, LOSSES)):
         bad = [v for v in values if v not in known]
         if bad:
@@ -587,7 +645,9 @@ def run(args: argparse.Namespace) -> int:
     rows = run_study(plan, cache, work, _sibling(args.json, ".tuning.json"))
     command = "gammaray bench recipe " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "recipe"] else sys.argv[1:])
     write_outputs(rows, args.json, command)
-    print(summary_table(rows))
+    for regime in ("locked", *plan.live):
+        print(f"\ntest R@1, regime {regime} (mean ± std over seeds)")
+        print(summary_table(rows, "r_at_1", regime))
     for line in verdict(rows):
         print(line)
     print(f"recipe: {len(rows)} runs, {time.perf_counter() - t0:.0f} s; wrote {args.json} (+ .png, .details.json, "
