@@ -49,6 +49,8 @@ BATCH_SIZES = (8, 16, 32, 64, 128, 256)
 # (validation, test) records per data set: the rest trains
 SPLITS = {"openclipart": (500, 500), "emoji": (300, 400), "synthetic": (500, 500)}
 SYNTHETIC_TRAIN = 3000
+IMAGE_SIZE = 224          # the locked image tower's input (its features are computed once)
+QUICK_IMAGE_SIZE = 64
 ROW_KEYS = ("dataset", "regime", "loss", "settings", "batch_size", "seed", "epochs", "steps", "r_at_1", "r_at_5",
             "zero_shot_acc", "peak_mem_mb", "wall_s")
 
@@ -140,7 +142,7 @@ def feature_stores(dataset: str, cache: str, quick: bool = False, image_size: in
 # the losses and their search spaces
 
 _COMMON = {
-    "train.optim.lr": {"kind": "loguniform", "low": 1e-4, "high": 3e-2},
+    "train.optim.lr": {"kind": "loguniform", "low": 1e-4, "high": 1e-1},
     "model.temperature": {"kind": "loguniform", "low": 0.01, "high": 0.2},
     "model.learn_temperature": {"kind": "choice", "values": [True, False]},
 }
@@ -328,12 +330,13 @@ def run_study(plan: Plan, cache: str, json_path: str, tuning_path: str, log=prin
     if not ray.is_initialized():
         ray.init(num_cpus=max(2, plan.jobs), include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}})
-    base = locked_base(cache)
+    image_size = QUICK_IMAGE_SIZE if plan.quick else IMAGE_SIZE
+    base = locked_base(cache, image_size)
     rows = _read(json_path)
     done = {_key(r) for r in rows}
     tuning = _read_obj(tuning_path)
 
-    stores = {d: feature_stores(d, cache, plan.quick) for d in plan.datasets}
+    stores = {d: feature_stores(d, cache, plan.quick, image_size) for d in plan.datasets}
     # 1. tuning: every loss, the same budget, on the validation split, at each tuned micro-batch
     if plan.trials:
         for d in plan.datasets:
