@@ -155,7 +155,8 @@ SPACES = {
     "infonce": dict(_COMMON),
     "siglip": dict(_COMMON),
     "sogclr": {**_COMMON, **_MEMORY},
-    "gamma": {**_COMMON, **_MEMORY, "loss.gamma.alpha": {"kind": "uniform", "low": 0.5, "high": 2.0}},
+    "gamma": {**_COMMON, **_MEMORY, "loss.gamma.alpha": {"kind": "uniform", "low": 0.5, "high": 2.0},
+              "loss.gamma.include_positive": {"kind": "choice", "values": [False, True]}},
 }
 # one-key changes of the tuned gamma settings, measured at one micro-batch (--ablation-batch)
 ABLATIONS = {
@@ -164,7 +165,9 @@ ABLATIONS = {
     "rescale_memory": {"loss.gamma.rescale_memory": True},
     "gamma=1 (no memory)": {"loss.gamma.gamma": 1.0, "loss.gamma.gamma_schedule": "constant"},
     "alpha=1": {"loss.gamma.alpha": 1.0},
+    "learned temperature": {"model.learn_temperature": True},
     "fixed temperature": {"model.learn_temperature": False},
+    "cosine over half the run": {"loss.gamma.gamma_schedule": "cosine", "loss.gamma.gamma_decay_fraction": 0.5},
 }
 
 
