@@ -379,6 +379,8 @@ def run_study(plan: Plan, cache: str, json_path: str, tuning_path: str, log=prin
             tuned = tuned_for(d, "gamma", plan.ablation_batch)
             for label, change in ABLATIONS.items():
                 values = {**tuned, **change}
+                if loss_config(base, "gamma", 16, 0, 1, values) == loss_config(base, "gamma", 16, 0, 1, tuned):
+                    continue  # the tuned settings already are this
                 for seed in plan.seeds:
                     cfg = loss_config(base, "gamma", plan.ablation_batch, seed, plan.epochs, values)
                     job = {"dataset": d, "regime": "locked", "loss": "gamma", "settings": _differs(values, base),
