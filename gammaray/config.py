@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -123,6 +123,9 @@ class FeatureStoreConfig(Section):
     val: str | None = Field(None, description="Feature store of data.val (held-out evaluation while training heads).")
 
 
+Channel = Annotated[int, Field(ge=0, le=255)]  # one 8-bit colour channel
+
+
 class DataConfig(Section):
     train: str | None = Field(None, description="Prepared catalogue (shards + manifest.json), local path or s3://.")
     val: str | None = Field(None, description="Held-out prepared catalogue for evaluation.")
@@ -137,6 +140,18 @@ class DataConfig(Section):
     pair_locale: str | None = Field(None, description="view_pair=text_text: locale of the second text (a key of `titles`).")
     image_size: int = Field(64, ge=8, description="Side of the square image fed to the image tower.")
     max_image_pixels: int = Field(25_000_000, ge=1, description="Larger images are quarantined (decompression bombs).")
+    max_image_bytes: int = Field(
+        64 * 2**20, ge=1, description="prepare: larger image files are quarantined as image_too_large, from their "
+                                      "size before any byte is read (a read never goes past this many bytes)."
+    )
+    allow_outside_paths: bool = Field(
+        False, description="prepare: read local image paths that resolve outside the source folder (.., absolute "
+                           "paths, symlinks). Off: they are quarantined as image_path_outside_source."
+    )
+    image_background: tuple[Channel, Channel, Channel] = Field(
+        (255, 255, 255), description="RGB colour that transparent pixels (RGBA, LA, palette or tRNS transparency) are "
+                                     "composited onto when an image is decoded for training, embedding and evaluation."
+    )
     max_text_tokens: int = Field(32, ge=4, description="Token budget per text (truncate/pad).")
     max_text_chars: int = Field(8192, ge=1, description="Longer texts are quarantined as oversized.")
     augment: AugmentConfig = AugmentConfig()

@@ -62,7 +62,7 @@ def run_demo(cfg: GammarayConfig, opts: DemoOptions) -> dict:
 
         stage("gammaray prepare: validate, assign sample_index, write Parquet shards")
         popts = PrepareOptions(max_image_pixels=cfg.data.max_image_pixels, max_text_chars=cfg.data.max_text_chars,
-                               progress=opts.progress)
+                               max_image_bytes=cfg.data.max_image_bytes, progress=opts.progress)
         train_uri, val_uri = f"{base}/catalog/train", f"{base}/catalog/val"
         res_train = prepare(paths["train"], train_uri, popts, cfg.storage)
         print(res_train.summary())

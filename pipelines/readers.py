@@ -29,6 +29,7 @@ from gammaray.schema import Reason
 from . import storage
 
 SOURCE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".tar")
+CSV_FIELD_LIMIT = 131_072  # chars; Python's csv default. A longer field is `field_too_large` (often an unclosed quote)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
@@ -55,7 +56,8 @@ def source_files(src: str, storage_cfg: StorageConfig | None = None) -> list[str
     return files
 
 
-def read_source(uri: str, storage_cfg: StorageConfig | None = None) -> Iterator[RawRow]:
+def read_source(uri: str, storage_cfg: StorageConfig | None = None,
+                csv_field_limit: int = CSV_FIELD_LIMIT) -> Iterator[RawRow]:
     if uri.endswith(".parquet"):
         yield from read_parquet(uri, storage_cfg)
     elif uri.endswith(".tar"):
@@ -63,7 +65,7 @@ def read_source(uri: str, storage_cfg: StorageConfig | None = None) -> Iterator[
     else:
         data = storage.read_bytes(uri, storage_cfg)
         if uri.endswith(".csv"):
-            yield from read_csv(uri, data)
+            yield from read_csv(uri, data, csv_field_limit)
         else:
             yield from read_jsonl(uri, data)
 
@@ -77,7 +79,10 @@ def read_jsonl(uri: str, data: bytes) -> Iterator[RawRow]:
     if data.lstrip()[:1] == b"[":
         try:
             items = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except RecursionError:
+            yield RawRow(uri, -1, None, (Reason.NESTING_TOO_DEEP, "the JSON array is nested too deeply to parse"))
+            return
+        except (UnicodeDecodeError, ValueError) as err:
             yield RawRow(uri, -1, None, (Reason.WRONG_TYPE, f"not a JSON array of objects: {err}"[:300]))
             return
         for i, obj in enumerate(items):
@@ -96,7 +101,14 @@ def read_jsonl(uri: str, data: bytes) -> Iterator[RawRow]:
             yield RawRow(uri, i, loose if isinstance(loose, dict) else None,
                          (Reason.NON_UTF8_TEXT, f"line {i + 1}, byte {err.start}: {err.reason}"))
             continue
-        obj = _loads_or_none(text)
+        try:
+            obj = json.loads(text)
+        except RecursionError:
+            yield RawRow(uri, i, None, (Reason.NESTING_TOO_DEEP, f"line {i + 1} is JSON nested too deeply to parse"))
+            continue
+        except ValueError as err:  # JSONDecodeError, or an integer literal too long to convert
+            yield RawRow(uri, i, None, (Reason.WRONG_TYPE, f"line {i + 1} is not a JSON object: {err}"[:300]))
+            continue
         if not isinstance(obj, dict):
             yield RawRow(uri, i, None, (Reason.WRONG_TYPE, f"line {i + 1} is not a JSON object"))
             continue
@@ -106,24 +118,43 @@ def read_jsonl(uri: str, data: bytes) -> Iterator[RawRow]:
 def _loads_or_none(text: str) -> Any:
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return None
 
 
-def read_csv(uri: str, data: bytes) -> Iterator[RawRow]:
+def read_csv(uri: str, data: bytes, field_limit: int = CSV_FIELD_LIMIT) -> Iterator[RawRow]:
     """Headers are stripped (they are often space-padded); each line is decoded on its own so one
-    non-UTF-8 row does not sink the file. Rows are numbered from 1 (the header is row 0)."""
+    non-UTF-8 row does not sink the file. Rows are numbered from 1 (the header is row 0). A row with
+    a field longer than `field_limit` characters is `field_too_large` (the csv module stops there and
+    goes on at the next line)."""
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     text = data.decode("utf-8", errors="replace")
+    csv.field_size_limit(field_limit)  # process-wide; set per file so each source gets its own limit
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = [c.strip() for c in next(reader)]
     except StopIteration:
         return
+    except csv.Error as err:
+        yield RawRow(uri, -1, None, (Reason.FIELD_TOO_LARGE if "field limit" in str(err) else Reason.WRONG_TYPE,
+                                     f"CSV header: {err}"))
+        return
     cols = frozenset(header)
     strict_ok = b"\xef\xbf\xbd" not in data  # no U+FFFD in the file: any we see came from bad bytes
-    for i, vals in enumerate(reader, start=1):
+    i = 0
+    while True:
+        i += 1
+        try:
+            vals = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            too_large = "field limit" in str(err)
+            detail = (f"row {i} has a field longer than {field_limit} characters (an unclosed quote?)" if too_large
+                      else f"row {i}: {err}")
+            yield RawRow(uri, i, None, (Reason.FIELD_TOO_LARGE if too_large else Reason.WRONG_TYPE, detail), cols)
+            continue
         if not any(v.strip() for v in vals):
             continue
         row = {k: v.strip() for k, v in zip(header, vals)}

@@ -3,6 +3,8 @@ arithmetic right (the benchmark itself is too slow for a timed test; its figures
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pipelines.benchmarks.ingest import format_table, stall_from_metrics
@@ -48,3 +50,27 @@ def test_the_summary_table_shows_all_figures():
          "data_stall_fraction": 0.01, "data_stall_fraction_incl_start": 0.2, "train_step_time_s": 0.3}
     text = format_table(r)
     assert "90% of limit" in text and "1.06x DataLoader" in text and "0.010" in text
+
+
+def test_bench_decode_reports_cost_per_kind_and_scans_a_collection(tmp_path):
+    """`gammaray bench decode` (figures in the README): one round, and a scan of a small folder with a
+    transparent cut-out, an opaque PNG and a decompression bomb."""
+    from gammaray.commands.bench import BENCHES, bench_parser
+    from pipelines import faults, image_kinds
+    from pipelines.benchmarks import decode as bench
+
+    assert BENCHES["decode"] == "pipelines.benchmarks.decode"
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "cutout.png").write_bytes(image_kinds.rgba_cutout())
+    (tmp_path / "imgs" / "opaque.png").write_bytes(image_kinds.png(image_kinds.Image.new("RGB", (8, 8), (9, 9, 9))))
+    (tmp_path / "imgs" / "bomb.png").write_bytes(faults.decompression_bomb())
+    parser, _ = bench_parser("decode")
+    args = parser.parse_args(["--rounds", "1", "--images", str(tmp_path / "imgs"), "--json", str(tmp_path / "d.json")])
+    assert bench.run(args) == 0
+    out = json.loads((tmp_path / "d.json").read_text())
+    kinds = {c["kind"]: c for c in out["cpu_ms_per_image"]}
+    assert kinds["RGBA cut-out PNG 256 px"]["conversions"] == ["transparency"] and len(kinds) == 8
+    assert all(c["plain_ms"] > 0 and c["decode_ms"] > 0 for c in kinds.values())
+    scan = out["scan"]
+    assert (scan["images"], scan["conversions"], scan["rejected"]) == (3, {"transparency": 1}, {"image_too_large": 1})
+    assert scan["plain_colour_under_alpha_0"] == {str(image_kinds.HIDDEN): 1}

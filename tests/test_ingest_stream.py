@@ -185,8 +185,10 @@ def test_version_1_catalogues_stream_unchanged(s3):
     assert t.column("product_id").to_pylist() == ["V3", "V4", "V5"] and t.column("row").to_pylist() == [3, 4, 5]
     assert t.column(K.REJECT).to_pylist() == [""] * 3 and t.column("extra_images").null_count == 3
     # appending to an old catalogue is refused with a clear message instead of mixing versions
+    storage.write_bytes(f"{base}/raw/items.jsonl", json.dumps({"product_id": "N1", "title": "new item",
+                                                               "image": "../catalog/x.jpg"}).encode())
     with pytest.raises(ValueError, match="schema version 1"):
-        prepare(f"{base}/catalog", f"{base}/catalog", PrepareOptions(progress=False))
+        prepare(f"{base}/raw/items.jsonl", f"{base}/catalog", PrepareOptions(progress=False))
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,20 +97,6 @@ def test_a_literal_secret_is_refused_before_submission(shell_secret, tmp_path, h
         _plan(["pretrain"], **kw)
     msg = str(err.value)
     assert "refusing to submit" in msg and where in msg and SECRET not in msg
-
-
-def test_credential_files_are_not_uploaded(tmp_path):
-    proj = _copy_project(tmp_path)
-    (proj / ".env").write_text("AWS_SECRET_ACCESS_KEY=whatever-value-123\n")
-    (proj / "configs" / "deploy.pem").write_text("-----BEGIN PRIVATE KEY-----\n")
-    plan = _plan(["pretrain"], working_dir=str(proj), excludes=["*.txt"])
-    try:
-        staged = Path(plan.working_dir)
-        assert not (staged / ".env").exists() and not (staged / "configs" / "deploy.pem").exists()
-        assert sorted(plan.skipped_files) == [".env", "configs/deploy.pem"]
-        assert (staged / "configs" / "demo.yaml").exists()
-    finally:
-        plan.cleanup()
 
 
 @pytest.mark.parametrize("command,message", [
@@ -259,3 +246,61 @@ def test_an_access_key_id_is_not_a_secret_to_scan_for(monkeypatch):
 
     found = secret_values({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"})
     assert "$AWS_ACCESS_KEY_ID" not in found and found["$AWS_SECRET_ACCESS_KEY"] == SECRET
+
+
+# ------------------------------------------------------------------------------------------------
+# the job's interpreter lacks the project's dependencies
+
+
+def _run_entry(python: str, plan, **env) -> subprocess.CompletedProcess:
+    """`python -m infra.job_entry pretrain` in the staged working dir, as Ray runs the entrypoint."""
+    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"), **env}
+    return subprocess.run([python, "-m", "infra.job_entry", "pretrain"], cwd=plan.working_dir, env=base,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_job_entry_names_the_interpreter_and_the_missing_packages_on_a_bare_python(tmp_path):
+    """A cluster whose python has none of the dependencies (a plain image with --requirements none):
+    one message naming the interpreter, its version, what is missing and the fix; no traceback."""
+    venv = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    plan = _plan(["pretrain"])
+    try:
+        proc = _run_entry(str(venv / "bin" / "python"), plan)
+    finally:
+        plan.cleanup()
+    assert proc.returncode == 4, proc.stderr
+    err = proc.stderr
+    assert "Traceback" not in err and "ModuleNotFoundError" not in err
+    assert f"{venv}/bin/python (Python {sys.version_info.major}.{sys.version_info.minor}." in err
+    for req in ("torch>=", "pyarrow>=", "deepspeed>=", "ray[train,data,tune,default]>=", "pillow>=", "(import PIL)"):
+        assert req in err, req
+    assert "--requirements auto" in err and "Dockerfile.gpu" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_job_entry_names_exactly_the_one_missing_package(tmp_path):
+    """An environment that is this test's own, minus pyarrow (a venv whose site-packages links every
+    installed distribution but pyarrow's): the message lists pyarrow and nothing else."""
+    import site
+
+    venv = tmp_path / "nopyarrow"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    ours = Path(site.getsitepackages()[0])
+    theirs = next(venv.glob("lib/python*/site-packages"))
+    hidden = 0
+    for entry in ours.iterdir():
+        if entry.name.lower().startswith("pyarrow"):
+            hidden += 1
+            continue
+        (theirs / entry.name).symlink_to(entry)
+    assert hidden >= 2  # the package and its dist-info
+    plan = _plan(["pretrain"])
+    try:
+        python = str(venv / "bin" / "python")
+        assert subprocess.run([python, "-c", "import torch, yaml"], capture_output=True, timeout=120).returncode == 0
+        proc = _run_entry(python, plan)
+    finally:
+        plan.cleanup()
+    assert proc.returncode == 4, proc.stderr
+    assert re.search(r"it lacks pyarrow>=[0-9.]+\. Fix:", proc.stderr) and "Traceback" not in proc.stderr

@@ -264,7 +264,7 @@ def stream_spec(cfg: GammarayConfig, catalogue_uri: str, units, epoch: int, trai
                         max_text_tokens=d.max_text_tokens, max_text_chars=d.max_text_chars, augment=d.augment,
                         tokenizer_uri=tokenizer_uri(cfg), seed=cfg.run.seed, epoch=epoch,
                         with_aug_views=with_aug, train=train, view_pair=d.view_pair, pair_locale=d.pair_locale,
-                        jpeg_draft=d.jpeg_draft)
+                        jpeg_draft=d.jpeg_draft, image_background=tuple(d.image_background))
     return StreamSpec(catalogue_uri=catalogue_uri, units=tuple(units), preprocess=pp,
                       settings=storage.S3Settings.from_config(cfg.storage), shuffle=d.shuffle and train,
                       batch_size=batch_size, preprocess_num_cpus=d.preprocess_num_cpus,

@@ -19,6 +19,7 @@ BENCHES = {
     "recipe": "workers.benchmarks.recipe",
     "scaling": "workers.benchmarks.scaling",
     "ingest": "pipelines.benchmarks.ingest",
+    "decode": "pipelines.benchmarks.decode",
 }
 
 

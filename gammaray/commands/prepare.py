@@ -3,6 +3,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 
 from gammaray.config import ConfigError
 
@@ -18,7 +19,7 @@ def parse_size(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.prepare import PrepareOptions, prepare
+    from pipelines.prepare import PrepareError, PrepareOptions, prepare
     from pipelines.tokenizer import build_for_catalogue
 
     cfg = config_from_args(args)
@@ -31,8 +32,15 @@ def run(args: argparse.Namespace) -> int:
     opts = PrepareOptions(column_map=column_map, max_records_per_shard=args.records_per_shard,
                           target_shard_bytes=args.shard_size, row_group_size=args.row_group_size,
                           max_image_pixels=cfg.data.max_image_pixels, max_text_chars=cfg.data.max_text_chars,
+                          max_image_bytes=args.max_image_bytes or cfg.data.max_image_bytes,
+                          allow_outside_paths=args.allow_outside_paths or cfg.data.allow_outside_paths,
+                          csv_field_limit=args.csv_field_limit,
                           check_images=not args.no_image_check, io_threads=args.io_threads, progress=not args.quiet)
-    res = prepare(args.src, args.dst, opts, cfg.storage)
+    try:
+        res = prepare(args.src, args.dst, opts, cfg.storage)
+    except PrepareError as err:
+        print(f"gammaray prepare: error: {err}", file=sys.stderr)
+        return 1
     print(res.summary())
     if args.build_tokenizer:
         uri = args.tokenizer_out or args.dst.rstrip("/").rsplit("/", 1)[0] + "/tokenizer"
@@ -62,6 +70,13 @@ def register(sub) -> None:
     p.add_argument("--no-image-check", action="store_true",
                    help="skip the full decode of every image (bad images are then quarantined while streaming)")
     p.add_argument("--io-threads", type=int, default=8, help="threads fetching and checking images (default 8)")
+    p.add_argument("--max-image-bytes", type=parse_size, metavar="SIZE",
+                   help="larger image files are quarantined before they are read (default: data.max_image_bytes, 64MiB)")
+    p.add_argument("--allow-outside-paths", action="store_true",
+                   help="read local image paths outside the source folder (.., absolute paths, symlinks leaving it); "
+                        "only for a trusted catalogue (data.allow_outside_paths)")
+    p.add_argument("--csv-field-limit", type=int, default=131_072, metavar="CHARS",
+                   help="a CSV row with a longer field is quarantined as field_too_large (default 131072)")
     p.add_argument("--build-tokenizer", type=int, metavar="VOCAB",
                    help="also train a WordPiece tokenizer of this size")
     p.add_argument("--tokenizer-out", metavar="URL", help="where to write it (default: DST/../tokenizer)")

@@ -17,10 +17,19 @@ SUBMIT_EPILOG = """examples:
   gammaray submit --address http://127.0.0.1:8265 --requirements none --follow \\
       -- demo --storage s3://bucket/demo --n-train 200 --n-val 50 --set train.epochs=1
 
+upload: git's view of the project (tracked and unignored files; every file when it is not a git
+checkout), minus tests, environments and --exclude. A symlink leaving the project is not followed.
+Files that look like credentials (id_rsa, .ssh/, .netrc, a kubeconfig, a service-account JSON,
+*.tfstate, .env, .pypirc, credentials, a private-key block in any file) stop the submission: add
+them to .gitignore or --exclude them, or --allow-file PATH when one holds no secret.
+
 credentials: never give values. --secret-env NAME says the cluster's nodes hold NAME; --secret-env
 TARGET=SOURCE makes TARGET the value of the nodes' SOURCE (Ray expands ${SOURCE} on each node).
-Submission is refused if the value of any credential-like variable of this shell, or the Ray token,
-would end up in the job's entrypoint, env vars, metadata, config or uploaded files.
+Submission is refused if the value of any credential of this shell (a credential-like name, the
+config's storage.secret_key_env, a secret-looking value under any name, a password inside a URL
+variable) or the Ray token would end up in the job's entrypoint, env vars, metadata, config or
+uploaded files, or if a URL there (a --requirements index URL, an --env value, the config) carries
+a user name or password.
 
 token: Ray 2.60 clusters require one. Sent from --token-file, $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or
 ~/.ray/auth_token, in that order.
@@ -72,11 +81,11 @@ def run_submit(args: argparse.Namespace) -> int:
     plan = plan_job(command, args.config, args.overrides, working_dir=args.working_dir,
                     requirements=args.requirements, env=parse_env(args.env),
                     secret_refs=parse_secret_refs(args.secret_env), submission_id=args.submission_id,
-                    excludes=args.exclude, entrypoint_num_cpus=args.entrypoint_num_cpus,
+                    excludes=args.exclude, allow_files=args.allow_file, entrypoint_num_cpus=args.entrypoint_num_cpus,
                     entrypoint_num_gpus=args.entrypoint_num_gpus, extra_secrets=[token] if token else [])
     try:
         for f in plan.skipped_files:
-            print(f"gammaray submit: not uploaded (credential-like file): {f}", file=sys.stderr)
+            print(f"gammaray submit: not uploaded: {f}", file=sys.stderr)
         print("gammaray submit: job plan\n" + plan.describe(), flush=True)
         if args.dry_run:
             print(json.dumps({"entrypoint": plan.entrypoint, "runtime_env": plan.runtime_env,
@@ -194,6 +203,9 @@ def register(sub) -> None:
     p.add_argument("--working-dir", metavar="DIR", help="project directory to upload (default: this gammaray checkout)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="also leave out files or folders matching PATTERN (fnmatch on any path part; /PATTERN: from the project root; repeatable)")
+    p.add_argument("--allow-file", action="append", default=[], metavar="PATTERN",
+                   help="upload files matching PATTERN even though their name or content looks like a credential "
+                        "(a test fixture, a public certificate; same matching as --exclude; repeatable)")
     p.add_argument("--submission-id", metavar="ID", help="job id (default gammaray-<command>-<run>-<time>-<rand>)")
     p.add_argument("--entrypoint-num-cpus", type=float, metavar="N", help="CPUs reserved for the job's driver")
     p.add_argument("--entrypoint-num-gpus", type=float, metavar="N", help="GPUs reserved for the job's driver")

@@ -305,7 +305,7 @@ def run(args: argparse.Namespace, cfg=None) -> int:
         pp = PreprocessSpec(image_size=d.image_size, max_image_pixels=d.max_image_pixels,
                             max_text_tokens=d.max_text_tokens, max_text_chars=d.max_text_chars, augment=d.augment,
                             tokenizer_uri=tok, seed=0, epoch=0, with_aug_views=not args.no_aug, train=True,
-                            jpeg_draft=d.jpeg_draft)
+                            jpeg_draft=d.jpeg_draft, image_background=d.image_background)
         settings = storage.S3Settings.from_config(cfg.storage)
         spec = StreamSpec(catalogue_uri=cat, units=tuple(units), preprocess=pp, settings=settings, shuffle=True,
                           batch_size=d.batch_size, preprocess_num_cpus=d.preprocess_num_cpus, prefetch_batches=d.prefetch_batches,

@@ -1,0 +1,358 @@
+"""A prepared catalogue's manifest: read it, commit it atomically, one writer at a time.
+
+`DST/manifest.json` is the catalogue: a shard or quarantine file it does not name does not exist
+for any reader, so a prepare that stops half way leaves the catalogue as it was.
+
+- **Atomic commit.** Local: the manifest is written to a temporary file in the same folder, fsync'ed,
+  then renamed over the old one (`os.replace`): a reader sees the old or the new file, never a
+  truncated one. S3: one PUT replaces an object whole; it is made conditional (`If-Match` the ETag
+  read at the start, `If-None-Match: *` for a new catalogue), so a writer whose lock was taken over
+  cannot overwrite another's commit (checked on SeaweedFS 4.48; AWS S3 has supported both headers on
+  PUT since 2024).
+- **One writer at a time** (`WriterLock`, file `DST/prepare.lock`). Local: an exclusive `flock` on the
+  file; the OS drops it when the process ends, however it ends, so a local lock never goes stale. S3:
+  the lock object is created with `If-None-Match: *` (the second writer gets 412 and is refused with
+  the owner's name) and rewritten every `HEARTBEAT_S` seconds. It is stale, and the next prepare takes
+  it over (a PUT `If-Match` its ETag: only one taker wins), when its owner ran on this host and that
+  process is gone, or when its heartbeat is older than `STALE_AFTER_S` (clocks of the hosts must
+  agree to within a minute or so). Other fsspec destinations get no lock.
+"""
+
+from __future__ import annotations
+
+import functools
+import getpass
+import json
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+from gammaray.config import StorageConfig
+from gammaray.schema import check_readable
+
+from . import storage
+
+MANIFEST = "manifest.json"
+LOCK = "prepare.lock"
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 600.0
+
+
+class PrepareError(RuntimeError):
+    """Stops a prepare with one message; nothing of the run is committed."""
+
+
+class CatalogueBusy(PrepareError):
+    """Another prepare holds the destination's lock."""
+
+
+# --------------------------------------------------------------------------------------------
+# the manifest
+
+
+def load_manifest(uri: str, storage_cfg: StorageConfig | None = None) -> dict:
+    """The manifest of the catalogue at uri (for readers: training, eval, embed)."""
+    manifest, _ = read_manifest(uri, storage_cfg)
+    if manifest is None:
+        raise FileNotFoundError(f"no manifest.json under {uri}: run `gammaray prepare` first")
+    return manifest
+
+
+def read_manifest(dst: str, storage_cfg: StorageConfig | None = None) -> tuple[dict | None, str | None]:
+    """(manifest or None when there is none, the version token a conditional commit needs)."""
+    uri = storage.join(dst, MANIFEST)
+    etag = None
+    if storage.is_remote(uri):
+        fs = _s3fs(storage_cfg)
+        try:
+            with fs.open(_s3_path(uri), "rb") as f:  # s3fs pins the read to the ETag it saw (If-Match)
+                etag = f.details.get("ETag")
+                data = f.read()
+        except FileNotFoundError:
+            return None, None
+    else:
+        if not storage.exists(uri, storage_cfg):
+            return None, None
+        data = storage.read_bytes(uri, storage_cfg)
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{uri} is damaged ({len(data)} bytes, {err}): restore it from a backup or prepare "
+                         "into a new destination") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{uri} is damaged: not a JSON object")
+    check_readable(manifest.get("schema_version"), uri)
+    return manifest, etag
+
+
+def commit_manifest(dst: str, manifest: dict, etag: str | None, storage_cfg: StorageConfig | None = None) -> None:
+    """Replace DST/manifest.json atomically; on S3 only if it is still the version read (etag)."""
+    uri = storage.join(dst, MANIFEST)
+    data = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
+    if storage.is_remote(uri):
+        condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        try:
+            _s3fs(storage_cfg).pipe_file(_s3_path(uri), data, **condition)
+        except OSError as err:
+            if _precondition_failed(err):
+                raise PrepareError(f"{uri} changed while this prepare ran (another writer took the lock over?): "
+                                   "nothing of this run was committed; run it again") from None
+            raise
+    elif storage.protocol(uri) == "file":
+        _replace_local(uri[len("file://"):] if uri.startswith("file://") else uri, data)
+    else:
+        storage.write_bytes(uri, data, storage_cfg)
+
+
+def _replace_local(path: str, data: bytes) -> None:
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power cut
+    finally:
+        os.close(dir_fd)
+
+
+# --------------------------------------------------------------------------------------------
+# one writer at a time
+
+
+def _owner() -> dict[str, Any]:
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in some containers
+        user = str(os.getuid())
+    now = time.time()
+    return {"owner": f"{user}@{socket.gethostname()}", "host": socket.gethostname(), "pid": os.getpid(),
+            "started_at": now, "heartbeat_at": now, "command": " ".join(sys.argv)[:300]}
+
+
+def _describe(info: dict | None, now: float) -> str:
+    if not info:
+        return "owner unknown"
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info.get("started_at", 0))))
+    beat = now - float(info.get("heartbeat_at", info.get("started_at", 0)))
+    return f"{info.get('owner')} pid {info.get('pid')}, started {started}, last heartbeat {beat:.0f} s ago"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_stale(info: dict | None, now: float, stale_after_s: float = STALE_AFTER_S) -> bool:
+    """The S3 lock rule: its process on this host is gone, or no heartbeat for stale_after_s."""
+    if not info:
+        return True
+    if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) and not _pid_alive(info["pid"]):
+        return True
+    return now - float(info.get("heartbeat_at", 0)) > stale_after_s
+
+
+class WriterLock:
+    """`with WriterLock(dst): ...` holds DST/prepare.lock, or raises CatalogueBusy naming the owner."""
+
+    def __init__(self, dst: str, storage_cfg: StorageConfig | None = None, stale_after_s: float = STALE_AFTER_S,
+                 heartbeat_s: float = HEARTBEAT_S):
+        self.dst = dst
+        self.uri = storage.join(dst, LOCK)
+        self.storage_cfg = storage_cfg
+        self.stale_after_s = stale_after_s
+        self.heartbeat_s = heartbeat_s
+        self.took_over: dict | None = None  # the stale lock this writer replaced, if any
+        self._fd: int | None = None
+        self._info = _owner()
+        self._etag: str | None = None
+        self._lost: str | None = None
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def __enter__(self) -> "WriterLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        if storage.is_remote(self.uri):
+            self._acquire_s3()
+        elif storage.protocol(self.uri) == "file":
+            self._acquire_local()
+
+    def check(self) -> None:
+        """Raise if the lock was taken over (S3: a heartbeat found someone else's lock object)."""
+        if self._lost:
+            raise PrepareError(f"{self.uri}: {self._lost}; nothing of this run was committed")
+
+    def release(self) -> None:
+        if self._beat is not None:
+            self._stop.set()
+            self._beat.join()
+            self._beat = None
+        if self._fd is not None:
+            try:
+                os.unlink(self._local_path())
+            except OSError:
+                pass
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+        if self._etag is not None:
+            fs = _s3fs(self.storage_cfg)
+            bucket, key = _s3_path(self.uri).split("/", 1)
+            try:  # only our own lock object: a conditional delete
+                fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=self._etag)
+            except Exception as err:  # noqa: BLE001
+                if not _precondition_failed(err):  # a server without conditional deletes: a plain one
+                    try:
+                        fs.rm_file(_s3_path(self.uri))
+                    except Exception:  # noqa: BLE001 - it will go stale
+                        pass
+            self._etag = None
+
+    # local: flock -------------------------------------------------------------------------
+
+    def _local_path(self) -> str:
+        return os.path.abspath(self.uri[len("file://"):] if self.uri.startswith("file://") else self.uri)
+
+    def _acquire_local(self) -> None:
+        import fcntl
+
+        path = self._local_path()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                info = _read_json_fd(fd)
+                os.close(fd)
+                raise CatalogueBusy(f"{self.dst} is being written by another prepare ({_describe(info, time.time())}); "
+                                    "wait for it to finish (a local lock is released when its process ends)") from None
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # else the holder removed the file between our open and flock: try again
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(self._info).encode(), 0)
+        self._fd = fd
+
+    # S3: a lock object with a heartbeat ---------------------------------------------------
+
+    def _acquire_s3(self) -> None:
+        fs = _s3fs(self.storage_cfg)
+        path = _s3_path(self.uri)
+        body = json.dumps(self._info).encode()
+        try:
+            out = fs.pipe_file(path, body, IfNoneMatch="*")
+        except OSError as err:
+            if not _precondition_failed(err):
+                raise
+            out = self._take_over_stale(fs, path, body)
+        self._etag = _etag_of(out, fs, path)
+        self._beat = threading.Thread(target=self._heartbeat, name="prepare-lock-heartbeat", daemon=True)
+        self._beat.start()
+
+    def _take_over_stale(self, fs, path: str, body: bytes):
+        try:
+            with fs.open(path, "rb") as f:
+                etag = f.details.get("ETag")
+                raw = f.read()
+        except FileNotFoundError:  # released between our PUT and this read: try once more
+            return fs.pipe_file(path, body, IfNoneMatch="*")
+        try:
+            info = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            info = None
+        now = time.time()
+        if not is_stale(info, now, self.stale_after_s):
+            raise CatalogueBusy(f"{self.dst} is being written by another prepare ({_describe(info, now)}); wait for "
+                                f"it to finish. If that process is gone, its lock {self.uri} goes stale "
+                                f"{self.stale_after_s:.0f} s after its last heartbeat (at once if it ran on this host)")
+        try:
+            out = fs.pipe_file(path, body, IfMatch=etag)
+        except OSError as err:
+            if _precondition_failed(err):
+                raise CatalogueBusy(f"{self.dst}: another prepare took over the stale lock first") from None
+            raise
+        self.took_over = info or {}
+        return out
+
+    def _heartbeat(self) -> None:
+        fs = _s3fs(self.storage_cfg)
+        path = _s3_path(self.uri)
+        while not self._stop.wait(self.heartbeat_s):
+            self._info["heartbeat_at"] = time.time()
+            try:
+                out = fs.pipe_file(path, json.dumps(self._info).encode(), IfMatch=self._etag)
+                self._etag = _etag_of(out, fs, path)
+            except OSError as err:
+                if _precondition_failed(err) or isinstance(err, FileNotFoundError):
+                    self._lost = "the lock was taken over by another prepare (no heartbeat got through in time)"
+                    self._etag = None
+                    return
+            except Exception:  # noqa: BLE001 - a failed beat is retried at the next one
+                pass
+
+
+def _read_json_fd(fd: int) -> dict | None:
+    try:
+        return json.loads(os.pread(fd, 65536, 0).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# s3fs for conditional requests (pyarrow's S3 filesystem has no If-Match / If-None-Match)
+
+
+def _s3fs(storage_cfg: StorageConfig | None):
+    return _s3fs_for(storage.S3Settings.from_config(storage_cfg))
+
+
+@functools.lru_cache(maxsize=8)
+def _s3fs_for(settings: storage.S3Settings):
+    return settings.fsspec_fs()  # building one costs about 0.3 s (a botocore session): once per process
+
+
+def _s3_path(uri: str) -> str:
+    return uri[len("s3://"):]
+
+
+def _precondition_failed(err: BaseException) -> bool:
+    text = str(err).lower()
+    return "precondition" in text or "pre-condition" in text or "412" in text
+
+
+def _etag_of(put_response: Any, fs, path: str) -> str:
+    if isinstance(put_response, dict) and put_response.get("ETag"):
+        return put_response["ETag"]
+    return fs.info(path, refresh=True)["ETag"]
+
