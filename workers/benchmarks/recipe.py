@@ -611,12 +611,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--live-batch-sizes", type=int, nargs="+", default=[16, 64], help="micro-batches of the --live regimes")
     p.add_argument("--cache", metavar="DIR", help="data, features and Tune experiments (CACHE/tune/<json name>/; "
                                                   "default ~/.cache/gammaray/recipe)")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: print the markdown tables of an existing --json (what the docs show)")
     p.add_argument("--quick", action="store_true",
                    help="a tiny grid for CI: 360 records per data set, 2 losses x 2 micro-batches, 2 seeds, 2 epochs, 2 trials")
 
 
+def report(json_path: str) -> str:
+    """The markdown the docs show, generated from a committed result file."""
+    with open(json_path) as f:
+        data = json.load(f)
+    rows = data["rows"]
+    out = [f"Generated from `{json_path}` by `gammaray bench recipe --json {json_path} --report-only`; "
+           f"made by `{data['command']}`.", ""]
+    for regime in sorted({r["regime"] for r in rows}, key=lambda r: (r != "locked", r)):
+        for metric in ("r_at_1", "r_at_5", "zero_shot_acc"):
+            table = summary_table(rows, metric, regime)
+            if table:
+                out += [f"**{regime}: test {metric}** (mean ± std over seeds; steps differ by micro-batch, epochs do not)",
+                        "", table, ""]
+    ablation = [r for r in rows if r.get("variant")]
+    if ablation:
+        c = cells(ablation)
+        out += ["**Ablations of the tuned gamma settings** (one key changed, test R@1)", "",
+                "| dataset | change | batch | R@1 |", "|---|---|---|---|"]
+        for (d, _loss, s, b), v in sorted(c.items()):
+            m, sd = mean_std(v)
+            out.append(f"| {d} | {s.removeprefix('tuned, ')} | {b} | {m:.3f} ± {sd:.3f} |")
+        out.append("")
+    out += verdict(rows)
+    return "\n".join(out)
+
+
 def run(args: argparse.Namespace) -> int:
     import sys
+
+    if args.report_only:
+        print(report(args.json))
+        return 0
 
     cache = os.path.abspath(args.cache or default_cache())
     plan = Plan(datasets=args.datasets.split(","), losses=args.losses.split(","), batch_sizes=args.batch_sizes,
