@@ -101,6 +101,8 @@ class BatchKeys:
     PIXELS_PAIR = "pixel_values_pair"        # view pair image_image: another photo of the product
     INPUT_IDS_PAIR = "input_ids_pair"        # view pair text_text: the title in the pair locale
     ATTENTION_MASK_PAIR = "attention_mask_pair"
+    IMAGE_FEATURES = "image_features"        # float32 [B,Di]: cached pooled output of a locked image tower
+    TEXT_FEATURES = "text_features"          # float32 [B,Dt]: cached pooled output of a locked text tower
     REJECT = "reject_reason"                 # str, "" for a good row
     PRODUCT_ID = "product_id"
     SOURCE = "source"

@@ -163,15 +163,16 @@ def _two_workers(rank: int, port: int, out_dir: str) -> None:
     _init(rank, world, port)
     steps = schedule()
 
-    # 1. the store: sharded == single-process, step by step
-    ref = LocalRateStore(N0, channels=2)
-    sharded = ShardedRateStore(N0, channels=2)
+    # 1. the store: sharded == single-process, step by step (ages and a moving memory scale included)
+    ref = LocalRateStore(N0, channels=2, track_age=True)
+    sharded = ShardedRateStore(N0, channels=2, track_age=True)
     for t, (idx, _, _, log_z) in enumerate(steps):
         sizes = split(idx.numel(), world, t)
-        gam = 1.0 if t == 0 else 0.1 + 0.1 * t
-        want = ref.update(idx, log_z, gam)
-        got = sharded.update(_slice(idx, sizes, rank), _slice(log_z, sizes, rank), gam)
+        gam, scale = (1.0 if t == 0 else 0.1 + 0.1 * t), 1.0 + 0.5 * t
+        want = ref.update(idx, log_z, gam, scale)
+        got = sharded.update(_slice(idx, sizes, rank), _slice(log_z, sizes, rank), gam, scale)
         _same(got, _slice(want, sizes, rank))
+        _same(sharded.last_age, _slice(ref.last_age, sizes, rank))
         for c in range(2):
             _same(sharded.tables[c], ref.tables[c][rank::world])
 

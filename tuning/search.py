@@ -33,7 +33,7 @@ from pipelines import storage
 from . import report, space
 
 _PATH_KEYS = ("data.train", "data.val", "data.tokenizer", "run.storage", "model.image.pretrained",
-              "model.text.pretrained")
+              "model.text.pretrained", "data.features.train", "data.features.val")
 
 
 @dataclass
@@ -80,6 +80,20 @@ def absolute_paths(cfg: GammarayConfig) -> GammarayConfig:
         if isinstance(node, str) and node and "://" not in node and not os.path.isabs(node):
             fixes[path] = os.path.abspath(node)
     return apply_overrides(cfg, fixes) if fixes else cfg
+
+
+def plan_heads_resources(cfg: GammarayConfig, cluster: dict[str, float]) -> ResourcePlan:
+    """Heads trials on cached features hold only their own process (tune.trial_cpus) and need no
+    Ray Data: as many at once as the CPUs hold (one torch thread each)."""
+    t = cfg.tune
+    cpus, gpus = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
+    if t.trial_cpus > cpus + 1e-9:
+        raise ConfigError(f"tune.trial_cpus={t.trial_cpus:g}: the cluster has {cpus:g} CPUs")
+    fit = max(1, int(math.floor(cpus / t.trial_cpus + 1e-9)))
+    n = min(t.max_concurrent or fit, fit, t.samples)
+    return ResourcePlan(max_concurrent=n, cluster_cpus=cpus, cluster_gpus=gpus, cpus_held_per_trial=t.trial_cpus,
+                        cpus_per_trial_with_data=t.trial_cpus,
+                        reason="tune.max_concurrent" if t.max_concurrent else f"cpus<={fit} (heads trials)")
 
 
 def plan_resources(cfg: GammarayConfig, cluster: dict[str, float]) -> ResourcePlan:
@@ -182,7 +196,12 @@ def trial_dirname(trial) -> str:
 def _trainable(cfg: GammarayConfig, experiment_uri: str):
     from ray import tune
 
-    fn = tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), experiment_uri=experiment_uri)
+    if cfg.data.features.train:
+        from .heads_trial import run_heads_trial
+
+        fn = tune.with_parameters(run_heads_trial, base=cfg.model_dump(mode="json"))
+    else:
+        fn = tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), experiment_uri=experiment_uri)
     return tune.with_resources(fn, {"CPU": cfg.tune.trial_cpus})
 
 
@@ -205,15 +224,21 @@ def run_tune(cfg: GammarayConfig, samples: int | None = None, progress: bool = T
     user_cfg = cfg
     cfg = absolute_paths(cfg)
     space.validate(cfg)                                  # before anything starts: names the bad key
-    manifest = preflight(space.trial_config(cfg, {}))
-    budget = trial_budget(cfg, int(manifest["num_records"]))
+    heads = bool(cfg.data.features.train)                # trials train heads on cached features
+    if heads:
+        from .heads_trial import budget_steps, num_records
+
+        budget = budget_steps(cfg, num_records(cfg))
+    else:
+        manifest = preflight(space.trial_config(cfg, {}))
+        budget = trial_budget(cfg, int(manifest["num_records"]))
     ensure_ray(cfg)
     import ray
 
     from gammaray.scaling import resolve_for_cluster
 
     cfg = resolve_for_cluster(cfg)  # "auto" keys become numbers once, for every trial
-    plan = plan_resources(cfg, ray.cluster_resources())
+    plan = (plan_heads_resources if heads else plan_resources)(cfg, ray.cluster_resources())
     name = experiment_name(cfg)
     exp_uri = storage.join(cfg.run.storage, name)
     fs, root = storage.resolve(cfg.run.storage, cfg.storage)

@@ -52,7 +52,10 @@ def validate(cfg: GammarayConfig) -> None:
     if t.metric != "val_r_at_1" and not t.metric.startswith("val_"):
         raise ConfigError(f"tune.metric: {t.metric!r} is not a validation metric (val_...) reported by the loop")
     trial = trial_config(cfg, {})
-    if not trial.data.val:
+    if trial.data.features.train and not trial.data.features.val:
+        raise ConfigError("data.features.val: heads trials rank by validation R@1; point it at the feature store of a "
+                          "held-out catalogue (gammaray embed --features)")
+    if not trial.data.val and not trial.data.features.train:
         raise ConfigError("data.val: Ray Tune ranks trials by validation R@1; point data.val at a held-out catalogue")
 
 

@@ -9,6 +9,13 @@ column per extra embedding output of the model (e.g. modality-specific features)
 to decode go to OUT/quarantine/part-NNNNN.parquet with a reason. OUT/_embed.json names the model
 and the catalogue; a rerun skips every shard whose output exists (resumable by shard) and refuses an
 OUT that belongs to another model or catalogue.
+
+`--features` writes the towers' pooled outputs instead (columns image_features, text_features: what
+the heads see), the cache that heads-only training on locked towers reads (`data.features.*`,
+workers/heads.py). Without a checkpoint the towers come from a config (`model.image/text.pretrained`);
+the model they came from is written to OUT/model (+ OUT/config.json), so the store is also a
+checkpoint that `gammaray eval/export` can open, and the category prompts of the catalogue, through the
+same text tower, go to OUT/prompts.parquet (zero-shot evaluation of the heads).
 """
 
 from __future__ import annotations
@@ -117,7 +124,7 @@ def read_and_preprocess(batch: dict[str, np.ndarray], catalogue_uri: str, units:
 class Embedder:
     """A Ray Data actor: loads the model once, embeds the good rows of each batch."""
 
-    def __init__(self, model_uri: str, storage: dict, use_gpu: bool):
+    def __init__(self, model_uri: str, storage: dict, use_gpu: bool, features: bool = False):
         from gammaray.config import StorageConfig as SC
 
         from .export import open_checkpoint
@@ -130,7 +137,8 @@ class Embedder:
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
         self.model = load_model(ckpt.model_dir).to(self.device).eval()
-        self.names, self.dims = probe_outputs(self.model, ckpt.cfg, self.device)
+        self.features = features
+        self.names, self.dims = probe_outputs(self.model, ckpt.cfg, self.device, features)
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -145,7 +153,11 @@ class Embedder:
             inputs = {K.PIXELS: torch.from_numpy(np.ascontiguousarray(batch[K.PIXELS][sel])).to(self.device),
                       K.INPUT_IDS: torch.from_numpy(np.ascontiguousarray(batch[K.INPUT_IDS][sel])).to(self.device),
                       K.ATTENTION_MASK: torch.from_numpy(np.ascontiguousarray(batch[K.ATTENTION_MASK][sel])).to(self.device)}
-            res = embedding_outputs(self.model(inputs), sel.size)
+            if self.features:
+                res = {"image": self.model.image_features(inputs[K.PIXELS])[0],
+                       "text": self.model.text_features(inputs[K.INPUT_IDS], inputs[K.ATTENTION_MASK])[0]}
+            else:
+                res = embedding_outputs(self.model(inputs), sel.size)
             for name in self.names:
                 embs[name][sel] = res[name].float().cpu().numpy()
         else:
@@ -156,16 +168,21 @@ class Embedder:
 
 
 @torch.no_grad()
-def probe_outputs(model, cfg: GammarayConfig, device: torch.device) -> tuple[list[str], dict[str, int]]:
-    """Names and widths of the model's embedding outputs (one dummy record through it)."""
+def probe_outputs(model, cfg: GammarayConfig, device: torch.device,
+                  features: bool = False) -> tuple[list[str], dict[str, int]]:
+    """Names and widths of the model's embedding outputs (one dummy record through it); with
+    `features`, of its towers' pooled outputs ("image", "text")."""
     from .evaluate import embedding_outputs
 
     H, L = cfg.data.image_size, cfg.data.max_text_tokens
     mask = torch.zeros(1, L, dtype=torch.long)
     mask[0, 0] = 1
-    out = embedding_outputs(model({K.PIXELS: torch.zeros(1, 3, H, H, device=device),
-                                   K.INPUT_IDS: torch.zeros(1, L, dtype=torch.long, device=device),
-                                   K.ATTENTION_MASK: mask.to(device)}), 1)
+    pixels = torch.zeros(1, 3, H, H, device=device)
+    ids, mask = torch.zeros(1, L, dtype=torch.long, device=device), mask.to(device)
+    if features:
+        out = {"image": model.image_features(pixels)[0], "text": model.text_features(ids, mask)[0]}
+    else:
+        out = embedding_outputs(model({K.PIXELS: pixels, K.INPUT_IDS: ids, K.ATTENTION_MASK: mask}), 1)
     names = sorted(out, key=lambda k: (k not in ("image", "text"), k))
     return names, {k: int(out[k].shape[1]) for k in names}
 
@@ -174,9 +191,9 @@ def probe_outputs(model, cfg: GammarayConfig, device: torch.device) -> tuple[lis
 # writing
 
 
-def output_schema(names: list[str], dims: dict[str, int], meta: dict) -> pa.Schema:
+def output_schema(names: list[str], dims: dict[str, int], meta: dict, suffix: str = "_embedding") -> pa.Schema:
     fields = [pa.field("product_id", pa.string(), nullable=False), pa.field("sample_index", pa.int64(), nullable=False)]
-    fields += [pa.field(f"{n}_embedding", pa.list_(pa.float32(), dims[n])) for n in names]
+    fields += [pa.field(f"{n}{suffix}", pa.list_(pa.float32(), dims[n])) for n in names]
     return pa.schema(fields, metadata={b"gammaray.embed": _json(meta).encode()})
 
 
@@ -187,7 +204,7 @@ def _json(obj: Any) -> str:
 
 
 def write_shard(rows: list[dict[str, np.ndarray]], names: list[str], schema: pa.Schema, out_uri: str, name: str,
-                storage_cfg: StorageConfig | None) -> tuple[int, int]:
+                storage_cfg: StorageConfig | None, suffix: str = "_embedding") -> tuple[int, int]:
     """Write one input shard's embeddings (and its quarantine first, so the embeddings file marks
     the shard done). Returns (rows written, rows quarantined)."""
     from pipelines import storage
@@ -210,7 +227,7 @@ def write_shard(rows: list[dict[str, np.ndarray]], names: list[str], schema: pa.
     }
     for n in names:
         flat = np.ascontiguousarray(merged[f"emb__{n}"][sel], dtype=np.float32)
-        cols[f"{n}_embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+        cols[f"{n}{suffix}"] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
     table = pa.Table.from_pydict(cols, schema=schema)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
@@ -229,8 +246,11 @@ def count_rows(uri: str, storage_cfg: StorageConfig | None) -> int:
 # the job
 
 
-def embed_catalogue(checkpoint_uri: str, data_uri: str, out_uri: str, opts: EmbedOptions | None = None,
-                    cfg_overrides: list[str] | None = None, storage_cfg: StorageConfig | None = None) -> EmbedResult:
+def embed_catalogue(checkpoint_uri: str | None, data_uri: str, out_uri: str, opts: EmbedOptions | None = None,
+                    cfg_overrides: list[str] | None = None, storage_cfg: StorageConfig | None = None,
+                    features: bool = False, config: GammarayConfig | None = None) -> EmbedResult:
+    """Embed `data_uri` into `out_uri`. `features`: the towers' pooled outputs instead of the heads'
+    embeddings; the towers come from `checkpoint_uri` or, without one, from `config`."""
     import ray
     from tqdm.auto import tqdm
 
@@ -244,6 +264,13 @@ def embed_catalogue(checkpoint_uri: str, data_uri: str, out_uri: str, opts: Embe
 
     opts = opts or EmbedOptions()
     t0 = time.perf_counter()
+    if checkpoint_uri is None:
+        if not (features and config is not None):
+            raise ValueError("embed needs --checkpoint (or --features with a --config that names the towers)")
+        from .features import write_tower_model
+
+        checkpoint_uri = write_tower_model(config, out_uri)
+        storage_cfg = storage_cfg or config.storage
     ckpt = open_checkpoint(checkpoint_uri, storage_cfg or storage_from_overrides(cfg_overrides))
     cfg = ckpt.cfg
     if cfg_overrides:
@@ -255,20 +282,24 @@ def embed_catalogue(checkpoint_uri: str, data_uri: str, out_uri: str, opts: Embe
 
     from .models import load_model
 
-    names, dims = probe_outputs(load_model(ckpt.model_dir).eval(), cfg, torch.device("cpu"))
-    meta = {"format": 1, "checkpoint": ckpt.model_uri, "model_fingerprint": model_fingerprint(ckpt.model_dir),
-            "data": data_uri.rstrip("/"), "columns": [f"{n}_embedding" for n in names], "dims": dims,
+    suffix = "_features" if features else "_embedding"
+    model = load_model(ckpt.model_dir).eval()
+    names, dims = probe_outputs(model, cfg, torch.device("cpu"), features)
+    meta = {"format": 1, "kind": "features" if features else "embeddings", "checkpoint": ckpt.model_uri,
+            "model_fingerprint": model_fingerprint(ckpt.model_dir),
+            "data": data_uri.rstrip("/"), "columns": [f"{n}{suffix}" for n in names], "dims": dims,
             "image_size": cfg.data.image_size, "max_text_tokens": cfg.data.max_text_tokens}
     meta_uri = storage.join(out_uri, "_embed.json")
     if storage.exists(meta_uri, storage_cfg):
         old = storage.read_json(meta_uri, storage_cfg)
-        for key in ("model_fingerprint", "data", "columns", "image_size", "max_text_tokens"):
+        old.setdefault("kind", "embeddings")
+        for key in ("kind", "model_fingerprint", "data", "columns", "image_size", "max_text_tokens"):
             if old.get(key) != meta[key]:
                 raise ValueError(f"{out_uri} holds embeddings made with another {key} ({old.get(key)!r}, now "
                                  f"{meta[key]!r}): choose a new --out or delete it")
     else:
         storage.write_json(meta_uri, meta, storage_cfg)
-    schema = output_schema(names, dims, meta)
+    schema = output_schema(names, dims, meta, suffix)
 
     done = {shard_name(f) for f in storage.list_files(storage.join(out_uri, "embeddings"), ".parquet", storage_cfg)}
     unit_shard, rows_of_shard = [], {}
@@ -296,7 +327,7 @@ def embed_catalogue(checkpoint_uri: str, data_uri: str, out_uri: str, opts: Embe
                             fn_kwargs={"catalogue_uri": data_uri, "units": units, "spec": spec, "settings": settings},
                             num_cpus=cfg.data.preprocess_num_cpus)
         ds = ds.map_batches(Embedder, batch_size=opts.batch_size, batch_format="numpy",
-                            fn_constructor_kwargs={"model_uri": ckpt.model_uri,
+                            fn_constructor_kwargs={"model_uri": ckpt.model_uri, "features": features,
                                                    "storage": storage_cfg.model_dump(mode="json"), "use_gpu": use_gpu},
                             compute=ray.data.ActorPoolStrategy(size=opts.actors), num_cpus=opts.cpus_per_actor,
                             num_gpus=1 if use_gpu else 0)
@@ -312,7 +343,7 @@ def embed_catalogue(checkpoint_uri: str, data_uri: str, out_uri: str, opts: Embe
                 seen[s_idx] = seen.get(s_idx, 0) + int(m.sum())
                 if seen[s_idx] == rows_of_shard[s_idx]:
                     w, q = write_shard(open_rows.pop(s_idx), names, schema, out_uri,
-                                       shard_name(shards[s_idx]["path"]), storage_cfg)
+                                       shard_name(shards[s_idx]["path"]), storage_cfg, suffix)
                     written_now += w
                     quarantined_now += q
             n = len(block["shard"])
@@ -324,6 +355,13 @@ def embed_catalogue(checkpoint_uri: str, data_uri: str, out_uri: str, opts: Embe
             raise RuntimeError(f"embed: shards {sorted(open_rows)} did not receive all their rows "
                                f"({ {k: seen[k] for k in open_rows} } of { {k: rows_of_shard[k] for k in open_rows} })")
 
+    if features and not storage.exists(storage.join(out_uri, "prompts.parquet"), storage_cfg):
+        from pipelines.tokenizer import load as load_tokenizer
+
+        from .features import write_prompt_features
+
+        tok = load_tokenizer(cfg.data.tokenizer, storage.S3Settings.from_config(storage_cfg))
+        write_prompt_features(model, cfg, tok, list(manifest.get("categories", [])), out_uri)
     written = sum(count_rows(f, storage_cfg) for f in storage.list_files(storage.join(out_uri, "embeddings"), ".parquet", storage_cfg))
     quarantined = sum(count_rows(f, storage_cfg) for f in storage.list_files(storage.join(out_uri, "quarantine"), ".parquet", storage_cfg))
     wall = time.perf_counter() - t0

@@ -6,6 +6,7 @@ pretrained folder otherwise), so an exported model loads with transformers alone
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -66,6 +67,69 @@ def pool(output: Any, mask: torch.Tensor | None, how: str) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
+def tower_blocks(tower: nn.Module) -> nn.ModuleList | None:
+    """The tower's main stack of blocks (BERT's encoder.layer, ResNet's stages, EfficientNet's
+    blocks): the ModuleList that holds the most parameters."""
+    best, best_n = None, 0
+    for m in tower.modules():
+        if isinstance(m, nn.ModuleList) and len(m):
+            n = sum(p.numel() for p in m.parameters())
+            if n > best_n:
+                best, best_n = m, n
+    return best
+
+
+def lock_tower(tower: nn.Module, unlocked_layers: int = 0, name: str = "tower") -> None:
+    """Freeze a tower except its last `unlocked_layers` blocks and every parameter registered after
+    them (final norm, pooler, head convolution: transformers models register parameters in forward
+    order)."""
+    params = list(tower.parameters())
+    for p in params:
+        p.requires_grad_(False)
+    if unlocked_layers <= 0:
+        return
+    blocks = tower_blocks(tower)
+    if blocks is None or unlocked_layers > len(blocks):
+        have = 0 if blocks is None else len(blocks)
+        raise ValueError(f"model.{name}.unlocked_layers={unlocked_layers}, but the {name} tower "
+                         f"({type(tower).__name__}) has {have} blocks")
+    first = next(blocks[len(blocks) - unlocked_layers].parameters())
+    start = next(i for i, p in enumerate(params) if p is first)
+    for p in params[start:]:
+        p.requires_grad_(True)
+
+
+def set_train_modes(module: nn.Module, mode: bool) -> None:
+    """train(mode) where a sub-module with trainable parameters exists, eval() where every parameter is
+    frozen (a locked tower's BatchNorm statistics and dropout stay fixed); a parameter-less module
+    (dropout, activation) follows its parent."""
+    for child in module.children():
+        params = list(child.parameters())
+        child.train(mode and (any(p.requires_grad for p in params) if params else module.training))
+        set_train_modes(child, mode)
+
+
+class _ClampAbove(torch.autograd.Function):
+    """min(x, hi) whose gradient still flows where descent would lower x: past the cap a loss that
+    wants a smaller x can bring it back (x.clamp(max=hi) would zero that gradient for good), one that
+    wants a larger x gets no push."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, hi: float) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.hi = hi
+        return x.clamp(max=hi)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return grad * ((x <= ctx.hi) | (grad > 0)).to(grad.dtype), None
+
+
+def clamp_above(x: torch.Tensor, hi: float) -> torch.Tensor:
+    return _ClampAbove.apply(x, hi)
+
+
 def tower_tokens(output: Any) -> torch.Tensor:
     """Token features [B, N, D] of a tower's output (a conv feature map becomes its H*W positions)."""
     hidden = output.last_hidden_state
@@ -81,7 +145,10 @@ class TwoTowerModel(nn.Module):
     (`image_specific`, `text_specific`, unit-norm) from the same pooled tower outputs, for deep
     feature separation; they are exported with the shared heads."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int | None = None, pad_token_id: int | None = None):
+    def __init__(self, cfg: ModelConfig, vocab_size: int | None = None, pad_token_id: int | None = None,
+                 feature_widths: tuple[int, int] | None = None):
+        """`feature_widths=(image, text)`: a heads-only model for cached tower features (no tower is
+        built; `forward` then needs image_features/text_features in the batch)."""
         super().__init__()
         self.cfg = cfg
         text_overrides = {}
@@ -90,10 +157,18 @@ class TwoTowerModel(nn.Module):
                 text_overrides["vocab_size"] = vocab_size
             if pad_token_id is not None:
                 text_overrides["pad_token_id"] = pad_token_id
-        self.image_tower = build_tower(cfg.image)
-        self.text_tower = build_tower(cfg.text, **text_overrides)
-        self.image_proj = nn.Linear(tower_width(self.image_tower), cfg.embed_dim, bias=False)
-        self.text_proj = nn.Linear(tower_width(self.text_tower), cfg.embed_dim, bias=False)
+        if feature_widths is None:
+            self.image_tower = build_tower(cfg.image)
+            self.text_tower = build_tower(cfg.text, **text_overrides)
+            widths = (tower_width(self.image_tower), tower_width(self.text_tower))
+            for name, tower, tcfg in (("image", self.image_tower, cfg.image), ("text", self.text_tower, cfg.text)):
+                if tcfg.locked:
+                    lock_tower(tower, tcfg.unlocked_layers, name)
+        else:
+            self.image_tower = self.text_tower = None
+            widths = tuple(int(w) for w in feature_widths)
+        self.image_proj = nn.Linear(widths[0], cfg.embed_dim, bias=False)
+        self.text_proj = nn.Linear(widths[1], cfg.embed_dim, bias=False)
         # shape (1,), not (): DeepSpeed 0.19 cannot partition 0-dim parameters across ranks
         self.log_logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / cfg.temperature)),
                                             requires_grad=cfg.learn_temperature)
@@ -101,19 +176,35 @@ class TwoTowerModel(nn.Module):
         self.specific = cfg.has_specific_heads()
         if self.specific:
             dim = cfg.specific_dim or cfg.embed_dim
-            self.image_specific_proj = nn.Linear(tower_width(self.image_tower), dim, bias=False)
-            self.text_specific_proj = nn.Linear(tower_width(self.text_tower), dim, bias=False)
+            self.image_specific_proj = nn.Linear(widths[0], dim, bias=False)
+            self.text_specific_proj = nn.Linear(widths[1], dim, bias=False)
+        self.train()  # a module starts in train mode: put the locked towers' parts in eval mode now
+
+    def train(self, mode: bool = True) -> "TwoTowerModel":
+        super().train(mode)
+        for tower, tcfg in ((self.image_tower, self.cfg.image), (self.text_tower, self.cfg.text)):
+            if tower is not None and tcfg.locked:
+                tower.train(mode and tcfg.unlocked_layers > 0)
+                set_train_modes(tower, mode)
+        return self
+
+    @staticmethod
+    def _no_grad_if(locked: bool):
+        # a fully locked tower keeps no activations for a backward pass
+        return torch.no_grad() if locked else contextlib.nullcontext()
 
     # pooled tower features (before any head)
     def image_features(self, pixel_values: torch.Tensor, tower: nn.Module | None = None) -> tuple[torch.Tensor, Any]:
         dtype = next(self.image_proj.parameters()).dtype
-        out = (tower or self.image_tower)(pixel_values=pixel_values.to(dtype))
-        return pool(out, None, self.cfg.image.pooling), out
+        with self._no_grad_if(tower is None and self.cfg.image.fully_locked):
+            out = (tower or self.image_tower)(pixel_values=pixel_values.to(dtype))
+            return pool(out, None, self.cfg.image.pooling), out
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       tower: nn.Module | None = None) -> tuple[torch.Tensor, Any]:
-        out = (tower or self.text_tower)(input_ids=input_ids, attention_mask=attention_mask)
-        return pool(out, attention_mask, self.cfg.text.pooling), out
+        with self._no_grad_if(tower is None and self.cfg.text.fully_locked):
+            out = (tower or self.text_tower)(input_ids=input_ids, attention_mask=attention_mask)
+            return pool(out, attention_mask, self.cfg.text.pooling), out
 
     @staticmethod
     def head(proj: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -126,7 +217,7 @@ class TwoTowerModel(nn.Module):
         return self.head(self.text_proj, self.text_features(input_ids, attention_mask)[0])
 
     def logit_scale(self) -> torch.Tensor:
-        return self.log_logit_scale.float().exp().clamp(max=self.cfg.max_logit_scale)
+        return clamp_above(self.log_logit_scale.float(), math.log(self.cfg.max_logit_scale)).exp()
 
     def _embed(self, out: dict, key: str, h: torch.Tensor, modality: str, suffix: str = "") -> None:
         out[key + suffix] = self.head(getattr(self, f"{modality}_proj"), h)
@@ -140,9 +231,15 @@ class TwoTowerModel(nn.Module):
         forward). Keys: image, text, image_aug, text_aug (augmented views, when the batch has them),
         and with specific heads image_specific, text_specific (+ _aug)."""
         out = {"logit_scale": self.logit_scale(), "logit_bias": self.logit_bias.float()}
-        if K.PIXELS in batch:
+        dtype = self.image_proj.weight.dtype
+        # cached pooled features of locked towers (`gammaray embed --features`) stand in for the towers
+        if K.IMAGE_FEATURES in batch:
+            self._embed(out, "image", batch[K.IMAGE_FEATURES].to(dtype), "image")
+        elif K.PIXELS in batch:
             self._embed(out, "image", self.image_features(batch[K.PIXELS])[0], "image")
-        if K.INPUT_IDS in batch:
+        if K.TEXT_FEATURES in batch:
+            self._embed(out, "text", batch[K.TEXT_FEATURES].to(dtype), "text")
+        elif K.INPUT_IDS in batch:
             self._embed(out, "text", self.text_features(batch[K.INPUT_IDS], batch[K.ATTENTION_MASK])[0], "text")
         if K.PIXELS_AUG in batch:
             self._embed(out, "image", self.image_features(batch[K.PIXELS_AUG])[0], "image", "_aug")

@@ -40,11 +40,13 @@ def gamma_settings(cfg: LossConfig) -> GammaSettings:
     if cfg.kind == "sogclr":
         # SogCLR: the memory tracks mean_j exp(s_ij - s_i+) over negatives, u = 1/(R + eps)
         return GammaSettings(alpha=1.0, gamma=g.gamma, gamma_schedule=g.gamma_schedule, gamma_min=g.gamma_min,
-                             mode="mean", include_positive=False, gather_negatives=cfg.gather_negatives,
-                             eps=g.eps, estimator="sogclr")
+                             gamma_decay_fraction=g.gamma_decay_fraction, mode="mean", include_positive=False,
+                             gather_negatives=cfg.gather_negatives, eps=g.eps, estimator="sogclr",
+                             rescale_memory=g.rescale_memory, track_age=g.track_age)
     return GammaSettings(alpha=g.alpha, gamma=g.gamma, gamma_schedule=g.gamma_schedule, gamma_min=g.gamma_min,
-                         mode=g.mode, include_positive=g.include_positive, gather_negatives=cfg.gather_negatives,
-                         eps=g.eps)
+                         gamma_decay_fraction=g.gamma_decay_fraction, mode=g.mode, include_positive=g.include_positive,
+                         gather_negatives=cfg.gather_negatives, eps=g.eps, rescale_memory=g.rescale_memory,
+                         track_age=g.track_age)
 
 
 class Objective:
@@ -76,7 +78,7 @@ class Objective:
         kind = self.cfg.kind
         if not active:
             if self.gamma is not None:
-                self.gamma.participate(image, text)
+                self.gamma.participate(image, text, scale)
             elif self.cfg.gather_negatives:
                 gather_candidates(text[:0])
                 if kind == "infonce":

@@ -911,6 +911,10 @@ def pretrain(cfg: GammarayConfig, progress: bool = True, callbacks: list | None 
 
     from gammaray.scaling import resolve_for_cluster
 
+    if cfg.data.features.train:  # locked towers, cached features: only the heads train, in this process
+        from .heads import pretrain_heads
+
+        return pretrain_heads(cfg, progress=progress)
     t0 = time.perf_counter()
     manifest = preflight(cfg)
     identity = run_identity(cfg, manifest)  # as written: before "auto" keys are resolved for this cluster

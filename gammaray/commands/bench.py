@@ -16,6 +16,7 @@ BENCHES = {
     "synthetic": "workers.benchmarks.synthetic",
     "batch": "workers.benchmarks.batch",
     "structure": "workers.benchmarks.structure",
+    "recipe": "workers.benchmarks.recipe",
     "scaling": "workers.benchmarks.scaling",
     "ingest": "pipelines.benchmarks.ingest",
     "decode": "pipelines.benchmarks.decode",

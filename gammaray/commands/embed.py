@@ -10,10 +10,20 @@ def run(args: argparse.Namespace) -> int:
     from workers.embed import EmbedOptions, embed_catalogue
 
     use_gpu = {"auto": None, "yes": True, "no": False}[args.gpu]
+    config = None
+    if args.checkpoint is None:
+        if not args.features:
+            raise ValueError("embed: --checkpoint is required (without one, --features --config names the towers)")
+        from gammaray.config import load
+
+        config = load(args.config, args.overrides)
+    elif args.config:
+        raise ValueError("embed: --config is for --features without --checkpoint (the checkpoint has its config)")
     res = embed_catalogue(args.checkpoint, args.data, args.out,
                           EmbedOptions(batch_size=args.batch_size, actors=args.actors, use_gpu=use_gpu,
                                        cpus_per_actor=args.cpus_per_actor, progress=not args.quiet),
-                          cfg_overrides=args.overrides)
+                          cfg_overrides=args.overrides if args.checkpoint else None, features=args.features,
+                          config=config)
     print(res.summary())
     if args.json:
         with open(args.json, "w") as f:
@@ -27,7 +37,12 @@ def register(sub) -> None:
     p = sub.add_parser("embed", help="embed a whole prepared catalogue with Ray Data (actor pool, GPU when present)",
                        description=workers.embed.__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, metavar="URI", help="checkpoint, model/ or run folder (local or s3://)")
+    p.add_argument("--checkpoint", metavar="URI", help="checkpoint, model/ or run folder (local or s3://)")
+    p.add_argument("--features", action="store_true",
+                   help="write the towers' pooled features (image_features, text_features) instead of the heads' "
+                        "embeddings: the cache that data.features.* trains heads on")
+    p.add_argument("--config", metavar="PATH", help="with --features and no --checkpoint: the config whose "
+                                                      "model.image/text towers make the features")
     p.add_argument("--data", required=True, metavar="URI", help="a prepared catalogue (gammaray prepare)")
     p.add_argument("--out", required=True, metavar="URI", help="output folder (local or s3://); reruns resume")
     p.add_argument("--batch-size", type=int, default=64, help="records per model forward (default 64)")

@@ -14,6 +14,16 @@ O(batch) traffic per step, every channel in the same exchange, no gather of the 
 An input log Z_hat of NaN means "no observation" (an anchor that had no negative this step): the
 entry is left as it was and its current value is returned.
 
+`scale` (default 1): the table holds log R / scale, so a model whose logit scale moves reads its old
+entries rescaled to the current scale (R^(scale_now / scale_then)) before the EMA mixes in the new
+observation, instead of mixing rates measured at different temperatures.
+
+Age (optional, `track_age`): the store counts its updates (one per training step: `update` is called
+every step, on every rank) and remembers, per sample, the update that last touched it; after each
+update `last_age` holds, per input row, how many updates ago its entry was last written (NaN for a
+first visit). 4 more bytes per sample; diagnostic only, so it is not checkpointed (after a resume,
+ages count from the resume).
+
 Checkpoints: `state_dict(channel)` is one channel of this process's shard, *without a copy* (save it
 before the next update); `load_shards(channel, shards)` takes the shards of a store saved with any
 world size, one at a time, and copies the entries this process owns with strided slices, so peak
@@ -79,7 +89,7 @@ class _Store:
     rank: int
     world_size: int
 
-    def __init__(self, num_samples: int, channels: int, device: torch.device | str):
+    def __init__(self, num_samples: int, channels: int, device: torch.device | str, track_age: bool = False):
         if channels < 1:
             raise ValueError(f"a rate store needs at least one channel, got {channels}")
         self.device = torch.device(device)
@@ -87,6 +97,9 @@ class _Store:
         self.num_samples = int(num_samples)
         n = self._local_len(self.num_samples)
         self.tables = [torch.full((n,), math.nan, dtype=torch.float32, device=self.device) for _ in range(channels)]
+        self.updates = 0
+        self.last_update = torch.full((n,), -1, dtype=torch.int32, device=self.device) if track_age else None
+        self.last_age: torch.Tensor | None = None
 
     # -- layout
     def _local_len(self, n: int) -> int:
@@ -100,6 +113,8 @@ class _Store:
         if extra > 0:
             self.tables = [torch.cat([t, torch.full((extra,), math.nan, dtype=t.dtype, device=t.device)])
                            for t in self.tables]
+            if self.last_update is not None:
+                self.last_update = torch.cat([self.last_update, self.last_update.new_full((extra,), -1)])
         self.num_samples = num_samples
 
     @property
@@ -107,16 +122,30 @@ class _Store:
         """Channel 0 (the only one of a one-channel store)."""
         return self.tables[0]
 
-    def _apply(self, slots: torch.Tensor, log_z: torch.Tensor, gamma: float) -> torch.Tensor:
+    def _apply(self, slots: torch.Tensor, log_z: torch.Tensor, gamma: float, scale: float = 1.0) -> torch.Tensor:
         """EMA-update local slots with log_z [m, K] (duplicates combined). The update is computed in
-        float64 and returned as such (so gamma = 1 returns the input exactly); the table keeps float32."""
+        float64 and returned as such (so gamma = 1 returns the input exactly); the table keeps float32
+        (log R / scale). With age tracking one more column: the slot's age before this update."""
         uniq, lz, inverse = combine_duplicates(slots, log_z.double())
         new = torch.empty_like(lz)
         for c, table in enumerate(self.tables):
-            upd = ema_log(table[uniq].double(), lz[:, c], gamma)
-            table[uniq] = upd.to(table.dtype)
+            upd = ema_log(table[uniq].double() * scale, lz[:, c], gamma)
+            table[uniq] = (upd / scale).to(table.dtype)
             new[:, c] = upd
+        if self.last_update is not None:
+            last = self.last_update[uniq]
+            age = torch.where(last >= 0, (self.updates - last).double(), torch.full_like(last, math.nan, dtype=torch.float64))
+            self.last_update[uniq] = self.updates
+            new = torch.cat([new, age[:, None]], dim=1)
         return new[inverse]
+
+    def _split_age(self, out: torch.Tensor) -> torch.Tensor:
+        """Strip the age column `_apply` appends (keeping it in `last_age`) and count the update."""
+        self.updates += 1
+        if self.last_update is None:
+            return out
+        self.last_age = out[:, -1].float()
+        return out[:, :-1]
 
     @staticmethod
     def _as_matrix(index: torch.Tensor, log_z: torch.Tensor, channels: int) -> tuple[torch.Tensor, bool]:
@@ -163,32 +192,36 @@ class _Store:
             table[s0: s0 + (src.numel() - 1) * s_step + 1: s_step] = src.to(table)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tables)
+        ages = 0 if self.last_update is None else self.last_update.numel() * self.last_update.element_size()
+        return sum(t.numel() * t.element_size() for t in self.tables) + ages
 
     @staticmethod
-    def bytes_per_worker(num_samples: int, world_size: int, channels: int = 2) -> int:
-        """What a fully grown shard of the largest rank (rank 0) holds: ceil(N/W) float32 per channel."""
-        return -(-int(num_samples) // int(world_size)) * 4 * channels
+    def bytes_per_worker(num_samples: int, world_size: int, channels: int = 2, track_age: bool = False) -> int:
+        """What a fully grown shard of the largest rank (rank 0) holds: ceil(N/W) float32 per channel
+        (+ one int32 per sample with age tracking)."""
+        return -(-int(num_samples) // int(world_size)) * 4 * (channels + int(track_age))
 
 
 class LocalRateStore(_Store):
     """All N entries in one process (single-process training, notebooks, the reference)."""
 
-    def __init__(self, num_samples: int, channels: int = 1, device: torch.device | str = "cpu"):
+    def __init__(self, num_samples: int, channels: int = 1, device: torch.device | str = "cpu",
+                 track_age: bool = False):
         self.rank, self.world_size = 0, 1
-        super().__init__(num_samples, channels, device)
+        super().__init__(num_samples, channels, device, track_age)
 
     @torch.no_grad()
-    def update(self, index: torch.Tensor, log_z: torch.Tensor, gamma: float) -> torch.Tensor:
+    def update(self, index: torch.Tensor, log_z: torch.Tensor, gamma: float, scale: float = 1.0) -> torch.Tensor:
         """EMA-update the entries of `index` with log Z_hat ([B] or [B, channels]); returns the
         updated log R per input row, shaped like log_z."""
         index = index.reshape(-1).to(self.device).long()
         lz, one = self._as_matrix(index, log_z.detach(), self.channels)
         if index.numel() == 0:
+            self._split_age(torch.zeros(0, self.channels + (self.last_update is not None), dtype=torch.float64))
             return log_z.detach().new_empty(log_z.shape).to(_out_dtype(log_z))
         _check_index(index)
         self._ensure(int(index.max()) + 1)
-        new = self._apply(index, lz.to(self.device), gamma).to(log_z.device, _out_dtype(log_z))
+        new = self._split_age(self._apply(index, lz.to(self.device), gamma, scale)).to(log_z.device, _out_dtype(log_z))
         return new[:, 0] if one else new
 
     @torch.no_grad()
@@ -203,11 +236,12 @@ class ShardedRateStore(_Store):
 
     `update` is a collective: every rank calls it at every step, with its own (possibly empty) batch."""
 
-    def __init__(self, num_samples: int, channels: int = 1, group=None, device: torch.device | str = "cpu"):
+    def __init__(self, num_samples: int, channels: int = 1, group=None, device: torch.device | str = "cpu",
+                 track_age: bool = False):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        super().__init__(num_samples, channels, device)
+        super().__init__(num_samples, channels, device, track_age)
 
     def _exchange(self, send: torch.Tensor, send_counts: list[int]) -> tuple[torch.Tensor, list[int]]:
         counts = torch.tensor(send_counts, dtype=torch.int64, device=self.device)
@@ -220,7 +254,7 @@ class ShardedRateStore(_Store):
         return recv, recv_counts
 
     @torch.no_grad()
-    def update(self, index: torch.Tensor, log_z: torch.Tensor, gamma: float) -> torch.Tensor:
+    def update(self, index: torch.Tensor, log_z: torch.Tensor, gamma: float, scale: float = 1.0) -> torch.Tensor:
         out_device = log_z.device
         index = index.reshape(-1).to(self.device).long()
         lz, one = self._as_matrix(index, log_z.detach(), self.channels)
@@ -233,16 +267,17 @@ class ShardedRateStore(_Store):
         payload = torch.cat([index[order].double()[:, None], lz.to(self.device, torch.float64)[order]], dim=1)
         recv, recv_counts = self._exchange(payload, send_counts)
 
+        cols = K + (self.last_update is not None)  # the age travels back as one more column
         if recv.shape[0]:
             r_index = recv[:, 0].long()
             self._ensure(int(r_index.max()) + 1)
-            reply = self._apply(r_index // W, recv[:, 1:], gamma)
+            reply = self._apply(r_index // W, recv[:, 1:], gamma, scale)
         else:
-            reply = recv.new_empty((0, K))
-        back = reply.new_empty((sum(send_counts), K))
+            reply = recv.new_empty((0, cols))
+        back = reply.new_empty((sum(send_counts), cols))
         dist.all_to_all_single(back, reply.contiguous(), output_split_sizes=send_counts,
                                input_split_sizes=recv_counts, group=self.group)
         out = torch.empty_like(back)
         out[order] = back
-        out = out.to(out_device, _out_dtype(log_z))
+        out = self._split_age(out).to(out_device, _out_dtype(log_z))
         return out[:, 0] if one else out
