@@ -40,9 +40,10 @@ def test_bench_scaling_counts_loss_traffic(tmp_path):
     # backward (gloo has no reduce-scatter) all-reduces the whole gathered gradient (W x B x D float32)
     assert rows["infonce"]["loss_bytes_per_step"] == 2 * (8 + B * D * 4) + 2 * W * B * D * 4
     # gamma: one exchange for both directions (K = 2 channels): per-owner counts (W x int64),
-    # (index, log Z per channel) rows (B x (1 + K) x float64) and the updated rates back (B x K x float64)
+    # (index, log Z per channel) rows (B x (1 + K) x float64) and the updated rates back with the entry's
+    # last-update step (loss.gamma.track_age, on by default: B x (K + 1) x float64)
     K = 2
-    assert rows["gamma"]["loss_bytes_per_step"] == 8 * W + 8 * B * (1 + K) + 8 * B * K
+    assert rows["gamma"]["loss_bytes_per_step"] == 8 * W + 8 * B * (1 + K) + 8 * B * (K + 1)
     # the gradient traffic depends on the model only
     assert rows["infonce"]["grad_bytes_per_step"] == rows["gamma"]["grad_bytes_per_step"] > 0
     assert "infonce" in proc.stdout and "bytes/step" in proc.stdout
