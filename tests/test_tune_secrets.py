@@ -89,3 +89,27 @@ def test_secret_in_unusual_variables_never_reaches_storage_or_ray(s3, small_cata
     control = tmp_path / "tune-out" / "control.txt"
     control.write_bytes(f"key={secret}".encode())
     assert files_containing([str(tmp_path)], secret.encode()) == [str(control)]
+
+
+def test_tune_copies_no_credential_into_a_trial_runtime_env(monkeypatch):
+    """Ray Tune puts the driver's AWS_* variables into each trial actor's runtime_env, which Ray logs in
+    clear text (runtime_env_agent.log) on every node: `run_tune` drops them from that copy."""
+    from ray.tune.execution import class_cache
+
+    from tuning.search import keep_credentials_out_of_trial_env
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key-id-of-the-driver")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-of-the-driver-0123456789")
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", class_cache.ENV_VARS_TO_PROPAGATE)
+
+    class Trainable:
+        pass
+
+    def env_of_trial() -> dict:
+        return class_cache._ActorClassCache().get(Trainable)._default_options["runtime_env"]["env_vars"]
+
+    assert env_of_trial()["AWS_SECRET_ACCESS_KEY"] == "secret-of-the-driver-0123456789"  # what Ray does
+    keep_credentials_out_of_trial_env()
+    env = env_of_trial()
+    assert "AWS_SECRET_ACCESS_KEY" not in env and "AWS_ACCESS_KEY_ID" not in env
+    assert env["PL_DISABLE_FORK"] == "1"  # Tune's own variables still travel

@@ -209,6 +209,21 @@ def _trainable(cfg: GammarayConfig, experiment_uri: str):
 # the experiment
 
 
+# Ray Tune copies these variables of the driver's environment into every trial actor's runtime_env
+# (ray/tune/execution/class_cache.py), and Ray writes runtime envs in clear text to each node's
+# runtime_env_agent.log and keeps them in the GCS. Trials read credentials where every other gammaray
+# process does, from their node's environment (a local instance inherits the driver's), so the copy
+# adds nothing but a leak.
+CREDENTIAL_ENV_NOT_PROPAGATED = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN",
+                                           "AWS_SESSION_TOKEN"})
+
+
+def keep_credentials_out_of_trial_env() -> None:
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = frozenset(class_cache.ENV_VARS_TO_PROPAGATE) - CREDENTIAL_ENV_NOT_PROPAGATED
+
+
 def run_tune(cfg: GammarayConfig, samples: int | None = None, progress: bool = True,
              callbacks: list | None = None, out_dir: str | None = None, retry_errored: bool = False,
              log: Callable[[str], None] = print) -> TuneOutcome:
@@ -218,6 +233,7 @@ def run_tune(cfg: GammarayConfig, samples: int | None = None, progress: bool = T
 
     from workers.train import ensure_ray, preflight
 
+    keep_credentials_out_of_trial_env()
     t0 = time.perf_counter()
     if samples is not None:
         cfg = apply_overrides(cfg, {"tune.samples": samples})
