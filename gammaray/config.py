@@ -262,9 +262,11 @@ class StructureConfig(Section):
     """Latent modality structure (Jiang et al., CVPR 2023). Every weight 0 = off, with no extra compute
     (no augmented views, no specific heads)."""
 
-    in_modal: bool = Field(
-        False, description="Base loss L_con = 1/4 (V2T + T2V + V2V + T2T): add in-modal InfoNCE terms (the augmented "
-                           "view is the positive) and halve the cross-modal term."
+    in_modal: bool | Literal["auto"] = Field(
+        "auto", description="Base loss L_con = 1/4 (V2T + T2V + V2V + T2T), the base the paper's results assume: "
+                            "add in-modal InfoNCE terms (the augmented view is the positive) and halve the "
+                            "cross-modal term. auto = on exactly when a regularizer weight is > 0 (a plain run "
+                            "stays cross-modal only and needs no augmented views); true/false force it."
     )
     lambda_sep: float = Field(0.0, ge=0.0, description="Weight of deep feature separation L_ortho + L^i_con + L_uni (0 = off).")
     lambda_br: float = Field(0.0, ge=0.0, description="Weight of the Brownian-bridge loss (0 = off).")
@@ -274,6 +276,18 @@ class StructureConfig(Section):
         None, description="Sample t per sample uniformly from [lo, hi] each step instead of the fixed bridge_t."
     )
     gc_augmented: bool = Field(True, description="Geometric consistency also between each view and its augmented view.")
+    sep_form: Literal["paper", "pairs_mean"] = Field(
+        "paper", description="Form of L_sep's parts. paper: L^i_con = V2V + T2T and L_uni = uni(V) + uni(T), "
+                             "uni = log mean over all N^2 pairs (diagonal included) of exp(-2 d^2). pairs_mean: "
+                             "the earlier form, uni over distinct pairs j != k and both parts averaged over the "
+                             "two modalities (a uniformity gradient several times the paper's at small batches)."
+    )
+
+    def in_modal_active(self) -> bool:
+        """in_modal resolved: auto = on exactly when a regularizer weight is > 0."""
+        if self.in_modal == "auto":
+            return self.lambda_sep > 0 or self.lambda_br > 0 or self.lambda_gc > 0
+        return bool(self.in_modal)
 
     @field_validator("bridge_t_range")
     @classmethod
@@ -502,7 +516,7 @@ class GammarayConfig(Section):
         d, st = self.data, self.loss.structure
         if d.view_pair == "text_text" and not d.pair_locale:
             raise ValueError("data.view_pair=text_text needs data.pair_locale (the locale of the second title)")
-        if d.view_pair != "image_text" and (st.lambda_sep > 0 or st.lambda_br > 0 or st.lambda_gc > 0 or st.in_modal):
+        if d.view_pair != "image_text" and st.in_modal_active():
             raise ValueError(f"loss.structure regularizers need data.view_pair=image_text, got {d.view_pair}")
         image_cfg_size = self.model.image.hf_config.get("image_size")
         if image_cfg_size is not None and image_cfg_size != self.data.image_size:
