@@ -31,6 +31,7 @@ class TrialRow:
     train_workers: int | None = None
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    objectives: dict[str, float] = field(default_factory=dict)   # last values of tune.objectives
 
 
 def short_names(paths: list[str]) -> dict[str, str]:

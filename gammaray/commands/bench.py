@@ -16,6 +16,7 @@ BENCHES = {
     "synthetic": "workers.benchmarks.synthetic",
     "batch": "workers.benchmarks.batch",
     "structure": "workers.benchmarks.structure",
+    "tune-structure": "workers.benchmarks.tune_structure",
     "scaling": "workers.benchmarks.scaling",
     "ingest": "pipelines.benchmarks.ingest",
 }
