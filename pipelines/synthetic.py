@@ -3,8 +3,9 @@
 Each product has eight attributes. Two are visible in both modalities (colour and product type, which
 fixes the category), two only in the image (pattern and size), and four only in the text: material
 and brand appear verbatim in the title (every text embedding keeps them: an easy text-only signal),
-care and warranty only as a paraphrase in the description (one of three phrasings per value, with no
-word of the title in it: the hard text-only signal on which a probe can separate models).
+care and warranty only as a paraphrase in the description (several phrasings per value, with no word
+of the title in it: the hard text-only signal on which a probe can separate models; warranty's number
+of years sits next to a number of return days drawn from the same words).
 This is the setting of the CVPR 2023 paper's information-gap analysis. Images are rendered
 procedurally with PIL; titles and descriptions are templated with synonyms so the text is not a
 lookup table. The output is a raw catalogue (JSONL + image files), the input format of
@@ -46,24 +47,31 @@ SIZES = ["small", "large"]                                  # image only
 MATERIALS = ["cotton", "steel", "ceramic", "bamboo", "leather"]  # text only
 BRANDS = ["Norda", "Kivo", "Altamira", "Bexley", "Orrin", "Zephyr"]  # text only
 
-# text only, carried by a paraphrase in the description: value -> its phrasings (words shared across
-# values, so no single word is the label)
+# text only, carried by a paraphrase in the description (never a word of the title).
+# care: value -> three phrasings, each with words of its own
 CARE = {
     "machine_wash": ["safe for the washing machine", "goes in the washer on a gentle cycle",
                      "toss it in with the laundry"],
-    "hand_wash": ["rinse it by hand in soapy water", "wash gently by hand, then let it dry",
+    "hand_wash": ["rinse it by hand in soapy water", "wash gently by hand, let it dry",
                   "a rinse in the sink keeps it fresh"],
     "wipe_clean": ["a damp cloth is all it needs", "just wipe it down after use",
                    "spills come off with a soft sponge"],
     "dry_clean": ["leave the cleaning to a professional", "keep it dry, use a cleaning service",
                   "only specialist cleaners should treat it"],
 }
-WARRANTY = {
-    "1y": ["covered for twelve months", "a one year guarantee", "backed for a full year"],
-    "2y": ["two years of cover", "guaranteed for twenty four months", "backed for a couple of years"],
-    "5y": ["five years of protection", "guaranteed for half a decade", "covered for sixty months"],
-    "lifetime": ["guaranteed for life", "repaired as long as you own it", "covered for good"],
-}
+# warranty: years of cover, written next to a number of days for returns drawn from the same number
+# words, so the words alone say "two and five" but not which is the cover; telling them apart takes
+# the phrase around the number (harder than care, whose phrasings each have their own words)
+WARRANTY_YEARS = {"1y": "one", "2y": "two", "5y": "five", "10y": "ten"}
+WARRANTY_TEMPLATES = ["{n} year cover, {m} day returns", "{m} day returns, {n} year cover",
+                      "covered {n} years, {m} day returns"]
+WARRANTY = {v: [t.replace("{n}", n) for t in WARRANTY_TEMPLATES] for v, n in WARRANTY_YEARS.items()}
+RETURN_DAYS = list(WARRANTY_YEARS.values())
+
+
+def warranty_phrase(value: str, template: int, days: int) -> str:
+    return WARRANTY[value][template].replace("{m}", RETURN_DAYS[days])
+
 
 IMAGE_ONLY = ("pattern", "size")
 TEXT_ONLY = ("care", "warranty")          # only a paraphrase in the description carries them
@@ -96,7 +104,7 @@ class Product:
     brand: str
     care: str
     warranty: str
-    phrasing: tuple[int, int]   # which phrasing of care and of warranty the description uses
+    phrasing: tuple[int, int, int]   # care's phrasing, warranty's template, its number of return days
 
     @property
     def attributes(self) -> dict[str, str]:
@@ -134,7 +142,8 @@ def sample_products(n: int, seed: int, id_prefix: str = "SYN") -> list[Product]:
                 brand=BRANDS[rng.integers(len(BRANDS))],
                 care=care,
                 warranty=warranty,
-                phrasing=(int(text_rng.integers(len(CARE[care]))), int(text_rng.integers(len(WARRANTY[warranty])))),
+                phrasing=(int(text_rng.integers(len(CARE[care]))), int(text_rng.integers(len(WARRANTY_TEMPLATES))),
+                          int(text_rng.integers(len(RETURN_DAYS)))),
             )
         )
     return out
@@ -205,7 +214,7 @@ def describe_product(p: Product, rng: np.random.Generator) -> tuple[str, str]:
     title = _TITLES[rng.integers(len(_TITLES))].format(**fields)
     desc = _DESCRIPTIONS[rng.integers(len(_DESCRIPTIONS))].format(**fields)
     # care and warranty first: the description's end may be cut by the token budget
-    care, warranty = CARE[p.care][p.phrasing[0]], WARRANTY[p.warranty][p.phrasing[1]]
+    care, warranty = CARE[p.care][p.phrasing[0]], warranty_phrase(p.warranty, p.phrasing[1], p.phrasing[2])
     return title, f"{care.capitalize()}; {warranty}. {desc}"
 
 

@@ -25,7 +25,7 @@ def test_paraphrased_attributes_share_no_word_with_the_title_and_vary_in_phrasin
     phrasings: dict[tuple[str, str], set[str]] = {}
     for p in products:
         title, desc = syn.describe_product(p, rng)
-        care, warranty = syn.CARE[p.care][p.phrasing[0]], syn.WARRANTY[p.warranty][p.phrasing[1]]
+        care, warranty = syn.CARE[p.care][p.phrasing[0]], syn.warranty_phrase(p.warranty, p.phrasing[1], p.phrasing[2])
         assert desc.lower().startswith(f"{care}; {warranty}.".lower())
         # the title templates' own glue words ("in") say nothing about any attribute
         content = _words(title) - _words(" ".join(syn._TITLES))
@@ -33,13 +33,19 @@ def test_paraphrased_attributes_share_no_word_with_the_title_and_vary_in_phrasin
         phrasings.setdefault(("care", p.care), set()).add(care)
         phrasings.setdefault(("warranty", p.warranty), set()).add(warranty)
         assert p.attributes["care"] == p.care and p.attributes["warranty"] == p.warranty
-    # every value of both attributes occurs, each in all three of its phrasings
+        # the years of cover are the number next to "year(s)"/"cover"; the other number is return days
+        years = syn.WARRANTY_YEARS[p.warranty]
+        assert f"{years} year" in warranty and f"{syn.RETURN_DAYS[p.phrasing[2]]} day" in warranty
+    # every value of both attributes occurs, care in all three phrasings, warranty in 3 templates x 4 day counts
     assert {k for k in phrasings} == {("care", v) for v in syn.CARE} | {("warranty", v) for v in syn.WARRANTY}
-    assert all(len(v) == 3 for v in phrasings.values())
-    # no phrasing names a second value, and none is a single give-away word
-    all_phrases = [ph for table in (syn.CARE, syn.WARRANTY) for v in table.values() for ph in v]
-    assert len(all_phrases) == len(set(all_phrases))
-    assert all(len(ph.split()) >= 3 for ph in all_phrases)
+    assert all(len(v) == 3 for k, v in phrasings.items() if k[0] == "care")
+    assert all(len(v) == 12 for k, v in phrasings.items() if k[0] == "warranty")
+    # care: no phrasing is shared by two values, none is a single give-away word
+    care_phrases = [ph for v in syn.CARE.values() for ph in v]
+    assert len(care_phrases) == len(set(care_phrases)) and all(len(ph.split()) >= 3 for ph in care_phrases)
+    # warranty: every value's words occur with every other value too (as return days): no word alone is the label
+    words = {v: set().union(*(_words(ph) for ph in ps)) for (a, v), ps in phrasings.items() if a == "warranty"}
+    assert all(ws == words["1y"] for ws in words.values())
 
 
 def test_adding_the_paraphrased_attributes_and_a_test_split_keeps_every_other_record(tmp_path):
