@@ -81,6 +81,8 @@ def run_trial(params: dict, base: dict, experiment_uri: str) -> None:
     from workers.inprocess import LocalRun, planned_steps, train
     from workers.train import prefixed
 
+    from .objectives import with_every_objective
+
     cpu0 = time.process_time()
     cfg0 = from_dict(base)
     cfg = space.trial_config(cfg0, space.effective(params, cfg0.tune.space))
@@ -96,8 +98,9 @@ def run_trial(params: dict, base: dict, experiment_uri: str) -> None:
         if step % every and not final:
             return
         metrics = validation_metrics(run.embed(data.val_arrays), data.val.labels, cfg)
-        tune.report({"step": step, "final": final, **prefixed(metrics), **{f"train/{k}": v for k, v in run.last.items()},
-                     "trial_cpu_s": time.process_time() - cpu0, "train_s": run.train_s})
+        tune.report(with_every_objective(
+            {"step": step, "final": final, **prefixed(metrics), **{f"train/{k}": v for k, v in run.last.items()},
+             "trial_cpu_s": time.process_time() - cpu0, "train_s": run.train_s}, list(cfg.tune.objectives)))
 
     train(cfg, run, data.train, data.tokenizer, data.tokenizer_uri, cfg.run.seed, on_step)
 

@@ -40,6 +40,13 @@ def finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def with_every_objective(metrics: dict, objectives: list[str]) -> dict:
+    """Tune refuses a result without every searcher metric: an objective the validation could not
+    compute (a probe on too few records) is reported as NaN, which the searcher tells Optuna as FAIL."""
+    missing = {m: float("nan") for m in objectives if m not in metrics}
+    return {**metrics, **missing} if missing else metrics
+
+
 class ParetoOptunaSearch(OptunaSearch):
     """OptunaSearch in multi-objective mode, told the truth about early-stopped trials (see above)."""
 

@@ -173,9 +173,11 @@ def trial_budget(cfg: GammarayConfig, num_records: int) -> int:
 # the trial
 
 
-def _forwarding_callback(metric: str, eval_every: int):
+def _forwarding_callback(metric: str, eval_every: int, objectives: list[str] | None = None):
     """Tune's report callback, given only the reports that carry a fresh validation metric."""
     from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .objectives import with_every_objective
 
     class FreshMetricReport(TuneReportCallback):
         def __init__(self):
@@ -187,7 +189,7 @@ def _forwarding_callback(metric: str, eval_every: int):
             fresh = m.get("final") or int(m.get("step", 0)) % self.eval_every == 0
             if self.metric not in m or not fresh:
                 return  # Tune and ASHA need the metric in every result; stale values would mislead ASHA
-            m = {**m, "train_workers": len(metrics)}
+            m = {**with_every_objective(m, objectives or []), "train_workers": len(metrics)}
             super().after_report(run_context, [m, *metrics[1:]], checkpoint)
 
     return FreshMetricReport()
@@ -207,7 +209,8 @@ def run_trial(params: dict, base: dict, experiment_uri: str) -> None:
     cfg = apply_overrides(cfg, {"run.storage": storage.join(experiment_uri, "train"), "run.name": trial_id})
     # (no MetricsCallback: the trial's reports are in its Tune result files, and TensorBoard's
     # import in every trial's controller costs seconds of CPU)
-    trainer = build_trainer(cfg, callbacks=[_forwarding_callback(cfg0.tune.metric, cfg.train.eval_every)])
+    trainer = build_trainer(cfg, callbacks=[_forwarding_callback(cfg0.tune.metric, cfg.train.eval_every,
+                                                                 list(cfg0.tune.objectives))])
     trainer.fit()
 
 

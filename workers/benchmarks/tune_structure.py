@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="write the rows here (JSON list), a PNG and PATH.details.json beside")
     p.add_argument("--png", metavar="PATH", help="plot (default: PATH of --json with .png)")
     p.add_argument("--markdown", metavar="JSON", help="print the README table and verdict of an existing JSON; no training")
+    p.add_argument("--labels", default="plain,tuned",
+                   help="names of the two variants in the rows (default plain,tuned; e.g. pairs_mean,paper to compare "
+                        "two forms of one config)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,11 +108,11 @@ def specific(row: dict) -> float:
     return 0.5 * (row["probe_image_only"] + row["probe_text_only"])
 
 
-def summarize(rows: list[dict]) -> dict:
+def summarize(rows: list[dict], variants=VARIANTS) -> dict:
     import numpy as np
 
     out = {}
-    for v in VARIANTS:
+    for v in variants:
         rs = [r for r in rows if r["variant"] == v]
         if rs:
             vals = {m: [specific(r) if m == "probe_specific" else r[m] for r in rs] for m in METRICS}
@@ -117,19 +120,21 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
-def verdict(rows: list[dict], r1_margin: float = 0.005, probe_gain: float = 0.02) -> tuple[bool, str]:
+def verdict(rows: list[dict], r1_margin: float = 0.005, probe_gain: float = 0.02,
+            variants=VARIANTS) -> tuple[bool, str]:
     import numpy as np
 
-    s = summarize(rows)
-    if set(s) != set(VARIANTS):
+    base, new = variants
+    s = summarize(rows, variants)
+    if set(s) != set(variants):
         return False, "   verdict: needs rows of both variants"
-    d_r1 = s["tuned"]["r_at_1"][0] - s["plain"]["r_at_1"][0]
-    d_sp = s["tuned"]["probe_specific"][0] - s["plain"]["probe_specific"][0]
-    plain = {r["seed"]: r for r in rows if r["variant"] == "plain"}
+    d_r1 = s[new]["r_at_1"][0] - s[base]["r_at_1"][0]
+    d_sp = s[new]["probe_specific"][0] - s[base]["probe_specific"][0]
+    plain = {r["seed"]: r for r in rows if r["variant"] == base}
     pairs = [(r["seed"], r["r_at_1"] - plain[r["seed"]]["r_at_1"], specific(r) - specific(plain[r["seed"]]))
-             for r in rows if r["variant"] == "tuned" and r["seed"] in plain]
+             for r in rows if r["variant"] == new and r["seed"] in plain]
     ok = d_r1 >= -r1_margin and d_sp >= probe_gain
-    lines = [f"   tuned - plain, mean over {s['tuned']['r_at_1'][2]} seeds: R@1 {d_r1:+.4f} (needs >= {-r1_margin:+.3f}), "
+    lines = [f"   {new} - {base}, mean over {s[new]['r_at_1'][2]} seeds: R@1 {d_r1:+.4f} (needs >= {-r1_margin:+.3f}), "
              f"modality-specific probe {d_sp:+.4f} (needs >= {probe_gain:+.3f})",
              "   per seed (R@1, probe): " + ", ".join(f"seed {sd}: {a:+.4f}, {b:+.4f}" for sd, a, b in pairs),
              f"   verdict: {'MET' if ok else 'NOT MET'}"]
@@ -139,8 +144,8 @@ def verdict(rows: list[dict], r1_margin: float = 0.005, probe_gain: float = 0.02
     return ok, "\n".join(lines)
 
 
-def markdown_table(rows: list[dict]) -> str:
-    s = summarize(rows)
+def markdown_table(rows: list[dict], variants=VARIANTS) -> str:
+    s = summarize(rows, variants)
     head = ("| variant | R@1 | probe image-only | probe text-only | modality-specific (mean of the two) | "
             "probe shared |\n|---|---|---|---|---|---|")
     lines = [head]
@@ -151,7 +156,7 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: str, title: str = "") -> None:
+def plot(rows: list[dict], path: str, title: str = "", variants=VARIANTS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,21 +169,21 @@ def plot(rows: list[dict], path: str, title: str = "") -> None:
     seeds = sorted({r["seed"] for r in rows})
     for ax, m in zip(axes, METRICS):
         val = {(r["variant"], r["seed"]): (specific(r) if m == "probe_specific" else r[m]) for r in rows}
-        for i, v in enumerate(VARIANTS):
+        for i, v in enumerate(variants):
             ys = [val[(v, sd)] for sd in seeds if (v, sd) in val]
             if ys:
                 ax.bar(i, sum(ys) / len(ys), 0.6, color=("tab:gray", "tab:blue")[i], alpha=0.5)
         for sd in seeds:
-            if ("plain", sd) in val and ("tuned", sd) in val:
-                ax.plot([0, 1], [val[("plain", sd)], val[("tuned", sd)]], "k.-", lw=0.8, ms=6)
+            if (variants[0], sd) in val and (variants[1], sd) in val:
+                ax.plot([0, 1], [val[(variants[0], sd)], val[(variants[1], sd)]], "k.-", lw=0.8, ms=6)
         lo = min(val.values())
         hi = max(val.values())
         pad = max(0.01, 0.3 * (hi - lo))
         ax.set_ylim(lo - pad, hi + pad)
-        ax.set_xticks([0, 1], VARIANTS)
+        ax.set_xticks([0, 1], variants)
         ax.set_title(titles[m], fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(title or f"picked vs plain on the test split ({len(seeds)} seeds; bars = mean, lines = one seed)",
+    fig.suptitle(title or f"{variants[1]} vs {variants[0]} on the test split ({len(seeds)} seeds; bars = mean, lines = one seed)",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -189,22 +194,31 @@ def plot(rows: list[dict], path: str, title: str = "") -> None:
 # the benchmark
 
 
-def _searched_values(plain, tuned) -> dict[str, dict]:
-    """The keys the search varied (tune.space), as each config holds them."""
+def _config_values(plain, tuned) -> tuple[dict, dict]:
+    """What sets the two configs apart, as each holds it: every loss.structure key and the other keys
+    the search varied (tune.space)."""
     from tuning.space import _get
 
-    keys = list(tuned.tune.space)
-    return {"plain": {k: _get(plain, k) for k in keys}, "tuned": {k: _get(tuned, k) for k in keys}}
+    def values(cfg) -> dict:
+        out = {f"loss.structure.{k}": v for k, v in cfg.loss.structure.model_dump(mode="json").items()}
+        out.update({k: _get(cfg, k) for k in tuned.tune.space})
+        return out
+
+    return values(plain), values(tuned)
 
 
 def run(args: argparse.Namespace) -> int:
     from gammaray.config import load
     from pipelines import storage
 
+    labels = tuple(x.strip() for x in args.labels.split(","))
+    if len(labels) != 2 or labels[0] == labels[1]:
+        raise ValueError(f"--labels: two different names, got {args.labels!r}")
     if args.markdown:
-        rows = json.load(open(args.markdown))
-        print(markdown_table(rows))
-        print(verdict(rows, args.r1_margin, args.probe_gain)[1])
+        with open(args.markdown) as f:
+            rows = json.load(f)
+        print(markdown_table(rows, labels))
+        print(verdict(rows, args.r1_margin, args.probe_gain, labels)[1])
         return 0
     tuned_path = args.tuned or (args.experiment and os.path.join(args.experiment, "picked_config.yaml"))
     plain_path = args.plain or (args.experiment and os.path.join(args.experiment, "baseline_config.yaml"))
@@ -212,20 +226,20 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give --experiment DIR (with picked_config.yaml and baseline_config.yaml) or --tuned and --plain")
     if not args.json:
         raise ValueError("--json PATH is required (unless --markdown)")
-    cfgs = {"plain": load(plain_path), "tuned": load(tuned_path)}
-    test = args.test or storage.join(cfgs["tuned"].data.train.rstrip("/").rsplit("/", 1)[0], "test")
+    cfgs = {labels[0]: load(plain_path), labels[1]: load(tuned_path)}
+    test = args.test or storage.join(cfgs[labels[1]].data.train.rstrip("/").rsplit("/", 1)[0], "test")
     for v, c in cfgs.items():
         if not c.eval.specific_attributes:
             raise ValueError(f"{v} config: eval.specific_attributes is empty (which attributes does each modality alone carry?)")
         if test.rstrip("/") in (str(c.data.val).rstrip("/"), str(c.data.train).rstrip("/")):
             raise ValueError(f"--test {test} is the {v} config's data.val or data.train: the confirmation needs a split the "
                              f"search never saw")
-    values = _searched_values(cfgs["plain"], cfgs["tuned"])
+    values = dict(zip(labels, _config_values(cfgs[labels[0]], cfgs[labels[1]])))
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     shared = [a.strip() for a in args.shared.split(",") if a.strip()]
     jobs = [{"variant": v, "seed": sd, "config": cfgs[v].model_dump(mode="json"), "values": values[v], "test": test,
-             "shared": shared, "threads": 1} for sd in seeds for v in VARIANTS]
-    print(f"== {len(jobs)} runs (plain, tuned x seeds {seeds}); test split {test}; {args.jobs} at once", flush=True)
+             "shared": shared, "threads": 1} for sd in seeds for v in labels]
+    print(f"== {len(jobs)} runs ({', '.join(labels)} x seeds {seeds}); test split {test}; {args.jobs} at once", flush=True)
     t0, cpu0 = time.perf_counter(), time.process_time()
     rows, details = [], []
 
@@ -249,13 +263,13 @@ def run(args: argparse.Namespace) -> int:
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
             for fut in as_completed([pool.submit(run_one, job) for job in jobs]):
                 done(*fut.result())
-    order = {(v, sd): i for i, (sd, v) in enumerate((sd, v) for sd in seeds for v in VARIANTS)}
+    order = {(v, sd): i for i, (sd, v) in enumerate((sd, v) for sd in seeds for v in labels)}
     rows.sort(key=lambda r: order[(r["variant"], r["seed"])])
     details.sort(key=lambda r: order[(r["variant"], r["seed"])])
     with open(args.json, "w") as f:
         json.dump(rows, f, indent=1)
     os.remove(args.json + ".partial")
-    ok, text = verdict(rows, args.r1_margin, args.probe_gain)
+    ok, text = verdict(rows, args.r1_margin, args.probe_gain, labels)
     stem = os.path.splitext(args.json)[0]
     meta = {"command_args": {k: v for k, v in vars(args).items() if k != "func"}, "tuned_config": tuned_path,
             "plain_config": plain_path, "test": test, "wall_s": round(time.perf_counter() - t0, 1),
@@ -263,8 +277,8 @@ def run(args: argparse.Namespace) -> int:
     with open(stem + ".details.json", "w") as f:
         json.dump(meta, f, indent=1, default=str)
     png = args.png or stem + ".png"
-    plot(rows, png)
-    print(markdown_table(rows))
+    plot(rows, png, variants=labels)
+    print(markdown_table(rows, labels))
     print(text)
     print(f"   {meta['cpu_s_runs']:.0f} CPU s in the runs, {meta['wall_s']:.0f} s wall; rows -> {args.json}, plot -> {png}, "
           f"details -> {stem}.details.json")
