@@ -56,27 +56,11 @@ def paper_uniformity(x, t=2.0):
     return math.log(sum(math.exp(-t * sqdist(x[j], x[k])) for j in range(n) for k in range(n)) / n ** 2)
 
 
-def pairs_uniformity(x, t=2.0):
-    """sep_form=pairs_mean: Wang & Isola's log mean over distinct pairs j != k (0 below two rows)."""
-    n = x.shape[0]
-    if n < 2:
-        return 0.0
-    vals = [math.exp(-t * sqdist(x[j], x[k])) for j in range(n) for k in range(n) if j != k]
-    return math.log(sum(vals) / len(vals))
-
-
 def paper_sep(zv, ziv, zt, zit, ziv_aug, zit_aug, scale):
     """The paper's L_sep = L_ortho + L^i_con + L_uni, with L^i_con = V2V + T2T on the specific features
     (augmented view as positive) and L_uni summed over the two modalities."""
     return (loop_ortho(zv, ziv, zt, zit) + loop_infonce(ziv, ziv_aug, scale) + loop_infonce(zit, zit_aug, scale)
             + paper_uniformity(ziv) + paper_uniformity(zit))
-
-
-def pairs_mean_sep(zv, ziv, zt, zit, ziv_aug, zit_aug, scale):
-    """sep_form=pairs_mean: both L^i_con and L_uni averaged over the modalities, uniformity over j != k."""
-    return (loop_ortho(zv, ziv, zt, zit)
-            + 0.5 * (loop_infonce(ziv, ziv_aug, scale) + loop_infonce(zit, zit_aug, scale))
-            + 0.5 * (pairs_uniformity(ziv) + pairs_uniformity(zit)))
 
 
 def loop_bridge(zva, zv, zt, ts):
@@ -130,7 +114,6 @@ def test_terms_equal_direct_loops(case):
     assert abs(float(S.in_modal_infonce(zv, zva, scale)) - loop_infonce(zv, zva, 7.5)) < 1e-6
     assert abs(float(S.orthogonality_loss(zv, zva, zt, zta)) - loop_ortho(zv, zva, zt, zta)) < 1e-6
     assert abs(float(S.uniformity_loss(zva)) - paper_uniformity(zva)) < 1e-6
-    assert abs(float(S.uniformity_loss(zva, distinct_pairs=True)) - pairs_uniformity(zva)) < 1e-6
     ts = torch.rand(zv.shape[0], generator=torch.Generator().manual_seed(case), dtype=D)
     assert abs(float(S.brownian_bridge_loss(zva, zv, zt, ts)) - loop_bridge(zva, zv, zt, ts.tolist())) < 1e-6
     assert abs(float(S.brownian_bridge_loss(zva, zv, zt, 0.25))
@@ -145,27 +128,31 @@ def test_terms_equal_loops_in_float32_too():
     assert abs(float(S.in_modal_infonce(zv, zva, scale)) - loop_infonce(zv, zva, 20.0)) < 1e-5
     assert abs(float(S.geometric_consistency_loss(zv, zt)) - loop_gc(zv, zt)) < 1e-6
     assert abs(float(S.uniformity_loss(zva)) - paper_uniformity(zva)) < 1e-6
-    assert abs(float(S.uniformity_loss(zva, distinct_pairs=True)) - pairs_uniformity(zva)) < 1e-6
 
 
 def test_uniformity_with_an_unnormalised_input_matches_the_loop():
     x = torch.randn(6, 3, generator=torch.Generator().manual_seed(3), dtype=D) * 0.3
     assert abs(float(S.uniformity_loss(x)) - paper_uniformity(x)) < 1e-6
-    assert abs(float(S.uniformity_loss(x, distinct_pairs=True)) - pairs_uniformity(x)) < 1e-6
+
+
+def distinct_pairs_uniformity(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """The form this project had before issue 14 (Wang & Isola's estimator): log mean over j != k."""
+    n = x.shape[0]
+    e = torch.exp(-t * torch.cdist(x, x).pow(2))
+    return torch.log((e.sum() - e.diagonal().sum()) / (n * (n - 1)))
 
 
 @pytest.mark.parametrize("n", [4, 8, 32])
-def test_distinct_pairs_uniformity_gradient_is_the_papers_times_n_plus_s_over_s(n):
+def test_the_earlier_uniformity_gradient_is_the_papers_times_n_plus_s_over_s(n):
     """paper = log((N + S) / N^2), distinct pairs = log(S / (N (N - 1))) with S the off-diagonal sum:
-    the same direction, the gradient scaled by (N + S) / S (large when S << N: small batches, spread
-    features). This is the size argument of sep_form's description, checked on real gradients."""
+    the same direction, the earlier one's gradient scaled by (N + S) / S (large when S << N: small
+    batches, spread features): why the paper's form matters at this project's micro-batches."""
     x = unit(n, 16, n).requires_grad_(True)
     (g_paper,) = torch.autograd.grad(S.uniformity_loss(x), x)
-    (g_pairs,) = torch.autograd.grad(S.uniformity_loss(x, distinct_pairs=True), x)
+    (g_pairs,) = torch.autograd.grad(distinct_pairs_uniformity(x), x)
     with torch.no_grad():
-        d2 = torch.cdist(x, x).pow(2)
-        s_off = float(torch.exp(-2 * d2).sum() - n)
-    assert torch.allclose(g_pairs, g_paper * (n + s_off) / s_off, rtol=1e-9, atol=1e-12)
+        s_off = float(torch.exp(-2 * torch.cdist(x, x).pow(2)).sum() - n)
+    assert torch.allclose(g_pairs, g_paper * (n + s_off) / s_off, rtol=1e-6, atol=1e-10)
     assert (n + s_off) / s_off > 1.5  # unit vectors in 16-d: S is small against N at these batch sizes
 
 
@@ -210,14 +197,13 @@ def test_ortho_is_exactly_zero_for_orthogonal_features():
 
 
 def test_uniformity_of_a_single_row_is_zero_and_of_identical_rows_is_its_maximum():
-    for pairs in (False, True):
-        assert float(S.uniformity_loss(unit(1, 4, 0), distinct_pairs=pairs)) == 0.0
-        same = unit(1, 4, 0).expand(5, 4).clone()
-        assert float(S.uniformity_loss(same, distinct_pairs=pairs)) == 0.0  # log mean exp(0)
-        assert float(S.uniformity_loss(unit(64, 4, 1), distinct_pairs=pairs)) < -1.0
+    assert float(S.uniformity_loss(unit(1, 4, 0))) == 0.0
+    same = unit(1, 4, 0).expand(5, 4).clone()
+    assert float(S.uniformity_loss(same)) == 0.0  # log mean exp(0)
+    assert float(S.uniformity_loss(unit(64, 4, 1))) < -1.0
     # the paper's diagonal terms bound it below by log(1/N): spread rows cannot push it further
     x = unit(8, 64, 2)
-    assert float(S.uniformity_loss(x)) > math.log(1 / 8) > float(S.uniformity_loss(x, distinct_pairs=True))
+    assert float(S.uniformity_loss(x)) > math.log(1 / 8) > float(distinct_pairs_uniformity(x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +223,6 @@ def test_gradients_match_finite_differences():
         (lambda a, b, s: S.in_modal_infonce(a, b, s), (zv, zva, scale)),
         (S.orthogonality_loss, (zv, zva, zt, zta)),
         (lambda a: S.uniformity_loss(a), (zva,)),
-        (lambda a: S.uniformity_loss(a, distinct_pairs=True), (zva,)),
         (lambda a, b, c: S.brownian_bridge_loss(a, b, c, t), (zva, zv, zt)),
         (lambda a, b, c: S.brownian_bridge_loss(a, b, c, 0.25), (zva, zv, zt)),
         (S.geometric_consistency_loss, (zv, zt)),
@@ -375,19 +360,15 @@ def test_weighted_terms_are_named_and_in_modal_base_is_lcon():
     assert scalars["structure/bridge"] == pytest.approx(float(br), abs=1e-6)
 
 
-def test_sep_form_pairs_mean_is_the_earlier_form():
+def test_sep_parts_are_reported_unweighted_in_the_papers_form():
     out = _outputs()
     args = [out[k].double() for k in ("image", "image_specific", "text", "text_specific", "image_specific_aug",
                                       "text_specific_aug")]
-    paper = _objective(lambda_sep=2.0)(out, {}, active=True)
-    pairs = _objective(lambda_sep=2.0, sep_form="pairs_mean")(out, {}, active=True)
-    assert float(paper.terms["sep_loss"]) == pytest.approx(2.0 * paper_sep(*args, 10.0), abs=1e-5)
-    assert float(pairs.terms["sep_loss"]) == pytest.approx(2.0 * pairs_mean_sep(*args, 10.0), abs=1e-5)
-    assert abs(paper_sep(*args, 10.0) - pairs_mean_sep(*args, 10.0)) > 0.1  # really two forms
-    # the parts are reported under the same names, unweighted
-    assert pairs.metrics["structure/uniformity"] == pytest.approx(
-        0.5 * (pairs_uniformity(args[1]) + pairs_uniformity(args[3])), abs=1e-5)
-    assert paper.metrics["structure/specific_con"] == pytest.approx(
+    lt = _objective(lambda_sep=2.0)(out, {}, active=True)
+    assert float(lt.terms["sep_loss"]) == pytest.approx(2.0 * paper_sep(*args, 10.0), abs=1e-5)
+    assert lt.metrics["structure/uniformity"] == pytest.approx(paper_uniformity(args[1]) + paper_uniformity(args[3]),
+                                                               abs=1e-5)
+    assert lt.metrics["structure/specific_con"] == pytest.approx(
         loop_infonce(args[1], args[4], 10.0) + loop_infonce(args[3], args[5], 10.0), abs=1e-5)
 
 

@@ -6,16 +6,15 @@ fusion model), z^i modality-specific features from extra heads. Batch of N rows,
 
 - In-modal contrastive: InfoNCE from z_V to the augmented views z^a_V (the positive is the same
   record's view), likewise T2T. The base loss L_con = 1/4 (V2T + T2V + V2V + T2T).
-- Deep feature separation: L_sep = L_ortho + L^i_con + L_uni with (the paper's forms, `sep_form: paper`)
+- Deep feature separation: L_sep = L_ortho + L^i_con + L_uni with (the paper's forms)
   L_ortho = mean_j (<z_Vj, z^i_Vj>^2 + <z_Tj, z^i_Tj>^2),
   L^i_con = V2V + T2T on the specific features (augmented view as positive),
   L_uni   = uni(z^i_V) + uni(z^i_T), uni(x) = log mean_{j,k} exp(-2 ||x_j - x_k||^2) over all N^2 pairs,
   the diagonal (exp(0) = 1) included under the one log; each modality sums like L_ortho's two terms.
-  `sep_form: pairs_mean` keeps the earlier form: uni over distinct pairs j != k (Wang & Isola; 0 for a
-  batch of one) and both L^i_con and L_uni averaged over the two modalities. Its uniformity gradient is
-  (N + S) / S times the paper's, S = sum_{j != k} exp(-2 ||x_j - x_k||^2): for random unit vectors in
-  64-d 17x at N = 4, 8x at 8, 2.6x at 32, 1.4x at 128, so at small micro-batches it weighs several
-  times more against the other terms than the paper's.
+  (Until issue 14 uni averaged over distinct pairs j != k and both parts were averaged over the
+  modalities: a uniformity gradient (N + S) / S times this one, S = sum_{j != k} exp(-2 ||x_j - x_k||^2),
+  17x at N = 4 and 8x at 8 for random unit vectors in 64-d; at lambda_sep = 0.3 the two measured the
+  same within noise, docs/bench/sep-form.json, so only the paper's is kept.)
 - Brownian bridge: mu_j = normalize(t_j z_Vj + (1 - t_j) z_Tj), L_br = mean_j ||z^a_Vj - mu_j||^2,
   t fixed (0.25) or drawn per row from a range; the bridge's variance t(1-t) is not rescaled.
 - Geometric consistency: L_gc = (1/N) sum_{j,k} [(<z_Vj,z_Tk> - <z_Vk,z_Tj>)^2 + (<z_Vj,z_Vk> - <z_Tj,z_Tk>)^2]
@@ -59,21 +58,15 @@ def orthogonality_loss(z_v: torch.Tensor, zi_v: torch.Tensor, z_t: torch.Tensor,
     return ((z_v * zi_v).sum(-1).pow(2) + (z_t * zi_t).sum(-1).pow(2)).mean()
 
 
-def uniformity_loss(x: torch.Tensor, t: float = 2.0, distinct_pairs: bool = False) -> torch.Tensor:
-    """log mean_{j,k} exp(-t ||x_j - x_k||^2) over all N^2 pairs, the diagonal included (the paper's form;
-    0 for N = 1), as a log-sum-exp (stable). `distinct_pairs`: over j != k only (Wang & Isola's
-    estimator; 0 when N < 2)."""
+def uniformity_loss(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """log mean_{j,k} exp(-t ||x_j - x_k||^2) over all N^2 pairs, the diagonal included (the paper's
+    form; 0 for N = 1), as a log-sum-exp (stable)."""
     n = x.shape[0]
-    if distinct_pairs and n < 2:
-        return x.sum() * 0.0
     sq = (x * x).sum(-1)
     d2 = (sq[:, None] + sq[None, :] - 2.0 * x @ x.T).clamp_min(0.0)
-    if not distinct_pairs:
-        # the diagonal's d2 is exactly 0 (not a rounding residue of sq + sq - 2 <x, x>)
-        d2 = d2.masked_fill(torch.eye(n, dtype=torch.bool, device=x.device), 0.0)
-        return torch.logsumexp(-t * d2.reshape(-1), dim=0) - math.log(n * n)
-    off = ~torch.eye(n, dtype=torch.bool, device=x.device)
-    return torch.logsumexp(-t * d2[off], dim=0) - math.log(n * (n - 1))
+    # the diagonal's d2 is exactly 0 (not a rounding residue of sq + sq - 2 <x, x>)
+    d2 = d2.masked_fill(torch.eye(n, dtype=torch.bool, device=x.device), 0.0)
+    return torch.logsumexp(-t * d2.reshape(-1), dim=0) - math.log(n * n)
 
 
 def bridge_points(z_v: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
@@ -140,7 +133,6 @@ class StructureSettings:
     bridge_t: float = 0.25
     bridge_t_range: tuple[float, float] | None = None
     gc_augmented: bool = True
-    sep_form: str = "paper"         # or "pairs_mean" (see the module docstring)
     gather_negatives: bool = False
 
     @classmethod
@@ -149,7 +141,7 @@ class StructureSettings:
         return cls(in_modal=s.in_modal_active(), lambda_sep=s.lambda_sep, lambda_br=s.lambda_br,
                    lambda_gc=s.lambda_gc, bridge_t=s.bridge_t,
                    bridge_t_range=tuple(s.bridge_t_range) if s.bridge_t_range else None,
-                   gc_augmented=s.gc_augmented, sep_form=s.sep_form, gather_negatives=gather_negatives)
+                   gc_augmented=s.gc_augmented, gather_negatives=gather_negatives)
 
 
 class MissingFeatures(KeyError):
@@ -224,10 +216,7 @@ class StructureObjective:
             ortho = orthogonality_loss(z_v, zi_v, z_t, zi_t)
             spec_con = (in_modal_infonce(zi_v, _need(out, "image_specific_aug", why), scale, gather)
                         + in_modal_infonce(zi_t, _need(out, "text_specific_aug", why), scale, gather))
-            pairs = s.sep_form == "pairs_mean"
-            uni = uniformity_loss(zi_v, distinct_pairs=pairs) + uniformity_loss(zi_t, distinct_pairs=pairs)
-            if pairs:  # the earlier form: both parts averaged over the two modalities
-                spec_con, uni = 0.5 * spec_con, 0.5 * uni
+            uni = uniformity_loss(zi_v) + uniformity_loss(zi_t)
             sep = ortho + spec_con + uni
             terms["sep_loss"] = s.lambda_sep * sep
             metrics.update({"structure/sep": float(sep.detach()), "structure/ortho": float(ortho.detach()),
