@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="write the rows here (JSON list), a PNG and PATH.details.json beside")
     p.add_argument("--png", metavar="PATH", help="plot (default: PATH of --json with .png)")
     p.add_argument("--markdown", metavar="JSON", help="print the README table and verdict of an existing JSON; no training")
+    p.add_argument("--make-catalogue", metavar="DIR",
+                   help="only generate and prepare the synthetic catalogue the search and this benchmark use: "
+                        "DIR/catalog/{train,val,test,tokenizer} (3,000 / 500 / 1,000 records, seed 0), then exit")
     p.add_argument("--labels", default="plain,tuned",
                    help="names of the two variants in the rows (default plain,tuned; e.g. pairs_mean,paper to compare "
                         "two forms of one config)")
@@ -211,6 +214,13 @@ def run(args: argparse.Namespace) -> int:
     from gammaray.config import load
     from pipelines import storage
 
+    if args.make_catalogue:
+        from .structure import make_catalogue
+
+        cat = make_catalogue(args.make_catalogue, 3000, 500, progress=False, n_test=1000)
+        print(f"prepared {', '.join(f'{k} ({v.size})' for k, v in cat.items() if k != 'tokenizer')} and the tokenizer "
+              f"under {os.path.join(args.make_catalogue, 'catalog')}")
+        return 0
     labels = tuple(x.strip() for x in args.labels.split(","))
     if len(labels) != 2 or labels[0] == labels[1]:
         raise ValueError(f"--labels: two different names, got {args.labels!r}")
