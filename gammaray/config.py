@@ -276,12 +276,6 @@ class StructureConfig(Section):
         None, description="Sample t per sample uniformly from [lo, hi] each step instead of the fixed bridge_t."
     )
     gc_augmented: bool = Field(True, description="Geometric consistency also between each view and its augmented view.")
-    sep_form: Literal["paper", "pairs_mean"] = Field(
-        "paper", description="Form of L_sep's parts. paper: L^i_con = V2V + T2T and L_uni = uni(V) + uni(T), "
-                             "uni = log mean over all N^2 pairs (diagonal included) of exp(-2 d^2). pairs_mean: "
-                             "the earlier form, uni over distinct pairs j != k and both parts averaged over the "
-                             "two modalities (a uniformity gradient several times the paper's at small batches)."
-    )
 
     def in_modal_active(self) -> bool:
         """in_modal resolved: auto = on exactly when a regularizer weight is > 0."""

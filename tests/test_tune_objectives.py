@@ -97,9 +97,12 @@ def test_the_baseline_is_the_trial_of_the_first_point_to_evaluate():
         "data.train": "/x", "data.val": "/y",
         "tune.space": {"loss.structure.lambda_sep": {"kind": "loguniform", "low": 0.01, "high": 1, "zero": True}},
         "tune.points_to_evaluate": [{}]})
-    rows = [row("a", 0.1, 0.5, **{"loss.structure.lambda_sep": 0.3}), row("b", 0.1, 0.5, **{"loss.structure.lambda_sep": 0.0}),
+    rows = [row("a", 0.1, 0.5, **{"loss.structure.lambda_sep": 0.3}),
+            row("b", 0.05, 0.5, report.STOPPED, **{"loss.structure.lambda_sep": 0.0}),
             row("c", 0.1, 0.5, **{"loss.structure.lambda_sep": 0.0})]
-    assert O.find_baseline(rows, cfg).trial_id == "b"  # weight 0 = the base config; the first such trial
+    # weight 0 = the base config. "b" has the same values (the searcher proposed them again, as Optuna
+    # does when a `#zero` switch is on) but ASHA stopped it: the completed one is the baseline
+    assert O.find_baseline(rows, cfg).trial_id == "c"
 
 
 def test_objectives_are_validated_before_anything_starts():

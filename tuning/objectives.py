@@ -142,7 +142,9 @@ def find_baseline(rows: list[report.TrialRow], cfg: GammarayConfig) -> report.Tr
         return None
     values = space.effective(params, cfg.tune.space)
     same = [r for r in rows if same_values(r.values, values)]
-    return min(same, key=lambda r: r.trial_id) if same else None  # the first such trial: the seeded point
+    # the searcher may propose the baseline's values again (a weight switched off by its `#zero`
+    # variable whatever its value): the seeded point is the one ASHA protects, so prefer a completed one
+    return min(same, key=lambda r: (r.status != report.COMPLETED, r.trial_id)) if same else None
 
 
 # --------------------------------------------------------------------------------------------
