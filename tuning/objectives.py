@@ -196,15 +196,16 @@ def front_png(rows: list[report.TrialRow], front: list[report.TrialRow], chosen:
     if front:
         ax.plot([r.objectives[a] for r in front], [r.objectives[b] for r in front], "-o", color="tab:red", ms=7,
                 mfc="none", lw=1.2, label="Pareto front")
-    if chosen.threshold is not None:
-        ax.axvspan(chosen.threshold, ax.get_xlim()[1], color="tab:green", alpha=0.08,
-                   label=f"{a} >= baseline - margin")
     if chosen.baseline is not None and scored(chosen.baseline, objectives):
         ax.scatter([chosen.baseline.objectives[a]], [chosen.baseline.objectives[b]], marker="s", s=90,
                    facecolors="none", edgecolors="black", linewidths=1.5, label="baseline", zorder=4)
     if chosen.row is not None:
         ax.scatter([chosen.row.objectives[a]], [chosen.row.objectives[b]], marker="*", s=260, color="gold",
                    edgecolors="black", linewidths=0.8, label="picked", zorder=5)
+    if chosen.threshold is not None:  # last: the axis limits are final
+        lo, hi = ax.get_xlim()
+        ax.axvspan(chosen.threshold, hi, color="tab:green", alpha=0.08, label=f"{a} >= baseline - margin")
+        ax.set_xlim(lo, hi)
     ax.set_xlabel(label.get(a, a))
     ax.set_ylabel(label.get(b, b))
     ax.grid(alpha=0.3)
