@@ -100,7 +100,8 @@ def run_trial(params: dict, base: dict, experiment_uri: str) -> None:
         metrics = validation_metrics(run.embed(data.val_arrays), data.val.labels, cfg)
         tune.report(with_every_objective(
             {"step": step, "final": final, **prefixed(metrics), **{f"train/{k}": v for k, v in run.last.items()},
-             "trial_cpu_s": time.process_time() - cpu0, "train_s": run.train_s}, list(cfg.tune.objectives)))
+             "trial_cpu_s": time.process_time() - cpu0, "process_cpu_s": time.process_time(), "train_s": run.train_s},
+            list(cfg.tune.objectives)))
 
     train(cfg, run, data.train, data.tokenizer, data.tokenizer_uri, cfg.run.seed, on_step)
 

@@ -411,7 +411,7 @@ def _finish(user_cfg: GammarayConfig, cfg: GammarayConfig, rows: list[report.Tri
     name = experiment_name(cfg)
     metric = cfg.tune.metric
     best = report.best_row(rows)
-    table = report.table_text(rows, cfg.tune.space, metric, best)
+    table = report.table_text(rows, cfg.tune.space, metric, best, list(cfg.tune.objectives))
     local = out_dir or (storage._local_path(exp_uri) if not storage.is_remote(exp_uri) else os.path.abspath(name))
     os.makedirs(local, exist_ok=True)
     outputs: dict[str, bytes] = {
