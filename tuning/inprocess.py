@@ -30,8 +30,8 @@ class TrialData:
     tokenizer_uri: str
 
 
-# one trial actor runs several trials in turn (Tune reuses function-trainable actors): the splits, the
-# tokenizer and the preprocessed validation records are loaded once per process
+# the splits, the tokenizer and the preprocessed validation records, once per process (a process
+# that runs several trials in turn, when Tune reuses its actor, loads them once)
 _CACHE: dict[tuple, TrialData] = {}
 
 
