@@ -326,9 +326,11 @@ class StructureConfig(Section):
     """Latent modality structure (Jiang et al., CVPR 2023). Every weight 0 = off, with no extra compute
     (no augmented views, no specific heads)."""
 
-    in_modal: bool = Field(
-        False, description="Base loss L_con = 1/4 (V2T + T2V + V2V + T2T): add in-modal InfoNCE terms (the augmented "
-                           "view is the positive) and halve the cross-modal term."
+    in_modal: bool | Literal["auto"] = Field(
+        "auto", description="Base loss L_con = 1/4 (V2T + T2V + V2V + T2T), the base the paper's results assume: "
+                            "add in-modal InfoNCE terms (the augmented view is the positive) and halve the "
+                            "cross-modal term. auto = on exactly when a regularizer weight is > 0 (a plain run "
+                            "stays cross-modal only and needs no augmented views); true/false force it."
     )
     lambda_sep: float = Field(0.0, ge=0.0, description="Weight of deep feature separation L_ortho + L^i_con + L_uni (0 = off).")
     lambda_br: float = Field(0.0, ge=0.0, description="Weight of the Brownian-bridge loss (0 = off).")
@@ -338,6 +340,12 @@ class StructureConfig(Section):
         None, description="Sample t per sample uniformly from [lo, hi] each step instead of the fixed bridge_t."
     )
     gc_augmented: bool = Field(True, description="Geometric consistency also between each view and its augmented view.")
+
+    def in_modal_active(self) -> bool:
+        """in_modal resolved: auto = on exactly when a regularizer weight is > 0."""
+        if self.in_modal == "auto":
+            return self.lambda_sep > 0 or self.lambda_br > 0 or self.lambda_gc > 0
+        return bool(self.in_modal)
 
     @field_validator("bridge_t_range")
     @classmethod
@@ -438,6 +446,13 @@ class EvalConfig(Section):
     k_shots: list[int] = Field([1, 5, 10], description="k of the k-shot probes (k labelled examples per class).")
     k_shot_trials: int = Field(5, ge=1, description="Seeded draws of the k examples averaged per k-shot figure.")
     probe_l2: float = Field(1e-4, ge=0.0, description="L2 penalty of the logistic-regression probes.")
+    specific_attributes: dict[Literal["image", "text"], list[str]] = Field(
+        default_factory=dict,
+        description="Attributes (keys of the records' `attributes`) that only one modality carries, probed from that "
+                    "modality's embedding at every validation (linear probes, two-fold on the validation records): "
+                    "val_probe_image_only, val_probe_text_only and their mean val_probe_specific, a Ray Tune "
+                    "objective. Empty = none. The synthetic catalogue: {image: [pattern, size], text: [care, warranty]}."
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,6 +519,16 @@ class AshaConfig(Section):
     )
 
 
+class PickConfig(Section):
+    """How one configuration is picked from a multi-objective search's Pareto front (tuning/objectives.py)."""
+
+    margin: float = Field(
+        0.005, ge=0.0, description="The picked trial's first objective (R@1) may be at most this much below the "
+                                   "baseline trial's (tune.points_to_evaluate[0]); among those, the highest second "
+                                   "objective wins."
+    )
+
+
 class TuneSection(Section):
     name: str | None = Field(
         None, description="Experiment name under run.storage (None = '<run.name>-tune'); re-running it resumes."
@@ -513,7 +538,23 @@ class TuneSection(Section):
         description="Search space: dotted config path -> {kind, low, high | values, zero}. Any path of the tree.",
     )
     samples: int = Field(8, ge=1, description="Number of trials.")
-    metric: str = Field("val_r_at_1", description="Metric the scheduler and searcher maximise (mode max).")
+    metric: str = Field(
+        "val_r_at_1", description="Metric the scheduler compares at its rungs and a single-objective searcher maximises "
+                                  "(mode max)."
+    )
+    objectives: list[str] = Field(
+        default_factory=list,
+        description="Two validation metrics for a multi-objective search, both maximised, e.g. [val_r_at_1, "
+                    "val_probe_specific] (Optuna's multi-objective TPE; ASHA still uses tune.metric). Writes the "
+                    "Pareto front and the config tune.pick picks. Empty = single objective tune.metric."
+    )
+    pick: PickConfig = PickConfig()
+    trial_kind: Literal["train_loop", "in_process"] = Field(
+        "train_loop", description="train_loop: each trial is a TorchTrainer run of the training loop (gammaray pretrain's "
+                                  "code, DeepSpeed, Ray Data). in_process: the trial trains in its own process "
+                                  "(workers/inprocess.py: same model, objective, optimizer and schedule, data in memory, "
+                                  "no checkpoints) on tune.trial_cpus CPUs: for small models, far cheaper per trial."
+    )
     searcher: Literal["optuna", "random"] = Field(
         "optuna", description="optuna: Optuna's TPE sampler through ray.tune.search.optuna; random: plain sampling."
     )
@@ -574,7 +615,7 @@ class GammarayConfig(Section):
         d, st = self.data, self.loss.structure
         if d.view_pair == "text_text" and not d.pair_locale:
             raise ValueError("data.view_pair=text_text needs data.pair_locale (the locale of the second title)")
-        if d.view_pair != "image_text" and (st.lambda_sep > 0 or st.lambda_br > 0 or st.lambda_gc > 0 or st.in_modal):
+        if d.view_pair != "image_text" and st.in_modal_active():
             raise ValueError(f"loss.structure regularizers need data.view_pair=image_text, got {d.view_pair}")
         image_cfg_size = self.model.image.hf_config.get("image_size")
         if image_cfg_size is not None and image_cfg_size != self.data.image_size:

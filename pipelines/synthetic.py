@@ -1,8 +1,12 @@
 """A synthetic product catalogue with an information gap between modalities.
 
-Each product has six attributes. Two are visible in both modalities (colour and product type, which
-fixes the category), two only in the image (pattern and size) and two only in the text (material and
-brand): the setting of the CVPR 2023 paper's information-gap analysis. Images are rendered
+Each product has eight attributes. Two are visible in both modalities (colour and product type, which
+fixes the category), two only in the image (pattern and size), and four only in the text: material
+and brand appear verbatim in the title (every text embedding keeps them: an easy text-only signal),
+care and warranty only as a paraphrase in the description (several phrasings per value, with no word
+of the title in it: the hard text-only signal on which a probe can separate models; warranty's number
+of years sits next to a number of return days drawn from the same words).
+This is the setting of the CVPR 2023 paper's information-gap analysis. Images are rendered
 procedurally with PIL; titles and descriptions are templated with synonyms so the text is not a
 lookup table. The output is a raw catalogue (JSONL + image files), the input format of
 `gammaray prepare`.
@@ -43,8 +47,35 @@ SIZES = ["small", "large"]                                  # image only
 MATERIALS = ["cotton", "steel", "ceramic", "bamboo", "leather"]  # text only
 BRANDS = ["Norda", "Kivo", "Altamira", "Bexley", "Orrin", "Zephyr"]  # text only
 
+# text only, carried by a paraphrase in the description (never a word of the title).
+# care: value -> three phrasings, each with words of its own
+CARE = {
+    "machine_wash": ["safe for the washing machine", "goes in the washer on a gentle cycle",
+                     "toss it in with the laundry"],
+    "hand_wash": ["rinse it by hand in soapy water", "wash gently by hand, let it dry",
+                  "a rinse in the sink keeps it fresh"],
+    "wipe_clean": ["a damp cloth is all it needs", "just wipe it down after use",
+                   "spills come off with a soft sponge"],
+    "dry_clean": ["leave the cleaning to a professional", "keep it dry, use a cleaning service",
+                  "only specialist cleaners should treat it"],
+}
+# warranty: years of cover, written next to a number of days for returns drawn from the same number
+# words, so the words alone say "two and five" but not which is the cover; telling them apart takes
+# the phrase around the number (harder than care, whose phrasings each have their own words)
+WARRANTY_YEARS = {"1y": "one", "2y": "two", "5y": "five", "10y": "ten"}
+WARRANTY_TEMPLATES = ["{n} year cover, {m} day returns", "{m} day returns, {n} year cover",
+                      "covered {n} years, {m} day returns"]
+WARRANTY = {v: [t.replace("{n}", n) for t in WARRANTY_TEMPLATES] for v, n in WARRANTY_YEARS.items()}
+RETURN_DAYS = list(WARRANTY_YEARS.values())
+
+
+def warranty_phrase(value: str, template: int, days: int) -> str:
+    return WARRANTY[value][template].replace("{m}", RETURN_DAYS[days])
+
+
 IMAGE_ONLY = ("pattern", "size")
-TEXT_ONLY = ("material", "brand")
+TEXT_ONLY = ("care", "warranty")          # only a paraphrase in the description carries them
+TEXT_VERBATIM = ("material", "brand")     # text only too, but verbatim in the title
 SHARED = ("colour", "product")
 
 _DESCRIPTIONS = [
@@ -71,6 +102,9 @@ class Product:
     size: str
     material: str
     brand: str
+    care: str
+    warranty: str
+    phrasing: tuple[int, int, int]   # care's phrasing, warranty's template, its number of return days
 
     @property
     def attributes(self) -> dict[str, str]:
@@ -81,14 +115,20 @@ class Product:
             "size": self.size,
             "material": self.material,
             "brand": self.brand,
+            "care": self.care,
+            "warranty": self.warranty,
         }
 
 
 def sample_products(n: int, seed: int, id_prefix: str = "SYN") -> list[Product]:
     rng = np.random.default_rng(seed)
+    # care and warranty from their own stream: the other attributes, titles and images stay what they
+    # were before these two were added
+    text_rng = np.random.default_rng([seed, 14])
     out = []
     for i in range(n):
         product, category, shape = PRODUCTS[rng.integers(len(PRODUCTS))]
+        care, warranty = list(CARE)[text_rng.integers(len(CARE))], list(WARRANTY)[text_rng.integers(len(WARRANTY))]
         out.append(
             Product(
                 product_id=f"{id_prefix}-{i:06d}",
@@ -100,6 +140,10 @@ def sample_products(n: int, seed: int, id_prefix: str = "SYN") -> list[Product]:
                 size=SIZES[rng.integers(len(SIZES))],
                 material=MATERIALS[rng.integers(len(MATERIALS))],
                 brand=BRANDS[rng.integers(len(BRANDS))],
+                care=care,
+                warranty=warranty,
+                phrasing=(int(text_rng.integers(len(CARE[care]))), int(text_rng.integers(len(WARRANTY_TEMPLATES))),
+                          int(text_rng.integers(len(RETURN_DAYS)))),
             )
         )
     return out
@@ -169,7 +213,9 @@ def describe_product(p: Product, rng: np.random.Generator) -> tuple[str, str]:
     )
     title = _TITLES[rng.integers(len(_TITLES))].format(**fields)
     desc = _DESCRIPTIONS[rng.integers(len(_DESCRIPTIONS))].format(**fields)
-    return title, desc
+    # care and warranty first: the description's end may be cut by the token budget
+    care, warranty = CARE[p.care][p.phrasing[0]], warranty_phrase(p.warranty, p.phrasing[1], p.phrasing[2])
+    return title, f"{care.capitalize()}; {warranty}. {desc}"
 
 
 # a second locale for the text<->text view pair: the title in German, word by word
@@ -199,20 +245,25 @@ def write_raw_catalogue(
     bad_records: int = 0,
     image_side: int = 96,
     pair_views: bool = False,
+    n_test: int = 0,
 ) -> dict[str, str]:
-    """Write `train.jsonl`, `val.jsonl` and `images/*.jpg` under out_dir.
+    """Write `train.jsonl`, `val.jsonl` (and with `n_test` > 0 `test.jsonl`) and `images/*.jpg` under
+    out_dir. The test products come after the others, so adding them changes no train or val record.
 
     `bad_records` > 0 appends realistic faults to the training file (a truncated JPEG, undecodable
     bytes, a missing image file, an empty title, a duplicate product_id), so the demo shows the
     quarantine at work. `pair_views` adds what the other view pairs need: a German title
     (`titles: {"de_DE": ...}`, text_text) and a second photo (`extra_images`, image_image).
-    Returns the paths of the two JSONL files.
+    Returns the paths of the JSONL files by split.
     """
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     rng = np.random.default_rng(seed + 1)
-    products = sample_products(n_train + n_val, seed)
+    products = sample_products(n_train + n_val + n_test, seed)
     paths = {}
-    for split, items in (("train", products[:n_train]), ("val", products[n_train:])):
+    splits = [("train", products[:n_train]), ("val", products[n_train:n_train + n_val])]
+    if n_test > 0:
+        splits.append(("test", products[n_train + n_val:]))
+    for split, items in splits:
         path = os.path.join(out_dir, f"{split}.jsonl")
         with open(path, "w") as f:
             for p in items:

@@ -50,9 +50,10 @@ def test_eval_command_metrics_probes_report(ray_local, small_catalogue, tmp_path
     assert m["zero_shot_acc"] == pytest.approx(zero_shot_accuracy(image, class_text, labels), abs=1e-12)
     assert m["zero_shot_chance"] == pytest.approx(1 / 6)
 
-    # probes: category and the six attributes, on both embeddings, linear + 1/5/10-shot + chance
+    # probes: category and the eight attributes, on both embeddings, linear + 1/5/10-shot + chance
     probes = {(p["embedding"], p["label"]): p for p in s["probes"]}
-    labels_expected = {"category"} | {f"attr:{a}" for a in ("colour", "product", "pattern", "size", "material", "brand")}
+    labels_expected = {"category"} | {f"attr:{a}" for a in ("colour", "product", "pattern", "size", "material", "brand",
+                                                            "care", "warranty")}
     assert set(probes) == {(e, lab) for e in ("image", "text") for lab in labels_expected}
     for p in probes.values():
         assert p["n_train"] + p["n_test"] == 96

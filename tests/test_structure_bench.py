@@ -86,3 +86,74 @@ def test_a_tiny_benchmark_run_writes_rows_png_and_details(tmp_path):
     details = json.loads((tmp_path / "rows.details.json").read_text())
     assert details["steps_per_run"] == 2
     assert "probe_concat_specific" in details["runs"][1] and "probe_concat_specific" not in details["runs"][0]
+
+
+# --------------------------------------------------------------------------------------------
+# `gammaray bench tune-structure`: the picked config against plain on a test split
+
+
+def _tune_rows(d_r1: float, d_probe: float, seeds=(1, 2, 3)):
+    from workers.benchmarks import tune_structure as ts
+
+    rows = []
+    for sd in seeds:
+        for v in ts.VARIANTS:
+            up = v == "tuned"
+            rows.append({"variant": v, "seed": sd, "r_at_1": 0.08 + (d_r1 if up else 0.0) + 0.001 * sd,
+                         "probe_image_only": 0.80 + (d_probe if up else 0.0), "probe_text_only": 0.70 + (d_probe if up else 0.0),
+                         "probe_shared": 0.95, "config": {}})
+    return rows
+
+
+def test_tune_structure_verdict_needs_both_conditions():
+    from workers.benchmarks import tune_structure as ts
+
+    assert ts.verdict(_tune_rows(-0.004, 0.021))[0]
+    assert not ts.verdict(_tune_rows(-0.006, 0.05))[0]      # R@1 lost more than the margin
+    assert not ts.verdict(_tune_rows(0.01, 0.019))[0]       # probe gain too small
+    ok, text = ts.verdict(_tune_rows(0.0, 0.03))
+    assert ok and "+0.0300" in text and "MET" in text
+    table = ts.markdown_table(_tune_rows(0.0, 0.03))
+    assert table.splitlines()[2].startswith("| plain | 0.082 ± 0.001 | 0.800 ± 0.000 | 0.700 ± 0.000 | 0.750 ± 0.000")
+
+
+@pytest.mark.timeout(600)
+def test_a_tiny_tune_structure_run_writes_rows_on_the_test_split(tmp_path, capsys):
+    from gammaray.config import GammarayConfig, apply_overrides, save
+    from workers.benchmarks import tune_structure as ts
+
+    cat = bench.make_catalogue(str(tmp_path / "w"), 24, 8, progress=False, n_test=12)
+    assert (cat["train"].size, cat["val"].size, cat["test"].size) == (24, 8, 12)
+    root = tmp_path / "w" / "catalog"
+    base = apply_overrides(GammarayConfig(), {
+        "data.train": str(root / "train"), "data.val": str(root / "val"), "data.tokenizer": str(root / "tokenizer"),
+        "data.batch_size": 12, "data.image_size": 32, "model.embed_dim": 16, "train.epochs": 1, "loss.kind": "infonce",
+        "loss.structure.in_modal": True,
+        "model.image.hf_config": {"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1],
+                                  "layer_type": "basic"},
+        "model.text.hf_config": {"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                 "intermediate_size": 32, "max_position_embeddings": 64},
+        "eval.specific_attributes": {"image": ["pattern", "size"], "text": ["care", "warranty"]},
+        "tune.space": {"loss.structure.lambda_sep": {"kind": "loguniform", "low": 0.01, "high": 1.0, "zero": True}}})
+    save(base, tmp_path / "plain.yaml")
+    save(apply_overrides(base, {"loss.structure.lambda_sep": 0.3}), tmp_path / "tuned.yaml")
+    out = tmp_path / "rows.json"
+    assert main(["bench", "tune-structure", "--plain", str(tmp_path / "plain.yaml"), "--tuned", str(tmp_path / "tuned.yaml"),
+                 "--seeds", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["variant"], r["seed"]) for r in rows] == [("plain", 1), ("tuned", 1)]
+    for r in rows:
+        assert list(r) == list(ts.ROW_KEYS)
+        assert 0.0 <= r["r_at_1"] <= 1.0 and 0.0 <= r["probe_text_only"] <= 1.0
+    assert rows[0]["config"]["loss.structure.lambda_sep"] == 0.0 and rows[1]["config"]["loss.structure.lambda_sep"] == 0.3
+    details = json.loads((tmp_path / "rows.details.json").read_text())
+    assert details["test"].endswith("test") and all(d["test_records"] == 12 and d["steps"] == 2 for d in details["runs"])
+    assert (tmp_path / "rows.png").stat().st_size > 10_000
+    # the test split must be one the search never saw
+    capsys.readouterr()
+    assert main(["bench", "tune-structure", "--plain", str(tmp_path / "plain.yaml"), "--tuned", str(tmp_path / "tuned.yaml"),
+                 "--test", str(root / "val"), "--json", str(tmp_path / "x.json")]) == 1
+    assert "the search never saw" in capsys.readouterr().err
+    # the README table comes from the JSON
+    assert main(["bench", "tune-structure", "--markdown", str(out)]) == 0
+    assert "| plain |" in capsys.readouterr().out

@@ -46,13 +46,21 @@ def loop_ortho(zv, ziv, zt, zit):
     return sum(dot(zv[j], ziv[j]) ** 2 + dot(zt[j], zit[j]) ** 2 for j in range(n)) / n
 
 
-def loop_uniformity(x, t=2.0):
+def sqdist(a, b) -> float:
+    return sum((float(u) - float(v)) ** 2 for u, v in zip(a, b))
+
+
+def paper_uniformity(x, t=2.0):
+    """The paper's L_uni of one modality: log (1/N^2) sum_{j=1..N} sum_{k=1..N} exp(-t ||x_j - x_k||^2)."""
     n = x.shape[0]
-    if n < 2:
-        return 0.0
-    vals = [math.exp(-t * sum((float(a) - float(b)) ** 2 for a, b in zip(x[j], x[k])))
-            for j in range(n) for k in range(n) if j != k]
-    return math.log(sum(vals) / len(vals))
+    return math.log(sum(math.exp(-t * sqdist(x[j], x[k])) for j in range(n) for k in range(n)) / n ** 2)
+
+
+def paper_sep(zv, ziv, zt, zit, ziv_aug, zit_aug, scale):
+    """The paper's L_sep = L_ortho + L^i_con + L_uni, with L^i_con = V2V + T2T on the specific features
+    (augmented view as positive) and L_uni summed over the two modalities."""
+    return (loop_ortho(zv, ziv, zt, zit) + loop_infonce(ziv, ziv_aug, scale) + loop_infonce(zit, zit_aug, scale)
+            + paper_uniformity(ziv) + paper_uniformity(zit))
 
 
 def loop_bridge(zva, zv, zt, ts):
@@ -105,7 +113,7 @@ def test_terms_equal_direct_loops(case):
     scale = torch.tensor([7.5], dtype=D)
     assert abs(float(S.in_modal_infonce(zv, zva, scale)) - loop_infonce(zv, zva, 7.5)) < 1e-6
     assert abs(float(S.orthogonality_loss(zv, zva, zt, zta)) - loop_ortho(zv, zva, zt, zta)) < 1e-6
-    assert abs(float(S.uniformity_loss(zva)) - loop_uniformity(zva)) < 1e-6
+    assert abs(float(S.uniformity_loss(zva)) - paper_uniformity(zva)) < 1e-6
     ts = torch.rand(zv.shape[0], generator=torch.Generator().manual_seed(case), dtype=D)
     assert abs(float(S.brownian_bridge_loss(zva, zv, zt, ts)) - loop_bridge(zva, zv, zt, ts.tolist())) < 1e-6
     assert abs(float(S.brownian_bridge_loss(zva, zv, zt, 0.25))
@@ -119,12 +127,33 @@ def test_terms_equal_loops_in_float32_too():
     scale = torch.tensor([20.0])
     assert abs(float(S.in_modal_infonce(zv, zva, scale)) - loop_infonce(zv, zva, 20.0)) < 1e-5
     assert abs(float(S.geometric_consistency_loss(zv, zt)) - loop_gc(zv, zt)) < 1e-6
-    assert abs(float(S.uniformity_loss(zva)) - loop_uniformity(zva)) < 1e-6
+    assert abs(float(S.uniformity_loss(zva)) - paper_uniformity(zva)) < 1e-6
 
 
 def test_uniformity_with_an_unnormalised_input_matches_the_loop():
     x = torch.randn(6, 3, generator=torch.Generator().manual_seed(3), dtype=D) * 0.3
-    assert abs(float(S.uniformity_loss(x)) - loop_uniformity(x)) < 1e-6
+    assert abs(float(S.uniformity_loss(x)) - paper_uniformity(x)) < 1e-6
+
+
+def distinct_pairs_uniformity(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """The form this project had before issue 14 (Wang & Isola's estimator): log mean over j != k."""
+    n = x.shape[0]
+    e = torch.exp(-t * torch.cdist(x, x).pow(2))
+    return torch.log((e.sum() - e.diagonal().sum()) / (n * (n - 1)))
+
+
+@pytest.mark.parametrize("n", [4, 8, 32])
+def test_the_earlier_uniformity_gradient_is_the_papers_times_n_plus_s_over_s(n):
+    """paper = log((N + S) / N^2), distinct pairs = log(S / (N (N - 1))) with S the off-diagonal sum:
+    the same direction, the earlier one's gradient scaled by (N + S) / S (large when S << N: small
+    batches, spread features): why the paper's form matters at this project's micro-batches."""
+    x = unit(n, 16, n).requires_grad_(True)
+    (g_paper,) = torch.autograd.grad(S.uniformity_loss(x), x)
+    (g_pairs,) = torch.autograd.grad(distinct_pairs_uniformity(x), x)
+    with torch.no_grad():
+        s_off = float(torch.exp(-2 * torch.cdist(x, x).pow(2)).sum() - n)
+    assert torch.allclose(g_pairs, g_paper * (n + s_off) / s_off, rtol=1e-6, atol=1e-10)
+    assert (n + s_off) / s_off > 1.5  # unit vectors in 16-d: S is small against N at these batch sizes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +201,9 @@ def test_uniformity_of_a_single_row_is_zero_and_of_identical_rows_is_its_maximum
     same = unit(1, 4, 0).expand(5, 4).clone()
     assert float(S.uniformity_loss(same)) == 0.0  # log mean exp(0)
     assert float(S.uniformity_loss(unit(64, 4, 1))) < -1.0
+    # the paper's diagonal terms bound it below by log(1/N): spread rows cannot push it further
+    x = unit(8, 64, 2)
+    assert float(S.uniformity_loss(x)) > math.log(1 / 8) > float(distinct_pairs_uniformity(x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,11 +342,10 @@ def test_weighted_terms_are_named_and_in_modal_base_is_lcon():
     t2t = infonce_direction(out["text"], out["text_aug"], s)
     l_con = 0.25 * (v2t + t2v + v2v + t2t)
     assert float(lt.terms["contrastive_loss"] + lt.terms["in_modal_loss"]) == pytest.approx(float(l_con), abs=1e-6)
-    sep = (S.orthogonality_loss(out["image"], out["image_specific"], out["text"], out["text_specific"])
-           + 0.5 * (S.in_modal_infonce(out["image_specific"], out["image_specific_aug"], s)
-                    + S.in_modal_infonce(out["text_specific"], out["text_specific_aug"], s))
-           + 0.5 * (S.uniformity_loss(out["image_specific"]) + S.uniformity_loss(out["text_specific"])))
-    assert float(lt.terms["sep_loss"]) == pytest.approx(0.5 * float(sep), abs=1e-6)
+    sep_args = [out[k].double() for k in ("image", "image_specific", "text", "text_specific", "image_specific_aug",
+                                          "text_specific_aug")]
+    sep = paper_sep(*sep_args, 10.0)
+    assert float(lt.terms["sep_loss"]) == pytest.approx(0.5 * sep, abs=1e-5)
     br = S.brownian_bridge_loss(out["image_aug"], out["image"], out["text"], 0.25)
     assert float(lt.terms["bridge_loss"]) == pytest.approx(2.0 * float(br), abs=1e-6)
     gc = S.geometric_consistency_loss(out["image"], out["text"]) + S.geometric_consistency_aug_loss(
@@ -327,6 +358,44 @@ def test_weighted_terms_are_named_and_in_modal_base_is_lcon():
               "structure/v2v", "structure/t2t"):
         assert k in scalars, k
     assert scalars["structure/bridge"] == pytest.approx(float(br), abs=1e-6)
+
+
+def test_sep_parts_are_reported_unweighted_in_the_papers_form():
+    out = _outputs()
+    args = [out[k].double() for k in ("image", "image_specific", "text", "text_specific", "image_specific_aug",
+                                      "text_specific_aug")]
+    lt = _objective(lambda_sep=2.0)(out, {}, active=True)
+    assert float(lt.terms["sep_loss"]) == pytest.approx(2.0 * paper_sep(*args, 10.0), abs=1e-5)
+    assert lt.metrics["structure/uniformity"] == pytest.approx(paper_uniformity(args[1]) + paper_uniformity(args[3]),
+                                                               abs=1e-5)
+    assert lt.metrics["structure/specific_con"] == pytest.approx(
+        loop_infonce(args[1], args[4], 10.0) + loop_infonce(args[3], args[5], 10.0), abs=1e-5)
+
+
+@pytest.mark.parametrize("structure, on", [
+    ({}, False), ({"lambda_sep": 0.1}, True), ({"lambda_br": 0.1}, True), ({"lambda_gc": 0.1}, True),
+    ({"in_modal": False, "lambda_gc": 0.1}, False), ({"in_modal": True}, True),
+])
+def test_in_modal_auto_puts_a_regularized_run_on_the_papers_base(structure, on):
+    """in_modal defaults to auto: L_con = 1/4 (V2T + T2V + V2V + T2T) exactly when a regularizer is on
+    (the base the paper's results assume); a plain run stays cross-modal only, with no augmented views."""
+    assert GammarayConfig().loss.structure.in_modal == "auto"
+    obj = _objective(**structure)
+    assert obj.structure.s.in_modal is on
+    lt = obj(_outputs(), {}, active=True)
+    assert ("in_modal_loss" in lt.terms) is on
+    assert obj.needs_augmented_views is (on or bool(structure))
+
+
+def test_in_modal_auto_is_allowed_for_other_view_pairs_when_no_regularizer_is_on():
+    from gammaray.config import ConfigError
+
+    ok = apply_overrides(GammarayConfig(), {"data.view_pair": "text_text", "data.pair_locale": "de_DE"})
+    assert not ok.loss.structure.in_modal_active()
+    with pytest.raises(ConfigError, match="view_pair=image_text"):
+        apply_overrides(ok, {"loss.structure.in_modal": True})
+    with pytest.raises(ConfigError, match="view_pair=image_text"):
+        apply_overrides(ok, {"loss.structure.lambda_br": 0.5})
 
 
 def test_sampled_bridge_t_uses_the_configured_range():

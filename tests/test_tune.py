@@ -240,13 +240,18 @@ def search(ray_local, s3, small_catalogue, tmp_path_factory):
         "tune.trial_overrides": {"train.max_steps": TRIAL_STEPS},
         "tune.samples": SAMPLES, "tune.asha.reduction_factor": 2,  # tune.max_concurrent: auto (2 here)
         # eval.max_records is searched as an oracle for ASHA: with 1 held-out record R@1 is exactly 1,
-        # with 16 it is near chance (1/16) after 2 steps. The first three trials are 1, 16, 16: whichever
-        # of the first two reaches the rung first, a 16-record trial meets a recorded 1.0 there and is
-        # stopped, in any order the two concurrent trials arrive (the weights' effect after 2 steps is noise)
+        # with 16 it is near chance (1/16) after 2 steps. The first three trials are 16 (the baseline of
+        # the two-objective pick, which ASHA never stops), 1, 16: the third trial meets a recorded 1.0 at
+        # the rung and is stopped, in any order the two concurrent first trials arrive (the weights'
+        # effect after 2 steps is noise)
         "tune.space": {**GammarayConfig().tune.model_dump(mode="json")["space"],
                        "eval.max_records": {"kind": "choice", "values": [1, 16]}},
-        "tune.points_to_evaluate": [{"eval.max_records": 1}, {"eval.max_records": 16, "loss.structure.lambda_br": 0.1},
-                                    {"eval.max_records": 16}],
+        "tune.points_to_evaluate": [{"eval.max_records": 16}, {"eval.max_records": 1},
+                                    {"eval.max_records": 16, "loss.structure.lambda_br": 0.1}],
+        # two objectives: R@1 and the modality-specific probe the loop's validation reports (a 1-record
+        # trial has no probe figure: it cannot be on the front)
+        "tune.objectives": ["val_r_at_1", "val_probe_specific"],
+        "eval.specific_attributes": {"image": ["pattern", "size"], "text": ["care", "warranty"]},
     })
     cfg = apply_overrides(GammarayConfig(), ov)
     out_dir = tmp_path_factory.mktemp("tune-out")
@@ -288,6 +293,10 @@ def test_small_search_runs_real_trials_and_asha_stops_early(search):
             assert r.status == report.COMPLETED and r.metric == pytest.approx(1.0)
     assert any(r.values["eval.max_records"] == 16 for r in stopped)
     assert any(r.values["loss.structure.lambda_br"] == pytest.approx(0.1) for r in out.rows)  # the seeded point
+    # the baseline (points_to_evaluate[0]) is never stopped, and the loop reported both objectives
+    assert out.baseline is not None and out.baseline.status == report.COMPLETED
+    assert out.baseline.values["eval.max_records"] == 16
+    assert 0.0 < out.baseline.objectives["val_probe_specific"] <= 1.0
     wall = search["wall_first"] + search["wall_second"]
     assert wall < SEARCH_BUDGET_S, f"the search took {wall:.0f} s (first run {search['wall_first']:.0f} s, resumed run {search['wall_second']:.0f} s)"
 
@@ -359,13 +368,19 @@ def test_results_table_plot_and_best_config_are_written(search, s3):
     out = search["second"]
     exp = out.experiment_uri
     assert exp.startswith("s3://")  # the experiment lives in the run storage
-    for name in ("results.txt", "results.csv", "metric_vs_values.png", "best_config.yaml", "gammaray_tune.yaml"):
+    for name in ("results.txt", "results.csv", "metric_vs_values.png", "best_config.yaml", "gammaray_tune.yaml",
+                 "pareto_front.json", "pareto_front.png", "picked_config.yaml", "baseline_config.yaml"):
         assert storage.exists(storage.join(exp, name)), name
+    front = json.loads(storage.read_bytes(storage.join(exp, "pareto_front.json")))
+    assert front["picked"] == out.picked.trial_id and front["rule"]["baseline"] == out.baseline.trial_id
+    assert {t["trial_id"] for t in front["trials"]} == {r.trial_id for r in out.rows}
+    for path, value in out.picked.values.items():
+        assert space._get(load(out.picked_config_path), path) == value, path
     text = (search["out_dir"] / "results.txt").read_text()
     assert text == storage.read_bytes(storage.join(exp, "results.txt")).decode()
     header = text.splitlines()[0].split()
     assert header[:4] == ["trial", "lambda_sep", "lambda_br", "lambda_gc"]
-    assert header[-3:] == ["R@1", "steps", "status"]
+    assert header[-4:] == ["R@1", "probe_specific", "steps", "status"]  # the second objective has a column too
     for r in out.rows:
         assert r.trial_id in text
     assert "stopped early" in text and "completed" in text

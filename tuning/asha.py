@@ -23,11 +23,15 @@ STATE_FILE = "asha_rungs.state"
 
 
 class RungMemoryASHA(AsyncHyperBandScheduler):
-    def __init__(self, state_uri: str, storage_cfg: StorageConfig, **kwargs):
+    """`protect`: Tune params of trials that are recorded at the rungs but never stopped (the
+    baseline a multi-objective pick compares with needs its final values)."""
+
+    def __init__(self, state_uri: str, storage_cfg: StorageConfig, protect: list[dict] | None = None, **kwargs):
         super().__init__(**kwargs)
         self._state_uri = state_uri
         self._storage_cfg = storage_cfg
         self._state_loaded = False
+        self._protect = list(protect or [])
 
     # -- persistence (AsyncHyperBandScheduler.save/restore pickle the scheduler's __dict__)
 
@@ -70,6 +74,8 @@ class RungMemoryASHA(AsyncHyperBandScheduler):
         self._load_once()
         action = super().on_trial_result(tune_controller, trial, result)
         self._persist()
+        if action == self.STOP and any(_same_params(trial.config, p) for p in self._protect):
+            return self.CONTINUE
         return action
 
     def on_trial_complete(self, tune_controller, trial, result):
@@ -82,6 +88,12 @@ class RungMemoryASHA(AsyncHyperBandScheduler):
         if trial.trial_id in self._trial_info:
             super().on_trial_remove(tune_controller, trial)
         self._persist()
+
+
+def _same_params(config: dict, point: dict) -> bool:
+    from .objectives import same_values
+
+    return same_values({k: config.get(k) for k in point}, point)
 
 
 def load_rung_records(state_uri: str, storage_cfg: StorageConfig) -> dict[float, dict[str, float]]:

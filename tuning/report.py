@@ -31,6 +31,7 @@ class TrialRow:
     train_workers: int | None = None
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    objectives: dict[str, float] = field(default_factory=dict)   # last values of tune.objectives
 
 
 def short_names(paths: list[str]) -> dict[str, str]:
@@ -58,15 +59,20 @@ def best_row(rows: list[TrialRow]) -> TrialRow | None:
     return max(pool, key=lambda r: (r.metric, r.steps or 0))
 
 
-def table_text(rows: list[TrialRow], space: Mapping[str, SearchDim], metric: str, best: TrialRow | None) -> str:
+def table_text(rows: list[TrialRow], space: Mapping[str, SearchDim], metric: str, best: TrialRow | None,
+               objectives: list[str] | None = None) -> str:
+    """One line per trial; `objectives` other than `metric` get a column each (their last values)."""
     names = short_names(list(space))
-    header = ["trial", *[names[p] for p in space], "R@1" if metric == "val_r_at_1" else metric, "steps", "status"]
+    extra = [m for m in objectives or [] if m != metric]
+    header = ["trial", *[names[p] for p in space], "R@1" if metric == "val_r_at_1" else metric,
+              *[m.removeprefix("val_") for m in extra], "steps", "status"]
     body = []
     for r in rows:
         cells = [r.trial_id + (" *" if best is not None and r.trial_id == best.trial_id else "")]
         cells += [fmt(r.values[p]) if p in r.values else "-" for p in space]
-        cells += [f"{r.metric:.4f}" if r.metric is not None else "-", str(r.steps) if r.steps is not None else "-",
-                  r.status]
+        cells += [f"{r.metric:.4f}" if r.metric is not None else "-"]
+        cells += [f"{r.objectives[m]:.4f}" if m in r.objectives else "-" for m in extra]
+        cells += [str(r.steps) if r.steps is not None else "-", r.status]
         body.append(cells)
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731

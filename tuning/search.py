@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from gammaray.config import ConfigError, GammarayConfig, apply_overrides, from_dict, to_yaml
@@ -60,6 +60,13 @@ class TuneOutcome:
     plan: ResourcePlan
     trial_max_steps: int
     wall_s: float
+    # multi-objective searches (tune.objectives): tuning/objectives.py
+    front: list[report.TrialRow] = field(default_factory=list)
+    picked: report.TrialRow | None = None
+    baseline: report.TrialRow | None = None
+    pick_reason: str | None = None
+    picked_config_path: str | None = None     # local YAML for `gammaray pretrain --config`
+    baseline_config_path: str | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,9 +112,11 @@ def plan_resources(cfg: GammarayConfig, cluster: dict[str, float]) -> ResourcePl
     data task per worker each. Never more than leaves one data task's CPUs free (the deadlock
     condition of PLATFORM.md)."""
     t, tr = cfg.tune, cfg.train
+    cpus, gpus = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
+    if t.trial_kind == "in_process":
+        return _plan_in_process(cfg, cpus, gpus)
     if tr.workers < 1:
         raise ConfigError("train.workers: Ray Tune trials run a TorchTrainer; use at least 1 worker")
-    cpus, gpus = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
     held = t.trial_cpus + tr.workers * tr.cpus_per_worker
     data = cfg.data.preprocess_num_cpus
     footprint = held + tr.workers * data
@@ -139,11 +148,38 @@ def plan_resources(cfg: GammarayConfig, cluster: dict[str, float]) -> ResourcePl
                         cpus_per_trial_with_data=footprint, reason=reason)
 
 
+def _plan_in_process(cfg: GammarayConfig, cpus: float, gpus: float) -> ResourcePlan:
+    """An in-process trial holds tune.trial_cpus (and one GPU with train.use_gpu) and needs nothing else."""
+    t = cfg.tune
+    if t.trial_cpus > cpus + 1e-9:
+        raise ConfigError(f"tune.trial_cpus={t.trial_cpus:g}: an in-process trial needs more CPUs than the cluster has "
+                          f"({cpus:g})")
+    limits = {"cpus": int(math.floor(cpus / t.trial_cpus + 1e-9))}
+    if cfg.train.use_gpu:
+        if gpus < 1:
+            raise ConfigError("train.use_gpu: an in-process trial needs a GPU, the cluster has none")
+        limits["gpus"] = int(gpus)
+    if t.max_concurrent is not None:
+        if t.max_concurrent > min(limits.values()):
+            raise ConfigError(f"tune.max_concurrent={t.max_concurrent}: at most {min(limits.values())} in-process trials "
+                              f"of tune.trial_cpus={t.trial_cpus:g} fit here")
+        n, reason = t.max_concurrent, "tune.max_concurrent"
+    else:
+        n, reason = min(limits.values()), ", ".join(f"{k}<={v}" for k, v in limits.items())
+    return ResourcePlan(max_concurrent=max(1, min(n, t.samples)), cluster_cpus=cpus, cluster_gpus=gpus,
+                        cpus_held_per_trial=t.trial_cpus, cpus_per_trial_with_data=t.trial_cpus, reason=reason)
+
+
 def trial_budget(cfg: GammarayConfig, num_records: int) -> int:
     from workers.train import estimate_total_steps
 
     trial = space.trial_config(cfg, {})
-    planned = estimate_total_steps(trial, num_records, trial.train.workers)
+    if cfg.tune.trial_kind == "in_process":
+        from workers.inprocess import planned_steps
+
+        planned = planned_steps(trial, num_records)
+    else:
+        planned = estimate_total_steps(trial, num_records, trial.train.workers)
     return min(planned, cfg.tune.asha.max_steps) if cfg.tune.asha.max_steps else planned
 
 
@@ -151,9 +187,11 @@ def trial_budget(cfg: GammarayConfig, num_records: int) -> int:
 # the trial
 
 
-def _forwarding_callback(metric: str, eval_every: int):
+def _forwarding_callback(metric: str, eval_every: int, objectives: list[str] | None = None):
     """Tune's report callback, given only the reports that carry a fresh validation metric."""
     from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .objectives import with_every_objective
 
     class FreshMetricReport(TuneReportCallback):
         def __init__(self):
@@ -165,7 +203,7 @@ def _forwarding_callback(metric: str, eval_every: int):
             fresh = m.get("final") or int(m.get("step", 0)) % self.eval_every == 0
             if self.metric not in m or not fresh:
                 return  # Tune and ASHA need the metric in every result; stale values would mislead ASHA
-            m = {**m, "train_workers": len(metrics)}
+            m = {**with_every_objective(m, objectives or []), "train_workers": len(metrics)}
             super().after_report(run_context, [m, *metrics[1:]], checkpoint)
 
     return FreshMetricReport()
@@ -185,7 +223,8 @@ def run_trial(params: dict, base: dict, experiment_uri: str) -> None:
     cfg = apply_overrides(cfg, {"run.storage": storage.join(experiment_uri, "train"), "run.name": trial_id})
     # (no MetricsCallback: the trial's reports are in its Tune result files, and TensorBoard's
     # import in every trial's controller costs seconds of CPU)
-    trainer = build_trainer(cfg, callbacks=[_forwarding_callback(cfg0.tune.metric, cfg.train.eval_every)])
+    trainer = build_trainer(cfg, callbacks=[_forwarding_callback(cfg0.tune.metric, cfg.train.eval_every,
+                                                                 list(cfg0.tune.objectives))])
     trainer.fit()
 
 
@@ -200,6 +239,10 @@ def _trainable(cfg: GammarayConfig, experiment_uri: str):
         from .heads_trial import run_heads_trial
 
         fn = tune.with_parameters(run_heads_trial, base=cfg.model_dump(mode="json"))
+    elif cfg.tune.trial_kind == "in_process":
+        from . import inprocess
+
+        return inprocess.trainable(cfg, experiment_uri)
     else:
         fn = tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), experiment_uri=experiment_uri)
     return tune.with_resources(fn, {"CPU": cfg.tune.trial_cpus})
@@ -285,7 +328,9 @@ def run_tune(cfg: GammarayConfig, samples: int | None = None, progress: bool = T
             trainable,
             param_space=params,
             tune_config=tune.TuneConfig(
-                metric=cfg.tune.metric, mode="max", search_alg=_searcher(cfg), scheduler=_scheduler(cfg, budget, exp_uri),
+                # several objectives: the searcher and the scheduler hold their own metrics (Tune takes one)
+                metric=None if cfg.tune.objectives else cfg.tune.metric, mode=None if cfg.tune.objectives else "max",
+                search_alg=_searcher(cfg), scheduler=_scheduler(cfg, budget, exp_uri),
                 num_samples=cfg.tune.samples, max_concurrent_trials=plan.max_concurrent,
                 trial_dirname_creator=trial_dirname, trial_name_creator=trial_dirname,
             ),
@@ -300,6 +345,10 @@ def run_tune(cfg: GammarayConfig, samples: int | None = None, progress: bool = T
 def _searcher(cfg: GammarayConfig):
     seed = cfg.tune.seed if cfg.tune.seed is not None else cfg.run.seed
     points = space.start_points(cfg) or None
+    if cfg.tune.searcher == "optuna" and cfg.tune.objectives:
+        from . import objectives
+
+        return objectives.searcher(cfg, seed, points)
     if cfg.tune.searcher == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
@@ -321,8 +370,15 @@ def _scheduler(cfg: GammarayConfig, budget: int, exp_uri: str):
         return FIFOScheduler()  # (a grace period of the whole budget leaves ASHA nothing to stop)
     # time = optimizer steps. Rungs sit at grace * rf^k strictly below the budget: a trial that
     # survives them runs to its end and its final report (no rung at the last step)
+    multi = {"metric": cfg.tune.metric, "mode": "max"} if cfg.tune.objectives else {}
+    protect = []
+    if cfg.tune.objectives:  # the pick rule needs the baseline's final values: ASHA never stops it
+        from .objectives import baseline_params
+
+        protect = [p for p in [baseline_params(cfg)] if p is not None]
     return RungMemoryASHA(storage.join(exp_uri, STATE_FILE), cfg.storage, time_attr="step", max_t=budget - 1,
-                          grace_period=grace, reduction_factor=a.reduction_factor, stop_last_trials=False)
+                          grace_period=grace, reduction_factor=a.reduction_factor, stop_last_trials=False,
+                          protect=protect, **multi)
 
 
 def _check_same_experiment(cfg: GammarayConfig, base_uri: str) -> None:
@@ -378,6 +434,7 @@ def collect(exp_path: str, fs, cfg: GammarayConfig) -> tuple[list[report.TrialRo
             metric=float(metric) if space.finite(metric) else None,
             steps=int(last["step"]) if "step" in last else None, status=status,
             train_workers=last.get("train_workers"), error=error,
+            objectives={m: float(last[m]) for m in cfg.tune.objectives if space.finite(last.get(m))},
             extra={"checkpoint_path": last.get("checkpoint_path"), "time_total_s": last.get("time_total_s")}))
     return rows, interrupted
 
@@ -394,7 +451,7 @@ def _finish(user_cfg: GammarayConfig, cfg: GammarayConfig, rows: list[report.Tri
     name = experiment_name(cfg)
     metric = cfg.tune.metric
     best = report.best_row(rows)
-    table = report.table_text(rows, cfg.tune.space, metric, best)
+    table = report.table_text(rows, cfg.tune.space, metric, best, list(cfg.tune.objectives))
     local = out_dir or (storage._local_path(exp_uri) if not storage.is_remote(exp_uri) else os.path.abspath(name))
     os.makedirs(local, exist_ok=True)
     outputs: dict[str, bytes] = {
@@ -407,6 +464,16 @@ def _finish(user_cfg: GammarayConfig, cfg: GammarayConfig, rows: list[report.Tri
     if best is not None:
         best_cfg = report.best_config(user_cfg, best, run_name=f"{name}-best")
         outputs["best_config.yaml"] = report.best_config_yaml(best_cfg, best, name, metric).encode()
+    multi: dict[str, Any] = {}
+    if cfg.tune.objectives:
+        from . import objectives
+
+        files, chosen, front = objectives.outputs(user_cfg, cfg, rows, name)
+        outputs.update(files)
+        multi = {"front": front, "picked": chosen.row, "baseline": chosen.baseline, "pick_reason": chosen.reason}
+        for key, fname in (("picked_config_path", "picked_config.yaml"), ("baseline_config_path", "baseline_config.yaml")):
+            if fname in files:
+                multi[key] = os.path.join(local, fname)
     for fname, data in outputs.items():
         storage.write_bytes(storage.join(exp_uri, fname), data, cfg.storage)
         with open(os.path.join(local, fname), "wb") as f:
@@ -421,6 +488,12 @@ def _finish(user_cfg: GammarayConfig, cfg: GammarayConfig, rows: list[report.Tri
         log("tune: the experiment was interrupted; run the same command again to finish the remaining trials")
     if best_path:
         log(f"tune: best config -> {best_path}  (train it: gammaray pretrain --config {best_path})")
+    if multi:
+        log(f"tune: Pareto front of {', '.join(cfg.tune.objectives)}: {len(multi['front'])} trials "
+            f"({', '.join(r.trial_id for r in multi['front'])}) -> {os.path.join(local, 'pareto_front.json')}, .png")
+        log(f"tune: pick: {multi['pick_reason']}")
+        if multi.get("picked_config_path"):
+            log(f"tune: picked config -> {multi['picked_config_path']}  (baseline: {multi['baseline_config_path']})")
     return TuneOutcome(experiment_uri=exp_uri, rows=rows, best=best, best_config=best_cfg, best_config_path=best_path,
                        output_dir=local, table=table, resumed=resumed, interrupted=interrupted, plan=plan,
-                       trial_max_steps=budget, wall_s=time.perf_counter() - t0)
+                       trial_max_steps=budget, wall_s=time.perf_counter() - t0, **multi)

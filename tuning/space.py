@@ -51,6 +51,19 @@ def validate(cfg: GammarayConfig) -> None:
     start_points(cfg)  # raises naming tune.points_to_evaluate[i].<path>
     if t.metric != "val_r_at_1" and not t.metric.startswith("val_"):
         raise ConfigError(f"tune.metric: {t.metric!r} is not a validation metric (val_...) reported by the loop")
+    if t.objectives:
+        if len(t.objectives) != 2 or len(set(t.objectives)) != 2:
+            raise ConfigError(f"tune.objectives: give two different validation metrics (the pick rule holds the first "
+                              f"near the baseline's and maximises the second), got {t.objectives}")
+        for m in t.objectives:
+            if not m.startswith("val_"):
+                raise ConfigError(f"tune.objectives: {m!r} is not a validation metric (val_...) reported by the loop")
+            if m.startswith("val_probe_") and not trial_config(cfg, {}).eval.specific_attributes:
+                raise ConfigError(f"tune.objectives: {m} needs eval.specific_attributes (the attributes only one "
+                                  f"modality carries, e.g. {{image: [pattern, size], text: [care, warranty]}})")
+        if not t.points_to_evaluate:
+            raise ConfigError("tune.objectives: the pick rule compares with a baseline trial, tune.points_to_evaluate[0]"
+                              "; add one (e.g. [{}] = the base config's values)")
     trial = trial_config(cfg, {})
     if trial.data.features.train and not trial.data.features.val:
         raise ConfigError("data.features.val: heads trials rank by validation R@1; point it at the feature store of a "

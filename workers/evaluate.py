@@ -17,6 +17,7 @@ Conventions, chosen to never flatter a model:
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -293,6 +294,70 @@ def run_probes(train_emb: dict[str, np.ndarray], train_labels: dict[str, list[st
 
 
 # --------------------------------------------------------------------------------------------
+# modality-specific information: attributes only one modality carries, probed from its embedding
+
+
+def standardized_probe_accuracy(x_fit: np.ndarray, y_fit: Sequence[str], x_test: np.ndarray, y_test: Sequence[str],
+                                l2: float = 1e-4) -> float:
+    """probe_accuracy on features standardised with the fitting part's mean and deviation (unit-norm
+    embeddings spread over many small coordinates; L-BFGS converges on standardised ones)."""
+    x_fit = np.asarray(x_fit, dtype=np.float64)
+    mu, sd = x_fit.mean(0), x_fit.std(0) + 1e-6
+    return probe_accuracy((x_fit - mu) / sd, y_fit, (np.asarray(x_test, dtype=np.float64) - mu) / sd, y_test, l2=l2)
+
+
+def specific_probes(emb: dict[str, np.ndarray], cols: dict[str, list[str | None]],
+                    attributes: dict[str, list[str]], seed: int, l2: float = 1e-4,
+                    fit: tuple[dict[str, np.ndarray], dict[str, list[str | None]]] | None = None) -> dict[str, float]:
+    """How much of what only one modality knows its embedding keeps: for each attribute in
+    `attributes[side]` (side = image or text), the accuracy of a linear probe on `emb[side]`.
+
+    Probes are fitted on `fit` (embeddings and label columns of another split) when given, else
+    two-fold on the evaluated records themselves (stratified halves by the attribute; each half is
+    tested with the probe fitted on the other, so every record is tested once). Records without the
+    attribute are left out. Returns probe_<side>_only_<attr>, probe_<side>_only (the side's mean) and
+    probe_specific (the mean over the sides): the modality-specific objective of Ray Tune."""
+    out: dict[str, float] = {}
+    side_means = []
+    for side in ("image", "text"):
+        accs = []
+        for attr in attributes.get(side, []):
+            col = f"attr:{attr}"
+            if col not in cols or (fit is not None and col not in fit[1]):
+                where = cols if col not in cols else fit[1]
+                known = sorted(c[5:] for c in where if c.startswith("attr:"))
+                raise ValueError(f"eval.specific_attributes.{side}: no record carries the attribute {attr!r} "
+                                 f"(attributes present: {', '.join(known) or 'none'})")
+            if fit is not None:
+                fit_emb, fit_cols = fit
+                tr = [i for i, v in enumerate(fit_cols[col]) if v is not None]
+                te = [i for i, v in enumerate(cols[col]) if v is not None]
+                acc = standardized_probe_accuracy(fit_emb[side][tr], [fit_cols[col][i] for i in tr], emb[side][te],
+                                                  [cols[col][i] for i in te], l2)
+            else:
+                keep = np.asarray([i for i, v in enumerate(cols[col]) if v is not None], dtype=np.int64)
+                y = [cols[col][i] for i in keep]
+                x = emb[side][keep]
+                hits, tested = 0.0, 0
+                for fit_idx, test_idx in itertools.permutations(stratified_split(y, 0.5, seed)):
+                    if len(fit_idx) and len(test_idx):  # (too few records: a half may be empty)
+                        hits += len(test_idx) * standardized_probe_accuracy(
+                            x[fit_idx], [y[i] for i in fit_idx], x[test_idx], [y[i] for i in test_idx], l2)
+                        tested += len(test_idx)
+                if not tested:
+                    continue
+                acc = hits / tested
+            out[f"probe_{side}_only_{_slug(attr)}"] = acc
+            accs.append(acc)
+        if accs:
+            out[f"probe_{side}_only"] = float(np.mean(accs))
+            side_means.append(out[f"probe_{side}_only"])
+    if side_means:
+        out["probe_specific"] = float(np.mean(side_means))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # report helpers
 
 
@@ -492,6 +557,8 @@ def run_evaluation(engine, cfg, tokenizer, device: torch.device, data_uri: str |
 
     labels_by_index = read_labels(uri, cfg)
     cols = label_columns(labels_by_index, emb["sample_index"])
+    if cfg.eval.specific_attributes and cfg.data.view_pair == "image_text":
+        metrics.update(specific_probes(emb, cols, cfg.eval.specific_attributes, cfg.run.seed, cfg.eval.probe_l2))
     classes = sorted({c for c in cols["category"] if c})
     if classes and cfg.data.view_pair == "image_text":  # zero-shot = images against category prompts
         class_text = encode_prompts(engine, tokenizer, category_prompts(classes, cfg.eval.prompt_template), cfg, device)

@@ -17,6 +17,7 @@ BENCHES = {
     "batch": "workers.benchmarks.batch",
     "structure": "workers.benchmarks.structure",
     "recipe": "workers.benchmarks.recipe",
+    "tune-structure": "workers.benchmarks.tune_structure",
     "scaling": "workers.benchmarks.scaling",
     "ingest": "pipelines.benchmarks.ingest",
     "decode": "pipelines.benchmarks.decode",

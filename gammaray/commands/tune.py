@@ -16,7 +16,13 @@ Defaults: the regularizer weights loss.structure.lambda_{sep,br,gc} (log-uniform
 bridge t, the temperature, the gamma loss's alpha and gamma. The experiment lives in
 <run.storage>/<tune.name>; running the same command again resumes it (finished trials are kept).
 At the end: a results table, metric_vs_values.png and best_config.yaml (train it with
-`gammaray pretrain --config best_config.yaml`)."""
+`gammaray pretrain --config best_config.yaml`).
+
+Several objectives (tune.objectives, e.g. [val_r_at_1, val_probe_specific] with eval.specific_attributes):
+Optuna's multi-objective TPE, ASHA on tune.metric, pareto_front.json/.png, picked_config.yaml (the
+highest second objective among trials whose first is within tune.pick.margin of the baseline trial's,
+tune.points_to_evaluate[0]) and baseline_config.yaml. tune.trial_kind=in_process trains each trial in
+its own process (small models: far cheaper than a TorchTrainer per trial)."""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,11 +42,23 @@ def run(args: argparse.Namespace) -> int:
         "best_values": out.best.values if out.best else None, "best_config": out.best_config_path,
         "outputs": out.output_dir, "wall_s": round(out.wall_s, 1),
     }
+    if cfg.tune.objectives:
+        summary.update({
+            "objectives": list(cfg.tune.objectives), "front": [r.trial_id for r in out.front],
+            "picked_trial": out.picked.trial_id if out.picked else None,
+            "picked_objectives": out.picked.objectives if out.picked else None,
+            "baseline_trial": out.baseline.trial_id if out.baseline else None,
+            "baseline_objectives": out.baseline.objectives if out.baseline else None,
+            "pick_reason": out.pick_reason, "picked_config": out.picked_config_path,
+            "baseline_config": out.baseline_config_path,
+        })
     if args.json:
         with open(args.json, "w") as f:
             json.dump({**summary, "rows": [r.__dict__ for r in out.rows]}, f, indent=2, default=str)
     if out.interrupted:
         return 3
+    if cfg.tune.objectives:
+        return 0 if out.picked is not None else 1
     return 0 if out.best is not None else 1
 
 

@@ -6,11 +6,15 @@ fusion model), z^i modality-specific features from extra heads. Batch of N rows,
 
 - In-modal contrastive: InfoNCE from z_V to the augmented views z^a_V (the positive is the same
   record's view), likewise T2T. The base loss L_con = 1/4 (V2T + T2V + V2V + T2T).
-- Deep feature separation: L_sep = L_ortho + L^i_con + L_uni with
+- Deep feature separation: L_sep = L_ortho + L^i_con + L_uni with (the paper's forms)
   L_ortho = mean_j (<z_Vj, z^i_Vj>^2 + <z_Tj, z^i_Tj>^2),
-  L^i_con = 1/2 (V2V + T2T) on the specific features (augmented view as positive),
-  L_uni   = 1/2 (uni(z^i_V) + uni(z^i_T)), uni(x) = log mean_{j != k} exp(-2 ||x_j - x_k||^2)
-  (Wang & Isola's uniformity over distinct pairs; 0 for a batch of one).
+  L^i_con = V2V + T2T on the specific features (augmented view as positive),
+  L_uni   = uni(z^i_V) + uni(z^i_T), uni(x) = log mean_{j,k} exp(-2 ||x_j - x_k||^2) over all N^2 pairs,
+  the diagonal (exp(0) = 1) included under the one log; each modality sums like L_ortho's two terms.
+  (Until issue 14 uni averaged over distinct pairs j != k and both parts were averaged over the
+  modalities: a uniformity gradient (N + S) / S times this one, S = sum_{j != k} exp(-2 ||x_j - x_k||^2),
+  17x at N = 4 and 8x at 8 for random unit vectors in 64-d; at lambda_sep = 0.3 the two measured the
+  same within noise, docs/bench/sep-form.json, so only the paper's is kept.)
 - Brownian bridge: mu_j = normalize(t_j z_Vj + (1 - t_j) z_Tj), L_br = mean_j ||z^a_Vj - mu_j||^2,
   t fixed (0.25) or drawn per row from a range; the bridge's variance t(1-t) is not rescaled.
 - Geometric consistency: L_gc = (1/N) sum_{j,k} [(<z_Vj,z_Tk> - <z_Vk,z_Tj>)^2 + (<z_Vj,z_Vk> - <z_Tj,z_Tk>)^2]
@@ -55,14 +59,14 @@ def orthogonality_loss(z_v: torch.Tensor, zi_v: torch.Tensor, z_t: torch.Tensor,
 
 
 def uniformity_loss(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
-    """log mean_{j != k} exp(-t ||x_j - x_k||^2), computed as a log-sum-exp (stable); 0 when N < 2."""
+    """log mean_{j,k} exp(-t ||x_j - x_k||^2) over all N^2 pairs, the diagonal included (the paper's
+    form; 0 for N = 1), as a log-sum-exp (stable)."""
     n = x.shape[0]
-    if n < 2:
-        return x.sum() * 0.0
     sq = (x * x).sum(-1)
     d2 = (sq[:, None] + sq[None, :] - 2.0 * x @ x.T).clamp_min(0.0)
-    off = ~torch.eye(n, dtype=torch.bool, device=x.device)
-    return torch.logsumexp(-t * d2[off], dim=0) - math.log(n * (n - 1))
+    # the diagonal's d2 is exactly 0 (not a rounding residue of sq + sq - 2 <x, x>)
+    d2 = d2.masked_fill(torch.eye(n, dtype=torch.bool, device=x.device), 0.0)
+    return torch.logsumexp(-t * d2.reshape(-1), dim=0) - math.log(n * n)
 
 
 def bridge_points(z_v: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
@@ -122,7 +126,7 @@ def geometric_consistency_aug_loss(z_v: torch.Tensor, z_t: torch.Tensor, z_v_aug
 
 @dataclass
 class StructureSettings:
-    in_modal: bool = False
+    in_modal: bool = False          # resolved: loss.structure.in_modal=auto is on exactly when a weight is > 0
     lambda_sep: float = 0.0
     lambda_br: float = 0.0
     lambda_gc: float = 0.0
@@ -134,8 +138,9 @@ class StructureSettings:
     @classmethod
     def from_config(cls, structure_cfg, gather_negatives: bool = False) -> "StructureSettings":
         s = structure_cfg
-        return cls(in_modal=s.in_modal, lambda_sep=s.lambda_sep, lambda_br=s.lambda_br, lambda_gc=s.lambda_gc,
-                   bridge_t=s.bridge_t, bridge_t_range=tuple(s.bridge_t_range) if s.bridge_t_range else None,
+        return cls(in_modal=s.in_modal_active(), lambda_sep=s.lambda_sep, lambda_br=s.lambda_br,
+                   lambda_gc=s.lambda_gc, bridge_t=s.bridge_t,
+                   bridge_t_range=tuple(s.bridge_t_range) if s.bridge_t_range else None,
                    gc_augmented=s.gc_augmented, gather_negatives=gather_negatives)
 
 
@@ -209,9 +214,9 @@ class StructureObjective:
             why = "loss.structure.lambda_sep (model.specific_heads)"
             zi_v, zi_t = _need(out, "image_specific", why), _need(out, "text_specific", why)
             ortho = orthogonality_loss(z_v, zi_v, z_t, zi_t)
-            spec_con = 0.5 * (in_modal_infonce(zi_v, _need(out, "image_specific_aug", why), scale, gather)
-                              + in_modal_infonce(zi_t, _need(out, "text_specific_aug", why), scale, gather))
-            uni = 0.5 * (uniformity_loss(zi_v) + uniformity_loss(zi_t))
+            spec_con = (in_modal_infonce(zi_v, _need(out, "image_specific_aug", why), scale, gather)
+                        + in_modal_infonce(zi_t, _need(out, "text_specific_aug", why), scale, gather))
+            uni = uniformity_loss(zi_v) + uniformity_loss(zi_t)
             sep = ortho + spec_con + uni
             terms["sep_loss"] = s.lambda_sep * sep
             metrics.update({"structure/sep": float(sep.detach()), "structure/ortho": float(ortho.detach()),
