@@ -244,7 +244,6 @@ def test_multi_objective_search_of_in_process_trials_writes_the_front_and_the_pi
     assert picked.train.max_steps is None  # the trial-only budget is not carried into it
     baseline = load(out.baseline_config_path)
     assert baseline.loss.structure.lambda_sep == 0.0 and baseline.loss.structure.lambda_gc == 0.0
-    assert inprocess_search["wall"] < 300 * TIME_FACTOR
 
 
 @pytest.mark.timeout(int(600 * TIME_FACTOR))
