@@ -583,13 +583,36 @@ def plot(rows: list[dict], png: str, metrics: tuple[str, ...] = ("r_at_1", "zero
     plt.close(fig)
 
 
+def shipped_defaults() -> dict:
+    """The shipped value of every key the study searches or ablates: the "default" rows were made
+    with these (tests/test_recipe_defaults.py fails when a default moves away from the study)."""
+    from gammaray.config import load
+
+    from tuning.space import _get
+
+    cfg = load(None, {})
+    keys = sorted({k for space in SPACES.values() for k in space} | {k for a in ABLATIONS.values() for k in a})
+    return {k: _get(cfg, k) for k in keys}
+
+
+def _rounded(obj, digits: int = 4):
+    """Curves at 4 significant digits: the details file stays small enough to commit."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: _rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_rounded(v, digits) for v in obj]
+    return obj
+
+
 def write_outputs(rows: list[dict], json_path: str, command: str) -> None:
     public = public_rows(rows)
     with open(json_path, "w") as f:
-        json.dump({"command": command, "rows": public}, f, indent=1)
+        json.dump({"command": command, "defaults": shipped_defaults(), "rows": public}, f, indent=1)
     details = {"command": command,
-               "runs": [{**{k: r[k] for k in ROW_KEYS}, "variant": r.get("variant"), "test": r.get("_test"),
-                         "curve": r.get("_curve")} for r in rows]}
+               "runs": [{**{k: r[k] for k in ROW_KEYS}, "variant": r.get("variant"), "test": _rounded(r.get("_test")),
+                         "curve": _rounded(r.get("_curve"))} for r in rows]}
     with open(_sibling(json_path, ".details.json"), "w") as f:
         json.dump(details, f, indent=None, default=float)
     plot(rows, _sibling(json_path, ".png"))
