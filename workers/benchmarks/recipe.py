@@ -522,21 +522,22 @@ def summary_table(rows: list[dict], metric: str = "r_at_1", regime: str = "locke
 
 def verdict(rows: list[dict], batch: int = 16, big: int = 64) -> list[str]:
     """The issue's test per data set: gamma (shipped defaults) at `batch` against InfoNCE at `batch` and
-    at `big`, equal epochs, mean test R@1 over seeds (default and tuned InfoNCE alike)."""
+    at `big`, equal epochs, mean test R@1 ± std over seeds (default and tuned InfoNCE alike); `>=` is
+    the comparison of the means only, which the spreads beside it qualify."""
     c = cells(rows)
     out = []
     for d in sorted({k[0] for k in c}):
         g = c.get((d, "gamma", "default", batch))
         if not g:
             continue
-        gm = mean_std(g)[0]
-        parts = [f"{d}: gamma default @ {batch} = {gm:.4f}"]
+        gm, gs = mean_std(g)
+        parts = [f"{d}: gamma default @ {batch} = {gm:.4f} ± {gs:.4f}"]
         for s in ("default", "tuned"):
             for b in (batch, big):
                 v = c.get((d, "infonce", s, b))
                 if v:
-                    m = mean_std(v)[0]
-                    parts.append(f"InfoNCE {s} @ {b} = {m:.4f} ({'>=' if gm >= m else '<'})")
+                    m, sd = mean_std(v)
+                    parts.append(f"InfoNCE {s} @ {b} = {m:.4f} ± {sd:.4f} ({'>=' if gm >= m else '<'})")
         out.append("; ".join(parts))
     return out
 
