@@ -27,8 +27,8 @@ its rows (`infonce_gather2`) are the InfoNCE runs at 2B, reported at B.
 Writes `--json PATH` (one row per run: {dataset, regime, loss, settings, batch_size, seed, epochs,
 steps, r_at_1, r_at_5, zero_shot_acc, peak_mem_mb, wall_s}), PATH with .png (R@1 against micro-batch,
 a line per loss, mean and spread over seeds), PATH with .tuning.json (every search: space, trials,
-best values) and PATH with .details.json (per-run curves and memory diagnostics). `--quick` runs a
-tiny grid (CI). Data and features are cached under `--cache` (default ~/.cache/gammaray/recipe).
+best values) and PATH with .details.json (per-run curves, every 5th epoch and the last, with the
+memory diagnostics). `--quick` runs a tiny grid (CI). Data and features are cached under `--cache` (default ~/.cache/gammaray/recipe).
 """
 
 from __future__ import annotations
@@ -607,13 +607,20 @@ def _rounded(obj, digits: int = 4):
     return obj
 
 
+def _thinned(curve: list | None, every: int = 5) -> list | None:
+    """Every `every`-th epoch's record and the last: the shape of a run, in a file small enough to commit."""
+    if not curve:
+        return curve
+    return [c for i, c in enumerate(curve) if i % every == 0 or i == len(curve) - 1]
+
+
 def write_outputs(rows: list[dict], json_path: str, command: str) -> None:
     public = public_rows(rows)
     with open(json_path, "w") as f:
         json.dump({"command": command, "defaults": shipped_defaults(), "rows": public}, f, indent=1)
     details = {"command": command,
                "runs": [{**{k: r[k] for k in ROW_KEYS}, "variant": r.get("variant"), "test": _rounded(r.get("_test")),
-                         "curve": _rounded(r.get("_curve"))} for r in rows]}
+                         "curve": _rounded(_thinned(r.get("_curve")))} for r in rows]}
     with open(_sibling(json_path, ".details.json"), "w") as f:
         json.dump(details, f, indent=None, default=float)
     plot(rows, _sibling(json_path, ".png"))
