@@ -629,9 +629,10 @@ class GammarayConfig(Section):
                                  "with unlocked_layers 0: a tower that trains cannot be cached")
             if m.kind != "two_tower" or d.view_pair != "image_text":
                 raise ValueError("data.features: cached features train a two_tower model on the image_text pair")
-            if st.in_modal or st.lambda_sep > 0 or st.lambda_br > 0 or st.lambda_gc > 0:
+            if st.in_modal_active() or st.lambda_sep > 0 or st.lambda_br > 0 or st.lambda_gc > 0:
                 raise ValueError("data.features: the structure regularizers need augmented views, which cached "
-                                 "features do not have (set loss.structure weights to 0 and in_modal to false)")
+                                 "features do not have (set loss.structure weights to 0 and in_modal to auto or "
+                                 "false)")
         # deep feature separation needs the specific heads: resolve model.specific_heads=None from it
         self.model._sep_active = self.loss.structure.lambda_sep > 0
         if self.loss.structure.lambda_sep > 0 and self.model.specific_heads is False:

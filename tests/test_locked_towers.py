@@ -139,3 +139,10 @@ def test_cached_features_config_is_refused_for_towers_that_train():
     with pytest.raises(ConfigError, match="augmented views"):
         tiny_cfg(**{"data.features.train": "/x", "model.image.locked": True, "model.text.locked": True,
                     "loss.structure.lambda_br": 1.0})
+    with pytest.raises(ConfigError, match="augmented views"):
+        tiny_cfg(**{"data.features.train": "/x", "model.image.locked": True, "model.text.locked": True,
+                    "loss.structure.in_modal": True})
+    # in_modal=auto (the default) is off without a regularizer weight: cached features are fine
+    cfg = tiny_cfg(**{"data.features.train": "/x", "model.image.locked": True, "model.text.locked": True,
+                      "loss.structure.in_modal": "auto"})
+    assert cfg.loss.structure.in_modal == "auto" and not cfg.loss.structure.in_modal_active()
