@@ -100,7 +100,11 @@ def test_tune_copies_no_credential_into_a_trial_runtime_env(monkeypatch):
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key-id-of-the-driver")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-of-the-driver-0123456789")
-    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", class_cache.ENV_VARS_TO_PROPAGATE)
+    from tuning.search import CREDENTIAL_ENV_NOT_PROPAGATED
+
+    # Ray's list as Ray ships it (an earlier run_tune in this process may have trimmed it already)
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE",
+                        set(class_cache.ENV_VARS_TO_PROPAGATE) | CREDENTIAL_ENV_NOT_PROPAGATED)
 
     class Trainable:
         pass
