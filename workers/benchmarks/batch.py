@@ -28,23 +28,19 @@ thread (wall-clock time on a shared machine is meaningless), on CUDA wall-clock 
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
 import time
 
 import numpy as np
 
+# the data sets' fetchers live with the other public catalogues; re-exported for the tests and callers
+from pipelines.public_catalogues import Unavailable, fetch_openclipart, openclipart_records  # noqa: F401
+
 GRID = (("infonce", 16), ("infonce", 32), ("infonce", 64), ("infonce", 128), ("gamma", 16), ("gamma", 32))
 DATASETS = ("synthetic", "openclipart")
-
-
-class Unavailable(RuntimeError):
-    """A data set that cannot be had on this machine (a missing client); the benchmark skips it."""
 
 
 def default_cache() -> str:
@@ -74,75 +70,6 @@ def synthetic_records(cache: str, n_train: int, n_val: int, seed: int = 0) -> tu
                 rows.append(r)
         out.append(rows)
     return out[0], out[1]
-
-
-_TITLE = re.compile(r"<dc:title>([^<]*)</dc:title>")
-_DESC = re.compile(r"<dc:description>([^<]*)</dc:description>")
-_SUBJECT = re.compile(r"<dc:subject>(.*?)</dc:subject>", re.S)
-_LI = re.compile(r"<rdf:li>([^<]*)</rdf:li>")
-
-
-def fetch_openclipart(cache: str) -> str:
-    """Debian's openclipart-png + openclipart-svg unpacked under the cache; returns .../openclipart."""
-    base = os.path.join(cache, "openclipart")
-    share = os.path.join(base, "root", "usr", "share", "openclipart")
-    if os.path.isdir(os.path.join(share, "png")) and os.path.isdir(os.path.join(share, "svg")):
-        return share
-    for tool in ("apt-get", "dpkg-deb"):
-        if shutil.which(tool) is None:
-            raise Unavailable(f"openclipart: `{tool}` not found (a Debian/Ubuntu package client is needed to fetch "
-                              "openclipart-png and openclipart-svg); skipped")
-    os.makedirs(base, exist_ok=True)
-    print("openclipart: apt-get download openclipart-png openclipart-svg (about 156 MB) ...", flush=True)
-    proc = subprocess.run(["apt-get", "download", "openclipart-png", "openclipart-svg"], cwd=base,
-                          capture_output=True, text=True)
-    debs = glob.glob(os.path.join(base, "openclipart-*.deb"))
-    if proc.returncode != 0 or len(debs) < 2:
-        raise Unavailable(f"openclipart: apt-get download failed (run `apt-get update` first?): "
-                          f"{proc.stderr.strip()[-300:]}; skipped")
-    for deb in debs:
-        subprocess.run(["dpkg-deb", "-x", deb, os.path.join(base, "root")], check=True)
-    return share
-
-
-def openclipart_records(cache: str, n_val: int, seed: int = 0, max_records: int = 0) -> tuple[list[dict], list[dict]]:
-    """One record per clip art: title (dc:title), tags (dc:subject) as the description, the folder
-    path as the category, the PNG bytes. Records whose text repeats another's are dropped (titles are
-    noisy: the same words for different pictures would make retrieval ambiguous)."""
-    share = fetch_openclipart(cache)
-    records, seen = [], set()
-    for svg in sorted(glob.glob(os.path.join(share, "svg", "**", "*.svg"), recursive=True)):
-        rel = os.path.relpath(svg, os.path.join(share, "svg"))
-        png = os.path.join(share, "png", os.path.splitext(rel)[0] + ".png")
-        if not os.path.exists(png):
-            continue
-        with open(svg, "rb") as f:
-            head = f.read(20000).decode("utf-8", "replace")
-        m = _TITLE.search(head)
-        title = (m.group(1).strip() if m else "") or os.path.splitext(os.path.basename(rel))[0].replace("_", " ")
-        subj = _SUBJECT.search(head)
-        tags = [t.strip() for t in _LI.findall(subj.group(1))] if subj else []
-        d = _DESC.search(head)
-        desc = ", ".join([t for t in tags if t and t != "unsorted"] + ([d.group(1).strip()] if d and d.group(1).strip() else []))
-        category = " > ".join(os.path.dirname(rel).split(os.sep))
-        key = (title.lower(), category, desc.lower())
-        if key in seen:
-            continue
-        seen.add(key)
-        with open(png, "rb") as f:
-            records.append({"product_id": rel, "title": title, "description": desc, "category": category,
-                            "image": f.read()})
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(records))
-    if max_records:
-        order = order[:max_records]
-    val = [records[i] for i in order[:n_val]]
-    train = [records[i] for i in order[n_val:]]
-    return train, val
-
-
-# ------------------------------------------------------------------------------------------------
-# preprocessing (the project's) into cached arrays
 
 
 def _preprocess_chunk(args):
