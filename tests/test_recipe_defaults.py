@@ -58,8 +58,7 @@ def test_the_docs_show_what_the_json_generates(study):
         os.chdir(cwd)
     with open(os.path.join(ROOT, "docs/bench/recipe.md")) as f:
         page = f.read()
-    assert generated.strip() in page, "docs/bench/recipe.md: regenerate with " \
-        f"`gammaray bench recipe --json {STUDY} --report-only`"
+    assert generated.strip() in page, "docs/bench/recipe.md: regenerate with `python -m gammaray.app.docs`"
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
     for line in verdict(study["rows"]):
