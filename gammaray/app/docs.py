@@ -77,6 +77,39 @@ def tune_structure_table() -> str:
     return tune_structure.markdown_table(load("tune-structure.json"))
 
 
+def gpu_check_table() -> str:
+    """The GPU check's runs (workers.benchmarks.gpu_check), all strategies, from its JSON files."""
+    runs, env = [], {}
+    for name in ("gpu-check-zero.json", "gpu-check-ddp.json"):
+        data = load(f"gpu/{name}")
+        env = data["env"]
+        runs += data["runs"]
+    columns = ["run", "ok", "steps", "step s", "samples/s", "peak GPU MB", "val R@1", "chance", "checkpoint holds"]
+    rows = [[r["run"], "yes" if r["ok"] else "NO", r["steps"], f"{r['step_time_s']:.4f}", f"{r['samples_per_s']:.0f}",
+             f"{r['peak_gpu_mem_mb']:.0f}", f"{r['val_r_at_1']:.3f}", f"{r['chance_r_at_1']:.3f}",
+             ", ".join(k for k, v in r["checkpoint_has"].items() if v and k != "deepspeed_files")
+             + f"; {r['checkpoint_has']['deepspeed_files']} DeepSpeed files"] for r in runs]
+    return (markdown_table(columns, rows) + "\n\n"
+            f"*{env['device']}, torch {env['torch']} (CUDA {env['cuda']}), DeepSpeed {env['deepspeed']}, Ray {env['ray']}. "
+            f"Source: `{BENCH}/gpu/gpu-check-zero.json`, `{BENCH}/gpu/gpu-check-ddp.json`.*")
+
+
+def gpu_step_table() -> str:
+    """`gammaray bench scaling --gpu --workers 1` at three micro-batches: the optimizer step of each loss."""
+    rows = [r for b in (16, 64, 256) for r in load(f"gpu/step-h200-b{b}.json")]
+    by = {(r["loss"], r["batch_size"]): r for r in rows}
+    batches = sorted({r["batch_size"] for r in rows})
+    columns = ["micro-batch", "InfoNCE step s", "gamma step s", "gamma / InfoNCE", "InfoNCE samples/s", "gamma samples/s"]
+    table = [[b, f"{by['infonce', b]['step_time_s']:.4f}", f"{by['gamma', b]['step_time_s']:.4f}",
+              f"{by['gamma', b]['step_time_s'] / by['infonce', b]['step_time_s']:.2f}",
+              f"{by['infonce', b]['samples_per_s']:.0f}", f"{by['gamma', b]['samples_per_s']:.0f}"] for b in batches]
+    r0 = rows[0]
+    return (markdown_table(columns, table) + "\n\n"
+            f"*One H200, 1 worker, ZeRO-{r0['zero_stage']}, the default model ({r0['params']:,} parameters, embed dim "
+            f"{r0['embed_dim']}), bf16; one run of 20 timed steps after 5 warm-up steps per cell. Source: "
+            f"`{BENCH}/gpu/step-h200-b{{16,64,256}}.json`.*")
+
+
 def recipe_page() -> str:
     with contextlib.chdir(ROOT):  # the report names the JSON by the path it is given
         body = recipe.report(f"{BENCH}/recipe.json")
@@ -113,6 +146,8 @@ BLOCKS = {
     "structure-clip": lambda: structure_table("structure_clip"),
     "tune-structure": tune_structure_table,
     "recipe-verdict": recipe_verdict,
+    "gpu-check": gpu_check_table,
+    "gpu-step": gpu_step_table,
     **{name: (lambda name=name: transcribed_table(name)) for name in TRANSCRIBED},
 }
 GENERATED_FILES = {
