@@ -5,7 +5,7 @@
 - the config is loaded and validated here, before any cluster resource is used, together with the
   subcommand's own arguments (argparse) and `--set` overrides;
 - a staging copy of the project (the `working_dir` of the runtime environment) gets the resolved
-  config as `.gammaray_job/config.yaml`; the job runs `python -m infra.job_entry <subcommand ...>`,
+  config as `.gammaray_job/config.yaml`; the job runs `python -m gammaray.app.job_entry <subcommand ...>`,
   which checks its imports and the credentials it was promised and calls the CLI with `--config`
   on that file;
 - the staging copy is git's view of the project (tracked and unignored files; a plain walk when the
@@ -474,7 +474,7 @@ def _parse_command(command: list[str]):
     import contextlib
     import io
 
-    from gammaray.cli import build_parser
+    from gammaray.app.cli import build_parser
 
     if not command:
         raise SubmitError("nothing to run: put a gammaray subcommand after `--`, e.g. -- pretrain --set train.epochs=1")
@@ -604,7 +604,7 @@ def plan_job(command: list[str], config_path: str | None = None, overrides: list
                           "storage, --secret-env.")
 
     if not (root / "gammaray").is_dir() or not (root / "infra" / "job_entry.py").is_file():
-        raise SubmitError(f"{root} is not a gammaray project directory (no gammaray/ or infra/job_entry.py)")
+        raise SubmitError(f"{root} is not a gammaray project directory (no gammaray/ or gammaray/app/job_entry.py)")
     staged = stage_working_dir(root, list(DEFAULT_EXCLUDES) + list(excludes or []), list(allow_files or []))
     stage = staged.dir
     try:
@@ -612,7 +612,7 @@ def plan_job(command: list[str], config_path: str | None = None, overrides: list
             raise SubmitError("refusing to submit: these project files look like credentials and would be uploaded "
                               "to the cluster:\n  " + "\n  ".join(staged.credentials) + "\n"
                               + _credential_files_help(staged.source.startswith("git")))
-        for must in ("gammaray/cli.py", "infra/job_entry.py"):
+        for must in ("gammaray/app/cli.py", "gammaray/app/job_entry.py"):
             if not os.path.isfile(os.path.join(stage, must)):
                 raise SubmitError(f"the staged project lacks {must}: is it ignored by git in {root}, or excluded?")
         job_dir = os.path.join(stage, JOB_DIR)
@@ -643,7 +643,7 @@ def plan_job(command: list[str], config_path: str | None = None, overrides: list
         }
         sid = submission_id or (f"gammaray-{_safe_id_part(command[0])}-{_safe_id_part(cfg.run.name)}-"
                                 f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
-        entry = ["python", "-m", "infra.job_entry", *command]
+        entry = ["python", "-m", "gammaray.app.job_entry", *command]
         plan = JobPlan(command=command, entrypoint=shlex.join(entry), runtime_env=runtime_env, metadata=metadata,
                        submission_id=sid, working_dir=stage, config_yaml=config_yaml, secret_refs=refs,
                        entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus,

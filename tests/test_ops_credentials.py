@@ -59,7 +59,7 @@ def test_staging_uploads_what_git_tracks_or_would_track(tmp_path):
     try:
         staged = _staged(plan)
         assert "git's view" in plan.staged_from and "git's view" in plan.describe()
-        assert "configs/extra.yaml" in staged and "gammaray/cli.py" in staged and "infra/job_entry.py" in staged
+        assert "configs/extra.yaml" in staged and "gammaray/app/cli.py" in staged and "gammaray/app/job_entry.py" in staged
         assert not any(p.startswith(("scratch/", ".env", ".git/")) or p.endswith(".log") for p in staged)
         assert "configs/gone.yaml" not in staged
     finally:

@@ -1,0 +1,5 @@
+"""The application layer: the `gammaray` CLI, its subcommands, the demo and the benchmarks.
+
+It imports every layer below it (gammaray's config and schema, pipelines, workers, tuning, infra);
+nothing imports it (tests excepted). tests/test_layers.py checks both.
+"""
