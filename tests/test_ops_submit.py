@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import ray.runtime_env  # noqa: F401 - Ray binds its log handler to sys.stderr at import: not to a capsys stream
 
+from gammaray.app.job_entry import job_spec
 from gammaray.config import ConfigError, load
 from gammaray.scaling import ClusterResources, resolve
 from infra.jobs import (JOB_DIR, SubmitError, parse_env, parse_secret_refs, plan_job, project_requirements,
@@ -33,7 +34,7 @@ def shell_secret(monkeypatch):
 
 def _plan(command, **kw):
     kw.setdefault("requirements", "none")
-    return plan_job(command, **kw)
+    return plan_job(command, entry=job_spec(), **kw)
 
 
 def test_plan_ships_the_resolved_config_and_names_credentials_only(shell_secret):
@@ -63,7 +64,7 @@ def test_plan_ships_the_resolved_config_and_names_credentials_only(shell_secret)
 
 
 def test_requirements_come_from_pyproject_and_form_a_valid_runtime_env():
-    plan = plan_job(["pretrain"], requirements="auto")
+    plan = plan_job(["pretrain"], entry=job_spec(), requirements="auto")
     try:
         pkgs = plan.runtime_env["pip"]["packages"]
         assert pkgs == project_requirements(ROOT)

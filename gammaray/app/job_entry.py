@@ -57,6 +57,16 @@ def imports_message(missing: list[str]) -> str:
             f"image that has them (infra/docker/Dockerfile.gpu) and keep --requirements none.")
 
 
+def job_spec():
+    """This entry point as `gammaray submit` hands it to infra's job plan (infra imports no CLI)."""
+    from infra.jobs import JobEntry
+
+    from gammaray.app.cli import build_parser
+
+    return JobEntry(parser=build_parser(), module="gammaray.app.job_entry",
+                    files=("gammaray/app/cli.py", "gammaray/app/job_entry.py"))
+
+
 def main(argv: list[str] | None = None) -> int:
     command = list(sys.argv[1:] if argv is None else argv)
     job_dir = os.path.join(os.getcwd(), JOB_DIR)
