@@ -43,6 +43,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gammaray.app.benchmarks.common import peak_rss, reset_peak_rss
+
 DATASETS = ("openclipart", "emoji", "synthetic")
 LOSSES = ("infonce", "siglip", "sogclr", "gamma")
 BATCH_SIZES = (8, 16, 32, 64, 128, 256)
@@ -193,24 +195,6 @@ def _features(uri: str):
     return _FEATURES[uri]
 
 
-def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_hwm() -> int:
-    """Reset the process's peak resident set to its current one (Linux clear_refs 5); returns it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    return _hwm()
-
-
 def run_cell(job: dict) -> dict:
     """Train one (dataset, loss, settings, batch, seed) on the train split; evaluate on the test split
     at the end of training (and keep the validation curve)."""
@@ -227,9 +211,9 @@ def run_cell(job: dict) -> dict:
     torch.set_num_threads(1)
     cfg = from_dict(job["config"])
     train, val, test = (_features(job["stores"][s]) for s in ("train", "val", "test"))
-    base = _reset_hwm()
+    base = reset_peak_rss()
     res = train_heads(cfg, train, val, diagnostics=job.get("diagnostics", True))
-    peak = _hwm() - base
+    peak = peak_rss() - base
     final = evaluate_heads(res.model, test)
     row = {"dataset": job["dataset"], "regime": job["regime"], "loss": job["loss"], "settings": job["settings"],
            "batch_size": cfg.data.batch_size, "seed": cfg.run.seed, "epochs": res.epochs, "steps": res.steps,
