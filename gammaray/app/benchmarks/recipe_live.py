@@ -26,10 +26,10 @@ def live_base(regime: str, cache: str, tokenizer_dir: str | None = None):
     """The config of a live regime (everything not set here: the shipped defaults)."""
     from gammaray.config import load
 
-    from .recipe import towers
+    from gammaray.app.benchmarks.common import pretrained_towers
 
     if regime == "finetune":
-        image, text = towers(cache)
+        image, text = pretrained_towers(cache)
         return load(None, {"model.image.pretrained": image, "model.text.pretrained": text,
                            "model.text.pooling": "mean", "data.tokenizer": text, "data.image_size": 64,
                            "data.max_text_tokens": 32, "train.optim.lr": 1e-4})
