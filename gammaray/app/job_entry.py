@@ -59,9 +59,8 @@ def imports_message(missing: list[str]) -> str:
 
 def job_spec():
     """This entry point as `gammaray submit` hands it to infra's job plan (infra imports no CLI)."""
-    from infra.jobs import JobEntry
-
     from gammaray.app.cli import build_parser
+    from infra.jobs import JobEntry
 
     return JobEntry(parser=build_parser(), module="gammaray.app.job_entry",
                     files=("gammaray/app/cli.py", "gammaray/app/job_entry.py"))

@@ -70,9 +70,8 @@ def _errors(fn):
 
 @_errors
 def run_submit(args: argparse.Namespace) -> int:
-    from infra.jobs import parse_env, parse_secret_refs, plan_job, resolve_token
-
     from gammaray.app.job_entry import job_spec
+    from infra.jobs import parse_env, parse_secret_refs, plan_job, resolve_token
 
     command = list(args.job_command)
     if command and command[0] == "--":
