@@ -5,9 +5,9 @@
 - the config is loaded and validated here, before any cluster resource is used, together with the
   subcommand's own arguments (argparse) and `--set` overrides;
 - a staging copy of the project (the `working_dir` of the runtime environment) gets the resolved
-  config as `.gammaray_job/config.yaml`; the job runs `python -m infra.job_entry <subcommand ...>`,
-  which checks its imports and the credentials it was promised and calls the CLI with `--config`
-  on that file;
+  config as `.gammaray_job/config.yaml`; the job runs the entry module that `gammaray submit` hands
+  in (a `JobEntry`: `python -m gammaray.app.job_entry <subcommand ...>`), which checks its imports
+  and the credentials it was promised and calls the CLI with `--config` on that file;
 - the staging copy is git's view of the project (tracked and unignored files; a plain walk when the
   project is not a git checkout), never follows a symlink out of the project, and refuses files
   that look like credentials by name (id_rsa, .netrc, a kubeconfig, *.tfstate, .env, ...) or by
@@ -31,6 +31,7 @@ wrong one with 403: both become `AuthError` with a message saying which.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import fnmatch
 import hashlib
@@ -213,6 +214,17 @@ class JobClient:
 
 # --------------------------------------------------------------------------------------------
 # the plan
+
+
+@dataclass(frozen=True)
+class JobEntry:
+    """What a job runs, handed in by the application layer so that infra imports none of it: the
+    CLI's parser (the job's command is parsed here, so a typo fails before anything is submitted)
+    and the module the job runs on the head node, `python -m <module> <subcommand ...>`. `files`
+    (paths from the project root, the module's own included) must be in the staged project."""
+    parser: argparse.ArgumentParser
+    module: str
+    files: tuple[str, ...]
 
 
 @dataclass
@@ -469,12 +481,10 @@ def _accepts_config(parser, command: list[str]) -> bool:
     return False
 
 
-def _parse_command(command: list[str]):
+def _parse_command(parser: argparse.ArgumentParser, command: list[str]):
     """Parse the job's gammaray command here, so typos fail before anything is submitted."""
     import contextlib
     import io
-
-    from gammaray.cli import build_parser
 
     if not command:
         raise SubmitError("nothing to run: put a gammaray subcommand after `--`, e.g. -- pretrain --set train.epochs=1")
@@ -482,7 +492,6 @@ def _parse_command(command: list[str]):
         raise SubmitError(f"`{command[0]}` runs on your machine, not as a job")
     if command[0] == "gammaray":
         command = command[1:]
-    parser = build_parser()
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
@@ -491,7 +500,7 @@ def _parse_command(command: list[str]):
         msg = err.getvalue().strip().splitlines()
         raise SubmitError(f"the job's command `gammaray {shlex.join(command)}` is invalid: "
                           f"{msg[-1] if msg else exc}") from None
-    return parser, args, command
+    return args, command
 
 
 def find_leaks(plan: JobPlan, values: dict[str, str]) -> list[str]:
@@ -549,7 +558,8 @@ def _credential_files_help(git: bool) -> str:
 
 
 def plan_job(command: list[str], config_path: str | None = None, overrides: list[str] | None = None, *,
-             working_dir: str | None = None, requirements: str = "auto", env: dict[str, str] | None = None,
+             entry: JobEntry, working_dir: str | None = None, requirements: str = "auto",
+             env: dict[str, str] | None = None,
              secret_refs: dict[str, str] | None = None, submission_id: str | None = None,
              excludes: list[str] | None = None, allow_files: list[str] | None = None,
              entrypoint_num_cpus: float | None = None, entrypoint_num_gpus: float | None = None,
@@ -557,7 +567,8 @@ def plan_job(command: list[str], config_path: str | None = None, overrides: list
     """Validate everything locally and stage the job. Raises SubmitError naming the problem."""
     from gammaray.config import apply_overrides, load, to_yaml
 
-    parser, args, command = _parse_command(list(command))
+    parser = entry.parser
+    args, command = _parse_command(parser, list(command))
     if "--config" in command:
         raise SubmitError("give --config to `gammaray submit`, not after `--`: submit ships the resolved config")
     cmd_overrides = list(getattr(args, "overrides", []) or [])
@@ -603,8 +614,8 @@ def plan_job(command: list[str], config_path: str | None = None, overrides: list
                           "environment, or configure the index in the image (pip.conf, PIP_INDEX_URL); for "
                           "storage, --secret-env.")
 
-    if not (root / "gammaray").is_dir() or not (root / "infra" / "job_entry.py").is_file():
-        raise SubmitError(f"{root} is not a gammaray project directory (no gammaray/ or infra/job_entry.py)")
+    if not (root / "gammaray").is_dir() or not all((root / f).is_file() for f in entry.files):
+        raise SubmitError(f"{root} is not a gammaray project directory (no gammaray/ or no {', '.join(entry.files)})")
     staged = stage_working_dir(root, list(DEFAULT_EXCLUDES) + list(excludes or []), list(allow_files or []))
     stage = staged.dir
     try:
@@ -612,7 +623,7 @@ def plan_job(command: list[str], config_path: str | None = None, overrides: list
             raise SubmitError("refusing to submit: these project files look like credentials and would be uploaded "
                               "to the cluster:\n  " + "\n  ".join(staged.credentials) + "\n"
                               + _credential_files_help(staged.source.startswith("git")))
-        for must in ("gammaray/cli.py", "infra/job_entry.py"):
+        for must in entry.files:
             if not os.path.isfile(os.path.join(stage, must)):
                 raise SubmitError(f"the staged project lacks {must}: is it ignored by git in {root}, or excluded?")
         job_dir = os.path.join(stage, JOB_DIR)
@@ -643,8 +654,8 @@ def plan_job(command: list[str], config_path: str | None = None, overrides: list
         }
         sid = submission_id or (f"gammaray-{_safe_id_part(command[0])}-{_safe_id_part(cfg.run.name)}-"
                                 f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
-        entry = ["python", "-m", "infra.job_entry", *command]
-        plan = JobPlan(command=command, entrypoint=shlex.join(entry), runtime_env=runtime_env, metadata=metadata,
+        entrypoint = shlex.join(["python", "-m", entry.module, *command])
+        plan = JobPlan(command=command, entrypoint=entrypoint, runtime_env=runtime_env, metadata=metadata,
                        submission_id=sid, working_dir=stage, config_yaml=config_yaml, secret_refs=refs,
                        entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus,
                        staged_from=staged.source, skipped_files=staged.skipped)

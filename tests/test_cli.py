@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gammaray.cli import build_parser
+from gammaray.app.cli import build_parser
 
 pytestmark = pytest.mark.foundation
 

@@ -82,7 +82,7 @@ def test_every_leaf_is_documented():
 def test_cli_rejects_bad_config_before_starting_anything():
     env = dict(os.environ, PYTHONPATH=ROOT)
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "gammaray.cli", "pretrain", "--set", "loss.gama.alpha=2"],
+    proc = subprocess.run([sys.executable, "-m", "gammaray.app.cli", "pretrain", "--set", "loss.gama.alpha=2"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert "unknown key 'gama'" in proc.stderr
@@ -92,7 +92,7 @@ def test_cli_rejects_bad_config_before_starting_anything():
 
 def test_pretrain_without_data_fails_clearly():
     env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, "-m", "gammaray.cli", "pretrain"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "gammaray.app.cli", "pretrain"], capture_output=True, text=True,
                           env=env, timeout=120)
     assert proc.returncode == 1
     assert "data.train is not set" in proc.stderr

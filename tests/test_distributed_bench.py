@@ -24,7 +24,7 @@ TINY = ["--set", "model.embed_dim=32",
 def test_bench_scaling_counts_loss_traffic(tmp_path):
     out = tmp_path / "scaling.json"
     env = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR="cpu")
-    proc = subprocess.run([sys.executable, "-m", "gammaray.cli", "bench", "scaling", "--workers", "2", "--steps", "2",
+    proc = subprocess.run([sys.executable, "-m", "gammaray.app.cli", "bench", "scaling", "--workers", "2", "--steps", "2",
                            "--warmup", "1", "--batch-size", "16", "--json", str(out), *TINY],
                           capture_output=True, text=True, env=env, timeout=580, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -53,7 +53,7 @@ def test_bench_scaling_counts_loss_traffic(tmp_path):
 def test_gpu_check_logic_on_cpu(ray_local, tmp_path):
     """The GPU check script end to end with --cpu: its own local catalogue (no S3), bf16 ZeRO-3
     (export through GatheredParameters, bf16 BatchNorm buffers of a ResNet tower), JSON results."""
-    from workers.benchmarks import gpu_check
+    from gammaray.app.benchmarks import gpu_check
 
     out = tmp_path / "gpu.json"
     rc = gpu_check.main(["--cpu", "--tiny", "--stages", "3", "--n-train", "96", "--n-val", "32", "--batch-size", "16",

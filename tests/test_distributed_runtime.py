@@ -67,7 +67,7 @@ DRIVER = textwrap.dedent("""
     tmp = os.environ["TMPDIR"]
     # this job's Ray workers (train workers, the controller, Ray Data tasks) use the same TMPDIR
     ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": root, "DS_ACCELERATOR": "cpu", "TMPDIR": tmp}})
-    from gammaray.cli import main
+    from gammaray.app.cli import main
     from tests.test_distributed_runtime import plant_payload
 
     def left():
@@ -227,7 +227,7 @@ def test_resume_refuses_another_seed_and_force_resumes(ray_local, s3, odd_catalo
     assert "run.seed was 0, now 1" in str(reason_of(failed.value))
 
     # resumed anyway with the CLI's --force (train.resume_force)
-    from gammaray.cli import main
+    from gammaray.app.cli import main
 
     out = tmp_path / "forced.json"
     assert main(["pretrain", "--force", "--quiet", "--json", str(out),

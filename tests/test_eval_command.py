@@ -18,7 +18,7 @@ pytestmark = pytest.mark.eval
 
 @pytest.mark.timeout(300)
 def test_eval_command_metrics_probes_report(ray_local, small_catalogue, tmp_path):
-    from gammaray.cli import main
+    from gammaray.app.cli import main
     from pipelines.tokenizer import load as load_tokenizer
     from workers.evaluate import encode_prompts, evaluate
     from workers.models import load_model
@@ -75,7 +75,7 @@ def test_eval_command_metrics_probes_report(ray_local, small_catalogue, tmp_path
 
 
 def test_eval_rejects_a_folder_without_a_model(tmp_path):
-    from gammaray.cli import main
+    from gammaray.app.cli import main
 
     (tmp_path / "empty").mkdir()
     assert main(["eval", "--checkpoint", str(tmp_path / "empty"), "--data", str(tmp_path), "--report", ""]) == 1
@@ -83,7 +83,7 @@ def test_eval_rejects_a_folder_without_a_model(tmp_path):
 
 @pytest.mark.parametrize("command", ["eval", "embed", "export"])
 def test_every_option_has_help(command, capsys):
-    from gammaray.cli import build_parser
+    from gammaray.app.cli import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices[command]

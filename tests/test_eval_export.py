@@ -119,7 +119,7 @@ def pretrained_towers(tmp_path_factory):
 
 @pytest.mark.timeout(300)
 def test_export_reloads_with_transformers_alone(small_catalogue, tmp_path, request):
-    from gammaray.cli import main
+    from gammaray.app.cli import main
 
     variants = {
         # ViT image tower + BERT (tests' tiny model)
@@ -198,7 +198,7 @@ def test_efficientnet_lite0_equals_the_package_and_initialises_the_tower(pretrai
 
 
 def test_export_from_unknown_package_is_an_error(tmp_path):
-    from gammaray.cli import main
+    from gammaray.app.cli import main
 
     assert main(["export", "--out", str(tmp_path / "x")]) == 1
 
@@ -213,7 +213,7 @@ def test_modality_specific_heads_flow_into_embed_columns_probes_and_export(small
         pytest.skip("this branch's model has no modality-specific heads (model.specific_heads) yet")
     from safetensors.torch import load_file
 
-    from gammaray.cli import main
+    from gammaray.app.cli import main
     from workers.embed import output_schema, probe_outputs
     from workers.models import load_model
 

@@ -68,7 +68,7 @@ def test_demo_command_end_to_end(tmp_path):
     for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         env.pop(k, None)
     proc = subprocess.run(
-        [sys.executable, "-m", "gammaray.cli", "demo", "--n-train", "320", "--n-val", "64", "--bad-records", "5",
+        [sys.executable, "-m", "gammaray.app.cli", "demo", "--n-train", "320", "--n-val", "64", "--bad-records", "5",
          "--quiet", "--json", str(out), "--set", "train.epochs=1", "--set", "ray.num_cpus=4"],
         capture_output=True, text=True, env=env, timeout=850, cwd=tmp_path,
     )

@@ -7,16 +7,16 @@ import json
 
 import pytest
 
-from pipelines.benchmarks.ingest import format_table, stall_from_metrics
+from gammaray.app.benchmarks.ingest import format_table, stall_from_metrics
 
 pytestmark = pytest.mark.ingest
 
 
 def test_bench_ingest_is_a_documented_subcommand(capsys):
-    from gammaray.cli import build_parser
-    from gammaray.commands.bench import BENCHES, bench_parser
+    from gammaray.app.cli import build_parser
+    from gammaray.app.commands.bench import BENCHES, bench_parser
 
-    assert BENCHES["ingest"] == "pipelines.benchmarks.ingest"
+    assert BENCHES["ingest"] == "gammaray.app.benchmarks.ingest"
     args = build_parser().parse_args(["bench", "ingest", "--json", "x.json", "--cores", "3"])
     assert (args.what, args.bench_args) == ("ingest", ["--json", "x.json", "--cores", "3"])
     parser, _ = bench_parser("ingest")
@@ -55,11 +55,11 @@ def test_the_summary_table_shows_all_figures():
 def test_bench_decode_reports_cost_per_kind_and_scans_a_collection(tmp_path):
     """`gammaray bench decode` (figures in the README): one round, and a scan of a small folder with a
     transparent cut-out, an opaque PNG and a decompression bomb."""
-    from gammaray.commands.bench import BENCHES, bench_parser
+    from gammaray.app.commands.bench import BENCHES, bench_parser
     from pipelines import faults, image_kinds
-    from pipelines.benchmarks import decode as bench
+    from gammaray.app.benchmarks import decode as bench
 
-    assert BENCHES["decode"] == "pipelines.benchmarks.decode"
+    assert BENCHES["decode"] == "gammaray.app.benchmarks.decode"
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "cutout.png").write_bytes(image_kinds.rgba_cutout())
     (tmp_path / "imgs" / "opaque.png").write_bytes(image_kinds.png(image_kinds.Image.new("RGB", (8, 8), (9, 9, 9))))

@@ -102,7 +102,7 @@ def test_a_damaged_manifest_is_named_in_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_second_writer_is_refused_while_the_first_holds_the_lock(where, s3, tmp_path, capsys):
-    from gammaray.cli import main
+    from gammaray.app.cli import main
 
     dst = str(tmp_path / "catalog") if where == "local" else s3.url("catalogue", "busy", "catalog")
     src = str(tmp_path / "raw" / "items.jsonl")

@@ -222,7 +222,7 @@ def test_proc_self_environ_never_reaches_a_shard(flags, reason, tmp_path, monkey
     """Issue 13: with --no-image-check, /proc/self/environ put the process environment (object-store
     keys) into a Parquet shard. Now: quarantined by confinement, and by the pseudo-filesystem rule even
     when outside paths are allowed."""
-    from gammaray.cli import main
+    from gammaray.app.cli import main
 
     secret = "gammaray-planted-secret-" + os.urandom(6).hex()
     monkeypatch.setenv("GAMMARAY_TEST_SECRET", secret)
@@ -244,7 +244,7 @@ def test_proc_self_environ_never_reaches_a_shard(flags, reason, tmp_path, monkey
 
 
 def test_a_source_whose_storage_does_not_answer_stops_with_one_message(tmp_path, capsys):
-    from gammaray.cli import main
+    from gammaray.app.cli import main
 
     down = f"http://127.0.0.1:{_closed_port()}"
     rc = main(["prepare", "s3://gammaray-test/raw/items.jsonl", str(tmp_path / "catalog"), "--quiet",

@@ -137,7 +137,7 @@ def test_the_stream_decodes_the_same_pixels_with_the_configured_background():
 
 
 def test_prepare_counts_the_conversions_in_its_report(tmp_path, capsys):
-    from gammaray.cli import main
+    from gammaray.app.cli import main
 
     files = {"rgba.png": S.rgba_cutout(), "la.png": S.la_cutout(), "palette.png": S.palette_trns(),
              "gradient16.png": S.gradient_16bit(), "float.tif": S.float_tiff(), "cmyk.jpg": S.cmyk_jpeg(),

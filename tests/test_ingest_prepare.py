@@ -267,7 +267,7 @@ def test_shards_are_cut_at_the_target_size(s3):
 
 
 def test_prepare_command_with_column_map_progress_and_summary(s3, tmp_path, capsys):
-    from gammaray.cli import main
+    from gammaray.app.cli import main
 
     prods = _products(6, seed=4)
     src = tmp_path / "raw"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from workers.benchmarks import synthetic as syn
+from gammaray.app.benchmarks import synthetic as syn
 
 pytestmark = [pytest.mark.loss, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -45,7 +45,7 @@ def test_stacked_blocks_equal_separate_runs(method):
 
 
 def test_bench_synthetic_cli_writes_the_schema_and_a_plot(tmp_path):
-    from gammaray.cli import main
+    from gammaray.app.cli import main
 
     out = tmp_path / "syn.json"
     rc = main(["bench", "synthetic", "--json", str(out), "--n", "60", "--seeds", "2", "--epochs", "2",
@@ -80,7 +80,7 @@ def _fake_openclipart(root: str) -> None:
 
 
 def test_openclipart_records_parse_titles_tags_categories(tmp_path):
-    from workers.benchmarks.batch import openclipart_records
+    from gammaray.app.benchmarks.batch import openclipart_records
 
     _fake_openclipart(str(tmp_path))
     train, val = openclipart_records(str(tmp_path), n_val=1, seed=0)
@@ -92,7 +92,7 @@ def test_openclipart_records_parse_titles_tags_categories(tmp_path):
 
 
 def test_openclipart_without_apt_get_is_skipped_with_a_message(tmp_path, monkeypatch):
-    from workers.benchmarks.batch import Unavailable, fetch_openclipart
+    from gammaray.app.benchmarks.batch import Unavailable, fetch_openclipart
 
     monkeypatch.setenv("PATH", str(tmp_path))                # a machine without the Debian client
     with pytest.raises(Unavailable, match="apt-get.*not found"):

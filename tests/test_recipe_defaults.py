@@ -24,7 +24,7 @@ def study() -> dict:
 
 
 def test_shipped_defaults_are_the_ones_the_study_measured(study):
-    from workers.benchmarks.recipe import shipped_defaults
+    from gammaray.app.benchmarks.recipe import shipped_defaults
 
     assert study["defaults"] == shipped_defaults(), (
         "a loss default moved away from the study that chose it: rerun the command in "
@@ -48,7 +48,7 @@ def test_the_study_has_the_seeds_epochs_and_data_sets_it_claims(study):
 
 
 def test_the_docs_show_what_the_json_generates(study):
-    from workers.benchmarks.recipe import report, verdict
+    from gammaray.app.benchmarks.recipe import report, verdict
 
     cwd = os.getcwd()
     os.chdir(ROOT)  # the report names the JSON by the path it was given

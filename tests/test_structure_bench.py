@@ -8,14 +8,14 @@ import json
 import numpy as np
 import pytest
 
-from gammaray.cli import build_parser, main
-from workers.benchmarks import structure as bench
+from gammaray.app.cli import build_parser, main
+from gammaray.app.benchmarks import structure as bench
 
 pytestmark = pytest.mark.structure
 
 
 def test_bench_structure_is_registered_and_every_option_has_help(capsys):
-    from gammaray.commands.bench import BENCHES, bench_parser
+    from gammaray.app.commands.bench import BENCHES, bench_parser
 
     assert "structure" in BENCHES
     parser, _ = bench_parser("structure")
@@ -93,7 +93,7 @@ def test_a_tiny_benchmark_run_writes_rows_png_and_details(tmp_path):
 
 
 def _tune_rows(d_r1: float, d_probe: float, seeds=(1, 2, 3)):
-    from workers.benchmarks import tune_structure as ts
+    from gammaray.app.benchmarks import tune_structure as ts
 
     rows = []
     for sd in seeds:
@@ -106,7 +106,7 @@ def _tune_rows(d_r1: float, d_probe: float, seeds=(1, 2, 3)):
 
 
 def test_tune_structure_verdict_needs_both_conditions():
-    from workers.benchmarks import tune_structure as ts
+    from gammaray.app.benchmarks import tune_structure as ts
 
     assert ts.verdict(_tune_rows(-0.004, 0.021))[0]
     assert not ts.verdict(_tune_rows(-0.006, 0.05))[0]      # R@1 lost more than the margin
@@ -120,7 +120,7 @@ def test_tune_structure_verdict_needs_both_conditions():
 @pytest.mark.timeout(600)
 def test_a_tiny_tune_structure_run_writes_rows_on_the_test_split(tmp_path, capsys):
     from gammaray.config import GammarayConfig, apply_overrides, save
-    from workers.benchmarks import tune_structure as ts
+    from gammaray.app.benchmarks import tune_structure as ts
 
     cat = bench.make_catalogue(str(tmp_path / "w"), 24, 8, progress=False, n_test=12)
     assert (cat["train"].size, cat["val"].size, cat["test"].size) == (24, 8, 12)

@@ -65,7 +65,7 @@ def test_invalid_search_space_is_rejected_naming_the_key(space_, key, words, tmp
 
 
 def test_cli_rejects_a_bad_space_with_exit_code_2(capsys):
-    from gammaray.cli import main
+    from gammaray.app.cli import main
 
     rc = main(["tune", "--set", "data.train=/x", "--set", "data.val=/y",
                "--space", "loss.structure.lambda_sep={kind: choice, values: []}"])
@@ -341,7 +341,7 @@ def test_interrupted_experiment_resumes_without_rerunning_finished_trials(search
 def test_cli_on_a_finished_experiment_reruns_nothing(search, tmp_path):
     """`gammaray tune` with the same config once more: the experiment is complete, no trial runs,
     the outputs are written again and the summary lists every trial."""
-    from gammaray.cli import main
+    from gammaray.app.cli import main
     from gammaray.config import save
 
     cfg_path, summary = tmp_path / "tune.yaml", tmp_path / "summary.json"
@@ -401,7 +401,7 @@ def test_results_table_plot_and_best_config_are_written(search, s3):
 
 @pytest.mark.timeout(TIMEOUT_S)
 def test_best_config_trains_with_pretrain(search, tmp_path):
-    from gammaray.cli import main
+    from gammaray.app.cli import main
 
     path = search["second"].best_config_path
     summary = tmp_path / "pretrain.json"

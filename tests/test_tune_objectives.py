@@ -248,7 +248,7 @@ def test_multi_objective_search_of_in_process_trials_writes_the_front_and_the_pi
 
 @pytest.mark.timeout(int(600 * TIME_FACTOR))
 def test_picked_config_trains_with_pretrain(inprocess_search, tmp_path):
-    from gammaray.cli import main
+    from gammaray.app.cli import main
 
     path = inprocess_search["out"].picked_config_path
     summary = tmp_path / "pretrain.json"

@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = textwrap.dedent("""
     import json, sys
     import ray
-    from gammaray.cli import main
+    from gammaray.app.cli import main
     codes = [main(argv) for argv in json.loads(sys.argv[1])]
     print("SESSION " + ray._private.worker._global_node.get_session_dir_path(), flush=True)
     print("CODES " + json.dumps(codes), flush=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 # the benchmarks' own report functions (one place for these imports)
 from gammaray.config import describe
-from workers.benchmarks import batch, recipe, structure, synthetic, tune_structure
+from gammaray.app.benchmarks import batch, recipe, structure, synthetic, tune_structure
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = "docs/bench"

@@ -36,6 +36,8 @@ import time
 
 import numpy as np
 
+from gammaray.app.benchmarks.common import markdown_table, peak_rss, reset_peak_rss
+
 # the data sets' fetchers live with the other public catalogues; re-exported for the tests and callers
 from pipelines.public_catalogues import Unavailable, fetch_openclipart, openclipart_records  # noqa: F401
 
@@ -145,20 +147,6 @@ def build_arrays(name: str, train: list[dict], val: list[dict], cache: str, imag
 # one training run (in a fresh process)
 
 
-def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
 def _config(loss: str, batch_size: int):
     from gammaray.config import GammarayConfig, apply_overrides
 
@@ -202,12 +190,7 @@ def train_one(job: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
-        base = _rss()
+        base = reset_peak_rss()
     model = build_model(cfg.model, vocab_size=int(data["vocab_size"]), pad_token_id=int(data["pad_token_id"])).to(device)
     objective = Objective(cfg.loss, num_samples=n_train, seed=job["seed"], device=device, distributed=False)
     o = cfg.train.optim
@@ -243,7 +226,7 @@ def train_one(job: dict) -> dict:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = _hwm() - base
+        peak = peak_rss() - base
     train_s = time.perf_counter() - t0
 
     model.eval()
@@ -384,25 +367,23 @@ def step_times(batch_sizes, device_name: str, threads: int, rounds: int = 8, ste
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = ["| dataset | loss | batch | R@1 | R@5 | peak MB | samples seen |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['dataset']} | {r['loss']} | {r['batch_size']} | {r['r_at_1']:.3f} | {r['r_at_5']:.3f} | "
-                     f"{r['peak_mem_mb']:.0f} | {r['samples_seen']} |")
-    return "\n".join(lines)
+    return markdown_table(["dataset", "loss", "batch", "R@1", "R@5", "peak MB", "samples seen"],
+                          [[r["dataset"], r["loss"], str(r["batch_size"]), f"{r['r_at_1']:.3f}", f"{r['r_at_5']:.3f}",
+                            f"{r['peak_mem_mb']:.0f}", str(r["samples_seen"])] for r in rows])
 
 
 def format_times(rows: list[dict]) -> str:
     cuda = any("cuda_peak_mb_gamma" in r for r in rows)
-    head = "| device | batch | step ms InfoNCE | step ms gamma | gamma / InfoNCE | loss-only ms InfoNCE | loss-only ms gamma |"
-    lines = [head + (" CUDA peak MB InfoNCE | CUDA peak MB gamma |" if cuda else ""),
-             "|---|---|---|---|---|---|---|" + ("---|---|" if cuda else "")]
+    header = ["device", "batch", "step ms InfoNCE", "step ms gamma", "gamma / InfoNCE", "loss-only ms InfoNCE",
+              "loss-only ms gamma"] + (["CUDA peak MB InfoNCE", "CUDA peak MB gamma"] if cuda else [])
+    cells = []
     for r in rows:
-        line = (f"| {r['device']} | {r['batch_size']} | {r['step_ms_infonce']:.2f} | {r['step_ms_gamma']:.2f} | "
-                f"{r['step_ratio']:.3f} | {r['loss_ms_infonce']:.3f} | {r['loss_ms_gamma']:.3f} |")
+        row = [r["device"], str(r["batch_size"]), f"{r['step_ms_infonce']:.2f}", f"{r['step_ms_gamma']:.2f}",
+               f"{r['step_ratio']:.3f}", f"{r['loss_ms_infonce']:.3f}", f"{r['loss_ms_gamma']:.3f}"]
         if cuda:
-            line += f" {r.get('cuda_peak_mb_infonce', float('nan')):.0f} | {r.get('cuda_peak_mb_gamma', float('nan')):.0f} |"
-        lines.append(line)
-    return "\n".join(lines)
+            row += [f"{r.get('cuda_peak_mb_infonce', float('nan')):.0f}", f"{r.get('cuda_peak_mb_gamma', float('nan')):.0f}"]
+        cells.append(row)
+    return markdown_table(header, cells)
 
 
 def plot(rows: list[dict], path: str) -> None:

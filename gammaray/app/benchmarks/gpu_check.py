@@ -6,8 +6,8 @@ strategy (the default model: a small ResNet image tower, whose BatchNorm exercis
 and a small BERT), then checks the final checkpoint (DeepSpeed files, portable optimizer state, loss
 state, the exported model: under ZeRO-3 it is gathered with GatheredParameters).
 
-  python -m workers.benchmarks.gpu_check --json gpu_check.json            # on the GPU machine
-  python -m workers.benchmarks.gpu_check --cpu --stages 3 --json x.json   # the same logic on CPU
+  python -m gammaray.app.benchmarks.gpu_check --json gpu_check.json            # on the GPU machine
+  python -m gammaray.app.benchmarks.gpu_check --cpu --stages 3 --json x.json   # the same logic on CPU
 
 Prints and writes, per run: step time, samples/s, peak GPU memory, final held-out R@1, and what
 the checkpoint holds. Exit status 0 only if every run finished and its numbers are finite.

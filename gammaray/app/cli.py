@@ -1,6 +1,6 @@
 """`gammaray`: one CLI, a thin dispatcher over the entry points of pipelines/, workers/, tuning/, infra/.
 
-Each subcommand lives in `gammaray/commands/<name>.py` with a `register(subparsers)` function that
+Each subcommand lives in `gammaray/app/commands/<name>.py` with a `register(subparsers)` function that
 adds its parser and sets `func`; add a module name to COMMANDS to add a subcommand.
 """
 
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"gammaray.commands.{name}").register(sub)
+        importlib.import_module(f"gammaray.app.commands.{name}").register(sub)
     return ap
 
 

@@ -30,7 +30,7 @@ NUM_SAMPLES = 100_000
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from gammaray.commands import add_config_args
+    from gammaray.app.commands import add_config_args
 
     add_config_args(p)
     p.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
@@ -267,7 +267,7 @@ def table(rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gammaray.commands import config_from_args
+    from gammaray.app.commands import config_from_args
     from gammaray.config import apply_overrides
 
     cfg = apply_overrides(config_from_args(args), {"data.batch_size": args.batch_size,

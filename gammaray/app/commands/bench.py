@@ -13,14 +13,14 @@ import importlib
 import inspect
 
 BENCHES = {
-    "synthetic": "workers.benchmarks.synthetic",
-    "batch": "workers.benchmarks.batch",
-    "structure": "workers.benchmarks.structure",
-    "recipe": "workers.benchmarks.recipe",
-    "tune-structure": "workers.benchmarks.tune_structure",
-    "scaling": "workers.benchmarks.scaling",
-    "ingest": "pipelines.benchmarks.ingest",
-    "decode": "pipelines.benchmarks.decode",
+    "synthetic": "gammaray.app.benchmarks.synthetic",
+    "batch": "gammaray.app.benchmarks.batch",
+    "structure": "gammaray.app.benchmarks.structure",
+    "recipe": "gammaray.app.benchmarks.recipe",
+    "tune-structure": "gammaray.app.benchmarks.tune_structure",
+    "scaling": "gammaray.app.benchmarks.scaling",
+    "ingest": "gammaray.app.benchmarks.ingest",
+    "decode": "gammaray.app.benchmarks.decode",
 }
 
 

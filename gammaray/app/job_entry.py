@@ -1,4 +1,4 @@
-"""What a gammaray job runs on the cluster: `python -m infra.job_entry <subcommand ...>`.
+"""What a gammaray job runs on the cluster: `python -m gammaray.app.job_entry <subcommand ...>`.
 
 `gammaray submit` stages the project with `.gammaray_job/config.yaml` (the resolved config) and
 `.gammaray_job/job.json` (the names of the credentials the job was promised, the modules it
@@ -57,6 +57,15 @@ def imports_message(missing: list[str]) -> str:
             f"image that has them (infra/docker/Dockerfile.gpu) and keep --requirements none.")
 
 
+def job_spec():
+    """This entry point as `gammaray submit` hands it to infra's job plan (infra imports no CLI)."""
+    from gammaray.app.cli import build_parser
+    from infra.jobs import JobEntry
+
+    return JobEntry(parser=build_parser(), module="gammaray.app.job_entry",
+                    files=("gammaray/app/cli.py", "gammaray/app/job_entry.py"))
+
+
 def main(argv: list[str] | None = None) -> int:
     command = list(sys.argv[1:] if argv is None else argv)
     job_dir = os.path.join(os.getcwd(), JOB_DIR)
@@ -93,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     full = [*command, "--config", cfg_path] if job.get("accepts_config", True) else command
     print(f"gammaray job: gammaray {shlex.join(command)}  (config {JOB_DIR}/config.yaml, sha256 {sha})", flush=True)
     try:
-        from gammaray.cli import main as cli_main
+        from gammaray.app.cli import main as cli_main
     except ModuleNotFoundError as err:  # a dependency of a dependency (the check above covers the direct ones)
         print(imports_message([err.name or str(err)]), file=sys.stderr, flush=True)
         return IMPORTS_MISSING

@@ -70,6 +70,7 @@ def _errors(fn):
 
 @_errors
 def run_submit(args: argparse.Namespace) -> int:
+    from gammaray.app.job_entry import job_spec
     from infra.jobs import parse_env, parse_secret_refs, plan_job, resolve_token
 
     command = list(args.job_command)
@@ -78,7 +79,7 @@ def run_submit(args: argparse.Namespace) -> int:
     token = None
     if not args.dry_run:
         token, _ = resolve_token(args.token_file)
-    plan = plan_job(command, args.config, args.overrides, working_dir=args.working_dir,
+    plan = plan_job(command, args.config, args.overrides, entry=job_spec(), working_dir=args.working_dir,
                     requirements=args.requirements, env=parse_env(args.env),
                     secret_refs=parse_secret_refs(args.secret_env), submission_id=args.submission_id,
                     excludes=args.exclude, allow_files=args.allow_file, entrypoint_num_cpus=args.entrypoint_num_cpus,

@@ -1,4 +1,4 @@
-"""Subcommands of the `gammaray` CLI, one module each (see gammaray/cli.py)."""
+"""Subcommands of the `gammaray` CLI, one module each (see gammaray/app/cli.py)."""
 
 from __future__ import annotations
 

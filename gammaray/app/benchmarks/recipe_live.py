@@ -26,10 +26,10 @@ def live_base(regime: str, cache: str, tokenizer_dir: str | None = None):
     """The config of a live regime (everything not set here: the shipped defaults)."""
     from gammaray.config import load
 
-    from .recipe import towers
+    from gammaray.app.benchmarks.common import pretrained_towers
 
     if regime == "finetune":
-        image, text = towers(cache)
+        image, text = pretrained_towers(cache)
         return load(None, {"model.image.pretrained": image, "model.text.pretrained": text,
                            "model.text.pooling": "mean", "data.tokenizer": text, "data.image_size": 64,
                            "data.max_text_tokens": 32, "train.optim.lr": 1e-4})
@@ -141,14 +141,14 @@ def run_live_cell(job: dict) -> dict:
     from workers.models import build_model
     from workers.objective import Objective
 
-    from .recipe import _hwm, _reset_hwm
+    from gammaray.app.benchmarks.common import peak_rss, reset_peak_rss
 
     torch.set_num_threads(1)
     cfg = from_dict(job["config"])
     device = torch.device("cpu")
     train, test = _load(job["arrays"]["train"]), _load(job["arrays"]["test"])
     tok = load_tokenizer(cfg.data.tokenizer)
-    base = _reset_hwm()
+    base = reset_peak_rss()
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model, vocab_size=len(tok), pad_token_id=tok.pad_token_id).to(device).train()
     N, B = len(train["index"]), int(cfg.data.batch_size)
@@ -170,7 +170,7 @@ def run_live_cell(job: dict) -> dict:
             scheduler.step()
             step += 1
     wall = time.perf_counter() - t0
-    peak = _hwm() - base
+    peak = peak_rss() - base
     final = evaluate_live(model, test, cfg, tok, device)
     return {"dataset": job["dataset"], "regime": job["regime"], "loss": job["loss"], "settings": job["settings"],
             "batch_size": B, "seed": cfg.run.seed, "epochs": cfg.train.epochs, "steps": step,

@@ -49,7 +49,7 @@ ROW_KEYS = ("variant", "model", "seed", "r_at_1", "probe_image_only", "probe_tex
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from gammaray.commands import add_config_args
+    from gammaray.app.commands import add_config_args
 
     p.add_argument("--json", metavar="PATH", required=True, help="write the result rows here (JSON list)")
     p.add_argument("--png", metavar="PATH", help="plot (default: PATH of --json with .png)")
@@ -284,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from gammaray.commands import config_from_args
+    from gammaray.app.commands import config_from_args
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]

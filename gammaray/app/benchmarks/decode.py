@@ -24,6 +24,7 @@ from collections import Counter
 import numpy as np
 from PIL import Image
 
+from gammaray.app.benchmarks.common import markdown_table
 from pipelines import image_kinds
 from pipelines.images import decode
 
@@ -110,11 +111,9 @@ def scan(folder: str, limit: int) -> dict:
 
 
 def format_table(costs: list[dict]) -> str:
-    lines = ["| image | plain convert ms | decode ms | decode / plain | conversions |", "|---|---|---|---|---|"]
-    for c in costs:
-        lines.append(f"| {c['kind']} | {c['plain_ms']:.3f} | {c['decode_ms']:.3f} | {c['decode_vs_plain']:.2f} | "
-                     f"{', '.join(c['conversions']) or '-'} |")
-    return "\n".join(lines)
+    return markdown_table(["image", "plain convert ms", "decode ms", "decode / plain", "conversions"],
+                          [[c["kind"], f"{c['plain_ms']:.3f}", f"{c['decode_ms']:.3f}", f"{c['decode_vs_plain']:.2f}",
+                            ", ".join(c["conversions"]) or "-"] for c in costs])
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
