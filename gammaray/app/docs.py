@@ -78,7 +78,7 @@ def tune_structure_table() -> str:
 
 
 def gpu_check_table() -> str:
-    """The GPU check's runs (workers.benchmarks.gpu_check), all strategies, from its JSON files."""
+    """The GPU check's runs (gammaray.app.benchmarks.gpu_check), all strategies, from its JSON files."""
     runs, env = [], {}
     for name in ("gpu-check-zero.json", "gpu-check-ddp.json"):
         data = load(f"gpu/{name}")
