@@ -35,7 +35,7 @@ def format_summary(s: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from workers.evaluate import evaluate_checkpoint
+    from workers.evaluation.evaluate import evaluate_checkpoint
 
     report = args.report
     if report is None:

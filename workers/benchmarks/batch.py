@@ -180,10 +180,10 @@ def train_one(job: dict) -> dict:
     """Train one (dataset, loss, batch size) configuration; run in its own process."""
     import torch
 
-    from workers.engine import lr_lambda, param_groups
-    from workers.evaluate import retrieval_metrics
-    from workers.models import build_model
-    from workers.objective import Objective
+    from workers.training.engine import lr_lambda, param_groups
+    from workers.evaluation.evaluate import retrieval_metrics
+    from workers.models.two_tower import build_model
+    from workers.training.objective import Objective
 
     torch.set_num_threads(job["threads"])
     device = torch.device(job["device"])
@@ -297,8 +297,8 @@ def step_times(batch_sizes, device_name: str, threads: int, rounds: int = 8, ste
     import torch
 
     from gammaray.schema import BatchKeys as K
-    from workers.models import build_model
-    from workers.objective import Objective
+    from workers.models.two_tower import build_model
+    from workers.training.objective import Objective
 
     device = torch.device(device_name)
     # on CPU: one thread and that thread's CPU time, so that other load on the machine does not count

@@ -12,7 +12,7 @@ OUT that belongs to another model or catalogue.
 
 `--features` writes the towers' pooled outputs instead (columns image_features, text_features: what
 the heads see), the cache that heads-only training on locked towers reads (`data.features.*`,
-workers/heads.py). Without a checkpoint the towers come from a config (`model.image/text.pretrained`);
+workers/evaluation/heads.py). Without a checkpoint the towers come from a config (`model.image/text.pretrained`);
 the model they came from is written to OUT/model (+ OUT/config.json), so the store is also a
 checkpoint that `gammaray eval/export` can open, and the category prompts of the catalogue, through the
 same text tower, go to OUT/prompts.parquet (zero-shot evaluation of the heads).
@@ -127,8 +127,8 @@ class Embedder:
     def __init__(self, model_uri: str, storage: dict, use_gpu: bool, features: bool = False):
         from gammaray.config import StorageConfig as SC
 
-        from .export import open_checkpoint
-        from .models import load_model
+        from workers.evaluation.export import open_checkpoint
+        from workers.models.two_tower import load_model
 
         ckpt = open_checkpoint(model_uri, SC.model_validate(storage))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -142,7 +142,7 @@ class Embedder:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .evaluate import embedding_outputs
+        from workers.evaluation.evaluate import embedding_outputs
 
         good = np.asarray(batch["reject_reason"] == "", dtype=bool)
         n = len(good)
@@ -172,7 +172,7 @@ def probe_outputs(model, cfg: GammarayConfig, device: torch.device,
                   features: bool = False) -> tuple[list[str], dict[str, int]]:
     """Names and widths of the model's embedding outputs (one dummy record through it); with
     `features`, of its towers' pooled outputs ("image", "text")."""
-    from .evaluate import embedding_outputs
+    from workers.evaluation.evaluate import embedding_outputs
 
     H, L = cfg.data.image_size, cfg.data.max_text_tokens
     mask = torch.zeros(1, L, dtype=torch.long)
@@ -259,15 +259,15 @@ def embed_catalogue(checkpoint_uri: str | None, data_uri: str, out_uri: str, opt
     from pipelines.prepare import load_manifest
     from pipelines.stream import units_from_manifest
 
-    from .export import open_checkpoint, storage_from_overrides
-    from .train import ensure_ray, stream_spec
+    from workers.evaluation.export import open_checkpoint, storage_from_overrides
+    from workers.training.loop import ensure_ray, stream_spec
 
     opts = opts or EmbedOptions()
     t0 = time.perf_counter()
     if checkpoint_uri is None:
         if not (features and config is not None):
             raise ValueError("embed needs --checkpoint (or --features with a --config that names the towers)")
-        from .features import write_tower_model
+        from workers.evaluation.features import write_tower_model
 
         checkpoint_uri = write_tower_model(config, out_uri)
         storage_cfg = storage_cfg or config.storage
@@ -280,7 +280,7 @@ def embed_catalogue(checkpoint_uri: str | None, data_uri: str, out_uri: str, opt
     units = units_from_manifest(manifest)
     shards = manifest["shards"]
 
-    from .models import load_model
+    from workers.models.two_tower import load_model
 
     suffix = "_features" if features else "_embedding"
     model = load_model(ckpt.model_dir).eval()
@@ -358,7 +358,7 @@ def embed_catalogue(checkpoint_uri: str | None, data_uri: str, out_uri: str, opt
     if features and not storage.exists(storage.join(out_uri, "prompts.parquet"), storage_cfg):
         from pipelines.tokenizer import load as load_tokenizer
 
-        from .features import write_prompt_features
+        from workers.evaluation.features import write_prompt_features
 
         tok = load_tokenizer(cfg.data.tokenizer, storage.S3Settings.from_config(storage_cfg))
         write_prompt_features(model, cfg, tok, list(manifest.get("categories", [])), out_uri)

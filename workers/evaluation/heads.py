@@ -7,7 +7,7 @@ heads and the temperature train, here, on the vectors held in memory: thousands 
 CPU, no Ray Train, no DeepSpeed (a few linear layers do not need them). The step is the same as in the
 distributed loop: the same model class (`TwoTowerModel` without towers), the same `Objective` (every
 contrastive loss, its per-sample state), the same AdamW groups, warm-up + cosine schedule and
-gradient clipping (workers/engine.py).
+gradient clipping (workers/training/engine.py).
 
     for epoch: for batch in seeded permutation:
         out = model(features); terms = objective(out, batch, progress); backward; clip; step
@@ -38,11 +38,11 @@ import torch.nn.functional as F
 from gammaray.config import GammarayConfig
 from gammaray.schema import BatchKeys as K
 
-from .engine import _optimizer_and_schedule
-from .evaluate import recall_at_k, retrieval_ranks, zero_shot_accuracy
-from .features import FeatureSet
-from .models import TwoTowerModel
-from .objective import Objective
+from workers.training.engine import _optimizer_and_schedule
+from workers.evaluation.evaluate import recall_at_k, retrieval_ranks, zero_shot_accuracy
+from workers.evaluation.features import FeatureSet
+from workers.models.two_tower import TwoTowerModel
+from workers.training.objective import Objective
 
 STATE_FILE = "heads_state.pt"
 
@@ -269,8 +269,8 @@ def export_heads(model: TwoTowerModel, train: FeatureSet, cfg: GammarayConfig, o
 
     from pipelines import storage
 
-    from .export import open_checkpoint
-    from .models import load_model, save_model
+    from workers.evaluation.export import open_checkpoint
+    from workers.models.two_tower import load_model, save_model
 
     with tempfile.TemporaryDirectory(prefix="gammaray-heads-") as tmp:
         store = open_checkpoint(train.uri, cfg.storage, local_dir=os.path.join(tmp, "towers"))
@@ -293,8 +293,8 @@ def pretrain_heads(cfg: GammarayConfig, progress: bool = True):
     """`gammaray pretrain` on cached features: train, write metrics.jsonl, export the model."""
     from pipelines import storage
 
-    from .features import load_feature_store
-    from .train import PretrainResult, run_dir
+    from workers.evaluation.features import load_feature_store
+    from workers.training.loop import PretrainResult, run_dir
 
     t0 = time.perf_counter()
     train = load_feature_store(cfg.data.features.train, cfg.storage)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .evaluate import EvalResult, confusion, pca_2d, recall_curve
+from workers.evaluation.evaluate import EvalResult, confusion, pca_2d, recall_curve
 
 
 def write_report(res: EvalResult, path: str, title: str = "", top: int = 8, max_points: int = 600,

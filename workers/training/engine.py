@@ -3,7 +3,7 @@ torch DDP (`ray.train.torch.prepare_model`), both with torch AdamW and linear wa
 
 Both strategies expose the DeepSpeed engine calls the loop uses (`engine(batch)`, `backward`, `step`,
 `set_gradient_accumulation_boundary`, `global_steps`, `module`, `train`/`eval`,
-`save_checkpoint`/`load_checkpoint`), so `workers/train.py` has one loop.
+`save_checkpoint`/`load_checkpoint`), so `workers/training/loop.py` has one loop.
 
 Checkpoints (`save_state` / `load_state`):
 - DeepSpeed's own files: one per rank (ZeRO partitions the fp32 master weights and Adam moments by
@@ -230,7 +230,7 @@ class DDPEngine:
                    os.path.join(save_dir, tag, DDP_FILE))
 
     def load_checkpoint(self, load_dir: str, tag: str = "state", **_: Any) -> None:
-        from .safe_load import load as load_data
+        from workers.safe_load import load as load_data
 
         sd = load_data(os.path.join(load_dir, tag, DDP_FILE), map_location=self.device)
         self.module.load_state_dict(sd["module"])
@@ -397,7 +397,7 @@ def load_state(engine, scheduler, d: str, same_world: bool, shown: str | None = 
     engine's own files), 'portable' (different worker count, from the portable copy) or
     'weights-only' (different worker count and no portable copy: fresh optimizer). Files that
     would run code are refused (safe_load); `shown` names the checkpoint in that error."""
-    from .safe_load import check_deepspeed_files, load as load_data
+    from workers.safe_load import check_deepspeed_files, load as load_data
 
     shown = shown or d
     if same_world or isinstance(engine, DDPEngine):

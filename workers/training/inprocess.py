@@ -1,5 +1,5 @@
 """Training in one process, without Ray Train, Ray Data or DeepSpeed: the same model, objective, AdamW
-parameter groups, warm-up + cosine schedule and gradient clipping as the engine (workers/engine.py), on
+parameter groups, warm-up + cosine schedule and gradient clipping as the engine (workers/training/engine.py), on
 a prepared catalogue held in memory and preprocessed by pipelines/preprocess.py (the code the Ray Data
 tasks run, augmentations keyed by seed, epoch and sample_index).
 
@@ -28,7 +28,7 @@ EMBEDDINGS = ("image", "text", "image_specific", "text_specific")
 @dataclass
 class Split:
     """A prepared catalogue in memory: raw columns in sample_index order, and its label columns
-    (`category`, `attr:<key>`; None where a record lacks one) as workers/evaluate.py reads them."""
+    (`category`, `attr:<key>`; None where a record lacks one) as workers/evaluation/evaluate.py reads them."""
 
     columns: dict[str, list]
     labels: dict[str, list[str | None]]
@@ -46,7 +46,7 @@ def load_split(uri: str, storage_cfg=None) -> Split:
     from pipelines import storage
     from pipelines.prepare import load_manifest
 
-    from .evaluate import label_columns
+    from workers.evaluation.evaluate import label_columns
 
     storage_cfg = storage_cfg or StorageConfig()
     manifest = load_manifest(uri, storage_cfg)
@@ -90,9 +90,9 @@ class LocalRun:
     """One model with its objective, optimizer and schedule, trained step by step in this process."""
 
     def __init__(self, cfg, seed: int, vocab_size: int, pad_id: int, num_samples: int, total_steps: int, device):
-        from .engine import lr_lambda, param_groups
-        from .models import build_model
-        from .objective import Objective
+        from workers.training.engine import lr_lambda, param_groups
+        from workers.models.two_tower import build_model
+        from workers.training.objective import Objective
 
         self.cfg = cfg
         torch.manual_seed(seed)  # the same initial weights for every config of a seed
