@@ -80,7 +80,7 @@ def run_demo(cfg: GammarayConfig, opts: DemoOptions) -> dict:
                                     "run.storage": f"{base}/runs"})
         stage(f"gammaray pretrain: Ray Train, {cfg.train.workers} workers x DeepSpeed ZeRO-{cfg.train.deepspeed.zero_stage}, "
               f"loss={cfg.loss.kind}, micro-batch {cfg.data.batch_size}, {cfg.train.epochs} epochs")
-        from workers.training.loop import pretrain
+        from workers.training.trainer import pretrain
 
         result = pretrain(cfg, progress=opts.progress)
         m = result.metrics

@@ -19,7 +19,7 @@ def test_locked_towers_stay_bit_for_bit_under_deepspeed(ray_local, s3, small_cat
     from pipelines.tokenizer import load as load_tokenizer
     from workers.evaluation.export import open_checkpoint
     from workers.models.two_tower import build_model, load_model
-    from workers.training.loop import pretrain
+    from workers.training.trainer import pretrain
 
     over = tiny_overrides(small_catalogue, s3.url("runs"), "locked")
     over.update({"model.image.hf_config": {"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [8, 16],

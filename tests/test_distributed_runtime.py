@@ -209,7 +209,7 @@ def test_deepspeed_files_are_checked_before_deepspeed_unpickles_them(session, tm
 @pytest.mark.timeout(1200)
 def test_resume_refuses_another_seed_and_force_resumes(ray_local, s3, odd_catalogue, tmp_path):
     from workers.training.resume import ResumeMismatch
-    from workers.training.loop import build_trainer, pretrain, reason_of
+    from workers.training.trainer import build_trainer, pretrain, reason_of
 
     over = odd_overrides(odd_catalogue, s3.url("runtime", "runs"), "seeded", **{"train.max_steps": 2})
     first = pretrain(apply_overrides(GammarayConfig(), over), progress=False)

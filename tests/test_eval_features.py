@@ -88,7 +88,7 @@ def test_embed_features_writes_the_towers_pooled_outputs(stores, small_catalogue
 def test_pretrain_on_cached_features_resumes_exports_and_evaluates_like_the_live_model(stores, s3, small_catalogue):
     from workers.evaluation.evaluate import evaluate_checkpoint
     from workers.evaluation.heads import STATE_FILE
-    from workers.training.loop import pretrain
+    from workers.training.trainer import pretrain
 
     over = {**tiny_overrides(small_catalogue, s3.url("runs"), "heads-e2e"), **LOCKED,
             "data.features.train": stores["train"], "data.features.val": stores["val"], "train.epochs": 2,

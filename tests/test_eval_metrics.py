@@ -244,7 +244,7 @@ def _sync_worker(rank: int, port: int, q) -> None:
 
     import torch.distributed as dist
 
-    from workers.training.engine import sync_buffers
+    from workers.runtime import sync_buffers
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.timeout(600)
 def test_pretrain_two_workers_deepspeed_gamma_in_s3(ray_local, s3, small_catalogue):
-    from workers.training.loop import pretrain
+    from workers.training.trainer import pretrain
 
     cfg = apply_overrides(GammarayConfig(), tiny_overrides(small_catalogue, s3.url("runs"), "e2e-gamma"))
     res = pretrain(cfg, progress=False)

@@ -48,7 +48,7 @@ def test_vendure_catalogue_is_prepared_and_trained_on(ray_local, s3, vendure_pac
     import torch.distributed as dist
 
     from pipelines import vendure
-    from workers.training.loop import pretrain
+    from workers.training.trainer import pretrain
 
     src = vendure.to_jsonl(vendure_package, str(tmp_path / "vendure.jsonl"))
     # images are referenced relative to the JSONL: copy them beside it (a user's folder layout)

@@ -22,7 +22,7 @@ TERMS = ("contrastive_loss", "in_modal_loss", "sep_loss", "bridge_loss", "gc_los
 @pytest.mark.parametrize("kind,loss", [("two_tower", {"loss.kind": "gamma"}),
                                        ("fusion", {"loss.kind": "infonce", "loss.gather_negatives": True})])
 def test_model_kind_trains_with_all_regularizers_on_two_workers(ray_local, s3, small_catalogue, kind, loss):
-    from workers.training.loop import pretrain
+    from workers.training.trainer import pretrain
 
     overrides = tiny_overrides(small_catalogue, s3.url("runs"), f"structure-{kind}")
     overrides.update({

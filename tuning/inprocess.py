@@ -39,7 +39,7 @@ def trial_data(cfg: GammarayConfig) -> TrialData:
     from pipelines import storage
     from pipelines.tokenizer import load as load_tokenizer
     from workers.training.inprocess import Split, load_split, preprocess
-    from workers.training.loop import tokenizer_uri
+    from workers.runtime import tokenizer_uri
 
     d = cfg.data
     key = (d.train, d.val, tokenizer_uri(cfg), d.image_size, d.max_text_tokens, cfg.eval.max_records)
@@ -79,7 +79,7 @@ def run_trial(params: dict, base: dict, experiment_uri: str) -> None:
     from ray import tune
 
     from workers.training.inprocess import LocalRun, planned_steps, train
-    from workers.training.loop import prefixed
+    from workers.training.metrics import prefixed
 
     from .objectives import with_every_objective
 

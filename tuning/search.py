@@ -2,7 +2,7 @@
 
 Train V2 pattern (a Tune trial cannot wrap a TorchTrainer directly): the trainable is a function
 that patches the base config with the trial's values, builds the TorchTrainer with
-`workers.training.loop.build_trainer`, and hands the loop's reports to Tune through Ray Tune's
+`workers.training.trainer.build_trainer`, and hands the loop's reports to Tune through Ray Tune's
 `TuneReportCallback`. ASHA stops weak trials on the validation R@1 the loop reports every
 `train.eval_every` steps; Optuna's TPE (or plain random sampling) proposes the values.
 
@@ -171,7 +171,7 @@ def _plan_in_process(cfg: GammarayConfig, cpus: float, gpus: float) -> ResourceP
 
 
 def trial_budget(cfg: GammarayConfig, num_records: int) -> int:
-    from workers.training.loop import estimate_total_steps
+    from workers.training.state import estimate_total_steps
 
     trial = space.trial_config(cfg, {})
     if cfg.tune.trial_kind == "in_process":
@@ -213,7 +213,7 @@ def run_trial(params: dict, base: dict, experiment_uri: str) -> None:
     """The Tune trainable: one TorchTrainer run of the training loop with the trial's values."""
     import ray.tune
 
-    from workers.training.loop import build_trainer
+    from workers.training.trainer import build_trainer
 
     cfg0 = from_dict(base)
     values = space.effective(params, cfg0.tune.space)
@@ -274,7 +274,8 @@ def run_tune(cfg: GammarayConfig, samples: int | None = None, progress: bool = T
     results and writes the table, the plot and the best config."""
     from ray import tune
 
-    from workers.training.loop import ensure_ray, preflight
+    from workers.runtime import ensure_ray
+    from workers.training.trainer import preflight
 
     keep_credentials_out_of_trial_env()
     t0 = time.perf_counter()

@@ -71,7 +71,7 @@ def run_one(name: str, overrides: dict, root: str) -> dict:
 
     from gammaray.config import GammarayConfig, apply_overrides
     from pipelines import storage
-    from workers.training.loop import pretrain
+    from workers.training.trainer import pretrain
 
     cfg = apply_overrides(GammarayConfig(), overrides)
     if torch.cuda.is_available():

@@ -216,7 +216,7 @@ def _worker(rank: int, world: int, port: int, cfg_json: dict, losses: list[str],
     import torch.distributed as dist
 
     from gammaray.config import from_dict
-    from workers.training.loop import quiet_libraries
+    from workers.runtime import quiet_libraries
 
     quiet_libraries()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))

@@ -260,7 +260,7 @@ def embed_catalogue(checkpoint_uri: str | None, data_uri: str, out_uri: str, opt
     from pipelines.stream import units_from_manifest
 
     from workers.evaluation.export import open_checkpoint, storage_from_overrides
-    from workers.training.loop import ensure_ray, stream_spec
+    from workers.runtime import ensure_ray, stream_spec
 
     opts = opts or EmbedOptions()
     t0 = time.perf_counter()

@@ -24,7 +24,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from gammaray.schema import BatchKeys as K, pair_slots
 
@@ -442,10 +441,10 @@ def embed_split(engine, cfg, catalogue_uri: str, device: torch.device,
     from pipelines.prepare import load_manifest
     from pipelines.stream import Segment, iterate, reshard, units_from_manifest
 
-    from workers.training.engine import sync_buffers
-    from workers.training.loop import _world, lockstep, placeholder_batch, stream_spec, to_torch
+    from workers.runtime import sync_buffers
+    from workers.runtime import lockstep, world, placeholder_batch, stream_spec, to_torch
 
-    rank, W = _world()
+    rank, W = world()
     manifest = load_manifest(catalogue_uri, cfg.storage)
     units = units_from_manifest(manifest)
     seq = [Segment(u, 0, units[u].num_rows) for u in range(len(units))]
@@ -619,7 +618,7 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, overrides: list[str]
     from pipelines.tokenizer import load as load_tokenizer
 
     from workers.evaluation.export import load_checkpoint_model, open_checkpoint, storage_from_overrides
-    from workers.training.loop import ensure_ray
+    from workers.runtime import ensure_ray
 
     t0 = time.perf_counter()
     ckpt = open_checkpoint(checkpoint_uri, storage_cfg or storage_from_overrides(overrides))

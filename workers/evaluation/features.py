@@ -69,7 +69,7 @@ def write_tower_model(cfg: GammarayConfig, out_uri: str) -> str:
     from pipelines.tokenizer import load as load_tokenizer
 
     from workers.models.two_tower import build_model, save_model
-    from workers.training.loop import tokenizer_uri
+    from workers.runtime import tokenizer_uri
 
     out_uri = out_uri.rstrip("/")
     if storage.exists(storage.join(out_uri, "config.json"), cfg.storage):

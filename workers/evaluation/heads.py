@@ -17,7 +17,7 @@ features) and, for the gamma and SogCLR losses, compares the per-sample memory w
 partition function under the current model on a fixed probe subset of the training set
 (`gamma/log_memory_over_exact_*`): how stale and how noisy the memory is.
 
-`pretrain_heads` is what `gammaray pretrain` runs when `data.features.train` is set: per-epoch state
+`workers.training.trainer.pretrain_heads` (what `gammaray pretrain` runs when `data.features.train` is set) keeps per-epoch state
 in the run folder (a rerun resumes), the model (the store's towers + the trained heads) exported
 like a Ray Train checkpoint, so `gammaray eval/embed/export` take it.
 """
@@ -25,7 +25,6 @@ like a Ray Train checkpoint, so `gammaray eval/embed/export` take it.
 from __future__ import annotations
 
 import io
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -33,7 +32,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from gammaray.config import GammarayConfig
 from gammaray.schema import BatchKeys as K
@@ -289,22 +287,3 @@ def export_heads(model: TwoTowerModel, train: FeatureSet, cfg: GammarayConfig, o
     return out_uri
 
 
-def pretrain_heads(cfg: GammarayConfig, progress: bool = True):
-    """`gammaray pretrain` on cached features: train, write metrics.jsonl, export the model."""
-    from pipelines import storage
-
-    from workers.evaluation.features import load_feature_store
-    from workers.training.loop import PretrainResult, run_dir
-
-    t0 = time.perf_counter()
-    train = load_feature_store(cfg.data.features.train, cfg.storage)
-    val = load_feature_store(cfg.data.features.val, cfg.storage) if cfg.data.features.val else None
-    rdir = run_dir(cfg)
-    res = train_heads(cfg, train, val, progress=progress, state_uri=storage.join(rdir, "heads", STATE_FILE))
-    lines = "".join(json.dumps(m) + "\n" for m in res.history)
-    storage.write_bytes(storage.join(rdir, "metrics.jsonl"), lines.encode(), cfg.storage)
-    export_heads(res.model, train, cfg, rdir)
-    metrics = dict(res.metrics)
-    metrics.update({"records_trained": len(train), "samples_seen_total": res.samples, "steps": res.steps,
-                    "final": 1, "resumed_from_epoch": res.resumed_from_epoch, "train_s": round(res.train_s, 2)})
-    return PretrainResult(metrics=metrics, checkpoint_uri=rdir, run_dir=rdir, wall_s=time.perf_counter() - t0)

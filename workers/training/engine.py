@@ -417,25 +417,6 @@ def load_state(engine, scheduler, d: str, same_world: bool, shown: str | None = 
     return "weights-only"
 
 
-@torch.no_grad()
-def sync_buffers(model) -> None:
-    """[dist] One set of module buffers on every rank, before evaluation and checkpoints.
-
-    DeepSpeed keeps parameters identical across ranks but not buffers: each rank's BatchNorm tracks
-    the statistics of its own batches. Floating buffers (running statistics) are averaged over ranks,
-    the others (batch counters) broadcast from rank 0, so every rank evaluates the same model and
-    the checkpoint (rank 0's module) is the model that was evaluated."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    W = dist.get_world_size()
-    for buf in getattr(model, "module", model).buffers():
-        if buf.is_floating_point():
-            dist.all_reduce(buf.data)
-            buf.data.div_(W)
-        else:
-            dist.broadcast(buf.data, src=0)
-
-
 def forget_stale_deepspeed_groups() -> None:
     """DeepSpeed keeps a module-level clone of the world group made by the first engine of a process.
     When that process group was destroyed and a new one made (a second in-process run: notebooks,
