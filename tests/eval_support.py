@@ -18,7 +18,7 @@ def make_checkpoint(root: str, catalogue: dict, seed: int = 0, overrides: dict |
     """A checkpoint folder as the training loop writes it (model/ from save_model + config.json)."""
     from pipelines import storage
     from pipelines.tokenizer import load as load_tokenizer
-    from workers.models.two_tower import build_model, save_model
+    from workers.models.registry import build_model, save_model
 
     cfg = apply_overrides(GammarayConfig(), tiny_overrides(catalogue, os.path.join(root, "runs"), "eval"))
     if overrides:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.distributed
 def test_locked_towers_stay_bit_for_bit_under_deepspeed(ray_local, s3, small_catalogue, tmp_path):
     from pipelines.tokenizer import load as load_tokenizer
     from workers.evaluation.export import open_checkpoint
-    from workers.models.two_tower import build_model, load_model
+    from workers.models.registry import build_model, load_model
     from workers.training.trainer import pretrain
 
     over = tiny_overrides(small_catalogue, s3.url("runs"), "locked")

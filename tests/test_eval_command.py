@@ -21,7 +21,7 @@ def test_eval_command_metrics_probes_report(ray_local, small_catalogue, tmp_path
     from gammaray.cli import main
     from pipelines.tokenizer import load as load_tokenizer
     from workers.evaluation.evaluate import encode_prompts, evaluate
-    from workers.models.two_tower import load_model
+    from workers.models.registry import load_model
 
     ckpt, cfg = make_checkpoint(str(tmp_path), small_catalogue)
     out = tmp_path / "eval.json"

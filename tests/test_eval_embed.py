@@ -34,7 +34,7 @@ def leaky_catalogue(s3, small_catalogue):
 def test_embed_rows_quarantine_equality_and_resume(ray_local, s3, small_catalogue, leaky_catalogue, tmp_path):
     from pipelines import storage
     from workers.evaluation.embed import EmbedOptions, embed_catalogue
-    from workers.models.two_tower import load_model
+    from workers.models.registry import load_model
 
     prep = leaky_catalogue["prepared"]
     assert prep.num_input == 45 and prep.num_quarantined == 3 and prep.num_written == 42

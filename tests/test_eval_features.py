@@ -41,7 +41,7 @@ def test_embed_features_writes_the_towers_pooled_outputs(stores, small_catalogue
     from pipelines.prepare import load_manifest
     from workers.evaluation.export import open_checkpoint
     from workers.evaluation.features import load_feature_store
-    from workers.models.two_tower import load_model
+    from workers.models.registry import load_model
 
     res = stores["train_result"]
     assert res.records_written == 384 and res.records_quarantined == 0

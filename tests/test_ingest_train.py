@@ -104,7 +104,7 @@ def test_other_view_pairs_feed_the_model_and_objective(s3, tmp_path, pair):
     from pipelines.preprocess import PreprocessSpec, preprocess_batch
     from pipelines.stream import read_segment_rows, units_from_manifest
     from pipelines.tokenizer import load
-    from workers.models.two_tower import build_model
+    from workers.models.registry import build_model
     from workers.training.objective import Objective
     from workers.runtime import to_torch
 

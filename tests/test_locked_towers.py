@@ -11,7 +11,8 @@ import torch
 
 from gammaray.config import GammarayConfig, apply_overrides
 from gammaray.schema import BatchKeys as K
-from workers.models.two_tower import build_model, clamp_above, tower_blocks
+from workers.models.registry import build_model
+from workers.models.two_tower import clamp_above, tower_blocks
 from workers.training.objective import Objective
 
 pytestmark = pytest.mark.loss

@@ -9,7 +9,8 @@ import torch
 from gammaray.config import GammarayConfig, apply_overrides
 from gammaray.schema import BatchKeys as K
 from workers.models.fusion import FusionModel, sample_hard_negatives
-from workers.models.two_tower import TwoTowerModel, build_model, load_model, save_model
+from workers.models.two_tower import TwoTowerModel
+from workers.models.registry import build_model, load_model, save_model
 from workers.training.objective import Objective
 
 pytestmark = pytest.mark.structure

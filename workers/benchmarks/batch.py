@@ -182,7 +182,7 @@ def train_one(job: dict) -> dict:
 
     from workers.training.engine import lr_lambda, param_groups
     from workers.evaluation.evaluate import retrieval_metrics
-    from workers.models.two_tower import build_model
+    from workers.models.registry import build_model
     from workers.training.objective import Objective
 
     torch.set_num_threads(job["threads"])
@@ -297,7 +297,7 @@ def step_times(batch_sizes, device_name: str, threads: int, rounds: int = 8, ste
     import torch
 
     from gammaray.schema import BatchKeys as K
-    from workers.models.two_tower import build_model
+    from workers.models.registry import build_model
     from workers.training.objective import Objective
 
     device = torch.device(device_name)

@@ -138,7 +138,7 @@ def run_live_cell(job: dict) -> dict:
     from gammaray.config import from_dict
     from pipelines.tokenizer import load as load_tokenizer
     from workers.training.engine import _optimizer_and_schedule
-    from workers.models.two_tower import build_model
+    from workers.models.registry import build_model
     from workers.training.objective import Objective
 
     from .recipe import _hwm, _reset_hwm

@@ -152,7 +152,7 @@ def measure(cfg, loss: str, steps: int, warmup: int, counter: CommCounter, devic
     from gammaray.config import apply_overrides
     from gammaray.schema import BatchKeys as K
     from workers.training.engine import build_engine, use_bf16
-    from workers.models.two_tower import build_model
+    from workers.models.registry import build_model
     from workers.training.objective import Objective
 
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -128,7 +128,7 @@ class Embedder:
         from gammaray.config import StorageConfig as SC
 
         from workers.evaluation.export import open_checkpoint
-        from workers.models.two_tower import load_model
+        from workers.models.registry import load_model
 
         ckpt = open_checkpoint(model_uri, SC.model_validate(storage))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -280,7 +280,7 @@ def embed_catalogue(checkpoint_uri: str | None, data_uri: str, out_uri: str, opt
     units = units_from_manifest(manifest)
     shards = manifest["shards"]
 
-    from workers.models.two_tower import load_model
+    from workers.models.registry import load_model
 
     suffix = "_features" if features else "_embedding"
     model = load_model(ckpt.model_dir).eval()

@@ -28,12 +28,9 @@ import torch
 
 from gammaray.config import GammarayConfig, ModelConfig, StorageConfig, from_dict
 from gammaray.schema import IMAGE_MEAN, IMAGE_STD
+from workers.models.registry import EXPORT_SKIP, MODEL_FILE, load_model
 
-MODEL_MARKER = "gammaray_model.json"
 KNOWN_HEADS = ("image_proj.weight", "text_proj.weight", "log_logit_scale", "logit_bias")
-# the towers travel as Hugging Face folders; momentum (EMA) encoders are training-only state
-EXPORT_SKIP = ("image_tower.", "text_tower.", "momentum.")
-
 
 @dataclass
 class Checkpoint:
@@ -54,17 +51,17 @@ def find_model_uri(uri: str, storage_cfg: StorageConfig | None = None) -> str:
     from pipelines import storage
 
     uri = uri.rstrip("/")
-    if storage.exists(storage.join(uri, MODEL_MARKER), storage_cfg):
+    if storage.exists(storage.join(uri, MODEL_FILE), storage_cfg):
         return uri
-    if storage.exists(storage.join(uri, "model", MODEL_MARKER), storage_cfg):
+    if storage.exists(storage.join(uri, "model", MODEL_FILE), storage_cfg):
         return storage.join(uri, "model")
     # a run folder: the newest checkpoint in it (Ray names them checkpoint_<timestamp>)
     try:
-        found = [f.rsplit("/", 1)[0] for f in storage.list_files(uri, suffix=MODEL_MARKER, storage=storage_cfg)]
+        found = [f.rsplit("/", 1)[0] for f in storage.list_files(uri, suffix=MODEL_FILE, storage=storage_cfg)]
     except (NotADirectoryError, FileNotFoundError):
         found = []
     if not found:
-        raise FileNotFoundError(f"{uri}: no gammaray model found (expected {MODEL_MARKER} in it, in model/, or in "
+        raise FileNotFoundError(f"{uri}: no gammaray model found (expected {MODEL_FILE} in it, in model/, or in "
                                 "a checkpoint below it)")
     return sorted(found)[-1]
 
@@ -103,7 +100,7 @@ def _open_checkpoint(uri: str, model_uri: str, storage_cfg: StorageConfig | None
     if has_config:
         cfg = from_dict(storage.read_json(cfg_uri, storage_cfg))
     else:
-        with open(os.path.join(model_dir, MODEL_MARKER)) as f:
+        with open(os.path.join(model_dir, MODEL_FILE)) as f:
             cfg = GammarayConfig(model=ModelConfig.model_validate(json.load(f)["model"]))
     if storage_cfg is not None:
         cfg = cfg.model_copy(update={"storage": storage_cfg})
@@ -121,8 +118,6 @@ def storage_from_overrides(overrides: list[str] | None) -> StorageConfig | None:
 
 
 def load_checkpoint_model(ckpt: Checkpoint, device: torch.device | str = "cpu"):
-    from workers.models.two_tower import load_model
-
     return load_model(ckpt.model_dir).to(device).eval()
 
 

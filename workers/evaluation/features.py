@@ -68,7 +68,7 @@ def write_tower_model(cfg: GammarayConfig, out_uri: str) -> str:
     from pipelines import storage
     from pipelines.tokenizer import load as load_tokenizer
 
-    from workers.models.two_tower import build_model, save_model
+    from workers.models.registry import build_model, save_model
     from workers.runtime import tokenizer_uri
 
     out_uri = out_uri.rstrip("/")

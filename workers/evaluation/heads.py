@@ -268,7 +268,7 @@ def export_heads(model: TwoTowerModel, train: FeatureSet, cfg: GammarayConfig, o
     from pipelines import storage
 
     from workers.evaluation.export import open_checkpoint
-    from workers.models.two_tower import load_model, save_model
+    from workers.models.registry import load_model, save_model
 
     with tempfile.TemporaryDirectory(prefix="gammaray-heads-") as tmp:
         store = open_checkpoint(train.uri, cfg.storage, local_dir=os.path.join(tmp, "towers"))

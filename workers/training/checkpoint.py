@@ -16,7 +16,7 @@ from gammaray.config import GammarayConfig
 from pipelines import storage
 from pipelines.stream import part_from_json, reshard
 from pipelines.tokenizer import load as load_tokenizer
-from workers.models.two_tower import save_model
+from workers.models.registry import save_model
 from workers.runtime import rank_dir, run_dir, sync_buffers, tokenizer_uri
 from workers.safe_load import load as load_data
 from workers.training.audit import SampleAudit

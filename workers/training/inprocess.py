@@ -91,7 +91,7 @@ class LocalRun:
 
     def __init__(self, cfg, seed: int, vocab_size: int, pad_id: int, num_samples: int, total_steps: int, device):
         from workers.training.engine import lr_lambda, param_groups
-        from workers.models.two_tower import build_model
+        from workers.models.registry import build_model
         from workers.training.objective import Objective
 
         self.cfg = cfg

@@ -33,7 +33,7 @@ from pipelines.prepare import load_manifest
 from pipelines.stream import StreamSpec, close_prefetched, epoch_plan, iterate, prefetch, units_from_manifest
 from pipelines.tokenizer import load as load_tokenizer
 from workers.evaluation.evaluate import evaluate  # validation: the same code as `gammaray eval`
-from workers.models.two_tower import build_model
+from workers.models.registry import build_model
 from workers.runtime import (lockstep, pick_device, placeholder_batch, quiet_libraries, stream_spec, to_torch,
                              tokenizer_uri, world)
 from workers.training.audit import SampleAudit
