@@ -552,8 +552,9 @@ class TuneSection(Section):
     trial_kind: Literal["train_loop", "in_process"] = Field(
         "train_loop", description="train_loop: each trial is a TorchTrainer run of the training loop (gammaray pretrain's "
                                   "code, DeepSpeed, Ray Data). in_process: the trial trains in its own process "
-                                  "(workers/training/inprocess.py: same model, objective, optimizer and schedule, data in memory, "
-                                  "no checkpoints) on tune.trial_cpus CPUs: for small models, far cheaper per trial."
+                                  "(workers/training/inprocess.py: same model, objective, optimizer and schedule, "
+                                  "data in memory, no checkpoints) on tune.trial_cpus CPUs: for small models, far "
+                                  "cheaper per trial."
     )
     searcher: Literal["optuna", "random"] = Field(
         "optuna", description="optuna: Optuna's TPE sampler through ray.tune.search.optuna; random: plain sampling."

@@ -103,7 +103,7 @@ def run_demo(cfg: GammarayConfig, opts: DemoOptions) -> dict:
         "loss_records": m.get("loss_records"),
         "records_quarantined": res_train.num_quarantined + int(m.get("records_quarantined_stream", 0)),
         "quarantine_by_reason": res_train.quarantine_by_reason,
-        "val_records": m.get("val_val_records"),
+        "val_records": m.get("val_records"),
         "steps": m.get("step"),
         "checkpoint": result.checkpoint_uri,
         "wall_s": round(time.perf_counter() - t0, 1),

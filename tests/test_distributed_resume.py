@@ -167,7 +167,7 @@ def test_reference_run_counts_steps_metrics_and_progress(reference, small_catalo
     # records_trained sums both workers: 2 steps x 2 micro-batches x 16 x 2 workers per report
     assert [ln["records_trained"] for ln in lines if not ln.get("final")] == [128 * k for k in range(1, 7)]
     final = lines[-1]
-    assert final["final"] == 1 and "val_r_at_1" in final and final["val_val_records"] == 96
+    assert final["final"] == 1 and "val_r_at_1" in final and final["val_records"] == 96
     # TensorBoard scalars next to the metrics (local path of the callback for an s3:// run)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.eval_support import direct_embeddings, make_checkpoint, read_catalogue
-from workers.evaluation.evaluate import modality_gap, retrieval_metrics, zero_shot_accuracy
+from workers.evaluation.metrics import modality_gap, retrieval_metrics, zero_shot_accuracy
 
 pytestmark = pytest.mark.eval
 
@@ -30,7 +30,7 @@ def test_eval_command_metrics_probes_report(ray_local, small_catalogue, tmp_path
     assert rc == 0
     s = json.loads(out.read_text())
     m = s["metrics"]
-    assert m["val_records"] == 96
+    assert m["records"] == 96
 
     # the same numbers from embeddings computed record by record, without Ray
     model = load_model(f"{ckpt}/model").eval()

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from workers.evaluation.evaluate import (confusion, embedding_outputs, k_shot_accuracy, k_shot_indices, label_columns,
-                              majority_baseline, modality_gap, pca_2d, probe_accuracy, recall_at_k, recall_curve,
-                              retrieval_metrics, retrieval_ranks, run_probes, stratified_split, zero_shot_accuracy,
-                              zero_shot_predictions)
+from workers.evaluation.metrics import (confusion, k_shot_accuracy, k_shot_indices, majority_baseline, modality_gap,
+                                        pca_2d, probe_accuracy, recall_at_k, recall_curve, retrieval_metrics,
+                                        retrieval_ranks, run_probes, stratified_split, zero_shot_accuracy,
+                                        zero_shot_predictions)
+from workers.evaluation.evaluate import embedding_outputs, label_columns
 
 pytestmark = pytest.mark.eval
 
@@ -218,7 +219,7 @@ def test_label_columns_align_with_sample_index():
 def test_probe_gradient_matches_finite_differences_and_fit_reaches_the_optimum():
     import torch.nn.functional as F
 
-    from workers.evaluation.evaluate import _probe_loss_grad, fit_linear_probe
+    from workers.evaluation.metrics import _probe_loss_grad, fit_linear_probe
 
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((60, 6)), rng.integers(0, 4, 60)

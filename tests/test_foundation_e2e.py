@@ -34,7 +34,7 @@ def test_pretrain_two_workers_deepspeed_gamma_in_s3(ray_local, s3, small_catalog
     assert m["records_quarantined_stream"] == 0
     for key in ("val_r_at_1_i2t", "val_r_at_1_t2i", "val_r_at_5_i2t", "val_zero_shot_acc", "contrastive_loss"):
         assert key in m, key
-    assert m["val_val_records"] == 96
+    assert m["val_records"] == 96
 
     # the checkpoint in S3 holds both ranks' engine state, loss-state shards and data positions
     files = storage.list_files(res.checkpoint_uri)

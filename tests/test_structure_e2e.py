@@ -41,7 +41,7 @@ def test_model_kind_trains_with_all_regularizers_on_two_workers(ray_local, s3, s
         assert name in m, name
         assert math.isfinite(m[name]), name
     assert m["loss"] == pytest.approx(sum(m[t] for t in expected), rel=1e-4, abs=1e-5)
-    assert m["step"] == 6 and m["val_val_records"] == 64
+    assert m["step"] == 6 and m["val_records"] == 64
     if kind == "fusion":
         assert 0.0 <= m["itm/accuracy"] <= 1.0
 

@@ -33,7 +33,7 @@ def row(tid: str, a: float | None, b: float | None, status: str = report.COMPLET
 
 
 def test_specific_probes_measure_what_each_embedding_keeps_of_its_own_attributes():
-    from workers.evaluation.evaluate import specific_probes
+    from workers.evaluation.metrics import specific_probes
 
     g = np.random.default_rng(0)
     n = 200

@@ -62,12 +62,12 @@ def validation_metrics(emb: dict[str, np.ndarray], labels: dict, cfg: GammarayCo
     zero-shot prompts): R@1/5/10 both ways, the modality gap, and the modality-specific probes."""
     import torch
 
-    from workers.evaluation.evaluate import modality_gap, retrieval_metrics, specific_probes
+    from workers.evaluation.metrics import modality_gap, retrieval_metrics, specific_probes
 
     image, text = torch.from_numpy(emb["image"]), torch.from_numpy(emb["text"])
     m = retrieval_metrics(image, text)
     m["modality_gap"] = modality_gap(image, text)
-    m["val_records"] = int(image.shape[0])
+    m["records"] = int(image.shape[0])
     if cfg.eval.specific_attributes:
         m.update(specific_probes(emb, labels, cfg.eval.specific_attributes, cfg.run.seed, cfg.eval.probe_l2))
     return m

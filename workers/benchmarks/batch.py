@@ -181,7 +181,7 @@ def train_one(job: dict) -> dict:
     import torch
 
     from workers.training.engine import lr_lambda, param_groups
-    from workers.evaluation.evaluate import retrieval_metrics
+    from workers.evaluation.metrics import retrieval_metrics
     from workers.models.registry import build_model
     from workers.training.objective import Objective
 

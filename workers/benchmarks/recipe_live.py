@@ -102,7 +102,7 @@ def evaluate_live(model, data: dict, cfg, tokenizer, device) -> dict[str, float]
     import torch
 
     from gammaray.schema import BatchKeys as K
-    from workers.evaluation.evaluate import category_prompts, recall_at_k, retrieval_ranks, zero_shot_accuracy
+    from workers.evaluation.metrics import category_prompts, recall_at_k, retrieval_ranks, zero_shot_accuracy
 
     model.eval()
     img, txt = [], []

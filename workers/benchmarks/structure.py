@@ -169,7 +169,7 @@ def evaluate_run(emb_train: dict, emb_val: dict, train, val) -> tuple[dict, dict
     import torch
 
     from pipelines.synthetic import IMAGE_ONLY, SHARED, TEXT_ONLY, TEXT_VERBATIM
-    from workers.evaluation.evaluate import modality_gap, retrieval_metrics
+    from workers.evaluation.metrics import modality_gap, retrieval_metrics
 
     vi, vt = torch.from_numpy(emb_val["image"]), torch.from_numpy(emb_val["text"])
     r = retrieval_metrics(vi, vt, ks=(1, 5))

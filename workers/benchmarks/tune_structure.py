@@ -68,7 +68,7 @@ def run_one(job: dict) -> tuple[dict, dict]:
     from gammaray.config import apply_overrides, from_dict
     from pipelines import storage
     from pipelines.tokenizer import load as load_tokenizer
-    from workers.evaluation.evaluate import modality_gap, retrieval_metrics, specific_probes
+    from workers.evaluation.metrics import modality_gap, retrieval_metrics, specific_probes
     from workers.training.inprocess import LocalRun, load_split, planned_steps, preprocess, train
     from workers.runtime import tokenizer_uri
 

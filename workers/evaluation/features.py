@@ -90,7 +90,7 @@ def write_prompt_features(model, cfg: GammarayConfig, tokenizer, categories: lis
     """The zero-shot prompts of `categories` through the locked text tower: OUT/prompts.parquet."""
     from pipelines import storage
 
-    from workers.evaluation.evaluate import category_prompts
+    from workers.evaluation.metrics import category_prompts
 
     prompts = category_prompts(categories, cfg.eval.prompt_template)
     feats = np.zeros((len(prompts), 0), np.float32)

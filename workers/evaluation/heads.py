@@ -17,8 +17,8 @@ features) and, for the gamma and SogCLR losses, compares the per-sample memory w
 partition function under the current model on a fixed probe subset of the training set
 (`gamma/log_memory_over_exact_*`): how stale and how noisy the memory is.
 
-`workers.training.trainer.pretrain_heads` (what `gammaray pretrain` runs when `data.features.train` is set) keeps per-epoch state
-in the run folder (a rerun resumes), the model (the store's towers + the trained heads) exported
+`workers.training.trainer.pretrain_heads` (what `gammaray pretrain` runs when `data.features.train`
+is set) keeps per-epoch state in the run folder (a rerun resumes), the model (the store's towers + the trained heads) exported
 like a Ray Train checkpoint, so `gammaray eval/embed/export` take it.
 """
 
@@ -37,7 +37,7 @@ from gammaray.config import GammarayConfig
 from gammaray.schema import BatchKeys as K
 
 from workers.training.engine import _optimizer_and_schedule
-from workers.evaluation.evaluate import recall_at_k, retrieval_ranks, zero_shot_accuracy
+from workers.evaluation.metrics import recall_at_k, retrieval_ranks, zero_shot_accuracy
 from workers.evaluation.features import FeatureSet
 from workers.models.two_tower import TwoTowerModel
 from workers.training.objective import Objective
