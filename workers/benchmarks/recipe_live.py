@@ -137,7 +137,7 @@ def run_live_cell(job: dict) -> dict:
 
     from gammaray.config import from_dict
     from pipelines.tokenizer import load as load_tokenizer
-    from workers.training.engine import _optimizer_and_schedule
+    from workers.training.engine import optimizer_and_schedule
     from workers.models.registry import build_model
     from workers.training.objective import Objective
 
@@ -156,7 +156,7 @@ def run_live_cell(job: dict) -> dict:
     total = cfg.train.epochs * steps_per_epoch
     objective = Objective(cfg.loss, num_samples=int(train["index"].max()) + 1, seed=cfg.run.seed,
                           distributed=False)
-    optimizer, scheduler = _optimizer_and_schedule(model, cfg, total)
+    optimizer, scheduler = optimizer_and_schedule(model, cfg, total)
     step, t0 = 0, time.perf_counter()
     for epoch in range(cfg.train.epochs):
         order = np.random.default_rng([cfg.run.seed, epoch, 7]).permutation(N)

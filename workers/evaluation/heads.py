@@ -36,7 +36,7 @@ import torch
 from gammaray.config import GammarayConfig
 from gammaray.schema import BatchKeys as K
 
-from workers.training.engine import _optimizer_and_schedule
+from workers.training.engine import optimizer_and_schedule
 from workers.evaluation.metrics import recall_at_k, retrieval_ranks, zero_shot_accuracy
 from workers.evaluation.features import FeatureSet
 from workers.models.two_tower import TwoTowerModel
@@ -180,7 +180,7 @@ def train_heads(cfg: GammarayConfig, train: FeatureSet, val: FeatureSet | None =
     total = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
-    optimizer, scheduler = _optimizer_and_schedule(model, cfg, total)
+    optimizer, scheduler = optimizer_and_schedule(model, cfg, total)
     clip = cfg.train.deepspeed.gradient_clipping
     probe = torch.from_numpy(np.random.default_rng([cfg.run.seed, 11]).permutation(N)[:probe_size]).to(device)
 

@@ -76,7 +76,7 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return f
 
 
-def _optimizer_and_schedule(model: torch.nn.Module, cfg: GammarayConfig, total_steps: int):
+def optimizer_and_schedule(model: torch.nn.Module, cfg: GammarayConfig, total_steps: int):
     o = cfg.train.optim
     # a torch optimizer avoids DeepSpeed's fused_adam JIT build and behaves the same on CPU and GPU
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas)
@@ -88,7 +88,7 @@ def build_engine(model: torch.nn.Module, cfg: GammarayConfig, total_steps: int, 
                  device: torch.device | None = None, in_ray: bool = True):
     """(engine, optimizer, scheduler). The process group must already exist (Ray Train made it)."""
     if cfg.train.strategy == "ddp":
-        optimizer, scheduler = _optimizer_and_schedule(model, cfg, total_steps)
+        optimizer, scheduler = optimizer_and_schedule(model, cfg, total_steps)
         engine = DDPEngine(model, optimizer, scheduler, cfg, device or torch.device("cpu"),
                            bf16=use_bf16(cfg, on_gpu), in_ray=in_ray)
         return engine, optimizer, scheduler
@@ -98,7 +98,7 @@ def build_engine(model: torch.nn.Module, cfg: GammarayConfig, total_steps: int, 
     # the shared-memory comm op is JIT-compiled on first use (~35 s on CPU) and not needed here
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     forget_stale_deepspeed_groups()
-    optimizer, scheduler = _optimizer_and_schedule(model, cfg, total_steps)
+    optimizer, scheduler = optimizer_and_schedule(model, cfg, total_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, on_gpu),
         dist_init_required=False,
