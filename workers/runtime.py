@@ -22,9 +22,11 @@ plus a thin reader of `ray.cluster_resources()` / `ray.nodes()`; it imports Ray 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -162,9 +164,6 @@ def pick_device(cfg: GammarayConfig, in_ray: bool) -> tuple[bool, torch.device]:
 def quiet_libraries() -> None:
     """Per-report lines, per-dataset plans and save_pretrained bars drown the driver's progress
     bar; warnings and errors still come through."""
-    import logging
-    import warnings
-
     import ray.train.v2._internal.execution.context as train_context
 
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
-from gammaray.config import GammarayConfig, ModelConfig, StorageConfig, from_dict
+from gammaray.config import GammarayConfig, ModelConfig, StorageConfig, apply_overrides, from_dict
 from gammaray.schema import IMAGE_MEAN, IMAGE_STD
+from pipelines import storage
 from workers.models.registry import EXPORT_SKIP, MODEL_FILE, load_model
 
 KNOWN_HEADS = ("image_proj.weight", "text_proj.weight", "log_logit_scale", "logit_bias")
@@ -48,8 +49,6 @@ class Checkpoint:
 
 
 def find_model_uri(uri: str, storage_cfg: StorageConfig | None = None) -> str:
-    from pipelines import storage
-
     uri = uri.rstrip("/")
     if storage.exists(storage.join(uri, MODEL_FILE), storage_cfg):
         return uri
@@ -70,8 +69,6 @@ def open_checkpoint(uri: str, storage_cfg: StorageConfig | None = None, local_di
     """The checkpoint's model, local: an s3:// model is downloaded into `local_dir`, or into a
     temporary folder that lives as long as the returned Checkpoint (removed when it is garbage
     collected or at exit, on failure too): keep the object while `model_dir` is in use."""
-    from pipelines import storage
-
     model_uri = find_model_uri(uri, storage_cfg)
     owned = tempfile.mkdtemp(prefix="gammaray-model-") if storage.is_remote(model_uri) and local_dir is None else None
     try:
@@ -86,8 +83,6 @@ def open_checkpoint(uri: str, storage_cfg: StorageConfig | None = None, local_di
 
 
 def _open_checkpoint(uri: str, model_uri: str, storage_cfg: StorageConfig | None, local_dir: str | None) -> Checkpoint:
-    from pipelines import storage
-
     if storage.is_remote(model_uri):
         assert local_dir is not None
         storage.download_dir(model_uri, local_dir, storage_cfg)
@@ -111,8 +106,6 @@ def _open_checkpoint(uri: str, model_uri: str, storage_cfg: StorageConfig | None
 
 def storage_from_overrides(overrides: list[str] | None) -> StorageConfig | None:
     """The storage section from `--set storage.*=...` overrides (needed before config.json is read)."""
-    from gammaray.config import apply_overrides
-
     items = [o for o in overrides or [] if o.strip().startswith("storage.")]
     return apply_overrides(GammarayConfig(), items).storage if items else None
 

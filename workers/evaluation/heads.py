@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -35,11 +37,14 @@ import torch
 
 from gammaray.config import GammarayConfig
 from gammaray.schema import BatchKeys as K
-
-from workers.training.engine import optimizer_and_schedule
-from workers.evaluation.metrics import recall_at_k, retrieval_ranks, zero_shot_accuracy
+from pipelines import storage
+from pipelines.tokenizer import load as load_tokenizer
+from workers.evaluation.export import open_checkpoint
 from workers.evaluation.features import FeatureSet
+from workers.evaluation.metrics import recall_at_k, retrieval_ranks, zero_shot_accuracy
+from workers.models.registry import load_model, save_model
 from workers.models.two_tower import TwoTowerModel
+from workers.training.engine import optimizer_and_schedule
 from workers.training.objective import Objective
 
 STATE_FILE = "heads_state.pt"
@@ -137,16 +142,12 @@ def memory_diagnostics(objective: Objective, model: TwoTowerModel, train: dict[s
 
 
 def _save_state(uri: str, state: dict, cfg: GammarayConfig) -> None:
-    from pipelines import storage
-
     buf = io.BytesIO()
     torch.save(state, buf)
     storage.write_bytes(uri, buf.getvalue(), cfg.storage)
 
 
 def _load_state(uri: str, cfg: GammarayConfig) -> dict | None:
-    from pipelines import storage
-
     if not storage.exists(uri, cfg.storage):
         return None
     try:
@@ -262,21 +263,12 @@ def train_heads(cfg: GammarayConfig, train: FeatureSet, val: FeatureSet | None =
 def export_heads(model: TwoTowerModel, train: FeatureSet, cfg: GammarayConfig, out_uri: str) -> str:
     """The store's towers + the trained heads as OUT/model + OUT/config.json: what a Ray Train
     checkpoint holds, so `gammaray eval/embed/export` open it."""
-    import os
-    import tempfile
-
-    from pipelines import storage
-
-    from workers.evaluation.export import open_checkpoint
-    from workers.models.registry import load_model, save_model
-
     with tempfile.TemporaryDirectory(prefix="gammaray-heads-") as tmp:
         store = open_checkpoint(train.uri, cfg.storage, local_dir=os.path.join(tmp, "towers"))
         full = load_model(store.model_dir)
         missing, unexpected = full.load_state_dict(model.state_dict(), strict=False)
         if unexpected or any(not k.startswith(("image_tower.", "text_tower.")) for k in missing):
             raise ValueError(f"heads do not fit the store's model (missing {missing}, unexpected {unexpected})")
-        from pipelines.tokenizer import load as load_tokenizer
 
         tok = load_tokenizer(os.path.join(store.model_dir, "text_tower"))
         model_cfg = cfg.model.model_copy(update={"image": store.cfg.model.image, "text": store.cfg.model.text})

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 from gammaray.config import ModelConfig
 from gammaray.schema import BatchKeys as K
-
 from workers.models.two_tower import TwoTowerModel, tower_tokens, tower_width
 
 

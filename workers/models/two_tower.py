@@ -20,6 +20,7 @@ from gammaray.schema import BatchKeys as K
 
 
 def build_tower(cfg: TowerConfig, **overrides: Any) -> nn.Module:
+    # transformers (seconds to import) loads when a tower is built, not when the model code is imported
     from transformers import AutoConfig, AutoModel
 
     from workers.models.hf_efficientnet_lite import register

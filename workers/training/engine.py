@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from gammaray.config import GammarayConfig
+from workers.safe_load import check_deepspeed_files, load as load_data
 
 NO_DECAY_HINTS = ("bias", "norm", "layernorm", "log_logit_scale", "logit_bias", "embeddings")
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -230,8 +231,6 @@ class DDPEngine:
                    os.path.join(save_dir, tag, DDP_FILE))
 
     def load_checkpoint(self, load_dir: str, tag: str = "state", **_: Any) -> None:
-        from workers.safe_load import load as load_data
-
         sd = load_data(os.path.join(load_dir, tag, DDP_FILE), map_location=self.device)
         self.module.load_state_dict(sd["module"])
         self.optimizer.load_state_dict(sd["optimizer"])
@@ -397,8 +396,6 @@ def load_state(engine, scheduler, d: str, same_world: bool, shown: str | None = 
     engine's own files), 'portable' (different worker count, from the portable copy) or
     'weights-only' (different worker count and no portable copy: fresh optimizer). Files that
     would run code are refused (safe_load); `shown` names the checkpoint in that error."""
-    from workers.safe_load import check_deepspeed_files, load as load_data
-
     shown = shown or d
     if same_world or isinstance(engine, DDPEngine):
         check_deepspeed_files(os.path.join(d, "deepspeed"), f"{shown}/deepspeed")  # DeepSpeed unpickles them

@@ -9,6 +9,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
 from gammaray.config import GammarayConfig, RunError
 from pipelines import storage
 from pipelines.prepare import load_manifest
@@ -79,9 +82,6 @@ def build_trainer(cfg: GammarayConfig, callbacks: list | None = None, fault: str
     The storage filesystem handed to Ray is `storage.RetryingS3` for s3://: it carries the names of
     the key variables, never the keys (Ray and Tune pickle it), and retries Ray's own checkpoint
     uploads and storage checks for storage.retry_time_s."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     loop_config = {"config": cfg.model_dump(mode="json")}
     if fault:
         loop_config["fault"] = fault
