@@ -40,8 +40,8 @@ from workers.training.audit import SampleAudit
 from workers.training.checkpoint import checkpoint_uri, latest_checkpoint, restore, save_and_report
 from workers.training.engine import build_engine, init_single_process_group, use_bf16
 from workers.training.faults import Fault
-from workers.training.metrics import (add_loss, epoch_loss_means, new_window, prefixed, run_totals, step_metrics,
-                                      val_r_at_1)
+from workers.training.metrics import (add_loss, epoch_loss_means, new_window, prefixed, run_record, run_totals,
+                                      step_metrics, val_r_at_1)
 from workers.training.objective import Objective
 from workers.training.quarantine import check_quality
 from workers.training.resume import run_identity
@@ -111,7 +111,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             # [data] the next epoch's pipeline starts once this one has produced its last block
             then = (for_epoch(spec, epoch + 1), epoch_plan(units, epoch + 1, cfg.run.seed, W, cfg.data.shuffle)[rank])
         epoch_finished = True  # no rank has data left (an empty part, or a resume at the epoch's end)
-        for sb, n_global, last_batch in lockstep(iterate(for_epoch(spec, epoch), state.part, then=then), device, window):  # [dist]
+        batches = iterate(for_epoch(spec, epoch), state.part, then=then)
+        for sb, n_global, last_batch in lockstep(batches, device, window):          # [dist]
             epoch_finished = last_batch
             active = sb is not None and sb.size > 0
             batch = to_torch(sb.arrays, device) if active else placeholder_batch(cfg, with_aug, device)
@@ -188,25 +189,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # the last epoch's records (one micro-batch may hold a single record or be a rank's stand-in)
     metrics.update(run_totals(state, attempt, W, device))
     metrics.update(epoch_loss_means(state, W, device))
-    metrics.update({"final": 1, "loss_state_bytes_per_worker": objective.nbytes(),
-                    "resumed_from_steps": [r["step"] for r in state.resumes],
-                    "resume_optimizer": [r["optimizer"] for r in state.resumes]})
-    q = manifest.get("quarantine", {})
-    metrics["records_quarantined_prepare"] = int(q.get("count", 0))
-    for r, n in q.get("by_reason", {}).items():
-        metrics[f"quarantine_prepare_{r}"] = int(n)
-    if state.audit:
-        metrics.update({"audit_epochs": state.audit, "audit_repeated_total": sum(a["repeated"] for a in state.audit),
-                        "audit_missed_total": sum(a["missed"] for a in state.audit)})
+    metrics.update(run_record(state, objective.nbytes(), manifest))
     save_and_report(engine, scheduler, objective, audit, state, cfg, metrics, rank, W, in_ray, final=True)
 
-
-# the final figures: the run's, not one rank's or one micro-batch's
-
-
-# --------------------------------------------------------------------------------------------
-# checkpoints: engine state of every rank, the sharded loss state, data position, RNG
-
-
-# --------------------------------------------------------------------------------------------
-# the entry point

@@ -112,3 +112,19 @@ def run_totals(state: TrainState, attempt: dict, W: int, device: torch.device) -
         if n:
             out[f"quarantine_stream_{r}"] = out[f"quarantined_{r}"] = n  # distinct records, summed over ranks
     return out
+
+
+def run_record(state: TrainState, loss_state_bytes: int, manifest: dict) -> dict:
+    """The final report's record of the run: resumes, loss-state size, what prepare quarantined,
+    and the sample audit (train.audit_samples)."""
+    out = {"final": 1, "loss_state_bytes_per_worker": loss_state_bytes,
+           "resumed_from_steps": [r["step"] for r in state.resumes],
+           "resume_optimizer": [r["optimizer"] for r in state.resumes]}
+    q = manifest.get("quarantine", {})
+    out["records_quarantined_prepare"] = int(q.get("count", 0))
+    for r, n in q.get("by_reason", {}).items():
+        out[f"quarantine_prepare_{r}"] = int(n)
+    if state.audit:
+        out.update({"audit_epochs": state.audit, "audit_repeated_total": sum(a["repeated"] for a in state.audit),
+                    "audit_missed_total": sum(a["missed"] for a in state.audit)})
+    return out
