@@ -72,7 +72,7 @@ class RunSection(Section):
 
 class AutoScalingConfig(Section):
     """How the keys set to "auto" (train.workers, data.batch_size, data.preprocess_concurrency) are
-    derived from the cluster's resources when the trainer is built (gammaray/scaling.py), so one
+    derived from the cluster's resources when the trainer is built (workers/runtime.py), so one
     config runs unchanged on a laptop, one GPU node or N GPU nodes."""
 
     global_batch_size: int = Field(
@@ -552,8 +552,9 @@ class TuneSection(Section):
     trial_kind: Literal["train_loop", "in_process"] = Field(
         "train_loop", description="train_loop: each trial is a TorchTrainer run of the training loop (gammaray pretrain's "
                                   "code, DeepSpeed, Ray Data). in_process: the trial trains in its own process "
-                                  "(workers/inprocess.py: same model, objective, optimizer and schedule, data in memory, "
-                                  "no checkpoints) on tune.trial_cpus CPUs: for small models, far cheaper per trial."
+                                  "(workers/training/inprocess.py: same model, objective, optimizer and schedule, "
+                                  "data in memory, no checkpoints) on tune.trial_cpus CPUs: for small models, far "
+                                  "cheaper per trial."
     )
     searcher: Literal["optuna", "random"] = Field(
         "optuna", description="optuna: Optuna's TPE sampler through ray.tune.search.optuna; random: plain sampling."

@@ -197,7 +197,8 @@ class Limits:
 
 
 class Invalid(Exception):
-    """One reason a record cannot be used; `reason` is a `Reason` code, `detail` names the field."""
+    """One reason a record cannot be used (a field, its image or its text), raised by validation and
+    preprocessing alike; `reason` is the quarantine `Reason` code, `detail` names the field or the fault."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")

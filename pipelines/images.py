@@ -26,7 +26,7 @@ import warnings
 import numpy as np
 from PIL import ExifTags, Image, ImageCms
 
-from gammaray.schema import Reason
+from gammaray.schema import Invalid, Reason
 
 WHITE = (255, 255, 255)
 
@@ -40,13 +40,6 @@ class Conversion:
     CMYK = "cmyk"
     ICC_PROFILE = "icc_profile"            # converted to sRGB
     ICC_PROFILE_IGNORED = "icc_profile_ignored"  # unreadable, or not for the image's colour space
-
-
-class BadImage(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 def open_checked(data: bytes | None, max_pixels: int, draft: tuple[int, int] | None = None,
@@ -67,20 +60,20 @@ def decode(data: bytes | None, max_pixels: int, draft: tuple[int, int] | None = 
     30 times faster.
     """
     if data is None or len(data) == 0:
-        raise BadImage(Reason.IMAGE_EMPTY, "zero-byte image")
+        raise Invalid(Reason.IMAGE_EMPTY, "zero-byte image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             w, h = img.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise BadImage(Reason.IMAGE_TOO_LARGE, str(err)) from None
+        raise Invalid(Reason.IMAGE_TOO_LARGE, str(err)) from None
     except Exception as err:  # noqa: BLE001 - PIL raises many types for garbage
-        raise BadImage(Reason.IMAGE_UNDECODABLE, f"{type(err).__name__}: {err}") from None
+        raise Invalid(Reason.IMAGE_UNDECODABLE, f"{type(err).__name__}: {err}") from None
     if w * h > max_pixels:
-        raise BadImage(Reason.IMAGE_TOO_LARGE, f"{w}x{h} = {w * h} pixels > limit {max_pixels}")
+        raise Invalid(Reason.IMAGE_TOO_LARGE, f"{w}x{h} = {w * h} pixels > limit {max_pixels}")
     if w == 0 or h == 0:
-        raise BadImage(Reason.IMAGE_UNDECODABLE, f"{w}x{h} image")
+        raise Invalid(Reason.IMAGE_UNDECODABLE, f"{w}x{h} image")
     if draft is not None and img.format == "JPEG":
         img.draft("RGB", draft)
     try:
@@ -88,10 +81,10 @@ def decode(data: bytes | None, max_pixels: int, draft: tuple[int, int] | None = 
     except OSError as err:
         text = str(err)
         if "truncated" in text or "broken data stream" in text or "premature end" in text.lower():
-            raise BadImage(Reason.IMAGE_TRUNCATED, text) from None
-        raise BadImage(Reason.IMAGE_UNDECODABLE, f"{type(err).__name__}: {text}") from None
+            raise Invalid(Reason.IMAGE_TRUNCATED, text) from None
+        raise Invalid(Reason.IMAGE_UNDECODABLE, f"{type(err).__name__}: {text}") from None
     except Exception as err:  # noqa: BLE001
-        raise BadImage(Reason.IMAGE_UNDECODABLE, f"{type(err).__name__}: {err}") from None
+        raise Invalid(Reason.IMAGE_UNDECODABLE, f"{type(err).__name__}: {err}") from None
     done: list[str] = []
     try:
         orientation = _orientation(img)
@@ -104,7 +97,7 @@ def decode(data: bytes | None, max_pixels: int, draft: tuple[int, int] | None = 
             img = img.transpose(_TRANSPOSE[orientation])  # ImageOps.exif_transpose's table, on the final RGB
             done.append(Conversion.EXIF_ORIENTATION)
     except Exception as err:  # noqa: BLE001 - an image PIL opened but cannot convert
-        raise BadImage(Reason.IMAGE_UNDECODABLE, f"{img.mode} image: {type(err).__name__}: {err}") from None
+        raise Invalid(Reason.IMAGE_UNDECODABLE, f"{img.mode} image: {type(err).__name__}: {err}") from None
     return img, tuple(done)
 
 

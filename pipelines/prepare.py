@@ -54,7 +54,7 @@ from gammaray.schema import (QUARANTINE_SCHEMA, RECORD_SCHEMA, REQUIRED_FIELDS, 
 from . import storage
 from .catalogue import PrepareError, WriterLock, commit_manifest, load_manifest, read_manifest
 from .image_refs import ImagePolicy, StorageFault, load_image, source_root
-from .images import BadImage, decode
+from .images import decode
 from .readers import CSV_FIELD_LIMIT, RawRow, read_source, source_files
 
 RECORD_FIELDS = [f.name for f in RECORD_SCHEMA if f.name != "sample_index"]
@@ -178,7 +178,7 @@ def validate_raw(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfig |
         rec, conversions, known = _validate(raw, opts, storage_cfg, policy, pid in known_ids, images)
         if known:
             return Checked(None, None, pid, known=True)
-    except (Invalid, BadImage) as bad:
+    except Invalid as bad:
         err = (bad.reason, bad.detail)
     except (StorageFault, MemoryError):
         raise

@@ -21,9 +21,9 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from gammaray.config import AugmentConfig
-from gammaray.schema import IMAGE_MEAN, IMAGE_STD, BatchKeys as K, Reason
+from gammaray.schema import IMAGE_MEAN, IMAGE_STD, BatchKeys as K, Invalid, Reason
 
-from .images import WHITE, BadImage, open_checked
+from .images import WHITE, open_checked
 
 # columns of a prepared shard that preprocessing reads, per view pair
 COLUMNS = {
@@ -178,15 +178,15 @@ def preprocess_batch(batch: dict[str, Any], spec: PreprocessSpec, tokenizer) -> 
             if spec.needs_text:
                 title = titles[i]
                 if title is None or not str(title).strip():
-                    raise BadImage(Reason.EMPTY_TEXT, "title is empty")
+                    raise Invalid(Reason.EMPTY_TEXT, "title is empty")
                 text = record_text(title, descs[i], cats[i])
                 if len(text) > spec.max_text_chars:
-                    raise BadImage(Reason.OVERSIZED_TEXT, f"{len(text)} chars > {spec.max_text_chars}")
+                    raise Invalid(Reason.OVERSIZED_TEXT, f"{len(text)} chars > {spec.max_text_chars}")
                 texts[i] = text
                 if texts_pair is not None:
                     other = _as_map(batch["titles"][i]).get(spec.pair_locale or "")
                     if not other or not str(other).strip():
-                        raise BadImage(Reason.MISSING_VIEW, f"no title for locale {spec.pair_locale!r}")
+                        raise Invalid(Reason.MISSING_VIEW, f"no title for locale {spec.pair_locale!r}")
                     texts_pair[i] = str(other)
                 if texts_aug is not None:
                     texts_aug[i] = augment_text(text, spec.augment, _rng(spec, idx, 1))
@@ -199,11 +199,11 @@ def preprocess_batch(batch: dict[str, Any], spec: PreprocessSpec, tokenizer) -> 
                 if pair_u8 is not None:
                     extra = [b for b in (batch["extra_images"][i] or []) if b]
                     if not extra:
-                        raise BadImage(Reason.MISSING_VIEW, "no extra image")
+                        raise Invalid(Reason.MISSING_VIEW, "no extra image")
                     k = int(_rng(spec, idx, 3).integers(len(extra))) if spec.train and len(extra) > 1 else 0
                     extra_img = open_checked(extra[k], spec.max_image_pixels, draft, spec.image_background)
                     pair_u8[i] = np.asarray(resize_view(extra_img, size))
-        except BadImage as bad:
+        except Invalid as bad:
             reasons[i], details[i] = bad.reason, bad.detail[:300]
             texts[i] = ""
             if img_u8 is not None:

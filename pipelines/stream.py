@@ -14,7 +14,8 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
-from dataclasses import asdict, dataclass
+import threading
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -30,7 +31,6 @@ from .tokenizer import load_fast as load_tokenizer
 MODEL_KEYS = (K.SAMPLE_INDEX, K.PIXELS, K.PIXELS_AUG, K.INPUT_IDS, K.ATTENTION_MASK, K.INPUT_IDS_AUG,
               K.ATTENTION_MASK_AUG, K.PIXELS_PAIR, K.INPUT_IDS_PAIR, K.ATTENTION_MASK_PAIR)
 READ_COLUMNS = ["product_id", "sample_index", "title", "description", "category", "image"]
-UINT8_TRANSPORT = True  # see build_dataset; False only to measure the difference
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,6 +197,10 @@ def read_segment_rows(catalogue_uri: str, unit: Unit, unit_id: int, start: int, 
             .append_column(K.DETAIL, pa.array([""] * n, pa.string())))
 
 
+# --------------------------------------------------------------------------------------------
+# the Ray Data pipeline of one part
+
+
 @dataclass
 class StreamBatch:
     arrays: dict[str, np.ndarray]  # good rows only, 0..batch_size of them
@@ -242,7 +246,7 @@ def build_dataset(spec: StreamSpec, part: list[Segment]):
     columns = pp.columns
     # pixels travel as uint8 (a quarter of the bytes; float32 blocks cost Ray Data more to build and
     # move than the decode itself) and are normalised by the consumer, batch by batch
-    pp = dataclasses.replace(pp, pixels_uint8=UINT8_TRANSPORT)
+    pp = dataclasses.replace(pp, pixels_uint8=True)
 
     def read_and_preprocess(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # one fused task per segment (or per `segments_per_task`): reading and decoding in separate
@@ -272,8 +276,6 @@ class _Pump:
 
     def __init__(self, spec: StreamSpec, part: list[Segment]):
         import queue
-        import threading
-
         self.spec, self.part = spec, list(part)
         self.queue: "queue.Queue" = queue.Queue(maxsize=max(1, spec.prefetch_batches))
         self.stop = threading.Event()
@@ -325,35 +327,54 @@ class _Pump:
         self.stop.set()
 
 
-_warm: list[_Pump] = []
-_warm_lock = __import__("threading").Lock()
+# --------------------------------------------------------------------------------------------
+# pipelines started ahead of their `iterate` (the next epoch's), kept per worker process
+
+
+class _WarmPipelines:
+    """Pipelines started by `prefetch`, waiting for the `iterate` call that takes them over. A lock
+    guards them: a pump's thread starts the next epoch's pipeline while the loop's thread may close."""
+
+    def __init__(self) -> None:
+        self.pumps: list[_Pump] = []
+        self.lock = threading.Lock()
+
+    def add(self, pump: _Pump) -> None:
+        with self.lock:
+            self.pumps.append(pump)
+
+    def close_all(self) -> None:
+        with self.lock:
+            while self.pumps:
+                self.pumps.pop().close()
+
+    def take(self, spec: StreamSpec, part: list[Segment]) -> _Pump | None:
+        """The pipeline for exactly (spec, part), if any. Others stay warm (an evaluation pass
+        between two epochs must not cancel the next epoch's start); `prefetch` replaces them."""
+        with self.lock:
+            for i, pump in enumerate(self.pumps):
+                if pump.spec == spec and pump.part == list(part):
+                    return self.pumps.pop(i)
+        return None
+
+
+_warm = _WarmPipelines()
 
 
 def prefetch(spec: StreamSpec, part: list[Segment]) -> None:
     """Start the pipeline for (spec, part) now; the next `iterate(spec, part)` takes it over.
     Used to start the next epoch's pipeline while the current epoch's last batches are trained on."""
     close_prefetched()
-    if not part:
-        return
-    pump = _Pump(spec, part)
-    with _warm_lock:
-        _warm.append(pump)
+    if part:
+        _warm.add(_Pump(spec, part))
 
 
 def close_prefetched() -> None:
-    with _warm_lock:
-        while _warm:
-            _warm.pop().close()
+    _warm.close_all()
 
 
-def _take_warm(spec: StreamSpec, part: list[Segment]) -> "_Pump | None":
-    """The prefetched pipeline for exactly (spec, part), if any. Others stay warm (an evaluation pass
-    between two epochs must not cancel the next epoch's start); `prefetch` replaces them."""
-    with _warm_lock:
-        for i, pump in enumerate(_warm):
-            if pump.spec == spec and pump.part == list(part):
-                return _warm.pop(i)
-    return None
+# --------------------------------------------------------------------------------------------
+# batches of a part
 
 
 def iterate(spec: StreamSpec, part: list[Segment], start_consumed: int = 0,
@@ -369,7 +390,7 @@ def iterate(spec: StreamSpec, part: list[Segment], start_consumed: int = 0,
         if then is not None:
             prefetch(*then)
         return
-    pump = _take_warm(spec, part) or _Pump(spec, part)
+    pump = _warm.take(spec, part) or _Pump(spec, part)
     if then is not None:
         pump.on_produced_all = lambda: prefetch(*then)
         if pump.produced_all.is_set():
@@ -429,9 +450,5 @@ def _concat(frags: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([f[k] for f in frags]) for k in frags[0]}
 
 
-def plan_summary(parts: list[list[Segment]]) -> dict[str, Any]:
-    return {"records_per_worker": [sum(s.size for s in p) for p in parts]}
-
-
 __all__ = ["Unit", "Segment", "StreamBatch", "StreamSpec", "units_from_manifest", "epoch_plan", "advance",
-           "reshard", "iterate", "prefetch", "close_prefetched", "part_to_json", "part_from_json", "asdict"]
+           "reshard", "iterate", "prefetch", "close_prefetched", "part_to_json", "part_from_json"]

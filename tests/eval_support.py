@@ -18,7 +18,7 @@ def make_checkpoint(root: str, catalogue: dict, seed: int = 0, overrides: dict |
     """A checkpoint folder as the training loop writes it (model/ from save_model + config.json)."""
     from pipelines import storage
     from pipelines.tokenizer import load as load_tokenizer
-    from workers.models import build_model, save_model
+    from workers.models.registry import build_model, save_model
 
     cfg = apply_overrides(GammarayConfig(), tiny_overrides(catalogue, os.path.join(root, "runs"), "eval"))
     if overrides:
@@ -57,7 +57,7 @@ def direct_embeddings(model, cfg: GammarayConfig, rows: dict[str, list], batch: 
     from pipelines import storage
     from pipelines.preprocess import preprocess_batch
     from pipelines.tokenizer import load as load_tokenizer
-    from workers.train import stream_spec
+    from workers.runtime import stream_spec
 
     spec = stream_spec(cfg, "unused", [], epoch=0, train=False, with_aug=False, batch_size=batch).preprocess
     tok = load_tokenizer(spec.tokenizer_uri, storage.S3Settings.from_config(cfg.storage))

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.distributed
 
 @pytest.mark.timeout(900)
 def test_ddp_run_stops_at_max_steps_and_extends_on_three_workers(ray_local, small_catalogue, tmp_path):
-    from workers.train import pretrain
+    from workers.training.trainer import pretrain
 
     over = tiny_overrides(small_catalogue, str(tmp_path / "runs"), "ddp")
     over.update({"train.strategy": "ddp", "data.val": None, "data.batch_size": 32, "train.workers": 2,

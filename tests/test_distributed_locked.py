@@ -17,9 +17,9 @@ pytestmark = pytest.mark.distributed
 @pytest.mark.timeout(600)
 def test_locked_towers_stay_bit_for_bit_under_deepspeed(ray_local, s3, small_catalogue, tmp_path):
     from pipelines.tokenizer import load as load_tokenizer
-    from workers.export import open_checkpoint
-    from workers.models import build_model, load_model
-    from workers.train import pretrain
+    from workers.evaluation.export import open_checkpoint
+    from workers.models.registry import build_model, load_model
+    from workers.training.trainer import pretrain
 
     over = tiny_overrides(small_catalogue, s3.url("runs"), "locked")
     over.update({"model.image.hf_config": {"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [8, 16],

@@ -63,7 +63,7 @@ def _worker(rank: int, world: int, port: int, phase: str, root: str) -> None:
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     import torch.distributed as dist
 
-    from workers.engine import build_engine, load_state, portable_state, save_state
+    from workers.training.engine import build_engine, load_state, portable_state, save_state
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -96,7 +96,7 @@ def _spawn(world: int, phase: str, root: str) -> None:
 
 def _reference_step(saved: dict, stage: int, precision: str) -> dict[str, torch.Tensor]:
     """One AdamW step in a single process from the saved full state, on the whole global batch."""
-    from workers.engine import param_groups
+    from workers.training.engine import param_groups
 
     model = Tiny()
     model.load_state_dict({**saved["params"], **saved["buffers"]}, strict=True)

@@ -132,7 +132,7 @@ def metrics_lines(run_uri: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def reference(ray_local, s3, small_catalogue, tmp_path_factory):
     """One uninterrupted 2-worker run (with held-out evaluation and the progress bar on)."""
-    from workers.train import pretrain
+    from workers.training.trainer import pretrain
 
     cfg = make_cfg(small_catalogue, s3.url("dist-runs"), "reference", **{"data.val": small_catalogue["val"]})
     res = pretrain(cfg, progress=True)
@@ -167,7 +167,7 @@ def test_reference_run_counts_steps_metrics_and_progress(reference, small_catalo
     # records_trained sums both workers: 2 steps x 2 micro-batches x 16 x 2 workers per report
     assert [ln["records_trained"] for ln in lines if not ln.get("final")] == [128 * k for k in range(1, 7)]
     final = lines[-1]
-    assert final["final"] == 1 and "val_r_at_1" in final and final["val_val_records"] == 96
+    assert final["final"] == 1 and "val_r_at_1" in final and final["val_records"] == 96
     # TensorBoard scalars next to the metrics (local path of the callback for an s3:// run)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -185,7 +185,8 @@ def test_reference_run_counts_steps_metrics_and_progress(reference, small_catalo
 def test_worker_killed_mid_epoch_recovers_to_identical_state(reference, ray_local, s3, small_catalogue, tmp_path):
     """Rank 1 SIGKILLs itself at step 5 (after the step-4 checkpoint, inside epoch 0); FailureConfig
     restarts the worker group from step 4 and the run ends bit-identical to the reference."""
-    from workers.train import FAULT_ENV, pretrain
+    from workers.training.faults import FAULT_ENV
+    from workers.training.trainer import pretrain
 
     marker = tmp_path / "killed"
     cfg = make_cfg(small_catalogue, s3.url("dist-runs"), "killed-worker", **{"train.max_failures": 1})
@@ -212,7 +213,8 @@ def test_storage_outage_mid_run_is_ridden_out_to_identical_state(reference, ray_
     step-4 checkpoint (Ray Train's own upload and storage-marker check). Every storage call retries
     (storage.retry_time_s), so the run needs no restart (max_failures=0), quarantines nothing, and
     ends bit-identical to the reference."""
-    from workers.train import FAULT_ENV, pretrain
+    from workers.training.faults import FAULT_ENV
+    from workers.training.trainer import pretrain
 
     marker = tmp_path / "paused"
     cfg = make_cfg(small_catalogue, s3.url("dist-runs"), "outage",
@@ -252,7 +254,7 @@ def test_storage_outage_mid_run_is_ridden_out_to_identical_state(reference, ray_
 DRIVER = textwrap.dedent("""
     import json, os, sys, ray
     from gammaray.config import GammarayConfig, apply_overrides
-    from workers.train import pretrain
+    from workers.training.trainer import pretrain
     address, root, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     cluster = None
     if address.startswith("cluster:"):  # a 2-node local cluster started here
@@ -291,7 +293,8 @@ def test_driver_killed_mid_epoch_rerun_resumes_exactly(reference, ray_local, s3,
     """A driver process runs the fit on the session's Ray; at step 10 (after the step-8 checkpoint,
     inside epoch 1) it is SIGKILLed. Re-running with the same name resumes from step 8, skips exactly
     the records already trained, and ends bit-identical to the reference."""
-    from workers.train import FAULT_ENV, pretrain
+    from workers.training.faults import FAULT_ENV
+    from workers.training.trainer import pretrain
 
     marker = tmp_path / "driver-killed"
     over = run_overrides(small_catalogue, s3.url("dist-runs"), "killed-driver")
@@ -316,7 +319,7 @@ def test_two_worker_checkpoint_resumes_on_three_workers(reference, ray_local, s3
     """The reference's step-8 checkpoint (2 workers, inside epoch 1) is loaded by 3 workers:
     first without training (max_steps=8), which must hand back the same fp32 weights, Adam moments,
     loss state and remaining records; then the 3-worker run continues to the end."""
-    from workers.train import pretrain
+    from workers.training.trainer import pretrain
 
     src_folder = reference["checkpoints"][8]
     src = checkpoint_state(src_folder)

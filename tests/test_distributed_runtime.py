@@ -208,8 +208,8 @@ def test_deepspeed_files_are_checked_before_deepspeed_unpickles_them(session, tm
 
 @pytest.mark.timeout(1200)
 def test_resume_refuses_another_seed_and_force_resumes(ray_local, s3, odd_catalogue, tmp_path):
-    from workers.resume import ResumeMismatch
-    from workers.train import build_trainer, pretrain, reason_of
+    from workers.training.resume import ResumeMismatch
+    from workers.training.trainer import build_trainer, pretrain, reason_of
 
     over = odd_overrides(odd_catalogue, s3.url("runtime", "runs"), "seeded", **{"train.max_steps": 2})
     first = pretrain(apply_overrides(GammarayConfig(), over), progress=False)
@@ -241,7 +241,7 @@ def test_resume_refuses_another_seed_and_force_resumes(ray_local, s3, odd_catalo
 
 def test_identity_names_catalogue_plan_and_auto_batch(odd_catalogue, s3):
     from pipelines.prepare import load_manifest
-    from workers.resume import check_identity, differences, run_identity
+    from workers.training.resume import check_identity, differences, run_identity
 
     cfg = apply_overrides(GammarayConfig(), odd_overrides(odd_catalogue, s3.url("runtime", "runs"), "x"))
     manifest = load_manifest(odd_catalogue["train"])

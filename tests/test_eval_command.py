@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.eval_support import direct_embeddings, make_checkpoint, read_catalogue
-from workers.evaluate import modality_gap, retrieval_metrics, zero_shot_accuracy
+from workers.evaluation.metrics import modality_gap, retrieval_metrics, zero_shot_accuracy
 
 pytestmark = pytest.mark.eval
 
@@ -20,8 +20,8 @@ pytestmark = pytest.mark.eval
 def test_eval_command_metrics_probes_report(ray_local, small_catalogue, tmp_path):
     from gammaray.app.cli import main
     from pipelines.tokenizer import load as load_tokenizer
-    from workers.evaluate import encode_prompts, evaluate
-    from workers.models import load_model
+    from workers.evaluation.evaluate import encode_prompts, evaluate
+    from workers.models.registry import load_model
 
     ckpt, cfg = make_checkpoint(str(tmp_path), small_catalogue)
     out = tmp_path / "eval.json"
@@ -30,7 +30,7 @@ def test_eval_command_metrics_probes_report(ray_local, small_catalogue, tmp_path
     assert rc == 0
     s = json.loads(out.read_text())
     m = s["metrics"]
-    assert m["val_records"] == 96
+    assert m["records"] == 96
 
     # the same numbers from embeddings computed record by record, without Ray
     model = load_model(f"{ckpt}/model").eval()
@@ -68,10 +68,10 @@ def test_eval_command_metrics_probes_report(ray_local, small_catalogue, tmp_path
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
 
     # in-training validation (what checkpoint ranking and Tune read) is this same code without the
-    # probes: the training loop calls workers.evaluate.evaluate = run_evaluation(full=False)
-    import workers.train
+    # probes: the training loop calls workers.evaluation.evaluate.evaluate = run_evaluation(full=False)
+    import workers.training.loop
 
-    assert workers.train.evaluate is evaluate
+    assert workers.training.loop.evaluate is evaluate
 
 
 def test_eval_rejects_a_folder_without_a_model(tmp_path):

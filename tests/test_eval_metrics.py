@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from workers.evaluate import (confusion, embedding_outputs, k_shot_accuracy, k_shot_indices, label_columns,
-                              majority_baseline, modality_gap, pca_2d, probe_accuracy, recall_at_k, recall_curve,
-                              retrieval_metrics, retrieval_ranks, run_probes, stratified_split, zero_shot_accuracy,
-                              zero_shot_predictions)
+from workers.evaluation.metrics import (confusion, k_shot_accuracy, k_shot_indices, majority_baseline, modality_gap,
+                                        pca_2d, probe_accuracy, recall_at_k, recall_curve, retrieval_metrics,
+                                        retrieval_ranks, run_probes, stratified_split, zero_shot_accuracy,
+                                        zero_shot_predictions)
+from workers.evaluation.evaluate import embedding_outputs, label_columns
 
 pytestmark = pytest.mark.eval
 
@@ -218,7 +219,7 @@ def test_label_columns_align_with_sample_index():
 def test_probe_gradient_matches_finite_differences_and_fit_reaches_the_optimum():
     import torch.nn.functional as F
 
-    from workers.evaluate import _probe_loss_grad, fit_linear_probe
+    from workers.evaluation.metrics import _probe_loss_grad, fit_linear_probe
 
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((60, 6)), rng.integers(0, 4, 60)
@@ -244,7 +245,7 @@ def _sync_worker(rank: int, port: int, q) -> None:
 
     import torch.distributed as dist
 
-    from workers.engine import sync_buffers
+    from workers.runtime import sync_buffers
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

@@ -117,18 +117,18 @@ def test_next_epoch_pipeline_starts_early_and_yields_the_same_records(ray_local,
     part1 = epoch_plan(units, 1, 1, 2, True)[0][:3]
     cold, _, _ = _drain(spec1, part1)
     g0, _, _ = _drain(spec0, part0, then=(spec1, part1))
-    assert len(stream._warm) == 1 and stream._warm[0].spec == spec1  # started while epoch 0 was draining
-    pump = stream._warm[0]
+    assert len(stream._warm.pumps) == 1 and stream._warm.pumps[0].spec == spec1  # started while epoch 0 was draining
+    pump = stream._warm.pumps[0]
     warm, _, consumed = _drain(spec1, part1)
-    assert not stream._warm and pump.produced_all.is_set()
+    assert not stream._warm.pumps and pump.produced_all.is_set()
     assert warm == cold and consumed == sum(s.size for s in part1)
     assert sorted(g0) != sorted(warm)
     # another pipeline in between (an evaluation pass) neither uses nor cancels the prefetched one
     stream.prefetch(spec1, part1)
     other, _, _ = _drain(spec0, part0)
-    assert other == g0 and len(stream._warm) == 1
+    assert other == g0 and len(stream._warm.pumps) == 1
     stream.close_prefetched()
-    assert not stream._warm
+    assert not stream._warm.pumps
 
 
 def test_view_pairs_and_missing_views(s3, tmp_path):

@@ -44,7 +44,7 @@ def bad_catalogue(s3):
 
 @pytest.mark.timeout(600)
 def test_training_run_accounts_for_every_input_record(ray_local, s3, bad_catalogue):
-    from workers.train import pretrain
+    from workers.training.trainer import pretrain
 
     prep = bad_catalogue["prepare"]
     assert prep.num_input == 96 and prep.num_written == 93
@@ -77,7 +77,9 @@ def test_training_run_accounts_for_every_input_record(ray_local, s3, bad_catalog
 
 
 def test_runs_abort_above_the_bad_fraction_with_a_clear_message(s3, bad_catalogue):
-    from workers.train import DataQualityError, TrainState, check_quality, preflight
+    from workers.training.quarantine import DataQualityError, check_quality
+    from workers.training.state import TrainState
+    from workers.training.trainer import preflight
 
     over = {**tiny_overrides(bad_catalogue, s3.url("ingest", "runs"), "abort"), "data.quarantine_max_fraction": 0.02}
     with pytest.raises(DataQualityError, match=r"prepare quarantined 3 of 96 records \(3.1%\).*duplicate_product_id"):
@@ -102,9 +104,9 @@ def test_other_view_pairs_feed_the_model_and_objective(s3, tmp_path, pair):
     from pipelines.preprocess import PreprocessSpec, preprocess_batch
     from pipelines.stream import read_segment_rows, units_from_manifest
     from pipelines.tokenizer import load
-    from workers.models import build_model
-    from workers.objective import Objective
-    from workers.train import to_torch
+    from workers.models.registry import build_model
+    from workers.training.objective import Objective
+    from workers.runtime import to_torch
 
     base = s3.url("ingest", "pairs-train")
     if not storage.exists(f"{base}/catalog/manifest.json"):

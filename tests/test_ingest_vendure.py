@@ -48,7 +48,7 @@ def test_vendure_catalogue_is_prepared_and_trained_on(ray_local, s3, vendure_pac
     import torch.distributed as dist
 
     from pipelines import vendure
-    from workers.train import pretrain
+    from workers.training.trainer import pretrain
 
     src = vendure.to_jsonl(vendure_package, str(tmp_path / "vendure.jsonl"))
     # images are referenced relative to the JSONL: copy them beside it (a user's folder layout)
@@ -71,6 +71,6 @@ def test_vendure_catalogue_is_prepared_and_trained_on(ray_local, s3, vendure_pac
     with open(tmp_path / "runs" / "vendure" / "local-checkpoint" / "rank-00000" / "train_state.json") as f:
         state = json.load(f)
     assert state["records_trained"] == 54  # every real product, one epoch, nothing quarantined
-    assert state["last_val"]["val_records"] == 54
+    assert state["last_val"]["records"] == 54
     assert 0.0 <= state["last_val"]["r_at_1_i2t"] <= 1.0 and "zero_shot_acc" in state["last_val"]
     assert storage.exists(storage.join(str(tmp_path / "runs" / "vendure"), "local-checkpoint", "model", "heads.pt"))

@@ -23,7 +23,7 @@ PACKAGES = ("gammaray", "pipelines", "workers", "tuning", "infra")
 LAYERS: dict[str, tuple[str, ...]] = {
     "foundation": ("foundation",),                                  # gammaray/: config tree, record schema
     "pipelines": ("foundation", "pipelines"),                       # records, storage, Ray Data
-    "workers.lib": ("foundation", "workers.lib"),                   # workers/losses, workers/models
+    "workers.lib": ("foundation", "workers.lib"),                   # workers/losses, workers/models, workers/safe_load.py
     "workers": ("foundation", "pipelines", "workers.lib", "workers"),  # runtime, training, evaluation
     "tuning": ("foundation", "pipelines", "workers.lib", "workers", "tuning"),
     "infra": ("foundation", "pipelines", "workers.lib", "workers", "tuning", "infra"),
@@ -42,7 +42,8 @@ def layer_of(module: str) -> str | None:
     if parts[0] == "gammaray":
         return "app" if parts[1:2] == ["app"] else "foundation"
     if parts[0] == "workers":
-        return "workers.lib" if parts[1:2] in (["losses"], ["models"]) else "workers"
+        # safe_load (torch.load restricted to weights) is library code: the model registry loads through it
+        return "workers.lib" if parts[1:2] in (["losses"], ["models"], ["safe_load"]) else "workers"
     return parts[0] if parts[0] in PACKAGES else None
 
 

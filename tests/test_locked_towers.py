@@ -11,8 +11,9 @@ import torch
 
 from gammaray.config import GammarayConfig, apply_overrides
 from gammaray.schema import BatchKeys as K
-from workers.models import build_model, clamp_above, tower_blocks
-from workers.objective import Objective
+from workers.models.registry import build_model
+from workers.models.two_tower import clamp_above, tower_blocks
+from workers.training.objective import Objective
 
 pytestmark = pytest.mark.loss
 
@@ -64,7 +65,7 @@ def test_locked_towers_get_no_gradient_and_keep_batchnorm_statistics():
     for k, v in model.image_tower.state_dict().items():   # BatchNorm buffers included
         assert torch.equal(v, image_before[k]), k
     # the optimizer only sees trainable parameters
-    from workers.engine import param_groups
+    from workers.training.engine import param_groups
 
     trainable = {id(p) for g in param_groups(model, 0.05) for p in g["params"]}
     assert not any(id(p) in trainable for p in model.image_tower.parameters())
@@ -95,7 +96,7 @@ def test_cached_features_give_the_live_path_loss_and_head_gradients(loss):
     for a, c in zip(live_grad, cached_grad):
         torch.testing.assert_close(c, a, rtol=0, atol=0)
     # a heads-only model (no towers built) gives the same loss from the same features
-    from workers.models import TwoTowerModel
+    from workers.models.two_tower import TwoTowerModel
 
     heads = TwoTowerModel(cfg.model, feature_widths=(feats[K.IMAGE_FEATURES].shape[1], feats[K.TEXT_FEATURES].shape[1]))
     heads.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(("image_tower.", "text_tower."))})

@@ -193,7 +193,7 @@ def test_demo_submitted_to_two_nodes_follows_to_success_without_leaking_the_secr
     metrics = client.get_object(Bucket=BUCKET, Key="demo/runs/opsrun/metrics.jsonl")["Body"].read().decode()
     final = json.loads(metrics.splitlines()[-1])
     assert final["final"] == 1 and final["workers"] == 2 and final["samples_seen_total"] == 200
-    assert final["val_val_records"] == 50
+    assert final["val_records"] == 50
     cfg_keys = [k for k in keys if re.fullmatch(r"demo/runs/opsrun/checkpoint_[^/]+/config\.json", k)]
     assert cfg_keys, keys[:50]
     saved = json.loads(client.get_object(Bucket=BUCKET, Key=cfg_keys[-1])["Body"].read())

@@ -22,7 +22,7 @@ TERMS = ("contrastive_loss", "in_modal_loss", "sep_loss", "bridge_loss", "gc_los
 @pytest.mark.parametrize("kind,loss", [("two_tower", {"loss.kind": "gamma"}),
                                        ("fusion", {"loss.kind": "infonce", "loss.gather_negatives": True})])
 def test_model_kind_trains_with_all_regularizers_on_two_workers(ray_local, s3, small_catalogue, kind, loss):
-    from workers.train import pretrain
+    from workers.training.trainer import pretrain
 
     overrides = tiny_overrides(small_catalogue, s3.url("runs"), f"structure-{kind}")
     overrides.update({
@@ -41,7 +41,7 @@ def test_model_kind_trains_with_all_regularizers_on_two_workers(ray_local, s3, s
         assert name in m, name
         assert math.isfinite(m[name]), name
     assert m["loss"] == pytest.approx(sum(m[t] for t in expected), rel=1e-4, abs=1e-5)
-    assert m["step"] == 6 and m["val_val_records"] == 64
+    assert m["step"] == 6 and m["val_records"] == 64
     if kind == "fusion":
         assert 0.0 <= m["itm/accuracy"] <= 1.0
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from gammaray.config import GammarayConfig, LossConfig, apply_overrides
 from workers.losses import structure as S
-from workers.objective import Objective
+from workers.training.objective import Objective
 
 pytestmark = pytest.mark.structure
 

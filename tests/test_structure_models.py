@@ -8,9 +8,10 @@ import torch
 
 from gammaray.config import GammarayConfig, apply_overrides
 from gammaray.schema import BatchKeys as K
-from workers.fusion import FusionModel, sample_hard_negatives
-from workers.models import TwoTowerModel, build_model, load_model, save_model
-from workers.objective import Objective
+from workers.models.fusion import FusionModel, sample_hard_negatives
+from workers.models.two_tower import TwoTowerModel
+from workers.models.registry import build_model, load_model, save_model
+from workers.training.objective import Objective
 
 pytestmark = pytest.mark.structure
 
@@ -125,7 +126,7 @@ def test_fusion_itm_loss_matches_a_direct_recomputation():
         assert "itm_loss" not in out  # evaluation does not pay for ITM
         img_h, img_raw = m.image_features(b[K.PIXELS])
         txt_h, txt_raw = m.text_features(b[K.INPUT_IDS], b[K.ATTENTION_MASK])
-        from workers.models import tower_tokens
+        from workers.models.two_tower import tower_tokens
 
         torch.manual_seed(7)
         itm = m.itm(tower_tokens(img_raw), tower_tokens(txt_raw), b[K.ATTENTION_MASK], out["image"], out["text"],
@@ -263,7 +264,7 @@ def test_fusion_trains_under_zero3_and_the_ema_runs_on_the_partitions():
     import os
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from workers.engine import build_engine, init_single_process_group
+    from workers.training.engine import build_engine, init_single_process_group
 
     init_single_process_group()
     cfg = cfg_for("fusion", **{"train.deepspeed.zero_stage": 3, "loss.structure.lambda_br": 1.0,

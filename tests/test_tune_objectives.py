@@ -29,11 +29,11 @@ def row(tid: str, a: float | None, b: float | None, status: str = report.COMPLET
 
 
 # --------------------------------------------------------------------------------------------
-# the modality-specific probe metric (workers/evaluate.py)
+# the modality-specific probe metric (workers/evaluation/evaluate.py)
 
 
 def test_specific_probes_measure_what_each_embedding_keeps_of_its_own_attributes():
-    from workers.evaluate import specific_probes
+    from workers.evaluation.metrics import specific_probes
 
     g = np.random.default_rng(0)
     n = 200

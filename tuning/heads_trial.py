@@ -1,7 +1,7 @@
 """Ray Tune trials that train heads on cached tower features (`data.features.train` set).
 
 A trial is a plain function trainable: the heads train in the trial's own process
-(workers/heads.py: seconds to minutes on a CPU), reporting every validation evaluation to Tune, so
+(workers/evaluation/heads.py: seconds to minutes on a CPU), reporting every validation evaluation to Tune, so
 ASHA can stop weak trials. No TorchTrainer, no Ray Data: the features are read once per trial
 (a few MB per thousand records). This is how each contrastive loss's own hyperparameters are tuned
 at the same trial budget in `gammaray bench recipe`.
@@ -30,7 +30,7 @@ def num_records(cfg: GammarayConfig) -> int:
     meta = storage.read_json(storage.join(cfg.data.features.train.rstrip("/"), "_embed.json"), cfg.storage)
     if meta.get("kind") != "features":
         raise ValueError(f"data.features.train={cfg.data.features.train} is not a feature store (gammaray embed --features)")
-    from workers.features import load_feature_store
+    from workers.evaluation.features import load_feature_store
 
     return len(load_feature_store(cfg.data.features.train, cfg.storage, with_labels=False))
 
@@ -40,8 +40,8 @@ def run_heads_trial(params: dict, base: dict) -> None:
     import ray.tune
     import torch
 
-    from workers.features import load_feature_store
-    from workers.heads import train_heads
+    from workers.evaluation.features import load_feature_store
+    from workers.evaluation.heads import train_heads
 
     torch.set_num_threads(1)  # trials run side by side, one core each
     cfg0 = from_dict(base)

@@ -1,5 +1,5 @@
 """The in-process trial (`tune.trial_kind: in_process`): a plain Ray Tune function trainable that trains
-the trial's config in its own process with workers/inprocess.py (the same model, objective, AdamW
+the trial's config in its own process with workers/training/inprocess.py (the same model, objective, AdamW
 groups, schedule and clipping as the training loop; the data in memory, preprocessed by the code of the
 Ray Data tasks) and reports the loop's validation metrics every train.eval_every steps.
 
@@ -23,7 +23,7 @@ from . import space
 
 @dataclass
 class TrialData:
-    train: object            # workers.inprocess.Split
+    train: object            # workers.training.inprocess.Split
     val: object
     val_arrays: dict
     tokenizer: object
@@ -38,8 +38,8 @@ _CACHE: dict[tuple, TrialData] = {}
 def trial_data(cfg: GammarayConfig) -> TrialData:
     from pipelines import storage
     from pipelines.tokenizer import load as load_tokenizer
-    from workers.inprocess import Split, load_split, preprocess
-    from workers.train import tokenizer_uri
+    from workers.training.inprocess import Split, load_split, preprocess
+    from workers.runtime import tokenizer_uri
 
     d = cfg.data
     key = (d.train, d.val, tokenizer_uri(cfg), d.image_size, d.max_text_tokens, cfg.eval.max_records)
@@ -58,16 +58,16 @@ def trial_data(cfg: GammarayConfig) -> TrialData:
 
 
 def validation_metrics(emb: dict[str, np.ndarray], labels: dict, cfg: GammarayConfig) -> dict[str, float]:
-    """What the training loop's validation reports (workers/evaluate.py run_evaluation, without the
+    """What the training loop's validation reports (workers/evaluation/evaluate.py run_evaluation, without the
     zero-shot prompts): R@1/5/10 both ways, the modality gap, and the modality-specific probes."""
     import torch
 
-    from workers.evaluate import modality_gap, retrieval_metrics, specific_probes
+    from workers.evaluation.metrics import modality_gap, retrieval_metrics, specific_probes
 
     image, text = torch.from_numpy(emb["image"]), torch.from_numpy(emb["text"])
     m = retrieval_metrics(image, text)
     m["modality_gap"] = modality_gap(image, text)
-    m["val_records"] = int(image.shape[0])
+    m["records"] = int(image.shape[0])
     if cfg.eval.specific_attributes:
         m.update(specific_probes(emb, labels, cfg.eval.specific_attributes, cfg.run.seed, cfg.eval.probe_l2))
     return m
@@ -78,8 +78,8 @@ def run_trial(params: dict, base: dict, experiment_uri: str) -> None:
     import torch
     from ray import tune
 
-    from workers.inprocess import LocalRun, planned_steps, train
-    from workers.train import prefixed
+    from workers.training.inprocess import LocalRun, planned_steps, train
+    from workers.training.metrics import prefixed
 
     from .objectives import with_every_objective
 

@@ -2,7 +2,7 @@
 
 Train V2 pattern (a Tune trial cannot wrap a TorchTrainer directly): the trainable is a function
 that patches the base config with the trial's values, builds the TorchTrainer with
-`workers.train.build_trainer`, and hands the loop's reports to Tune through Ray Tune's
+`workers.training.trainer.build_trainer`, and hands the loop's reports to Tune through Ray Tune's
 `TuneReportCallback`. ASHA stops weak trials on the validation R@1 the loop reports every
 `train.eval_every` steps; Optuna's TPE (or plain random sampling) proposes the values.
 
@@ -171,11 +171,11 @@ def _plan_in_process(cfg: GammarayConfig, cpus: float, gpus: float) -> ResourceP
 
 
 def trial_budget(cfg: GammarayConfig, num_records: int) -> int:
-    from workers.train import estimate_total_steps
+    from workers.training.state import estimate_total_steps
 
     trial = space.trial_config(cfg, {})
     if cfg.tune.trial_kind == "in_process":
-        from workers.inprocess import planned_steps
+        from workers.training.inprocess import planned_steps
 
         planned = planned_steps(trial, num_records)
     else:
@@ -213,7 +213,7 @@ def run_trial(params: dict, base: dict, experiment_uri: str) -> None:
     """The Tune trainable: one TorchTrainer run of the training loop with the trial's values."""
     import ray.tune
 
-    from workers.train import build_trainer
+    from workers.training.trainer import build_trainer
 
     cfg0 = from_dict(base)
     values = space.effective(params, cfg0.tune.space)
@@ -274,7 +274,8 @@ def run_tune(cfg: GammarayConfig, samples: int | None = None, progress: bool = T
     results and writes the table, the plot and the best config."""
     from ray import tune
 
-    from workers.train import ensure_ray, preflight
+    from workers.runtime import ensure_ray
+    from workers.training.trainer import preflight
 
     keep_credentials_out_of_trial_env()
     t0 = time.perf_counter()
@@ -294,7 +295,7 @@ def run_tune(cfg: GammarayConfig, samples: int | None = None, progress: bool = T
     ensure_ray(cfg)
     import ray
 
-    from gammaray.scaling import resolve_for_cluster
+    from workers.runtime import resolve_for_cluster
 
     cfg = resolve_for_cluster(cfg)  # "auto" keys become numbers once, for every trial
     plan = (plan_heads_resources if heads else plan_resources)(cfg, ray.cluster_resources())

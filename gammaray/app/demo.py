@@ -80,7 +80,7 @@ def run_demo(cfg: GammarayConfig, opts: DemoOptions) -> dict:
                                     "run.storage": f"{base}/runs"})
         stage(f"gammaray pretrain: Ray Train, {cfg.train.workers} workers x DeepSpeed ZeRO-{cfg.train.deepspeed.zero_stage}, "
               f"loss={cfg.loss.kind}, micro-batch {cfg.data.batch_size}, {cfg.train.epochs} epochs")
-        from workers.train import pretrain
+        from workers.training.trainer import pretrain
 
         result = pretrain(cfg, progress=opts.progress)
         m = result.metrics
@@ -103,7 +103,7 @@ def run_demo(cfg: GammarayConfig, opts: DemoOptions) -> dict:
         "loss_records": m.get("loss_records"),
         "records_quarantined": res_train.num_quarantined + int(m.get("records_quarantined_stream", 0)),
         "quarantine_by_reason": res_train.quarantine_by_reason,
-        "val_records": m.get("val_val_records"),
+        "val_records": m.get("val_records"),
         "steps": m.get("step"),
         "checkpoint": result.checkpoint_uri,
         "wall_s": round(time.perf_counter() - t0, 1),

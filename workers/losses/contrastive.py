@@ -2,7 +2,7 @@
 
 Each objective has a score-level core that takes `logits` [B, C] (anchor i against candidate j,
 already scaled by 1/tau), `pos_col` [B] (the column of each anchor's positive) and an optional
-validity mask of the candidates, plus an embedding-level form used by `workers/objective.py`.
+validity mask of the candidates, plus an embedding-level form used by `workers/training/objective.py`.
 Similarities are computed in float32 with autocast off (the embeddings are small; a bf16 logit of
 50 is only good to +-0.25) and reduced with logsumexp / logsigmoid, so any score range is safe.
 """

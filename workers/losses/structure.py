@@ -22,7 +22,7 @@ fusion model), z^i modality-specific features from extra heads. Batch of N rows,
   + (1/N) sum_j (<z_Vj,z_Tj> - <z^a_Vj,z^a_Tj>)^2.
 
 Every term is a mean (or a 1/N-normalised sum) over rows, so it is invariant to permuting the batch.
-`StructureObjective` applies the configured terms to a model's outputs for `workers/objective.py`.
+`StructureObjective` applies the configured terms to a model's outputs for `workers/training/objective.py`.
 """
 
 from __future__ import annotations

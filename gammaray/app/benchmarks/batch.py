@@ -8,13 +8,13 @@ for the same number of samples seen, on
     openclipart-svg, fetched with `apt-get download` + `dpkg-deb -x` into the cache, never the repo;
     skipped with a message where apt-get is missing),
 then evaluated by image->text and text->image retrieval on a held-out split (R@K = mean of the two
-directions; ties count against, `workers.evaluate`).
+directions; ties count against, `workers.evaluation.metrics`).
 
 Records go through the project's own preprocessing (`pipelines.preprocess.preprocess_batch`: checked
 decode, resize, tokenise with a WordPiece tokenizer trained on the training texts by
 `pipelines.tokenizer.train_wordpiece`; undecodable or oversized images are quarantined and counted),
-cached as arrays. The loss is `workers.objective.Objective` (what training uses), the optimiser AdamW
-with the project's parameter groups and warm-up + cosine schedule (`workers.engine`).
+cached as arrays. The loss is `workers.training.objective.Objective` (what training uses), the optimiser AdamW
+with the project's parameter groups and warm-up + cosine schedule (`workers.training.engine`).
 
 Peak memory, honestly: each configuration trains in a fresh process. On CPU the figure is the growth
 of that process's peak resident set (VmHWM, reset through /proc/self/clear_refs once the data is
@@ -168,10 +168,10 @@ def train_one(job: dict) -> dict:
     """Train one (dataset, loss, batch size) configuration; run in its own process."""
     import torch
 
-    from workers.engine import lr_lambda, param_groups
-    from workers.evaluate import retrieval_metrics
-    from workers.models import build_model
-    from workers.objective import Objective
+    from workers.training.engine import lr_lambda, param_groups
+    from workers.evaluation.metrics import retrieval_metrics
+    from workers.models.registry import build_model
+    from workers.training.objective import Objective
 
     torch.set_num_threads(job["threads"])
     device = torch.device(job["device"])
@@ -280,8 +280,8 @@ def step_times(batch_sizes, device_name: str, threads: int, rounds: int = 8, ste
     import torch
 
     from gammaray.schema import BatchKeys as K
-    from workers.models import build_model
-    from workers.objective import Objective
+    from workers.models.registry import build_model
+    from workers.training.objective import Objective
 
     device = torch.device(device_name)
     # on CPU: one thread and that thread's CPU time, so that other load on the machine does not count

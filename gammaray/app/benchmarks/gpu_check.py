@@ -71,7 +71,7 @@ def run_one(name: str, overrides: dict, root: str) -> dict:
 
     from gammaray.config import GammarayConfig, apply_overrides
     from pipelines import storage
-    from workers.train import pretrain
+    from workers.training.trainer import pretrain
 
     cfg = apply_overrides(GammarayConfig(), overrides)
     if torch.cuda.is_available():
@@ -90,7 +90,7 @@ def run_one(name: str, overrides: dict, root: str) -> dict:
         "samples_per_s": round(cfg.data.batch_size * cfg.train.deepspeed.gradient_accumulation_steps / step_time, 1),
         "peak_gpu_mem_mb": round(max((ln.get("gpu_mem_mb", 0.0) for ln in lines), default=0.0), 1),
         "val_r_at_1": m.get("val_r_at_1"), "val_r_at_1_i2t": m.get("val_r_at_1_i2t"),
-        "val_r_at_1_t2i": m.get("val_r_at_1_t2i"), "chance_r_at_1": 1.0 / max(1, m.get("val_val_records", 1)),
+        "val_r_at_1_t2i": m.get("val_r_at_1_t2i"), "chance_r_at_1": 1.0 / max(1, m.get("val_records", 1)),
         "final_loss": m.get("loss"), "temperature": m.get("temperature"),
         "checkpoint_has": {"portable": "portable.pt" in files, "model_heads": "heads.pt" in files,
                            "loss_state": "loss_state.pt" in files,

@@ -215,7 +215,7 @@ def stall_from_metrics(lines: list[dict]) -> dict[str, float]:
 def run_training(cfg, catalogue: str, tok: str, run_storage: str, steps: int, epochs: int) -> dict:
     from gammaray.config import apply_overrides
     from pipelines import storage
-    from workers.train import pretrain
+    from workers.training.trainer import pretrain
 
     cfg = apply_overrides(cfg, {"data.train": catalogue, "data.val": None, "data.tokenizer": tok,
                                 "run.storage": run_storage, "run.name": f"bench-ingest-{int(time.time())}",
@@ -224,7 +224,7 @@ def run_training(cfg, catalogue: str, tok: str, run_storage: str, steps: int, ep
     import ray
 
     if not ray.is_initialized():
-        # what `pretrain` would start (workers.train.ensure_ray), but always a fresh local instance:
+        # what `pretrain` would start (workers.runtime.ensure_ray), but always a fresh local instance:
         # never attach to a cluster someone started with `ray start` on the same machine
         ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1), log_to_driver=True,
                  logging_config=ray.LoggingConfig(log_level="WARNING"),

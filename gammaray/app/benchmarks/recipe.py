@@ -8,7 +8,7 @@ a fixed seed (train / val for tuning / test for the figures, never seen by the t
   regime `locked` (the default, the only one that fits a CPU): pretrained EfficientNet-Lite0 and
   all-MiniLM-L6-v2 towers, locked; their pooled features are computed once per record with
   `gammaray embed --features` (Ray Data) and the heads (+ temperature) train on them in one process
-  (workers/heads.py) for `--epochs` epochs at every micro-batch, each loss with
+  (workers/evaluation/heads.py) for `--epochs` epochs at every micro-batch, each loss with
 
     settings "default": the shipped defaults of the config tree, and
     settings "tuned":   its own hyperparameters searched with `gammaray tune` (Ray Tune, Optuna TPE,
@@ -113,7 +113,7 @@ def locked_base(cache: str, image_size: int = 224, max_tokens: int = 48):
 
 def feature_stores(dataset: str, cache: str, quick: bool = False, image_size: int = 224) -> dict[str, str]:
     """Cached pooled tower features of every split (`gammaray embed --features`, Ray Data)."""
-    from workers.embed import EmbedOptions, embed_catalogue
+    from workers.evaluation.embed import EmbedOptions, embed_catalogue
 
     cats = prepared(dataset, cache, quick)
     base = locked_base(cache, image_size)
@@ -177,7 +177,7 @@ _FEATURES: dict[str, object] = {}
 
 
 def _features(uri: str):
-    from workers.features import load_feature_store
+    from workers.evaluation.features import load_feature_store
 
     if uri not in _FEATURES:
         _FEATURES[uri] = load_feature_store(uri)
@@ -195,7 +195,7 @@ def run_cell(job: dict) -> dict:
         return run_live_cell(job)
 
     from gammaray.config import from_dict
-    from workers.heads import evaluate_heads, train_heads
+    from workers.evaluation.heads import evaluate_heads, train_heads
 
     torch.set_num_threads(1)
     cfg = from_dict(job["config"])

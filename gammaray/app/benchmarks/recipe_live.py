@@ -6,7 +6,7 @@
 Records come from the prepared catalogues through the project's preprocessing (the training
 stream's spec: checked decode, resize, tokenize; no augmentation, as in the locked regime), held in
 memory as arrays; the step is the library's (build_model, Objective, the engine's AdamW groups, warm-up
-+ cosine schedule, clipping) in one process, as in workers/heads.py. Evaluation on the test split at
++ cosine schedule, clipping) in one process, as in workers/evaluation/heads.py. Evaluation on the test split at
 the end: R@1/R@5 both ways and zero-shot category accuracy (the category prompts through the model's
 text tower).
 """
@@ -56,7 +56,7 @@ def arrays(cfg, catalogue: str, out_path: str) -> str:
     from pipelines.preprocess import preprocess_batch
     from pipelines.stream import read_segment_rows, units_from_manifest
     from pipelines.tokenizer import load as load_tokenizer
-    from workers.train import stream_spec
+    from workers.runtime import stream_spec
 
     units = units_from_manifest(load_manifest(catalogue))
     spec = stream_spec(cfg, catalogue, units, 0, train=False, with_aug=False, batch_size=64).preprocess
@@ -102,7 +102,7 @@ def evaluate_live(model, data: dict, cfg, tokenizer, device) -> dict[str, float]
     import torch
 
     from gammaray.schema import BatchKeys as K
-    from workers.evaluate import category_prompts, recall_at_k, retrieval_ranks, zero_shot_accuracy
+    from workers.evaluation.metrics import category_prompts, recall_at_k, retrieval_ranks, zero_shot_accuracy
 
     model.eval()
     img, txt = [], []
@@ -137,9 +137,9 @@ def run_live_cell(job: dict) -> dict:
 
     from gammaray.config import from_dict
     from pipelines.tokenizer import load as load_tokenizer
-    from workers.engine import _optimizer_and_schedule
-    from workers.models import build_model
-    from workers.objective import Objective
+    from workers.training.engine import optimizer_and_schedule
+    from workers.models.registry import build_model
+    from workers.training.objective import Objective
 
     from gammaray.app.benchmarks.common import peak_rss, reset_peak_rss
 
@@ -156,7 +156,7 @@ def run_live_cell(job: dict) -> dict:
     total = cfg.train.epochs * steps_per_epoch
     objective = Objective(cfg.loss, num_samples=int(train["index"].max()) + 1, seed=cfg.run.seed,
                           distributed=False)
-    optimizer, scheduler = _optimizer_and_schedule(model, cfg, total)
+    optimizer, scheduler = optimizer_and_schedule(model, cfg, total)
     step, t0 = 0, time.perf_counter()
     for epoch in range(cfg.train.epochs):
         order = np.random.default_rng([cfg.run.seed, epoch, 7]).permutation(N)

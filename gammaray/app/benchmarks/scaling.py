@@ -151,9 +151,9 @@ def measure(cfg, loss: str, steps: int, warmup: int, counter: CommCounter, devic
 
     from gammaray.config import apply_overrides
     from gammaray.schema import BatchKeys as K
-    from workers.engine import build_engine, use_bf16
-    from workers.models import build_model
-    from workers.objective import Objective
+    from workers.training.engine import build_engine, use_bf16
+    from workers.models.registry import build_model
+    from workers.training.objective import Objective
 
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = apply_overrides(cfg, {"loss.kind": loss, "loss.gather_negatives": loss in ("infonce", "siglip")})
@@ -216,7 +216,7 @@ def _worker(rank: int, world: int, port: int, cfg_json: dict, losses: list[str],
     import torch.distributed as dist
 
     from gammaray.config import from_dict
-    from workers.train import quiet_libraries
+    from workers.runtime import quiet_libraries
 
     quiet_libraries()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))

@@ -18,7 +18,7 @@ fitted on the training split's embeddings) for image-only attributes from the im
 text-only attributes from the text embedding and shared attributes from both, and the modality gap
 (distance between the two modalities' centroids).
 
-Training runs in one process with the library code of workers/ (workers/inprocess.py: build_model,
+Training runs in one process with the library code of workers/ (workers/training/inprocess.py: build_model,
 Objective, the same AdamW groups, warm-up + cosine schedule and gradient clipping as the DeepSpeed
 engine) over the records `gammaray prepare` writes, preprocessed by pipelines/preprocess.py
 (augmentations keyed by seed, epoch and sample_index). Ray and DeepSpeed are left out: they do not
@@ -76,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# data: the synthetic catalogue, prepared by the pipeline code, held in memory (workers/inprocess.py)
+# data: the synthetic catalogue, prepared by the pipeline code, held in memory (workers/training/inprocess.py)
 
 
 def make_catalogue(workdir: str, n_train: int, n_val: int, progress: bool, n_test: int = 0) -> dict:
@@ -86,7 +86,7 @@ def make_catalogue(workdir: str, n_train: int, n_val: int, progress: bool, n_tes
     from pipelines.prepare import PrepareOptions, prepare
     from pipelines.synthetic import write_raw_catalogue
     from pipelines.tokenizer import build_for_catalogue
-    from workers.inprocess import load_split
+    from workers.training.inprocess import load_split
 
     raw = os.path.join(workdir, "raw")
     paths = write_raw_catalogue(raw, n_train=n_train, n_val=n_val, seed=0, bad_records=0, n_test=n_test)
@@ -169,7 +169,7 @@ def evaluate_run(emb_train: dict, emb_val: dict, train, val) -> tuple[dict, dict
     import torch
 
     from pipelines.synthetic import IMAGE_ONLY, SHARED, TEXT_ONLY, TEXT_VERBATIM
-    from workers.evaluate import modality_gap, retrieval_metrics
+    from workers.evaluation.metrics import modality_gap, retrieval_metrics
 
     vi, vt = torch.from_numpy(emb_val["image"]), torch.from_numpy(emb_val["text"])
     r = retrieval_metrics(vi, vt, ks=(1, 5))
@@ -225,7 +225,7 @@ def run_group(job: dict) -> tuple[list[dict], list[dict]]:
 
     from gammaray.config import apply_overrides, from_dict
     from pipelines.tokenizer import load as load_tokenizer
-    from workers.inprocess import LocalRun, preprocess
+    from workers.training.inprocess import LocalRun, preprocess
 
     args = argparse.Namespace(**job["args"])
     if job.get("threads"):

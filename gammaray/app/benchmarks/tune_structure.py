@@ -3,7 +3,7 @@ the search never saw?
 
 Takes a multi-objective search's outputs (`gammaray tune` with tune.objectives: picked_config.yaml and
 baseline_config.yaml, the latter being plain: the base config of the search) and trains each, for
-several seeds, exactly as the search's in-process trials did (workers/inprocess.py: same model, data,
+several seeds, exactly as the search's in-process trials did (workers/training/inprocess.py: same model, data,
 epochs and schedule; a seed fixes the initial weights, the data order and the augmentations, the same
 for both variants). Then, on frozen embeddings of a TEST split (default: `test` beside data.train,
 never read by the search, which ranked trials on data.val):
@@ -68,9 +68,9 @@ def run_one(job: dict) -> tuple[dict, dict]:
     from gammaray.config import apply_overrides, from_dict
     from pipelines import storage
     from pipelines.tokenizer import load as load_tokenizer
-    from workers.evaluate import modality_gap, retrieval_metrics, specific_probes
-    from workers.inprocess import LocalRun, load_split, planned_steps, preprocess, train
-    from workers.train import tokenizer_uri
+    from workers.evaluation.metrics import modality_gap, retrieval_metrics, specific_probes
+    from workers.training.inprocess import LocalRun, load_split, planned_steps, preprocess, train
+    from workers.runtime import tokenizer_uri
 
     torch.set_num_threads(job.get("threads") or 1)
     cpu0, t0 = time.process_time(), time.perf_counter()

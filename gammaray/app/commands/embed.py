@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 
 def run(args: argparse.Namespace) -> int:
-    from workers.embed import EmbedOptions, embed_catalogue
+    from workers.evaluation.embed import EmbedOptions, embed_catalogue
 
     use_gpu = {"auto": None, "yes": True, "no": False}[args.gpu]
     config = None
@@ -32,10 +32,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    import workers.embed
+    import workers.evaluation.embed
 
     p = sub.add_parser("embed", help="embed a whole prepared catalogue with Ray Data (actor pool, GPU when present)",
-                       description=workers.embed.__doc__,
+                       description=workers.evaluation.embed.__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", metavar="URI", help="checkpoint, model/ or run folder (local or s3://)")
     p.add_argument("--features", action="store_true",

@@ -13,7 +13,7 @@ def format_summary(s: dict) -> str:
     def f(v, d=3):
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{d}f}"
 
-    lines = [f"evaluated {s['model']} on {s['data']} ({m['val_records']} records, {s['device']})",
+    lines = [f"evaluated {s['model']} on {s['data']} ({m['records']} records, {s['device']})",
              f"   {'retrieval':<22} {'image->text':>12} {'text->image':>12}"]
     for k in (1, 5, 10):
         lines.append(f"   {'R@' + str(k):<22} {f(m[f'r_at_{k}_i2t']):>12} {f(m[f'r_at_{k}_t2i']):>12}")
@@ -35,7 +35,7 @@ def format_summary(s: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from workers.evaluate import evaluate_checkpoint
+    from workers.evaluation.evaluate import evaluate_checkpoint
 
     report = args.report
     if report is None:

@@ -5,7 +5,7 @@ import json
 
 
 def run(args: argparse.Namespace) -> int:
-    from workers.export import export_checkpoint, export_pretrained_package
+    from workers.evaluation.export import export_checkpoint, export_pretrained_package
 
     if bool(args.checkpoint) == bool(args.from_package):
         raise ValueError("give exactly one of --checkpoint URI or --from-package NAME")
@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from workers.export import PACKAGES
+    from workers.evaluation.export import PACKAGES
 
     p = sub.add_parser(
         "export", help="write a checkpoint's towers in Hugging Face format (+ heads, README snippet)",

@@ -9,7 +9,7 @@ from . import EPILOG, add_config_args, config_from_args
 
 
 def run(args: argparse.Namespace) -> int:
-    from workers.train import pretrain
+    from workers.training.trainer import pretrain
 
     cfg = config_from_args(args)
     if args.force:

@@ -13,10 +13,9 @@ import torch
 
 from gammaray.config import LossConfig
 from gammaray.schema import BatchKeys as K, pair_slots
-
-from .losses.contrastive import gather_candidates, infonce_loss, siglip_loss
-from .losses.gamma import GammaContrastiveLoss, GammaSettings
-from .losses.structure import StructureObjective, StructureSettings
+from workers.losses.contrastive import gather_candidates, infonce_loss, siglip_loss
+from workers.losses.gamma import GammaContrastiveLoss, GammaSettings
+from workers.losses.structure import StructureObjective, StructureSettings
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Training in one process, without Ray Train, Ray Data or DeepSpeed: the same model, objective, AdamW
-parameter groups, warm-up + cosine schedule and gradient clipping as the engine (workers/engine.py), on
+parameter groups, warm-up + cosine schedule and gradient clipping as the engine (workers/training/engine.py), on
 a prepared catalogue held in memory and preprocessed by pipelines/preprocess.py (the code the Ray Data
 tasks run, augmentations keyed by seed, epoch and sample_index).
 
@@ -19,7 +19,15 @@ from typing import Callable
 import numpy as np
 import torch
 
+from gammaray.config import StorageConfig
 from gammaray.schema import BatchKeys as K
+from pipelines import storage
+from pipelines.prepare import load_manifest
+from pipelines.preprocess import PreprocessSpec, preprocess_batch
+from workers.evaluation.evaluate import label_columns
+from workers.models.registry import build_model
+from workers.training.engine import lr_lambda, param_groups
+from workers.training.objective import Objective
 
 COLUMNS = ("product_id", "sample_index", "title", "description", "category", "image", "attributes")
 EMBEDDINGS = ("image", "text", "image_specific", "text_specific")
@@ -28,7 +36,7 @@ EMBEDDINGS = ("image", "text", "image_specific", "text_specific")
 @dataclass
 class Split:
     """A prepared catalogue in memory: raw columns in sample_index order, and its label columns
-    (`category`, `attr:<key>`; None where a record lacks one) as workers/evaluate.py reads them."""
+    (`category`, `attr:<key>`; None where a record lacks one) as workers/evaluation/evaluate.py reads them."""
 
     columns: dict[str, list]
     labels: dict[str, list[str | None]]
@@ -41,12 +49,6 @@ class Split:
 def load_split(uri: str, storage_cfg=None) -> Split:
     """Read every shard of a prepared catalogue (local path or s3://) into memory."""
     import pyarrow.parquet as pq
-
-    from gammaray.config import StorageConfig
-    from pipelines import storage
-    from pipelines.prepare import load_manifest
-
-    from .evaluate import label_columns
 
     storage_cfg = storage_cfg or StorageConfig()
     manifest = load_manifest(uri, storage_cfg)
@@ -67,8 +69,6 @@ def preprocess(split: Split, tokenizer, tokenizer_uri: str, cfg, seed: int, epoc
                with_aug: bool, order=None) -> dict[str, np.ndarray]:
     """All rows of a split (in `order`), model-ready, through pipelines/preprocess.py in chunks of 256.
     A record the preprocessing rejects is an error naming it (a prepared catalogue should have none)."""
-    from pipelines.preprocess import PreprocessSpec, preprocess_batch
-
     d = cfg.data
     spec = PreprocessSpec(image_size=d.image_size, max_image_pixels=d.max_image_pixels,
                           max_text_tokens=d.max_text_tokens, max_text_chars=d.max_text_chars, augment=d.augment,
@@ -90,10 +90,6 @@ class LocalRun:
     """One model with its objective, optimizer and schedule, trained step by step in this process."""
 
     def __init__(self, cfg, seed: int, vocab_size: int, pad_id: int, num_samples: int, total_steps: int, device):
-        from .engine import lr_lambda, param_groups
-        from .models import build_model
-        from .objective import Objective
-
         self.cfg = cfg
         torch.manual_seed(seed)  # the same initial weights for every config of a seed
         self.model = build_model(cfg.model, vocab_size=vocab_size, pad_token_id=pad_id).to(device)

@@ -7,7 +7,7 @@ heads and the temperature train, here, on the vectors held in memory: thousands 
 CPU, no Ray Train, no DeepSpeed (a few linear layers do not need them). The step is the same as in the
 distributed loop: the same model class (`TwoTowerModel` without towers), the same `Objective` (every
 contrastive loss, its per-sample state), the same AdamW groups, warm-up + cosine schedule and
-gradient clipping (workers/engine.py).
+gradient clipping (workers/training/engine.py).
 
     for epoch: for batch in seeded permutation:
         out = model(features); terms = objective(out, batch, progress); backward; clip; step
@@ -17,32 +17,35 @@ features) and, for the gamma and SogCLR losses, compares the per-sample memory w
 partition function under the current model on a fixed probe subset of the training set
 (`gamma/log_memory_over_exact_*`): how stale and how noisy the memory is.
 
-`pretrain_heads` is what `gammaray pretrain` runs when `data.features.train` is set: per-epoch state
-in the run folder (a rerun resumes), the model (the store's towers + the trained heads) exported
+`workers.training.trainer.pretrain_heads` (what `gammaray pretrain` runs when `data.features.train`
+is set) keeps per-epoch state in the run folder (a rerun resumes), the model (the store's towers + the trained heads) exported
 like a Ray Train checkpoint, so `gammaray eval/embed/export` take it.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from gammaray.config import GammarayConfig
 from gammaray.schema import BatchKeys as K
-
-from .engine import _optimizer_and_schedule
-from .evaluate import recall_at_k, retrieval_ranks, zero_shot_accuracy
-from .features import FeatureSet
-from .models import TwoTowerModel
-from .objective import Objective
+from pipelines import storage
+from pipelines.tokenizer import load as load_tokenizer
+from workers.evaluation.export import open_checkpoint
+from workers.evaluation.features import FeatureSet
+from workers.evaluation.metrics import recall_at_k, retrieval_ranks, zero_shot_accuracy
+from workers.models.registry import load_model, save_model
+from workers.models.two_tower import TwoTowerModel
+from workers.training.engine import optimizer_and_schedule
+from workers.training.objective import Objective
 
 STATE_FILE = "heads_state.pt"
 
@@ -139,16 +142,12 @@ def memory_diagnostics(objective: Objective, model: TwoTowerModel, train: dict[s
 
 
 def _save_state(uri: str, state: dict, cfg: GammarayConfig) -> None:
-    from pipelines import storage
-
     buf = io.BytesIO()
     torch.save(state, buf)
     storage.write_bytes(uri, buf.getvalue(), cfg.storage)
 
 
 def _load_state(uri: str, cfg: GammarayConfig) -> dict | None:
-    from pipelines import storage
-
     if not storage.exists(uri, cfg.storage):
         return None
     try:
@@ -182,7 +181,7 @@ def train_heads(cfg: GammarayConfig, train: FeatureSet, val: FeatureSet | None =
     total = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
-    optimizer, scheduler = _optimizer_and_schedule(model, cfg, total)
+    optimizer, scheduler = optimizer_and_schedule(model, cfg, total)
     clip = cfg.train.deepspeed.gradient_clipping
     probe = torch.from_numpy(np.random.default_rng([cfg.run.seed, 11]).permutation(N)[:probe_size]).to(device)
 
@@ -264,21 +263,12 @@ def train_heads(cfg: GammarayConfig, train: FeatureSet, val: FeatureSet | None =
 def export_heads(model: TwoTowerModel, train: FeatureSet, cfg: GammarayConfig, out_uri: str) -> str:
     """The store's towers + the trained heads as OUT/model + OUT/config.json: what a Ray Train
     checkpoint holds, so `gammaray eval/embed/export` open it."""
-    import os
-    import tempfile
-
-    from pipelines import storage
-
-    from .export import open_checkpoint
-    from .models import load_model, save_model
-
     with tempfile.TemporaryDirectory(prefix="gammaray-heads-") as tmp:
         store = open_checkpoint(train.uri, cfg.storage, local_dir=os.path.join(tmp, "towers"))
         full = load_model(store.model_dir)
         missing, unexpected = full.load_state_dict(model.state_dict(), strict=False)
         if unexpected or any(not k.startswith(("image_tower.", "text_tower.")) for k in missing):
             raise ValueError(f"heads do not fit the store's model (missing {missing}, unexpected {unexpected})")
-        from pipelines.tokenizer import load as load_tokenizer
 
         tok = load_tokenizer(os.path.join(store.model_dir, "text_tower"))
         model_cfg = cfg.model.model_copy(update={"image": store.cfg.model.image, "text": store.cfg.model.text})
@@ -289,22 +279,3 @@ def export_heads(model: TwoTowerModel, train: FeatureSet, cfg: GammarayConfig, o
     return out_uri
 
 
-def pretrain_heads(cfg: GammarayConfig, progress: bool = True):
-    """`gammaray pretrain` on cached features: train, write metrics.jsonl, export the model."""
-    from pipelines import storage
-
-    from .features import load_feature_store
-    from .train import PretrainResult, run_dir
-
-    t0 = time.perf_counter()
-    train = load_feature_store(cfg.data.features.train, cfg.storage)
-    val = load_feature_store(cfg.data.features.val, cfg.storage) if cfg.data.features.val else None
-    rdir = run_dir(cfg)
-    res = train_heads(cfg, train, val, progress=progress, state_uri=storage.join(rdir, "heads", STATE_FILE))
-    lines = "".join(json.dumps(m) + "\n" for m in res.history)
-    storage.write_bytes(storage.join(rdir, "metrics.jsonl"), lines.encode(), cfg.storage)
-    export_heads(res.model, train, cfg, rdir)
-    metrics = dict(res.metrics)
-    metrics.update({"records_trained": len(train), "samples_seen_total": res.samples, "steps": res.steps,
-                    "final": 1, "resumed_from_epoch": res.resumed_from_epoch, "train_s": round(res.train_s, 2)})
-    return PretrainResult(metrics=metrics, checkpoint_uri=rdir, run_dir=rdir, wall_s=time.perf_counter() - t0)

@@ -3,9 +3,31 @@ projection of both modalities, probe accuracies against chance."""
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass, field
 
-from .evaluate import EvalResult, confusion, pca_2d, recall_curve
+import numpy as np
+import torch
+
+from workers.evaluation.metrics import ProbeResult, confusion, pca_2d, recall_curve
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    probes: list[ProbeResult] = field(default_factory=list)
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)   # incl. sample_index
+    ranks_i2t: torch.Tensor | None = None
+    ranks_t2i: torch.Tensor | None = None
+    classes: list[str] = field(default_factory=list)
+    category_labels: np.ndarray | None = None                         # index into classes, -1 = none
+    zero_shot_pred: np.ndarray | None = None
+
+    def to_json(self) -> dict:
+        return {"metrics": self.metrics,
+                "probes": [{"embedding": p.embedding, "label": p.label, "classes": p.classes,
+                            "n_train": p.n_train, "n_test": p.n_test, "linear": p.linear,
+                            **{f"k{k}": v for k, v in p.k_shot.items()}, "chance": p.chance}
+                           for p in self.probes]}
 
 
 def write_report(res: EvalResult, path: str, title: str = "", top: int = 8, max_points: int = 600,
@@ -21,7 +43,7 @@ def write_report(res: EvalResult, path: str, title: str = "", top: int = 8, max_
 
     # 1. recall curves
     ax = axes[0, 0]
-    n = int(m["val_records"])
+    n = int(m["records"])
     max_k = max(1, min(n, 100))
     ks = np.arange(1, max_k + 1)
     ax.plot(ks, recall_curve(res.ranks_i2t, max_k), label=f"image->text (R@1 {m['r_at_1_i2t']:.3f})")

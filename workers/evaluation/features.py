@@ -1,6 +1,6 @@
 """Cached tower features: what locked towers produce once, so that only the heads train.
 
-A *feature store* is written by `gammaray embed --features` (workers/embed.py) from a prepared
+A *feature store* is written by `gammaray embed --features` (workers/evaluation/embed.py) from a prepared
 catalogue:
 
     OUT/_embed.json                    kind "features", the catalogue, the columns and widths
@@ -11,7 +11,7 @@ catalogue:
 
 `load_feature_store` reads one into memory (a few MB per thousand records: 4 bytes x (1280 + 384) per
 record for EfficientNet-Lite0 + MiniLM) with the category of every record, which is what
-workers/heads.py trains and evaluates on.
+workers/evaluation/heads.py trains and evaluates on.
 """
 
 from __future__ import annotations
@@ -27,6 +27,12 @@ import pyarrow.parquet as pq
 import torch
 
 from gammaray.config import GammarayConfig, StorageConfig, apply_overrides
+from pipelines import storage
+from pipelines.tokenizer import load as load_tokenizer
+from workers.evaluation.evaluate import read_labels
+from workers.evaluation.metrics import category_prompts
+from workers.models.registry import build_model, save_model
+from workers.runtime import tokenizer_uri
 
 FEATURE_SUFFIX = "_features"
 
@@ -65,12 +71,6 @@ def write_tower_model(cfg: GammarayConfig, out_uri: str) -> str:
     """Build the model of `cfg` (towers from model.*.pretrained or hf_config, heads seeded by
     run.seed) and write it as OUT/model + OUT/config.json; returns OUT, a checkpoint URI. A store that
     already holds a model keeps it (a rerun must embed with the same towers)."""
-    from pipelines import storage
-    from pipelines.tokenizer import load as load_tokenizer
-
-    from .models import build_model, save_model
-    from .train import tokenizer_uri
-
     out_uri = out_uri.rstrip("/")
     if storage.exists(storage.join(out_uri, "config.json"), cfg.storage):
         return out_uri
@@ -88,10 +88,6 @@ def write_tower_model(cfg: GammarayConfig, out_uri: str) -> str:
 @torch.no_grad()
 def write_prompt_features(model, cfg: GammarayConfig, tokenizer, categories: list[str], out_uri: str) -> None:
     """The zero-shot prompts of `categories` through the locked text tower: OUT/prompts.parquet."""
-    from pipelines import storage
-
-    from .evaluate import category_prompts
-
     prompts = category_prompts(categories, cfg.eval.prompt_template)
     feats = np.zeros((len(prompts), 0), np.float32)
     if prompts:
@@ -116,10 +112,6 @@ def _matrix(table: pa.Table, column: str) -> np.ndarray:
 def load_feature_store(uri: str, storage_cfg: StorageConfig | None = None, with_labels: bool = True) -> FeatureSet:
     """A feature store in memory: every good record's features (sorted by sample_index), the
     category of each (read from the catalogue the store was made from) and the prompt features."""
-    from pipelines import storage
-
-    from .evaluate import read_labels
-
     uri = uri.rstrip("/")
     meta_uri = storage.join(uri, "_embed.json")
     if not storage.exists(meta_uri, storage_cfg):

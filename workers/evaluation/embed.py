@@ -12,7 +12,7 @@ OUT that belongs to another model or catalogue.
 
 `--features` writes the towers' pooled outputs instead (columns image_features, text_features: what
 the heads see), the cache that heads-only training on locked towers reads (`data.features.*`,
-workers/heads.py). Without a checkpoint the towers come from a config (`model.image/text.pretrained`);
+workers/evaluation/heads.py). Without a checkpoint the towers come from a config (`model.image/text.pretrained`);
 the model they came from is written to OUT/model (+ OUT/config.json), so the store is also a
 checkpoint that `gammaray eval/export` can open, and the category prompts of the catalogue, through the
 same text tower, go to OUT/prompts.parquet (zero-shot evaluation of the heads).
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,8 +33,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from gammaray.config import GammarayConfig, StorageConfig
-from gammaray.schema import QUARANTINE_SCHEMA, BatchKeys as K, Reason
+from gammaray.config import GammarayConfig, StorageConfig, apply_overrides
+from gammaray.schema import BatchKeys as K, QUARANTINE_SCHEMA, Reason
+from pipelines import storage
+from pipelines.prepare import load_manifest
+from pipelines.preprocess import preprocess_batch
+from pipelines.storage import is_storage_fault
+from pipelines.stream import read_segment_rows, units_from_manifest
+from pipelines.tokenizer import load as load_tokenizer
+from workers.evaluation.evaluate import embedding_outputs
+from workers.evaluation.export import open_checkpoint, storage_from_overrides
+from workers.evaluation.features import write_prompt_features, write_tower_model
+from workers.models.registry import load_model
+from workers.runtime import ensure_ray, stream_spec
 
 META = ("shard", "sample_index", "product_id", "reject_reason", "reject_detail", "source", "row")
 
@@ -80,8 +93,6 @@ def shard_name(shard_path: str) -> str:
 
 
 def model_fingerprint(model_dir: str) -> str:
-    import os
-
     h = hashlib.sha256()
     with open(os.path.join(model_dir, "heads.pt"), "rb") as f:
         h.update(f.read())
@@ -95,11 +106,6 @@ def model_fingerprint(model_dir: str) -> str:
 def read_and_preprocess(batch: dict[str, np.ndarray], catalogue_uri: str, units: list, spec, settings) -> dict[str, np.ndarray]:
     """One row group (batch_size=1) -> model-ready arrays; an unreadable row group becomes rejected
     rows with empty model inputs, so that every block has the same columns."""
-    from pipelines.preprocess import preprocess_batch
-    from pipelines.storage import is_storage_fault
-    from pipelines.stream import read_segment_rows
-    from pipelines.tokenizer import load as load_tokenizer
-
     (u,), (shard,) = batch["unit"], batch["shard"]
     unit = units[int(u)]
     try:
@@ -125,12 +131,7 @@ class Embedder:
     """A Ray Data actor: loads the model once, embeds the good rows of each batch."""
 
     def __init__(self, model_uri: str, storage: dict, use_gpu: bool, features: bool = False):
-        from gammaray.config import StorageConfig as SC
-
-        from .export import open_checkpoint
-        from .models import load_model
-
-        ckpt = open_checkpoint(model_uri, SC.model_validate(storage))
+        ckpt = open_checkpoint(model_uri, StorageConfig.model_validate(storage))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda":
             # full fp32 (no TF32 convolutions/matmuls): the same embeddings as on CPU, to ~1e-6
@@ -142,8 +143,6 @@ class Embedder:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .evaluate import embedding_outputs
-
         good = np.asarray(batch["reject_reason"] == "", dtype=bool)
         n = len(good)
         out = {k: batch[k] for k in META if k in batch}
@@ -172,8 +171,6 @@ def probe_outputs(model, cfg: GammarayConfig, device: torch.device,
                   features: bool = False) -> tuple[list[str], dict[str, int]]:
     """Names and widths of the model's embedding outputs (one dummy record through it); with
     `features`, of its towers' pooled outputs ("image", "text")."""
-    from .evaluate import embedding_outputs
-
     H, L = cfg.data.image_size, cfg.data.max_text_tokens
     mask = torch.zeros(1, L, dtype=torch.long)
     mask[0, 0] = 1
@@ -198,8 +195,6 @@ def output_schema(names: list[str], dims: dict[str, int], meta: dict, suffix: st
 
 
 def _json(obj: Any) -> str:
-    import json
-
     return json.dumps(obj, sort_keys=True)
 
 
@@ -207,8 +202,6 @@ def write_shard(rows: list[dict[str, np.ndarray]], names: list[str], schema: pa.
                 storage_cfg: StorageConfig | None, suffix: str = "_embedding") -> tuple[int, int]:
     """Write one input shard's embeddings (and its quarantine first, so the embeddings file marks
     the shard done). Returns (rows written, rows quarantined)."""
-    from pipelines import storage
-
     merged = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
     good = merged["reject_reason"] == ""
     bad = np.flatnonzero(~good)
@@ -236,8 +229,6 @@ def write_shard(rows: list[dict[str, np.ndarray]], names: list[str], schema: pa.
 
 
 def count_rows(uri: str, storage_cfg: StorageConfig | None) -> int:
-    from pipelines import storage
-
     fs, path = storage.resolve(uri, storage_cfg)
     return pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows
 
@@ -254,20 +245,11 @@ def embed_catalogue(checkpoint_uri: str | None, data_uri: str, out_uri: str, opt
     import ray
     from tqdm.auto import tqdm
 
-    from gammaray.config import apply_overrides
-    from pipelines import storage
-    from pipelines.prepare import load_manifest
-    from pipelines.stream import units_from_manifest
-
-    from .export import open_checkpoint, storage_from_overrides
-    from .train import ensure_ray, stream_spec
-
     opts = opts or EmbedOptions()
     t0 = time.perf_counter()
     if checkpoint_uri is None:
         if not (features and config is not None):
             raise ValueError("embed needs --checkpoint (or --features with a --config that names the towers)")
-        from .features import write_tower_model
 
         checkpoint_uri = write_tower_model(config, out_uri)
         storage_cfg = storage_cfg or config.storage
@@ -279,8 +261,6 @@ def embed_catalogue(checkpoint_uri: str | None, data_uri: str, out_uri: str, opt
     manifest = load_manifest(data_uri, storage_cfg)
     units = units_from_manifest(manifest)
     shards = manifest["shards"]
-
-    from .models import load_model
 
     suffix = "_features" if features else "_embedding"
     model = load_model(ckpt.model_dir).eval()
@@ -356,10 +336,6 @@ def embed_catalogue(checkpoint_uri: str | None, data_uri: str, out_uri: str, opt
                                f"({ {k: seen[k] for k in open_rows} } of { {k: rows_of_shard[k] for k in open_rows} })")
 
     if features and not storage.exists(storage.join(out_uri, "prompts.parquet"), storage_cfg):
-        from pipelines.tokenizer import load as load_tokenizer
-
-        from .features import write_prompt_features
-
         tok = load_tokenizer(cfg.data.tokenizer, storage.S3Settings.from_config(storage_cfg))
         write_prompt_features(model, cfg, tok, list(manifest.get("categories", [])), out_uri)
     written = sum(count_rows(f, storage_cfg) for f in storage.list_files(storage.join(out_uri, "embeddings"), ".parquet", storage_cfg))

@@ -23,6 +23,7 @@ import json
 
 from gammaray.config import GammarayConfig, RunError
 from pipelines import storage
+from workers.runtime import rank_dir
 
 
 class ResumeMismatch(RunError):
@@ -82,9 +83,9 @@ def check_identity(saved: dict | None, current: dict, cfg: GammarayConfig, shown
 def newest_checkpoint(run_uri: str, storage_cfg) -> str | None:
     """The run's newest checkpoint folder (Ray names them checkpoint_<timestamp>; a resume starts
     from the newest one)."""
-    found = storage.list_files(run_uri, suffix="rank-00000/train_state.json", storage=storage_cfg)
-    folders = sorted(f.rsplit("/rank-00000/", 1)[0] for f in found
-                     if f.rsplit("/rank-00000/", 1)[0].rsplit("/", 1)[-1].startswith("checkpoint_"))
+    found = storage.list_files(run_uri, suffix=f"{rank_dir(0)}/train_state.json", storage=storage_cfg)
+    folders = sorted(f.rsplit(f"/{rank_dir(0)}/", 1)[0] for f in found
+                     if f.rsplit(f"/{rank_dir(0)}/", 1)[0].rsplit("/", 1)[-1].startswith("checkpoint_"))
     return folders[-1] if folders else None
 
 
@@ -94,7 +95,7 @@ def check_run(cfg: GammarayConfig, run_uri: str, identity: dict) -> None:
     folder = newest_checkpoint(run_uri, cfg.storage) or (cfg.train.resume_from.rstrip("/") if cfg.train.resume_from else None)
     if folder is None:
         return
-    state_uri = storage.join(folder, "rank-00000", "train_state.json")
+    state_uri = storage.join(folder, rank_dir(0), "train_state.json")
     if not storage.exists(state_uri, cfg.storage):
         return  # not a training checkpoint: the workers say so
     check_identity(storage.read_json(state_uri, cfg.storage).get("identity"), identity, cfg, folder)

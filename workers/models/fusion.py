@@ -29,8 +29,7 @@ import torch.nn.functional as F
 
 from gammaray.config import ModelConfig
 from gammaray.schema import BatchKeys as K
-
-from .models import TwoTowerModel, tower_tokens, tower_width
+from workers.models.two_tower import TwoTowerModel, tower_tokens, tower_width
 
 
 def sample_hard_negatives(sim: torch.Tensor, same: torch.Tensor,
