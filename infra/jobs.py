@@ -27,6 +27,9 @@ Authentication: Ray 2.60 clusters require a token by default. It is sent as
 `Authorization: Bearer ...`, taken from `--token-file`, `$RAY_AUTH_TOKEN`, `$RAY_AUTH_TOKEN_PATH`
 or `~/.ray/auth_token` (Ray's own order). A cluster refuses a missing token with HTTP 401 and a
 wrong one with 403: both become `AuthError` with a message saying which.
+
+Length (about 700 lines): one job plan and its life cycle (stage, check, submit, follow, stop) share
+the staging rules and the secret checks; credentials.py holds what is not about a job.
 """
 
 from __future__ import annotations

@@ -27,6 +27,9 @@ bytes of the images it names), never by how the source path was spelled: naming 
 absolute, relative or file:// does not grow the count, and the count is of distinct bad records. A
 record validated again in a later run replaces its earlier entries: fixed in place (its row or its
 image file), it is admitted and leaves the quarantine.
+
+Length (about 540 lines): prepare is one pass (read, validate, shard, quarantine, manifest) whose
+steps share the shard writer and the manifest; readers, images and faults live in their own modules.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ AWS environment variables, read in whichever process touches the storage: the s3
 Transient errors (connection refused or reset, timeouts, throttling, 5xx) are retried with jittered
 exponential backoff for `storage.retry_time_s`; past that, `StorageUnavailable` names the endpoint
 and the operation in one line.
+
+Length (about 580 lines): every storage access goes through this one module, so retries and
+credential handling cannot differ between readers, writers, Ray Train and Ray Tune.
 """
 
 from __future__ import annotations

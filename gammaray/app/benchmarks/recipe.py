@@ -29,6 +29,9 @@ steps, r_at_1, r_at_5, zero_shot_acc, peak_mem_mb, wall_s}), PATH with .png (R@1
 a line per loss, mean and spread over seeds), PATH with .tuning.json (every search: space, trials,
 best values) and PATH with .details.json (per-run curves, every 5th epoch and the last, with the
 memory diagnostics). `--quick` runs a tiny grid (CI). Data and features are cached under `--cache` (default ~/.cache/gammaray/recipe).
+
+Length (about 700 lines): one study, read top to bottom: data, regimes, the grid, tuning, ablations and
+the report that the docs generate from its JSON; the live regime is in recipe_live.py.
 """
 
 from __future__ import annotations
