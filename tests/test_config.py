@@ -27,6 +27,13 @@ def test_shipped_demo_config_equals_the_embedded_defaults():
     assert load(os.path.join(ROOT, "configs", "demo.yaml")) == GammarayConfig()
 
 
+def test_every_shipped_config_loads():
+    names = sorted(n for n in os.listdir(os.path.join(ROOT, "configs")) if n.endswith(".yaml"))
+    assert "random-towers.yaml" in names and len(names) >= 6
+    for name in names:
+        load(os.path.join(ROOT, "configs", name))  # raises ConfigError naming the file and key
+
+
 def test_dotted_overrides_are_typed_by_yaml():
     cfg = load(overrides=["loss.gamma.alpha=2", "train.workers=4", "loss.kind=infonce",
                           "model.image.hf_config.depths=[2, 2, 2]", "data.augment.crop_scale=[0.5, 1.0]"])

@@ -25,7 +25,8 @@ def test_bench_scaling_counts_loss_traffic(tmp_path):
     out = tmp_path / "scaling.json"
     env = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR="cpu")
     proc = subprocess.run([sys.executable, "-m", "gammaray.app.cli", "bench", "scaling", "--workers", "2", "--steps", "2",
-                           "--warmup", "1", "--batch-size", "16", "--json", str(out), *TINY],
+                           "--warmup", "1", "--batch-size", "16", "--vocab-size", "300", "--json", str(out),
+                           "--profile", str(tmp_path / "prof"), *TINY],
                           capture_output=True, text=True, env=env, timeout=580, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = {r["loss"]: r for r in json.loads(out.read_text())}
@@ -35,6 +36,14 @@ def test_bench_scaling_counts_loss_traffic(tmp_path):
         assert r["workers"] == 2 and r["batch_size"] == 16 and r["step_time_s"] > 0
         assert r["samples_per_s"] == pytest.approx(32 / r["step_time_s"], rel=1e-3)
         assert r["bytes_per_step"] == r["loss_bytes_per_step"] + r["grad_bytes_per_step"] + r["param_bytes_per_step"]
+        # the text tower's embedding table follows --vocab-size; GPU memory is only measured with --gpu
+        assert r["vocab_size"] == 300 and r["peak_gpu_mb"] is None and r["device"] == "cpu"
+    assert rows["gamma"]["params"] == rows["infonce"]["params"]
+    # --profile: rank 0's operator table per row, with the four phases of the step labelled
+    for loss in rows:
+        assert rows[loss]["profiled"] is True
+        text = (tmp_path / f"prof-{loss}-b16-z1.txt").read_text()
+        assert all(f"phase/{p}" in text for p in ("forward", "loss", "backward", "step")), text[:2000]
     B, D, W = 16, 32, 2
     # InfoNCE: all-gathers image and text embeddings (B x D float32 each, plus the batch sizes), and in
     # backward (gloo has no reduce-scatter) all-reduces the whole gathered gradient (W x B x D float32)

@@ -147,3 +147,21 @@ def test_cached_features_config_is_refused_for_towers_that_train():
     cfg = tiny_cfg(**{"data.features.train": "/x", "model.image.locked": True, "model.text.locked": True,
                       "loss.structure.in_modal": "auto"})
     assert cfg.loss.structure.in_modal == "auto" and not cfg.loss.structure.in_modal_active()
+
+
+def test_random_towers_config_has_the_pretrained_towers_shape():
+    """configs/random-towers.yaml (GPU timings at a realistic size) builds the architectures of
+    configs/pretrained-towers.yaml: EfficientNet-Lite0 without its classifier (4.65 M - 1.28 M
+    parameters) and all-MiniLM-L6-v2's BERT (22.7 M)."""
+    import os
+
+    from gammaray.config import load
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load(os.path.join(root, "configs", "random-towers.yaml"))
+    model = build_model(cfg.model, vocab_size=30522, pad_token_id=0)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert type(model.image_tower).__name__ == "EfficientNetLiteModel"
+    assert count(model.image_tower) == 4_652_008 - (1280 * 1000 + 1000)
+    assert count(model.text_tower) == 22_713_216
+    assert (cfg.data.image_size, cfg.model.text.pooling) == (224, "mean")

@@ -10,7 +10,9 @@ Every torch.distributed collective is wrapped and the bytes each rank hands to i
   grads    DeepSpeed's gradient reduction (the same for both losses: it depends on the model size)
   params   DeepSpeed's parameter all-gather after the step (ZeRO-1/2) and the per-step lockstep flag
 Rows (JSON): {"loss", "workers", "batch_size", "step_time_s", "samples_per_s", "bytes_per_step",
-"loss_bytes_per_step", "grad_bytes_per_step", "param_bytes_per_step", ...}; bytes are per rank.
+"loss_bytes_per_step", "grad_bytes_per_step", "param_bytes_per_step", "peak_gpu_mb", ...}; bytes are per
+rank; peak_gpu_mb (--gpu) is the largest rank's torch.cuda.max_memory_allocated over the whole row
+(model, engine, optimizer state and activations; a fresh model per row).
 """
 
 from __future__ import annotations
@@ -40,6 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per row (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--gpu", action="store_true", help="one GPU per process, NCCL, bf16 (needs CUDA)")
+    p.add_argument("--profile", metavar="PREFIX",
+                   help="run the timed steps under torch.profiler and write rank 0's top operators per row to "
+                        "PREFIX-LOSS-bB-zZ.txt (phases forward / loss / backward / step labelled); the row's "
+                        "times then include the profiler's overhead and are marked profiled")
+    p.add_argument("--vocab-size", type=int, default=VOCAB,
+                   help=f"text vocabulary of the synthetic tokens and the text tower (default {VOCAB}; "
+                        "30522 for a BERT-size embedding table)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,7 +138,7 @@ class CommCounter:
 # one process
 
 
-def synthetic_batch(cfg, rank: int, world: int, step: int, device):
+def synthetic_batch(cfg, rank: int, world: int, step: int, device, vocab: int = VOCAB):
     import torch
 
     from gammaray.schema import BatchKeys as K
@@ -139,12 +148,13 @@ def synthetic_batch(cfg, rank: int, world: int, step: int, device):
     start = (step * world + rank) * B
     batch = {K.SAMPLE_INDEX: (torch.arange(B) + start) % NUM_SAMPLES,
              K.PIXELS: torch.randn(B, 3, H, H, generator=g),
-             K.INPUT_IDS: torch.randint(5, VOCAB, (B, L), generator=g),
+             K.INPUT_IDS: torch.randint(5, vocab, (B, L), generator=g),
              K.ATTENTION_MASK: torch.ones(B, L, dtype=torch.long)}
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def measure(cfg, loss: str, steps: int, warmup: int, counter: CommCounter, device, on_gpu: bool) -> dict:
+def measure(cfg, loss: str, steps: int, warmup: int, counter: CommCounter, device, on_gpu: bool,
+            vocab: int = VOCAB, profile: str | None = None) -> dict:
     """Collective: time `steps` optimizer steps of one loss on every rank of the current group."""
     import torch
     import torch.distributed as dist
@@ -157,8 +167,13 @@ def measure(cfg, loss: str, steps: int, warmup: int, counter: CommCounter, devic
 
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = apply_overrides(cfg, {"loss.kind": loss, "loss.gather_negatives": loss in ("infonce", "siglip")})
+    if on_gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    # what an earlier row left allocated (should be ~0); it is inside this row's peak
+    start_mb = torch.cuda.memory_allocated(device) / 2**20 if on_gpu else 0.0
     torch.manual_seed(0)
-    model = build_model(cfg.model, vocab_size=VOCAB, pad_token_id=0)
+    model = build_model(cfg.model, vocab_size=vocab, pad_token_id=0)
     objective = Objective(cfg.loss, num_samples=NUM_SAMPLES, seed=0, device=device, distributed=world > 1)
     engine, _, _ = build_engine(model, cfg, total_steps=steps + warmup, on_gpu=on_gpu, device=device, in_ray=False)
     bf16 = use_bf16(cfg, on_gpu)
@@ -170,6 +185,12 @@ def measure(cfg, loss: str, steps: int, warmup: int, counter: CommCounter, devic
 
     engine.allreduce_gradients = tagged_reduce
     params = sum(p.numel() for p in engine.module.parameters())
+    from torch.profiler import ProfilerActivity, record_function
+
+    prof = None
+    if profile:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+        prof = torch.profiler.profile(activities=activities)
     t0 = 0.0
     for i in range(warmup + steps):
         if i == warmup:
@@ -177,38 +198,62 @@ def measure(cfg, loss: str, steps: int, warmup: int, counter: CommCounter, devic
             if on_gpu:
                 torch.cuda.synchronize()
             counter.reset()
+            if prof is not None:
+                prof.__enter__()
             t0 = time.perf_counter()
-        batch = synthetic_batch(cfg, rank, world, i, device)
+        batch = synthetic_batch(cfg, rank, world, i, device, vocab)
         if bf16:
             batch[K.PIXELS] = batch[K.PIXELS].to(torch.bfloat16)
         with counter.in_phase("params"):  # the training loop's per-step lockstep flag
             dist.all_reduce(torch.ones(2, dtype=torch.long, device=device))
         with counter.in_phase("loss"):
-            out = engine(batch)
-            terms = objective(out, batch, i / (warmup + steps))
-            touch = sum(v.sum() for v in out.values()) * 0.0
-            engine.backward(terms.total + touch)
-        with counter.in_phase("params"):
+            with record_function("phase/forward"):
+                out = engine(batch)
+            with record_function("phase/loss"):
+                terms = objective(out, batch, i / (warmup + steps))
+                touch = sum(v.sum() for v in out.values()) * 0.0
+            with record_function("phase/backward"):
+                engine.backward(terms.total + touch)
+        with counter.in_phase("params"), record_function("phase/step"):
             engine.step()
     if on_gpu:
         torch.cuda.synchronize()
     dist.barrier()
     dt = (time.perf_counter() - t0) / steps
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        if rank == 0:
+            sort = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+            path = f"{profile}-{loss}-b{cfg.data.batch_size}-z{cfg.train.deepspeed.zero_stage}.txt"
+            with open(path, "w") as f:
+                f.write(f"{loss}, micro-batch {cfg.data.batch_size}, ZeRO-{cfg.train.deepspeed.zero_stage}, "
+                        f"{steps} profiled steps, {dt:.4f} s/step with the profiler on\n")
+                f.write(prof.key_averages().table(sort_by=sort, row_limit=30))
+                lines = prof.key_averages().table(sort_by="cpu_time_total", row_limit=500).splitlines()
+                f.write("\n\nphases (record_function):\n" + "\n".join(lines[:3]) + "\n")
+                f.write("\n".join(line for line in lines if "phase/" in line) + "\n")
+    peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if on_gpu else 0.0
     phases = {k: counter.bytes.get(k, 0) / steps for k in ("loss", "grads", "params")}
     totals = torch.tensor([dt, phases["loss"], phases["grads"], phases["params"]], dtype=torch.float64, device=device)
     dist.all_reduce(totals)  # (not counted: the counter was read above)
     dt, lb, gb, pb = (totals / world).tolist()
+    peak = torch.tensor([peak_mb, start_mb], dtype=torch.float64, device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    del engine, model, objective  # the next row builds its own: its peak must not include this one
     B = cfg.data.batch_size
     return {"loss": loss, "workers": world, "batch_size": B, "step_time_s": round(dt, 5),
             "samples_per_s": round(B * world / dt, 2), "bytes_per_step": int(round(lb + gb + pb)),
             "loss_bytes_per_step": int(round(lb)), "grad_bytes_per_step": int(round(gb)),
             "param_bytes_per_step": int(round(pb)), "gather_negatives": cfg.loss.gather_negatives,
             "embed_dim": cfg.model.embed_dim, "params": params, "zero_stage": cfg.train.deepspeed.zero_stage,
-            "device": "cuda" if on_gpu else "cpu"}
+            "image_size": cfg.data.image_size, "text_tokens": cfg.data.max_text_tokens, "vocab_size": vocab,
+            "peak_gpu_mb": round(peak[0].item(), 1) if on_gpu else None,
+            "start_gpu_mb": round(peak[1].item(), 1) if on_gpu else None, "profiled": bool(profile),
+            "device": torch.cuda.get_device_name(device) if on_gpu else "cpu"}
 
 
 def _worker(rank: int, world: int, port: int, cfg_json: dict, losses: list[str], steps: int, warmup: int,
-            out_path: str, on_gpu: bool) -> None:
+            out_path: str, on_gpu: bool, vocab: int = VOCAB, profile: str | None = None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
@@ -229,7 +274,11 @@ def _worker(rank: int, world: int, port: int, cfg_json: dict, losses: list[str],
     rows = []
     try:
         for loss in losses:
-            rows.append(measure(from_dict(cfg_json), loss, steps, warmup, counter, device, on_gpu))
+            rows.append(measure(from_dict(cfg_json), loss, steps, warmup, counter, device, on_gpu, vocab, profile))
+            if on_gpu:
+                import gc
+
+                gc.collect()
     finally:
         counter.uninstall()
         dist.destroy_process_group()
@@ -238,7 +287,8 @@ def _worker(rank: int, world: int, port: int, cfg_json: dict, losses: list[str],
             json.dump(rows, f)
 
 
-def bench(cfg, workers: list[int], losses: list[str], steps: int, warmup: int, on_gpu: bool = False) -> list[dict]:
+def bench(cfg, workers: list[int], losses: list[str], steps: int, warmup: int, on_gpu: bool = False,
+          vocab: int = VOCAB, profile: str | None = None) -> list[dict]:
     import torch.multiprocessing as mp
 
     rows: list[dict] = []
@@ -248,7 +298,7 @@ def bench(cfg, workers: list[int], losses: list[str], steps: int, warmup: int, o
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
             out = os.path.join(tmp, f"w{w}.json")
-            mp.spawn(_worker, args=(w, port, cfg.model_dump(mode="json"), losses, steps, warmup, out, on_gpu),
+            mp.spawn(_worker, args=(w, port, cfg.model_dump(mode="json"), losses, steps, warmup, out, on_gpu, vocab, profile),
                      nprocs=w, join=True)
             with open(out) as f:
                 rows.extend(json.load(f))
@@ -258,11 +308,17 @@ def bench(cfg, workers: list[int], losses: list[str], steps: int, warmup: int, o
 def table(rows: list[dict]) -> str:
     head = f"{'loss':8} {'workers':>7} {'batch':>5} {'step s':>8} {'samples/s':>10} {'bytes/step':>11} " \
            f"{'loss B':>9} {'grads B':>10} {'params B':>10}"
+    gpu = any(r.get("peak_gpu_mb") is not None for r in rows)
+    if gpu:
+        head += f" {'peak GPU MB':>11}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['loss']:8} {r['workers']:>7} {r['batch_size']:>5} {r['step_time_s']:>8.3f} "
-                     f"{r['samples_per_s']:>10.1f} {r['bytes_per_step']:>11,} {r['loss_bytes_per_step']:>9,} "
-                     f"{r['grad_bytes_per_step']:>10,} {r['param_bytes_per_step']:>10,}")
+        line = (f"{r['loss']:8} {r['workers']:>7} {r['batch_size']:>5} {r['step_time_s']:>8.3f} "
+                f"{r['samples_per_s']:>10.1f} {r['bytes_per_step']:>11,} {r['loss_bytes_per_step']:>9,} "
+                f"{r['grad_bytes_per_step']:>10,} {r['param_bytes_per_step']:>10,}")
+        if gpu:
+            line += f" {r.get('peak_gpu_mb') or 0:>11,.0f}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -280,7 +336,8 @@ def run(args: argparse.Namespace) -> int:
             return 2
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     losses = [x.strip() for x in args.losses.split(",") if x.strip()]
-    rows = bench(cfg, workers, losses, args.steps, args.warmup, on_gpu=args.gpu)
+    rows = bench(cfg, workers, losses, args.steps, args.warmup, on_gpu=args.gpu, vocab=args.vocab_size,
+                 profile=os.path.abspath(args.profile) if args.profile else None)
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
