@@ -77,21 +77,30 @@ def tune_structure_table() -> str:
     return tune_structure.markdown_table(load("tune-structure.json"))
 
 
+# the GPU check's result files and the code each ran on (the files hold the run, not the commit)
+GPU_CHECKS = [("gpu-check-zero.json", "before issue 15's restructure"),
+              ("gpu-check-ddp.json", "before issue 15's restructure"),
+              ("gpu-check-zero2-restructured.json", "after it (83ff507)")]
+
+
 def gpu_check_table() -> str:
     """The GPU check's runs (gammaray.app.benchmarks.gpu_check), all strategies, from its JSON files."""
     runs, env = [], {}
-    for name in ("gpu-check-zero.json", "gpu-check-ddp.json"):
+    for name, code in GPU_CHECKS:
         data = load(f"gpu/{name}")
         env = data["env"]
-        runs += data["runs"]
-    columns = ["run", "ok", "steps", "step s", "samples/s", "peak GPU MB", "val R@1", "chance", "checkpoint holds"]
-    rows = [[r["run"], "yes" if r["ok"] else "NO", r["steps"], f"{r['step_time_s']:.4f}", f"{r['samples_per_s']:.0f}",
-             f"{r['peak_gpu_mem_mb']:.0f}", f"{r['val_r_at_1']:.3f}", f"{r['chance_r_at_1']:.3f}",
+        runs += [dict(r, code=code) for r in data["runs"]]
+    columns = ["run", "code", "ok", "steps", "step s", "samples/s", "peak GPU MB", "val R@1", "chance",
+               "checkpoint holds"]
+    rows = [[r["run"], r["code"], "yes" if r["ok"] else "NO", r["steps"], f"{r['step_time_s']:.4f}",
+             f"{r['samples_per_s']:.0f}", f"{r['peak_gpu_mem_mb']:.0f}", f"{r['val_r_at_1']:.3f}",
+             f"{r['chance_r_at_1']:.3f}",
              ", ".join(k for k, v in r["checkpoint_has"].items() if v and k != "deepspeed_files")
              + f"; {r['checkpoint_has']['deepspeed_files']} DeepSpeed files"] for r in runs]
+    sources = ", ".join(f"`{BENCH}/gpu/{name}`" for name, _ in GPU_CHECKS)
     return (markdown_table(columns, rows) + "\n\n"
             f"*{env['device']}, torch {env['torch']} (CUDA {env['cuda']}), DeepSpeed {env['deepspeed']}, Ray {env['ray']}. "
-            f"Source: `{BENCH}/gpu/gpu-check-zero.json`, `{BENCH}/gpu/gpu-check-ddp.json`.*")
+            f"Source: {sources}.*")
 
 
 def gpu_step_table() -> str:
@@ -108,6 +117,31 @@ def gpu_step_table() -> str:
             f"*One H200, 1 worker, ZeRO-{r0['zero_stage']}, the default model ({r0['params']:,} parameters, embed dim "
             f"{r0['embed_dim']}), bf16; one run of 20 timed steps after 5 warm-up steps per cell. Source: "
             f"`{BENCH}/gpu/step-h200-b{{16,64,256}}.json`.*")
+
+
+def gpu_towers_table() -> str:
+    """`gammaray bench scaling --gpu --workers 1 --config configs/random-towers.yaml`: step time and peak GPU
+    memory at the size of the pretrained towers, per micro-batch and ZeRO stage, every row as measured."""
+    files = [f"gpu/step-towers-b{b}.json" for b in (16, 64, 256)] + ["gpu/step-towers-zero.json"]
+    columns = ["ZeRO", "micro-batch", "loss", "row in its process", "step s", "samples/s", "peak GPU MB",
+               "MB left by the row before"]
+    table, rows = [], []
+    for name in files:
+        seen: set = set()
+        for r in load(name):  # one process per (file, ZeRO stage, micro-batch), its losses in file order
+            cell = (r["zero_stage"], r["batch_size"])
+            table.append([r["zero_stage"], r["batch_size"], r["loss"], "second" if cell in seen else "first",
+                          f"{r['step_time_s']:.3f}", f"{r['samples_per_s']:.0f}", f"{r['peak_gpu_mb']:,.0f}",
+                          f"{r['start_gpu_mb']:,.0f}"])
+            seen.add(cell)
+            rows.append(r)
+    r0 = rows[0]
+    return (markdown_table(columns, table) + "\n\n"
+            f"*One {r0['device']}, 1 worker, bf16; EfficientNet-Lite0 + a 6-layer 384-wide BERT (vocabulary "
+            f"{r0['vocab_size']:,}), randomly initialised, {r0['params']:,} parameters; images {r0['image_size']} px, "
+            f"{r0['text_tokens']} tokens; one run of 20 timed steps after 5 warm-up steps per row; the two losses of a "
+            f"cell ran one after the other in one process. Source: `{BENCH}/gpu/step-towers-b{{16,64,256}}.json`, "
+            f"`{BENCH}/gpu/step-towers-zero.json`.*")
 
 
 def recipe_page() -> str:
@@ -148,6 +182,7 @@ BLOCKS = {
     "recipe-verdict": recipe_verdict,
     "gpu-check": gpu_check_table,
     "gpu-step": gpu_step_table,
+    "gpu-towers": gpu_towers_table,
     **{name: (lambda name=name: transcribed_table(name)) for name in TRANSCRIBED},
 }
 GENERATED_FILES = {
