@@ -113,7 +113,7 @@ class PrepareResult:
         if self.num_readmitted:
             lines.append(f"  re-admitted        {self.num_readmitted}  (quarantined before, good now)")
         if self.image_conversions:
-            lines.append("  images converted   (decoded as the stream will: see README, Data ingest)")
+            lines.append("  images converted   (decoded as the stream will: see docs/data.md, Images)")
             for name, n in sorted(self.image_conversions.items()):
                 lines.append(f"    {name:<22} {n}")
         lines.append(f"  total in catalogue {self.manifest['num_records']}  (schema version {self.manifest['schema_version']})")

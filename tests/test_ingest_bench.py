@@ -1,5 +1,5 @@
 """`gammaray bench ingest`: registered in the shared dispatcher, documented, and its data-stall
-arithmetic right (the benchmark itself is too slow for a timed test; its figures are in the README)."""
+arithmetic right (the benchmark itself is too slow for a timed test; its figures are on the docs benchmarks page)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def test_the_summary_table_shows_all_figures():
 
 
 def test_bench_decode_reports_cost_per_kind_and_scans_a_collection(tmp_path):
-    """`gammaray bench decode` (figures in the README): one round, and a scan of a small folder with a
+    """`gammaray bench decode` (figures on the docs benchmarks page): one round, and a scan of a small folder with a
     transparent cut-out, an opaque PNG and a decompression bomb."""
     from gammaray.app.commands.bench import BENCHES, bench_parser
     from pipelines import faults, image_kinds

@@ -154,6 +154,6 @@ def test_a_tiny_tune_structure_run_writes_rows_on_the_test_split(tmp_path, capsy
     assert main(["bench", "tune-structure", "--plain", str(tmp_path / "plain.yaml"), "--tuned", str(tmp_path / "tuned.yaml"),
                  "--test", str(root / "val"), "--json", str(tmp_path / "x.json")]) == 1
     assert "the search never saw" in capsys.readouterr().err
-    # the README table comes from the JSON
+    # the docs table comes from the JSON
     assert main(["bench", "tune-structure", "--markdown", str(out)]) == 0
     assert "| plain |" in capsys.readouterr().out

@@ -16,7 +16,7 @@ never read by the search, which ranked trials on data.val):
 Done when, over the seeds, the tuned mean R@1 is at least plain's minus --r1-margin (0.005) and the
 tuned mean modality-specific probe ((image-only + text-only) / 2) at least plain's plus --probe-gain
 (0.02). Writes --json (rows {variant, seed, r_at_1, probe_image_only, probe_text_only, probe_shared,
-config}), a PNG beside it and PATH with .details.json; `--markdown PATH` prints the README table of an
+config}), a PNG beside it and PATH with .details.json; `--markdown PATH` prints the docs table of an
 existing JSON without training.
 """
 
@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=1, help="runs at once, one process each (default 1)")
     p.add_argument("--json", metavar="PATH", help="write the rows here (JSON list), a PNG and PATH.details.json beside")
     p.add_argument("--png", metavar="PATH", help="plot (default: PATH of --json with .png)")
-    p.add_argument("--markdown", metavar="JSON", help="print the README table and verdict of an existing JSON; no training")
+    p.add_argument("--markdown", metavar="JSON", help="print the docs table and verdict of an existing JSON; no training")
     p.add_argument("--make-catalogue", metavar="DIR",
                    help="only generate and prepare the synthetic catalogue the search and this benchmark use: "
                         "DIR/catalog/{train,val,test,tokenizer} (3,000 / 500 / 1,000 records, seed 0), then exit")
