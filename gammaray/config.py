@@ -749,6 +749,21 @@ def apply_overrides(cfg: GammarayConfig, overrides: list[str] | Mapping[str, Any
     return from_dict(data)
 
 
+def get_value(cfg: GammarayConfig, path: str) -> Any:
+    """The value at a dotted path (the reverse of `apply_overrides`); ConfigError names a path that
+    addresses nothing."""
+    check_path(path)
+    node: Any = cfg
+    for part in path.split("."):
+        if isinstance(node, dict):
+            if part not in node:
+                raise ConfigError(f"{path}: no key '{part}' in this config's value")
+            node = node[part]
+        else:
+            node = getattr(node, part)
+    return node
+
+
 def to_yaml(cfg: GammarayConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 

@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from gammaray.config import ConfigError, GammarayConfig, apply_overrides, describe, load, to_yaml
+from gammaray.config import ConfigError, GammarayConfig, apply_overrides, describe, get_value, load, to_yaml
 
 pytestmark = pytest.mark.foundation
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +32,17 @@ def test_every_shipped_config_loads():
     assert "random-towers.yaml" in names and len(names) >= 6
     for name in names:
         load(os.path.join(ROOT, "configs", name))  # raises ConfigError naming the file and key
+
+
+def test_get_value_reads_what_apply_overrides_wrote():
+    cfg = apply_overrides(GammarayConfig(), {"loss.gamma.alpha": 2.5, "model.text.hf_config.hidden_size": 48})
+    assert get_value(cfg, "loss.gamma.alpha") == 2.5
+    assert get_value(cfg, "model.text.hf_config.hidden_size") == 48  # inside a dict-valued key
+    assert get_value(cfg, "train") == cfg.train
+    with pytest.raises(ConfigError, match="loss.gama.alpha: unknown key 'gama'"):
+        get_value(cfg, "loss.gama.alpha")
+    with pytest.raises(ConfigError, match="no key 'nope'"):
+        get_value(cfg, "model.text.hf_config.nope")
 
 
 def test_dotted_overrides_are_typed_by_yaml():

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from gammaray.config import ConfigError, GammarayConfig, apply_overrides, load
+from gammaray.config import ConfigError, GammarayConfig, apply_overrides, get_value, load
 from tests.conftest import tiny_overrides
 from tuning import report, space
 from tuning.search import plan_resources
@@ -375,7 +375,7 @@ def test_results_table_plot_and_best_config_are_written(search, s3):
     assert front["picked"] == out.picked.trial_id and front["rule"]["baseline"] == out.baseline.trial_id
     assert {t["trial_id"] for t in front["trials"]} == {r.trial_id for r in out.rows}
     for path, value in out.picked.values.items():
-        assert space._get(load(out.picked_config_path), path) == value, path
+        assert get_value(load(out.picked_config_path), path) == value, path
     text = (search["out_dir"] / "results.txt").read_text()
     assert text == storage.read_bytes(storage.join(exp, "results.txt")).decode()
     header = text.splitlines()[0].split()
@@ -394,7 +394,7 @@ def test_results_table_plot_and_best_config_are_written(search, s3):
         r.metric for r in out.rows if r.status == report.COMPLETED)
     cfg = load(out.best_config_path)
     for path, value in best.values.items():
-        assert space._get(cfg, path) == value, path
+        assert get_value(cfg, path) == value, path
     assert cfg.train.max_steps == 2  # tune.trial_overrides did not leak into it
     assert cfg.run.name == "tune-e2e-tune-best"
 

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from gammaray.config import ConfigError, GammarayConfig, apply_overrides, load
+from gammaray.config import ConfigError, GammarayConfig, apply_overrides, get_value, load
 from tests.conftest import tiny_overrides
 from tuning import objectives as O, report, space
 
@@ -240,7 +240,7 @@ def test_multi_objective_search_of_in_process_trials_writes_the_front_and_the_pi
     assert img.size[0] > 500
     picked = load(out.picked_config_path)
     for path, value in out.picked.values.items():
-        assert space._get(picked, path) == value, path
+        assert get_value(picked, path) == value, path
     assert picked.train.max_steps is None  # the trial-only budget is not carried into it
     baseline = load(out.baseline_config_path)
     assert baseline.loss.structure.lambda_sep == 0.0 and baseline.loss.structure.lambda_gc == 0.0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from gammaray.config import ConfigError, GammarayConfig, SearchDim, apply_overrides, check_path
+from gammaray.config import ConfigError, GammarayConfig, SearchDim, apply_overrides, check_path, get_value
 
 ZERO_SUFFIX = "#zero"
 
@@ -121,7 +121,7 @@ def start_points(cfg: GammarayConfig) -> list[dict[str, Any]]:
                 raise ConfigError(f"{where}.{path}: not a searched key (tune.space has: {', '.join(space)})")
         params: dict[str, Any] = {}
         for path, dim in space.items():
-            value = point[path] if path in point else _get(cfg, path)
+            value = point[path] if path in point else get_value(cfg, path)
             key = f"{where}.{path}"
             if path in point:
                 try:
@@ -148,13 +148,6 @@ def start_points(cfg: GammarayConfig) -> list[dict[str, Any]]:
             params[path] = int(value) if dim.kind == "randint" else float(value)
         out.append(params)
     return out
-
-
-def _get(cfg: GammarayConfig, path: str) -> Any:
-    node: Any = cfg
-    for part in path.split("."):
-        node = node[part] if isinstance(node, dict) else getattr(node, part)
-    return node
 
 
 def effective(params: Mapping[str, Any], space: Mapping[str, SearchDim]) -> dict[str, Any]:

@@ -289,13 +289,11 @@ def _key(row: dict) -> tuple:
 
 def _differs(values: dict, base) -> dict:
     """The tuned values that differ from the shipped defaults (the row's `settings`)."""
-    from gammaray.config import GammarayConfig
+    from gammaray.config import GammarayConfig, get_value
 
-    out = {}
+    out, defaults = {}, GammarayConfig()
     for path, v in sorted(values.items()):
-        node = GammarayConfig()
-        for part in path.split("."):
-            node = getattr(node, part)
+        node = get_value(defaults, path)
         if node != v and not (isinstance(v, float) and isinstance(node, float) and math.isclose(v, node)):
             out[path] = v
     return out
@@ -565,11 +563,11 @@ def shipped_defaults() -> dict:
     with these (tests/test_recipe_defaults.py fails when a default moves away from the study)."""
     from gammaray.config import load
 
-    from tuning.space import _get
+    from gammaray.config import get_value
 
     cfg = load(None, {})
     keys = sorted({k for space in SPACES.values() for k in space} | {k for a in ABLATIONS.values() for k in a})
-    return {k: _get(cfg, k) for k in keys}
+    return {k: get_value(cfg, k) for k in keys}
 
 
 def _rounded(obj, digits: int = 4):

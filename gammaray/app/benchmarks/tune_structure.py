@@ -200,11 +200,11 @@ def plot(rows: list[dict], path: str, title: str = "", variants=VARIANTS) -> Non
 def _config_values(plain, tuned) -> tuple[dict, dict]:
     """What sets the two configs apart, as each holds it: every loss.structure key and the other keys
     the search varied (tune.space)."""
-    from tuning.space import _get
+    from gammaray.config import get_value
 
     def values(cfg) -> dict:
         out = {f"loss.structure.{k}": v for k, v in cfg.loss.structure.model_dump(mode="json").items()}
-        out.update({k: _get(cfg, k) for k in tuned.tune.space})
+        out.update({k: get_value(cfg, k) for k in tuned.tune.space})
         return out
 
     return values(plain), values(tuned)
