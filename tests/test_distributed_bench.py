@@ -39,6 +39,7 @@ def test_bench_scaling_counts_loss_traffic(tmp_path):
         # the text tower's embedding table follows --vocab-size; GPU memory is only measured with --gpu
         assert r["vocab_size"] == 300 and r["peak_gpu_mb"] is None and r["device"] == "cpu"
     assert rows["gamma"]["params"] == rows["infonce"]["params"]
+    assert all(r["rows_in_process"] == 2 for r in rows.values())  # on CPU both losses share the processes
     # --profile: rank 0's operator table per row, with the four phases of the step labelled
     for loss in rows:
         assert rows[loss]["profiled"] is True
@@ -56,6 +57,19 @@ def test_bench_scaling_counts_loss_traffic(tmp_path):
     # the gradient traffic depends on the model only
     assert rows["infonce"]["grad_bytes_per_step"] == rows["gamma"]["grad_bytes_per_step"] > 0
     assert "infonce" in proc.stdout and "bytes/step" in proc.stdout
+
+
+@pytest.mark.timeout(300)
+def test_bench_scaling_process_per_row_gives_each_loss_its_own_processes(tmp_path):
+    out = tmp_path / "scaling.json"
+    env = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR="cpu")
+    proc = subprocess.run([sys.executable, "-m", "gammaray.app.cli", "bench", "scaling", "--workers", "1", "--steps", "1",
+                           "--warmup", "1", "--batch-size", "4", "--process-per-row", "--json", str(out), *TINY],
+                          capture_output=True, text=True, env=env, timeout=280, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["loss"] for r in rows] == ["infonce", "gamma"]
+    assert all(r["rows_in_process"] == 1 and r["workers"] == 1 for r in rows)
 
 
 @pytest.mark.timeout(900)

@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run the timed steps under torch.profiler and write rank 0's top operators per row to "
                         "PREFIX-LOSS-bB-zZ.txt (phases forward / loss / backward / step labelled); the row's "
                         "times then include the profiler's overhead and are marked profiled")
+    p.add_argument("--process-per-row", action=argparse.BooleanOptionalAction, default=None,
+                   help="start fresh processes for every loss, so no row's peak memory holds what the row before "
+                        "left allocated (default: on with --gpu, off on CPU)")
     p.add_argument("--vocab-size", type=int, default=VOCAB,
                    help=f"text vocabulary of the synthetic tokens and the text tower (default {VOCAB}; "
                         "30522 for a BERT-size embedding table)")
@@ -288,20 +291,24 @@ def _worker(rank: int, world: int, port: int, cfg_json: dict, losses: list[str],
 
 
 def bench(cfg, workers: list[int], losses: list[str], steps: int, warmup: int, on_gpu: bool = False,
-          vocab: int = VOCAB, profile: str | None = None) -> list[dict]:
+          vocab: int = VOCAB, profile: str | None = None, process_per_row: bool | None = None) -> list[dict]:
     import torch.multiprocessing as mp
 
+    if process_per_row is None:
+        process_per_row = on_gpu
+    groups = [[loss] for loss in losses] if process_per_row else [losses]
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for w in workers:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            out = os.path.join(tmp, f"w{w}.json")
-            mp.spawn(_worker, args=(w, port, cfg.model_dump(mode="json"), losses, steps, warmup, out, on_gpu, vocab, profile),
-                     nprocs=w, join=True)
-            with open(out) as f:
-                rows.extend(json.load(f))
+            for group in groups:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    port = s.getsockname()[1]
+                out = os.path.join(tmp, f"w{w}.json")
+                mp.spawn(_worker, args=(w, port, cfg.model_dump(mode="json"), group, steps, warmup, out, on_gpu, vocab,
+                                        profile), nprocs=w, join=True)
+                with open(out) as f:
+                    rows.extend(dict(r, rows_in_process=len(group)) for r in json.load(f))
     return rows
 
 
@@ -337,7 +344,8 @@ def run(args: argparse.Namespace) -> int:
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     losses = [x.strip() for x in args.losses.split(",") if x.strip()]
     rows = bench(cfg, workers, losses, args.steps, args.warmup, on_gpu=args.gpu, vocab=args.vocab_size,
-                 profile=os.path.abspath(args.profile) if args.profile else None)
+                 profile=os.path.abspath(args.profile) if args.profile else None,
+                 process_per_row=args.process_per_row)
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
