@@ -146,3 +146,25 @@ def test_config_rejects_inconsistent_view_pairs():
         apply_overrides(GammarayConfig(), {"data.view_pair": "text_text"})
     with pytest.raises(ConfigError, match="structure regularizers need data.view_pair=image_text"):
         apply_overrides(GammarayConfig(), {"data.view_pair": "image_image", "loss.structure.lambda_br": 0.1})
+
+
+def test_to_torch_copies_read_only_arrays_and_shares_writable_ones():
+    """Arrow hands out read-only buffers: those become tensors of their own (no 'not writable'
+    warning, no in-place write into Arrow's memory); writable arrays stay zero-copy."""
+    import warnings
+
+    import numpy as np
+    import pyarrow as pa
+
+    from workers.runtime import to_torch
+
+    ro = pa.array(np.arange(6, dtype=np.int64)).to_numpy(zero_copy_only=True)
+    assert not ro.flags.writeable
+    rw = np.arange(6, dtype=np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = to_torch({"ro": ro, "rw": rw}, torch.device("cpu"))
+    out["ro"].add_(1)
+    out["rw"].add_(1)
+    assert ro.tolist() == list(range(6)) and out["ro"].tolist() == list(range(1, 7))
+    assert rw.tolist() == list(range(1, 7))  # shared

@@ -226,7 +226,14 @@ def rank_dir(rank: int) -> str:
 
 
 def to_torch(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
+    """Tensors of a batch. An array over a read-only buffer (Arrow's, zero-copy) is copied: a tensor
+    sharing it would let an in-place op on the CPU write memory Arrow owns."""
+
+    def own(v: np.ndarray) -> np.ndarray:
+        v = np.ascontiguousarray(v)
+        return v if v.flags.writeable else v.copy()
+
+    return {k: torch.from_numpy(own(v)).to(device) for k, v in arrays.items()}
 
 
 def placeholder_batch(cfg: GammarayConfig, with_aug: bool, device: torch.device) -> dict[str, torch.Tensor]:
