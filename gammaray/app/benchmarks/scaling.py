@@ -187,7 +187,7 @@ def measure(cfg, loss: str, steps: int, warmup: int, counter: CommCounter, devic
             return reduce_grads(*a, **k)
 
     engine.allreduce_gradients = tagged_reduce
-    params = sum(p.numel() for p in engine.module.parameters())
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())  # ZeRO-3: partitioned
     from torch.profiler import ProfilerActivity, record_function
 
     prof = None
