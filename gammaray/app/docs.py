@@ -128,9 +128,10 @@ def gpu_towers_table() -> str:
     table, rows = [], []
     for name in files:
         seen: set = set()
-        for r in load(name):  # one process per (file, ZeRO stage, micro-batch), its losses in file order
+        for r in load(name):  # files before --process-per-row: one process per (file, ZeRO, micro-batch)
             cell = (r["zero_stage"], r["batch_size"])
-            table.append([r["zero_stage"], r["batch_size"], r["loss"], "second" if cell in seen else "first",
+            order = "only" if r.get("rows_in_process") == 1 else "second" if cell in seen else "first"
+            table.append([r["zero_stage"], r["batch_size"], r["loss"], order,
                           f"{r['step_time_s']:.3f}", f"{r['samples_per_s']:.0f}", f"{r['peak_gpu_mb']:,.0f}",
                           f"{r['start_gpu_mb']:,.0f}"])
             seen.add(cell)
