@@ -15,7 +15,6 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from tests.eval_support import make_checkpoint
 

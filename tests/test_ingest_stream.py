@@ -21,7 +21,7 @@ from gammaray.schema import RECORD_SCHEMA, BatchKeys as K, Reason
 from pipelines import faults, storage, stream
 from pipelines.prepare import PrepareOptions, load_manifest, prepare
 from pipelines.preprocess import PreprocessSpec, preprocess_batch
-from pipelines.stream import (Segment, StreamSpec, advance, epoch_plan, iterate, read_segment_rows,
+from pipelines.stream import (StreamSpec, advance, epoch_plan, iterate, read_segment_rows,
                               units_from_manifest)
 from pipelines.synthetic import write_raw_catalogue
 from pipelines.tokenizer import build_for_catalogue, load as load_tokenizer

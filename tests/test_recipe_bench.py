@@ -4,9 +4,7 @@ its outputs: the rows the issue asks for, the tuning record, the plot."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 
 import pytest
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from gammaray.app.cli import build_parser, main
+from gammaray.app.cli import main
 from gammaray.app.benchmarks import structure as bench
 
 pytestmark = pytest.mark.structure

@@ -212,7 +212,7 @@ def test_multi_objective_search_of_in_process_trials_writes_the_front_and_the_pi
 
     from pipelines import storage
 
-    out, cfg = inprocess_search["out"], inprocess_search["cfg"]
+    out = inprocess_search["out"]
     assert len(out.rows) == SAMPLES and not out.interrupted
     assert all(r.train_workers is None for r in out.rows)  # no TorchTrainer: the trial trained in its own process
     done = [r for r in out.rows if r.status == report.COMPLETED]

@@ -250,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
     jobs = [{"variant": v, "seed": sd, "config": cfgs[v].model_dump(mode="json"), "values": values[v], "test": test,
              "shared": shared, "threads": 1} for sd in seeds for v in labels]
     print(f"== {len(jobs)} runs ({', '.join(labels)} x seeds {seeds}); test split {test}; {args.jobs} at once", flush=True)
-    t0, cpu0 = time.perf_counter(), time.process_time()
+    t0 = time.perf_counter()
     rows, details = [], []
 
     def done(row, det):
