@@ -74,9 +74,9 @@ def check_identity(saved: dict | None, current: dict, cfg: GammarayConfig, shown
     if diff and not cfg.train.resume_force:
         raise ResumeMismatch(
             f"run {cfg.run.name!r} cannot resume from {shown}: " + "; ".join(diff) + ". Its data position and "
-            f"schedules only mean something under the settings it was trained with (resuming would train some "
-            f"records twice and skip others). Start a new run with another run.name, or resume anyway with --force "
-            f"(train.resume_force=true).")
+            "schedules only mean something under the settings it was trained with (resuming would train some "
+            "records twice and skip others). Start a new run with another run.name, or resume anyway with --force "
+            "(train.resume_force=true).")
     return diff
 
 

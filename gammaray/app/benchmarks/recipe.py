@@ -483,7 +483,7 @@ def summary_table(rows: list[dict], metric: str = "r_at_1", regime: str = "locke
     batches = sorted({k[3] for k in c})
     if not c:
         return ""
-    lines = [f"| dataset | loss | settings | " + " | ".join(f"B={b}" for b in batches) + " |",
+    lines = ["| dataset | loss | settings | " + " | ".join(f"B={b}" for b in batches) + " |",
              "|---|---|---|" + "---|" * len(batches)]
     for d, loss, s in sorted({k[:3] for k in c}):
         vals = []
