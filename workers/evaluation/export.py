@@ -187,6 +187,8 @@ def export_checkpoint(uri: str, out_dir: str, storage_cfg: StorageConfig | None 
     return meta
 
 
+# The loader written into an export's README runs with torch + transformers alone, so its pool()
+# repeats workers.models.two_tower.pool on purpose (tests/test_eval_export.py checks both embed alike).
 SNIPPET = '''\
 import json
 
