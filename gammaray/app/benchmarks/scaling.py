@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import inspect
 import json
 import os
@@ -231,8 +232,9 @@ def measure(cfg, loss: str, steps: int, warmup: int, counter: CommCounter, devic
             with open(path, "w") as f:
                 f.write(f"{loss}, micro-batch {cfg.data.batch_size}, ZeRO-{cfg.train.deepspeed.zero_stage}, "
                         f"{steps} profiled steps, {dt:.4f} s/step with the profiler on\n")
-                f.write(prof.key_averages().table(sort_by=sort, row_limit=30))
-                lines = prof.key_averages().table(sort_by="cpu_time_total", row_limit=500).splitlines()
+                averages = prof.key_averages()  # aggregated once, read twice
+                f.write(averages.table(sort_by=sort, row_limit=30))
+                lines = averages.table(sort_by="cpu_time_total", row_limit=500).splitlines()
                 f.write("\n\nphases (record_function):\n" + "\n".join(lines[:3]) + "\n")
                 f.write("\n".join(line for line in lines if "phase/" in line) + "\n")
     peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if on_gpu else 0.0
@@ -240,8 +242,8 @@ def measure(cfg, loss: str, steps: int, warmup: int, counter: CommCounter, devic
     totals = torch.tensor([dt, phases["loss"], phases["grads"], phases["params"]], dtype=torch.float64, device=device)
     dist.all_reduce(totals)  # (not counted: the counter was read above)
     dt, lb, gb, pb = (totals / world).tolist()
-    peak = torch.tensor([peak_mb, start_mb], dtype=torch.float64, device=device)
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    memory = torch.tensor([peak_mb, start_mb], dtype=torch.float64, device=device)
+    dist.all_reduce(memory, op=dist.ReduceOp.MAX)
     del engine, model, objective  # the next row builds its own: its peak must not include this one
     B = cfg.data.batch_size
     return {"loss": loss, "workers": world, "batch_size": B, "step_time_s": round(dt, 5),
@@ -250,8 +252,8 @@ def measure(cfg, loss: str, steps: int, warmup: int, counter: CommCounter, devic
             "param_bytes_per_step": int(round(pb)), "gather_negatives": cfg.loss.gather_negatives,
             "embed_dim": cfg.model.embed_dim, "params": params, "zero_stage": cfg.train.deepspeed.zero_stage,
             "image_size": cfg.data.image_size, "text_tokens": cfg.data.max_text_tokens, "vocab_size": vocab,
-            "peak_gpu_mb": round(peak[0].item(), 1) if on_gpu else None,
-            "start_gpu_mb": round(peak[1].item(), 1) if on_gpu else None, "profiled": bool(profile),
+            "peak_gpu_mb": round(memory[0].item(), 1) if on_gpu else None,
+            "start_gpu_mb": round(memory[1].item(), 1) if on_gpu else None, "profiled": bool(profile),
             "device": torch.cuda.get_device_name(device) if on_gpu else "cpu"}
 
 
@@ -279,8 +281,6 @@ def _worker(rank: int, world: int, port: int, cfg_json: dict, losses: list[str],
         for loss in losses:
             rows.append(measure(from_dict(cfg_json), loss, steps, warmup, counter, device, on_gpu, vocab, profile))
             if on_gpu:
-                import gc
-
                 gc.collect()
     finally:
         counter.uninstall()
