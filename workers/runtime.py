@@ -226,14 +226,15 @@ def rank_dir(rank: int) -> str:
 
 
 def to_torch(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    """Tensors of a batch. An array over a read-only buffer (Arrow's, zero-copy) is copied: a tensor
-    sharing it would let an in-place op on the CPU write memory Arrow owns."""
+    """Tensors of a batch. An array over a read-only buffer (Arrow's, zero-copy) is copied once, by
+    torch.tensor, straight to `device`: a CPU tensor sharing it would let an in-place op write memory
+    Arrow owns. Writable arrays stay zero-copy on the CPU."""
 
-    def own(v: np.ndarray) -> np.ndarray:
+    def tensor(v: np.ndarray) -> torch.Tensor:
         v = np.ascontiguousarray(v)
-        return v if v.flags.writeable else v.copy()
+        return torch.from_numpy(v).to(device) if v.flags.writeable else torch.tensor(v, device=device)
 
-    return {k: torch.from_numpy(own(v)).to(device) for k, v in arrays.items()}
+    return {k: tensor(v) for k, v in arrays.items()}
 
 
 def placeholder_batch(cfg: GammarayConfig, with_aug: bool, device: torch.device) -> dict[str, torch.Tensor]:
