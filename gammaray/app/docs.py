@@ -186,6 +186,8 @@ BLOCKS = {
     "gpu-towers": gpu_towers_table,
     **{name: (lambda name=name: transcribed_table(name)) for name in TRANSCRIBED},
 }
+
+
 def cluster_guide() -> str:
     """infra/README.md stays beside the files it describes; the site shows a copy."""
     text = (ROOT / "infra" / "README.md").read_text()
