@@ -561,9 +561,7 @@ def plot(rows: list[dict], png: str, metrics: tuple[str, ...] = ("r_at_1", "zero
 def shipped_defaults() -> dict:
     """The shipped value of every key the study searches or ablates: the "default" rows were made
     with these (tests/test_recipe_defaults.py fails when a default moves away from the study)."""
-    from gammaray.config import load
-
-    from gammaray.config import get_value
+    from gammaray.config import get_value, load
 
     cfg = load(None, {})
     keys = sorted({k for space in SPACES.values() for k in space} | {k for a in ABLATIONS.values() for k in a})
