@@ -1,7 +1,7 @@
 """The product record and the training batch: the contract between the data path and the workers.
 
 `pipelines/` produces records and batches with these names; `workers/` consumes them. Nothing else
-crosses that boundary (DESIGN.md section 7).
+crosses that boundary (docs/design.md section 7).
 
 The record schema is versioned. A prepared catalogue's manifest and every shard's Arrow metadata
 carry `gammaray.schema_version`; readers accept every version in `READABLE_VERSIONS` and bring older
@@ -23,7 +23,7 @@ SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 SCHEMA_VERSION_KEY = b"gammaray.schema_version"
 
-# A prepared Parquet row (DESIGN.md section 2).
+# A prepared Parquet row (docs/design.md section 2).
 RECORD_SCHEMA = pa.schema(
     [
         pa.field("product_id", pa.string(), nullable=False),

@@ -129,7 +129,7 @@ class LocalRayCluster:
             env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{self.dashboard_port}"
         if head:
             # Ray resolves `--node-ip-address=127.0.0.1` to the network interface's address unless
-            # this is 0 (PLATFORM.md); the other nodes get it through _LOOPBACK_RAY_START
+            # this is 0 (docs/design.md section 9); the other nodes get it through _LOOPBACK_RAY_START
             env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         env.update(self.env)
         return env

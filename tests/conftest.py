@@ -30,7 +30,7 @@ def ray_local(s3):
 
     if not ray.is_initialized():
         # 4 logical CPUs on a 2-core machine: training workers take 0.5 each and Ray Data tasks
-        # need room beside them (PLATFORM.md: the silent deadlock)
+        # need room beside them (docs/design.md section 9: the silent deadlock)
         ray.init(num_cpus=4, include_dashboard=True, log_to_driver=True,
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": _repo_root()}})
     yield ray

@@ -1,4 +1,4 @@
-"""The layers of DESIGN.md section 7, checked on the source of every package, nothing exempt.
+"""The layers of docs/design.md section 7, checked on the source of every package, nothing exempt.
 
 Every import of the project (function-level ones included, read from the AST) must point down the
 table LAYERS: a layer imports only the layers listed for it. On top of that, losses and models
@@ -26,7 +26,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "workers.lib": ("foundation", "workers.lib"),                   # workers/losses, workers/models, workers/safe_load.py
     "workers": ("foundation", "pipelines", "workers.lib", "workers"),  # runtime, training, evaluation
     "tuning": ("foundation", "pipelines", "workers.lib", "workers", "tuning"),
-    "infra": ("foundation", "pipelines", "workers.lib", "workers", "tuning", "infra"),
+    "infra": ("foundation", "infra"),  # operations beside the library: the config tree only
     "app": ("foundation", "pipelines", "workers.lib", "workers", "tuning", "infra", "app"),  # gammaray/app/
 }
 # third-party code a layer must not import

@@ -1,5 +1,5 @@
 """The structure regularizers (workers/losses/structure.py) against direct loop implementations of
-DESIGN.md section 3, exact zeros where the formulas say so, finite-difference gradients, batch
+docs/design.md section 3, exact zeros where the formulas say so, finite-difference gradients, batch
 permutation invariance, and the objective wiring (weights, names, off = no compute, inactive ranks)."""
 
 from __future__ import annotations

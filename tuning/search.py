@@ -110,7 +110,7 @@ def plan_resources(cfg: GammarayConfig, cluster: dict[str, float]) -> ResourcePl
     training workers) for its whole life; each worker's data pipeline needs
     data.preprocess_num_cpus free to make progress. Auto: as many trials as fit with room for one
     data task per worker each. Never more than leaves one data task's CPUs free (the deadlock
-    condition of PLATFORM.md)."""
+    condition of docs/design.md section 9)."""
     t, tr = cfg.tune, cfg.train
     cpus, gpus = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
     if t.trial_kind == "in_process":

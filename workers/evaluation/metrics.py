@@ -1,4 +1,4 @@
-"""Metrics on frozen embeddings (DESIGN.md section 6), pure functions of tensors and arrays: image->text
+"""Metrics on frozen embeddings (docs/design.md section 6), pure functions of tensors and arrays: image->text
 and text->image retrieval R@K, zero-shot category accuracy, linear probe and k-shot accuracy for the
 category and every attribute column, modality-specific probes, the modality gap, and the helpers of
 the eval report (confusion, 2-D projection).

@@ -1,6 +1,6 @@
 """Latent modality structure regularizers (Jiang et al., CVPR 2023): a library, torch only.
 
-Notation (DESIGN.md section 3): unit-norm embeddings z_V (image), z_T (text), z^a an augmented view
+Notation (docs/design.md section 3): unit-norm embeddings z_V (image), z_T (text), z^a an augmented view
 (a second augmentation of the record for the two-tower model, the momentum encoders' output for the
 fusion model), z^i modality-specific features from extra heads. Batch of N rows, j, k index rows.
 
