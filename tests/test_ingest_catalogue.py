@@ -67,7 +67,7 @@ def test_manifest_survives_a_disk_full_in_the_middle_of_its_write(tmp_path):
     _write(str(tmp_path / "v1" / "items.jsonl"), records[:60])  # 60 shards and long categories: a big manifest
     prepare(str(tmp_path / "v1" / "items.jsonl"), dst, PrepareOptions(max_records_per_shard=1, **OPTS))
     before = (tmp_path / "catalog" / "manifest.json").read_bytes()
-    biggest_shard = max(os.path.getsize(tmp_path / "catalog" / s["path"]) for s in json.loads(before)["shards"])
+    biggest_shard = max(os.path.getsize(tmp_path / "catalog" / s["path"]) for s in load_manifest(dst)["shards"])
     limit = len(before) // 2
     assert biggest_shard < limit < len(before), (biggest_shard, len(before))  # only the manifest hits the limit
 

@@ -14,7 +14,7 @@ import torch
 
 from gammaray.config import GammarayConfig
 from pipelines import storage
-from pipelines.stream import part_from_json, reshard
+from pipelines.stream import part_from_json, reshard, total_rows
 from pipelines.tokenizer import load as load_tokenizer
 from workers.models.registry import save_model
 from workers.runtime import rank_dir, run_dir, sync_buffers, tokenizer_uri
@@ -148,7 +148,7 @@ def restore(d: str, engine, scheduler, objective: Objective, audit: SampleAudit 
         state.total_steps = mine["total_steps"]
     else:
         current = state.epoch if state.part is not None else state.epoch - 1  # an uncut epoch counts whole
-        total = step + remaining_steps(cfg, parts, current, sum(u.num_rows for u in units), W)
+        total = step + remaining_steps(cfg, parts, current, total_rows(units), W)
         state.total_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
     set_total_steps(scheduler, cfg, state.total_steps)
     state.resumes.append({"step": step, "world_size": W, "from_world_size": old_W, "optimizer": how,
