@@ -117,9 +117,14 @@ class UnitTable:
             return True
         if not isinstance(other, UnitTable):
             return NotImplemented
-        return (len(self) == len(other) and self.shards == other.shards and np.array_equal(self.shard_of, other.shard_of)
-                and np.array_equal(self.row_group, other.row_group) and np.array_equal(self.num_rows, other.num_rows)
-                and np.array_equal(self.first_row, other.first_row))
+        if not (len(self) == len(other) and np.array_equal(self.row_group, other.row_group)
+                and np.array_equal(self.num_rows, other.num_rows) and np.array_equal(self.first_row, other.first_row)):
+            return False
+        if self.shards == other.shards:
+            return np.array_equal(self.shard_of, other.shard_of)
+        # the same units may name their shards through different lists (a shard without row groups)
+        return bool(np.array_equal(np.asarray(self.shards, dtype=object)[self.shard_of],
+                                   np.asarray(other.shards, dtype=object)[other.shard_of]))
 
     def __hash__(self) -> int:
         return hash((len(self), self.total_rows, self.shards[0] if self.shards else ""))

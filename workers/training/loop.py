@@ -37,7 +37,7 @@ from workers.models.registry import build_model
 from workers.runtime import (lockstep, pick_device, placeholder_batch, quiet_libraries, stream_spec, to_torch,
                              tokenizer_uri, world)
 from workers.training.audit import SampleAudit
-from workers.training.checkpoint import checkpoint_uri, latest_checkpoint, restore, save_and_report
+from workers.training.checkpoint import checkpoint_uri, latest_checkpoint, local_checkpoint, restore, save_and_report
 from workers.training.engine import build_engine, init_single_process_group, use_bf16
 from workers.training.faults import Fault
 from workers.training.metrics import (add_loss, epoch_loss_means, new_window, prefixed, run_record, run_totals,
@@ -91,7 +91,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     state = TrainState(total_steps=total_steps, plan=plan_of(cfg), identity=identity)
     if ckpt is not None:
-        with ckpt.as_directory() as d:
+        with local_checkpoint(ckpt, rank, W) as d:  # only the files this rank reads
             state = restore(d, engine, scheduler, objective, audit, cfg, units, rank, W, identity, checkpoint_uri(ckpt))
 
     gas = cfg.train.deepspeed.gradient_accumulation_steps
