@@ -149,8 +149,9 @@ def local_checkpoint(ckpt, rank: int, W: int, copy: bool | None = None) -> Itera
         for rel in rels:
             if rel != f"{rank_dir(0)}/train_state.json" and files_needed(rel, rank, W, old_W):
                 fetch(rel)
-        for rel in rels:  # the rank folders (empty ones too), for the completeness check
-            os.makedirs(os.path.join(d, rel.split("/", 1)[0]), exist_ok=True)
+        for rel in rels:  # every rank's folder, for the completeness check
+            if rel.startswith(RANK_DIR_PREFIX) and "/" in rel:
+                os.makedirs(os.path.join(d, rel.split("/", 1)[0]), exist_ok=True)
         yield d
 
 
