@@ -328,3 +328,14 @@ def test_shard_index_round_trips_and_old_manifests_still_load(tmp_path):
     assert unit_table(m_old) == unit_table(full) and len(_catalogue_ids(dst)) == 7
     assert migrate(dst) is True and migrate(dst) is False
     assert json.loads((tmp_path / "catalog" / "manifest.json").read_bytes())["catalogue_sha256"] == header2["catalogue_sha256"]
+
+
+    # the tokenizer's texts: all of them in catalogue order, or a seeded sample of whole row groups
+    from pipelines.tokenizer import catalogue_texts
+
+    titles = [r["title"] for r in records]
+    m = load_manifest(dst)
+    assert list(catalogue_texts(dst, m)) == titles
+    sample = list(catalogue_texts(dst, m, sample=4, seed=0))
+    assert len(sample) == 4 and set(sample) < set(titles) and sample == list(catalogue_texts(dst, m, sample=4, seed=0))
+    assert {tuple(catalogue_texts(dst, m, sample=4, seed=s)) for s in range(6)} != {tuple(sample)}

@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -253,6 +254,8 @@ def measure(args) -> list[dict]:
         tok = os.path.join(folder, "tokenizer")
         if "prepare" not in skip or not os.path.exists(os.path.join(dst, "manifest.json")):
             src = write_raw(os.path.join(folder, "raw"), n)
+            for d in (dst, f"{dst}-cpus1"):
+                shutil.rmtree(d, ignore_errors=True)  # a prepare into an existing catalogue writes nothing
             r = run_child("prepare", {"src": src, "dst": dst, "cpus": cpus})
             runs = [r]
             if r["cpus"] > 1:  # a prepare that takes a CPU count: the same with one, side by side
@@ -367,4 +370,5 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    print(json.dumps(child(sys.argv[1], json.loads(sys.argv[2]))))
+    print(json.dumps(child(sys.argv[1], json.loads(sys.argv[2]))), flush=True)
+    os._exit(0)  # the figure is out: no interpreter teardown (a library's thread may abort it)
