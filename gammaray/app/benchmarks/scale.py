@@ -187,7 +187,7 @@ def _first_batch(p: dict) -> dict:
 
     cfg = apply_overrides(GammarayConfig(), {"data.train": p["dst"], "data.tokenizer": p["tokenizer"],
                                              "data.image_size": 64, "data.preprocess_concurrency": 1})
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     out = {}
     W, n = p["workers"], p["n"]
     shard_file = os.path.join(p["tmp"], "loss_state.pt")
@@ -215,13 +215,18 @@ def _first_batch(p: dict) -> dict:
     return out
 
 
-def run_child(kind: str, params: dict, timeout: float = 3600) -> dict:
-    env = dict(os.environ, TOKENIZERS_PARALLELISM=os.environ.get("TOKENIZERS_PARALLELISM", "true"))
-    proc = subprocess.run([sys.executable, "-m", "gammaray.app.benchmarks.scale", kind, json.dumps(params)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench scale {kind} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def run_child(kind: str, params: dict, timeout: float = 3600, tries: int = 3) -> dict:
+    """One measurement in a fresh process; tried again when it fails (on a loaded machine Ray's
+    start-up can time out), the failure printed."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM=os.environ.get("TOKENIZERS_PARALLELISM", "true"),
+               RAY_raylet_start_wait_time_s=os.environ.get("RAY_raylet_start_wait_time_s", "180"))
+    for attempt in range(tries):
+        proc = subprocess.run([sys.executable, "-m", "gammaray.app.benchmarks.scale", kind, json.dumps(params)],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+        if proc.returncode == 0:
+            return json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"  bench scale {kind} failed (try {attempt + 1} of {tries}):\n{proc.stderr[-1500:]}", flush=True)
+    raise RuntimeError(f"bench scale {kind} failed {tries} times")
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,13 +280,20 @@ def measure(args) -> list[dict]:
             with tempfile.TemporaryDirectory() as tmp:
                 params = {"dst": dst, "tokenizer": tok, "workers": args.stream_workers, "n": n,
                           "batch_size": args.batch_size, "tmp": tmp}
-                r = run_child("stream", dict(params, mode="fresh"))
-                r.update(run_child("stream", dict(params, mode="resume")))
-            rows += [row(n, "first_batch_s", r["fresh_s"], workers=args.stream_workers),
+                try:
+                    r = run_child("stream", dict(params, mode="fresh"))
+                    r.update(run_child("stream", dict(params, mode="resume")))
+                except RuntimeError as err:  # Ray could not start: the other figures still stand
+                    print(f"  n={n:,}: no first-batch figures ({err})", flush=True)
+                    r = None
+            rows += [] if r is None else [row(n, "first_batch_s", r["fresh_s"], workers=args.stream_workers),
                      row(n, "first_batch_after_resume_s", r["resume_s"], workers=args.stream_workers),
                      row(n, "ckpt_save_s", r["ckpt_save_s"], workers=args.stream_workers),
                      row(n, "ckpt_restore_s", r["ckpt_restore_s"], workers=args.stream_workers)]
         print_rows([r for r in rows if r["n"] == n])
+        if args.json:  # what is measured so far survives a later failure
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
     if "manifest" not in skip:
         for n in [int(x) for x in args.manifest_sizes.split(",") if x]:
             dst = os.path.join(work, f"manifest{n}")
