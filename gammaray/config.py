@@ -182,6 +182,10 @@ class DataConfig(Section):
         None, description="Max concurrent read+preprocess tasks per training worker (None = as resources allow, "
                           "auto = the cluster's CPUs left by the training workers, shared among them)."
     )
+    tokenizer_sample: int = Field(
+        3_000_000, ge=1, description="Texts (titles, descriptions, categories) of a seeded sample of the catalogue that "
+                                     "`prepare --build-tokenizer` trains the tokenizer on: its time stops growing "
+                                     "with the catalogue beyond this.")
     preprocess_segments_per_task: int = Field(
         4, ge=1, description="Row groups read+preprocessed by one Ray Data task (the task's batch; more = fewer, larger tasks)."
     )

@@ -3,6 +3,16 @@
 `DST/manifest.json` is the catalogue: a shard or quarantine file it does not name does not exist
 for any reader, so a prepare that stops half way leaves the catalogue as it was.
 
+- **A small header and an index of shards.** manifest.json holds the counts, the schema version, the
+  sources, the quarantine, the catalogue's identity hash (`catalogue_sha256`) and the name of the
+  shard index: a Parquet table `DST/index/shards-<hash>.parquet` with one row per shard (path, rows,
+  the row counts of its row groups, content hash). Readers load the header (a few KB whatever the
+  catalogue's size) and the index only when they need it, as numpy columns (`unit_table`), never one
+  Python object per shard; the run identity of a resume is the header's hash. The index is written
+  under a new name before the header is committed, so the commit stays one atomic replace.
+  Catalogues written before the index (manifest.json with the full `shards` list) are still read as
+  they are; the next commit into one (an append, or `migrate`) writes the new layout.
+
 - **Atomic commit.** Local: the manifest is written to a temporary file in the same folder, fsync'ed,
   then renamed over the old one (`os.replace`): a reader sees the old or the new file, never a
   truncated one. S3: one PUT replaces an object whole; it is made conditional (`If-Match` the ETag
@@ -16,12 +26,16 @@ for any reader, so a prepare that stops half way leaves the catalogue as it was.
   it over (a PUT `If-Match` its ETag: only one taker wins), when its owner ran on this host and that
   process is gone, or when its heartbeat is older than `STALE_AFTER_S` (clocks of the hosts must
   agree to within a minute or so). Other fsspec destinations get no lock.
+
+Length (about 510 lines): the header, its shard index and the writer lock are one commit protocol.
 """
 
 from __future__ import annotations
 
 import functools
 import getpass
+import hashlib
+import io
 import json
 import os
 import secrets
@@ -31,12 +45,19 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from gammaray.config import StorageConfig
 from gammaray.schema import check_readable
 
 from . import storage
 
 MANIFEST = "manifest.json"
+INDEX_DIR = "index"
+INDEX_FORMAT = 1
+_INDEX_KEYS = ("path", "num_rows", "row_groups", "sha256")  # columns of the index; other shard keys go to `extra`
 LOCK = "prepare.lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 600.0
@@ -54,16 +75,49 @@ class CatalogueBusy(PrepareError):
 # the manifest
 
 
-def load_manifest(uri: str, storage_cfg: StorageConfig | None = None) -> dict:
-    """The manifest of the catalogue at uri (for readers: training, eval, embed)."""
-    manifest, _ = read_manifest(uri, storage_cfg)
+class Manifest(dict):
+    """A manifest's header as a dict. `manifest["shards"]` (the full list of shard dicts) is read from
+    the index on first use, for code that wants it; readers that need only the row groups use
+    `unit_table(manifest)`, which reads two columns of the index straight into numpy."""
+
+    def __init__(self, header: dict, uri: str | None = None, storage_cfg: StorageConfig | None = None):
+        super().__init__(header)
+        self.uri = uri
+        self.storage_cfg = storage_cfg
+
+    def __missing__(self, key):
+        if key == "shards" and "index" in self:
+            shards = read_index(self.uri, self["index"], self.storage_cfg).to_pylist()
+            self["shards"] = [_shard_dict(s) for s in shards]
+            return self["shards"]
+        raise KeyError(key)
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def __contains__(self, key) -> bool:
+        return super().__contains__(key) or (key == "shards" and super().__contains__("index"))
+
+
+def load_manifest(uri: str, storage_cfg: StorageConfig | None = None) -> Manifest:
+    """The manifest of the catalogue at uri (for readers: training, eval, embed): the header, with
+    the shard index read lazily."""
+    manifest, _ = _read_header(uri, storage_cfg)
     if manifest is None:
         raise FileNotFoundError(f"no manifest.json under {uri}: run `gammaray prepare` first")
     return manifest
 
 
 def read_manifest(dst: str, storage_cfg: StorageConfig | None = None) -> tuple[dict | None, str | None]:
-    """(manifest or None when there is none, the version token a conditional commit needs)."""
+    """For a writer: (manifest or None when there is none, the version token a conditional commit
+    needs). The manifest has its full `shards` list, to append to and pass to `commit_manifest`."""
+    manifest, etag = _read_header(dst, storage_cfg)
+    if manifest is not None:
+        manifest["shards"]  # noqa: B018 - read the index now: the writer appends to the list
+    return manifest, etag
+
+
+def _read_header(dst: str, storage_cfg: StorageConfig | None) -> tuple[Manifest | None, str | None]:
     uri = storage.join(dst, MANIFEST)
     etag = None
     if storage.is_remote(uri):
@@ -86,13 +140,23 @@ def read_manifest(dst: str, storage_cfg: StorageConfig | None = None) -> tuple[d
     if not isinstance(manifest, dict):
         raise ValueError(f"{uri} is damaged: not a JSON object")
     check_readable(manifest.get("schema_version"), uri)
-    return manifest, etag
+    return Manifest(manifest, dst, storage_cfg), etag
 
 
 def commit_manifest(dst: str, manifest: dict, etag: str | None, storage_cfg: StorageConfig | None = None) -> None:
-    """Replace DST/manifest.json atomically; on S3 only if it is still the version read (etag)."""
+    """Commit `manifest` (a header plus the full `shards` list) as the catalogue: the shard index is
+    written under a new name, then DST/manifest.json is replaced atomically (on S3 only if it is still
+    the version read: etag). An index the old header named is removed after the commit."""
     uri = storage.join(dst, MANIFEST)
-    data = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
+    shards = list(manifest["shards"])
+    old_index = (manifest.get("index") or {}).get("path")
+    digest = shards_sha256(shards)
+    index = {"format": INDEX_FORMAT, "path": f"{INDEX_DIR}/shards-{digest[:16]}.parquet", "num_shards": len(shards),
+             "num_row_groups": sum(len(s["row_groups"]) for s in shards)}
+    storage.write_bytes(storage.join(dst, index["path"]), _index_bytes(shards), storage_cfg)
+    header = {k: v for k, v in dict.items(manifest) if k not in ("shards", "index", "catalogue_sha256")}
+    header.update(index=index, catalogue_sha256=digest)
+    data = json.dumps(header, indent=2, sort_keys=True).encode("utf-8")
     if storage.is_remote(uri):
         condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
         try:
@@ -106,6 +170,101 @@ def commit_manifest(dst: str, manifest: dict, etag: str | None, storage_cfg: Sto
         _replace_local(uri[len("file://"):] if uri.startswith("file://") else uri, data)
     else:
         storage.write_bytes(uri, data, storage_cfg)
+    manifest["index"], manifest["catalogue_sha256"] = index, digest
+    if old_index and old_index != index["path"]:
+        try:
+            fs, path = storage.resolve(storage.join(dst, old_index), storage_cfg)
+            fs.delete_file(path)
+        except Exception:  # noqa: BLE001 - an orphan index is harmless: no header names it
+            pass
+
+
+def migrate(dst: str, storage_cfg: StorageConfig | None = None) -> bool:
+    """Rewrite a catalogue of the old layout (the full shard list in manifest.json) as header +
+    index, under the writer lock. Returns False when it has the new layout already."""
+    with WriterLock(dst, storage_cfg):
+        manifest, etag = read_manifest(dst, storage_cfg)
+        if manifest is None:
+            raise FileNotFoundError(f"no manifest.json under {dst}")
+        if "index" in dict.keys(manifest):
+            return False
+        commit_manifest(dst, manifest, etag, storage_cfg)
+        return True
+
+
+def shards_sha256(shards: list[dict]) -> str:
+    """The catalogue's identity (what a data position refers to): its shards' paths, rows, row
+    groups and content hashes, in order. The same formula for old and new layouts."""
+    rows = [[s["path"], int(s["num_rows"]), [int(n) for n in s["row_groups"]], s.get("sha256")] for s in shards]
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
+def manifest_sha256(manifest: dict) -> str:
+    """The header's identity hash; an old manifest's (or a plain dict's with its own shard list) is
+    computed from the shards with the same formula."""
+    if isinstance(manifest, Manifest) and dict.get(manifest, "catalogue_sha256"):
+        return manifest["catalogue_sha256"]
+    return shards_sha256(manifest["shards"])
+
+
+# --------------------------------------------------------------------------------------------
+# the shard index
+
+
+def _index_bytes(shards: list[dict]) -> bytes:
+    extra = [{k: v for k, v in s.items() if k not in _INDEX_KEYS} for s in shards]
+    table = pa.table({
+        "path": pa.array([s["path"] for s in shards], pa.string()),
+        "num_rows": pa.array([int(s["num_rows"]) for s in shards], pa.int64()),
+        "row_groups": pa.array([[int(n) for n in s["row_groups"]] for s in shards], pa.list_(pa.int64())),
+        "sha256": pa.array([s.get("sha256") for s in shards], pa.string()),
+        "extra": pa.array([json.dumps(e, sort_keys=True) if e else None for e in extra], pa.string()),
+    })
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def read_index(dst: str | None, index: dict, storage_cfg: StorageConfig | None = None,
+               columns: list[str] | None = None) -> pa.Table:
+    """The shard index a header names (some columns of it)."""
+    if dst is None:
+        raise ValueError("this manifest was not read from a catalogue: its shard index cannot be found")
+    if int(index.get("format", 0)) > INDEX_FORMAT:
+        raise ValueError(f"{dst}: shard index format {index.get('format')} is newer than this gammaray reads "
+                         f"({INDEX_FORMAT}); upgrade gammaray")
+    uri = storage.join(dst, index["path"])
+    try:
+        data = storage.read_bytes(uri, storage_cfg)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri}: the shard index named by {storage.join(dst, MANIFEST)} is missing; "
+                                "restore it from a backup or prepare into a new destination") from None
+    table = pq.read_table(io.BytesIO(data), columns=columns)
+    if table.num_rows != int(index.get("num_shards", table.num_rows)):
+        raise ValueError(f"{uri} is damaged: {table.num_rows} shards, the manifest says {index.get('num_shards')}")
+    return table
+
+
+def _shard_dict(row: dict) -> dict:
+    extra = row.pop("extra", None)
+    out = {k: v for k, v in row.items() if not (k == "sha256" and v is None)}
+    if extra:
+        out.update(json.loads(extra))
+    return out
+
+
+def unit_table(manifest: dict):
+    """Every row group of the catalogue as a `plan.UnitTable` (numpy columns)."""
+    from .plan import UnitTable
+
+    if "index" in manifest and "shards" not in dict.keys(manifest) and isinstance(manifest, Manifest):
+        t = read_index(manifest.uri, manifest["index"], manifest.storage_cfg, columns=["path", "row_groups"])
+        groups = t.column("row_groups").combine_chunks()
+        counts = np.diff(groups.offsets.to_numpy()).astype(np.int64)
+        sizes = groups.flatten().to_numpy().astype(np.int64)
+        return UnitTable.from_flat(t.column("path").to_pylist(), counts, sizes)
+    shards = manifest["shards"]
+    return UnitTable.from_row_groups([s["path"] for s in shards], [s["row_groups"] for s in shards])
 
 
 def _replace_local(path: str, data: bytes) -> None:

@@ -11,7 +11,6 @@ parts of all workers can be re-cut for a different worker count.
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import functools
 import threading
@@ -25,6 +24,8 @@ import pyarrow.parquet as pq
 from gammaray.schema import RECORD_SCHEMA, BatchKeys as K, Reason, SchemaError, check_table_schema, conform_table
 
 from . import storage
+from .plan import (Segment, Unit, UnitTable, advance, epoch_part, epoch_plan, part_from_json, part_to_json,  # noqa: F401
+                   reshard, row_permutation, split_sequence, total_rows, unit_order)
 from .preprocess import PIXEL_KEYS, PreprocessSpec, normalise, preprocess_batch
 from .tokenizer import load_fast as load_tokenizer
 
@@ -34,101 +35,16 @@ READ_COLUMNS = ["product_id", "sample_index", "title", "description", "category"
 
 
 # --------------------------------------------------------------------------------------------
-# the epoch plan
+# the epoch plan (pipelines/plan.py) and the catalogue's units
 
 
-@dataclass(frozen=True)
-class Unit:
-    """One row group of one shard: the smallest unit of shuffling and reading."""
+def units_from_manifest(manifest: dict) -> UnitTable:
+    """Every row group of the catalogue (a manifest from `catalogue.load_manifest`: read from the
+    catalogue's Parquet index without building a Python object per shard, or from an old manifest's
+    list of shards)."""
+    from .catalogue import unit_table
 
-    shard: str        # path relative to the catalogue root
-    row_group: int
-    num_rows: int
-    first_row: int = 0  # row of the shard where this row group starts
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Rows [start, stop) of a unit, in the unit's permuted row order for the epoch."""
-
-    unit: int
-    start: int
-    stop: int
-
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
-
-
-def units_from_manifest(manifest: dict) -> list[Unit]:
-    out = []
-    for s in manifest["shards"]:
-        first = 0
-        for g, n in enumerate(s["row_groups"]):
-            out.append(Unit(s["path"], g, n, first))
-            first += n
-    return out
-
-
-def unit_order(units: list[Unit], epoch: int, seed: int, shuffle: bool) -> list[int]:
-    order = np.arange(len(units))
-    if shuffle:
-        np.random.default_rng([seed, epoch, 7]).shuffle(order)
-    return order.tolist()
-
-
-def row_permutation(unit: int, num_rows: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
-    if not shuffle:
-        return np.arange(num_rows)
-    return np.random.default_rng([seed, epoch, 11, unit]).permutation(num_rows)
-
-
-def split_sequence(segments: list[Segment], world_size: int) -> list[list[Segment]]:
-    """Cut a sequence of segments into world_size contiguous parts whose sizes differ by at most 1."""
-    total = sum(s.size for s in segments)
-    bounds = [total * r // world_size for r in range(world_size + 1)]
-    parts: list[list[Segment]] = [[] for _ in range(world_size)]
-    pos = 0
-    for seg in segments:
-        s0, s1 = pos, pos + seg.size
-        r = max(0, bisect.bisect_right(bounds, s0) - 1)
-        while r < world_size and bounds[r] < s1:
-            lo, hi = max(s0, bounds[r]), min(s1, bounds[r + 1])
-            if hi > lo:
-                parts[r].append(Segment(seg.unit, seg.start + lo - pos, seg.start + hi - pos))
-            r += 1
-        pos = s1
-    return parts
-
-
-def epoch_plan(units: list[Unit], epoch: int, seed: int, world_size: int, shuffle: bool) -> list[list[Segment]]:
-    seq = [Segment(u, 0, units[u].num_rows) for u in unit_order(units, epoch, seed, shuffle)]
-    return split_sequence(seq, world_size)
-
-
-def advance(part: list[Segment], consumed: int) -> list[Segment]:
-    """The part with its first `consumed` records removed."""
-    out = []
-    for seg in part:
-        if consumed >= seg.size:
-            consumed -= seg.size
-            continue
-        out.append(Segment(seg.unit, seg.start + consumed, seg.stop))
-        consumed = 0
-    return out
-
-
-def reshard(remaining: list[list[Segment]], world_size: int) -> list[list[Segment]]:
-    """Re-cut the unconsumed parts of an old worker set for a new worker count (order preserved)."""
-    return split_sequence([s for part in remaining for s in part], world_size)
-
-
-def part_to_json(part: list[Segment]) -> list[list[int]]:
-    return [[s.unit, s.start, s.stop] for s in part]
-
-
-def part_from_json(obj: list[list[int]]) -> list[Segment]:
-    return [Segment(int(u), int(a), int(b)) for u, a, b in obj]
+    return unit_table(manifest)
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,6 +142,9 @@ class StreamSpec:
     segments_per_task: int = 1      # segments (row groups) fused into one read+preprocess task
 
 
+WINDOW_TASKS = 512  # read tasks (blocks) of one pipeline's source; a longer part runs as several windows
+
+
 def build_dataset(spec: StreamSpec, part: list[Segment]):
     """The Ray Data pipeline for one worker's part: read -> preprocess, order preserved."""
     import ray.data
@@ -238,10 +157,28 @@ def build_dataset(spec: StreamSpec, part: list[Segment]):
     # concurrency 1 most of the time, about half the machine's throughput). One fused operator has
     # nothing to share resources with, so turn the reservation off.
     ctx.op_resource_reservation_enabled = False
-    items = [{"unit": s.unit, "start": s.start, "stop": s.stop} for s in part]
-    if not items:
+    if not part:
         return None
-    cat, units, pp = spec.catalogue_uri, spec.units, spec.preprocess
+    units = spec.units
+    # each item carries its unit's fields (shard, row group, rows, first row): the tasks need nothing
+    # else of the catalogue, so no unit table is pickled into the job, whatever the catalogue's size
+    ids = np.fromiter((s.unit for s in part), dtype=np.int64, count=len(part))
+    if isinstance(units, UnitTable):
+        shard_of, row_group = units.shard_of[ids], units.row_group[ids]
+        num_rows, first_row = units.num_rows[ids], units.first_row[ids]
+        shard_paths = units.shards
+    else:
+        picked = [units[int(u)] for u in ids]
+        shard_paths = sorted({u.shard for u in picked})
+        where = {p: i for i, p in enumerate(shard_paths)}
+        shard_of = np.array([where[u.shard] for u in picked], np.int64)
+        row_group = np.array([u.row_group for u in picked], np.int64)
+        num_rows = np.array([u.num_rows for u in picked], np.int64)
+        first_row = np.array([u.first_row for u in picked], np.int64)
+    items = [{"unit": int(u), "start": s.start, "stop": s.stop, "shard": shard_paths[int(sh)], "row_group": int(g),
+              "num_rows": int(n), "first_row": int(f)}
+             for u, s, sh, g, n, f in zip(ids, part, shard_of, row_group, num_rows, first_row)]
+    cat, pp = spec.catalogue_uri, spec.preprocess
     settings, shuffle = spec.settings, spec.shuffle
     columns = pp.columns
     # pixels travel as uint8 (a quarter of the bytes; float32 blocks cost Ray Data more to build and
@@ -252,9 +189,10 @@ def build_dataset(spec: StreamSpec, part: list[Segment]):
         # one fused task per segment (or per `segments_per_task`): reading and decoding in separate
         # operators costs an extra hop through the object store and doubles per-task overhead
         tables = [
-            read_segment_rows(cat, units[int(u)], int(u), int(a), int(b), pp.epoch, pp.seed, shuffle, settings,
-                              columns)
-            for u, a, b in zip(batch["unit"], batch["start"], batch["stop"])
+            read_segment_rows(cat, Unit(str(sh), int(g), int(n), int(f)), int(u), int(a), int(b), pp.epoch, pp.seed,
+                              shuffle, settings, columns)
+            for u, a, b, sh, g, n, f in zip(batch["unit"], batch["start"], batch["stop"], batch["shard"],
+                                            batch["row_group"], batch["num_rows"], batch["first_row"])
         ]
         table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
         cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
@@ -266,6 +204,14 @@ def build_dataset(spec: StreamSpec, part: list[Segment]):
     ds = ds.map_batches(read_and_preprocess, batch_size=k, batch_format="numpy", num_cpus=spec.preprocess_num_cpus,
                         compute=compute)
     return ds
+
+
+def windows(spec: StreamSpec, part: list[Segment]) -> list[list[Segment]]:
+    """The part in consecutive windows of at most `WINDOW_TASKS` read tasks: one Ray Data pipeline
+    per window, so a pipeline's source has a bounded number of blocks however long the part is
+    (building a source costs the driver about 0.1 ms per block)."""
+    n = WINDOW_TASKS * max(1, spec.segments_per_task)
+    return [part[i:i + n] for i in range(0, len(part), n)] or [[]]
 
 
 class _Pump:
@@ -297,12 +243,11 @@ class _Pump:
 
     def _run(self) -> None:
         try:
-            ds = build_dataset(self.spec, self.part)
-            if ds is not None:
-                for block in ds.iter_batches(batch_size=None, batch_format="numpy",
-                                             prefetch_batches=self.spec.prefetch_batches):
-                    if not self._put(block):
-                        return
+            parts = windows(self.spec, self.part)
+            if len(parts) == 1:
+                self._iterate(parts[0], self._put)
+            else:
+                self._run_windows(parts)
             self.produced_all.set()
             cb = self.on_produced_all
             if cb is not None:
@@ -310,6 +255,67 @@ class _Pump:
             self._put(self._END)
         except BaseException as err:  # noqa: BLE001 - handed to the consumer
             self._put(err)
+
+    def _iterate(self, window: list[Segment], put) -> None:
+        ds = build_dataset(self.spec, window)
+        if ds is not None:
+            for block in ds.iter_batches(batch_size=None, batch_format="numpy",
+                                         prefetch_batches=self.spec.prefetch_batches):
+                if not put(block):
+                    return
+
+    def _run_windows(self, parts: list[list[Segment]]) -> None:
+        """One pipeline per window, in order; window i+1's pipeline starts once window i's has
+        produced its last block, so its start-up overlaps the consumption of window i's tail."""
+        import queue
+
+        feeds: list[tuple[queue.Queue, threading.Event]] = []
+
+        def start(window: list[Segment]) -> None:
+            q: queue.Queue = queue.Queue(maxsize=max(1, self.spec.prefetch_batches))
+            done = threading.Event()
+
+            def put(item) -> bool:
+                while not self.stop.is_set():
+                    try:
+                        q.put(item, timeout=0.2)
+                        return True
+                    except queue.Full:
+                        continue
+                return False
+
+            def run() -> None:
+                try:
+                    self._iterate(window, put)
+                    done.set()
+                    put(self._END)
+                except BaseException as err:  # noqa: BLE001 - handed on by the pump
+                    done.set()
+                    put(err)
+
+            threading.Thread(target=run, name="gammaray-stream-window", daemon=True).start()
+            feeds.append((q, done))
+
+        start(parts[0])
+        for i in range(len(parts)):
+            q, done = feeds[i]
+            while True:
+                if done.is_set() and len(feeds) == i + 1 and i + 1 < len(parts):
+                    start(parts[i + 1])
+                try:
+                    item = q.get(timeout=0.2)
+                except queue.Empty:
+                    if self.stop.is_set():
+                        return
+                    continue
+                if item is self._END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if not self._put(item):
+                    return
+            if len(feeds) == i + 1 and i + 1 < len(parts):
+                start(parts[i + 1])
 
     def blocks(self) -> Iterator[dict[str, np.ndarray]]:
         try:
@@ -450,5 +456,6 @@ def _concat(frags: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([f[k] for f in frags]) for k in frags[0]}
 
 
-__all__ = ["Unit", "Segment", "StreamBatch", "StreamSpec", "units_from_manifest", "epoch_plan", "advance",
+__all__ = ["Unit", "UnitTable", "Segment", "StreamBatch", "StreamSpec", "units_from_manifest", "epoch_plan",
+           "epoch_part", "advance",
            "reshard", "iterate", "prefetch", "close_prefetched", "part_to_json", "part_from_json"]

@@ -3,6 +3,14 @@
 No hub is reachable from here, so a catalogue without a pretrained text tower gets its own
 vocabulary, trained with the `tokenizers` library on its titles, descriptions and categories and
 saved in Hugging Face format next to the shards.
+
+The vocabulary is trained on a seeded sample of the catalogue (`sample` texts, default
+`DEFAULT_SAMPLE`; `data.tokenizer_sample`, `prepare --tokenizer-sample`): whole row groups in a seeded
+order until the sample is full, so its cost stops growing with the catalogue beyond the sample size.
+A few million texts hold every frequent word piece of a catalogue; WordPiece only keeps the
+`vocab_size` most useful ones. Training uses the `tokenizers` library's threads (its Rust word
+count runs in parallel when TOKENIZERS_PARALLELISM allows it; `parallel=True` turns it on for the
+training only).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import os
 import tempfile
 from typing import Iterable, Iterator
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from gammaray.config import StorageConfig
@@ -20,9 +29,27 @@ from gammaray.config import StorageConfig
 from . import storage
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+DEFAULT_SAMPLE = 3_000_000
+TEXT_COLUMNS = ("title", "description", "category")
 
 
-def train_wordpiece(texts: Iterable[str], out_dir: str, vocab_size: int = 2000) -> str:
+@contextlib.contextmanager
+def _parallelism(on: bool) -> Iterator[None]:
+    key = "TOKENIZERS_PARALLELISM"
+    old = os.environ.get(key)
+    if on:
+        os.environ[key] = "true"
+    try:
+        yield
+    finally:
+        if on:
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+def train_wordpiece(texts: Iterable[str], out_dir: str, vocab_size: int = 2000, parallel: bool = False) -> str:
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -31,7 +58,8 @@ def train_wordpiece(texts: Iterable[str], out_dir: str, vocab_size: int = 2000) 
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=1)
-    tok.train_from_iterator(texts, trainer=trainer)
+    with _parallelism(parallel):
+        tok.train_from_iterator(texts, trainer=trainer)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
@@ -45,20 +73,49 @@ def train_wordpiece(texts: Iterable[str], out_dir: str, vocab_size: int = 2000) 
     return out_dir
 
 
-def catalogue_texts(catalogue_uri: str, manifest: dict, storage_cfg: StorageConfig | None = None) -> Iterable[str]:
-    for shard in manifest["shards"]:
-        fs, path = storage.resolve(storage.join(catalogue_uri, shard["path"]), storage_cfg)
-        t = pq.read_table(path, filesystem=fs, columns=["title", "description", "category"])
-        for col in ("title", "description", "category"):
+def catalogue_texts(catalogue_uri: str, manifest: dict, storage_cfg: StorageConfig | None = None,
+                    sample: int | None = None, seed: int = 0) -> Iterable[str]:
+    """The catalogue's non-empty titles, descriptions and categories; with `sample`, about that many
+    of them from whole row groups taken in a seeded order (all of them when the catalogue has fewer)."""
+    from .catalogue import unit_table
+
+    units = unit_table(manifest)
+    if sample is None or units.total_rows * len(TEXT_COLUMNS) <= sample:  # all of it, shard by shard
+        for shard in units.shards:
+            fs, path = storage.resolve(storage.join(catalogue_uri, shard), storage_cfg)
+            t = pq.read_table(path, filesystem=fs, columns=list(TEXT_COLUMNS))
+            for col in TEXT_COLUMNS:
+                for v in t.column(col).to_pylist():
+                    if v:
+                        yield v
+        return
+    order = np.random.default_rng([seed, 13]).permutation(len(units))
+    files: dict[str, pq.ParquetFile] = {}
+    yielded = 0
+    for u in order.tolist():
+        if sample is not None and yielded >= sample:
+            return
+        shard = units.shards[int(units.shard_of[u])]
+        if shard not in files:
+            if len(files) > 16:
+                files.clear()
+            fs, path = storage.resolve(storage.join(catalogue_uri, shard), storage_cfg)
+            files[shard] = pq.ParquetFile(fs.open_input_file(path))
+        t = files[shard].read_row_group(int(units.row_group[u]), columns=list(TEXT_COLUMNS))
+        for col in TEXT_COLUMNS:
             for v in t.column(col).to_pylist():
                 if v:
+                    yielded += 1
                     yield v
 
 
 def build_for_catalogue(catalogue_uri: str, out_uri: str, manifest: dict, vocab_size: int = 2000,
-                        storage_cfg: StorageConfig | None = None) -> str:
+                        storage_cfg: StorageConfig | None = None, sample: int | None = DEFAULT_SAMPLE,
+                        seed: int = 0, parallel: bool = True) -> str:
+    """Train a WordPiece tokenizer on (a seeded sample of) the catalogue's texts and save it at out_uri."""
     with tempfile.TemporaryDirectory() as tmp:
-        train_wordpiece(catalogue_texts(catalogue_uri, manifest, storage_cfg), tmp, vocab_size)
+        train_wordpiece(catalogue_texts(catalogue_uri, manifest, storage_cfg, sample, seed), tmp, vocab_size,
+                        parallel=parallel)
         storage.upload_dir(tmp, out_uri, storage_cfg)
     return out_uri
 

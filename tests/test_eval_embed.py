@@ -95,3 +95,27 @@ def _read_all(files: list[str]) -> dict[str, list]:
 
     t = pa.concat_tables([pq.read_table(storage.resolve(f)[1], filesystem=storage.resolve(f)[0]) for f in files])
     return {c: t.column(c).to_pylist() for c in t.column_names}
+
+
+def test_embed_work_list_is_the_pending_shards_row_groups():
+    """The work list (issue 22: it was quadratic) is every row group of the shards without an output,
+    in catalogue order, each carrying its unit; built from vectors, one pass over the units."""
+    from hypothesis import given, settings, strategies as st
+
+    from pipelines.plan import UnitTable
+    from workers.evaluation.embed import shard_name, work_list
+
+    @given(st.lists(st.lists(st.integers(1, 9), max_size=4), max_size=12), st.data())
+    @settings(max_examples=100, deadline=None)
+    def check(groups, data):
+        paths = [f"shards/part-{i:05d}.parquet" for i in range(len(groups))]
+        units = UnitTable.from_row_groups(paths, groups)
+        done = {shard_name(p) for p in paths if data.draw(st.booleans())}
+        got = work_list(units, done)
+        want = [(u, i) for u in range(len(units)) for i, p in enumerate(paths)
+                if units[u].shard == p and shard_name(p) not in done]
+        assert list(zip(got["unit"].tolist(), got["shard"].tolist())) == want
+        assert [units[u].num_rows for u in got["unit"].tolist()] == got["num_rows"].tolist()
+        assert [units[u].first_row for u in got["unit"].tolist()] == got["first_row"].tolist()
+
+    check()

@@ -74,3 +74,31 @@ def test_bench_decode_reports_cost_per_kind_and_scans_a_collection(tmp_path):
     scan = out["scan"]
     assert (scan["images"], scan["conversions"], scan["rejected"]) == (3, {"transparency": 1}, {"image_too_large": 1})
     assert scan["plain_colour_under_alpha_0"] == {str(image_kinds.HIDDEN): 1}
+
+
+def test_bench_scale_rows_and_growth(tmp_path):
+    """`gammaray bench scale` on a synthetic manifest of 20k records (the index-only pieces, seconds):
+    every row has the committed schema, the growth fit and the docs table read them, and the
+    committed docs/bench/scale.json has the same schema and every metric the issue names."""
+    import argparse
+    import os
+
+    from gammaray.app.benchmarks import scale
+    from gammaray.app.commands.bench import BENCHES
+
+    assert BENCHES["scale"] == "gammaray.app.benchmarks.scale"
+    p = argparse.ArgumentParser()
+    scale.add_arguments(p)
+    args = p.parse_args(["--sizes", "", "--manifest-sizes", "20000", "--workers", "4", "--workdir", str(tmp_path)])
+    rows = scale.measure(args)
+    assert {r["metric"] for r in rows} == {"plan_setup_s", "plan_setup_mb", "embed_setup_s"}
+    for r in rows:
+        assert set(scale.ROW_KEYS) <= set(r) and r["n"] == 20000 and r["measured"] is True and r["value"] >= 0
+    assert scale.growth([{"n": 10, "metric": "m", "value": 1.0}, {"n": 1000, "metric": "m", "value": 100.0}], "m") == 1.0
+    assert "`plan_setup_s` (s)" in scale.markdown(rows)
+
+    committed = json.load(open(os.path.join(os.path.dirname(__file__), "..", "docs", "bench", "scale.json")))
+    assert {"prepare_peak_rss_mb", "prepare_records_per_s", "first_batch_s", "first_batch_after_resume_s",
+            "plan_setup_s", "plan_setup_mb", "embed_setup_s", "tokenizer_s"} <= {r["metric"] for r in committed}
+    assert all(set(scale.ROW_KEYS) <= set(r) for r in committed)
+    assert all("cpus" in r for r in committed if r["metric"] == "prepare_records_per_s")

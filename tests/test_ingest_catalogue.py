@@ -67,7 +67,7 @@ def test_manifest_survives_a_disk_full_in_the_middle_of_its_write(tmp_path):
     _write(str(tmp_path / "v1" / "items.jsonl"), records[:60])  # 60 shards and long categories: a big manifest
     prepare(str(tmp_path / "v1" / "items.jsonl"), dst, PrepareOptions(max_records_per_shard=1, **OPTS))
     before = (tmp_path / "catalog" / "manifest.json").read_bytes()
-    biggest_shard = max(os.path.getsize(tmp_path / "catalog" / s["path"]) for s in json.loads(before)["shards"])
+    biggest_shard = max(os.path.getsize(tmp_path / "catalog" / s["path"]) for s in load_manifest(dst)["shards"])
     limit = len(before) // 2
     assert biggest_shard < limit < len(before), (biggest_shard, len(before))  # only the manifest hits the limit
 
@@ -281,3 +281,61 @@ def test_a_destination_inside_the_source_is_refused(where, s3, tmp_path):
     beside = base + "-catalog"  # a sibling whose name starts like the source is not inside it
     assert prepare(base, beside, PrepareOptions(**OPTS)).num_written == 3
     assert prepare(storage.join(base, "items.jsonl"), storage.join(base, "catalog"), PrepareOptions(**OPTS)).num_written == 3
+
+
+# --------------------------------------------------------------------------------------------
+# the shard index
+
+
+def test_shard_index_round_trips_and_old_manifests_still_load(tmp_path):
+    """manifest.json is a small header naming a Parquet index of shards; the index gives back every
+    shard as written, the header carries the catalogue hash of the old formula, an append replaces
+    the index, and a catalogue of the old layout (the shard list inside manifest.json) is read as it
+    is and migrated by `migrate`."""
+    import hashlib
+
+    from pipelines.catalogue import manifest_sha256, migrate, unit_table
+
+    dst = str(tmp_path / "catalog")
+    records = _records(7, "A")
+    _write(str(tmp_path / "v1" / "items.jsonl"), records[:5])
+    res = prepare(str(tmp_path / "v1" / "items.jsonl"), dst, PrepareOptions(max_records_per_shard=2, row_group_size=1,
+                                                                            **OPTS))
+    header = json.loads((tmp_path / "catalog" / "manifest.json").read_bytes())
+    assert "shards" not in header and header["index"]["num_shards"] == 3 and header["index"]["num_row_groups"] == 5
+    m = load_manifest(dst)
+    assert m["shards"] == res.manifest["shards"]  # every key of every shard back from the index
+    legacy = [[s["path"], int(s["num_rows"]), list(s["row_groups"]), s.get("sha256")] for s in m["shards"]]
+    assert header["catalogue_sha256"] == hashlib.sha256(json.dumps(legacy, separators=(",", ":")).encode()).hexdigest()
+    units = unit_table(load_manifest(dst))  # straight from the index's columns
+    assert [(u.shard, u.row_group, u.num_rows, u.first_row) for u in units] == [
+        (s["path"], g, 1, g) for s in m["shards"] for g in range(len(s["row_groups"]))]
+    old_index = header["index"]["path"]
+
+    _write(str(tmp_path / "v2" / "items.jsonl"), records)
+    prepare(str(tmp_path / "v2" / "items.jsonl"), dst, PrepareOptions(max_records_per_shard=2, row_group_size=1, **OPTS))
+    header2 = json.loads((tmp_path / "catalog" / "manifest.json").read_bytes())
+    assert header2["index"]["num_shards"] == 4 and header2["index"]["path"] != old_index
+    assert not (tmp_path / "catalog" / old_index).exists()  # the superseded index is removed after the commit
+    assert len(_catalogue_ids(dst)) == 7
+
+    # the old layout: the full shard list in manifest.json, no index
+    full = load_manifest(dst)
+    old = {k: v for k, v in dict(full).items() if k not in ("index", "catalogue_sha256")} | {"shards": full["shards"]}
+    (tmp_path / "catalog" / "manifest.json").write_text(json.dumps(old))
+    m_old = load_manifest(dst)
+    assert manifest_sha256(m_old) == header2["catalogue_sha256"]  # resume identities survive the migration
+    assert unit_table(m_old) == unit_table(full) and len(_catalogue_ids(dst)) == 7
+    assert migrate(dst) is True and migrate(dst) is False
+    assert json.loads((tmp_path / "catalog" / "manifest.json").read_bytes())["catalogue_sha256"] == header2["catalogue_sha256"]
+
+
+    # the tokenizer's texts: all of them in catalogue order, or a seeded sample of whole row groups
+    from pipelines.tokenizer import catalogue_texts
+
+    titles = [r["title"] for r in records]
+    m = load_manifest(dst)
+    assert list(catalogue_texts(dst, m)) == titles
+    sample = list(catalogue_texts(dst, m, sample=4, seed=0))
+    assert len(sample) == 4 and set(sample) < set(titles) and sample == list(catalogue_texts(dst, m, sample=4, seed=0))
+    assert {tuple(catalogue_texts(dst, m, sample=4, seed=s)) for s in range(6)} != {tuple(sample)}

@@ -38,7 +38,7 @@ from gammaray.config import ConfigError, GammarayConfig, apply_overrides
 from gammaray.schema import BatchKeys as K
 from pipelines import storage
 from pipelines.preprocess import PreprocessSpec
-from pipelines.stream import StreamBatch, StreamSpec
+from pipelines.stream import StreamBatch, StreamSpec, UnitTable
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,7 +296,8 @@ def stream_spec(cfg: GammarayConfig, catalogue_uri: str, units, epoch: int, trai
                         tokenizer_uri=tokenizer_uri(cfg), seed=cfg.run.seed, epoch=epoch,
                         with_aug_views=with_aug, train=train, view_pair=d.view_pair, pair_locale=d.pair_locale,
                         jpeg_draft=d.jpeg_draft, image_background=tuple(d.image_background))
-    return StreamSpec(catalogue_uri=catalogue_uri, units=tuple(units), preprocess=pp,
+    units = units if isinstance(units, UnitTable) else UnitTable.from_units(units)  # numpy columns, pickled as such
+    return StreamSpec(catalogue_uri=catalogue_uri, units=units, preprocess=pp,
                       settings=storage.S3Settings.from_config(cfg.storage), shuffle=d.shuffle and train,
                       batch_size=batch_size, preprocess_num_cpus=d.preprocess_num_cpus,
                       prefetch_batches=d.prefetch_batches, concurrency=d.preprocess_concurrency,

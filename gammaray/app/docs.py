@@ -26,7 +26,7 @@ from pathlib import Path
 
 # the benchmarks' own report functions (one place for these imports)
 from gammaray.config import describe
-from gammaray.app.benchmarks import batch, recipe, structure, synthetic, tune_structure
+from gammaray.app.benchmarks import batch, recipe, scale, structure, synthetic, tune_structure
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = "docs/bench"
@@ -71,6 +71,19 @@ def structure_table(name: str) -> str:
     rows = [[model, variant] + [f"{v[m][0]:.3f} ± {v[m][1]:.3f}" for m in structure.METRICS]
             for (model, variant), v in summary.items()]
     return markdown_table(columns, rows)
+
+
+def scale_table() -> str:
+    """`gammaray bench scale`: one row per metric, one column per catalogue size, the fitted growth."""
+    rows = load("scale.json")
+    synthetic_sizes = sorted({r["n"] for r in rows if r.get("synthetic_manifest")})
+    cpus = sorted({r["cpus"] for r in rows if "cpus" in r})
+    return (scale.markdown(rows) + "\n\n"
+            f"*Every figure measured (`measured: true`), each in a fresh process. Sizes "
+            f"{', '.join(f'{n:,}' for n in synthetic_sizes)}: synthetic manifests (plan and embed setup only). "
+            f"prepare ran with cpus = {', '.join(map(str, cpus))}; plan over W = "
+            f"{rows[[r['metric'] for r in rows].index('plan_setup_s')].get('workers')} workers. "
+            f"Source: `{BENCH}/scale.json`.*")
 
 
 def tune_structure_table() -> str:
@@ -180,6 +193,7 @@ BLOCKS = {
     "structure": lambda: structure_table("structure"),
     "structure-clip": lambda: structure_table("structure_clip"),
     "tune-structure": tune_structure_table,
+    "scale": scale_table,
     "recipe-verdict": recipe_verdict,
     "gpu-check": gpu_check_table,
     "gpu-step": gpu_step_table,

@@ -39,7 +39,7 @@ from pipelines import storage
 from pipelines.prepare import load_manifest
 from pipelines.preprocess import preprocess_batch
 from pipelines.storage import is_storage_fault
-from pipelines.stream import read_segment_rows, units_from_manifest
+from pipelines.stream import Unit, UnitTable, read_segment_rows, units_from_manifest
 from pipelines.tokenizer import load as load_tokenizer
 from workers.evaluation.evaluate import embedding_outputs
 from workers.evaluation.export import open_checkpoint, storage_from_overrides
@@ -103,11 +103,24 @@ def model_fingerprint(model_dir: str) -> str:
 # the Ray Data stages
 
 
-def read_and_preprocess(batch: dict[str, np.ndarray], catalogue_uri: str, units: list, spec, settings) -> dict[str, np.ndarray]:
+EMBED_BLOCKS = 256  # blocks of the work list's Ray Data source, whatever the catalogue's size
+
+
+def work_list(units: UnitTable, done: set[str]) -> dict[str, np.ndarray]:
+    """The row groups of the shards without an output yet, as numpy columns (one entry per row
+    group, carrying what its read task needs): linear in the catalogue's row groups."""
+    pending_shard = np.fromiter((shard_name(p) not in done for p in units.shards), dtype=bool, count=len(units.shards))
+    ids = np.flatnonzero(pending_shard[units.shard_of]) if len(units) else np.zeros(0, np.int64)
+    return {"unit": ids, "shard": units.shard_of[ids], "row_group": units.row_group[ids],
+            "num_rows": units.num_rows[ids], "first_row": units.first_row[ids]}
+
+
+def read_and_preprocess(batch: dict[str, np.ndarray], catalogue_uri: str, shard_paths: list[str], spec,
+                        settings) -> dict[str, np.ndarray]:
     """One row group (batch_size=1) -> model-ready arrays; an unreadable row group becomes rejected
     rows with empty model inputs, so that every block has the same columns."""
     (u,), (shard,) = batch["unit"], batch["shard"]
-    unit = units[int(u)]
+    unit = Unit(shard_paths[int(shard)], int(batch["row_group"][0]), int(batch["num_rows"][0]), int(batch["first_row"][0]))
     try:
         table = read_segment_rows(catalogue_uri, unit, int(u), 0, unit.num_rows, 0, 0, False, settings)
     except Exception as err:  # noqa: BLE001 - a damaged row group must not sink the job
@@ -260,7 +273,7 @@ def embed_catalogue(checkpoint_uri: str | None, data_uri: str, out_uri: str, opt
     storage_cfg = cfg.storage
     manifest = load_manifest(data_uri, storage_cfg)
     units = units_from_manifest(manifest)
-    shards = manifest["shards"]
+    shards = units.shards
 
     suffix = "_features" if features else "_embedding"
     model = load_model(ckpt.model_dir).eval()
@@ -282,14 +295,11 @@ def embed_catalogue(checkpoint_uri: str | None, data_uri: str, out_uri: str, opt
     schema = output_schema(names, dims, meta, suffix)
 
     done = {shard_name(f) for f in storage.list_files(storage.join(out_uri, "embeddings"), ".parquet", storage_cfg)}
-    unit_shard, rows_of_shard = [], {}
-    for s_idx, s in enumerate(shards):
-        for _ in s["row_groups"]:
-            unit_shard.append(s_idx)
-        rows_of_shard[s_idx] = int(s["num_rows"])
-    pending = [i for i, s in enumerate(shards) if shard_name(s["path"]) not in done]
-    items = [{"unit": u, "shard": unit_shard[u]} for u in range(len(units)) if unit_shard[u] in set(pending)]
-    todo = sum(rows_of_shard[i] for i in pending)
+    todo_list = work_list(units, done)
+    rows_of_shard = np.bincount(units.shard_of, weights=units.num_rows, minlength=len(shards)).astype(np.int64)
+    pending = np.unique(todo_list["shard"]).tolist()
+    todo = int(todo_list["num_rows"].sum())
+    items = [dict(zip(todo_list, vals)) for vals in zip(*(v.tolist() for v in todo_list.values()))]
 
     written_now = quarantined_now = 0
     device, stream_s = "cpu", 0.0
@@ -302,9 +312,12 @@ def embed_catalogue(checkpoint_uri: str | None, data_uri: str, out_uri: str, opt
         settings = storage.S3Settings.from_config(storage_cfg)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        # a bounded number of blocks (several row groups per read task); the items carry their unit,
+        # so only the shard paths travel with the job, once
+        ds = ray.data.from_items(items, override_num_blocks=min(len(items), EMBED_BLOCKS))
         ds = ds.map_batches(read_and_preprocess, batch_size=1, batch_format="numpy",
-                            fn_kwargs={"catalogue_uri": data_uri, "units": units, "spec": spec, "settings": settings},
+                            fn_kwargs={"catalogue_uri": data_uri, "shard_paths": shards, "spec": spec,
+                                       "settings": settings},
                             num_cpus=cfg.data.preprocess_num_cpus)
         ds = ds.map_batches(Embedder, batch_size=opts.batch_size, batch_format="numpy",
                             fn_constructor_kwargs={"model_uri": ckpt.model_uri, "features": features,
@@ -323,7 +336,7 @@ def embed_catalogue(checkpoint_uri: str | None, data_uri: str, out_uri: str, opt
                 seen[s_idx] = seen.get(s_idx, 0) + int(m.sum())
                 if seen[s_idx] == rows_of_shard[s_idx]:
                     w, q = write_shard(open_rows.pop(s_idx), names, schema, out_uri,
-                                       shard_name(shards[s_idx]["path"]), storage_cfg, suffix)
+                                       shard_name(shards[s_idx]), storage_cfg, suffix)
                     written_now += w
                     quarantined_now += q
             n = len(block["shard"])

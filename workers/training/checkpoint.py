@@ -4,28 +4,31 @@ count (re-cutting the remaining records and re-sharding the loss state when the 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
+from typing import Iterator
 
 import ray.train
 import torch
 
 from gammaray.config import GammarayConfig
 from pipelines import storage
-from pipelines.stream import part_from_json, reshard
+from pipelines.stream import part_from_json, reshard, total_rows
 from pipelines.tokenizer import load as load_tokenizer
 from workers.models.registry import save_model
-from workers.runtime import rank_dir, run_dir, sync_buffers, tokenizer_uri
+from workers.runtime import RANK_DIR_PREFIX, rank_dir, run_dir, sync_buffers, tokenizer_uri
 from workers.safe_load import load as load_data
 from workers.training.audit import SampleAudit
-from workers.training.engine import is_zero3, load_state, save_state, set_total_steps
+from workers.training.engine import PORTABLE_FILE, is_zero3, load_state, save_state, set_total_steps
 from workers.training.objective import Objective
 from workers.training.quarantine import write_quarantine
 from workers.training.resume import check_identity
 from workers.training.rng import reseed, rng_state, set_rng_state
-from workers.training.state import TrainState, merge_loss_sums, plan_of, read_positions, remaining_steps
+from workers.training.state import TrainState, merge_loss_sums, plan_of, read_position, rank_folders, remaining_steps
 
 
 def latest_checkpoint(cfg: GammarayConfig, in_ray: bool):
@@ -89,15 +92,85 @@ def export_model(engine, cfg: GammarayConfig, out_dir: str | None) -> None:
         save_model(model, out_dir, cfg.model, load_tokenizer(tokenizer_uri(cfg), storage.S3Settings.from_config(cfg.storage)))
 
 
+def loss_shard_ranks(old_W: int, W: int, rank: int) -> list[int]:
+    """The old ranks whose loss-state shards hold entries of `rank` in a world of W: sample i lives in
+    old shard i mod old_W and belongs to new rank i mod W, so only the old ranks congruent to `rank`
+    modulo gcd(old_W, W) (one rank when the count is unchanged: its own)."""
+    g = math.gcd(old_W, W)
+    return [r for r in range(old_W) if r % g == rank % g]
+
+
+def files_needed(rel: str, rank: int, W: int, old_W: int) -> bool:
+    """Whether this rank's restore reads the checkpoint file `rel` (a path relative to the folder).
+    The model export (`model/`, config.json) is for users, not for resuming; a rank folder's files
+    other than the small train_state.json are read by the ranks that own their contents."""
+    top, _, rest = rel.partition("/")
+    if top == "deepspeed":
+        return True  # the engine's own files: DeepSpeed opens what it needs of them
+    if rel == PORTABLE_FILE:
+        return old_W != W
+    if not top.startswith(RANK_DIR_PREFIX) or not rest:
+        return False
+    r = int(top[len(RANK_DIR_PREFIX):])
+    if rest == "train_state.json":
+        return True
+    if old_W == W:
+        return r == rank
+    if rest == "loss_state.pt":
+        return r in loss_shard_ranks(old_W, W, rank)
+    return rank == 0 and rest in ("quarantine.json", "audit.pt")
+
+
+@contextlib.contextmanager
+def local_checkpoint(ckpt, rank: int, W: int, copy: bool | None = None) -> Iterator[str]:
+    """A local folder with the files of checkpoint `ckpt` that this rank's restore reads: the folder
+    itself on a local filesystem, else a temporary copy of those files only (Ray's
+    `as_directory()` would copy all of them, every rank's loss shard and the model export included,
+    to every node). `copy=True` forces the copy (tests)."""
+    import pyarrow.fs as pafs
+
+    fs, root = ckpt.filesystem, ckpt.path.rstrip("/")
+    if copy is None:
+        copy = not isinstance(fs, pafs.LocalFileSystem)
+    if not copy:
+        yield root
+        return
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    rels = sorted(i.path[len(root) + 1:] for i in infos if i.type == pafs.FileType.File)
+    with tempfile.TemporaryDirectory(prefix="gammaray-restore-") as d:
+
+        def fetch(rel: str) -> None:
+            os.makedirs(os.path.dirname(os.path.join(d, rel)), exist_ok=True)
+            with fs.open_input_stream(f"{root}/{rel}") as src, open(os.path.join(d, rel), "wb") as dst:
+                shutil.copyfileobj(src, dst, 16 << 20)
+
+        fetch(f"{rank_dir(0)}/train_state.json")  # says the world size the checkpoint was saved with
+        old_W = int(read_position(d, 0)["world_size"])
+        for rel in rels:
+            if rel != f"{rank_dir(0)}/train_state.json" and files_needed(rel, rank, W, old_W):
+                fetch(rel)
+        for rel in rels:  # every rank's folder, for the completeness check
+            if rel.startswith(RANK_DIR_PREFIX) and "/" in rel:
+                os.makedirs(os.path.join(d, rel.split("/", 1)[0]), exist_ok=True)
+        yield d
+
+
 def restore(d: str, engine, scheduler, objective: Objective, audit: SampleAudit | None, cfg: GammarayConfig,
             units, rank: int, W: int, identity: dict, shown: str) -> TrainState:
     """Every rank, from one checkpoint folder saved with any worker count. `shown` names the
     checkpoint in errors: a file that would run code (workers/safe_load.py) or a checkpoint trained
     under other data, seed or plan settings (workers/training/resume.py) is refused."""
-    positions = read_positions(d)
-    forced = check_identity(positions[0].get("identity"), identity, cfg, shown)
-    old_W = positions[0]["world_size"]
+    first = read_position(d, 0)
+    forced = check_identity(first.get("identity"), identity, cfg, shown)
+    old_W = first["world_size"]
     same_world = old_W == W
+    folders = rank_folders(d)
+    if folders != list(range(old_W)):
+        raise RuntimeError(f"{shown}: incomplete checkpoint, rank folders {folders} of {old_W}")
+    mine = read_position(d, rank) if same_world else first
+    # every rank's position (all parts) only where they are needed: a re-cut, or a re-planned schedule
+    replan = not (same_world and mine.get("plan") == plan_of(cfg) and mine.get("total_steps"))
+    positions = [read_position(d, r) for r in range(old_W)] if (replan or not same_world) else None
     how = load_state(engine, scheduler, d, same_world, shown)                   # [ds]
 
     def rank_file(r: int, name: str) -> tuple[str, str]:
@@ -105,16 +178,16 @@ def restore(d: str, engine, scheduler, objective: Objective, audit: SampleAudit 
 
     # the per-sample memory, re-sharded for W ranks; a generator reads one old shard at a time, so
     # peak memory stays at this rank's part plus one old shard (and the E-step generator comes back)
-    objective.load_shards(load_data(*rank_file(p["rank"], "loss_state.pt")) for p in positions)
-    mine = positions[rank] if same_world else positions[0]
+    # only the old shards holding entries of this rank are read: its own one when the count is unchanged
+    objective.load_shards(load_data(*rank_file(r, "loss_state.pt")) for r in loss_shard_ranks(old_W, W, rank))
     step = mine["step"]
     state = TrainState(epoch=mine["epoch"], step=step, records_trained=mine["records_trained"],
                        best_val_r_at_1=mine["best_val_r_at_1"], last_val=mine.get("last_val", {}),
                        resumes=list(mine.get("resumes", [])), audit=list(mine.get("audit", [])), plan=plan_of(cfg),
                        identity=identity, loss_sums=mine.get("loss_sums", {}), loss_sums_prev=mine.get("loss_sums_prev", {}))
     if same_world:
-        parts = [part_from_json(p["remaining"] or []) for p in positions]
-        state.part = None if mine["remaining"] is None else parts[rank]
+        parts = [part_from_json(p["remaining"] or []) for p in positions] if positions else None
+        state.part = None if mine["remaining"] is None else part_from_json(mine["remaining"])
         state.epoch_consumed_before = mine["epoch_consumed"]
         set_rng_state(load_data(*rank_file(rank, "rng.pt"), numpy_arrays=True))
         with open(os.path.join(d, rank_dir(rank), "quarantine.json")) as f:
@@ -144,11 +217,11 @@ def restore(d: str, engine, scheduler, objective: Objective, audit: SampleAudit 
                     audit.add_counts(load_data(f, f_shown))
     # the step count the schedules plan for: kept while the plan holds (exact resume), re-planned from
     # the remaining data when the worker count, train.epochs or train.max_steps changed
-    if same_world and mine.get("plan") == plan_of(cfg) and mine.get("total_steps"):
+    if not replan:
         state.total_steps = mine["total_steps"]
     else:
         current = state.epoch if state.part is not None else state.epoch - 1  # an uncut epoch counts whole
-        total = step + remaining_steps(cfg, parts, current, sum(u.num_rows for u in units), W)
+        total = step + remaining_steps(cfg, parts, current, total_rows(units), W)
         state.total_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
     set_total_steps(scheduler, cfg, state.total_steps)
     state.resumes.append({"step": step, "world_size": W, "from_world_size": old_W, "optimizer": how,

@@ -30,14 +30,14 @@ from gammaray.config import from_dict
 from gammaray.schema import BatchKeys as K
 from pipelines import storage
 from pipelines.prepare import load_manifest
-from pipelines.stream import StreamSpec, close_prefetched, epoch_plan, iterate, prefetch, units_from_manifest
+from pipelines.stream import StreamSpec, close_prefetched, epoch_part, iterate, prefetch, units_from_manifest
 from pipelines.tokenizer import load as load_tokenizer
 from workers.evaluation.evaluate import evaluate  # validation: the same code as `gammaray eval`
 from workers.models.registry import build_model
 from workers.runtime import (lockstep, pick_device, placeholder_batch, quiet_libraries, stream_spec, to_torch,
                              tokenizer_uri, world)
 from workers.training.audit import SampleAudit
-from workers.training.checkpoint import checkpoint_uri, latest_checkpoint, restore, save_and_report
+from workers.training.checkpoint import checkpoint_uri, latest_checkpoint, local_checkpoint, restore, save_and_report
 from workers.training.engine import build_engine, init_single_process_group, use_bf16
 from workers.training.faults import Fault
 from workers.training.metrics import (add_loss, epoch_loss_means, new_window, prefixed, run_record, run_totals,
@@ -83,7 +83,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if ckpt is None and cfg.data.prefetch_next_epoch:
         # [data] a fresh run: start epoch 0's pipeline now, so that its worker processes start while
         # the engine is built (a resumed run starts from its checkpointed position instead)
-        prefetch(spec, epoch_plan(units, 0, cfg.run.seed, W, cfg.data.shuffle)[rank])
+        prefetch(spec, epoch_part(units, 0, cfg.run.seed, W, rank, cfg.data.shuffle))
     total_steps = estimate_total_steps(cfg, int(manifest["num_records"]), W)
     engine, _, scheduler = build_engine(model, cfg, total_steps, on_gpu, device, in_ray)   # [ds]
     bf16 = use_bf16(cfg, on_gpu)
@@ -91,7 +91,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     state = TrainState(total_steps=total_steps, plan=plan_of(cfg), identity=identity)
     if ckpt is not None:
-        with ckpt.as_directory() as d:
+        with local_checkpoint(ckpt, rank, W) as d:  # only the files this rank reads
             state = restore(d, engine, scheduler, objective, audit, cfg, units, rank, W, identity, checkpoint_uri(ckpt))
 
     gas = cfg.train.deepspeed.gradient_accumulation_steps
@@ -104,12 +104,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     while not done and state.epoch < cfg.train.epochs:
         epoch = state.epoch
         if state.part is None:
-            state.part, state.consumed, state.epoch_consumed_before = epoch_plan(
-                units, epoch, cfg.run.seed, W, cfg.data.shuffle)[rank], 0, 0
+            state.part, state.consumed, state.epoch_consumed_before = epoch_part(
+                units, epoch, cfg.run.seed, W, rank, cfg.data.shuffle), 0, 0
         then = None
         if cfg.data.prefetch_next_epoch and epoch + 1 < cfg.train.epochs:
             # [data] the next epoch's pipeline starts once this one has produced its last block
-            then = (for_epoch(spec, epoch + 1), epoch_plan(units, epoch + 1, cfg.run.seed, W, cfg.data.shuffle)[rank])
+            then = (for_epoch(spec, epoch + 1), epoch_part(units, epoch + 1, cfg.run.seed, W, rank, cfg.data.shuffle))
         epoch_finished = True  # no rank has data left (an empty part, or a resume at the epoch's end)
         batches = iterate(for_epoch(spec, epoch), state.part, then=then)
         for sb, n_global, last_batch in lockstep(batches, device, window):          # [dist]

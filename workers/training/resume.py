@@ -18,11 +18,9 @@ the worker count (parts are re-cut), `train.epochs` / `train.max_steps` (extendi
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 from gammaray.config import GammarayConfig, RunError
 from pipelines import storage
+from pipelines.catalogue import manifest_sha256
 from workers.runtime import rank_dir
 
 
@@ -31,9 +29,10 @@ class ResumeMismatch(RunError):
 
 
 def catalogue_sha256(manifest: dict) -> str:
-    """The catalogue a data position refers to: its shards (path, rows, row groups, content hash)."""
-    shards = [[s["path"], int(s["num_rows"]), list(s["row_groups"]), s.get("sha256")] for s in manifest["shards"]]
-    return hashlib.sha256(json.dumps(shards, separators=(",", ":")).encode()).hexdigest()
+    """The catalogue a data position refers to: its shards (path, rows, row groups, content hash),
+    hashed once at commit into the manifest's header (pipelines/catalogue.py; an old manifest's is
+    computed from its shard list with the same formula)."""
+    return manifest_sha256(manifest)
 
 
 def run_identity(cfg: GammarayConfig, manifest: dict) -> dict:

@@ -53,12 +53,22 @@ def estimate_total_steps(cfg: GammarayConfig, num_records: int, world_size: int)
     return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
 
 
+def rank_folders(d: str) -> list[int]:
+    """The ranks a checkpoint folder has a folder for, in order."""
+    return sorted(int(name[len(RANK_DIR_PREFIX):]) for name in os.listdir(d) if name.startswith(RANK_DIR_PREFIX))
+
+
+def read_position(d: str, rank: int) -> dict:
+    """One rank's train_state.json."""
+    path = os.path.join(d, f"{RANK_DIR_PREFIX}{rank:05d}", "train_state.json")
+    if not os.path.exists(path):
+        raise RuntimeError(f"{d}: incomplete checkpoint, no {os.path.relpath(path, d)}")
+    with open(path) as f:
+        return json.load(f)
+
+
 def read_positions(d: str) -> list[dict]:
-    positions = []
-    for name in sorted(os.listdir(d)):
-        if name.startswith(RANK_DIR_PREFIX):
-            with open(os.path.join(d, name, "train_state.json")) as f:
-                positions.append(json.load(f))
+    positions = [read_position(d, r) for r in rank_folders(d)]
     if not positions or [p["rank"] for p in positions] != list(range(positions[0]["world_size"])):
         raise RuntimeError(f"{d}: incomplete checkpoint, rank folders {[p['rank'] for p in positions]}")
     return positions

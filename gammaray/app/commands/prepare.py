@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     print(res.summary())
     if args.build_tokenizer:
         uri = args.tokenizer_out or args.dst.rstrip("/").rsplit("/", 1)[0] + "/tokenizer"
-        build_for_catalogue(args.dst, uri, res.manifest, vocab_size=args.build_tokenizer, storage_cfg=cfg.storage)
+        build_for_catalogue(args.dst, uri, res.manifest, vocab_size=args.build_tokenizer, storage_cfg=cfg.storage,
+                            sample=args.tokenizer_sample or cfg.data.tokenizer_sample, seed=cfg.run.seed)
         print(f"tokenizer -> {uri}")
     if args.json:
         with open(args.json, "w") as f:
@@ -79,6 +80,8 @@ def register(sub) -> None:
                    help="a CSV row with a longer field is quarantined as field_too_large (default 131072)")
     p.add_argument("--build-tokenizer", type=int, metavar="VOCAB",
                    help="also train a WordPiece tokenizer of this size")
+    p.add_argument("--tokenizer-sample", type=int, metavar="N",
+                   help="train the tokenizer on a seeded sample of about N texts (default: data.tokenizer_sample)")
     p.add_argument("--tokenizer-out", metavar="URL", help="where to write it (default: DST/../tokenizer)")
     p.add_argument("--json", metavar="PATH", help="write the counts as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
