@@ -359,6 +359,61 @@ def test_cli_on_a_finished_experiment_reruns_nothing(search, tmp_path):
     assert wall < 60 * TIME_FACTOR  # nothing trained
 
 
+def _payload_pickle(marker: str) -> bytes:
+    """A pickle whose loading would create `marker` (as a stored pickle could run any command)."""
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    return pickle.dumps({"state": Payload()})
+
+
+def _plant_in_trial_state(doc: bytes, marker: str) -> bytes:
+    """The experiment state with one trial's cloudpickled field (hex inside the nested trial JSON)
+    replaced by the payload: Tune decodes these fields with cloudpickle.loads on resume."""
+    state = json.loads(doc)
+    trial = json.loads(state["trial_data"][0][0])
+    field = next(k for k, v in trial.items() if isinstance(v, dict) and v.get("_type") == "CLOUDPICKLE_FALLBACK")
+    trial[field]["value"] = _payload_pickle(marker).hex()
+    state["trial_data"][0][0] = json.dumps(trial)
+    return json.dumps(state).encode()
+
+
+@pytest.mark.timeout(TIMEOUT_S)
+@pytest.mark.parametrize("target", ["tuner.pkl", "searcher-state-", "experiment_state-", "asha_rungs.state"])
+def test_a_planted_pickle_in_the_experiment_is_refused_and_never_runs(search, tmp_path, capsys, target):
+    """A copy of the finished experiment with one of the pickles Tune (or gammaray's ASHA) loads on
+    resume replaced by a payload: `gammaray tune` refuses it naming the file, and nothing runs (a
+    main-branch run printed "resuming experiment ..." and ran the payload planted in tuner.pkl)."""
+    from gammaray.app.cli import main
+    from gammaray.config import save
+    from pipelines import storage
+
+    marker = str(tmp_path / "payload-ran")
+    cfg = apply_overrides(search["cfg"], {"tune.name": f"planted-{target.strip('-.')}"})
+    source, copy = search["second"].experiment_uri, storage.join(cfg.run.storage, cfg.tune.name)
+    planted = None
+    for f in storage.list_files(source):
+        rel = f[len(source) + 1:]
+        if rel.startswith("train/"):
+            continue  # the trials' Train runs: not read by Tune
+        data = storage.read_bytes(f)
+        if "/" not in rel and rel.startswith(target):
+            planted = storage.join(copy, rel)
+            data = _plant_in_trial_state(data, marker) if target == "experiment_state-" else _payload_pickle(marker)
+        storage.write_bytes(storage.join(copy, rel), data)
+    assert planted is not None, f"no {target} in {source}"
+    cfg_path = tmp_path / "tune.yaml"
+    save(cfg, cfg_path)
+    assert main(["tune", "--config", str(cfg_path), "--quiet", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"{planted}: refused to load: " in err and "references code" in err, err[-2000:]
+    assert "tune.name" in err  # the way out
+    assert not os.path.exists(marker), "the planted payload ran"
+
+
 @pytest.mark.timeout(TIMEOUT_S)
 def test_results_table_plot_and_best_config_are_written(search, s3):
     from PIL import Image
