@@ -359,6 +359,43 @@ def test_cli_on_a_finished_experiment_reruns_nothing(search, tmp_path):
     assert wall < 60 * TIME_FACTOR  # nothing trained
 
 
+def test_pickle_references_are_read_without_loading_whatever_the_protocol():
+    """The static reader behind the Tune state check: what a pickle calls, at every protocol,
+    through the memo, nested as bytes or hex; code built in the stream cannot be checked."""
+    import pickle
+
+    import ray.cloudpickle as cloudpickle
+
+    from tuning.state_check import TUNE_CALLS, TUNE_VALUES, check_state_file
+    from workers.safe_load import UnsafeCheckpoint, pickle_references
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, ("touch /nonexistent/never",)
+
+    for proto in range(pickle.HIGHEST_PROTOCOL + 1):
+        called, _ = pickle_references(pickle.dumps([Payload(), Payload(), {"k": 1.5}], protocol=proto))
+        assert os.system.__module__ + ".system" in called, proto
+    # a function stored by reference (named, not called) vs called
+    called, named = pickle_references(pickle.dumps({"f": os.path.join}))
+    assert "posixpath.join" in named and "posixpath.join" not in called
+    # nested: a pickle inside bytes, and (Tune's way) inside hex text
+    inner = pickle.dumps(Payload())
+    assert "posix.system" in pickle_references(pickle.dumps({"blob": inner}))[0]
+    assert "posix.system" in pickle_references(pickle.dumps({"hex": inner.hex()}), hex_strings=True)[0]
+    # code by value (a lambda) is built in the stream: refused, never guessed
+    with pytest.raises(ValueError, match="cannot be checked|not a named global"):
+        pickle_references(cloudpickle.dumps(lambda x: x))
+    with pytest.raises(UnsafeCheckpoint, match=r"exp/x.pkl: refused to load: .*posix.system"):
+        check_state_file(pickle.dumps({"a": Payload()}), "exp/x.pkl")
+    with pytest.raises(UnsafeCheckpoint, match="exp/s.json: refused"):
+        check_state_file(json.dumps({"trial_data": [[json.dumps({"f": {"_type": "CLOUDPICKLE_FALLBACK",
+                                                                        "value": inner.hex()}})]]}).encode(), "exp/s.json")
+    check_state_file(json.dumps({"trial_id": "6ec288df", "x": [1, "a"]}).encode(), "exp/ok.json")
+    assert not TUNE_CALLS & {"builtins.eval", "builtins.exec", "builtins.getattr", "posix.system"}
+    assert "ray.train._internal.storage._upload_to_fs_path" in TUNE_VALUES - TUNE_CALLS  # never called
+
+
 def _payload_pickle(marker: str) -> bytes:
     """A pickle whose loading would create `marker` (as a stored pickle could run any command)."""
     import pickle

@@ -48,9 +48,11 @@ TUNE_CALLS = frozenset({
     "datetime.timedelta", "datetime.timezone", "numpy._core.multiarray._reconstruct", "numpy._core.multiarray.scalar",
     "numpy.dtype", "numpy.ndarray", "numpy.random._pickle.__bit_generator_ctor",
     "numpy.random._pickle.__randomstate_ctor", "numpy.random._pickle.__generator_ctor",
+    "numpy._core.numeric._frombuffer", "numpy.random.bit_generator.__pyx_unpickle_SeedSequence",
+    "ray.tune.search.sample._BackwardsCompatibleNumpyRng",
     # storage handed to Tune: a filesystem from its URI, gammaray's retrying S3 handler
     "pyarrow._fs.FileSystem._from_uri", "pyarrow._fs.PyFileSystem", "pyarrow._fs.LocalFileSystem",
-    "pyarrow._s3fs.S3FileSystem._reconstruct", "pipelines.storage.RetryingS3",
+    "pyarrow._s3fs.S3FileSystem._reconstruct", "pipelines.storage.RetryingS3", "pipelines.storage.S3Settings",
     # Ray Tune / Train configs and records
     "ray.air._internal.usage.AirEntrypoint", "ray.train.SyncConfig", "ray.tune.CheckpointConfig",
     "ray.tune.FailureConfig", "ray.tune.RunConfig", "ray.tune.tune_config.TuneConfig",
@@ -75,11 +77,11 @@ TUNE_CALLS = frozenset({
     "optuna.storages._in_memory._StudyInfo", "optuna.study._study_direction.StudyDirection", "optuna.study.study.Study",
     "optuna.trial._frozen.FrozenTrial", "optuna.trial._state.TrialState", "optuna.trial._trial.Trial",
     # gammaray's own
-    "gammaray.config.StorageConfig", "tuning.asha.RungMemoryASHA",
+    "gammaray.config.StorageConfig", "tuning.asha.RungMemoryASHA", "tuning.objectives.ParetoOptunaSearch",
 })
 # stored by reference, never called at load time
 TUNE_VALUES = frozenset({
-    "numpy.random._mt19937.MT19937", "numpy.random._pcg64.PCG64",
+    "numpy.random._mt19937.MT19937", "numpy.random._pcg64.PCG64", "numpy.random.bit_generator.SeedSequence",
     "optuna.samplers._tpe.parzen_estimator._ParzenEstimator", "optuna.samplers._tpe.sampler.default_weights",
     "optuna.samplers._tpe.sampler.default_gamma", "optuna.samplers._tpe.sampler.hyperopt_default_gamma",
     "ray.train._internal.storage._upload_to_fs_path", "tuning.search.trial_dirname",
