@@ -162,8 +162,7 @@ def storage_full(e: BaseException, where: str) -> StorageFull | None:
         return None
     path = getattr(e, "filename", None)
     if not path:
-        quoted = re.search(r"No space left on device[^'\"]*['\"]([^'\"]+)['\"]", text) or \
-            re.search(r"['\"](/[^'\"]+)['\"]", text)
+        quoted = re.search(r"No space left on device: ['\"]([^'\"]+)['\"]", text)  # OSError's own form
         path = quoted.group(1) if quoted else where
     return StorageFull(
         f"storage full at {path}: no space left on the device. The run stopped; checkpoints whose save did not "
