@@ -66,21 +66,83 @@ def credential_name(rel: str) -> str | None:
     return None
 
 
+# tokens and keys by their own shape, in a file of any name and format (INI, TOML, YAML, shell, ...).
+# A value is a literal of the token's alphabet: `${NAME}` references and code (`self.secret_key`) are not
+TOKEN_SHAPES: list[tuple[re.Pattern, str]] = [(re.compile(p), what) for p, what in [
+    (rb"(?i)aws_?secret_?access_?key[\"']?\s*[=:]\s*[\"']?[A-Za-z0-9/+=]{30,}", "an AWS secret access key"),
+    (rb"(?i)aws_?session_?token[\"']?\s*[=:]\s*[\"']?[A-Za-z0-9/+=]{30,}", "an AWS session token"),
+    (rb"(?<![A-Za-z0-9_])gh[pousr]_[A-Za-z0-9]{36,}", "a GitHub token"),
+    (rb"(?<![A-Za-z0-9_])github_pat_[A-Za-z0-9_]{40,}", "a GitHub fine-grained token"),
+    (rb"(?<![A-Za-z0-9_])xox[abprs]-[A-Za-z0-9-]{10,}", "a Slack token"),
+    (rb"(?<![A-Za-z0-9_])glpat-[A-Za-z0-9_-]{20,}", "a GitLab token"),
+    (rb"(?<![A-Za-z0-9_])sk_live_[A-Za-z0-9]{20,}", "a Stripe secret key"),
+]]
+# a dotenv line NAME=value (in *.env files): a credential when NAME says so and value is a literal
+DOTENV_LINE = re.compile(rb"(?m)^[ \t]*(?:export[ \t]+)?([A-Za-z_][A-Za-z0-9_]*)[ \t]*=[ \t]*[\"']?([^\s\"'#$][^\s\"'#]*)")
+CHUNK = 1 << 20        # files are read and copied this much at a time, never whole
+OVERLAP = 8 << 10      # kept from the previous chunk: a key or token cut by a chunk edge is still seen
+
+
+class ContentCheck:
+    """What credential a file's bytes hold, fed in chunks (`feed`, then `result`): private-key
+    blocks, kubeconfigs, token shapes, dotenv secrets in *.env files, service-account JSON."""
+
+    def __init__(self, rel: str):
+        self.rel = rel
+        self.found: str | None = None
+        self._tail = b""
+        self._kube_kind = self._kube_users = False
+        self._head = bytearray()        # the first MAX_JSON_SCAN bytes, for a JSON key
+        self._json_ok = True
+
+    def feed(self, chunk: bytes) -> str | None:
+        if self.found is None:
+            window = self._tail + chunk
+            self.found = self._match(window)
+            self._tail = window[-OVERLAP:]
+        if self._json_ok:
+            if len(self._head) + len(chunk) > MAX_JSON_SCAN:
+                self._json_ok, self._head = False, bytearray()
+            else:
+                self._head += chunk
+        return self.found
+
+    def _match(self, window: bytes) -> str | None:
+        if PRIVATE_KEY_BLOCK.search(window):
+            return "a private key (PEM/PuTTY block)"
+        self._kube_kind = self._kube_kind or bool(KUBECONFIG_KIND.search(window))
+        self._kube_users = self._kube_users or bool(KUBECONFIG_USERS.search(window))
+        if self._kube_kind and self._kube_users:
+            return "a kubeconfig (cluster credentials)"
+        for pattern, what in TOKEN_SHAPES:
+            if pattern.search(window):
+                return what
+        if self.rel.rsplit("/", 1)[-1].endswith(".env"):
+            for m in DOTENV_LINE.finditer(window):
+                name = m.group(1).decode()
+                if SECRET_NAME.search(name) and not REFERENCE_NAME.search(name) and len(m.group(2)) >= MIN_SECRET_LEN:
+                    return f"a dotenv file with a secret ({name})"
+        return None
+
+    def result(self) -> str | None:
+        if self.found is None and self._json_ok and self._head.lstrip()[:1] == b"{":
+            try:
+                doc = json.loads(bytes(self._head))
+            except (ValueError, RecursionError):
+                return None
+            if isinstance(doc, dict) and (doc.get("type") in ("service_account", "authorized_user")
+                                          or "private_key" in doc or "refresh_token" in doc):
+                self.found = "a cloud service-account or user credential (JSON key)"
+        return self.found
+
+
 def credential_content(rel: str, data: bytes) -> str | None:
     """What credential a file's bytes hold (None: none recognised)."""
-    if PRIVATE_KEY_BLOCK.search(data):
-        return "a private key (PEM/PuTTY block)"
-    if KUBECONFIG_KIND.search(data) and KUBECONFIG_USERS.search(data):
-        return "a kubeconfig (cluster credentials)"
-    if rel.endswith(".json") and len(data) <= MAX_JSON_SCAN:
-        try:
-            doc = json.loads(data)
-        except (ValueError, RecursionError):
-            return None
-        if isinstance(doc, dict) and (doc.get("type") in ("service_account", "authorized_user")
-                                      or "private_key" in doc or "refresh_token" in doc):
-            return "a cloud service-account or user credential (JSON key)"
-    return None
+    check = ContentCheck(rel)
+    for i in range(0, max(len(data), 1), CHUNK):
+        if check.feed(data[i:i + CHUNK]):
+            break
+    return check.result()
 
 
 # --------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, TextIO
 
-from .credentials import (ENV_REF, KEY_ID_NAME, REFERENCE_NAME, SECRET_NAME, credential_content, credential_name,
+from .credentials import (CHUNK, ENV_REF, KEY_ID_NAME, REFERENCE_NAME, SECRET_NAME, ContentCheck, credential_name,
                           secret_values, url_credentials)
 
 JOB_DIR = ".gammaray_job"
@@ -68,6 +68,9 @@ DEFAULT_EXCLUDES = [
     ".ruff_cache", ".hypothesis", "*.egg-info", "/build", "/dist", "node_modules", "/runs", JOB_DIR, "/tests", "/.ci",
     "/.whl", "/.gl", ".ipynb_checkpoints",
 ]
+# a project file over this is refused (--max-file-mb): code and configs travel with the job, data
+# is read from object storage; Ray keeps every uploaded package in the cluster's object store
+DEFAULT_MAX_FILE_MB = 100.0
 
 
 class SubmitError(RuntimeError):
@@ -403,13 +406,17 @@ class StagedProject:
     source: str                                                # "git ..." or "a walk of ..."
     skipped: list[str] = field(default_factory=list)           # "path (why)": left out, nothing secret known
     credentials: list[str] = field(default_factory=list)       # "path: what it holds (by name|content)"
+    oversized: list[str] = field(default_factory=list)         # "path (size)": over the per-file cap
 
 
-def stage_working_dir(src: Path, excludes: list[str], allow: Iterable[str] = ()) -> StagedProject:
+def stage_working_dir(src: Path, excludes: list[str], allow: Iterable[str] = (),
+                      max_file_bytes: int | None = None) -> StagedProject:
     """Copy the project's files into a new temp dir: git's view of the project (tracked and
     unignored files) when `src` is in a git work tree, else every file under it; minus `excludes`.
     Symlinks are followed only to files inside the project; files that look like credentials (by
-    name or content, unless they match `allow`) are listed in `.credentials` and not copied."""
+    name or content, unless they match `allow`) are listed in `.credentials` and not copied, files
+    over `max_file_bytes` in `.oversized`. Files are streamed (checked while copied, a chunk at a
+    time), never read whole."""
     root = src.resolve()
     files = _git_files(root)
     if files is None:
@@ -422,14 +429,15 @@ def stage_working_dir(src: Path, excludes: list[str], allow: Iterable[str] = ())
         for rel in files:
             if _excluded(rel, excludes):
                 continue
-            _stage_one(root, rel, staged, excludes, list(allow))
+            _stage_one(root, rel, staged, excludes, list(allow), max_file_bytes)
     except BaseException:
         shutil.rmtree(staged.dir, ignore_errors=True)
         raise
     return staged
 
 
-def _stage_one(root: Path, rel: str, staged: StagedProject, excludes: list[str], allow: list[str]) -> None:
+def _stage_one(root: Path, rel: str, staged: StagedProject, excludes: list[str], allow: list[str],
+               max_file_bytes: int | None = None) -> None:
     import stat
 
     path = root / rel
@@ -462,17 +470,23 @@ def _stage_one(root: Path, rel: str, staged: StagedProject, excludes: list[str],
     if what:
         staged.credentials.append(f"{rel}: {what} (by its name{'' if target == rel else f', via {target}'})")
         return
-    fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))  # the file checked above, not a swapped-in link
-    with os.fdopen(fd, "rb") as f:
-        data = f.read()
-    what = None if allowed else credential_content(rel, data)
-    if what:
-        staged.credentials.append(f"{rel}: {what} (by its content)")
+    if max_file_bytes is not None and st.st_size > max_file_bytes:
+        staged.oversized.append(f"{rel} ({st.st_size / 2**20:.1f} MB)")
         return
+    check = None if allowed else ContentCheck(rel)
     dst = os.path.join(staged.dir, rel)
     os.makedirs(os.path.dirname(dst), exist_ok=True)
-    with open(dst, "wb") as f:
-        f.write(data)
+    fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))  # the file checked above, not a swapped-in link
+    with os.fdopen(fd, "rb") as f, open(dst, "wb") as out:
+        while chunk := f.read(CHUNK):
+            if check is not None and check.feed(chunk):
+                break
+            out.write(chunk)
+    what = check.result() if check is not None else None
+    if what:
+        os.remove(dst)
+        staged.credentials.append(f"{rel}: {what} (by its content)")
+        return
     os.chmod(dst, stat.S_IMODE(st.st_mode))
 
 
@@ -520,18 +534,23 @@ def find_leaks(plan: JobPlan, values: dict[str, str]) -> list[str]:
         for where, text in places.items():
             if value in text:
                 found.append(f"{label} in the job's {where}")
-    needles = {label: v.encode() for label, v in values.items()}
+    needles = {label: v.encode() for label, v in values.items() if v}
+    keep = max((len(n) for n in needles.values()), default=1) - 1  # a value cut by a chunk edge is still seen
     for dirpath, _, filenames in os.walk(plan.working_dir):
         for fn in filenames:
             path = os.path.join(dirpath, fn)
+            hits: set[str] = set()
+            tail = b""
             try:
                 with open(path, "rb") as f:
-                    data = f.read()
+                    while chunk := f.read(CHUNK):  # streamed: a large file is never held whole
+                        window = tail + chunk
+                        hits.update(label for label, needle in needles.items() if needle in window)
+                        tail = window[-keep:] if keep else b""
             except OSError:
                 continue
-            for label, needle in needles.items():
-                if needle in data:
-                    found.append(f"{label} in uploaded file {os.path.relpath(path, plan.working_dir)}")
+            found += [f"{label} in uploaded file {os.path.relpath(path, plan.working_dir)}"
+                      for label in needles if label in hits]
     return found
 
 
@@ -566,7 +585,7 @@ def plan_job(command: list[str], config_path: str | None = None, overrides: list
              secret_refs: dict[str, str] | None = None, submission_id: str | None = None,
              excludes: list[str] | None = None, allow_files: list[str] | None = None,
              entrypoint_num_cpus: float | None = None, entrypoint_num_gpus: float | None = None,
-             extra_secrets: Iterable[str] = ()) -> JobPlan:
+             extra_secrets: Iterable[str] = (), max_file_mb: float = DEFAULT_MAX_FILE_MB) -> JobPlan:
     """Validate everything locally and stage the job. Raises SubmitError naming the problem."""
     from gammaray.config import apply_overrides, load, to_yaml
 
@@ -619,13 +638,19 @@ def plan_job(command: list[str], config_path: str | None = None, overrides: list
 
     if not (root / "gammaray").is_dir() or not all((root / f).is_file() for f in entry.files):
         raise SubmitError(f"{root} is not a gammaray project directory (no gammaray/ or no {', '.join(entry.files)})")
-    staged = stage_working_dir(root, list(DEFAULT_EXCLUDES) + list(excludes or []), list(allow_files or []))
+    staged = stage_working_dir(root, list(DEFAULT_EXCLUDES) + list(excludes or []), list(allow_files or []),
+                               int(max_file_mb * 2**20))
     stage = staged.dir
     try:
         if staged.credentials:
             raise SubmitError("refusing to submit: these project files look like credentials and would be uploaded "
                               "to the cluster:\n  " + "\n  ".join(staged.credentials) + "\n"
                               + _credential_files_help(staged.source.startswith("git")))
+        if staged.oversized:
+            raise SubmitError(f"refusing to submit: these project files are over --max-file-mb={max_file_mb:g} and "
+                              "would be uploaded to the cluster with the code:\n  " + "\n  ".join(staged.oversized)
+                              + "\nData belongs in object storage (data.train, run.storage). Keep them out of the "
+                              "upload (.gitignore, --exclude PATTERN) or raise --max-file-mb.")
         for must in entry.files:
             if not os.path.isfile(os.path.join(stage, must)):
                 raise SubmitError(f"the staged project lacks {must}: is it ignored by git in {root}, or excluded?")

@@ -28,6 +28,7 @@ from tests.conftest import tiny_overrides
 pytestmark = pytest.mark.distributed
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_ODD, EPOCHS = 65, 2
+FULL_DISK_SIZE = "3m"  # about two checkpoints of the tiny model on 2 workers (measured: ~1.2 MB each)
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +69,15 @@ DRIVER = textwrap.dedent("""
     # this job's Ray workers (train workers, the controller, Ray Data tasks) use the same TMPDIR
     ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": root, "DS_ACCELERATOR": "cpu", "TMPDIR": tmp}})
     from gammaray.app.cli import main
-    from tests.test_distributed_runtime import plant_payload
+    from tests.test_distributed_runtime import plant_linked_state, plant_payload
 
     def left():
         return sorted(n for n in os.listdir(tmp) if n.startswith("gammaray"))
 
     out, checkpoint = {"start": left()}, None
     for name, argv in phases:
-        if name == "plant":
-            plant_payload(checkpoint, **argv)
+        if name.startswith("plant"):
+            {"plant": plant_payload, "plant-link": plant_linked_state}[name](checkpoint, **argv)
             continue
         code = main([a.replace("{checkpoint}", checkpoint or "") for a in argv])
         if name == "pretrain":
@@ -105,6 +106,26 @@ def plant_payload(checkpoint: str, dst: str, file: str, marker: str) -> None:
     storage.write_bytes(storage.join(dst, file), buf.getvalue())
 
 
+def plant_linked_state(checkpoint: str, dst: str, marker: str) -> None:
+    """A local copy of a checkpoint whose deepspeed/state folder is a symbolic link to a folder
+    elsewhere holding a DeepSpeed model file that is a payload (DeepSpeed follows the link; a main-branch
+    check, walking with os.walk, did not)."""
+    import shutil
+
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return exec, (f"open({marker!r}, 'w').write('the linked folder ran code')",)
+
+    storage.download_dir(checkpoint, dst)
+    elsewhere = dst + "-elsewhere"
+    os.makedirs(elsewhere)
+    torch.save({"module": Payload()}, os.path.join(elsewhere, "mp_rank_00_model_states.pt"))
+    shutil.rmtree(os.path.join(dst, "deepspeed", "state"))
+    os.symlink(elsewhere, os.path.join(dst, "deepspeed", "state"))
+
+
 @pytest.fixture(scope="module")
 def session(ray_local, s3, odd_catalogue, tmp_path_factory):
     """One process, its own TMPDIR (for itself and its Ray workers), running the CLI."""
@@ -117,11 +138,16 @@ def session(ray_local, s3, odd_catalogue, tmp_path_factory):
     planted = s3.url("runtime", "planted")
     refused = odd_overrides(odd_catalogue, run_storage, "from-planted",
                             **{"train.resume_from": planted, "train.max_failures": 0})
+    linked, link_marker = str(work / "linked"), str(work / "linked-payload-ran")
+    refused_link = odd_overrides(odd_catalogue, run_storage, "from-linked",
+                                 **{"train.resume_from": linked, "train.max_failures": 0})
     phases = [
         ["pretrain", ["pretrain", "--quiet", "--json", str(work / "pretrain.json"), *as_set_args(over)]],
         ["eval", ["eval", "--checkpoint", "{checkpoint}", "--data", odd_catalogue["val"], "--json", str(work / "eval.json")]],
         ["plant", {"dst": planted, "file": "rank-00000/loss_state.pt", "marker": marker}],
         ["refused", ["pretrain", "--quiet", "--json", str(work / "refused.json"), *as_set_args(refused)]],
+        ["plant-link", {"dst": linked, "marker": link_marker}],
+        ["refused-link", ["pretrain", "--quiet", *as_set_args(refused_link)]],
     ]
     env = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR="cpu", TMPDIR=str(tmp))
     proc = subprocess.run([sys.executable, "-c", DRIVER, ROOT, ray_local.get_runtime_context().gcs_address,
@@ -129,6 +155,7 @@ def session(ray_local, s3, odd_catalogue, tmp_path_factory):
     assert "RESULT " in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
     out = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
     return {"out": out, "stderr": proc.stderr, "work": work, "marker": marker, "planted": planted,
+            "linked": linked, "link_marker": link_marker,
             "metrics": json.loads((work / "pretrain.json").read_text()), "run_uri": storage.join(run_storage, "odd")}
 
 
@@ -163,6 +190,7 @@ def test_no_temporary_folder_is_left_after_a_run_an_eval_or_a_failed_run(session
     assert out["pretrain"] == {"code": 0, "left": []}   # driver, controller, 2 workers, Ray Data tasks
     assert out["eval"] == {"code": 0, "left": []}       # the model copy and the tokenizer copies
     assert out["refused"]["code"] == 1 and out["refused"]["left"] == []
+    assert out["refused-link"]["code"] == 1 and out["refused-link"]["left"] == []
 
 
 @pytest.mark.timeout(1500)
@@ -172,6 +200,27 @@ def test_a_planted_pickle_is_refused_naming_the_file_and_never_runs(session):
     err = session["stderr"]
     assert f"{session['planted']}/rank-00000/loss_state.pt: refused to load: it references code" in err
     assert "exec" in err and "start a new run" in err
+
+
+@pytest.mark.timeout(1500)
+def test_a_checkpoint_folder_linked_elsewhere_is_refused_and_never_runs(session, tmp_path):
+    """A local checkpoint whose deepspeed/state is a symbolic link to a folder holding a payload:
+    resuming from it is refused naming the link, and the payload never runs (a main-branch resume ran
+    it: DeepSpeed follows the link, the check walked past it)."""
+    assert session["out"]["refused-link"]["code"] == 1
+    assert not os.path.exists(session["link_marker"]), "the payload behind the link ran"
+    assert f"{session['linked']}/deepspeed/state: refused to load: it is a symbolic link" in session["stderr"]
+    # the check on its own: a link anywhere in a checkpoint (file or folder) is refused, before any load
+    from workers.safe_load import UnsafeCheckpoint, check_deepspeed_files, check_no_links
+
+    (tmp_path / "ckpt" / "rank-00000").mkdir(parents=True)
+    (tmp_path / "elsewhere.pt").write_bytes(b"x")
+    (tmp_path / "ckpt" / "rank-00000" / "loss_state.pt").symlink_to(tmp_path / "elsewhere.pt")
+    with pytest.raises(UnsafeCheckpoint, match=r"ckpt/rank-00000/loss_state.pt: refused to load: it is a symbolic link"):
+        check_no_links(str(tmp_path / "ckpt"), "ckpt")
+    (tmp_path / "ds").symlink_to(tmp_path / "ckpt")
+    with pytest.raises(UnsafeCheckpoint, match=r"ckpt/deepspeed: refused to load: it is a symbolic link"):
+        check_deepspeed_files(str(tmp_path / "ds"), "ckpt/deepspeed")
 
 
 @pytest.mark.timeout(600)
@@ -207,7 +256,7 @@ def test_deepspeed_files_are_checked_before_deepspeed_unpickles_them(session, tm
 
 
 @pytest.mark.timeout(1200)
-def test_resume_refuses_another_seed_and_force_resumes(ray_local, s3, odd_catalogue, tmp_path):
+def test_resume_refuses_another_seed_and_force_resumes(ray_local, s3, odd_catalogue, tmp_path, capsys):
     from workers.training.resume import ResumeMismatch
     from workers.training.trainer import build_trainer, pretrain, reason_of
 
@@ -226,14 +275,23 @@ def test_resume_refuses_another_seed_and_force_resumes(ray_local, s3, odd_catalo
     assert isinstance(reason_of(failed.value), ResumeMismatch)  # found behind Ray's WorkerGroupError
     assert "run.seed was 0, now 1" in str(reason_of(failed.value))
 
+    # a checkpoint folder whose save never finished (a full disk, a killed driver): named later than
+    # the real one, with an empty state file and never registered by Ray Train. A main-branch resume
+    # picked it as the newest and stopped with "Expecting value: line 1 column 1 (char 0)"
+    partial = storage.join(over["run.storage"], "seeded", "checkpoint_9999-12-31_23-59-59.999999")
+    storage.write_bytes(storage.join(partial, "rank-00000", "train_state.json"), b"")
+    storage.write_bytes(storage.join(partial, "portable.pt"), b"\x80\x02")
+
     # resumed anyway with the CLI's --force (train.resume_force)
     from gammaray.app.cli import main
 
     out = tmp_path / "forced.json"
+    capsys.readouterr()
     assert main(["pretrain", "--force", "--quiet", "--json", str(out),
                  *as_set_args({**over, "run.seed": 1, "train.max_steps": 4})]) == 0
+    assert f"{partial}: skipped: Ray Train never registered this checkpoint" in capsys.readouterr().err
     m = json.loads(out.read_text())
-    assert m["resumed_from_steps"] == [2] and m["step"] == 4
+    assert m["resumed_from_steps"] == [2] and m["step"] == 4  # from the last complete checkpoint
     state = json.loads(storage.read_bytes(storage.join(m["checkpoint"], "rank-00000", "train_state.json")))
     assert state["resumes"][-1]["forced"] == ["run.seed was 0, now 1"]
     assert state["identity"]["run.seed"] == 1  # the run goes on under the new settings
@@ -263,3 +321,47 @@ def test_identity_names_catalogue_plan_and_auto_batch(odd_catalogue, s3):
     assert check_identity(None, base, cfg, "old") == []  # a checkpoint from before identities: not checkable
     assert check_identity(base, auto, apply_overrides(cfg, {"train.resume_force": True}), "old") == [
         "data.batch_size was 16, now 'auto'", "ray.auto.global_batch_size was None, now 64"]
+
+
+# --------------------------------------------------------------------------------------------
+# a full disk
+
+
+def _mount_tmpfs(path, size: str) -> bool:
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return r.returncode == 0
+
+
+@pytest.mark.timeout(1200)
+def test_full_run_storage_is_one_line_and_the_same_command_resumes(ray_local, odd_catalogue, tmp_path, capsys):
+    """The run storage is a small tmpfs that fills up at the second checkpoint: pretrain stops with
+    one line, "storage full at PATH", and leaves a partial checkpoint folder. After space is freed
+    (the tmpfs grown), the same command resumes from the last complete checkpoint and finishes (a
+    main-branch run printed Ray's traceback, then every re-run stopped on the partial folder's
+    empty state file: the run could neither resume nor restart)."""
+    from gammaray.app.cli import main
+
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    if not _mount_tmpfs(disk, FULL_DISK_SIZE):
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    try:
+        over = odd_overrides(odd_catalogue, str(disk), "full", **{
+            "data.val": None, "train.checkpoint_every": 1, "train.max_steps": 4, "train.keep_checkpoints": 4,
+            "train.max_failures": 0, "train.portable_checkpoint": False})
+        argv = ["pretrain", "--quiet", "--json", str(tmp_path / "full.json"), *as_set_args(over)]
+        capsys.readouterr()
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        line = next(ln for ln in err.splitlines() if ln.startswith("gammaray pretrain: "))
+        assert f"storage full at {disk}" in line and "run the same command again" in line, err[-3000:]
+        assert "Traceback" not in err
+        run = disk / "full"
+        done = sorted(p.name for p in run.glob("checkpoint_*") if (p / "rank-00001" / "train_state.json").exists())
+        assert 1 <= len(done) < 4, sorted(os.listdir(run))
+        subprocess.run(["mount", "-o", "remount,size=256m", str(disk)], check=True)
+        assert main(argv) == 0
+        m = json.loads((tmp_path / "full.json").read_text())
+        assert m["step"] == 4 and len(m["resumed_from_steps"]) == 1 and 1 <= m["resumed_from_steps"][0] < 4
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -124,6 +124,11 @@ SA_KEY = json.dumps({"type": "service_account", "project_id": "p", "private_key_
                      "private_key": PEM, "client_email": "sa@p.iam.gserviceaccount.com"})
 ADC = json.dumps({"type": "authorized_user", "client_id": "x.apps.googleusercontent.com",
                   "client_secret": "d-FL95Q19q7MQmFpd7hHD0Ty", "refresh_token": "1//0g" + TOKEN})
+SA_NO_PEM = json.dumps({"type": "service_account", "project_id": "p", "client_email": "sa@p.iam.gserviceaccount.com"})
+AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/" + "bPxRfiCYEXAMPLEKEY"
+GH_TOKEN = "ghp_" + TOKEN * 2 + "abcd"
+GH_PAT = "github_pat_" + TOKEN * 3
+SLACK_TOKEN = "xoxb-" + "1234567890-" + TOKEN
 KUBECONFIG = ("apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: https://k8s:6443}\n"
               "users:\n- name: admin\n  user: {token: " + TOKEN + "}\n")
 
@@ -143,6 +148,15 @@ KUBECONFIG = ("apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {s
     (".pypirc", f"[pypi]\nusername = __token__\npassword = pypi-{TOKEN}\n", "name"),
     ("credentials", f"[default]\naws_secret_access_key = {TOKEN}\n", "name"),
     ("configs/notes.txt", "the old deploy key:\n" + PEM, "content"),
+    # by content whatever the file's name and format
+    ("deploy/settings.ini", f"[default]\naws_access_key_id = AKIA{'Q' * 16}\naws_secret_access_key = {AWS_SECRET}\n",
+     "content"),
+    ("deploy/gh.toml", f'[auth]\ntoken = "{GH_TOKEN}"\n', "content"),
+    ("deploy/ci.yaml", f"env:\n  GH: {GH_PAT}\n", "content"),
+    ("deploy/notify.py", f'SLACK = "{SLACK_TOKEN}"\n', "content"),
+    ("certs/server.pem", PEM, "content"),
+    ("deploy/sa-key.txt", SA_NO_PEM, "content"),
+    ("deploy/prod.env", f"DB_HOST=db\nexport DB_PASSWORD='{TOKEN}'\n", "content"),
 ])
 def test_credential_files_are_refused_naming_the_file(tmp_path, rel, content, how):
     proj = _copy_project(tmp_path)
@@ -161,6 +175,39 @@ def test_credential_files_are_refused_naming_the_file(tmp_path, rel, content, ho
         assert _staged(plan)[rel] == content.encode()
     finally:
         plan.cleanup()
+
+
+def test_a_token_across_a_chunk_edge_is_found_and_big_files_are_streamed_or_refused(tmp_path):
+    """Files are checked while copied, a chunk at a time: a token cut by a chunk edge is still
+    found, a large file costs no more memory than a chunk, and a file over --max-file-mb is refused
+    naming it."""
+    import tracemalloc
+
+    from infra.credentials import CHUNK
+
+    proj = _copy_project(tmp_path)
+    edge = b"x" * (CHUNK - 11) + b" " + GH_TOKEN.encode() + b"\n" + b"y" * 1000
+    (proj / "configs" / "blob.txt").write_bytes(edge)
+    with pytest.raises(SubmitError, match=r"configs/blob.txt: a GitHub token \(by its content\)"):
+        _plan(proj)
+    (proj / "configs" / "blob.txt").unlink()
+    big = proj / "configs" / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(40 << 20)  # 40 MB of zeros
+    tracemalloc.start()
+    try:
+        plan = _plan(proj, max_file_mb=64)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    try:
+        assert os.path.getsize(os.path.join(plan.working_dir, "configs", "big.bin")) == 40 << 20
+    finally:
+        plan.cleanup()
+    assert peak < 8 * CHUNK, f"staging held {peak / 2**20:.0f} MB at once"  # a main-branch run read it whole
+    with pytest.raises(SubmitError) as err:
+        _plan(proj, max_file_mb=16)
+    assert "configs/big.bin (40.0 MB)" in str(err.value) and "--max-file-mb=16" in str(err.value)
 
 
 def test_public_keys_and_env_templates_are_not_credentials(tmp_path):

@@ -359,6 +359,98 @@ def test_cli_on_a_finished_experiment_reruns_nothing(search, tmp_path):
     assert wall < 60 * TIME_FACTOR  # nothing trained
 
 
+def test_pickle_references_are_read_without_loading_whatever_the_protocol():
+    """The static reader behind the Tune state check: what a pickle calls, at every protocol,
+    through the memo, nested as bytes or hex; code built in the stream cannot be checked."""
+    import pickle
+
+    import ray.cloudpickle as cloudpickle
+
+    from tuning.state_check import TUNE_CALLS, TUNE_VALUES, check_state_file
+    from workers.safe_load import UnsafeCheckpoint, pickle_references
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, ("touch /nonexistent/never",)
+
+    for proto in range(pickle.HIGHEST_PROTOCOL + 1):
+        called, _ = pickle_references(pickle.dumps([Payload(), Payload(), {"k": 1.5}], protocol=proto))
+        assert os.system.__module__ + ".system" in called, proto
+    # a function stored by reference (named, not called) vs called
+    called, named = pickle_references(pickle.dumps({"f": os.path.join}))
+    assert "posixpath.join" in named and "posixpath.join" not in called
+    # nested: a pickle inside bytes, and (Tune's way) inside hex text
+    inner = pickle.dumps(Payload())
+    assert "posix.system" in pickle_references(pickle.dumps({"blob": inner}))[0]
+    assert "posix.system" in pickle_references(pickle.dumps({"hex": inner.hex()}), hex_strings=True)[0]
+    # code by value (a lambda) is built in the stream: refused, never guessed
+    with pytest.raises(ValueError, match="cannot be checked|not a named global"):
+        pickle_references(cloudpickle.dumps(lambda x: x))
+    with pytest.raises(UnsafeCheckpoint, match=r"exp/x.pkl: refused to load: .*posix.system"):
+        check_state_file(pickle.dumps({"a": Payload()}), "exp/x.pkl")
+    with pytest.raises(UnsafeCheckpoint, match="exp/s.json: refused"):
+        check_state_file(json.dumps({"trial_data": [[json.dumps({"f": {"_type": "CLOUDPICKLE_FALLBACK",
+                                                                        "value": inner.hex()}})]]}).encode(), "exp/s.json")
+    check_state_file(json.dumps({"trial_id": "6ec288df", "x": [1, "a"]}).encode(), "exp/ok.json")
+    assert not TUNE_CALLS & {"builtins.eval", "builtins.exec", "builtins.getattr", "posix.system"}
+    assert "ray.train._internal.storage._upload_to_fs_path" in TUNE_VALUES - TUNE_CALLS  # never called
+
+
+def _payload_pickle(marker: str) -> bytes:
+    """A pickle whose loading would create `marker` (as a stored pickle could run any command)."""
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    return pickle.dumps({"state": Payload()})
+
+
+def _plant_in_trial_state(doc: bytes, marker: str) -> bytes:
+    """The experiment state with one trial's cloudpickled field (hex inside the nested trial JSON)
+    replaced by the payload: Tune decodes these fields with cloudpickle.loads on resume."""
+    state = json.loads(doc)
+    trial = json.loads(state["trial_data"][0][0])
+    field = next(k for k, v in trial.items() if isinstance(v, dict) and v.get("_type") == "CLOUDPICKLE_FALLBACK")
+    trial[field]["value"] = _payload_pickle(marker).hex()
+    state["trial_data"][0][0] = json.dumps(trial)
+    return json.dumps(state).encode()
+
+
+@pytest.mark.timeout(TIMEOUT_S)
+@pytest.mark.parametrize("target", ["tuner.pkl", "searcher-state-", "experiment_state-", "asha_rungs.state"])
+def test_a_planted_pickle_in_the_experiment_is_refused_and_never_runs(search, tmp_path, capsys, target):
+    """A copy of the finished experiment with one of the pickles Tune (or gammaray's ASHA) loads on
+    resume replaced by a payload: `gammaray tune` refuses it naming the file, and nothing runs (a
+    main-branch run printed "resuming experiment ..." and ran the payload planted in tuner.pkl)."""
+    from gammaray.app.cli import main
+    from gammaray.config import save
+    from pipelines import storage
+
+    marker = str(tmp_path / "payload-ran")
+    cfg = apply_overrides(search["cfg"], {"tune.name": f"planted-{target.strip('-.')}"})
+    source, copy = search["second"].experiment_uri, storage.join(cfg.run.storage, cfg.tune.name)
+    planted = None
+    for f in storage.list_files(source):
+        rel = f[len(source) + 1:]
+        if rel.startswith("train/"):
+            continue  # the trials' Train runs: not read by Tune
+        data = storage.read_bytes(f)
+        if "/" not in rel and rel.startswith(target):
+            planted = storage.join(copy, rel)
+            data = _plant_in_trial_state(data, marker) if target == "experiment_state-" else _payload_pickle(marker)
+        storage.write_bytes(storage.join(copy, rel), data)
+    assert planted is not None, f"no {target} in {source}"
+    cfg_path = tmp_path / "tune.yaml"
+    save(cfg, cfg_path)
+    assert main(["tune", "--config", str(cfg_path), "--quiet", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"{planted}: refused to load: " in err and "references code" in err, err[-2000:]
+    assert "tune.name" in err  # the way out
+    assert not os.path.exists(marker), "the planted payload ran"
+
+
 @pytest.mark.timeout(TIMEOUT_S)
 def test_results_table_plot_and_best_config_are_written(search, s3):
     from PIL import Image

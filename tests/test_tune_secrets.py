@@ -15,8 +15,10 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -53,7 +55,7 @@ def files_containing(paths: list[str], needle: bytes) -> list[str]:
 
 
 @pytest.mark.timeout(1200)
-def test_secret_in_unusual_variables_never_reaches_storage_or_ray(s3, small_catalogue, tmp_path):
+def test_secret_in_unusual_variables_never_reaches_storage_or_ray(s3, small_catalogue, tmp_path, request):
     secret = s3.secret_key
     assert len(secret) >= 16
     over = tiny_overrides(small_catalogue, s3.url("secrets", "runs"), "secret-run")
@@ -68,9 +70,15 @@ def test_secret_in_unusual_variables_never_reaches_storage_or_ray(s3, small_cata
              ["pretrain", "--quiet", "--json", str(tmp_path / "pretrain.json"), *args]]
     env = {k: v for k, v in os.environ.items()
            if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_ADDRESS")}
-    env.update(GAMMARAY_TEST_KEY_ID=s3.access_key, GAMMARAY_TEST_SECRET=secret, PYTHONPATH=ROOT, DS_ACCELERATOR="cpu")
+    # the commands' own TMPDIR (what they leave there is checked at the end); short: Ray's socket
+    # paths under it must stay within AF_UNIX's 107 bytes
+    tmpdir = tempfile.mkdtemp(prefix="gr-tmp-", dir="/tmp")
+    request.addfinalizer(lambda: shutil.rmtree(tmpdir, ignore_errors=True))
+    env.update(GAMMARAY_TEST_KEY_ID=s3.access_key, GAMMARAY_TEST_SECRET=secret, PYTHONPATH=ROOT, DS_ACCELERATOR="cpu",
+               TMPDIR=str(tmpdir))
     proc = subprocess.run([sys.executable, "-c", CLI, json.dumps(argvs)], capture_output=True, text=True, env=env,
                           timeout=1100, cwd=str(tmp_path))
+    left = sorted(os.listdir(tmpdir))
     assert "CODES [0, 0]" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
     session_dir = proc.stdout.split("SESSION ", 1)[1].splitlines()[0]
 
@@ -82,9 +90,12 @@ def test_secret_in_unusual_variables_never_reaches_storage_or_ray(s3, small_cata
     # ... and nothing holds the secret: no object of the bucket, no Ray session, no local output
     leaked = [o for o in objects if secret.encode() in storage.read_bytes(o)]
     assert leaked == []
-    sessions = sorted(set(glob.glob("/tmp/ray/session_*")) | {session_dir})
+    sessions = sorted(set(glob.glob("/tmp/ray/session_*")) | set(glob.glob(f"{tmpdir}/ray/session_*")) | {session_dir})
     assert session_dir in sessions and os.path.isdir(os.path.join(session_dir, "logs"))
     assert files_containing([*sessions, str(tmp_path)], secret.encode()) == []
+    # the process and its local Ray instance left nothing in TMPDIR but Ray's session folder: a main-branch
+    # command left a `pymp-*` folder (the dashboard's multiprocessing folder; Ray kills the dashboard)
+    assert left == ["ray"], left
     # (the search itself finds a secret where there is one)
     control = tmp_path / "tune-out" / "control.txt"
     control.write_bytes(f"key={secret}".encode())

@@ -17,6 +17,8 @@ from ray.tune.schedulers import AsyncHyperBandScheduler
 from gammaray.config import StorageConfig
 from pipelines import storage
 
+from .state_check import check_state_file
+
 # not .pkl or .json: Tune copies those at the experiment root down on resume and back up at the end,
 # which would put the state of the first run back over the resumed one
 STATE_FILE = "asha_rungs.state"
@@ -42,6 +44,7 @@ class RungMemoryASHA(AsyncHyperBandScheduler):
         if not storage.exists(self._state_uri, self._storage_cfg):
             return
         data = storage.read_bytes(self._state_uri, self._storage_cfg)
+        check_state_file(data, self._state_uri)  # a pickle from storage: checked before it is loaded
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, STATE_FILE)
             with open(path, "wb") as f:

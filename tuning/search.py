@@ -30,7 +30,7 @@ from typing import Any, Callable
 from gammaray.config import ConfigError, GammarayConfig, apply_overrides, from_dict, to_yaml
 from pipelines import storage
 
-from . import report, space
+from . import report, space, state_check
 
 _PATH_KEYS = ("data.train", "data.val", "data.tokenizer", "run.storage", "model.image.pretrained",
               "model.text.pretrained", "data.features.train", "data.features.val")
@@ -307,6 +307,9 @@ def run_tune(cfg: GammarayConfig, samples: int | None = None, progress: bool = T
 
     trainable = _trainable(cfg, exp_uri)
     params = space.param_space(cfg.tune.space)
+    # Tune unpickles what it finds in the experiment folder: checked first (tuning/state_check.py)
+    state_check.no_pickled_trial_errors()
+    state_check.check_experiment(exp_uri, cfg.storage)
     resumed = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
     if resumed:
         _check_same_experiment(cfg, base_uri)
@@ -336,9 +339,15 @@ def run_tune(cfg: GammarayConfig, samples: int | None = None, progress: bool = T
                 trial_dirname_creator=trial_dirname, trial_name_creator=trial_dirname,
             ),
             run_config=tune.RunConfig(name=name, storage_path=root, storage_filesystem=fs,
-                                      callbacks=list(callbacks or []), verbose=1 if progress else 0),
+                                      verbose=1 if progress else 0),
         )
+        # set after tuner.pkl is written: a callback defined in a notebook or test would be stored as
+        # code, which a resume refuses to load (tuning/state_check.py)
+        local = getattr(tuner, "_local_tuner", None)
+        if local is not None:
+            local.get_run_config().callbacks = list(callbacks or [])
     tuner.fit()
+    state_check.check_experiment(exp_uri, cfg.storage)  # the results are read back from storage
     rows, interrupted = collect(exp_path, fs, cfg)
     return _finish(user_cfg, cfg, rows, interrupted, resumed, plan, budget, exp_uri, out_dir, t0, log)
 
@@ -354,9 +363,7 @@ def _searcher(cfg: GammarayConfig):
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(seed=seed, points_to_evaluate=points)
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    return BasicVariantGenerator(random_state=seed, points_to_evaluate=points)
+    return state_check.CheckableVariantGenerator(random_state=seed, points_to_evaluate=points)
 
 
 def _scheduler(cfg: GammarayConfig, budget: int, exp_uri: str):

@@ -21,7 +21,7 @@ from pipelines.stream import part_from_json, reshard, total_rows
 from pipelines.tokenizer import load as load_tokenizer
 from workers.models.registry import save_model
 from workers.runtime import RANK_DIR_PREFIX, rank_dir, run_dir, sync_buffers, tokenizer_uri
-from workers.safe_load import load as load_data
+from workers.safe_load import check_no_links, load as load_data
 from workers.training.audit import SampleAudit
 from workers.training.engine import PORTABLE_FILE, is_zero3, load_state, save_state, set_total_steps
 from workers.training.objective import Objective
@@ -160,6 +160,7 @@ def restore(d: str, engine, scheduler, objective: Objective, audit: SampleAudit 
     """Every rank, from one checkpoint folder saved with any worker count. `shown` names the
     checkpoint in errors: a file that would run code (workers/safe_load.py) or a checkpoint trained
     under other data, seed or plan settings (workers/training/resume.py) is refused."""
+    check_no_links(d, shown)  # links could hand DeepSpeed (which follows them) files no check has seen
     first = read_position(d, 0)
     forced = check_identity(first.get("identity"), identity, cfg, shown)
     old_W = first["world_size"]

@@ -18,6 +18,9 @@ the worker count (parts are re-cut), `train.epochs` / `train.max_steps` (extendi
 
 from __future__ import annotations
 
+import json
+import sys
+
 from gammaray.config import GammarayConfig, RunError
 from pipelines import storage
 from pipelines.catalogue import manifest_sha256
@@ -79,22 +82,83 @@ def check_identity(saved: dict | None, current: dict, cfg: GammarayConfig, shown
     return diff
 
 
+def _warn(message: str) -> None:
+    print(f"gammaray: warning: {message}", file=sys.stderr, flush=True)
+
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the checkpoints it registered
+
+
+def registered_checkpoints(run_uri: str, storage_cfg) -> set[str] | None:
+    """The checkpoint folder names Ray Train registered for this run (its snapshot lists them once
+    every rank's upload finished); None when there is no readable snapshot."""
+    uri = storage.join(run_uri, RAY_SNAPSHOT)
+    if not storage.exists(uri, storage_cfg):
+        return None
+    try:
+        snap = json.loads(storage.read_bytes(uri, storage_cfg))
+    except ValueError:
+        _warn(f"{uri} is empty or partial: checkpoints are judged by their own files")
+        return None
+    results = [*snap.get("checkpoint_results", []), snap.get("latest_checkpoint_result") or {}]
+    return {r["checkpoint_dir_name"] for r in results if r.get("checkpoint_dir_name")}
+
+
+def read_state(folder: str, storage_cfg, rank: int = 0) -> dict | None:
+    """A checkpoint's train_state.json of `rank`; None when it is missing, empty or partial (a save
+    cut short by a full disk or a kill)."""
+    uri = storage.join(folder, rank_dir(rank), "train_state.json")
+    try:
+        state = json.loads(storage.read_bytes(uri, storage_cfg))
+    except ValueError:
+        return None
+    except OSError as err:
+        if storage.is_not_found(err):
+            return None
+        raise
+    return state if isinstance(state, dict) and "step" in state else None
+
+
+def is_complete(folder: str, storage_cfg) -> bool:
+    """Every rank's state file is there and whole."""
+    first = read_state(folder, storage_cfg)
+    if first is None:
+        return False
+    return all(read_state(folder, storage_cfg, r) is not None for r in range(1, int(first.get("world_size", 1))))
+
+
 def newest_checkpoint(run_uri: str, storage_cfg) -> str | None:
-    """The run's newest checkpoint folder (Ray names them checkpoint_<timestamp>; a resume starts
-    from the newest one)."""
+    """The run's newest complete checkpoint folder (Ray names them checkpoint_<timestamp>; a resume
+    starts from the newest one). A folder Ray Train never registered (its upload did not finish: a
+    full disk, a killed driver) or with an empty or partial state file is skipped with a warning:
+    Ray resumes from the last registered checkpoint, and so does the driver's check."""
     found = storage.list_files(run_uri, suffix=f"{rank_dir(0)}/train_state.json", storage=storage_cfg)
     folders = sorted(f.rsplit(f"/{rank_dir(0)}/", 1)[0] for f in found
                      if f.rsplit(f"/{rank_dir(0)}/", 1)[0].rsplit("/", 1)[-1].startswith("checkpoint_"))
-    return folders[-1] if folders else None
+    registered = registered_checkpoints(run_uri, storage_cfg)
+    for folder in reversed(folders):
+        if registered is not None and folder.rsplit("/", 1)[-1] not in registered:
+            _warn(f"{folder}: skipped: Ray Train never registered this checkpoint (its save did not finish: storage "
+                  "full, or the run stopped mid-save)")
+        elif not is_complete(folder, storage_cfg):
+            _warn(f"{folder}: skipped: a state file is empty or partial (its save did not finish)")
+        else:
+            return folder
+    return None
 
 
 def check_run(cfg: GammarayConfig, run_uri: str, identity: dict) -> None:
     """Driver side, before any cluster resource: the checkpoint this run would resume from (its
-    own newest, else train.resume_from) must match `identity`."""
+    own newest complete one, else train.resume_from) must match `identity`."""
     folder = newest_checkpoint(run_uri, cfg.storage) or (cfg.train.resume_from.rstrip("/") if cfg.train.resume_from else None)
     if folder is None:
         return
     state_uri = storage.join(folder, rank_dir(0), "train_state.json")
     if not storage.exists(state_uri, cfg.storage):
         return  # not a training checkpoint: the workers say so
-    check_identity(storage.read_json(state_uri, cfg.storage).get("identity"), identity, cfg, folder)
+    state = read_state(folder, cfg.storage)
+    if state is None:
+        raise ResumeMismatch(f"run {cfg.run.name!r} cannot resume from {folder}: {state_uri} is empty or partial (a save "
+                             "that did not finish). Point train.resume_from at a complete checkpoint, or start a new run "
+                             "with another run.name.")
+    check_identity(state.get("identity"), identity, cfg, folder)

@@ -4,7 +4,9 @@ workers/training/loop.py, or trains the heads alone on cached features."""
 
 from __future__ import annotations
 
+import errno
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,12 +136,12 @@ def pretrain(cfg: GammarayConfig, progress: bool = True, callbacks: list | None 
         try:
             result = trainer.fit()
         except Exception as err:  # noqa: BLE001 - Ray Train's TrainingFailedError and what it wraps
-            known = reason_of(err)
+            known = reason_of(err, run_dir(cfg))
             if known is None:
                 raise
             raise known from None  # one message that says what happened and what to do, not Ray's tracebacks
     if result.error:
-        raise result.error
+        raise reason_of(result.error, run_dir(cfg)) or result.error
     ckpt_uri = None
     if result.checkpoint is not None:
         ckpt_uri = ("s3://" if storage.is_remote(cfg.run.storage) else "") + result.checkpoint.path
@@ -147,16 +149,41 @@ def pretrain(cfg: GammarayConfig, progress: bool = True, callbacks: list | None 
                           wall_s=time.perf_counter() - t0, progress=dict(printer.last), progress_updates=printer.updates)
 
 
-def reason_of(err: BaseException) -> RunError | None:
+class StorageFull(RunError):
+    """The run storage (or a local disk the run writes to) has no space left."""
+
+
+def storage_full(e: BaseException, where: str) -> StorageFull | None:
+    """A StorageFull naming the path that could not be written, for an ENOSPC error (as an OSError,
+    or in the text of a wrapper that kept only the message)."""
+    text = str(e)
+    if not ((isinstance(e, OSError) and e.errno == errno.ENOSPC) or "[Errno 28]" in text
+            or "No space left on device" in text):
+        return None
+    path = getattr(e, "filename", None)
+    if not path:
+        quoted = re.search(r"No space left on device: ['\"]([^'\"]+)['\"]", text)  # OSError's own form
+        path = quoted.group(1) if quoted else where
+    return StorageFull(
+        f"storage full at {path}: no space left on the device. The run stopped; checkpoints whose save did not "
+        "finish are skipped on resume. Free space and run the same command again: it resumes from the last complete "
+        "checkpoint.")
+
+
+def reason_of(err: BaseException, where: str = "the run storage") -> RunError | None:
     """The gammaray error behind a failed fit (storage down for longer than storage.retry_time_s,
-    a refused checkpoint or resume, too many bad records), found through Ray's wrappers (the worker
-    group's failures, the controller's, RayTaskError causes); None for anything else."""
+    storage full, a refused checkpoint or resume, too many bad records), found through Ray's
+    wrappers (the worker group's failures, the controller's, RayTaskError causes); None for
+    anything else. `where` names the storage in a storage-full message that carries no path."""
     todo, seen = [err], set()
     while todo:
         e = todo.pop(0)
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
+        full = storage_full(e, where)
+        if full is not None:
+            return full
         cause = getattr(e, "cause", None)  # RayTaskError: the original exception
         if isinstance(cause, RunError):
             return cause

@@ -226,10 +226,13 @@ def run_training(cfg, catalogue: str, tok: str, run_storage: str, steps: int, ep
     if not ray.is_initialized():
         # what `pretrain` would start (workers.runtime.ensure_ray), but always a fresh local instance:
         # never attach to a cluster someone started with `ray start` on the same machine
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1), log_to_driver=True,
-                 logging_config=ray.LoggingConfig(log_level="WARNING"),
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
-                                           "PYTHONPATH": os.environ.get("PYTHONPATH", os.getcwd())}})
+        from workers.runtime import private_tmpdir_for_ray
+
+        with private_tmpdir_for_ray():  # the dashboard's pymp-* folder goes with it
+            ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1), log_to_driver=True,
+                     logging_config=ray.LoggingConfig(log_level="WARNING"),
+                     runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+                                               "PYTHONPATH": os.environ.get("PYTHONPATH", os.getcwd())}})
     res = pretrain(cfg, progress=False)
     lines = [json.loads(x) for x in storage.read_bytes(storage.join(res.run_dir, "metrics.jsonl"), cfg.storage)
              .decode().splitlines() if x.strip()]

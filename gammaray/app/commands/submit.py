@@ -83,7 +83,8 @@ def run_submit(args: argparse.Namespace) -> int:
                     requirements=args.requirements, env=parse_env(args.env),
                     secret_refs=parse_secret_refs(args.secret_env), submission_id=args.submission_id,
                     excludes=args.exclude, allow_files=args.allow_file, entrypoint_num_cpus=args.entrypoint_num_cpus,
-                    entrypoint_num_gpus=args.entrypoint_num_gpus, extra_secrets=[token] if token else [])
+                    entrypoint_num_gpus=args.entrypoint_num_gpus, extra_secrets=[token] if token else [],
+                    max_file_mb=args.max_file_mb)
     try:
         for f in plan.skipped_files:
             print(f"gammaray submit: not uploaded: {f}", file=sys.stderr)
@@ -183,6 +184,8 @@ def run_stop(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    from infra.jobs import DEFAULT_MAX_FILE_MB  # standard library only: cheap at start-up
+
     p = sub.add_parser("submit", help="run a gammaray subcommand as a Ray job on a cluster (Ray Jobs)",
                        description="Validate the config and the subcommand here, stage the project with the "
                                    "resolved config as the job's working_dir, and submit it through the Ray Jobs "
@@ -207,6 +210,9 @@ def register(sub) -> None:
     p.add_argument("--allow-file", action="append", default=[], metavar="PATTERN",
                    help="upload files matching PATTERN even though their name or content looks like a credential "
                         "(a test fixture, a public certificate; same matching as --exclude; repeatable)")
+    p.add_argument("--max-file-mb", type=float, default=DEFAULT_MAX_FILE_MB, metavar="MB",
+                   help=f"refuse to upload a project file larger than this (default {DEFAULT_MAX_FILE_MB:g}; data "
+                        "belongs in object storage); the refusal names the file")
     p.add_argument("--submission-id", metavar="ID", help="job id (default gammaray-<command>-<run>-<time>-<rand>)")
     p.add_argument("--entrypoint-num-cpus", type=float, metavar="N", help="CPUs reserved for the job's driver")
     p.add_argument("--entrypoint-num-gpus", type=float, metavar="N", help="GPUs reserved for the job's driver")
