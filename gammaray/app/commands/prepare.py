@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
                           max_image_bytes=args.max_image_bytes or cfg.data.max_image_bytes,
                           allow_outside_paths=args.allow_outside_paths or cfg.data.allow_outside_paths,
                           csv_field_limit=args.csv_field_limit,
+                          max_record_bytes=args.max_record_bytes or cfg.data.max_record_bytes,
                           check_images=not args.no_image_check, io_threads=args.io_threads, progress=not args.quiet)
     try:
         res = prepare(args.src, args.dst, opts, cfg.storage)
@@ -77,6 +78,9 @@ def register(sub) -> None:
                         "only for a trusted catalogue (data.allow_outside_paths)")
     p.add_argument("--csv-field-limit", type=int, default=131_072, metavar="CHARS",
                    help="a CSV row with a longer field is quarantined as field_too_large (default 131072)")
+    p.add_argument("--max-record-bytes", type=parse_size, metavar="SIZE",
+                   help="a longer JSONL/CSV line is quarantined as oversized_record without being held in memory "
+                        "(default: data.max_record_bytes, 16MiB)")
     p.add_argument("--build-tokenizer", type=int, metavar="VOCAB",
                    help="also train a WordPiece tokenizer of this size")
     p.add_argument("--tokenizer-out", metavar="URL", help="where to write it (default: DST/../tokenizer)")
