@@ -58,7 +58,7 @@ from gammaray.schema import (QUARANTINE_SCHEMA, RECORD_SCHEMA, REQUIRED_FIELDS, 
 from . import storage
 from .catalogue import PrepareError, WriterLock, commit_manifest, load_manifest, read_manifest
 from .image_refs import ImagePolicy, StorageFault, load_image, source_root
-from .images import decode
+from .images import decode, resized_for_training
 from .readers import CSV_FIELD_LIMIT, MAX_RECORD_BYTES, RawRow, read_source, source_files
 
 RECORD_FIELDS = [f.name for f in RECORD_SCHEMA if f.name != "sample_index"]
@@ -81,6 +81,7 @@ class PrepareOptions:
     allow_outside_paths: bool = False    # local image paths may leave the source folder (data.allow_outside_paths)
     check_images: bool = True
     check_draft_side: int | None = 256  # JPEGs are checked at a reduced decode scale (every byte still read)
+    image_max_side: int | None = None   # store images shrunk to this longer side (the source is untouched)
     io_threads: int = 8
     progress: bool = True
 
@@ -162,7 +163,7 @@ class Checked:
     key: str | None = None              # the row's identity across runs (None: already in the catalogue)
     conversions: tuple[str, ...] = ()   # what decoding changed in its images
     known: bool = False                 # its product_id is already in the catalogue: images not read
-    row_hash: str | None = None         # what the row says about the record's fields (edits at the source)
+    row_hash: int | None = None         # what the row says about the record's fields (edits at the source)
 
 
 def _apply_map(values: dict[str, Any], column_map: dict[str, str]) -> dict[str, Any]:
@@ -232,7 +233,14 @@ def _validate(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfig | No
     rec = validate_record(v, limits)
     conversions: list[str] = []
     draft = (opts.check_draft_side, opts.check_draft_side) if opts.check_draft_side else None
-    if opts.check_images:
+    if opts.image_max_side:  # decoded anyway: this is the check too
+        rec["image"], done = resized_for_training(rec["image"], opts.image_max_side, opts.max_image_pixels)
+        conversions += done
+        if rec["extra_images"]:
+            extra = [resized_for_training(b, opts.image_max_side, opts.max_image_pixels) for b in rec["extra_images"]]
+            rec["extra_images"] = [b for b, _ in extra]
+            conversions += [c for _, done in extra for c in done]
+    elif opts.check_images:
         for b in [rec["image"], *(rec["extra_images"] or ())]:
             conversions += decode(b, opts.max_image_pixels, draft)[1]
     return rec, tuple(conversions), False
@@ -252,15 +260,16 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def row_hash(raw: RawRow, opts: PrepareOptions) -> str | None:
-    """sha256 of the record fields as the (mapped) row gives them: images by reference (or by the hash
-    of inline bytes), so a known record is compared without reading its images."""
+def row_hash(raw: RawRow, opts: PrepareOptions) -> int | None:
+    """The record fields as the (mapped) row gives them, hashed (sha256 cut to a signed 64 bits: one
+    small int per catalogued record in memory): images by reference (or by the hash of inline bytes),
+    so a known record is compared without reading its images."""
     if raw.values is None:
         return None
     v = _apply_map(raw.values, opts.column_map)
     try:
         text = json.dumps({f: v.get(f) for f in RECORD_FIELDS}, sort_keys=True, default=_jsonable)
-        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "little", signed=True)
     except (ValueError, TypeError, RecursionError):
         return None
 
@@ -366,6 +375,8 @@ def prepare(
     opts = options or PrepareOptions()
     if opts.row_group_size < 1 or opts.max_records_per_shard < 1 or opts.target_shard_bytes < 1:
         raise ValueError("prepare: row_group_size, max_records_per_shard and target_shard_bytes must be >= 1")
+    if opts.image_max_side is not None and opts.image_max_side < 8:
+        raise ValueError("prepare: image_max_side must be >= 8 pixels")
     if opts.max_image_bytes < 1 or opts.csv_field_limit < 1 or opts.max_record_bytes < 1:
         raise ValueError("prepare: max_image_bytes, csv_field_limit and max_record_bytes must be >= 1")
     unknown = sorted(set(opts.column_map) - set(RECORD_FIELDS))
@@ -434,7 +445,7 @@ class _Run:
         storage.write_bytes(uri, data, self.storage_cfg)
         self.writing = None
 
-    def write_shard(self, rows: list[dict], hashes: list[str | None]) -> None:
+    def write_shard(self, rows: list[dict], hashes: list[int | None]) -> None:
         rel = f"shards/part-{self.first_part + len(self.shard_uris):05d}.parquet"
         uri = storage.join(self.dst, rel)
         info = _write_shard(rows, uri, self.opts.row_group_size, self.storage_cfg, self.write)
@@ -452,7 +463,7 @@ class _Run:
                 _remove_quietly(uri, self.storage_cfg)
 
 
-def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, known: dict[str, str | None], old_quarantine: list[dict],
+def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, known: dict[str, int | None], old_quarantine: list[dict],
                   etag: str | None, t0: float) -> PrepareResult:
     dst, manifest, opts, storage_cfg = run.dst, run.manifest, run.opts, run.storage_cfg
     policy = _policy(opts, source_root(src, src_is_dir))
@@ -470,7 +481,7 @@ def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, known
     num_input = already = written = repeated = 0
     next_index = int(manifest["next_sample_index"])
     buffer: list[dict] = []
-    hashes: list[str | None] = []
+    hashes: list[int | None] = []
     buffer_bytes = 0
     cats = set(manifest.get("categories", []))
     locales = set(manifest.get("locales", []))
@@ -614,7 +625,7 @@ def _remove_quietly(uri: str, storage_cfg: StorageConfig | None) -> None:
         pass
 
 
-HASHES_SCHEMA = pa.schema([pa.field("product_id", pa.string(), nullable=False), pa.field("row_hash", pa.string())])
+HASHES_SCHEMA = pa.schema([pa.field("product_id", pa.string(), nullable=False), pa.field("row_hash", pa.int64())])
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _FULL_TEXT = ("no space left", "disk quota exceeded", "file too large", "quotaexceeded", "entitytoolarge")
 
@@ -625,16 +636,16 @@ def _hashes_path(shard_rel: str) -> str:
     return "record_hashes/" + shard_rel.rsplit("/", 1)[-1]
 
 
-def _hash_table_bytes(rows: list[dict], hashes: list[str | None]) -> bytes:
+def _hash_table_bytes(rows: list[dict], hashes: list[int | None]) -> bytes:
     buf = io.BytesIO()
     pq.write_table(pa.table({"product_id": [r["product_id"] for r in rows], "row_hash": hashes}, schema=HASHES_SCHEMA),
                    buf, compression="zstd")
     return buf.getvalue()
 
 
-def _known_records(dst: str, manifest: dict, storage_cfg: StorageConfig | None) -> dict[str, str | None]:
+def _known_records(dst: str, manifest: dict, storage_cfg: StorageConfig | None) -> dict[str, int | None]:
     """product_id -> row_hash of every record in the catalogue (None where the shard predates hashes)."""
-    known: dict[str, str | None] = {}
+    known: dict[str, int | None] = {}
     for shard in manifest["shards"]:
         try:
             with storage.open_random_access(storage.join(dst, _hashes_path(shard["path"])), storage_cfg) as f:

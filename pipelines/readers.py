@@ -114,9 +114,9 @@ def capped_lines(f: BinaryIO, cap: int, chunk: int = READ_CHUNK, first: bytes = 
         yield Line(number, None if over else bytes(carry), size, over.hexdigest() if over else None)
 
 
-def _oversized(uri: str, line: Line, cap: int, what: str = "line") -> RawRow:
-    return RawRow(uri, line.number, None, (Reason.OVERSIZED_RECORD, f"{what} {line.number + 1} has {line.size} bytes > "
-                                           f"{cap} (data.max_record_bytes); skipped unread"), digest=line.digest)
+def _oversized(uri: str, line: Line, cap: int, where: str) -> RawRow:
+    return RawRow(uri, line.number, None, (Reason.OVERSIZED_RECORD, f"{where} has {line.size} bytes > {cap} "
+                                           "(data.max_record_bytes); skipped unread"), digest=line.digest)
 
 
 def _digest(data: bytes) -> str:
@@ -132,7 +132,7 @@ def read_jsonl(uri: str, f: BinaryIO, max_record_bytes: int = MAX_RECORD_BYTES) 
         return
     for line in capped_lines(f, max_record_bytes, first=head):
         if line.data is None:
-            yield _oversized(uri, line, max_record_bytes)
+            yield _oversized(uri, line, max_record_bytes, f"line {line.number + 1}")
             continue
         if not line.data.strip():
             continue
@@ -274,7 +274,7 @@ def read_csv(uri: str, f: BinaryIO, field_limit: int = CSV_FIELD_LIMIT,
         row = first.number
         spans = len(src.taken) > 1
         if err == "over" and not spans:
-            yield _oversized(uri, first, max_record_bytes, "row" if header is not None else "header line")
+            yield _oversized(uri, first, max_record_bytes, f"row {row}" if header is not None else "the header")
             if header is None:
                 return
             continue

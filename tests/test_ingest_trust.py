@@ -6,6 +6,7 @@ Real files, a real tmpfs, a real SIGKILL, the session S3 server."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -193,27 +194,41 @@ print("RC", rc, "LEFT", left)
 """
 
 
-def test_prepare_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+def _prepare_onto_a_full_disk(src: str, disk, capsys) -> tuple[int, str, list[str]]:
+    """(exit code, stderr, files left in DST) of `gammaray prepare` onto a real 1 MiB tmpfs: mounted
+    here as root, else in a user namespace around a child process."""
+    dst = str(disk / "catalog")
+    if os.geteuid() == 0:
+        from gammaray.app.cli import main
+
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
+        try:
+            capsys.readouterr()
+            rc = main(["prepare", src, dst, "--no-image-check", "--records-per-shard", "5", "--quiet"])
+            left = [os.path.join(d, f) for d, _, fs in os.walk(dst) for f in fs]
+            return rc, capsys.readouterr().err, left
+        finally:
+            subprocess.run(["umount", str(disk)], check=True)
+    script = f"mount -t tmpfs -o size=1m tmpfs {disk} && {sys.executable} -c '{FULL_DISK_CHECK}' {src} {dst}"
+    out = subprocess.run(["unshare", "-r", "-m", "sh", "-c", script], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+    assert "RC" in out.stdout, out.stderr[-3000:]
+    rc, left = out.stdout.split("RC", 1)[1].split("LEFT", 1)
+    return int(rc), out.stderr, ast.literal_eval(left.strip())
+
+
+def test_prepare_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys):
     """Row 9: a full disk gave a raw OSError [Errno 28] traceback and left partial shards. Now: one
-    line naming the file it could not write, no manifest, no shard left behind. A real 1 MiB tmpfs (in
-    a private mount namespace: as root, or as a user namespace's root)."""
+    line naming the file it could not write, no manifest, no shard left behind (a real 1 MiB tmpfs)."""
     src = _full_disk_source(tmp_path / "raw")
     disk = tmp_path / "disk"
     disk.mkdir()
-    dst = str(disk / "catalog")
-    script = (f"mount -t tmpfs -o size=1m tmpfs {disk} && "
-              f"{sys.executable} -c '{FULL_DISK_CHECK}' {src} {dst}")
-    userns = [] if os.geteuid() == 0 else ["-r"]
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    out = subprocess.run(["unshare", *userns, "-m", "sh", "-c", script], capture_output=True, text=True, env=env,
-                         timeout=300)
-    err_lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
-    assert out.returncode == 0 and "RC 1 LEFT" in out.stdout, (out.stdout, out.stderr[-3000:])
-    assert len(err_lines) == 1, out.stderr[-3000:]
-    assert err_lines[0].startswith(f"gammaray prepare: error: storage full at {dst}/"), err_lines
+    rc, err, left = _prepare_onto_a_full_disk(src, disk, capsys)
+    err_lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 1 and len(err_lines) == 1, err[-3000:]
+    assert err_lines[0].startswith(f"gammaray prepare: error: storage full at {disk}/catalog/"), err_lines
     assert "No space left on device" in err_lines[0] and "nothing of this run was committed" in err_lines[0]
-    left = out.stdout.split("LEFT", 1)[1]
-    assert ".parquet" not in left and "manifest" not in left, left  # no shard, no hash file, no manifest
+    assert not [f for f in left if f.endswith((".parquet", "manifest.json"))], left  # no shard, hash file, manifest
 
 
 KILLED_BEFORE_COMMIT = """
