@@ -474,7 +474,7 @@ def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, known
     old_keys = {e["record_key"] for e in old_quarantine}
     new_quarantine: dict[str, dict] = {}  # record_key -> entry, this run's findings
     first_seen: list[dict] = []           # entries whose record was not quarantined before
-    decided_pids: set[str] = set()        # product_ids this run wrote or quarantined
+    decided_bad: set[str] = set()         # product_ids this run quarantined (the ones it wrote are in new_ids)
     read_sources: set[str] = set()
     changed: list[str] = []
     conversions: Counter = Counter()
@@ -513,7 +513,6 @@ def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, known
                 err = (Reason.DUPLICATE_ID, f"product_id {printable(rec['product_id'])!r} appears earlier in the source")
             else:
                 new_ids.add(rec["product_id"])
-                decided_pids.add(rec["product_id"])
                 conversions.update(checked.conversions)
                 rec["sample_index"] = next_index
                 next_index += 1
@@ -532,7 +531,7 @@ def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, known
                 bar.set_postfix(shards=len(run.shard_uris), bad=len(new_quarantine), refresh=False)
                 continue
         if checked.pid:
-            decided_pids.add(checked.pid)
+            decided_bad.add(checked.pid)
         entry = {"product_id": checked.pid, "source": printable(raw.source), "row": raw.row, "reason": err[0],
                  "detail": printable(str(err[1])[:500]), "stage": "prepare", "epoch": None, "record_key": checked.key}
         if checked.key in new_quarantine or checked.key in old_keys:
@@ -549,7 +548,7 @@ def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, known
     for e in old_quarantine:
         if e["record_key"] in new_quarantine:
             continue
-        if e["product_id"] is not None and e["product_id"] in decided_pids:
+        if e["product_id"] is not None and (e["product_id"] in new_ids or e["product_id"] in decided_bad):
             readmitted += e["product_id"] in new_ids
             continue
         if e["product_id"] is None and canonical_uri(e["source"]) in read_sources:

@@ -192,6 +192,7 @@ BLOCKS = {
     "gpu-step": gpu_step_table,
     "gpu-towers": gpu_towers_table,
     "prepare-stream": lambda: measured_table("prepare-stream"),
+    "image-max-side": lambda: measured_table("image-max-side"),
     **{name: (lambda name=name: transcribed_table(name)) for name in TRANSCRIBED},
 }
 

@@ -2,7 +2,8 @@
 
 Writes a JSONL of about `--total-mb` MB: ordinary records (a title and a description of
 `--record-kb` KB, one of 4 small shared JPEGs) and, in the middle, one line of `--line-mb` MB. Then,
-each in a fresh child process so its peak RSS (ru_maxrss) is its own:
+each in a fresh `python -c` child that imports only `pipelines.prepare`, so its peak RSS (ru_maxrss)
+is its own:
 
   prepare     `prepare` with data.max_record_bytes (the huge line is quarantined as oversized_record
               while it streams past)
@@ -16,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import resource
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -57,30 +58,29 @@ def write_source(folder: str, total_mb: int, line_mb: int, record_kb: float) -> 
     return path, n
 
 
-def _prepare_child(src: str, dst: str, max_record_bytes: int, out: mp.Queue) -> None:
-    from pipelines.prepare import PrepareOptions, prepare
+PREPARE_CHILD = """
+import json, resource, sys, time
+from pipelines.prepare import PrepareOptions, prepare
+t0 = time.perf_counter()
+res = prepare(sys.argv[1], sys.argv[2], PrepareOptions(progress=False, max_record_bytes=int(sys.argv[3])))
+print(json.dumps({"wall_s": time.perf_counter() - t0, "input": res.num_input, "written": res.num_written,
+                  "quarantined": res.quarantine_by_reason,
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
 
-    t0 = time.perf_counter()
-    res = prepare(src, dst, PrepareOptions(progress=False, max_record_bytes=max_record_bytes))
-    out.put({"wall_s": time.perf_counter() - t0, "input": res.num_input, "written": res.num_written,
-             "quarantined": res.quarantine_by_reason,
-             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+READ_WHOLE_CHILD = """
+import json, resource, sys
+import pipelines.prepare  # the same imports as the prepare child
+with open(sys.argv[1], "rb") as f:
+    lines = f.read().splitlines()
+print(json.dumps({"lines": len(lines), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
 
 
-def _read_whole_child(src: str, out: mp.Queue) -> None:
-    with open(src, "rb") as f:
-        lines = f.read().splitlines()
-    out.put({"lines": len(lines), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
-
-
-def _in_child(target, *args) -> dict:
-    ctx = mp.get_context("spawn")  # a fresh interpreter: its peak RSS is its own
-    q = ctx.Queue()
-    p = ctx.Process(target=target, args=(*args, q))
-    p.start()
-    res = q.get()
-    p.join()
-    return res
+def _in_child(code: str, *args) -> dict:
+    """A fresh interpreter that imports only what prepare needs: its peak RSS is prepare's own."""
+    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
         size = os.path.getsize(src)
         print(f"source: {size / 2**20:.0f} MiB, {n} records + one line of {args.line_mb} MiB "
               f"(written in {time.perf_counter() - t0:.0f} s)")
-        prep = _in_child(_prepare_child, src, os.path.join(tmp, "catalog"), args.max_record_mb * 2**20)
-        whole = _in_child(_read_whole_child, src)
+        prep = _in_child(PREPARE_CHILD, src, os.path.join(tmp, "catalog"), args.max_record_mb * 2**20)
+        whole = _in_child(READ_WHOLE_CHILD, src)
     rows = [["prepare (streamed, max_record_bytes %d MiB)" % args.max_record_mb, f"{prep['peak_rss_mib']:.0f}",
              f"{prep['input'] / prep['wall_s']:.0f}",
              f"{prep['written']} written, {sum(prep['quarantined'].values())} quarantined {prep['quarantined']}"],

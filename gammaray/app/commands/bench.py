@@ -22,6 +22,7 @@ BENCHES = {
     "ingest": "gammaray.app.benchmarks.ingest",
     "decode": "gammaray.app.benchmarks.decode",
     "prepare-stream": "gammaray.app.benchmarks.prepare_stream",
+    "image-max-side": "gammaray.app.benchmarks.image_max_side",
 }
 
 
