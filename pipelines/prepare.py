@@ -8,6 +8,7 @@ column map renames source columns to record fields. DST receives
     DST/shards/part-00000.parquet ...   RECORD_SCHEMA rows, row groups of `row_group_size`
     DST/manifest.json                    counts, schema version, sources, shards and their row groups
     DST/quarantine/prepare-00000.parquet every record currently rejected: product_id, source, row, reason
+    DST/record_hashes/part-00000.parquet per shard: product_id, row_hash (what the source row said: edits)
 
 Shards are cut at `max_records_per_shard` records or `target_shard_bytes` bytes, whichever comes
 first. The source is streamed: memory holds one shard plus the validation window, not the catalogue.
@@ -28,8 +29,13 @@ absolute, relative or file:// does not grow the count, and the count is of disti
 record validated again in a later run replaces its earlier entries: fixed in place (its row or its
 image file), it is admitted and leaves the quarantine.
 
-Length (about 540 lines): prepare is one pass (read, validate, shard, quarantine, manifest) whose
-steps share the shard writer and the manifest; readers, images and faults live in their own modules.
+A prepare that does not commit removes what it wrote (a full disk is one line: "storage full at
+PATH"); what a killed one left is removed by the next prepare, under the lock. A record in the
+catalogue whose source row changed is listed as changed, never re-admitted (docs/data.md, Identity).
+
+Length (about 720 lines): prepare is one pass (read, validate, shard, quarantine, manifest) whose
+steps share the shard writer, the manifest and the cleanup of an uncommitted run; readers, images and
+faults live in their own modules.
 """
 
 from __future__ import annotations
