@@ -162,7 +162,8 @@ def _jsonl_row(uri: str, i: int, line: bytes) -> RawRow:
 def _read_json_array(uri: str, f: BinaryIO, head: bytes, cap: int) -> Iterator[RawRow]:
     data = bytearray(head)
     h = None
-    while block := f.read(READ_CHUNK):
+    block = b""
+    while True:
         if h is None and len(data) + len(block) > cap:
             h = hashlib.sha256(data)
             data = bytearray()
@@ -170,6 +171,9 @@ def _read_json_array(uri: str, f: BinaryIO, head: bytes, cap: int) -> Iterator[R
             data += block
         else:
             h.update(block)
+        block = f.read(READ_CHUNK)
+        if not block:
+            break
     if h is not None:
         yield RawRow(uri, -1, None, (Reason.OVERSIZED_RECORD, f"a JSON array file over {cap} bytes "
                                      "(data.max_record_bytes) is not read whole: write it as JSON Lines"),

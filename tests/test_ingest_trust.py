@@ -131,6 +131,11 @@ def test_a_line_over_the_cap_streams_past_without_being_held(tmp_path):
     _csv(raw / "items.csv", [f"C0,lamp,img/g0.jpg,{'w' * (3 * 2**20)}", "C1,lamp,img/g1.jpg,plain"])
     res = prepare(str(raw / "items.csv"), dst, PrepareOptions(max_record_bytes=2**20, **OPTS))
     assert res.quarantine_by_reason == {Reason.OVERSIZED_RECORD: 1} and res.num_written == 1, res.summary()
+    # a JSON array file is read whole only up to the cap
+    (raw / "array.json").write_text(json.dumps([_good(7, description="w" * 3 * 2**19)]))
+    res = prepare(str(raw / "array.json"), str(tmp_path / "array-catalog"), PrepareOptions(max_record_bytes=2**20, **OPTS))
+    assert res.quarantine_by_reason == {Reason.OVERSIZED_RECORD: 1} and res.num_written == 0, res.summary()
+    assert "write it as JSON Lines" in read_quarantine(res.dst).to_pylist()[0]["detail"]
     shutil.copy(src, raw / "renamed.jsonl")
     res = prepare(str(raw / "renamed.jsonl"), dst, PrepareOptions(max_record_bytes=2**20, **OPTS))
     assert (res.num_quarantined, res.num_already_quarantined) == (0, 1)
