@@ -159,6 +159,11 @@ class DataConfig(Section):
         64 * 2**20, ge=1, description="prepare: larger image files are quarantined as image_too_large, from their "
                                       "size before any byte is read (a read never goes past this many bytes)."
     )
+    max_record_bytes: int = Field(
+        16 * 2**20, ge=1, description="prepare: a JSONL or CSV line longer than this is quarantined as oversized_record "
+                                      "while it streams past (never held in memory); a JSON array file is read whole "
+                                      "only up to this size."
+    )
     allow_outside_paths: bool = Field(
         False, description="prepare: read local image paths that resolve outside the source folder (.., absolute "
                            "paths, symlinks). Off: they are quarantined as image_path_outside_source."

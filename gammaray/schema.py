@@ -12,6 +12,8 @@ Image bytes are checked by decoding them, which needs PIL and lives in `pipeline
 
 from __future__ import annotations
 
+import math
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -55,6 +57,8 @@ class Reason:
     WRONG_TYPE = "wrong_type"
     EMPTY_TEXT = "empty_text"
     OVERSIZED_TEXT = "oversized_text"
+    OVERSIZED_RECORD = "oversized_record"    # a source line (JSONL, CSV) over data.max_record_bytes, skipped unread
+    UNCLOSED_QUOTE = "unclosed_quote"        # a CSV quote that never closes: the lines after it are read as rows again
     NON_UTF8_TEXT = "non_utf8_text"
     DUPLICATE_ID = "duplicate_product_id"
     IMAGE_NOT_FOUND = "image_not_found"
@@ -220,9 +224,32 @@ def _text(v: Any, name: str, limits: Limits, required: bool = False) -> str | No
         raise Invalid(Reason.WRONG_TYPE, f"field '{name}' must be a string, got {type(v).__name__}")
     if "\ufffd" in v:
         raise Invalid(Reason.NON_UTF8_TEXT, f"field '{name}' holds undecodable bytes (U+FFFD)")
+    _encodable(v, name)
     if len(v) > limits.max_text_chars:
         raise Invalid(Reason.OVERSIZED_TEXT, f"field '{name}' has {len(v)} chars > {limits.max_text_chars}")
     return v
+
+
+def _encodable(v: str, name: str) -> None:
+    """Lone surrogates (a JSON `"\\ud800"` escape, a path decoded with surrogateescape) are valid in a
+    Python str but have no UTF-8 form: Arrow, Parquet and every tokenizer refuse them."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise Invalid(Reason.NON_UTF8_TEXT, f"field '{name}': character {err.start} is a lone surrogate "
+                                            f"(U+{ord(v[err.start]):04X}), which UTF-8 cannot encode") from None
+
+
+# shown as nothing, yet neither whitespace nor a control character to str.isspace(): a title of only
+# these tokenizes to [CLS][SEP]
+_INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u2800\u180e")
+
+
+def is_blank(text: str) -> bool:
+    """True when `text` shows nothing: whitespace, format characters (zero-width space/joiners, BOM,
+    bidi marks, soft hyphen), controls and the blank fillers."""
+    return all(c.isspace() or c in _INVISIBLE or unicodedata.category(c) in ("Cf", "Cc", "Zs", "Zl", "Zp")
+               for c in text)
 
 
 def _str_map(v: Any, name: str, limits: Limits) -> list[tuple[str, str]] | None:
@@ -252,8 +279,8 @@ def _str_map(v: Any, name: str, limits: Limits) -> list[tuple[str, str]] | None:
         if not isinstance(k, _SCALARS):
             raise Invalid(Reason.WRONG_TYPE, f"field '{name}' has a key of type {type(k).__name__}")
         key = _text(str(k), f"{name} key", limits) or ""
-        if val is None:
-            continue
+        if val is None or (isinstance(val, float) and not math.isfinite(val)):
+            continue  # NaN / Infinity carry no value: dropped like a null (docs/data.md, Quarantine)
         if not isinstance(val, _SCALARS):
             raise Invalid(Reason.WRONG_TYPE, f"field '{name}[{key[:80]}]' must be a string, got {type(val).__name__}")
         out.append((key, _text(str(val), f"{name}[{key[:80]}]", limits) or ""))
@@ -270,16 +297,17 @@ def validate_record(values: Mapping[str, Any], limits: Limits = Limits()) -> dic
     UTF-8 and within `limits`, maps as sorted (key, value) pairs (deterministic shards), image bytes
     non-empty. The image's content is checked separately (pipelines.images.open_checked)."""
     pid = values.get("product_id")
-    if pid is None or (isinstance(pid, str) and not pid.strip()):
+    if pid is None or (isinstance(pid, str) and is_blank(pid)):
         raise Invalid(Reason.MISSING_FIELD, "field 'product_id' is missing or empty")
     if isinstance(pid, bool) or not isinstance(pid, (str, int)):
         raise Invalid(Reason.WRONG_TYPE, f"field 'product_id' must be a string, got {type(pid).__name__}")
     pid = str(pid).strip()
+    _encodable(pid, "product_id")
     if len(pid) > MAX_PRODUCT_ID_CHARS:
         raise Invalid(Reason.OVERSIZED_TEXT, f"field 'product_id' has {len(pid)} chars > {MAX_PRODUCT_ID_CHARS}")
     title = _text(values.get("title"), "title", limits)
-    if title is None or not title.strip():
-        raise Invalid(Reason.EMPTY_TEXT, "field 'title' is null or empty")
+    if title is None or is_blank(title):
+        raise Invalid(Reason.EMPTY_TEXT, "field 'title' is null, empty or only invisible characters")
     rec: dict[str, Any] = {"product_id": pid, "title": " ".join(title.split())}
     for name in ("description", "category", "locale"):
         rec[name] = _text(values.get(name), name, limits)

@@ -110,7 +110,7 @@ def _read_local(path: str, policy: ImagePolicy) -> bytes:
         if st.st_size > policy.max_bytes:
             raise Invalid(Reason.IMAGE_TOO_LARGE, f"{path[:300]}: {st.st_size} bytes > limit {policy.max_bytes}")
         with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(policy.max_bytes + 1)
+            data = f.read(min(st.st_size, policy.max_bytes) + 1)  # not a max_bytes buffer per small image
     except OSError as err:
         raise _local_error(err, path) from None
     finally:
@@ -158,8 +158,9 @@ def _read_s3(uri: str, policy: ImagePolicy, storage_cfg: StorageConfig | None) -
             raise Invalid(Reason.IMAGE_PATH_INVALID, f"{uri[:500]} is a folder (a key prefix), not an object")
         if info.size is not None and info.size > policy.max_bytes:
             raise Invalid(Reason.IMAGE_TOO_LARGE, f"{uri[:300]}: {info.size} bytes > limit {policy.max_bytes}")
+        want = policy.max_bytes if info.size is None else min(info.size, policy.max_bytes)
         with fs.open_input_stream(path) as f:
-            return f.read(policy.max_bytes + 1)
+            return f.read(want + 1)  # a read(n) allocates n bytes first: not max_bytes per small image
 
     data = _classified(read, uri, storage_cfg, remote_host=False)
     if len(data) > policy.max_bytes:

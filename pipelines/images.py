@@ -204,3 +204,26 @@ def _composite(img: Image.Image, background: tuple[int, int, int], done: list[st
     out.paste(rgba, mask=alpha)
     done.append(Conversion.TRANSPARENCY)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# prepare --image-max-side: images stored at training size
+
+RESIZED = "resized"  # a Conversion name: stored smaller by prepare --image-max-side
+
+
+def resized_for_training(data: bytes, max_side: int, max_pixels: int,
+                         background: tuple[int, int, int] = WHITE, quality: int = 90) -> tuple[bytes, tuple[str, ...]]:
+    """`data` whose longer side is at most `max_side` pixels, as the stream will see it: an image within
+    the limit comes back byte for byte; a larger one is decoded (every conversion of `decode` applied,
+    transparency composited onto `background`), shrunk with a Lanczos filter to `max_side` on its longer
+    side and stored as an RGB JPEG of `quality`. Raises `Invalid` like `decode`."""
+    img, done = decode(data, max_pixels, (max_side, max_side), background)
+    with Image.open(io.BytesIO(data)) as header:
+        w, h = header.size
+    if max(w, h) <= max_side:
+        return data, done
+    img.thumbnail((max_side, max_side), Image.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality, optimize=True)
+    return buf.getvalue(), (*done, RESIZED)

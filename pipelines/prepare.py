@@ -8,6 +8,7 @@ column map renames source columns to record fields. DST receives
     DST/shards/part-00000.parquet ...   RECORD_SCHEMA rows, row groups of `row_group_size`
     DST/manifest.json                    counts, schema version, sources, shards and their row groups
     DST/quarantine/prepare-00000.parquet every record currently rejected: product_id, source, row, reason
+    DST/record_hashes/part-00000.parquet per shard: product_id, row_hash (what the source row said: edits)
 
 Shards are cut at `max_records_per_shard` records or `target_shard_bytes` bytes, whichever comes
 first. The source is streamed: memory holds one shard plus the validation window, not the catalogue.
@@ -28,12 +29,18 @@ absolute, relative or file:// does not grow the count, and the count is of disti
 record validated again in a later run replaces its earlier entries: fixed in place (its row or its
 image file), it is admitted and leaves the quarantine.
 
-Length (about 540 lines): prepare is one pass (read, validate, shard, quarantine, manifest) whose
-steps share the shard writer and the manifest; readers, images and faults live in their own modules.
+A prepare that does not commit removes what it wrote (a full disk is one line: "storage full at
+PATH"); what a killed one left is removed by the next prepare, under the lock. A record in the
+catalogue whose source row changed is listed as changed, never re-admitted (docs/data.md, Identity).
+
+Length (about 720 lines): prepare is one pass (read, validate, shard, quarantine, manifest) whose
+steps share the shard writer, the manifest and the cleanup of an uncommitted run; readers, images and
+faults live in their own modules.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import itertools
@@ -57,8 +64,8 @@ from gammaray.schema import (QUARANTINE_SCHEMA, RECORD_SCHEMA, REQUIRED_FIELDS, 
 from . import storage
 from .catalogue import PrepareError, WriterLock, commit_manifest, load_manifest, read_manifest
 from .image_refs import ImagePolicy, StorageFault, load_image, source_root
-from .images import decode
-from .readers import CSV_FIELD_LIMIT, RawRow, read_source, source_files
+from .images import decode, resized_for_training
+from .readers import CSV_FIELD_LIMIT, MAX_RECORD_BYTES, RawRow, read_source, source_files
 
 RECORD_FIELDS = [f.name for f in RECORD_SCHEMA if f.name != "sample_index"]
 
@@ -76,9 +83,11 @@ class PrepareOptions:
     max_image_bytes: int = 64 * 2**20    # checked before an image is read (data.max_image_bytes)
     max_text_chars: int = 8192
     csv_field_limit: int = CSV_FIELD_LIMIT
+    max_record_bytes: int = MAX_RECORD_BYTES  # one JSONL/CSV line; longer is oversized_record, skipped unread
     allow_outside_paths: bool = False    # local image paths may leave the source folder (data.allow_outside_paths)
     check_images: bool = True
     check_draft_side: int | None = 256  # JPEGs are checked at a reduced decode scale (every byte still read)
+    image_max_side: int | None = None   # store images shrunk to this longer side (the source is untouched)
     io_threads: int = 8
     progress: bool = True
 
@@ -97,6 +106,8 @@ class PrepareResult:
     image_conversions: dict[str, int] = field(default_factory=dict)  # what decoding changed in valid images
     num_already_quarantined: int = 0     # bad rows whose record was quarantined before (or earlier in this run)
     num_readmitted: int = 0              # records quarantined by an earlier run, written by this one
+    changed_ids: list[str] = field(default_factory=list)  # in the catalogue, edited at the source since (kept as first prepared)
+    num_orphans_removed: int = 0         # uncommitted files of an earlier prepare that did not finish
 
     def summary(self) -> str:
         lines = [
@@ -112,6 +123,13 @@ class PrepareResult:
             lines.append(f"  already quarantined {self.num_already_quarantined}  (the same record as before)")
         if self.num_readmitted:
             lines.append(f"  re-admitted        {self.num_readmitted}  (quarantined before, good now)")
+        if self.changed_ids:
+            shown = ", ".join(repr(p) for p in self.changed_ids[:5]) + (", ..." if len(self.changed_ids) > 5 else "")
+            lines.append(f"  changed at source  {len(self.changed_ids)}  ({shown}: the catalogue keeps the version first "
+                         "prepared; see docs/data.md, Identity)")
+        if self.num_orphans_removed:
+            lines.append(f"  removed            {self.num_orphans_removed} uncommitted file(s) of an earlier prepare that "
+                         "did not finish")
         if self.image_conversions:
             lines.append("  images converted   (decoded as the stream will: see docs/data.md, Images)")
             for name, n in sorted(self.image_conversions.items()):
@@ -132,7 +150,9 @@ class PrepareResult:
                 "num_records": self.manifest["num_records"],
                 "quarantine_total": self.manifest["quarantine"]["count"],
                 "quarantine_total_by_reason": self.manifest["quarantine"]["by_reason"],
-                "image_conversions": self.image_conversions, "wall_s": round(self.wall_s, 2)}
+                "image_conversions": self.image_conversions, "wall_s": round(self.wall_s, 2),
+                "num_changed": len(self.changed_ids), "changed_ids": self.changed_ids,
+                "num_orphans_removed": self.num_orphans_removed}
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,6 +169,7 @@ class Checked:
     key: str | None = None              # the row's identity across runs (None: already in the catalogue)
     conversions: tuple[str, ...] = ()   # what decoding changed in its images
     known: bool = False                 # its product_id is already in the catalogue: images not read
+    row_hash: int | None = None         # what the row says about the record's fields (edits at the source)
 
 
 def _apply_map(values: dict[str, Any], column_map: dict[str, str]) -> dict[str, Any]:
@@ -180,7 +201,7 @@ def validate_raw(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfig |
     try:
         rec, conversions, known = _validate(raw, opts, storage_cfg, policy, pid in known_ids, images)
         if known:
-            return Checked(None, None, pid, known=True)
+            return Checked(None, None, pid, known=True, row_hash=row_hash(raw, opts))
     except Invalid as bad:
         err = (bad.reason, bad.detail)
     except (StorageFault, MemoryError):
@@ -189,7 +210,7 @@ def validate_raw(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfig |
         err = (Reason.NESTING_TOO_DEEP, "the record is nested too deeply to validate")
     except Exception as unexpected:  # noqa: BLE001 - one odd record must not abort a catalogue
         err = (Reason.INVALID_RECORD, f"{type(unexpected).__name__}: {unexpected}"[:300])
-    return Checked(rec, err, pid, _content_key(raw, images), conversions)
+    return Checked(rec, err, pid, _content_key(raw, images), conversions, row_hash=row_hash(raw, opts) if rec else None)
 
 
 def _validate(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfig | None, policy: ImagePolicy,
@@ -218,7 +239,14 @@ def _validate(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfig | No
     rec = validate_record(v, limits)
     conversions: list[str] = []
     draft = (opts.check_draft_side, opts.check_draft_side) if opts.check_draft_side else None
-    if opts.check_images:
+    if opts.image_max_side:  # decoded anyway: this is the check too
+        rec["image"], done = resized_for_training(rec["image"], opts.image_max_side, opts.max_image_pixels)
+        conversions += done
+        if rec["extra_images"]:
+            extra = [resized_for_training(b, opts.image_max_side, opts.max_image_pixels) for b in rec["extra_images"]]
+            rec["extra_images"] = [b for b, _ in extra]
+            conversions += [c for _, done in extra for c in done]
+    elif opts.check_images:
         for b in [rec["image"], *(rec["extra_images"] or ())]:
             conversions += decode(b, opts.max_image_pixels, draft)[1]
     return rec, tuple(conversions), False
@@ -230,15 +258,38 @@ def _raw_product_id(raw: RawRow, opts: PrepareOptions) -> str | None:
     v = raw.values.get(opts.column_map.get("product_id", "product_id"))
     if isinstance(v, bool) or not isinstance(v, (str, int, float)):
         return None  # a nested value: validation says what is wrong with it
-    return str(v).strip()[:512] or None
+    return printable(str(v).strip()[:512]) or None
+
+
+def printable(text: str) -> str:
+    """`text` as UTF-8 can hold it: a lone surrogate becomes its escape (a quarantine entry must be writable)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def row_hash(raw: RawRow, opts: PrepareOptions) -> int | None:
+    """The record fields as the (mapped) row gives them, hashed (sha256 cut to a signed 64 bits: one
+    small int per catalogued record in memory): images by reference (or by the hash of inline bytes),
+    so a known record is compared without reading its images."""
+    if raw.values is None:
+        return None
+    v = _apply_map(raw.values, opts.column_map)
+    try:
+        text = json.dumps({f: v.get(f) for f in RECORD_FIELDS}, sort_keys=True, default=_jsonable)
+        return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "little", signed=True)
+    except (ValueError, TypeError, RecursionError):
+        return None
 
 
 def _content_key(raw: RawRow, images: list[bytes]) -> str:
     """sha256 of what the row says (all its columns) and of the bytes of the images it names. A row
-    that could not be read has no content: its key is its place in the (canonically named) source."""
+    that could not be parsed is keyed by its raw bytes (`digest`), so a renamed copy of the source
+    names the same record; only a row with neither (a damaged Parquet row group or tar) is keyed by
+    its place in the (canonically named) source."""
     h = hashlib.sha256()
     try:
         if raw.values is None:
+            if raw.digest is not None:
+                return hashlib.sha256(f"raw\0{raw.digest}".encode()).hexdigest()
             raise ValueError("no values")
         h.update(json.dumps(raw.values, sort_keys=True, default=_jsonable).encode("utf-8", "surrogatepass"))
     except (ValueError, TypeError, RecursionError):
@@ -269,12 +320,16 @@ def canonical_uri(uri: str) -> str:
 # writing
 
 
-def _write_shard(rows: list[dict], uri: str, row_group_size: int, storage_cfg: StorageConfig | None) -> dict:
+def _write_shard(rows: list[dict], uri: str, row_group_size: int, storage_cfg: StorageConfig | None,
+                 write=None) -> dict:
     table = pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)
     buf = io.BytesIO()
     pq.write_table(table, buf, row_group_size=row_group_size, compression="zstd", write_statistics=True)
     data = buf.getvalue()
-    storage.write_bytes(uri, data, storage_cfg)
+    if write is None:
+        storage.write_bytes(uri, data, storage_cfg)
+    else:
+        write(uri, data)
     groups = [min(row_group_size, len(rows) - s) for s in range(0, len(rows), row_group_size)]
     return {"num_rows": len(rows), "row_groups": groups, "sha256": hashlib.sha256(data).hexdigest(),
             "first_sample_index": rows[0]["sample_index"], "bytes": len(data)}
@@ -304,7 +359,7 @@ def _validated(rows: Iterator[RawRow], opts: PrepareOptions, storage_cfg: Storag
 def _source_rows(files: list[str], opts: PrepareOptions, storage_cfg: StorageConfig | None) -> Iterator[RawRow]:
     for f in files:
         try:
-            yield from read_source(f, storage_cfg, opts.csv_field_limit)
+            yield from read_source(f, storage_cfg, opts.csv_field_limit, opts.max_record_bytes)
         except PrepareError:
             raise
         except Exception as err:  # noqa: BLE001 - a damaged file is rows with reasons; this is the file itself
@@ -326,8 +381,10 @@ def prepare(
     opts = options or PrepareOptions()
     if opts.row_group_size < 1 or opts.max_records_per_shard < 1 or opts.target_shard_bytes < 1:
         raise ValueError("prepare: row_group_size, max_records_per_shard and target_shard_bytes must be >= 1")
-    if opts.max_image_bytes < 1 or opts.csv_field_limit < 1:
-        raise ValueError("prepare: max_image_bytes and csv_field_limit must be >= 1")
+    if opts.image_max_side is not None and opts.image_max_side < 8:
+        raise ValueError("prepare: image_max_side must be >= 8 pixels")
+    if opts.max_image_bytes < 1 or opts.csv_field_limit < 1 or opts.max_record_bytes < 1:
+        raise ValueError("prepare: max_image_bytes, csv_field_limit and max_record_bytes must be >= 1")
     unknown = sorted(set(opts.column_map) - set(RECORD_FIELDS))
     if unknown:
         raise ValueError(f"prepare: --map names unknown record field(s) {unknown}; fields: {RECORD_FIELDS}")
@@ -352,59 +409,116 @@ def _prepare_locked(src: str, src_is_dir: bool, files: list[str], dst: str, opts
             raise ValueError(f"{storage.join(dst, 'manifest.json')}: catalogue has schema version {version}; appending "
                              f"needs version {SCHEMA_VERSION}: prepare into a new destination")
         manifest.setdefault("locales", [])
+    orphans = _remove_uncommitted(dst, manifest, storage_cfg)
     if manifest is None:
         manifest = new_manifest()
-        known_ids, old_quarantine = set(), []
+        known, old_quarantine = {}, []
     else:
-        known_ids = _known_ids(dst, manifest, storage_cfg)
+        known = _known_records(dst, manifest, storage_cfg)
         old_quarantine = _read_quarantine_entries(dst, manifest, storage_cfg)
+    run = _Run(dst, manifest, opts, storage_cfg, lock)
+    try:
+        res = _prepare_pass(src, src_is_dir, files, run, known, old_quarantine, etag, t0)
+    except OSError as err:
+        if not _storage_full(err):
+            raise
+        run.discard()
+        raise PrepareError(f"storage full at {run.writing or dst} ({_os_text(err)}); nothing of this run was committed "
+                           "and its partial files were removed: free space and run the same command again") from None
+    except BaseException:
+        run.discard()
+        raise
+    res.num_orphans_removed = orphans
+    return res
+
+
+class _Run:
+    """The files one prepare writes before its commit: removed again if it does not commit."""
+
+    def __init__(self, dst: str, manifest: dict, opts: PrepareOptions, storage_cfg: StorageConfig | None,
+                 lock: WriterLock):
+        self.dst, self.manifest, self.opts, self.storage_cfg, self.lock = dst, manifest, opts, storage_cfg, lock
+        self.first_part = len(manifest["shards"])
+        self.shard_uris: list[str] = []
+        self.uncommitted: list[str] = []
+        self.writing: str | None = None
+        self.committed = False
+
+    def write(self, uri: str, data: bytes) -> None:
+        self.lock.check()
+        self.writing = uri
+        self.uncommitted.append(uri)
+        storage.write_bytes(uri, data, self.storage_cfg)
+        self.writing = None
+
+    def write_shard(self, rows: list[dict], hashes: list[int | None]) -> None:
+        rel = f"shards/part-{self.first_part + len(self.shard_uris):05d}.parquet"
+        uri = storage.join(self.dst, rel)
+        info = _write_shard(rows, uri, self.opts.row_group_size, self.storage_cfg, self.write)
+        self.write(storage.join(self.dst, _hashes_path(rel)), _hash_table_bytes(rows, hashes))
+        self.manifest["shards"].append({"path": rel, **info})
+        self.shard_uris.append(uri)
+
+    def discard(self) -> None:
+        try:
+            self.lock.check()
+        except PrepareError:
+            return  # another prepare holds DST now: the same file names may be its files
+        if not self.committed:
+            for uri in self.uncommitted:
+                _remove_quietly(uri, self.storage_cfg)
+
+
+def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, known: dict[str, int | None], old_quarantine: list[dict],
+                  etag: str | None, t0: float) -> PrepareResult:
+    dst, manifest, opts, storage_cfg = run.dst, run.manifest, run.opts, run.storage_cfg
     policy = _policy(opts, source_root(src, src_is_dir))
     rows = _source_rows(files, opts, storage_cfg)
 
-    seen: set[str] = set(known_ids)
+    new_ids: set[str] = set()             # product_ids this run wrote (the catalogue's are in `known`)
+    known_seen: set[str] = set()          # product_ids of the catalogue this run met in the source
     old_keys = {e["record_key"] for e in old_quarantine}
     new_quarantine: dict[str, dict] = {}  # record_key -> entry, this run's findings
     first_seen: list[dict] = []           # entries whose record was not quarantined before
-    decided_pids: set[str] = set()        # product_ids this run wrote or quarantined
-    written_pids: set[str] = set()
+    decided_bad: set[str] = set()         # product_ids this run quarantined (the ones it wrote are in new_ids)
     read_sources: set[str] = set()
+    changed: list[str] = []
     conversions: Counter = Counter()
     num_input = already = written = repeated = 0
     next_index = int(manifest["next_sample_index"])
-    first_part = len(manifest["shards"])
-    shard_uris: list[str] = []
     buffer: list[dict] = []
+    hashes: list[int | None] = []
     buffer_bytes = 0
     cats = set(manifest.get("categories", []))
     locales = set(manifest.get("locales", []))
 
     def flush() -> None:
-        nonlocal buffer, buffer_bytes
-        if not buffer:
-            return
-        lock.check()
-        rel = f"shards/part-{first_part + len(shard_uris):05d}.parquet"
-        info = _write_shard(buffer, storage.join(dst, rel), opts.row_group_size, storage_cfg)
-        manifest["shards"].append({"path": rel, **info})
-        shard_uris.append(storage.join(dst, rel))
-        buffer, buffer_bytes = [], 0
+        nonlocal buffer, hashes, buffer_bytes
+        if buffer:
+            run.write_shard(buffer, hashes)
+        buffer, hashes, buffer_bytes = [], [], 0
 
     bar = tqdm(desc="prepare", unit="rec", disable=not opts.progress, dynamic_ncols=True)
-    for raw, checked in _validated(rows, opts, storage_cfg, policy, known_ids):
+    for raw, checked in _validated(rows, opts, storage_cfg, policy, known):
         num_input += 1
         bar.update(1)
         read_sources.add(canonical_uri(raw.source))
         if checked.known:
-            already += 1
-            continue
+            if checked.pid not in known_seen:
+                known_seen.add(checked.pid)
+                already += 1
+                stored = known[checked.pid]
+                if stored is not None and checked.row_hash is not None and stored != checked.row_hash:
+                    changed.append(checked.pid)
+                continue
+            # the same catalogued product_id again in the source: the duplicate the first run quarantined
+            checked = validate_raw(raw, opts, storage_cfg, policy)
         rec, err = checked.rec, checked.err
         if err is None and rec is not None:
-            if rec["product_id"] in seen:
-                err = (Reason.DUPLICATE_ID, f"product_id {rec['product_id']!r} appears earlier in the source")
+            if rec["product_id"] in new_ids or rec["product_id"] in known:
+                err = (Reason.DUPLICATE_ID, f"product_id {printable(rec['product_id'])!r} appears earlier in the source")
             else:
-                seen.add(rec["product_id"])
-                decided_pids.add(rec["product_id"])
-                written_pids.add(rec["product_id"])
+                new_ids.add(rec["product_id"])
                 conversions.update(checked.conversions)
                 rec["sample_index"] = next_index
                 next_index += 1
@@ -416,15 +530,16 @@ def _prepare_locked(src: str, src_is_dir: bool, files: list[str], dst: str, opts
                 for loc, _ in rec.get("titles") or ():
                     locales.add(loc)
                 buffer.append(rec)
+                hashes.append(checked.row_hash)
                 buffer_bytes += _record_bytes(rec)
                 if len(buffer) >= opts.max_records_per_shard or buffer_bytes >= opts.target_shard_bytes:
                     flush()
-                bar.set_postfix(shards=len(shard_uris), bad=len(new_quarantine), refresh=False)
+                bar.set_postfix(shards=len(run.shard_uris), bad=len(new_quarantine), refresh=False)
                 continue
         if checked.pid:
-            decided_pids.add(checked.pid)
-        entry = {"product_id": checked.pid, "source": raw.source, "row": raw.row, "reason": err[0],
-                 "detail": str(err[1])[:500], "stage": "prepare", "epoch": None, "record_key": checked.key}
+            decided_bad.add(checked.pid)
+        entry = {"product_id": checked.pid, "source": printable(raw.source), "row": raw.row, "reason": err[0],
+                 "detail": printable(str(err[1])[:500]), "stage": "prepare", "epoch": None, "record_key": checked.key}
         if checked.key in new_quarantine or checked.key in old_keys:
             repeated += 1  # the same record (same content) as one quarantined before
         else:
@@ -439,8 +554,8 @@ def _prepare_locked(src: str, src_is_dir: bool, files: list[str], dst: str, opts
     for e in old_quarantine:
         if e["record_key"] in new_quarantine:
             continue
-        if e["product_id"] is not None and e["product_id"] in decided_pids:
-            readmitted += e["product_id"] in written_pids
+        if e["product_id"] is not None and (e["product_id"] in new_ids or e["product_id"] in decided_bad):
+            readmitted += e["product_id"] in new_ids
             continue
         if e["product_id"] is None and canonical_uri(e["source"]) in read_sources:
             continue
@@ -448,9 +563,10 @@ def _prepare_locked(src: str, src_is_dir: bool, files: list[str], dst: str, opts
     current = kept + list(new_quarantine.values())
     quarantine_changed = _signature(current) != _signature(old_quarantine)
     source = canonical_uri(src)
+    result = dict(num_input=num_input, written=written, already=already, first_seen=first_seen, repeated=repeated,
+                  readmitted=readmitted, shard_uris=run.shard_uris, conversions=conversions, changed=changed, t0=t0)
     if not (written or quarantine_changed or source not in manifest["sources"]):
-        return _result(dst, manifest, num_input, written, already, first_seen, repeated, readmitted, shard_uris,
-                       conversions, t0)
+        return _result(dst, manifest, **result)
 
     old_files = list(manifest["quarantine"]["files"])
     if quarantine_changed:
@@ -460,8 +576,7 @@ def _prepare_locked(src: str, src_is_dir: bool, files: list[str], dst: str, opts
             qrel = f"quarantine/prepare-{_next_file_number(old_files):05d}.parquet"
             buf = io.BytesIO()
             pq.write_table(pa.Table.from_pylist(current, schema=QUARANTINE_SCHEMA), buf)
-            lock.check()
-            storage.write_bytes(storage.join(dst, qrel), buf.getvalue(), storage_cfg)
+            run.write(storage.join(dst, qrel), buf.getvalue())
             manifest["quarantine"]["files"] = [qrel]
     manifest["num_records"] = int(manifest["num_records"]) + written
     manifest["next_sample_index"] = next_index
@@ -469,23 +584,24 @@ def _prepare_locked(src: str, src_is_dir: bool, files: list[str], dst: str, opts
         manifest["sources"].append(source)
     manifest["categories"] = sorted(cats)
     manifest["locales"] = sorted(locales)
-    lock.check()
+    run.lock.check()
+    run.writing = storage.join(dst, "manifest.json")
     commit_manifest(dst, manifest, etag, storage_cfg)
+    run.committed, run.writing = True, None
     for rel in old_files:  # superseded by the new quarantine file; readers only follow the manifest
         if rel not in manifest["quarantine"]["files"]:
             _remove_quietly(storage.join(dst, rel), storage_cfg)
-    return _result(dst, manifest, num_input, written, already, first_seen, repeated, readmitted, shard_uris,
-                   conversions, t0)
+    return _result(dst, manifest, **result)
 
 
-def _result(dst, manifest, num_input, written, already, first_seen, repeated, readmitted, shard_uris, conversions,
-            t0) -> PrepareResult:
+def _result(dst, manifest, *, num_input, written, already, first_seen, repeated, readmitted, shard_uris, conversions,
+            changed, t0) -> PrepareResult:
     return PrepareResult(dst=dst, num_input=num_input, num_written=written, num_already_present=already,
                          num_quarantined=len(first_seen),
                          quarantine_by_reason=dict(Counter(e["reason"] for e in first_seen)),
                          shards_written=shard_uris, manifest=manifest, wall_s=time.perf_counter() - t0,
                          image_conversions=dict(sorted(conversions.items())), num_already_quarantined=repeated,
-                         num_readmitted=readmitted)
+                         num_readmitted=readmitted, changed_ids=changed)
 
 
 def _refuse_destination_inside_source(src: str, dst: str, src_is_dir: bool) -> None:
@@ -514,13 +630,72 @@ def _remove_quietly(uri: str, storage_cfg: StorageConfig | None) -> None:
         pass
 
 
-def _known_ids(dst: str, manifest: dict, storage_cfg: StorageConfig | None) -> set[str]:
-    ids: set[str] = set()
+HASHES_SCHEMA = pa.schema([pa.field("product_id", pa.string(), nullable=False), pa.field("row_hash", pa.int64())])
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_FULL_TEXT = ("no space left", "disk quota exceeded", "file too large", "quotaexceeded", "entitytoolarge")
+
+
+def _hashes_path(shard_rel: str) -> str:
+    """Beside each shard, what its rows said at the source (product_id, row_hash): edits are found
+    without reading images. Written before the commit, like the shard."""
+    return "record_hashes/" + shard_rel.rsplit("/", 1)[-1]
+
+
+def _hash_table_bytes(rows: list[dict], hashes: list[int | None]) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"product_id": [r["product_id"] for r in rows], "row_hash": hashes}, schema=HASHES_SCHEMA),
+                   buf, compression="zstd")
+    return buf.getvalue()
+
+
+def _known_records(dst: str, manifest: dict, storage_cfg: StorageConfig | None) -> dict[str, int | None]:
+    """product_id -> row_hash of every record in the catalogue (None where the shard predates hashes)."""
+    known: dict[str, int | None] = {}
     for shard in manifest["shards"]:
+        try:
+            with storage.open_random_access(storage.join(dst, _hashes_path(shard["path"])), storage_cfg) as f:
+                table = pq.read_table(f)
+            if table.num_rows == shard["num_rows"]:
+                known.update(zip(table.column("product_id").to_pylist(), table.column("row_hash").to_pylist()))
+                continue
+        except Exception as err:  # noqa: BLE001 - missing (an older catalogue) or unreadable: use the shard
+            if storage.is_storage_fault(err):
+                raise
         with storage.open_random_access(storage.join(dst, shard["path"]), storage_cfg) as f:
             table = pq.read_table(f, columns=["product_id"])
-        ids.update(table.column("product_id").to_pylist())
-    return ids
+        known.update(dict.fromkeys(table.column("product_id").to_pylist()))
+    return known
+
+
+def _remove_uncommitted(dst: str, manifest: dict | None, storage_cfg: StorageConfig | None) -> int:
+    """Under the lock, a shard, hash or quarantine file the manifest does not name was left by a prepare
+    that died before its commit: nobody will ever read it."""
+    named = set()
+    for shard in (manifest or {}).get("shards", []):
+        named.update((shard["path"], _hashes_path(shard["path"])))
+    named.update((manifest or {}).get("quarantine", {}).get("files", []))
+    removed = 0
+    for folder, pattern in (("shards", r"part-\d+\.parquet"), ("record_hashes", r"part-\d+\.parquet"),
+                            ("quarantine", r"prepare-\d+\.parquet")):
+        base = storage.join(dst, folder)
+        try:
+            found = storage.list_files(base, storage=storage_cfg)
+        except FileNotFoundError:
+            continue
+        for uri in found:
+            name = uri.rsplit("/", 1)[-1]
+            if re.fullmatch(pattern, name) and f"{folder}/{name}" not in named:
+                _remove_quietly(uri, storage_cfg)
+                removed += 1
+    return removed
+
+
+def _storage_full(err: OSError) -> bool:
+    return getattr(err, "errno", None) in _FULL_ERRNOS or any(t in str(err).lower() for t in _FULL_TEXT)
+
+
+def _os_text(err: OSError) -> str:
+    return str(err).splitlines()[0][:300]
 
 
 def _read_quarantine_entries(dst: str, manifest: dict, storage_cfg: StorageConfig | None) -> list[dict]:

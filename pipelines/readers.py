@@ -14,11 +14,12 @@ the caption and `product_id` to the key (override with a column map).
 from __future__ import annotations
 
 import csv
-import io
+import hashlib
 import json
 import tarfile
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -31,6 +32,8 @@ from . import storage
 SOURCE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".tar")
 CSV_FIELD_LIMIT = 131_072  # chars; Python's csv default. A longer field is `field_too_large` (often an unclosed quote)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+MAX_RECORD_BYTES = 16 * 2**20  # one JSONL/CSV line (data.max_record_bytes); a longer one is oversized_record
+READ_CHUNK = 2**20
 
 
 @dataclass
@@ -40,6 +43,7 @@ class RawRow:
     values: dict[str, Any] | None  # None when the row itself could not be read
     error: tuple[str, str] | None = None  # (reason, detail) found while reading
     columns: frozenset[str] | None = None  # the source file's columns (tabular files), for missing-column checks
+    digest: str | None = None  # sha256 of the raw bytes of a row that could not be read: its identity across runs
 
 
 def source_files(src: str, storage_cfg: StorageConfig | None = None) -> list[str]:
@@ -56,63 +60,141 @@ def source_files(src: str, storage_cfg: StorageConfig | None = None) -> list[str
     return files
 
 
-def read_source(uri: str, storage_cfg: StorageConfig | None = None,
-                csv_field_limit: int = CSV_FIELD_LIMIT) -> Iterator[RawRow]:
+def read_source(uri: str, storage_cfg: StorageConfig | None = None, csv_field_limit: int = CSV_FIELD_LIMIT,
+                max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[RawRow]:
     if uri.endswith(".parquet"):
         yield from read_parquet(uri, storage_cfg)
     elif uri.endswith(".tar"):
         yield from read_webdataset(uri, storage_cfg)
     else:
-        data = storage.read_bytes(uri, storage_cfg)
-        if uri.endswith(".csv"):
-            yield from read_csv(uri, data, csv_field_limit)
-        else:
-            yield from read_jsonl(uri, data)
+        with storage.open_input(uri, storage_cfg) as f:
+            if uri.endswith(".csv"):
+                yield from read_csv(uri, f, csv_field_limit, max_record_bytes)
+            else:
+                yield from read_jsonl(uri, f, max_record_bytes)
 
 
 # --------------------------------------------------------------------------------------------
-# JSONL and CSV: small text files, read whole
+# JSONL and CSV: streamed line by line, a line over the cap skipped without being held
 
 
-def read_jsonl(uri: str, data: bytes) -> Iterator[RawRow]:
-    """JSON Lines; a `.json` file holding one array of objects is read as well."""
-    if data.lstrip()[:1] == b"[":
-        try:
-            items = json.loads(data.decode("utf-8"))
-        except RecursionError:
-            yield RawRow(uri, -1, None, (Reason.NESTING_TOO_DEEP, "the JSON array is nested too deeply to parse"))
-            return
-        except (UnicodeDecodeError, ValueError) as err:
-            yield RawRow(uri, -1, None, (Reason.WRONG_TYPE, f"not a JSON array of objects: {err}"[:300]))
-            return
-        for i, obj in enumerate(items):
-            if isinstance(obj, dict):
-                yield RawRow(uri, i, obj)
+@dataclass
+class Line:
+    number: int            # 0-based physical line
+    data: bytes | None     # without its "\n"; None when over the cap (never held whole)
+    size: int              # bytes, without the "\n"
+    digest: str | None     # sha256 of an over-cap line, computed while it was skipped
+
+
+def capped_lines(f: BinaryIO, cap: int, chunk: int = READ_CHUNK, first: bytes = b"") -> Iterator[Line]:
+    """The lines of a binary stream, read `chunk` bytes at a time. A line longer than `cap` bytes is
+    hashed as it streams past and yielded with data=None: memory holds at most cap + chunk bytes."""
+    carry = bytearray()
+    over = None  # the hash of the line being skipped
+    size = number = 0
+    block = first or f.read(chunk)
+    while block:
+        parts = block.split(b"\n")
+        for k, part in enumerate(parts):
+            size += len(part)
+            if over is not None:
+                over.update(part)
+            elif size > cap:
+                over = hashlib.sha256(carry)
+                over.update(part)
+                carry = bytearray()
             else:
-                yield RawRow(uri, i, None, (Reason.WRONG_TYPE, f"item {i} is not a JSON object"))
+                carry += part
+            if k < len(parts) - 1:  # a newline ends this part
+                yield Line(number, None if over else bytes(carry), size, over.hexdigest() if over else None)
+                carry, over, size = bytearray(), None, 0
+                number += 1
+        block = f.read(chunk)
+    if size or over is not None:
+        yield Line(number, None if over else bytes(carry), size, over.hexdigest() if over else None)
+
+
+def _oversized(uri: str, line: Line, cap: int, where: str) -> RawRow:
+    return RawRow(uri, line.number, None, (Reason.OVERSIZED_RECORD, f"{where} has {line.size} bytes > {cap} "
+                                           "(data.max_record_bytes); skipped unread"), digest=line.digest)
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_jsonl(uri: str, f: BinaryIO, max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[RawRow]:
+    """JSON Lines, streamed; a `.json` file holding one array of objects is read whole, up to
+    `max_record_bytes` (a larger array is one oversized_record: convert it to JSON Lines)."""
+    head = f.read(READ_CHUNK)
+    if head.lstrip()[:1] == b"[":
+        yield from _read_json_array(uri, f, head, max_record_bytes)
         return
-    for i, line in enumerate(data.splitlines()):
-        if not line.strip():
+    for line in capped_lines(f, max_record_bytes, first=head):
+        if line.data is None:
+            yield _oversized(uri, line, max_record_bytes, f"line {line.number + 1}")
             continue
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as err:
-            loose = _loads_or_none(line.decode("utf-8", errors="replace"))
-            yield RawRow(uri, i, loose if isinstance(loose, dict) else None,
-                         (Reason.NON_UTF8_TEXT, f"line {i + 1}, byte {err.start}: {err.reason}"))
+        if not line.data.strip():
             continue
-        try:
-            obj = json.loads(text)
-        except RecursionError:
-            yield RawRow(uri, i, None, (Reason.NESTING_TOO_DEEP, f"line {i + 1} is JSON nested too deeply to parse"))
-            continue
-        except ValueError as err:  # JSONDecodeError, or an integer literal too long to convert
-            yield RawRow(uri, i, None, (Reason.WRONG_TYPE, f"line {i + 1} is not a JSON object: {err}"[:300]))
-            continue
-        if not isinstance(obj, dict):
-            yield RawRow(uri, i, None, (Reason.WRONG_TYPE, f"line {i + 1} is not a JSON object"))
-            continue
-        yield RawRow(uri, i, obj)
+        yield _jsonl_row(uri, line.number, line.data)
+
+
+def _jsonl_row(uri: str, i: int, line: bytes) -> RawRow:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        loose = _loads_or_none(line.decode("utf-8", errors="replace"))
+        return RawRow(uri, i, loose if isinstance(loose, dict) else None,
+                      (Reason.NON_UTF8_TEXT, f"line {i + 1}, byte {err.start}: {err.reason}"), digest=_digest(line))
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        return RawRow(uri, i, None, (Reason.NESTING_TOO_DEEP, f"line {i + 1} is JSON nested too deeply to parse"),
+                      digest=_digest(line))
+    except ValueError as err:  # JSONDecodeError, or an integer literal too long to convert
+        return RawRow(uri, i, None, (Reason.WRONG_TYPE, f"line {i + 1} is not a JSON object: {err}"[:300]),
+                      digest=_digest(line))
+    if not isinstance(obj, dict):
+        return RawRow(uri, i, None, (Reason.WRONG_TYPE, f"line {i + 1} is not a JSON object"), digest=_digest(line))
+    return RawRow(uri, i, obj)
+
+
+def _read_json_array(uri: str, f: BinaryIO, head: bytes, cap: int) -> Iterator[RawRow]:
+    data = bytearray(head)
+    h = None
+    block = b""
+    while True:
+        if h is None and len(data) + len(block) > cap:
+            h = hashlib.sha256(data)
+            data = bytearray()
+        if h is None:
+            data += block
+        else:
+            h.update(block)
+        block = f.read(READ_CHUNK)
+        if not block:
+            break
+    if h is not None:
+        yield RawRow(uri, -1, None, (Reason.OVERSIZED_RECORD, f"a JSON array file over {cap} bytes "
+                                     "(data.max_record_bytes) is not read whole: write it as JSON Lines"),
+                     digest=h.hexdigest())
+        return
+    try:
+        items = json.loads(bytes(data).decode("utf-8"))
+    except RecursionError:
+        yield RawRow(uri, -1, None, (Reason.NESTING_TOO_DEEP, "the JSON array is nested too deeply to parse"),
+                     digest=_digest(data))
+        return
+    except (UnicodeDecodeError, ValueError) as err:
+        yield RawRow(uri, -1, None, (Reason.WRONG_TYPE, f"not a JSON array of objects: {err}"[:300]), digest=_digest(data))
+        return
+    del data
+    for i, obj in enumerate(items):
+        if isinstance(obj, dict):
+            yield RawRow(uri, i, obj)
+        else:
+            yield RawRow(uri, i, None, (Reason.WRONG_TYPE, f"item {i} is not a JSON object"),
+                         digest=_digest(json.dumps(obj, sort_keys=True).encode("utf-8", "surrogatepass")))
 
 
 def _loads_or_none(text: str) -> Any:
@@ -122,46 +204,111 @@ def _loads_or_none(text: str) -> Any:
         return None
 
 
-def read_csv(uri: str, data: bytes, field_limit: int = CSV_FIELD_LIMIT) -> Iterator[RawRow]:
-    """Headers are stripped (they are often space-padded); each line is decoded on its own so one
-    non-UTF-8 row does not sink the file. Rows are numbered from 1 (the header is row 0). A row with
-    a field longer than `field_limit` characters is `field_too_large` (the csv module stops there and
-    goes on at the next line)."""
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    text = data.decode("utf-8", errors="replace")
-    csv.field_size_limit(field_limit)  # process-wide; set per file so each source gets its own limit
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = [c.strip() for c in next(reader)]
-    except StopIteration:
-        return
-    except csv.Error as err:
-        yield RawRow(uri, -1, None, (Reason.FIELD_TOO_LARGE if "field limit" in str(err) else Reason.WRONG_TYPE,
-                                     f"CSV header: {err}"))
-        return
-    cols = frozenset(header)
-    strict_ok = b"\xef\xbf\xbd" not in data  # no U+FFFD in the file: any we see came from bad bytes
-    i = 0
-    while True:
-        i += 1
+class _OverCap(Exception):
+    pass
+
+
+class _CsvLines:
+    """csv.reader's input: decoded physical lines, each record's lines remembered (`taken`) so a
+    record that went wrong can give back all but its first line to be read again (`again`)."""
+
+    def __init__(self, lines: Iterator[Line]):
+        self._lines = lines
+        self.again: deque[Line] = deque()
+        self.taken: list[Line] = []
+        self.eof = False
+        self.bad_bytes = False
+
+    def __iter__(self) -> "_CsvLines":
+        return self
+
+    def __next__(self) -> str:
+        if self.again:
+            line = self.again.popleft()
+        else:
+            try:
+                line = next(self._lines)
+            except StopIteration:
+                self.eof = True
+                raise
+        self.taken.append(line)
+        if line.data is None:
+            raise _OverCap
+        data = line.data[3:] if line.number == 0 and line.data.startswith(b"\xef\xbb\xbf") else line.data
         try:
-            vals = next(reader)
+            return data.decode("utf-8") + "\n"
+        except UnicodeDecodeError:
+            self.bad_bytes = True
+            return data.decode("utf-8", errors="replace") + "\n"
+
+    def start(self) -> None:
+        self.taken, self.eof, self.bad_bytes = [], False, False
+
+    def give_back(self) -> None:
+        """The record's first line was the fault: its other lines are read again as rows of their own."""
+        self.again.extendleft(reversed(self.taken[1:]))
+
+
+def read_csv(uri: str, f: BinaryIO, field_limit: int = CSV_FIELD_LIMIT,
+             max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[RawRow]:
+    """Streamed line by line. Headers are stripped (they are often space-padded); each line is decoded
+    on its own so one non-UTF-8 row does not sink the file. A row's number is its first physical line
+    (the header is row 0). A row with a field longer than `field_limit` characters is
+    `field_too_large`; a quote that never closes (the record runs to the end of the file, over the
+    field limit, or gets the wrong number of fields over several lines) is `unclosed_quote` for its
+    first line, and the lines it swallowed are read again as rows of their own."""
+    src = _CsvLines(capped_lines(f, max_record_bytes))
+    csv.field_size_limit(field_limit)  # process-wide; set per file so each source gets its own limit
+    header: list[str] | None = None
+    cols: frozenset[str] | None = None
+    while True:
+        src.start()
+        try:
+            vals = next(csv.reader(src))
+            err = None
         except StopIteration:
-            return
-        except csv.Error as err:
-            too_large = "field limit" in str(err)
-            detail = (f"row {i} has a field longer than {field_limit} characters (an unclosed quote?)" if too_large
-                      else f"row {i}: {err}")
-            yield RawRow(uri, i, None, (Reason.FIELD_TOO_LARGE if too_large else Reason.WRONG_TYPE, detail), cols)
+            if not src.taken:
+                return
+            vals, err = None, "eof"
+        except _OverCap:
+            vals, err = None, "over"
+        except csv.Error as e:
+            vals, err = None, ("field" if "field limit" in str(e) else str(e))
+        first = src.taken[0]
+        row = first.number
+        spans = len(src.taken) > 1
+        if err == "over" and not spans:
+            yield _oversized(uri, first, max_record_bytes, f"row {row}" if header is not None else "the header")
+            if header is None:
+                return
+            continue
+        if header is None:
+            if err is not None:
+                reason = Reason.FIELD_TOO_LARGE if err == "field" else Reason.OVERSIZED_RECORD if err == "over" \
+                    else Reason.WRONG_TYPE
+                yield RawRow(uri, -1, None, (reason, f"CSV header: {err}"))
+                return
+            header = [c.strip() for c in vals]
+            cols = frozenset(header)
+            continue
+        malformed = spans and (err is not None or src.eof or len(vals) != len(header))
+        if malformed:
+            yield RawRow(uri, row, None, (Reason.UNCLOSED_QUOTE, f"row {row}: a quote opened here never closes "
+                                          f"properly (it swallowed {len(src.taken) - 1} line(s), read again as rows)"),
+                         cols, digest=_digest(first.data or b""))
+            src.give_back()
+            continue
+        if err is not None:
+            detail = (f"row {row} has a field longer than {field_limit} characters (an unclosed quote?)" if err == "field"
+                      else f"row {row}: {err}")
+            yield RawRow(uri, row, None, (Reason.FIELD_TOO_LARGE if err == "field" else Reason.WRONG_TYPE, detail), cols,
+                         digest=_digest(b"\n".join(ln.data or b"" for ln in src.taken)))
             continue
         if not any(v.strip() for v in vals):
             continue
-        row = {k: v.strip() for k, v in zip(header, vals)}
-        err = None
-        if any("\ufffd" in v for v in vals) and strict_ok:
-            err = (Reason.NON_UTF8_TEXT, f"row {i} holds bytes that are not UTF-8")
-        yield RawRow(uri, i, row, err, cols)
+        values = {k: v.strip() for k, v in zip(header, vals)}
+        bad = (Reason.NON_UTF8_TEXT, f"row {row} holds bytes that are not UTF-8") if src.bad_bytes else None
+        yield RawRow(uri, row, values, bad, cols)
 
 
 # --------------------------------------------------------------------------------------------

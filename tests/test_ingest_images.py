@@ -171,3 +171,44 @@ def test_the_configured_background_reaches_the_training_stream():
     cfg = apply_overrides(GammarayConfig(), {"data.image_background": [10, 20, 30], "data.tokenizer": "/tok"})
     spec = stream_spec(cfg, "/cat", [], 0, train=False, with_aug=False, batch_size=8).preprocess
     assert spec.image_background == (10, 20, 30)
+
+
+def test_image_max_side_stores_training_size_images_and_leaves_the_source(tmp_path):
+    """Issue 22 part 5: `prepare --image-max-side PX` stores a large photo shrunk to PX on its longer
+    side (EXIF orientation and transparency applied as the stream would), a small one byte for byte,
+    and never touches the source files."""
+    from pipelines.images import RESIZED
+    from pipelines.prepare import PrepareOptions, load_manifest, prepare
+    from pipelines import storage
+    import pyarrow.parquet as pq
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rng = np.random.default_rng(0)
+    photo = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (150, 240, 3), dtype=np.uint8)).save(photo, "JPEG", quality=85)
+    small = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(small, "JPEG", quality=85)
+    rgba = np.zeros((80, 100, 4), dtype=np.uint8)
+    rgba[..., 0] = 255  # red hidden under alpha 0 on the left half
+    rgba[:, 50:, 3] = 255
+    cutout = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(cutout, "PNG")
+    files = {"photo.jpg": photo.getvalue(), "small.jpg": small.getvalue(), "cutout.png": cutout.getvalue()}
+    for name, data in files.items():
+        (raw / name).write_bytes(data)
+    (raw / "items.jsonl").write_text("\n".join(json.dumps({"product_id": n, "title": f"lamp {n}", "image": n})
+                                               for n in files))
+    res = prepare(str(raw / "items.jsonl"), str(tmp_path / "catalog"), PrepareOptions(image_max_side=64, progress=False))
+    assert res.num_written == 3, res.summary()
+    stored = {}
+    for s in load_manifest(res.dst)["shards"]:
+        stored.update({r["product_id"]: r["image"] for r in
+                       pq.read_table(storage.join(res.dst, s["path"]), columns=["product_id", "image"]).to_pylist()})
+    assert Image.open(io.BytesIO(stored["photo.jpg"])).size == (64, 40)
+    assert stored["small.jpg"] == files["small.jpg"]  # within the limit: as it was
+    cut = Image.open(io.BytesIO(stored["cutout.png"]))
+    assert cut.mode == "RGB" and cut.size == (64, 51) and len(stored["photo.jpg"]) < len(files["photo.jpg"]) / 4
+    assert np.asarray(cut)[25, 5].min() > 240  # alpha 0 composited onto white, not the hidden red
+    assert res.image_conversions[RESIZED] == 2 and res.image_conversions[Conversion.TRANSPARENCY] == 1
+    assert {n: (raw / n).read_bytes() for n in files} == files  # the source is untouched

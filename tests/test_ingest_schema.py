@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from gammaray.schema import (ALL_REASONS, RECORD_SCHEMA, SCHEMA_VERSION, Invalid, Limits, Reason, SchemaError,
-                             check_readable, check_table_schema, conform_table, pair_slots, validate_record)
+                             check_readable, check_table_schema, conform_table, is_blank, pair_slots, validate_record)
 
 pytestmark = pytest.mark.ingest
 
@@ -65,7 +65,7 @@ def test_reason_codes_are_unique_strings():
 text_st = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\ufffd"), max_size=40)
 
 
-@given(pid=text_st.filter(lambda s: s.strip()), title=text_st.filter(lambda s: s.strip()), desc=st.none() | text_st,
+@given(pid=text_st.filter(lambda s: not is_blank(s)), title=text_st.filter(lambda s: not is_blank(s)), desc=st.none() | text_st,
        attrs=st.none() | st.dictionaries(text_st, text_st, max_size=4), image=st.binary(min_size=1, max_size=64))
 @settings(max_examples=150, deadline=None)
 def test_any_valid_record_fits_the_arrow_schema_and_roundtrips(pid, title, desc, attrs, image):
@@ -114,3 +114,14 @@ def test_view_pairs_name_model_output_slots():
     assert pair_slots("image_image") == ("image", "image_pair")
     with pytest.raises(ValueError, match="unknown view pair"):
         pair_slots("audio_text")
+
+
+@given(title=st.text(alphabet=st.sampled_from(" \t\n\x1b\u200b\u200c\u200d\u2060\ufeff\u00ad\u200e\u3164\u2800\u00a0"),
+                     max_size=12))
+@settings(max_examples=60, deadline=None)
+def test_a_title_that_shows_nothing_is_empty_text(title):
+    """Issue 23 row 11: zero-width, format, control and blank-filler characters alone are no title."""
+    with pytest.raises(Invalid) as err:
+        validate_record({"product_id": "P", "title": title, "image": b"x"})
+    assert err.value.reason == Reason.EMPTY_TEXT
+    assert validate_record({"product_id": "P", "title": title + "lamp", "image": b"x"})["title"].endswith("lamp")

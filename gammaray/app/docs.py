@@ -56,6 +56,13 @@ def transcribed_table(name: str) -> str:
             f"`{data['command']}`). Source: `{BENCH}/{name}.json`.*")
 
 
+def measured_table(name: str) -> str:
+    """A table a benchmark wrote as {columns, rows, provenance, setting, command}."""
+    data = load(f"{name}.json")
+    return (markdown_table(data["columns"], data["rows"]) + "\n\n"
+            f"*{data['setting']}; {data['provenance']}: `{data['command']}`. Source: `{BENCH}/{name}.json`.*")
+
+
 def synthetic_table(name: str) -> str:
     return synthetic.format_table(synthetic.summary_rows(load(f"{name}.json")))
 
@@ -198,6 +205,8 @@ BLOCKS = {
     "gpu-check": gpu_check_table,
     "gpu-step": gpu_step_table,
     "gpu-towers": gpu_towers_table,
+    "prepare-stream": lambda: measured_table("prepare-stream"),
+    "image-max-side": lambda: measured_table("image-max-side"),
     **{name: (lambda name=name: transcribed_table(name)) for name in TRANSCRIBED},
 }
 

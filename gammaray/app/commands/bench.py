@@ -22,6 +22,8 @@ BENCHES = {
     "ingest": "gammaray.app.benchmarks.ingest",
     "decode": "gammaray.app.benchmarks.decode",
     "scale": "gammaray.app.benchmarks.scale",
+    "prepare-stream": "gammaray.app.benchmarks.prepare_stream",
+    "image-max-side": "gammaray.app.benchmarks.image_max_side",
 }
 
 

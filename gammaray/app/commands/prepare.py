@@ -35,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
                           max_image_bytes=args.max_image_bytes or cfg.data.max_image_bytes,
                           allow_outside_paths=args.allow_outside_paths or cfg.data.allow_outside_paths,
                           csv_field_limit=args.csv_field_limit,
+                          max_record_bytes=args.max_record_bytes or cfg.data.max_record_bytes,
+                          image_max_side=args.image_max_side,
                           check_images=not args.no_image_check, io_threads=args.io_threads, progress=not args.quiet)
     try:
         res = prepare(args.src, args.dst, opts, cfg.storage)
@@ -70,6 +72,9 @@ def register(sub) -> None:
                    help="rows per row group: the shuffle unit and one Ray Data task (default 128)")
     p.add_argument("--no-image-check", action="store_true",
                    help="skip the full decode of every image (bad images are then quarantined while streaming)")
+    p.add_argument("--image-max-side", type=int, metavar="PX",
+                   help="store each image shrunk to PX pixels on its longer side (decoded, converted as the stream "
+                        "would, RGB JPEG); smaller images are stored as they are; the source is never changed")
     p.add_argument("--io-threads", type=int, default=8, help="threads fetching and checking images (default 8)")
     p.add_argument("--max-image-bytes", type=parse_size, metavar="SIZE",
                    help="larger image files are quarantined before they are read (default: data.max_image_bytes, 64MiB)")
@@ -78,6 +83,9 @@ def register(sub) -> None:
                         "only for a trusted catalogue (data.allow_outside_paths)")
     p.add_argument("--csv-field-limit", type=int, default=131_072, metavar="CHARS",
                    help="a CSV row with a longer field is quarantined as field_too_large (default 131072)")
+    p.add_argument("--max-record-bytes", type=parse_size, metavar="SIZE",
+                   help="a longer JSONL/CSV line is quarantined as oversized_record without being held in memory "
+                        "(default: data.max_record_bytes, 16MiB)")
     p.add_argument("--build-tokenizer", type=int, metavar="VOCAB",
                    help="also train a WordPiece tokenizer of this size")
     p.add_argument("--tokenizer-sample", type=int, metavar="N",
