@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="write every run, mean and std as JSON (docs/bench/demo.json)")
     p.add_argument("--demo-args", default="", metavar="ARGS",
                    help="extra arguments for every `gammaray demo`, e.g. '--n-train 300 --n-val 60' (default none)")
+    p.add_argument("--collect", nargs="+", metavar="SUMMARY.json",
+                   help="run nothing: collect runs already made, each by `gammaray demo --json SUMMARY.json`")
+    p.add_argument("--console", metavar="STDOUT.txt", help="with --collect: the first run's stdout")
 
 
 def spread(runs: list[dict]) -> dict:
@@ -97,8 +100,8 @@ def readme_block(data: dict) -> str:
     sp, n = data["spread"], len(data["runs"])
     m = data["machine"]
     return (f"```\n$ make demo\n{data['console']}\n```\n\n"
-            f"Runs are not bit-identical, so here are {n} fresh runs of the same code and seed (the first one's "
-            f"output is above); mean ± sample standard deviation over the {n}:\n\n"
+            f"Runs are not bit-identical, so here are {n} fresh runs of the same code and seed (the output above "
+            f"is run 1's); mean ± sample standard deviation over the {n}:\n\n"
             f"{format_table(data)}\n\n"
             f"R@1 {sp['r_at_1_i2t'][0]:.3f} ± {sp['r_at_1_i2t'][1]:.3f} (image->text) / "
             f"{sp['r_at_1_t2i'][0]:.3f} ± {sp['r_at_1_t2i'][1]:.3f} (text->image), zero-shot "
@@ -108,12 +111,26 @@ def readme_block(data: dict) -> str:
             f"`{data['command']}`. Source: `docs/bench/demo.json`.*")
 
 
+def collect(paths: list[str], console_path: str | None) -> tuple[list[dict], str]:
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs.append(json.load(f))
+    console = ""
+    if console_path:
+        with open(console_path) as f:
+            console = console_text(f.read()).replace(os.path.dirname(os.path.abspath(paths[0])) + "/", "")
+    return runs, console
+
+
 def run(args: argparse.Namespace) -> int:
     demo_args = args.demo_args.split()
     load_before = os.getloadavg()
     runs, console = [], None
     with tempfile.TemporaryDirectory(prefix="gammaray-bench-demo-") as workdir:
-        for i in range(1, args.runs + 1):
+        if args.collect:
+            runs, console = collect(args.collect, args.console)
+        for i in range(1, 0 if args.collect else args.runs + 1):
             t = time.perf_counter()
             summary, text = one_run(i, workdir, demo_args)
             console = console or text
@@ -121,7 +138,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"run {i}/{args.runs}: R@1 {summary['r_at_1_i2t']:.3f} / {summary['r_at_1_t2i']:.3f}, zero-shot "
                   f"{summary['zero_shot_acc']:.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
     data = {
-        "command": ("gammaray bench demo " + shlex.join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "demo"]
+        "command": (f"gammaray demo --json RUN.json in {len(runs)} fresh processes, then gammaray bench demo "
+                    f"--collect RUN.json... --console STDOUT.txt --json docs/bench/demo.json" if args.collect
+                    else "gammaray bench demo " + shlex.join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "demo"]
                     else f"gammaray bench demo --runs {args.runs}"),
         "date": datetime.date.today().isoformat(),
         "commit": git_commit(),
@@ -142,3 +161,21 @@ def run(args: argparse.Namespace) -> int:
             f.write("\n")
         print(f"written {args.json}")
     return 0
+
+
+def cause_table(data: dict) -> str:
+    """docs/bench/demo-cause.json: the demo's figures per (code, catalogue) pair, mean ± std over its runs."""
+    keys = ["r_at_1_i2t", "r_at_1_t2i", "r_at_5_i2t", "r_at_5_t2i", "r_at_10_i2t", "r_at_10_t2i", "zero_shot_acc"]
+    header = ["code", "catalogue (pipelines/synthetic.py)", "runs", "R@1 i->t", "R@1 t->i", "R@5 i->t", "R@5 t->i",
+              "R@10 i->t", "R@10 t->i", "zero-shot"]
+
+    def cell(vals: list[float]) -> str:
+        if len(vals) == 1:
+            return f"{vals[0]:.3f}"
+        return f"{statistics.fmean(vals):.3f} ± {statistics.stdev(vals):.3f}"
+
+    rows = [[v["code"], v["catalogue"], str(len(v["runs"]))] + [cell([float(r[k]) for r in v["runs"]]) for k in keys]
+            for v in data["variants"]]
+    return (markdown_table(header, rows) + "\n\n"
+            f"*{data['setting']}. Commands: " + "; ".join(f"`{v['command']}`" for v in data["variants"])
+            + ". Source: `docs/bench/demo-cause.json`.*")
