@@ -2,8 +2,8 @@
 
 Runs `gammaray demo --json` N times (default 3), each in its own process with its own S3 server and Ray,
 with the demo's defaults (run.seed 0) unless --set/--config say otherwise. Runs of the same seed are not
-bit-identical (thread timing in the reductions of gloo and torch moves the trained weights), so one run
-is not the demo's figure: the JSON keeps every run, their mean and sample standard deviation, and the
+bit-identical (run.deterministic is off; measured: R@1 0.054 to 0.072 over three runs), so one run is
+not the demo's figure: the JSON keeps every run, their mean and sample standard deviation, and the
 console output of the first run. The README's demo block is rendered from it by `python -m
 gammaray.app.docs`.
 
