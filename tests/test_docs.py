@@ -59,7 +59,7 @@ def test_a_broken_link_or_nav_entry_fails_the_strict_build(tmp_path, plant):
 
 def test_every_generated_part_is_what_the_generator_writes_now():
     assert docs.stale() == [], "regenerate with `python -m gammaray.app.docs`"
-    names = {m["name"] for p in (ROOT / "docs").rglob("*.md") for m in docs.BLOCK.finditer(p.read_text())}
+    names = {m["name"] for p in docs.pages() for m in docs.BLOCK.finditer(p.read_text())}
     assert names == set(docs.BLOCKS), "a generator nothing uses, or a block twice"
 
 
@@ -72,6 +72,18 @@ def test_an_edited_table_is_caught(tmp_path):
     page.write_text(edited)
     (root / "docs" / "config-reference.md").write_text("typed by hand\n")
     assert docs.stale(root) == ["docs/config-reference.md", "docs/benchmarks.md"]
+
+
+def test_the_readme_demo_figures_are_the_committed_runs(tmp_path):
+    """The README's demo output is rendered from docs/bench/demo.json: a figure typed over it is caught."""
+    readme = (ROOT / "README.md").read_text()
+    block = next(m for m in docs.BLOCK.finditer(readme) if m["name"] == "demo")
+    first = docs.load("demo.json")["runs"][0]
+    figure = f"{first['r_at_1_i2t']:.3f}"
+    assert figure in block["body"] and "mean ± std" in block["body"]
+    root = copy_of_the_docs(tmp_path)
+    (root / "README.md").write_text(readme.replace(block["body"], block["body"].replace(figure, "0.999", 1)))
+    assert docs.stale(root) == ["README.md"]
 
 
 def test_the_benchmarks_page_types_no_table():

@@ -5,7 +5,7 @@ docs/bench/ and the configuration key reference from gammaray/config.py's descri
     python -m gammaray.app.docs --check    # exit 1 and name what is stale (tests/test_docs.py runs this)
 
 Two kinds of output. Whole files (GENERATED_FILES), e.g. docs/bench/recipe.md. Blocks inside hand-written
-pages, between
+pages (README.md and docs/**/*.md), between
 
     <!-- generated: NAME ... -->
     <!-- end generated -->
@@ -26,7 +26,7 @@ from pathlib import Path
 
 # the benchmarks' own report functions (one place for these imports)
 from gammaray.config import describe
-from gammaray.app.benchmarks import batch, recipe, scale, structure, synthetic, tune_structure
+from gammaray.app.benchmarks import batch, demo_runs, recipe, scale, structure, synthetic, tune_structure
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = "docs/bench"
@@ -207,6 +207,8 @@ BLOCKS = {
     "gpu-towers": gpu_towers_table,
     "prepare-stream": lambda: measured_table("prepare-stream"),
     "image-max-side": lambda: measured_table("image-max-side"),
+    "demo": lambda: demo_runs.readme_block(load("demo.json")),
+    "demo-cause": lambda: demo_runs.cause_table(load("demo-cause.json")),
     **{name: (lambda name=name: transcribed_table(name)) for name in TRANSCRIBED},
 }
 
@@ -237,10 +239,16 @@ def fill_blocks(page: str, where: str) -> str:
     return BLOCK.sub(body, page)
 
 
+def pages(root: Path = ROOT) -> list[Path]:
+    """The pages that may hold generated blocks: the README (its demo output) and every page under docs/."""
+    readme = [root / "README.md"] if (root / "README.md").exists() else []
+    return readme + sorted((root / "docs").rglob("*.md"))
+
+
 def generated(root: Path = ROOT) -> dict[str, str]:
     """Every generated file and every page with a generated block -> its text as generated now."""
     out = {path: make() for path, make in GENERATED_FILES.items()}
-    for page in sorted((root / "docs").rglob("*.md")):
+    for page in pages(root):
         rel = page.relative_to(root).as_posix()
         if rel in out:
             continue

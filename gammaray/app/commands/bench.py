@@ -24,6 +24,7 @@ BENCHES = {
     "scale": "gammaray.app.benchmarks.scale",
     "prepare-stream": "gammaray.app.benchmarks.prepare_stream",
     "image-max-side": "gammaray.app.benchmarks.image_max_side",
+    "demo": "gammaray.app.benchmarks.demo_runs",
 }
 
 
