@@ -21,6 +21,7 @@ BENCHES = {
     "scaling": "gammaray.app.benchmarks.scaling",
     "ingest": "gammaray.app.benchmarks.ingest",
     "decode": "gammaray.app.benchmarks.decode",
+    "search": "gammaray.app.benchmarks.search",
 }
 
 
