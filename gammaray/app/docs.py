@@ -26,7 +26,7 @@ from pathlib import Path
 
 # the benchmarks' own report functions (one place for these imports)
 from gammaray.config import describe
-from gammaray.app.benchmarks import batch, recipe, structure, synthetic, tune_structure
+from gammaray.app.benchmarks import batch, recipe, search, structure, synthetic, tune_structure
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = "docs/bench"
@@ -184,6 +184,7 @@ BLOCKS = {
     "gpu-check": gpu_check_table,
     "gpu-step": gpu_step_table,
     "gpu-towers": gpu_towers_table,
+    "search": lambda: search.markdown(load("search.json")),
     **{name: (lambda name=name: transcribed_table(name)) for name in TRANSCRIBED},
 }
 
