@@ -51,9 +51,14 @@ def _mlflow_client(t: TrackingConfig):
     return MlflowClient(tracking_uri=t.uri) if t.uri else MlflowClient()
 
 
-def _experiment_id(client, name: str) -> str:
+def _experiment_id(client, name: str, uri: str | None = None) -> str:
     exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp is not None else client.create_experiment(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri and uri.startswith("sqlite:///"):  # artifacts beside the database, not in ./mlruns of the cwd
+        location = "file://" + os.path.join(os.path.dirname(os.path.abspath(uri[len("sqlite:///"):])), "mlartifacts")
+    return client.create_experiment(name, artifact_location=location)
 
 
 def _wandb():
@@ -77,7 +82,7 @@ class TrackedRun:
             client = _mlflow_client(t)
             if parent_id:
                 tags["mlflow.parentRunId"] = parent_id
-            run = client.create_run(_experiment_id(client, t.experiment), run_name=name, tags=tags)
+            run = client.create_run(_experiment_id(client, t.experiment, t.uri), run_name=name, tags=tags)
             self.run_id = run.info.run_id
             items = list(params.items())
             from mlflow.entities import Param
