@@ -467,6 +467,21 @@ class EvalConfig(Section):
     )
 
 
+class TrackingConfig(Section):
+    """Experiment tracking of pretrain, tune and eval runs (workers/tracking.py). Credentials stay in the
+    environment that the tracking client reads itself (MLFLOW_TRACKING_TOKEN / _USERNAME / _PASSWORD,
+    WANDB_API_KEY), never in the config."""
+
+    kind: Literal["none", "mlflow", "wandb"] = Field(
+        "none", description="none; mlflow (pip install gammaray[mlflow]); wandb (pip install gammaray[wandb]; "
+                            "WANDB_MODE=offline writes the runs locally).")
+    uri: str | None = Field(
+        None, description="mlflow: the tracking URI (http://host:5000, sqlite:///mlflow.db; None = MLFLOW_TRACKING_URI "
+                          "or MLflow's default); wandb: the folder its run files go to (None = W&B's default).")
+    experiment: str = Field("gammaray", description="The MLflow experiment / W&B project the runs go to.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Tags set on every run (string values).")
+
+
 # --------------------------------------------------------------------------------------------
 # tuning (Ray Tune over the config tree; tuning/)
 
@@ -622,6 +637,7 @@ class GammarayConfig(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     tune: TuneSection = TuneSection()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "GammarayConfig":

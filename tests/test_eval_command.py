@@ -24,12 +24,23 @@ def test_eval_command_metrics_probes_report(ray_local, small_catalogue, tmp_path
 
     ckpt, cfg = make_checkpoint(str(tmp_path), small_catalogue)
     out = tmp_path / "eval.json"
+    mlflow_uri = f"sqlite:///{tmp_path}/mlflow.db"
     rc = main(["eval", "--checkpoint", ckpt, "--data", small_catalogue["val"], "--json", str(out),
-               "--set", "eval.prompt_template=a product in {}", "--set", "eval.k_shots=[1,5,10]"])
+               "--set", "eval.prompt_template=a product in {}", "--set", "eval.k_shots=[1,5,10]",
+               "--set", "tracking.kind=mlflow", "--set", f"tracking.uri={mlflow_uri}"])
     assert rc == 0
     s = json.loads(out.read_text())
     m = s["metrics"]
     assert m["records"] == 96
+
+    # tracked: one MLflow run with the metrics and the report JSON + PNG as artifacts
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("gammaray").experiment_id])
+    assert run.data.tags["gammaray.job"] == "eval" and run.data.tags["checkpoint_uri"] == ckpt
+    assert run.data.metrics["r_at_1_i2t"] == pytest.approx(m["r_at_1_i2t"])
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == ["eval.json", "eval.png"]
 
     # the same numbers from embeddings computed record by record, without Ray
     model = load_model(f"{ckpt}/model").eval()

@@ -20,10 +20,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.timeout(600)
-def test_pretrain_two_workers_deepspeed_gamma_in_s3(ray_local, s3, small_catalogue):
+def test_pretrain_two_workers_deepspeed_gamma_in_s3(ray_local, s3, small_catalogue, tmp_path):
     from workers.training.trainer import pretrain
 
-    cfg = apply_overrides(GammarayConfig(), tiny_overrides(small_catalogue, s3.url("runs"), "e2e-gamma"))
+    mlflow_uri = f"sqlite:///{tmp_path}/mlflow.db"  # tracked in a real MLflow store (workers/tracking.py)
+    cfg = apply_overrides(GammarayConfig(), {**tiny_overrides(small_catalogue, s3.url("runs"), "e2e-gamma"),
+                                             "tracking.kind": "mlflow", "tracking.uri": mlflow_uri,
+                                             "tracking.tags": {"team": "e2e"}})
     res = pretrain(cfg, progress=False)
     m = res.metrics
 
@@ -58,6 +61,18 @@ def test_pretrain_two_workers_deepspeed_gamma_in_s3(ray_local, s3, small_catalog
     lines = storage.read_bytes(storage.join(res.run_dir, "metrics.jsonl")).decode().splitlines()
     assert json.loads(lines[-1])["final"] == 1
     assert json.loads(lines[-1])["workers"] == 2
+
+    # one MLflow run: the config as params, the loss at every logged step, the checkpoint as a tag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("gammaray").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "e2e-gamma"
+    assert run.data.params["loss.gamma.alpha"] == str(cfg.loss.gamma.alpha) and run.data.tags["team"] == "e2e"
+    steps = [x.step for x in client.get_metric_history(run.info.run_id, "contrastive_loss")]
+    assert len(steps) >= 2 and steps == sorted(steps)
+    assert run.data.metrics["val_r_at_1_i2t"] == pytest.approx(m["val_r_at_1_i2t"])
+    assert res.checkpoint_uri.endswith(run.data.tags["checkpoint_uri"])
 
 
 # A quality floor on the scaled-down demo: 6 epochs (60 steps of 2 x 16) on 320 products, 256 held out.

@@ -13,7 +13,8 @@ import sys
 
 from gammaray.config import ConfigError, RunError
 
-COMMANDS = ["demo", "prepare", "pretrain", "config", "eval", "embed", "export", "bench", "tune", "submit"]
+COMMANDS = ["demo", "prepare", "pretrain", "config", "eval", "embed", "index", "search", "export", "bench", "tune",
+            "submit"]
 
 EPILOG = """config: every subcommand that trains reads one config tree: --config FILE (YAML) then any
 number of --set dotted.path=value (YAML-typed values), e.g. --set loss.gamma.alpha=2

@@ -26,7 +26,7 @@ from pathlib import Path
 
 # the benchmarks' own report functions (one place for these imports)
 from gammaray.config import describe
-from gammaray.app.benchmarks import batch, demo_runs, recipe, scale, structure, synthetic, tune_structure
+from gammaray.app.benchmarks import batch, demo_runs, recipe, scale, search, structure, synthetic, tune_structure
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = "docs/bench"
@@ -209,6 +209,7 @@ BLOCKS = {
     "image-max-side": lambda: measured_table("image-max-side"),
     "demo": lambda: demo_runs.readme_block(load("demo.json")),
     "demo-cause": lambda: demo_runs.cause_table(load("demo-cause.json")),
+    "search": lambda: search.markdown(load("search.json")),
     **{name: (lambda name=name: transcribed_table(name)) for name in TRANSCRIBED},
 }
 

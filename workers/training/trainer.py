@@ -25,6 +25,7 @@ from workers.training.loop import train_loop_per_worker
 from workers.training.monitor import MetricsCallback, ProgressPrinter
 from workers.training.quarantine import DataQualityError
 from workers.training.resume import check_run, run_identity
+from workers.tracking import TrackingCallback, start_run
 
 
 @dataclass
@@ -131,7 +132,9 @@ def pretrain(cfg: GammarayConfig, progress: bool = True, callbacks: list | None 
 
     printer = ProgressPrinter(enabled=progress)
     cb = MetricsCallback(run_dir(cfg), cfg.storage, printer.queue)
-    trainer = build_trainer(cfg, [cb, *(callbacks or [])], fault, identity)
+    tracked = start_run(cfg, "pretrain")  # tracking.kind: MLflow / W&B run fed by the controller (workers/tracking.py)
+    tracking = [TrackingCallback(tracked)] if tracked else []
+    trainer = build_trainer(cfg, [cb, *tracking, *(callbacks or [])], fault, identity)
     with printer:
         try:
             result = trainer.fit()

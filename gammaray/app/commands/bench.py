@@ -25,6 +25,7 @@ BENCHES = {
     "prepare-stream": "gammaray.app.benchmarks.prepare_stream",
     "image-max-side": "gammaray.app.benchmarks.image_max_side",
     "demo": "gammaray.app.benchmarks.demo_runs",
+    "search": "gammaray.app.benchmarks.search",
 }
 
 

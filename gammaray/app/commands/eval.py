@@ -47,7 +47,26 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2, default=float)
         print(f"   json                   {args.json}")
+    track_eval(args, summary)
     return 0
+
+
+def track_eval(args: argparse.Namespace, summary: dict) -> None:
+    """With --set tracking.kind=mlflow|wandb: one run with the metrics, the JSON and the PNG report."""
+    from gammaray.config import GammarayConfig, apply_overrides
+    from workers.tracking import start_run
+
+    cfg = apply_overrides(GammarayConfig(), [o for o in args.overrides if o.startswith("tracking.")])
+    run = start_run(cfg, "eval", name=f"eval {os.path.basename(str(args.checkpoint).rstrip('/'))}")
+    if run is None:
+        return
+    run.log_metrics(summary["metrics"], step=0)
+    run.set_tag("checkpoint_uri", str(args.checkpoint))
+    run.set_tag("data", str(args.data))
+    for path in (args.json, summary.get("report")):
+        if path and os.path.exists(path):
+            run.log_artifact(path)
+    run.finish()
 
 
 def register(sub) -> None:

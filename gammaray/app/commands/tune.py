@@ -33,8 +33,21 @@ def run(args: argparse.Namespace) -> int:
         cfg = apply_overrides(cfg, {"tune.name": args.name})
     if args.space:
         cfg = apply_overrides(cfg, {"tune.space": edit_space(cfg.tune.model_dump(mode="json")["space"], args.space)})
-    out = run_tune(cfg, samples=args.samples, progress=not args.quiet, out_dir=args.out,
-                   retry_errored=args.retry_errored)
+    from workers.tracking import start_run, tune_callbacks
+
+    parent = start_run(cfg, "tune", name=f"tune {cfg.tune.name}")  # tracking.kind: a parent run, a child per trial
+    try:
+        out = run_tune(cfg, samples=args.samples, progress=not args.quiet, out_dir=args.out,
+                       retry_errored=args.retry_errored, callbacks=tune_callbacks(cfg, parent))
+    except BaseException:
+        if parent:
+            parent.finish(ok=False)
+        raise
+    if parent:
+        if out.best:
+            parent.log_metrics({"best_" + cfg.tune.metric: out.best.metric, "trials": len(out.rows)})
+            parent.set_tag("best_trial", str(out.best.trial_id))
+        parent.finish()
     summary = {
         "experiment": out.experiment_uri, "trials": len(out.rows), "resumed": out.resumed,
         "interrupted": out.interrupted, "trials_at_once": out.plan.max_concurrent, "steps_per_trial": out.trial_max_steps,
