@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
+from torch.profiler import record_function
 
 from .contrastive import _dist_on, candidate_mask, gather_candidates, similarity
 from .state import LocalRateStore, ShardedRateStore
@@ -206,8 +207,10 @@ class GammaContrastiveLoss:
     DIRECTIONS = ("image_to_text", "text_to_image")
 
     def __init__(self, num_samples: int, settings: GammaSettings, seed: int = 0, distributed: bool | None = None,
-                 device: torch.device | str = "cpu", group=None):
+                 device: torch.device | str = "cpu", group=None, capacity: int | None = None):
         self.settings = settings
+        # the micro-batch: gathers and the memory exchange in fixed-size blocks, no host read (state.py)
+        self.capacity = capacity
         self.seed = int(seed)
         sharded = _dist_on() if distributed is None else distributed
         if sharded:
@@ -220,39 +223,44 @@ class GammaContrastiveLoss:
         self.text_to_image = GammaDirection(self.store, settings, self.generator, channel=1)
 
     def __call__(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-                 sample_index: torch.Tensor, progress: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                 sample_index: torch.Tensor, progress: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """(loss, metrics): the metrics are detached device tensors (read them when logging)."""
         s = self.settings
         if s.gather_negatives and _dist_on():
-            all_text, valid_t, off = gather_candidates(text)
-            all_image, valid_i, _ = gather_candidates(image)
+            all_text, valid_t, off = gather_candidates(text, self.capacity)
+            all_image, valid_i, _ = gather_candidates(image, self.capacity)
         else:
             all_text, valid_t, all_image, valid_i, off = text, None, image, None, 0
         pos_col = torch.arange(image.shape[0], device=image.device) + off
         est_i = estimate_partition(similarity(image, all_text, logit_scale), pos_col, s, valid_t)
         est_t = estimate_partition(similarity(text, all_image, logit_scale), pos_col, s, valid_i)
         obs = torch.stack([est_i.state_input, est_t.state_input], dim=1)
-        log_rate = self.store.update(sample_index, obs, s.gamma_at(progress), self.memory_scale(logit_scale))
+        with record_function("step/memory_exchange"):
+            log_rate = self.store.update(sample_index, obs, s.gamma_at(progress), self.memory_scale(logit_scale),
+                                         capacity=self.capacity)
         l_i2t, d_i2t = m_step(est_i, log_rate[:, 0], s, self.generator)
         l_t2i, d_t2i = m_step(est_t, log_rate[:, 1], s, self.generator)
-        metrics = {f"gamma/{k}": float(0.5 * (d_i2t[k] + d_t2i[k])) for k in d_i2t}
+        metrics: dict[str, torch.Tensor | float] = {f"gamma/{k}": 0.5 * (d_i2t[k] + d_t2i[k]) for k in d_i2t}
         metrics["gamma/gamma_t"] = s.gamma_at(progress)
         metrics.update(self.age_metrics())
         return 0.5 * (l_i2t + l_t2i), metrics
 
-    def memory_scale(self, logit_scale: torch.Tensor) -> float:
-        return float(logit_scale.detach()) if self.settings.rescale_memory else 1.0
+    def memory_scale(self, logit_scale: torch.Tensor):
+        """The logit scale the memory is kept at (a detached device tensor: no host read), or 1."""
+        return logit_scale.detach().reshape(()).double() if self.settings.rescale_memory else 1.0
 
-    def age_metrics(self) -> dict[str, float]:
+    def age_metrics(self) -> dict[str, torch.Tensor]:
         """How stale this step's memory entries were: steps since each anchor's entry was last
-        written (first visits excluded, counted apart)."""
+        written (first visits excluded, counted apart; NaN when every entry was a first visit)."""
         age = self.store.last_age
         if age is None or age.numel() == 0:
             return {}
         seen = ~torch.isnan(age)
-        out = {"gamma/memory_first_visit_fraction": float((~seen).float().mean())}
-        if seen.any():
-            out["gamma/memory_age_mean"] = float(age[seen].mean())
-            out["gamma/memory_age_max"] = float(age[seen].max())
+        n = seen.sum()
+        out = {"gamma/memory_first_visit_fraction": (~seen).float().mean()}
+        nan = torch.full_like(age[:1].sum(), math.nan)
+        out["gamma/memory_age_mean"] = torch.where(n > 0, torch.where(seen, age, 0.0).sum() / n.clamp_min(1), nan)
+        out["gamma/memory_age_max"] = torch.where(n > 0, torch.where(seen, age, -math.inf).max(), nan)
         return out
 
     @torch.no_grad()
@@ -268,11 +276,12 @@ class GammaContrastiveLoss:
         """Join this step's collectives with an empty batch (a rank whose data ran out first). It
         still owns part of the memory and updates other ranks' rows there, at the step's logit scale."""
         if self.settings.gather_negatives and _dist_on():
-            gather_candidates(text[:0])
-            gather_candidates(image[:0])
+            gather_candidates(text[:0], self.capacity)
+            gather_candidates(image[:0], self.capacity)
         scale = 1.0 if logit_scale is None else self.memory_scale(logit_scale)
         self.store.update(torch.zeros(0, dtype=torch.long, device=image.device),
-                          torch.zeros(0, 2, dtype=torch.float32, device=image.device), 1.0, scale)
+                          torch.zeros(0, 2, dtype=torch.float32, device=image.device), 1.0, scale,
+                          capacity=self.capacity)
 
     # -- checkpoints
     def state_dict(self) -> dict:

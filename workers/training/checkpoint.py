@@ -116,6 +116,7 @@ def restore(d: str, engine, scheduler, objective: Objective, audit: SampleAudit 
         parts = [part_from_json(p["remaining"] or []) for p in positions]
         state.part = None if mine["remaining"] is None else parts[rank]
         state.epoch_consumed_before = mine["epoch_consumed"]
+        state.lockstep_left = mine.get("lockstep_left")  # the same walk as the run that saved it
         set_rng_state(load_data(*rank_file(rank, "rng.pt"), numpy_arrays=True))
         with open(os.path.join(d, rank_dir(rank), "quarantine.json")) as f:
             state.quarantine = json.load(f)
