@@ -8,7 +8,7 @@ Every torch.distributed collective is wrapped and the bytes each rank hands to i
            gradients back in backward); the gamma loss sends (index, log Z) pairs to the owner of each
            sample's rate and gets the updated rate back: O(batch) scalars, independent of the embedding size
   grads    DeepSpeed's gradient reduction (the same for both losses: it depends on the model size)
-  params   DeepSpeed's parameter all-gather after the step (ZeRO-1/2) and the per-step lockstep flag
+  params   DeepSpeed's parameter all-gather after the step (ZeRO-1/2) and the step's global row count
 Rows (JSON): {"loss", "workers", "batch_size", "step_time_s", "samples_per_s", "bytes_per_step",
 "loss_bytes_per_step", "grad_bytes_per_step", "param_bytes_per_step", "peak_gpu_mb", ...}; bytes are per
 rank; peak_gpu_mb (--gpu) is the largest rank's torch.cuda.max_memory_allocated over the whole row
@@ -208,8 +208,8 @@ def measure(cfg, loss: str, steps: int, warmup: int, counter: CommCounter, devic
         batch = synthetic_batch(cfg, rank, world, i, device, vocab)
         if bf16:
             batch[K.PIXELS] = batch[K.PIXELS].to(torch.bfloat16)
-        with counter.in_phase("params"):  # the training loop's per-step lockstep flag
-            dist.all_reduce(torch.ones(2, dtype=torch.long, device=device))
+        with counter.in_phase("params"):  # the step's global row count (its loss weight; never read on the host)
+            dist.all_reduce(torch.ones(1, dtype=torch.long, device=device))
         with counter.in_phase("loss"):
             with record_function("phase/forward"):
                 out = engine(batch)

@@ -64,6 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile-row", default="gamma,16", metavar="LOSS,B",
                    help="the gammaray towers row run once more under torch.profiler for its phases ('' = none)")
     p.add_argument("--json", metavar="PATH", help="write the rows as a JSON list (PATH.details.json: phases, provenance)")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows of other (device, config) already in --json (another config's run)")
     p.add_argument("--png", metavar="PATH", help="plot samples/s against micro-batch")
     p.add_argument("--note", default="", help="provenance note stored in the details file (machine load, ...)")
 
@@ -455,10 +457,14 @@ def phases(cfg, loss: str, B: int, args, device) -> dict:
 
 
 def ratios(rows: list[dict]) -> dict:
-    """gammaray / reference step time per (regime, loss, batch)."""
-    by = {(r["regime"], r["loss"], r["batch_size"], r["impl"]): r["step_s"] for r in rows}
-    return {f"{reg}/{loss}/{b}": round(by[(reg, loss, b, "gammaray")] / by[(reg, loss, b, "reference")], 3)
-            for (reg, loss, b, impl) in by if impl == "gammaray" and (reg, loss, b, "reference") in by}
+    """gammaray / reference step time per "device | config/regime/loss/batch"."""
+    by = {(r["device"], r["config"], r["regime"], r["loss"], r["batch_size"], r["impl"]): r["step_s"] for r in rows}
+    return {ratio_key(*k[:5]): round(by[k] / by[k[:5] + ("reference",)], 3)
+            for k in by if k[5] == "gammaray" and k[:5] + ("reference",) in by}
+
+
+def ratio_key(device: str, config: str, regime: str, loss: str, batch: int) -> str:
+    return f"{device} | {config}/{regime}/{loss}/{batch}"
 
 
 def table(rows: list[dict]) -> str:
@@ -467,16 +473,53 @@ def table(rows: list[dict]) -> str:
     r_by = ratios(rows)
     out = []
     for r in rows:
-        ratio = r_by.get(f"{r['regime']}/{r['loss']}/{r['batch_size']}") if r["impl"] == "gammaray" else None
-        out.append([r["regime"], r["loss"], str(r["batch_size"]), r["impl"], f"{r['step_s'] * 1e3:.2f}",
+        key = ratio_key(r["device"], r["config"], r["regime"], r["loss"], r["batch_size"])
+        ratio = r_by.get(key) if r["impl"] == "gammaray" else None
+        out.append([r["config"], r["regime"], r["loss"], str(r["batch_size"]), r["impl"], f"{r['step_s'] * 1e3:.2f}",
                     f"{r['samples_per_s']:.0f}", f"{ratio:.2f}" if ratio else "",
                     f"{r['flops_per_sample'] / 1e6:.1f}" if r["flops_per_sample"] else "",
                     f"{r['tflops']:.3f}" if r["tflops"] else "",
                     f"{100 * r['peak_fraction']:.2f}%" if r["peak_fraction"] else "",
                     "" if r["host_syncs_per_step"] is None else f"{r['host_syncs_per_step']:g}",
                     f"{r['peak_mem_mb']:.0f}"])
-    return markdown_table(["regime", "loss", "micro-batch", "step", "ms/step", "samples/s", "gammaray / reference",
+    return markdown_table(["config", "regime", "loss", "micro-batch", "step", "ms/step", "samples/s", "gammaray / reference",
                            "MFLOP/sample", "TFLOP/s", "of peak", "host syncs/step", "peak MB"], out)
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """The figures a reader wants first, per (device, config): the fixed cost of a step (intercept of a
+    least-squares line through gammaray's towers step times against the micro-batch), the best
+    fraction of peak, the issue's bars (gammaray / reference <= 1.15 at 16 and <= 1.05 at 256; heads:
+    gamma within 1.15x of InfoNCE at 16) and the host reads per step."""
+    r_by = ratios(rows)
+    lines = []
+    for device, config in sorted({(r["device"], r["config"]) for r in rows}):
+        mine = [r for r in rows if r["device"] == device and r["config"] == config]
+        head = f"**{config}** on {device}:"
+        tow = [(r["batch_size"], r["step_s"]) for r in mine if r["impl"] == "gammaray" and r["regime"] == "towers"]
+        parts = []
+        if len({b for b, _ in tow}) >= 2:
+            xs, ys = np.array([b for b, _ in tow], float), np.array([t for _, t in tow], float)
+            slope, icpt = np.polyfit(xs, ys, 1)
+            parts.append(f"fixed cost {icpt * 1e3:.1f} ms per step + {slope * 1e3:.2f} ms per sample (gammaray towers step)")
+        fr = [r["peak_fraction"] for r in mine if r["peak_fraction"] and r["impl"] == "gammaray"]
+        if fr:
+            parts.append(f"at most {100 * max(fr):.2f}% of the device's peak")
+        syncs = [r["host_syncs_per_step"] for r in mine if r["impl"] == "gammaray" and r["host_syncs_per_step"] is not None]
+        if syncs:
+            parts.append(f"host reads per steady-state step: {max(syncs):g} (gammaray, counted)")
+        bars = []
+        for loss in ("infonce", "gamma"):
+            for B, bar in ((16, 1.15), (256, 1.05)):
+                v = r_by.get(ratio_key(device, config, "towers", loss, B))
+                if v is not None:
+                    bars.append(f"{loss} {B}: {v:.2f} ({'meets' if v <= bar else 'misses'} <= {bar})")
+        by = {(r["loss"], r["batch_size"]): r["step_s"] for r in mine if r["impl"] == "gammaray" and r["regime"] == "heads"}
+        if ("gamma", 16) in by and ("infonce", 16) in by:
+            v = by["gamma", 16] / by["infonce", 16]
+            bars.append(f"heads gamma / InfoNCE at 16: {v:.2f} ({'meets' if v <= 1.15 else 'misses'} <= 1.15)")
+        lines.append(f"{head} {'; '.join(parts)}." + (f" gammaray / reference: {'; '.join(bars)}." if bars else ""))
+    return lines
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -485,21 +528,21 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["regime"], r["loss"]) for r in rows})
+    groups = sorted({(r["config"], r["regime"], r["loss"]) for r in rows})
     fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.2), squeeze=False)
-    for ax, (reg, loss) in zip(axes[0], groups):
+    for ax, (conf, reg, loss) in zip(axes[0], groups):
         for impl, style in (("gammaray", "o-"), ("reference", "s--"), ("timm", "^:")):
             pts = sorted((r["batch_size"], r["samples_per_s"]) for r in rows
-                         if r["regime"] == reg and r["loss"] == loss and r["impl"] == impl)
+                         if r["config"] == conf and r["regime"] == reg and r["loss"] == loss and r["impl"] == impl)
             if pts:
                 ax.plot(*zip(*pts), style, label=impl)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_title(f"{reg}, {loss}", fontsize=9)
+        ax.set_title(f"{conf.removesuffix('.yaml')}\n{reg}, {loss}", fontsize=8)
         ax.set_xlabel("micro-batch")
     axes[0][0].set_ylabel("samples/s")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(rows[0]["device"] + ", " + rows[0]["config"], fontsize=9)
+    fig.suptitle(", ".join(sorted({r["device"].split(" (")[0] + ": " + r["config"] for r in rows})), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -512,7 +555,7 @@ def run(args: argparse.Namespace, cfg) -> int:
         torch.set_num_threads(args.threads)
     on_gpu = cfg.train.use_gpu and torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    args.config_name = os.path.basename(args.config) if getattr(args, "config", None) else "defaults (configs/demo.yaml)"
+    args.config_name = os.path.basename(args.config) if getattr(args, "config", None) else "demo.yaml"
     impls = [x for x in args.impls.split(",") if x]
     if "timm" in impls and not on_gpu:
         print("gammaray bench step: no timm row on CPU (it anchors the GPU figures; set train.use_gpu=true on a GPU)")
@@ -541,6 +584,15 @@ def run(args: argparse.Namespace, cfg) -> int:
         loss, B = args.profile_row.split(",")
         details["profile"] = phases(cfg, loss, int(B), args, device)
         print("phases (ms/step, profiled):", json.dumps(details["profile"]))
+    details = {f"{rows[0]['device']} | {args.config_name}": details} if rows else {}
+    if args.json and args.append and os.path.exists(args.json):
+        mine = {(r["device"], r["config"]) for r in rows}
+        with open(args.json) as f:
+            rows = [r for r in json.load(f) if (r["device"], r["config"]) not in mine] + rows
+        dpath = args.json.removesuffix(".json") + ".details.json"
+        if os.path.exists(dpath):
+            with open(dpath) as f:
+                details = {**json.load(f), **details}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
