@@ -147,16 +147,19 @@ class _Store:
             new = torch.cat([new, age[:, None]], dim=1)
         return new[inverse]
 
-    def _apply_rows(self, slots: torch.Tensor, valid: torch.Tensor, log_z: torch.Tensor, gamma: float,
+    def _apply_rows(self, slots: torch.Tensor, valid: torch.Tensor | None, log_z: torch.Tensor, gamma: float,
                     scale) -> torch.Tensor:
         """`_apply` without a host read: the same combination of duplicates (log of the mean Z over a
         slot's observed rows, in the rows' order) over sorted segments of at most m slots instead of
         `torch.unique`, and the same EMA, written row by row (duplicates write the same value).
         Rows with valid False are padding: they point at slot 0 with no observation and leave it
-        (and its age) as it was."""
+        (and its age) as it was; valid None: every row is real."""
         m, K = log_z.shape
-        slots = torch.where(valid, slots, torch.zeros_like(slots))
-        lz = torch.where(valid[:, None], log_z.double(), torch.full_like(log_z, math.nan, dtype=torch.float64))
+        if valid is None:  # every row is real (one process)
+            lz = log_z.double()
+        else:
+            slots = torch.where(valid, slots, torch.zeros_like(slots))
+            lz = torch.where(valid[:, None], log_z.double(), torch.full_like(log_z, math.nan, dtype=torch.float64))
         srt, perm = torch.sort(slots, stable=True)
         lz = lz[perm]
         start = torch.ones(m, dtype=torch.bool, device=slots.device)
@@ -178,8 +181,11 @@ class _Store:
         if self.last_update is not None:
             last = self.last_update[srt]
             age = torch.where(last >= 0, (self.updates - last).double(), torch.full_like(last, math.nan, dtype=torch.float64))
-            stamp = torch.where(valid[perm], torch.full_like(last, self.updates), torch.full_like(last, -1))
-            self.last_update.scatter_reduce_(0, srt, stamp, reduce="amax")
+            if valid is None:
+                self.last_update[srt] = self.updates
+            else:
+                stamp = torch.where(valid[perm], torch.full_like(last, self.updates), torch.full_like(last, -1))
+                self.last_update.scatter_reduce_(0, srt, stamp, reduce="amax")
             new = torch.cat([new, age[:, None]], dim=1)
         out = torch.empty_like(new)
         out[perm] = new
@@ -273,8 +279,7 @@ class LocalRateStore(_Store):
         lz, one = self._as_matrix(index, log_z.detach(), self.channels)
         if capacity is not None:
             self._check_on_device(index)
-            valid = torch.ones(index.shape, dtype=torch.bool, device=self.device)
-            new = self._split_age(self._apply_rows(index, valid, lz.to(self.device), gamma, scale))
+            new = self._split_age(self._apply_rows(index, None, lz.to(self.device), gamma, scale))
             new = new.to(log_z.device, _out_dtype(log_z))
             return new[:, 0] if one else new
         if index.numel() == 0:

@@ -85,7 +85,8 @@ def adamw_kernel(cfg: GammarayConfig, on_gpu: bool) -> dict:
     return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[impl]
 
 
-def _on(value, on_gpu: bool) -> bool:
+def setting_on(value, on_gpu: bool) -> bool:
+    """A fast-step key: true, false, or "auto" (= on GPU only)."""
     return on_gpu if value == "auto" else bool(value)
 
 
@@ -94,11 +95,11 @@ def fast_step_setup(model: torch.nn.Module, cfg: GammarayConfig, on_gpu: bool) -
     the image tower in channels_last, torch.compile (train.compile). Each is a config key whose
     "auto" means on GPU only; none changes the maths beyond float rounding (tests/test_training_step.py)."""
     t = cfg.train
-    if on_gpu and _on(t.tf32, on_gpu):
+    if on_gpu and setting_on(t.tf32, on_gpu):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.set_float32_matmul_precision("high")
-    if _on(t.channels_last, on_gpu) and getattr(model, "image_tower", None) is not None:
+    if setting_on(t.channels_last, on_gpu) and getattr(model, "image_tower", None) is not None:
         model.image_tower.to(memory_format=torch.channels_last)
     if t.compile:
         model.compile()

@@ -26,7 +26,7 @@ from pipelines.prepare import load_manifest
 from pipelines.preprocess import PreprocessSpec, preprocess_batch
 from workers.evaluation.evaluate import label_columns
 from workers.models.registry import build_model
-from workers.training.engine import DDPEngine, _on, fast_step_setup, optimizer_and_schedule, use_bf16
+from workers.training.engine import DDPEngine, setting_on, fast_step_setup, optimizer_and_schedule, use_bf16
 from workers.training.objective import Objective
 from workers.training.step import prepare_batch, train_step
 
@@ -100,7 +100,7 @@ class LocalRun:
         fast_step_setup(self.model, cfg, on_gpu)
         self.opt, self.sched = optimizer_and_schedule(self.model, cfg, total_steps, on_gpu)
         self.engine = DDPEngine.local(self.model, self.opt, self.sched, cfg, device, bf16=use_bf16(cfg, on_gpu))
-        self.channels_last = _on(cfg.train.channels_last, on_gpu)
+        self.channels_last = setting_on(cfg.train.channels_last, on_gpu)
         self.device = device
         self.total_steps = total_steps
         self.step = 0

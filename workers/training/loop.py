@@ -39,7 +39,7 @@ from workers.runtime import (Lockstep, batches_left, pick_device, placeholder_ba
                              tokenizer_uri, world)
 from workers.training.audit import SampleAudit
 from workers.training.checkpoint import checkpoint_uri, latest_checkpoint, restore, save_and_report
-from workers.training.engine import _on, build_engine, init_single_process_group, use_bf16
+from workers.training.engine import setting_on, build_engine, init_single_process_group, use_bf16
 from workers.training.faults import Fault
 from workers.training.metrics import (epoch_loss_means, new_window, prefixed, run_record, run_totals,
                                       step_metrics, val_r_at_1)
@@ -102,8 +102,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     attempt = new_window()  # since this process started (the final line's throughput)
     last: LossTerms | None = None  # the last active micro-batch's terms, on the device until a report reads them
     loss_sums = DeviceLossSums()
-    pin = on_gpu and _on(cfg.train.pin_memory, on_gpu)
-    channels_last = _on(cfg.train.channels_last, on_gpu)
+    pin = on_gpu and setting_on(cfg.train.pin_memory, on_gpu)
+    channels_last = setting_on(cfg.train.channels_last, on_gpu)
     micro = 0  # micro-batches accumulated towards the next optimizer step
     done = max_steps is not None and state.step >= max_steps
     while not done and state.epoch < cfg.train.epochs:

@@ -43,12 +43,12 @@ class LossTerms:
 
     def scalars(self) -> dict[str, float]:
         """Host floats of every term, `loss` and the metrics: one read of the device per call."""
-        names = list(self.terms) + ["loss"] + list(self.metrics)
-        values = list(self.terms.values()) + [self.total] + [torch.as_tensor(v) for v in self.metrics.values()]
-        dev = values[0].device if values else torch.device("cpu")
-        flat = torch.stack([v.detach().to(dev, torch.float64).reshape(()) for v in values]).cpu().tolist() if values else []
+        tensors = {**self.terms, "loss": self.total, **{k: v for k, v in self.metrics.items() if torch.is_tensor(v)}}
+        flat = torch.stack([v.detach().to(torch.float64).reshape(()) for v in tensors.values()]).cpu().tolist()
+        read = dict(zip(tensors, flat))
         out = {}
-        for k, v in zip(names, flat):
+        for k in [*self.terms, "loss", *self.metrics]:
+            v = read[k] if k in read else float(self.metrics[k])
             if k in OPTIONAL_METRICS and v != v:
                 continue
             out[k] = v

@@ -80,6 +80,8 @@ class DeviceLossSums:
         self.acc: torch.Tensor | None = None
         self.records = 0
         self._start: dict = {}
+        self.host: dict[str, float] = {}
+        self._optional = False
 
     def add(self, terms: LossTerms, n: int, state) -> None:
         with record_function("step/metrics"):
@@ -88,19 +90,22 @@ class DeviceLossSums:
     def _add(self, terms: LossTerms, n: int, state) -> None:
         values = {**terms.terms, "loss": terms.total, **terms.metrics}
         if self.names is None:
-            self.names = [k for k in values if k not in NOT_AVERAGED]
-            dev = terms.total.device
+            names = [k for k in values if k not in NOT_AVERAGED]
+            self.names = [k for k in names if torch.is_tensor(values[k])]
+            self.host = {k: None for k in names if not torch.is_tensor(values[k])}  # plain floats: summed here
+            self._optional = any(k in OPTIONAL_METRICS for k in self.names)
             self._start = state.loss_sums or {"records": 0, "sums": {}}
             self.acc = torch.tensor([self._start["sums"].get(k, 0.0) for k in self.names], dtype=torch.float64,
-                                    device=dev)
+                                    device=terms.total.device)
+            self.host = {k: self._start["sums"].get(k, 0.0) for k in self.host}
         assert self.acc is not None
-        vals = []
-        for k in self.names:
-            v = torch.as_tensor(values[k], device=self.acc.device).detach().to(torch.float64).reshape(())
-            if k in OPTIONAL_METRICS:  # no value this step: adds nothing (as a missing value would)
-                v = torch.nan_to_num(v, nan=0.0)
-            vals.append(v)
-        self.acc += torch.stack(vals) * n
+        # float32 values widen exactly to float64 (stack promotes): one op, not one per term
+        v = torch.stack([values[k].detach().reshape(()) for k in self.names]).to(torch.float64)
+        if self._optional:  # no value this step: adds nothing (as a missing value would)
+            v = torch.nan_to_num(v, nan=0.0)
+        self.acc += v * n
+        for k in self.host:
+            self.host[k] += float(values[k]) * n
         self.records += n
 
     def flush(self, state) -> None:
@@ -109,9 +114,10 @@ class DeviceLossSums:
             return
         sums = dict(self._start.get("sums", {}))
         sums.update(zip(self.names, self.acc.cpu().tolist()))
+        sums.update(self.host)
         state.loss_sums = {"records": self._start.get("records", 0) + self.records, "sums": sums}
-        self.names, self.acc, self.records, self._start = None, None, 0, {}
+        self.reset()
 
     def reset(self) -> None:
         """Forget the unflushed sums (after the state's sums were reset: a new epoch)."""
-        self.names, self.acc, self.records, self._start = None, None, 0, {}
+        self.names, self.acc, self.records, self._start, self.host = None, None, 0, {}, {}

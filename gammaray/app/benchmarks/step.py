@@ -179,7 +179,7 @@ class GammarayStep:
     def __init__(self, cfg, regime: str, device, total: int):
         import torch
 
-        from workers.training.engine import DDPEngine, _on, build_engine, init_single_process_group, \
+        from workers.training.engine import DDPEngine, setting_on, build_engine, init_single_process_group, \
             optimizer_and_schedule, use_bf16
         from workers.training.objective import Objective
         from workers.training.step import DeviceLossSums
@@ -197,8 +197,8 @@ class GammarayStep:
             init_single_process_group()
             self.engine, _, _ = build_engine(self.model, cfg, total, on_gpu, device, in_ray=False)
         self.bf16 = use_bf16(cfg, on_gpu) and regime != "heads"
-        self.channels_last = _on(cfg.train.channels_last, on_gpu)
-        self.pin = on_gpu and _on(cfg.train.pin_memory, on_gpu)
+        self.channels_last = setting_on(cfg.train.channels_last, on_gpu)
+        self.pin = on_gpu and setting_on(cfg.train.pin_memory, on_gpu)
         self.sums = DeviceLossSums()
         self.step_no = 0
         self.reports = 0
