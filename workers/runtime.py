@@ -356,7 +356,8 @@ class Lockstep:
             return
         while self.done < self.total:
             sb, tensors = cur
-            n = torch.tensor([0 if sb is None else sb.size], dtype=torch.long, device=self.device)
+            # a fill, not torch.tensor(..., device=): a blocking host-to-device copy waits for the GPU
+            n = torch.full((1,), 0 if sb is None else sb.size, dtype=torch.long, device=self.device)
             dist.all_reduce(n)  # no read: the loss weight is computed on the device
             self.done += 1
             last = self.done >= self.total

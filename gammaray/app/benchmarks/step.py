@@ -65,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the gammaray towers row run once more under torch.profiler for its phases ('' = none)")
     p.add_argument("--json", metavar="PATH", help="write the rows as a JSON list (PATH.details.json: phases, provenance)")
     p.add_argument("--append", action="store_true",
-                   help="keep the rows of other (device, config) already in --json (another config's run)")
+                   help="keep the rows of other (device, config, regime) already in --json (another run's)")
     p.add_argument("--png", metavar="PATH", help="plot samples/s against micro-batch")
     p.add_argument("--note", default="", help="provenance note stored in the details file (machine load, ...)")
 
@@ -82,6 +82,8 @@ class SyncCounter:
     def __init__(self, cuda: bool):
         self.cuda = cuda
         self.count = 0
+        self.report_count = 0  # reads inside `report()`: the loop's metrics read every train.log_every steps
+        self.reporting = False
         self.where: Counter = Counter()
         self._saved: dict = {}
         self._depth = 0
@@ -93,14 +95,27 @@ class SyncCounter:
             # torch.optim reads its per-parameter step counters, which live on the host by design
             # (capturable=False): on a GPU those reads never wait for the device
             if self._depth == 0 and not module.startswith(HOST_STATE_MODULES):
-                self.count += 1
-                self.where[f"{name} {module}:{caller.f_lineno}"] += 1
+                if self.reporting:
+                    self.report_count += 1
+                else:
+                    self.count += 1
+                    self.where[f"{name} {module}:{caller.f_lineno}"] += 1
             self._depth += 1
             try:
                 return orig(t, *a, **k)
             finally:
                 self._depth -= 1
         return wrapped
+
+    @contextlib.contextmanager
+    def report(self):
+        """Count the reads inside into report_count (GPU: the sync warnings are attributed after the
+        window, so a GPU count includes the reports: one every train.log_every steps)."""
+        self.reporting = True
+        try:
+            yield
+        finally:
+            self.reporting = False
 
     @contextlib.contextmanager
     def active(self):
@@ -371,16 +386,15 @@ def time_window(step, batches, warmup: int, steps: int, device, counter: SyncCou
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
     base = reset_peak_rss()
-    reports = SyncCounter(device.type == "cuda")
     ctx = counter.active() if counter is not None else contextlib.nullcontext()
     t0 = time.perf_counter()
     with ctx:
-        step.run(batches[warmup:warmup + steps], state, on_report=reports.active if counter is not None else None)
+        step.run(batches[warmup:warmup + steps], state, on_report=counter.report if counter is not None else None)
         if device.type == "cuda":
             torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
     mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else (peak_rss() - base) / 2**20
-    return dt, {"peak_mem_mb": round(mem, 1), "report_syncs": reports.count}
+    return dt, {"peak_mem_mb": round(mem, 1), "report_syncs": counter.report_count if counter is not None else None}
 
 
 def measure_row(cfg, regime: str, loss: str, B: int, impls: list[str], args, device) -> list[dict]:
@@ -556,6 +570,8 @@ def run(args: argparse.Namespace, cfg) -> int:
     on_gpu = cfg.train.use_gpu and torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     args.config_name = os.path.basename(args.config) if getattr(args, "config", None) else "demo.yaml"
+    if cfg.train.strategy != "deepspeed":  # the engine is part of what a row measures
+        args.config_name += f" + {cfg.train.strategy}"
     impls = [x for x in args.impls.split(",") if x]
     if "timm" in impls and not on_gpu:
         print("gammaray bench step: no timm row on CPU (it anchors the GPU figures; set train.use_gpu=true on a GPU)")
@@ -584,11 +600,11 @@ def run(args: argparse.Namespace, cfg) -> int:
         loss, B = args.profile_row.split(",")
         details["profile"] = phases(cfg, loss, int(B), args, device)
         print("phases (ms/step, profiled):", json.dumps(details["profile"]))
-    details = {f"{rows[0]['device']} | {args.config_name}": details} if rows else {}
+    details = {f"{rows[0]['device']} | {args.config_name} | {args.regimes}": details} if rows else {}
     if args.json and args.append and os.path.exists(args.json):
-        mine = {(r["device"], r["config"]) for r in rows}
+        mine = {(r["device"], r["config"], r["regime"]) for r in rows}
         with open(args.json) as f:
-            rows = [r for r in json.load(f) if (r["device"], r["config"]) not in mine] + rows
+            rows = [r for r in json.load(f) if (r["device"], r["config"], r["regime"]) not in mine] + rows
         dpath = args.json.removesuffix(".json") + ".details.json"
         if os.path.exists(dpath):
             with open(dpath) as f:
