@@ -512,10 +512,12 @@ def summary(rows: list[dict]) -> list[str]:
         head = f"**{config}** on {device}:"
         tow = [(r["batch_size"], r["step_s"]) for r in mine if r["impl"] == "gammaray" and r["regime"] == "towers"]
         parts = []
-        if len({b for b, _ in tow}) >= 2:
+        if len({b for b, _ in tow}) >= 3:  # a line through two noisy points says nothing
             xs, ys = np.array([b for b, _ in tow], float), np.array([t for _, t in tow], float)
             slope, icpt = np.polyfit(xs, ys, 1)
-            parts.append(f"fixed cost {icpt * 1e3:.1f} ms per step + {slope * 1e3:.2f} ms per sample (gammaray towers step)")
+            if icpt > 0 and slope > 0:
+                parts.append(f"fixed cost {icpt * 1e3:.1f} ms per step + {slope * 1e3:.2f} ms per sample "
+                             "(gammaray towers step)")
         fr = [r["peak_fraction"] for r in mine if r["peak_fraction"] and r["impl"] == "gammaray"]
         if fr:
             parts.append(f"at most {100 * max(fr):.2f}% of the device's peak")
