@@ -393,6 +393,9 @@ class OptimConfig(Section):
     betas: tuple[float, float] = (0.9, 0.98)
     warmup_steps: int = Field(30, ge=0, description="Linear warm-up, then cosine decay to min_lr_ratio.")
     min_lr_ratio: float = Field(0.05, ge=0.0, le=1.0)
+    implementation: Literal["auto", "fused", "foreach", "for_loop"] = Field(
+        "auto", description="torch AdamW's kernel: auto = fused on GPU (one kernel for all parameters), foreach "
+        "on CPU (one op per parameter list instead of per tensor). Same update within float rounding.")
 
 
 class TrainConfig(Section):
@@ -432,6 +435,18 @@ class TrainConfig(Section):
     audit_samples: bool = Field(
         False, description="Count every sample_index trained per epoch (checkpointed) and fail the run if one is "
         "trained twice in an epoch; the counts go to the metrics. For tests and debugging: N bytes per worker.")
+    channels_last: bool | Literal["auto"] = Field(
+        "auto", description="Image tower weights and pixels in channels_last (NHWC) memory: the layout GPU "
+        "convolution kernels (cuDNN, tensor cores) are fastest in. auto = on GPU only.")
+    tf32: bool | Literal["auto"] = Field(
+        "auto", description="Let float32 matmuls and convolutions use TF32 tensor cores (Ampere and later). "
+        "auto = on GPU only (a no-op on CPU).")
+    pin_memory: bool | Literal["auto"] = Field(
+        "auto", description="Copy host batches into pinned memory and to the GPU with non_blocking, one batch "
+        "ahead of the step that uses it. auto = on GPU only.")
+    compile: bool = Field(
+        False, description="torch.compile the model and the loss's score maths before training (the first "
+        "steps then pay the compilation; off until measured to pay on the run's hardware).")
     deepspeed: DeepSpeedSection = DeepSpeedSection()
     optim: OptimConfig = OptimConfig()
 

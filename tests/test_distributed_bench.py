@@ -90,3 +90,44 @@ def test_gpu_check_logic_on_cpu(ray_local, tmp_path):
                                      "deepspeed_files": run["checkpoint_has"]["deepspeed_files"]}
     assert run["checkpoint_has"]["deepspeed_files"] >= 2
     assert 0.0 <= run["val_r_at_1"] <= 1.0 and run["samples_per_s"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_bench_step_rows_and_host_sync_counter():
+    """`gammaray bench step` at a tiny size: one row per (impl, regime, loss, batch) with the documented
+    fields, gammaray's step counted at 0 host reads, and the counter counts a planted `.item()`."""
+    import argparse
+
+    import torch
+
+    from gammaray.app.benchmarks import step as bench_step
+    from gammaray.config import GammarayConfig, apply_overrides
+
+    cfg = apply_overrides(GammarayConfig(), {"data.image_size": 32, "data.max_text_tokens": 8})
+    args = argparse.Namespace(warmup=1, steps=2, repeats=1, peak_tflops=50.0, config_name="tiny")
+    rows = []
+    for regime in ("towers", "heads"):
+        rows += bench_step.measure_row(cfg, regime, "gamma", 4, ["gammaray", "reference"], args, torch.device("cpu"))
+    keys = {"device", "config", "impl", "regime", "loss", "batch_size", "step_s", "samples_per_s", "host_syncs_per_step",
+            "flops_per_sample", "tflops", "peak_fraction", "peak_mem_mb"}
+    assert len(rows) == 4 and {(r["impl"], r["regime"]) for r in rows} == {
+        (i, g) for i in ("gammaray", "reference") for g in ("towers", "heads")}
+    for r in rows:
+        assert keys <= r.keys(), keys - r.keys()
+        assert r["batch_size"] == 4 and r["step_s"] > 0 and r["samples_per_s"] == pytest.approx(4 / r["step_s"], rel=1e-3)
+        assert r["flops_per_sample"] > 0
+        assert r["tflops"] == pytest.approx(r["flops_per_sample"] * 4 / r["step_s"] / 1e12, rel=1e-2)
+        assert r["peak_fraction"] == pytest.approx(r["tflops"] / 50.0, rel=1e-2)
+    gammaray = [r for r in rows if r["impl"] == "gammaray"]
+    assert all(r["host_syncs_per_step"] == 0 for r in gammaray), [r["sync_sites"] for r in gammaray]
+    assert "|" in bench_step.table(rows) and len(bench_step.ratios(rows)) == 2
+
+    counter = bench_step.SyncCounter(cuda=False)
+    t = torch.ones(3)
+    with counter.active():
+        t.sum().item()
+        int(t[0])
+        torch.optim.SGD([torch.nn.Parameter(t.clone())], lr=0.1)  # torch.optim's host-side counters are not counted
+    assert counter.count == 2
+    t.sum().item()
+    assert counter.count == 2  # uninstalled after the window

@@ -163,9 +163,13 @@ def _two_workers(rank: int, port: int, out_dir: str) -> None:
     _init(rank, world, port)
     steps = schedule()
 
-    # 1. the store: sharded == single-process, step by step (ages and a moving memory scale included)
+    # 1. the store: sharded == single-process, step by step (ages and a moving memory scale included);
+    # the fixed-size exchange (capacity: the training step's path, no host read) and the single-process
+    # fixed-size update give the same
     ref = LocalRateStore(N0, channels=2, track_age=True)
     sharded = ShardedRateStore(N0, channels=2, track_age=True)
+    fixed = ShardedRateStore(N0 + GROW, channels=2, track_age=True)
+    local_fixed = LocalRateStore(N0 + GROW, channels=2, track_age=True)
     for t, (idx, _, _, log_z) in enumerate(steps):
         sizes = split(idx.numel(), world, t)
         gam, scale = (1.0 if t == 0 else 0.1 + 0.1 * t), 1.0 + 0.5 * t
@@ -173,28 +177,40 @@ def _two_workers(rank: int, port: int, out_dir: str) -> None:
         got = sharded.update(_slice(idx, sizes, rank), _slice(log_z, sizes, rank), gam, scale)
         _same(got, _slice(want, sizes, rank))
         _same(sharded.last_age, _slice(ref.last_age, sizes, rank))
+        got = fixed.update(_slice(idx, sizes, rank), _slice(log_z, sizes, rank), gam, torch.tensor(scale), capacity=8)
+        _same(got, _slice(want, sizes, rank))
+        _same(fixed.last_age, _slice(ref.last_age, sizes, rank))
+        _same(local_fixed.update(idx, log_z, gam, scale, capacity=16), want)
+        _same(local_fixed.last_age, ref.last_age)
         for c in range(2):
             _same(sharded.tables[c], ref.tables[c][rank::world])
+            _same(fixed.tables[c], ref.tables[c][rank::world])
+            _same(local_fixed.tables[c], ref.tables[c])
 
     # 2. gathered objectives == single-process objectives on the concatenated batch
     for est in ("gamma", "sogclr"):
         s_ref = GammaSettings(**{**_gamma_settings(est).__dict__, "gather_negatives": False})
         ref_loss = GammaContrastiveLoss(N0 + GROW, s_ref, distributed=False)
         dist_loss = GammaContrastiveLoss(N0 + GROW, _gamma_settings(est), distributed=True)
+        ref_fixed = GammaContrastiveLoss(N0 + GROW, s_ref, distributed=False)
+        dist_fixed = GammaContrastiveLoss(N0 + GROW, _gamma_settings(est), distributed=True, capacity=8)
         scale = torch.tensor([6.0], dtype=torch.float64)
         for t, (idx, image, text, _) in enumerate(steps):
             sizes = split(idx.numel(), world, t)
-            _check_gathered_objective(
-                rank, world, t, sizes,
-                lambda i, x, j: ref_loss(i, x, scale, j, progress=t / 8)[0],
-                lambda i, x, j: dist_loss(i, x, scale, j, progress=t / 8)[0], idx, image, text)
-            for c in range(2):
-                _same(dist_loss.store.tables[c], ref_loss.store.tables[c][rank::world])
+            for r_loss, d_loss in ((ref_loss, dist_loss), (ref_fixed, dist_fixed)):
+                _check_gathered_objective(
+                    rank, world, t, sizes,
+                    lambda i, x, j: r_loss(i, x, scale, j, progress=t / 8)[0],
+                    lambda i, x, j: d_loss(i, x, scale, j, progress=t / 8)[0], idx, image, text)
+                for c in range(2):
+                    _same(d_loss.store.tables[c], r_loss.store.tables[c][rank::world])
     for t, (idx, image, text, _) in enumerate(steps):
         sizes = split(idx.numel(), world, t)
         scale = torch.tensor([9.0], dtype=torch.float64)
         _check_gathered_objective(rank, world, t, sizes, lambda i, x, j: infonce_loss(i, x, scale),
                                   lambda i, x, j: infonce_loss(i, x, scale, gather=True), idx, image, text)
+        _check_gathered_objective(rank, world, t, sizes, lambda i, x, j: infonce_loss(i, x, scale),
+                                  lambda i, x, j: infonce_loss(i, x, scale, gather=True, pad_to=8), idx, image, text)
 
     # 3. save / restore at the same world size, sample mode: exact, generator included
     s = _gamma_settings("gamma", mode="sample")

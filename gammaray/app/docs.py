@@ -27,6 +27,7 @@ from pathlib import Path
 # the benchmarks' own report functions (one place for these imports)
 from gammaray.config import describe
 from gammaray.app.benchmarks import batch, demo_runs, recipe, scale, search, structure, synthetic, tune_structure
+from gammaray.app.benchmarks import step as step_bench
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = "docs/bench"
@@ -165,6 +166,26 @@ def gpu_towers_table() -> str:
             f"`{BENCH}/gpu/step-towers-zero.json`.*")
 
 
+def step_table() -> str:
+    """`gammaray bench step`: gammaray's step against the plain PyTorch step, every row as measured."""
+    rows, details = load("step.json"), load("step.details.json")
+    notes = "; ".join(f"{k}: {v['note']} (torch {v['torch']}, {v['threads']} threads, fastest of {v['repeats']} "
+                      f"windows of {v['steps']} steps after {v['warmup']})" for k, v in details.items() if v.get("note"))
+    return (step_bench.table(rows) + "\n\n"
+            f"*{notes}. Source: `{BENCH}/step.json`, `{BENCH}/step.details.json`.*")
+
+
+def step_summary() -> str:
+    lines = [f"- {line}" for line in step_bench.summary(load("step.json"))]
+    for k, v in load("step.details.json").items():
+        p = v.get("profile")
+        if p:
+            phases = ", ".join(f"{name} {ms:.2f}" for name, ms in sorted(p["phases_ms"].items(), key=lambda x: -x[1]))
+            lines.append(f"- Phases of the gammaray step ({k}, {p['loss']}, micro-batch {p['batch_size']}, "
+                         f"torch.profiler, ms per step of {p['step_ms_profiled']:.2f}): {phases}.")
+    return "\n".join(lines)
+
+
 def recipe_page() -> str:
     with contextlib.chdir(ROOT):  # the report names the JSON by the path it is given
         body = recipe.report(f"{BENCH}/recipe.json")
@@ -210,6 +231,8 @@ BLOCKS = {
     "demo": lambda: demo_runs.readme_block(load("demo.json")),
     "demo-cause": lambda: demo_runs.cause_table(load("demo-cause.json")),
     "search": lambda: search.markdown(load("search.json")),
+    "step-bench": step_table,
+    "step-summary": step_summary,
     **{name: (lambda name=name: transcribed_table(name)) for name in TRANSCRIBED},
 }
 

@@ -44,8 +44,9 @@ from workers.evaluation.features import FeatureSet
 from workers.evaluation.metrics import recall_at_k, retrieval_ranks, zero_shot_accuracy
 from workers.models.registry import load_model, save_model
 from workers.models.two_tower import TwoTowerModel
-from workers.training.engine import optimizer_and_schedule
+from workers.training.engine import DDPEngine, optimizer_and_schedule, use_bf16
 from workers.training.objective import Objective
+from workers.training.step import scalars, train_step
 
 STATE_FILE = "heads_state.pt"
 
@@ -173,7 +174,7 @@ def train_heads(cfg: GammarayConfig, train: FeatureSet, val: FeatureSet | None =
     torch.manual_seed(cfg.run.seed)
     model = TwoTowerModel(cfg.model, feature_widths=train.widths).to(device).train()
     objective = Objective(cfg.loss, num_samples=int(train.sample_index.max()) + 1, seed=cfg.run.seed,
-                          device=device, distributed=False)
+                          device=device, distributed=False, batch_size=int(cfg.data.batch_size))
     data = _tensors(train, device)
     val_data = _tensors(val, device) if val is not None else None
     N, B = len(train), int(cfg.data.batch_size)
@@ -181,11 +182,13 @@ def train_heads(cfg: GammarayConfig, train: FeatureSet, val: FeatureSet | None =
     total = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
-    optimizer, scheduler = optimizer_and_schedule(model, cfg, total)
-    clip = cfg.train.deepspeed.gradient_clipping
+    on_gpu = device.type == "cuda"
+    optimizer, scheduler = optimizer_and_schedule(model, cfg, total, on_gpu)
+    engine = DDPEngine.local(model, optimizer, scheduler, cfg, device, bf16=use_bf16(cfg, on_gpu))
     probe = torch.from_numpy(np.random.default_rng([cfg.run.seed, 11]).permutation(N)[:probe_size]).to(device)
 
     step, first_epoch, history, last, samples = 0, 0, [], {}, 0
+    terms = None
     saved = _load_state(state_uri, cfg) if state_uri else None
     if saved is not None:
         model.load_state_dict(saved["model"])
@@ -221,16 +224,9 @@ def train_heads(cfg: GammarayConfig, train: FeatureSet, val: FeatureSet | None =
         for b in range(steps_per_epoch):
             rows = order[b * B:(b + 1) * B]
             batch = {k: v[rows] for k, v in data.items()}
-            out = model(batch)
-            terms = objective(out, batch, progress=step / max(1, total))
-            optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
-            if clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            optimizer.step()
-            scheduler.step()
+            terms = train_step(engine, objective, batch, step / max(1, total))
             step += 1
-            samples += int(rows.numel())
+            samples += int(rows.shape[0])
             bar.update(1)
             if eval_every is not None and step % eval_every == 0 or step == total:
                 last = terms.scalars()
@@ -240,7 +236,7 @@ def train_heads(cfg: GammarayConfig, train: FeatureSet, val: FeatureSet | None =
                 bar.set_postfix_str(f"loss={last['loss']:.3f} val_R@1={m.get('val_r_at_1', float('nan')):.3f}")
             if step >= total:
                 break
-        last = terms.scalars()
+        last = scalars(terms)
         train_s += time.perf_counter() - t_epoch
         if eval_every is None and (not history or history[-1]["step"] != step):
             m = evaluate_now(epoch)

@@ -18,12 +18,15 @@ def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def gather_candidates(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+def gather_candidates(x: torch.Tensor, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """All-gather rows of x from every rank, with gradient flowing back to their owners.
 
     Batches may differ in size between ranks (the last step of an epoch); rows are padded to the
     largest and a validity mask says which gathered rows are real. Returns (rows, valid, offset) where
     offset is the position of this rank's first row in the gathered tensor.
+
+    `pad_to` (the micro-batch, an upper bound of every rank's rows): rows are padded to it instead of
+    to the largest share, so the sizes never have to be read on the host (the training step's path).
     """
     if not _dist_on():
         return x, torch.ones(x.shape[0], dtype=torch.bool, device=x.device), 0
@@ -31,11 +34,17 @@ def gather_candidates(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]
     n = torch.tensor([x.shape[0]], device=x.device)
     sizes = n.new_empty(W)
     _all_gather_flat(sizes, n)
-    sizes_l = sizes.tolist()
-    m = max(sizes_l)
+    if pad_to is not None:
+        if x.shape[0] > pad_to:
+            raise ValueError(f"{x.shape[0]} rows to gather, more than pad_to={pad_to} (data.batch_size)")
+        m = int(pad_to)
+        valid = (torch.arange(m, device=x.device)[None, :] < sizes[:, None]).reshape(-1)
+    else:
+        sizes_l = sizes.tolist()
+        m = max(sizes_l)
+        valid = torch.cat([torch.arange(m, device=x.device) < s for s in sizes_l])
     padded = F.pad(x, (0, 0, 0, m - x.shape[0]))
     rows = _GatherRows.apply(padded)
-    valid = torch.cat([torch.arange(m, device=x.device) < s for s in sizes_l])
     return rows, valid, rank * m
 
 
@@ -118,8 +127,9 @@ def infonce_scores(logits: torch.Tensor, pos_col: torch.Tensor, valid: torch.Ten
     rows = torch.arange(B, device=work.device)
     ok = candidate_mask(B, C, pos_col, valid, include_positive=include_positive, device=work.device)
     has = ok.any(dim=1)
-    if not bool(has.all()):  # a dummy column keeps logsumexp and its gradient finite; masked below
-        ok = ok | ((~has)[:, None] & (torch.arange(C, device=work.device) == 0)[None, :])
+    # a dummy column keeps logsumexp and its gradient finite for an anchor with nothing to sum (masked
+    # below); applied unconditionally, as testing for such an anchor would read a device value on the host
+    ok = ok | ((~has)[:, None] & (torch.arange(C, device=work.device) == 0)[None, :])
     lse = torch.logsumexp(work.masked_fill(~ok, float("-inf")), dim=1)
     per = torch.where(has, lse - work[rows, pos_col], torch.zeros_like(lse))
     return per.mean() if reduction == "mean" else per
@@ -130,14 +140,17 @@ def infonce_direction(anchors: torch.Tensor, candidates: torch.Tensor, logit_sca
     """Mean over anchors of -s_i+ + log sum_j exp(s_ij); anchor i's positive is candidate offset+i."""
     logits = similarity(anchors, candidates, logit_scale)
     pos_col = torch.arange(anchors.shape[0], device=logits.device) + offset
+    if valid is None and anchors.shape[0] > 0:  # every candidate counts: the same maths, one fused op
+        return F.cross_entropy(logits, pos_col)
     return infonce_scores(logits, pos_col, valid)
 
 
-def infonce_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, gather: bool = False) -> torch.Tensor:
+def infonce_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, gather: bool = False,
+                 pad_to: int | None = None) -> torch.Tensor:
     """Symmetric CLIP loss: 1/2 (image->text + text->image)."""
     if gather and _dist_on():
-        all_text, valid_t, off = gather_candidates(text)
-        all_image, valid_i, _ = gather_candidates(image)
+        all_text, valid_t, off = gather_candidates(text, pad_to)
+        all_image, valid_i, _ = gather_candidates(image, pad_to)
         return 0.5 * (infonce_direction(image, all_text, logit_scale, valid_t, off)
                       + infonce_direction(text, all_image, logit_scale, valid_i, off))
     return 0.5 * (infonce_direction(image, text, logit_scale) + infonce_direction(text, image, logit_scale))
@@ -160,10 +173,10 @@ def siglip_scores(logits: torch.Tensor, pos_col: torch.Tensor, valid: torch.Tens
 
 
 def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, bias: torch.Tensor,
-                gather: bool = False) -> torch.Tensor:
+                gather: bool = False, pad_to: int | None = None) -> torch.Tensor:
     """Sigmoid loss (Zhai et al. 2023): -1/|B| sum_ij log sigmoid(z_ij (t <x_i, y_j> + b))."""
     if gather and _dist_on():
-        candidates, valid, offset = gather_candidates(text)
+        candidates, valid, offset = gather_candidates(text, pad_to)
     else:
         candidates, valid, offset = text, None, 0
     logits = similarity(image, candidates, logit_scale)

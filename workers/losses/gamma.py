@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
+from torch.profiler import record_function
 
 from .contrastive import _dist_on, candidate_mask, gather_candidates, similarity
 from .state import LocalRateStore, ShardedRateStore
@@ -94,18 +95,19 @@ class PartitionEstimate:
 def estimate_partition(logits: torch.Tensor, pos_col: torch.Tensor, settings: GammaSettings,
                        valid: torch.Tensor | None = None) -> PartitionEstimate:
     """log Z_hat_i = log mean_{j counted} exp(s_ij), stable (logsumexp) and NaN-free in its gradient
-    even for an anchor with nothing to average (batch of 1 without the positive)."""
+    even for an anchor with nothing to average (batch of 1 without the positive). `logits` may have
+    leading dimensions ([..., B, C], e.g. both directions of a batch at once: one set of ops for
+    both); the candidates counted (and `has_neg`, [B]) are the same for all of them."""
     work = logits if logits.dtype == torch.float64 else logits.float()
-    B, C = work.shape
-    rows = torch.arange(B, device=work.device)
+    B, C = work.shape[-2:]
     pos_col = pos_col.to(work.device).long()
-    pos = work[rows, pos_col]
+    pos = work.gather(-1, pos_col.expand(work.shape[:-1])[..., None]).squeeze(-1)
     ok = candidate_mask(B, C, pos_col, valid, include_positive=settings.include_positive, device=work.device)
     has = ok.any(dim=1)
     # an empty row gets a dummy column 0 so that logsumexp (and its gradient) stays finite; it is masked out
     safe = ok | ((~has)[:, None] & (torch.arange(C, device=work.device) == 0)[None, :])
     count = safe.sum(dim=1).to(work.dtype)
-    log_zhat = torch.logsumexp(work.masked_fill(~safe, -math.inf), dim=1) - torch.log(count)
+    log_zhat = torch.logsumexp(work.masked_fill(~safe, -math.inf), dim=-1) - torch.log(count)
     observed = log_zhat.detach() - (pos.detach() if settings.estimator == "sogclr" else 0.0)
     state_input = torch.where(has, observed, torch.full_like(observed, math.nan))
     return PartitionEstimate(work, pos, log_zhat, has, state_input)
@@ -120,19 +122,20 @@ def sample_log_gamma(alpha: float, n: int, generator: torch.Generator) -> torch.
 
 def m_step(est: PartitionEstimate, log_rate: torch.Tensor, settings: GammaSettings,
            generator: torch.Generator | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Step 3 given the updated memory log R (detached, [B]). Returns the M-step objective
+    """Step 3 given the updated memory log R (detached, [..., B]). Returns the M-step objective
     mean_i [-s_i+ + stopgrad(u_i) Z_hat_i(theta)] (anchors without negatives count zero; its value is
     a surrogate, about alpha - s_i+ at the fixed point) and detached diagnostics, among them the
-    generalized loss mean_i [-s_i+ + alpha log R_i] that the EM minimises."""
+    generalized loss mean_i [-s_i+ + alpha log R_i] that the EM minimises; both shaped like the
+    leading dimensions of the estimate (scalars for one direction)."""
     s = settings
-    B = est.pos.shape[0]
+    B = est.pos.shape[-1]
     has = est.has_neg
     log_r = log_rate.to(est.log_zhat).detach()
     log_r = torch.where(has, log_r, torch.zeros_like(log_r))  # anchors without negatives: inert
     if s.eps > 0:
         log_r = torch.logaddexp(log_r, torch.full_like(log_r, math.log(s.eps)))
-    if s.mode == "sample":
-        log_u = sample_log_gamma(s.alpha, B, generator).to(log_r) - log_r
+    if s.mode == "sample":  # the leading dimensions draw one after the other from the generator
+        log_u = sample_log_gamma(s.alpha, log_r.numel(), generator).reshape(log_r.shape).to(log_r) - log_r
     else:
         log_u = math.log(s.alpha) - log_r
     if s.estimator == "sogclr":
@@ -144,15 +147,15 @@ def m_step(est: PartitionEstimate, log_rate: torch.Tensor, settings: GammaSettin
     # the generalized loss -s_i+ + alpha log Z_i with the memory's estimate of Z_i (for logging)
     value = -est.pos.detach() * (s.estimator == "gamma") + s.alpha * log_r
     per_anchor = torch.where(has, per_anchor, torch.zeros_like(per_anchor))
-    objective = per_anchor.sum() / max(B, 1)
+    objective = per_anchor.sum(-1) / max(B, 1)
     if B == 0:
-        objective = est.logits.sum() * 0.0
+        objective = est.logits.sum((-2, -1)) * 0.0
     n = has.sum().clamp_min(1)
     diagnostics = {
-        "log_rate_mean": (log_r * has).sum() / n,
-        "weight_mean": (weight.detach() * has).sum() / n,
-        "generalized_loss": (value * has).sum() / n,
-        "anchors_without_negatives": (~has).sum().to(torch.float32),
+        "log_rate_mean": (log_r * has).sum(-1) / n,
+        "weight_mean": (weight.detach() * has).sum(-1) / n,
+        "generalized_loss": (value * has).sum(-1) / n,
+        "anchors_without_negatives": (~has).sum().to(log_r.dtype).expand(objective.shape),
     }
     return objective, diagnostics
 
@@ -206,8 +209,10 @@ class GammaContrastiveLoss:
     DIRECTIONS = ("image_to_text", "text_to_image")
 
     def __init__(self, num_samples: int, settings: GammaSettings, seed: int = 0, distributed: bool | None = None,
-                 device: torch.device | str = "cpu", group=None):
+                 device: torch.device | str = "cpu", group=None, capacity: int | None = None):
         self.settings = settings
+        # the micro-batch: gathers and the memory exchange in fixed-size blocks, no host read (state.py)
+        self.capacity = capacity
         self.seed = int(seed)
         sharded = _dist_on() if distributed is None else distributed
         if sharded:
@@ -220,39 +225,44 @@ class GammaContrastiveLoss:
         self.text_to_image = GammaDirection(self.store, settings, self.generator, channel=1)
 
     def __call__(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-                 sample_index: torch.Tensor, progress: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                 sample_index: torch.Tensor, progress: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """(loss, metrics): the metrics are detached device tensors (read them when logging)."""
         s = self.settings
         if s.gather_negatives and _dist_on():
-            all_text, valid_t, off = gather_candidates(text)
-            all_image, valid_i, _ = gather_candidates(image)
+            all_text, valid, off = gather_candidates(text, self.capacity)
+            all_image, _, _ = gather_candidates(image, self.capacity)  # the same rows are valid
         else:
-            all_text, valid_t, all_image, valid_i, off = text, None, image, None, 0
+            all_text, valid, all_image, off = text, None, image, 0
         pos_col = torch.arange(image.shape[0], device=image.device) + off
-        est_i = estimate_partition(similarity(image, all_text, logit_scale), pos_col, s, valid_t)
-        est_t = estimate_partition(similarity(text, all_image, logit_scale), pos_col, s, valid_i)
-        obs = torch.stack([est_i.state_input, est_t.state_input], dim=1)
-        log_rate = self.store.update(sample_index, obs, s.gamma_at(progress), self.memory_scale(logit_scale))
-        l_i2t, d_i2t = m_step(est_i, log_rate[:, 0], s, self.generator)
-        l_t2i, d_t2i = m_step(est_t, log_rate[:, 1], s, self.generator)
-        metrics = {f"gamma/{k}": float(0.5 * (d_i2t[k] + d_t2i[k])) for k in d_i2t}
+        # both directions in one set of ops: [2, B, C] (the gathered rows' validity is the same for both)
+        both = torch.stack([similarity(image, all_text, logit_scale), similarity(text, all_image, logit_scale)])
+        est = estimate_partition(both, pos_col, s, valid)
+        with record_function("step/memory_exchange"):
+            log_rate = self.store.update(sample_index, est.state_input.T, s.gamma_at(progress),
+                                         self.memory_scale(logit_scale), capacity=self.capacity)
+        loss, diag = m_step(est, log_rate.T, s, self.generator)
+        means = 0.5 * torch.stack(list(diag.values())).sum(1)  # the two directions' average, per diagnostic
+        metrics: dict[str, torch.Tensor | float] = {f"gamma/{k}": means[i] for i, k in enumerate(diag)}
         metrics["gamma/gamma_t"] = s.gamma_at(progress)
         metrics.update(self.age_metrics())
-        return 0.5 * (l_i2t + l_t2i), metrics
+        return 0.5 * loss.sum(), metrics
 
-    def memory_scale(self, logit_scale: torch.Tensor) -> float:
-        return float(logit_scale.detach()) if self.settings.rescale_memory else 1.0
+    def memory_scale(self, logit_scale: torch.Tensor):
+        """The logit scale the memory is kept at (a detached device tensor: no host read), or 1."""
+        return logit_scale.detach().reshape(()).double() if self.settings.rescale_memory else 1.0
 
-    def age_metrics(self) -> dict[str, float]:
+    def age_metrics(self) -> dict[str, torch.Tensor]:
         """How stale this step's memory entries were: steps since each anchor's entry was last
-        written (first visits excluded, counted apart)."""
+        written (first visits excluded, counted apart; NaN when every entry was a first visit)."""
         age = self.store.last_age
         if age is None or age.numel() == 0:
             return {}
         seen = ~torch.isnan(age)
-        out = {"gamma/memory_first_visit_fraction": float((~seen).float().mean())}
-        if seen.any():
-            out["gamma/memory_age_mean"] = float(age[seen].mean())
-            out["gamma/memory_age_max"] = float(age[seen].max())
+        n = seen.sum()
+        out = {"gamma/memory_first_visit_fraction": (~seen).float().mean()}
+        nan = torch.full_like(age[:1].sum(), math.nan)
+        out["gamma/memory_age_mean"] = torch.where(n > 0, torch.where(seen, age, 0.0).sum() / n.clamp_min(1), nan)
+        out["gamma/memory_age_max"] = torch.where(n > 0, torch.where(seen, age, -math.inf).max(), nan)
         return out
 
     @torch.no_grad()
@@ -268,11 +278,12 @@ class GammaContrastiveLoss:
         """Join this step's collectives with an empty batch (a rank whose data ran out first). It
         still owns part of the memory and updates other ranks' rows there, at the step's logit scale."""
         if self.settings.gather_negatives and _dist_on():
-            gather_candidates(text[:0])
-            gather_candidates(image[:0])
+            gather_candidates(text[:0], self.capacity)
+            gather_candidates(image[:0], self.capacity)
         scale = 1.0 if logit_scale is None else self.memory_scale(logit_scale)
         self.store.update(torch.zeros(0, dtype=torch.long, device=image.device),
-                          torch.zeros(0, 2, dtype=torch.float32, device=image.device), 1.0, scale)
+                          torch.zeros(0, 2, dtype=torch.float32, device=image.device), 1.0, scale,
+                          capacity=self.capacity)
 
     # -- checkpoints
     def state_dict(self) -> dict:

@@ -24,6 +24,14 @@ update `last_age` holds, per input row, how many updates ago its entry was last 
 first visit). 4 more bytes per sample; diagnostic only, so it is not checkpointed (after a resume,
 ages count from the resume).
 
+Fixed-size updates (`capacity`, the training step's path): with the largest batch a rank can send
+known (the micro-batch), an update makes no host read at all. Every rank sends W blocks of
+`capacity` rows (padding rows carry index -1), one all_to_all with equal splits instead of the counts
+exchange, duplicates are combined over sorted segments instead of `torch.unique`, and index checks
+run on the device (`torch._assert_async`): the step never waits for the accelerator. The store must
+then cover every index it is given (the training loop sizes it from the manifest); without
+`capacity` the store grows to the largest index seen and validates on the host.
+
 Checkpoints: `state_dict(channel)` is one channel of this process's shard, *without a copy* (save it
 before the next update); `load_shards(channel, shards)` takes the shards of a store saved with any
 world size, one at a time, and copies the entries this process owns with strided slices, so peak
@@ -139,6 +147,57 @@ class _Store:
             new = torch.cat([new, age[:, None]], dim=1)
         return new[inverse]
 
+    def _apply_rows(self, slots: torch.Tensor, valid: torch.Tensor | None, log_z: torch.Tensor, gamma: float,
+                    scale) -> torch.Tensor:
+        """`_apply` without a host read: the same combination of duplicates (log of the mean Z over a
+        slot's observed rows, in the rows' order) over sorted segments of at most m slots instead of
+        `torch.unique`, and the same EMA, written row by row (duplicates write the same value).
+        Rows with valid False are padding: they point at slot 0 with no observation and leave it
+        (and its age) as it was; valid None: every row is real."""
+        m, K = log_z.shape
+        if valid is None:  # every row is real (one process)
+            lz = log_z.double()
+        else:
+            slots = torch.where(valid, slots, torch.zeros_like(slots))
+            lz = torch.where(valid[:, None], log_z.double(), torch.full_like(log_z, math.nan, dtype=torch.float64))
+        srt, perm = torch.sort(slots, stable=True)
+        lz = lz[perm]
+        start = torch.ones(m, dtype=torch.bool, device=slots.device)
+        start[1:] = srt[1:] != srt[:-1]
+        seg = (torch.cumsum(start, 0) - 1)[:, None].expand(-1, K)
+        seen = ~torch.isnan(lz)
+        lzs = torch.where(seen, lz, torch.full_like(lz, -math.inf))
+        counts = torch.zeros(m, K, dtype=lz.dtype, device=lz.device).scatter_add_(0, seg, seen.to(lz.dtype))
+        top = torch.full((m, K), -math.inf, dtype=lz.dtype, device=lz.device).scatter_reduce(0, seg, lzs, reduce="amax")
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        sums = torch.zeros_like(top).scatter_add_(0, seg, torch.exp(lzs - top.gather(0, seg)))
+        comb = (top + torch.log(sums) - torch.log(counts)).gather(0, seg)
+        comb = torch.where(counts.gather(0, seg) > 0, comb, torch.full_like(comb, math.nan))
+        # every channel in one EMA (the tables stay one tensor per channel)
+        new = ema_log(torch.stack([t[srt] for t in self.tables], dim=1).double() * scale, comb, gamma)
+        stored = (new / scale).to(self.tables[0].dtype)
+        for c, table in enumerate(self.tables):
+            table[srt] = stored[:, c]
+        if self.last_update is not None:
+            last = self.last_update[srt]
+            age = torch.where(last >= 0, (self.updates - last).double(), torch.full_like(last, math.nan, dtype=torch.float64))
+            if valid is None:
+                self.last_update[srt] = self.updates
+            else:
+                stamp = torch.where(valid[perm], torch.full_like(last, self.updates), torch.full_like(last, -1))
+                self.last_update.scatter_reduce_(0, srt, stamp, reduce="amax")
+            new = torch.cat([new, age[:, None]], dim=1)
+        out = torch.empty_like(new)
+        out[perm] = new
+        return out
+
+    def _check_on_device(self, index: torch.Tensor) -> None:
+        """Index checks that never wait for the device (they fail at the next synchronisation)."""
+        if index.numel():
+            torch._assert_async(((index >= 0) & (index < self.num_samples)).all(),
+                                f"sample_index must be >= 0 and < {self.num_samples} (the memory's size, from the "
+                                "manifest's next_sample_index)")
+
     def _split_age(self, out: torch.Tensor) -> torch.Tensor:
         """Strip the age column `_apply` appends (keeping it in `last_age`) and count the update."""
         self.updates += 1
@@ -211,11 +270,18 @@ class LocalRateStore(_Store):
         super().__init__(num_samples, channels, device, track_age)
 
     @torch.no_grad()
-    def update(self, index: torch.Tensor, log_z: torch.Tensor, gamma: float, scale: float = 1.0) -> torch.Tensor:
+    def update(self, index: torch.Tensor, log_z: torch.Tensor, gamma: float, scale=1.0,
+               capacity: int | None = None) -> torch.Tensor:
         """EMA-update the entries of `index` with log Z_hat ([B] or [B, channels]); returns the
-        updated log R per input row, shaped like log_z."""
+        updated log R per input row, shaped like log_z. `capacity` (any value): the fixed-size path,
+        no host read (indices must be below num_samples)."""
         index = index.reshape(-1).to(self.device).long()
         lz, one = self._as_matrix(index, log_z.detach(), self.channels)
+        if capacity is not None:
+            self._check_on_device(index)
+            new = self._split_age(self._apply_rows(index, None, lz.to(self.device), gamma, scale))
+            new = new.to(log_z.device, _out_dtype(log_z))
+            return new[:, 0] if one else new
         if index.numel() == 0:
             self._split_age(torch.zeros(0, self.channels + (self.last_update is not None), dtype=torch.float64))
             return log_z.detach().new_empty(log_z.shape).to(_out_dtype(log_z))
@@ -254,7 +320,10 @@ class ShardedRateStore(_Store):
         return recv, recv_counts
 
     @torch.no_grad()
-    def update(self, index: torch.Tensor, log_z: torch.Tensor, gamma: float, scale: float = 1.0) -> torch.Tensor:
+    def update(self, index: torch.Tensor, log_z: torch.Tensor, gamma: float, scale=1.0,
+               capacity: int | None = None) -> torch.Tensor:
+        if capacity is not None:
+            return self._update_fixed(index, log_z, gamma, scale, int(capacity))
         out_device = log_z.device
         index = index.reshape(-1).to(self.device).long()
         lz, one = self._as_matrix(index, log_z.detach(), self.channels)
@@ -280,4 +349,37 @@ class ShardedRateStore(_Store):
         out = torch.empty_like(back)
         out[order] = back
         out = self._split_age(out).to(out_device, _out_dtype(log_z))
+        return out[:, 0] if one else out
+
+    def _update_fixed(self, index: torch.Tensor, log_z: torch.Tensor, gamma: float, scale, P: int) -> torch.Tensor:
+        """The exchange in fixed-size blocks: each rank sends every owner a block of P rows (its
+        rows for that owner, then padding with index -1), so both all_to_alls have equal splits and
+        nothing is read on the host."""
+        out_device = log_z.device
+        index = index.reshape(-1).to(self.device).long()
+        lz, one = self._as_matrix(index, log_z.detach(), self.channels)
+        B, W, K = index.numel(), self.world_size, self.channels
+        if B > P:
+            raise ValueError(f"a batch of {B} rows is larger than the exchange's capacity {P} (data.batch_size)")
+        self._check_on_device(index)
+        owner = index % W
+        order = torch.argsort(owner, stable=True)
+        counts = torch.bincount(owner, minlength=W)
+        starts = torch.cumsum(counts, 0) - counts
+        owner_sorted = owner[order]
+        dest = torch.empty_like(index)
+        dest[order] = owner_sorted * P + torch.arange(B, device=self.device) - starts[owner_sorted]
+        send = torch.full((W * P, 1 + K), math.nan, dtype=torch.float64, device=self.device)
+        send[:, 0] = -1.0
+        # (index, log z per channel) packed as float64: indices below 2**53 are exact
+        send[dest] = torch.cat([index.double()[:, None], lz.to(self.device, torch.float64)], dim=1)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        r_index = recv[:, 0].long()
+        valid = r_index >= 0
+        reply = self._apply_rows(torch.where(valid, r_index // W, torch.zeros_like(r_index)), valid, recv[:, 1:],
+                                 gamma, scale)
+        back = torch.empty_like(reply)
+        dist.all_to_all_single(back, reply.contiguous(), group=self.group)
+        out = self._split_age(back[dest]).to(out_device, _out_dtype(log_z))
         return out[:, 0] if one else out

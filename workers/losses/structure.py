@@ -208,8 +208,8 @@ class StructureObjective:
             # L_con = 1/4 (V2T + T2V + V2V + T2T); the contrastive term holds 1/2 (V2T + T2V)
             terms["contrastive_loss"] = terms["contrastive_loss"] * 0.5
             terms["in_modal_loss"] = 0.25 * (v2v + t2t)
-            metrics["structure/v2v"] = float(v2v.detach())
-            metrics["structure/t2t"] = float(t2t.detach())
+            metrics["structure/v2v"] = v2v.detach()
+            metrics["structure/t2t"] = t2t.detach()
         if s.lambda_sep > 0:
             why = "loss.structure.lambda_sep (model.specific_heads)"
             zi_v, zi_t = _need(out, "image_specific", why), _need(out, "text_specific", why)
@@ -219,26 +219,26 @@ class StructureObjective:
             uni = uniformity_loss(zi_v) + uniformity_loss(zi_t)
             sep = ortho + spec_con + uni
             terms["sep_loss"] = s.lambda_sep * sep
-            metrics.update({"structure/sep": float(sep.detach()), "structure/ortho": float(ortho.detach()),
-                            "structure/specific_con": float(spec_con.detach()),
-                            "structure/uniformity": float(uni.detach())})
+            metrics.update({"structure/sep": sep.detach(), "structure/ortho": ortho.detach(),
+                            "structure/specific_con": spec_con.detach(),
+                            "structure/uniformity": uni.detach()})
         if s.lambda_br > 0:
             t = sample_bridge_t(z_v.shape[0], s.bridge_t, s.bridge_t_range, z_v.device, z_v.dtype, self.generator)
             br = brownian_bridge_loss(_need(out, "image_aug", "loss.structure.lambda_br"), z_v, z_t, t)
             terms["bridge_loss"] = s.lambda_br * br
-            metrics["structure/bridge"] = float(br.detach())
+            metrics["structure/bridge"] = br.detach()
         if s.lambda_gc > 0:
             gc = geometric_consistency_loss(z_v, z_t)
-            metrics["structure/gc_base"] = float(gc.detach())
+            metrics["structure/gc_base"] = gc.detach()
             if s.gc_augmented:
                 gca = geometric_consistency_aug_loss(z_v, z_t, _need(out, "image_aug", "loss.structure.gc_augmented"),
                                                      _need(out, "text_aug", "loss.structure.gc_augmented"))
-                metrics["structure/gc_aug"] = float(gca.detach())
+                metrics["structure/gc_aug"] = gca.detach()
                 gc = gc + gca
             terms["gc_loss"] = s.lambda_gc * gc
-            metrics["structure/gc"] = float(gc.detach())
+            metrics["structure/gc"] = gc.detach()
         if "itm_loss" in out:
             terms["itm_loss"] = out["itm_loss"]
-            metrics["itm/loss"] = float(out["itm_loss"].detach())
+            metrics["itm/loss"] = out["itm_loss"].detach()
             if "itm_accuracy" in out:
-                metrics["itm/accuracy"] = float(out["itm_accuracy"])
+                metrics["itm/accuracy"] = torch.as_tensor(out["itm_accuracy"]).detach()

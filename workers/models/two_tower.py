@@ -138,6 +138,16 @@ def tower_tokens(output: Any) -> torch.Tensor:
     return hidden
 
 
+def sdpa_ready_mask(tower: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The [B, L] padding mask as the 4-D boolean mask an SDPA transformer builds from it. Given the
+    2-D mask, transformers reads `mask.all()` on the host every forward (to skip an all-ones mask):
+    a GPU synchronisation per step. A ready 4-D mask is used as it is."""
+    if getattr(getattr(tower, "config", None), "_attn_implementation", None) != "sdpa" or attention_mask.dim() != 2:
+        return attention_mask
+    L = attention_mask.shape[1]
+    return attention_mask.bool()[:, None, None, :].expand(-1, 1, L, L)
+
+
 class TwoTowerModel(nn.Module):
     """CLIP-style: image tower + text tower, linear projections, learnable temperature.
 
@@ -202,8 +212,9 @@ class TwoTowerModel(nn.Module):
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       tower: nn.Module | None = None) -> tuple[torch.Tensor, Any]:
+        t = tower or self.text_tower
         with self._no_grad_if(tower is None and self.cfg.text.fully_locked):
-            out = (tower or self.text_tower)(input_ids=input_ids, attention_mask=attention_mask)
+            out = t(input_ids=input_ids, attention_mask=sdpa_ready_mask(t, attention_mask))
             return pool(out, attention_mask, self.cfg.text.pooling), out
 
     @staticmethod

@@ -190,6 +190,7 @@ def restore(d: str, engine, scheduler, objective: Objective, audit: SampleAudit 
         parts = [part_from_json(p["remaining"] or []) for p in positions] if positions else None
         state.part = None if mine["remaining"] is None else part_from_json(mine["remaining"])
         state.epoch_consumed_before = mine["epoch_consumed"]
+        state.lockstep_left = mine.get("lockstep_left")  # the same walk as the run that saved it
         set_rng_state(load_data(*rank_file(rank, "rng.pt"), numpy_arrays=True))
         with open(os.path.join(d, rank_dir(rank), "quarantine.json")) as f:
             state.quarantine = json.load(f)

@@ -77,10 +77,40 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return f
 
 
-def optimizer_and_schedule(model: torch.nn.Module, cfg: GammarayConfig, total_steps: int):
+def adamw_kernel(cfg: GammarayConfig, on_gpu: bool) -> dict:
+    """torch AdamW's keyword for `train.optim.implementation` (auto: fused on GPU, foreach on CPU)."""
+    impl = cfg.train.optim.implementation
+    if impl == "auto":
+        impl = "fused" if on_gpu else "foreach"
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[impl]
+
+
+def setting_on(value, on_gpu: bool) -> bool:
+    """A fast-step key: true, false, or "auto" (= on GPU only)."""
+    return on_gpu if value == "auto" else bool(value)
+
+
+def fast_step_setup(model: torch.nn.Module, cfg: GammarayConfig, on_gpu: bool) -> torch.nn.Module:
+    """What a fast step uses, applied once before the engine is built: TF32 matmuls and convolutions,
+    the image tower in channels_last, torch.compile (train.compile). Each is a config key whose
+    "auto" means on GPU only; none changes the maths beyond float rounding (tests/test_training_step.py)."""
+    t = cfg.train
+    if on_gpu and setting_on(t.tf32, on_gpu):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+    if setting_on(t.channels_last, on_gpu) and getattr(model, "image_tower", None) is not None:
+        model.image_tower.to(memory_format=torch.channels_last)
+    if t.compile:
+        model.compile()
+    return model
+
+
+def optimizer_and_schedule(model: torch.nn.Module, cfg: GammarayConfig, total_steps: int, on_gpu: bool = False):
     o = cfg.train.optim
     # a torch optimizer avoids DeepSpeed's fused_adam JIT build and behaves the same on CPU and GPU
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas)
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas,
+                                  **adamw_kernel(cfg, on_gpu))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.warmup_steps, total_steps, o.min_lr_ratio))
     return optimizer, scheduler
 
@@ -88,8 +118,9 @@ def optimizer_and_schedule(model: torch.nn.Module, cfg: GammarayConfig, total_st
 def build_engine(model: torch.nn.Module, cfg: GammarayConfig, total_steps: int, on_gpu: bool,
                  device: torch.device | None = None, in_ray: bool = True):
     """(engine, optimizer, scheduler). The process group must already exist (Ray Train made it)."""
+    fast_step_setup(model, cfg, on_gpu)
     if cfg.train.strategy == "ddp":
-        optimizer, scheduler = optimizer_and_schedule(model, cfg, total_steps)
+        optimizer, scheduler = optimizer_and_schedule(model, cfg, total_steps, on_gpu)
         engine = DDPEngine(model, optimizer, scheduler, cfg, device or torch.device("cpu"),
                            bf16=use_bf16(cfg, on_gpu), in_ray=in_ray)
         return engine, optimizer, scheduler
@@ -99,7 +130,7 @@ def build_engine(model: torch.nn.Module, cfg: GammarayConfig, total_steps: int, 
     # the shared-memory comm op is JIT-compiled on first use (~35 s on CPU) and not needed here
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     forget_stale_deepspeed_groups()
-    optimizer, scheduler = optimizer_and_schedule(model, cfg, total_steps)
+    optimizer, scheduler = optimizer_and_schedule(model, cfg, total_steps, on_gpu)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, on_gpu),
         dist_init_required=False,
@@ -152,11 +183,11 @@ class DDPEngine:
     on any worker count."""
 
     def __init__(self, model: torch.nn.Module, optimizer, scheduler, cfg: GammarayConfig, device: torch.device,
-                 bf16: bool, in_ray: bool):
+                 bf16: bool, in_ray: bool, gas: int | None = None, wrap: bool = True):
         self.module = model
         self.optimizer = optimizer
         self.lr_scheduler = scheduler
-        self.gas = cfg.train.deepspeed.gradient_accumulation_steps
+        self.gas = cfg.train.deepspeed.gradient_accumulation_steps if gas is None else gas
         self.clip = cfg.train.deepspeed.gradient_clipping
         self.micro_batch = cfg.data.batch_size
         self.device = device
@@ -165,9 +196,13 @@ class DDPEngine:
         self.global_samples = 0
         self.micro_steps = 0
         self._boundary: bool | None = None
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        world = dist.get_world_size() if dist.is_initialized() and wrap else 1
+        self.world = world
         kwargs = {"find_unused_parameters": True}  # towers compute poolers that a loss may not use
-        if in_ray:
+        if not wrap:
+            model.to(device)
+            self.wrapped = model
+        elif in_ray:
             from ray.train.torch import prepare_model
 
             self.wrapped = prepare_model(_LeafSafe(model), move_to_device=device, parallel_strategy_kwargs=kwargs)
@@ -179,6 +214,13 @@ class DDPEngine:
                 self.wrapped = DistributedDataParallel(_LeafSafe(model), **kwargs)
             else:
                 self.wrapped = model
+
+    @classmethod
+    def local(cls, model: torch.nn.Module, optimizer, scheduler, cfg: GammarayConfig, device,
+              bf16: bool = False) -> "DDPEngine":
+        """One process, no process group, one micro-batch per step: the engine of the in-process
+        loops (workers/training/inprocess.py, workers/evaluation/heads.py, the benchmarks)."""
+        return cls(model, optimizer, scheduler, cfg, torch.device(device), bf16=bf16, in_ray=False, gas=1, wrap=False)
 
     # the DeepSpeed engine's surface -------------------------------------------------------
     @property
@@ -219,7 +261,7 @@ class DDPEngine:
             self.optimizer.zero_grad(set_to_none=True)
             self.global_steps += 1
         self.micro_steps += 1
-        self.global_samples += self.micro_batch * (dist.get_world_size() if dist.is_initialized() else 1)
+        self.global_samples += self.micro_batch * self.world
 
     def save_checkpoint(self, save_dir: str, tag: str = "state") -> None:
         if (dist.get_rank() if dist.is_initialized() else 0) != 0:

@@ -26,8 +26,9 @@ from pipelines.prepare import load_manifest
 from pipelines.preprocess import PreprocessSpec, preprocess_batch
 from workers.evaluation.evaluate import label_columns
 from workers.models.registry import build_model
-from workers.training.engine import lr_lambda, param_groups
+from workers.training.engine import DDPEngine, setting_on, fast_step_setup, optimizer_and_schedule, use_bf16
 from workers.training.objective import Objective
+from workers.training.step import prepare_batch, train_step
 
 COLUMNS = ("product_id", "sample_index", "title", "description", "category", "image", "attributes")
 EMBEDDINGS = ("image", "text", "image_specific", "text_specific")
@@ -93,10 +94,13 @@ class LocalRun:
         self.cfg = cfg
         torch.manual_seed(seed)  # the same initial weights for every config of a seed
         self.model = build_model(cfg.model, vocab_size=vocab_size, pad_token_id=pad_id).to(device)
-        self.objective = Objective(cfg.loss, num_samples=num_samples, seed=seed, device=device, distributed=False)
-        o = cfg.train.optim
-        self.opt = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=o.betas)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(o.warmup_steps, total_steps, o.min_lr_ratio))
+        self.objective = Objective(cfg.loss, num_samples=num_samples, seed=seed, device=device, distributed=False,
+                                   batch_size=cfg.data.batch_size)
+        on_gpu = torch.device(device).type == "cuda"
+        fast_step_setup(self.model, cfg, on_gpu)
+        self.opt, self.sched = optimizer_and_schedule(self.model, cfg, total_steps, on_gpu)
+        self.engine = DDPEngine.local(self.model, self.opt, self.sched, cfg, device, bf16=use_bf16(cfg, on_gpu))
+        self.channels_last = setting_on(cfg.train.channels_last, on_gpu)
         self.device = device
         self.total_steps = total_steps
         self.step = 0
@@ -106,15 +110,8 @@ class LocalRun:
     def train_step(self, batch: dict[str, torch.Tensor]) -> None:
         t0 = time.perf_counter()
         self.model.train()
-        out = self.model(batch)
-        terms = self.objective(out, batch, self.step / max(1, self.total_steps))
-        self.opt.zero_grad(set_to_none=True)
-        terms.total.backward()
-        clip = self.cfg.train.deepspeed.gradient_clipping
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], clip)
-        self.opt.step()
-        self.sched.step()
+        terms = train_step(self.engine, self.objective, prepare_batch(batch, channels_last=self.channels_last),
+                           self.step / max(1, self.total_steps))
         self.step += 1
         if self.step % 50 == 0 or self.step == self.total_steps:
             self.last = terms.scalars()

@@ -4,7 +4,8 @@ train.workers=0): DeepSpeed or DDP engine + objective + resumable data stream.
 The loop reads like the single-process one; the distributed parts are marked:
   [ray]  ray.train.get_context / get_checkpoint / report
   [ds]   engine forward / backward / step / save / load (DeepSpeed, or DDP behind the same calls)
-  [dist] one small all_reduce per step so every rank takes the same number of steps
+  [dist] every rank takes the same number of steps (agreed once per epoch); the step itself makes
+         no host read (workers/training/step.py), metrics are read every train.log_every steps
   [data] the next epoch's pipeline started early
 
 Steps are optimizer steps. With gradient accumulation a step is `train.deepspeed.gradient_accumulation_steps`
@@ -34,18 +35,19 @@ from pipelines.stream import StreamSpec, close_prefetched, epoch_part, iterate, 
 from pipelines.tokenizer import load as load_tokenizer
 from workers.evaluation.evaluate import evaluate  # validation: the same code as `gammaray eval`
 from workers.models.registry import build_model
-from workers.runtime import (lockstep, pick_device, placeholder_batch, quiet_libraries, stream_spec, to_torch,
+from workers.runtime import (Lockstep, batches_left, pick_device, placeholder_batch, quiet_libraries, stream_spec,
                              tokenizer_uri, world)
 from workers.training.audit import SampleAudit
 from workers.training.checkpoint import checkpoint_uri, latest_checkpoint, local_checkpoint, restore, save_and_report
-from workers.training.engine import build_engine, init_single_process_group, use_bf16
+from workers.training.engine import build_engine, init_single_process_group, setting_on, use_bf16
 from workers.training.faults import Fault
-from workers.training.metrics import (add_loss, epoch_loss_means, new_window, prefixed, run_record, run_totals,
+from workers.training.metrics import (epoch_loss_means, new_window, prefixed, run_record, run_totals,
                                       step_metrics, val_r_at_1)
-from workers.training.objective import Objective
+from workers.training.objective import LossTerms, Objective
 from workers.training.quarantine import check_quality
 from workers.training.resume import run_identity
 from workers.training.state import TrainState, estimate_total_steps, plan_of
+from workers.training.step import DeviceLossSums, prepare_batch, scalars, train_step
 
 
 def for_epoch(spec: StreamSpec, epoch: int) -> StreamSpec:
@@ -76,7 +78,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tokenizer = load_tokenizer(tokenizer_uri(cfg), storage.S3Settings.from_config(cfg.storage))
     model = build_model(cfg.model, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     objective = Objective(cfg.loss, num_samples=num_samples, seed=cfg.run.seed, device=device, distributed=W > 1,
-                          view_pair=cfg.data.view_pair)
+                          view_pair=cfg.data.view_pair, batch_size=cfg.data.batch_size)
     with_aug = objective.needs_augmented_views
     spec = stream_spec(cfg, cfg.data.train, units, 0, train=True, with_aug=with_aug, batch_size=cfg.data.batch_size)
     ckpt = latest_checkpoint(cfg, in_ray)  # [ray]
@@ -98,7 +100,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     report_every, ckpt_every, max_steps = cfg.train.log_every, cfg.train.checkpoint_every, cfg.train.max_steps
     window = new_window()   # since the last report
     attempt = new_window()  # since this process started (the final line's throughput)
-    last: dict[str, float] = {}
+    last: LossTerms | None = None  # the last active micro-batch's terms, on the device until a report reads them
+    loss_sums = DeviceLossSums()
+    pin = on_gpu and setting_on(cfg.train.pin_memory, on_gpu)
+    channels_last = setting_on(cfg.train.channels_last, on_gpu)
     micro = 0  # micro-batches accumulated towards the next optimizer step
     done = max_steps is not None and state.step >= max_steps
     while not done and state.epoch < cfg.train.epochs:
@@ -112,24 +117,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
             then = (for_epoch(spec, epoch + 1), epoch_part(units, epoch + 1, cfg.run.seed, W, rank, cfg.data.shuffle))
         epoch_finished = True  # no rank has data left (an empty part, or a resume at the epoch's end)
         batches = iterate(for_epoch(spec, epoch), state.part, then=then)
-        for sb, n_global, last_batch in lockstep(batches, device, window):          # [dist]
+        if W > 1 and state.lockstep_left is None:  # [dist] once per epoch: how many batches every rank takes
+            state.lockstep_left = batches_left(sum(seg.size for seg in state.part) - state.consumed,
+                                               cfg.data.batch_size, device)
+        walk = Lockstep(batches, device, state.lockstep_left, window, pin=pin)
+        for sb, tensors, n_global, last_batch in walk:                              # [dist]
             epoch_finished = last_batch
-            active = sb is not None and sb.size > 0
-            batch = to_torch(sb.arrays, device) if active else placeholder_batch(cfg, with_aug, device)
-            if bf16:
-                for k in (K.PIXELS, K.PIXELS_AUG):
-                    if k in batch:
-                        batch[k] = batch[k].to(torch.bfloat16)
+            active = tensors is not None
+            batch = prepare_batch(tensors if active else placeholder_batch(cfg, with_aug, device), bf16, channels_last)
             boundary = micro + 1 == gas or last_batch
-            engine.set_gradient_accumulation_boundary(boundary)                    # [ds] groups end with the epoch
-            out = engine(batch)                                                    # [ds]
-            terms = objective(out, batch, state.step / max(1, state.total_steps), active=active)
-            # weight so the average over ranks is the mean over all good rows of the step
             n_local = sb.size if active else 0
-            weight = n_local * W / max(1, n_global)
-            touch = sum(v.sum() for v in out.values()) * 0.0  # same parameters get grads on every rank
-            engine.backward(terms.total * weight + touch)                          # [ds]
-            engine.step()                                                          # [ds]
+            # weight so the average over ranks is the mean over all good rows of the step (a device
+            # tensor when distributed: the global row count is never read on the host)
+            weight = None if W == 1 else n_local * W / n_global.clamp_min(1).double()
+            last_terms = train_step(engine, objective, batch, state.step / max(1, state.total_steps),  # [ds]
+                                    weight=weight, active=active, boundary=boundary, touch=W > 1)
             micro = 0 if boundary else micro + 1
             if sb is not None:
                 state.consumed = sb.consumed
@@ -142,8 +144,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 w["records"] += n_local
                 w["micro"] += 1
             if active:
-                last = terms.scalars()
-                add_loss(state, last, n_local)
+                last = last_terms
+                loss_sums.add(last_terms, n_local, state)
             if not boundary:
                 continue
             state.step = engine.global_steps
@@ -152,7 +154,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             done = (max_steps is not None and state.step >= max_steps) or (last_batch and epoch == cfg.train.epochs - 1)
             if state.step % report_every == 0 or state.step % ckpt_every == 0 or done:
                 checkpoint_now = state.step % ckpt_every == 0 and not done  # the end saves anyway
-                metrics = step_metrics(state, last, window, scheduler, epoch)
+                metrics = step_metrics(state, scalars(last), window, scheduler, epoch)
                 val_now = bool(cfg.data.val) and cfg.train.eval_every is not None and (
                     state.step % cfg.train.eval_every == 0 or checkpoint_now)
                 if val_now:
@@ -160,6 +162,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     state.best_val_r_at_1 = max(state.best_val_r_at_1, val_r_at_1(state.last_val))
                 metrics.update(prefixed(state.last_val, cfg))
                 if checkpoint_now:
+                    loss_sums.flush(state)
+                    state.lockstep_left = walk.left
                     save_and_report(engine, scheduler, objective, audit, state, cfg, metrics, rank, W, in_ray)
                 elif in_ray:
                     ray.train.report(metrics)                                      # [ray]
@@ -169,18 +173,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 fault.maybe_fire(rank, state.step)
             if done:
                 break
+        state.lockstep_left = walk.left if W > 1 else None
         if not epoch_finished:
             break  # stopped by max_steps inside the epoch: the position stays for a later extension
         # the epoch is finished
+        loss_sums.flush(state)
+        state.lockstep_left = None
         if audit is not None:
             state.audit.append(audit.close_epoch(epoch, device))
         state.epoch, state.part, state.consumed, state.epoch_consumed_before = epoch + 1, None, 0, 0
         state.loss_sums_prev, state.loss_sums = state.loss_sums, {}
 
     close_prefetched()
+    loss_sums.flush(state)
     # final evaluation, totals over all ranks, and the last checkpoint
     attempt["wait"] += window["wait"]
-    metrics = step_metrics(state, last, attempt, scheduler, min(state.epoch, cfg.train.epochs - 1))
+    metrics = step_metrics(state, scalars(last), attempt, scheduler, min(state.epoch, cfg.train.epochs - 1))
     if cfg.data.val:
         state.last_val = evaluate(engine, cfg, tokenizer, device)
         state.best_val_r_at_1 = max(state.best_val_r_at_1, val_r_at_1(state.last_val))

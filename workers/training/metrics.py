@@ -58,21 +58,6 @@ def step_metrics(state: TrainState, last: dict, window: dict, scheduler, epoch: 
     return m
 
 
-NOT_AVERAGED = ("logit_scale",)  # a parameter's current value, not a per-record quantity
-
-
-def add_loss(state: TrainState, scalars: dict[str, float], n: int) -> None:
-    """Add a micro-batch's loss terms, weighted by its n good records, to this epoch's sums (reset
-    when an epoch ends: `loss_sums_prev` keeps the finished one)."""
-    if not state.loss_sums:
-        state.loss_sums = {"records": 0, "sums": {}}
-    sums = state.loss_sums["sums"]
-    for k, v in scalars.items():
-        if k not in NOT_AVERAGED:
-            sums[k] = sums.get(k, 0.0) + float(v) * n
-    state.loss_sums["records"] += n
-
-
 def epoch_loss_means(state: TrainState, W: int, device: torch.device) -> dict:
     """Collective. Every loss term averaged over the records of the last epoch trained (the
     current one if it trained any record, else the last finished one), on all ranks:

@@ -2,7 +2,12 @@
 
 `Objective(...)(outputs, batch)` returns `LossTerms`: `terms` are the weighted tensors whose sum is
 what gets backpropagated (`contrastive_loss`, `sep_loss`, `bridge_loss`, `gc_loss`), `metrics` are
-floats for logging (unweighted values, gamma diagnostics). Logging and Ray Tune read the names.
+values for logging (unweighted values, gamma diagnostics). Logging and Ray Tune read the names.
+
+Nothing here reads a device value on the host: metrics stay detached device tensors until
+`LossTerms.scalars()` (the loops call it every `train.log_every` steps), so a step never waits for
+the accelerator. `batch_size` (the micro-batch) lets the gathered negatives and the gamma memory's
+exchange run in fixed-size blocks (workers/losses/state.py).
 """
 
 from __future__ import annotations
@@ -18,19 +23,35 @@ from workers.losses.gamma import GammaContrastiveLoss, GammaSettings
 from workers.losses.structure import StructureObjective, StructureSettings
 
 
+# diagnostics that have no value on some steps (NaN then): left out of `scalars()`
+OPTIONAL_METRICS = ("gamma/memory_age_mean", "gamma/memory_age_max")
+
+
 @dataclass
 class LossTerms:
     terms: dict[str, torch.Tensor]
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
 
     @property
     def total(self) -> torch.Tensor:
         return sum(self.terms.values())  # type: ignore[return-value]
 
+    def detached(self) -> "LossTerms":
+        """The same values without the graph (what a loop keeps until it logs): no host read."""
+        terms = {name: t.detach() for name, t in self.terms.items()}
+        return LossTerms(terms=terms, metrics={k: v.detach() if torch.is_tensor(v) else v for k, v in self.metrics.items()})
+
     def scalars(self) -> dict[str, float]:
-        out = {name: float(t.detach()) for name, t in self.terms.items()}
-        out["loss"] = float(self.total.detach())
-        out.update(self.metrics)
+        """Host floats of every term, `loss` and the metrics: one read of the device per call."""
+        tensors = {**self.terms, "loss": self.total, **{k: v for k, v in self.metrics.items() if torch.is_tensor(v)}}
+        flat = torch.stack([v.detach().to(torch.float64).reshape(()) for v in tensors.values()]).cpu().tolist()
+        read = dict(zip(tensors, flat))
+        out = {}
+        for k in [*self.terms, "loss", *self.metrics]:
+            v = read[k] if k in read else float(self.metrics[k])
+            if k in OPTIONAL_METRICS and v != v:
+                continue
+            out[k] = v
         return out
 
 
@@ -50,15 +71,16 @@ def gamma_settings(cfg: LossConfig) -> GammaSettings:
 
 class Objective:
     def __init__(self, cfg: LossConfig, num_samples: int, seed: int = 0, device: torch.device | str = "cpu",
-                 distributed: bool | None = None, view_pair: str = "image_text"):
+                 distributed: bool | None = None, view_pair: str = "image_text", batch_size: int | None = None):
         self.cfg = cfg
+        self.batch_size = batch_size
         # which two model outputs are the positive pair: ("image", "text") unless data.view_pair says otherwise;
         # below, `image`/`text` name the pair's first/second side
         self.pair = pair_slots(view_pair)
         self.gamma: GammaContrastiveLoss | None = None
         if cfg.kind in ("gamma", "sogclr"):
             self.gamma = GammaContrastiveLoss(num_samples, gamma_settings(cfg), seed=seed, device=device,
-                                              distributed=distributed)
+                                              distributed=distributed, capacity=batch_size)
         # latent modality structure (workers/losses/structure.py): in-modal terms, the regularizers, ITM
         self.structure = StructureObjective(StructureSettings.from_config(cfg.structure, cfg.gather_negatives))
         # the structure terms relate the image and the text tower (the config refuses them for other pairs)
@@ -73,24 +95,25 @@ class Objective:
         """`active=False`: this rank has no data this step; it joins the collectives the loss needs
         (candidate gathers, the loss-state exchange) and contributes exactly zero."""
         image, text, scale = out[self.pair[0]], out[self.pair[1]], out["logit_scale"]
-        metrics: dict[str, float] = {"logit_scale": float(scale.detach())}
+        metrics: dict[str, torch.Tensor | float] = {"logit_scale": scale.detach().reshape(())}
         kind = self.cfg.kind
         if not active:
             if self.gamma is not None:
                 self.gamma.participate(image, text, scale)
             elif self.cfg.gather_negatives:
-                gather_candidates(text[:0])
+                gather_candidates(text[:0], self.batch_size)
                 if kind == "infonce":
-                    gather_candidates(image[:0])
+                    gather_candidates(image[:0], self.batch_size)
             zero = (image.sum() + text.sum() + scale.sum()) * 0.0
             inactive_terms = {"contrastive_loss": zero}
             if self.with_structure:
                 self.structure.apply(out, inactive_terms, metrics, active=False)
             return LossTerms(terms=inactive_terms, metrics=metrics)
         if kind == "infonce":
-            con = infonce_loss(image, text, scale, gather=self.cfg.gather_negatives)
+            con = infonce_loss(image, text, scale, gather=self.cfg.gather_negatives, pad_to=self.batch_size)
         elif kind == "siglip":
-            con = siglip_loss(image, text, scale, out["logit_bias"], gather=self.cfg.gather_negatives)
+            con = siglip_loss(image, text, scale, out["logit_bias"], gather=self.cfg.gather_negatives,
+                              pad_to=self.batch_size)
         else:
             assert self.gamma is not None
             con, gm = self.gamma(image, text, scale, batch[K.SAMPLE_INDEX], progress)

@@ -29,8 +29,9 @@ class TrainState:
     audit: list[dict] = field(default_factory=list)     # per finished epoch (train.audit_samples)
     plan: dict = field(default_factory=dict)            # train.epochs / max_steps that total_steps was planned for
     identity: dict = field(default_factory=dict)        # what the position means (workers/training/resume.py)
-    loss_sums: dict = field(default_factory=dict)       # this epoch's loss terms x records (add_loss)
+    loss_sums: dict = field(default_factory=dict)       # this epoch's loss terms x records (workers/training/step.py)
     loss_sums_prev: dict = field(default_factory=dict)  # the same for the last finished epoch
+    lockstep_left: int | None = None      # lockstep batches the ranks still take this epoch (None: plan anew)
 
     def position_json(self, rank: int, world_size: int) -> dict:
         # None: the epoch's plan is not cut yet (every rank alike)
@@ -40,7 +41,8 @@ class TrainState:
                 "epoch_consumed": self.epoch_consumed_before + self.consumed,
                 "records_trained": self.records_trained, "best_val_r_at_1": self.best_val_r_at_1,
                 "last_val": self.last_val, "resumes": self.resumes, "audit": self.audit, "plan": self.plan,
-                "identity": self.identity, "loss_sums": self.loss_sums, "loss_sums_prev": self.loss_sums_prev}
+                "identity": self.identity, "loss_sums": self.loss_sums, "loss_sums_prev": self.loss_sums_prev,
+                "lockstep_left": self.lockstep_left}
 
 
 def steps_per_epoch(cfg: GammarayConfig, records_per_worker: int) -> int:

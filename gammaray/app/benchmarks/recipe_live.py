@@ -137,9 +137,10 @@ def run_live_cell(job: dict) -> dict:
 
     from gammaray.config import from_dict
     from pipelines.tokenizer import load as load_tokenizer
-    from workers.training.engine import optimizer_and_schedule
+    from workers.training.engine import DDPEngine, optimizer_and_schedule
     from workers.models.registry import build_model
     from workers.training.objective import Objective
+    from workers.training.step import train_step
 
     from gammaray.app.benchmarks.common import peak_rss, reset_peak_rss
 
@@ -155,19 +156,15 @@ def run_live_cell(job: dict) -> dict:
     steps_per_epoch = -(-N // B)
     total = cfg.train.epochs * steps_per_epoch
     objective = Objective(cfg.loss, num_samples=int(train["index"].max()) + 1, seed=cfg.run.seed,
-                          distributed=False)
+                          distributed=False, batch_size=B)
     optimizer, scheduler = optimizer_and_schedule(model, cfg, total)
+    engine = DDPEngine.local(model, optimizer, scheduler, cfg, device)
     step, t0 = 0, time.perf_counter()
     for epoch in range(cfg.train.epochs):
         order = np.random.default_rng([cfg.run.seed, epoch, 7]).permutation(N)
         for b in range(steps_per_epoch):
             batch = _batch(train, np.sort(order[b * B:(b + 1) * B]), device)
-            terms = objective(model(batch), batch, progress=step / total)
-            optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.deepspeed.gradient_clipping)
-            optimizer.step()
-            scheduler.step()
+            train_step(engine, objective, batch, step / total)  # the training loop's step
             step += 1
     wall = time.perf_counter() - t0
     peak = peak_rss() - base

@@ -8,7 +8,7 @@ Every torch.distributed collective is wrapped and the bytes each rank hands to i
            gradients back in backward); the gamma loss sends (index, log Z) pairs to the owner of each
            sample's rate and gets the updated rate back: O(batch) scalars, independent of the embedding size
   grads    DeepSpeed's gradient reduction (the same for both losses: it depends on the model size)
-  params   DeepSpeed's parameter all-gather after the step (ZeRO-1/2) and the per-step lockstep flag
+  params   DeepSpeed's parameter all-gather after the step (ZeRO-1/2) and the step's global row count
 Rows (JSON): {"loss", "workers", "batch_size", "step_time_s", "samples_per_s", "bytes_per_step",
 "loss_bytes_per_step", "grad_bytes_per_step", "param_bytes_per_step", "peak_gpu_mb", ...}; bytes are per
 rank; peak_gpu_mb (--gpu) is the largest rank's torch.cuda.max_memory_allocated over the whole row
@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", action="store_true", help="one GPU per process, NCCL, bf16 (needs CUDA)")
     p.add_argument("--profile", metavar="PREFIX",
                    help="run the timed steps under torch.profiler and write rank 0's top operators per row to "
-                        "PREFIX-LOSS-bB-zZ.txt (phases forward / loss / backward / step labelled); the row's "
+                        "PREFIX-LOSS-bB-zZ.txt (phases step/forward, loss, memory_exchange, backward, optimizer labelled); the row's "
                         "times then include the profiler's overhead and are marked profiled")
     p.add_argument("--process-per-row", action=argparse.BooleanOptionalAction, default=None,
                    help="start fresh processes for every loss, so no row's peak memory holds what the row before "
@@ -164,10 +164,10 @@ def measure(cfg, loss: str, steps: int, warmup: int, counter: CommCounter, devic
     import torch.distributed as dist
 
     from gammaray.config import apply_overrides
-    from gammaray.schema import BatchKeys as K
     from workers.training.engine import build_engine, use_bf16
     from workers.models.registry import build_model
     from workers.training.objective import Objective
+    from workers.training.step import prepare_batch, train_step
 
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = apply_overrides(cfg, {"loss.kind": loss, "loss.gather_negatives": loss in ("infonce", "siglip")})
@@ -178,7 +178,8 @@ def measure(cfg, loss: str, steps: int, warmup: int, counter: CommCounter, devic
     start_mb = torch.cuda.memory_allocated(device) / 2**20 if on_gpu else 0.0
     torch.manual_seed(0)
     model = build_model(cfg.model, vocab_size=vocab, pad_token_id=0)
-    objective = Objective(cfg.loss, num_samples=NUM_SAMPLES, seed=0, device=device, distributed=world > 1)
+    objective = Objective(cfg.loss, num_samples=NUM_SAMPLES, seed=0, device=device, distributed=world > 1,
+                          batch_size=cfg.data.batch_size)
     engine, _, _ = build_engine(model, cfg, total_steps=steps + warmup, on_gpu=on_gpu, device=device, in_ray=False)
     bf16 = use_bf16(cfg, on_gpu)
     reduce_grads = engine.allreduce_gradients
@@ -188,8 +189,15 @@ def measure(cfg, loss: str, steps: int, warmup: int, counter: CommCounter, devic
             return reduce_grads(*a, **k)
 
     engine.allreduce_gradients = tagged_reduce
+    optimizer_step = engine.step
+
+    def tagged_step():
+        with counter.in_phase("params"):
+            return optimizer_step()
+
+    engine.step = tagged_step
     params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())  # ZeRO-3: partitioned
-    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import ProfilerActivity
 
     prof = None
     if profile:
@@ -206,20 +214,12 @@ def measure(cfg, loss: str, steps: int, warmup: int, counter: CommCounter, devic
                 prof.__enter__()
             t0 = time.perf_counter()
         batch = synthetic_batch(cfg, rank, world, i, device, vocab)
-        if bf16:
-            batch[K.PIXELS] = batch[K.PIXELS].to(torch.bfloat16)
-        with counter.in_phase("params"):  # the training loop's per-step lockstep flag
-            dist.all_reduce(torch.ones(2, dtype=torch.long, device=device))
-        with counter.in_phase("loss"):
-            with record_function("phase/forward"):
-                out = engine(batch)
-            with record_function("phase/loss"):
-                terms = objective(out, batch, i / (warmup + steps))
-                touch = sum(v.sum() for v in out.values()) * 0.0
-            with record_function("phase/backward"):
-                engine.backward(terms.total + touch)
-        with counter.in_phase("params"), record_function("phase/step"):
-            engine.step()
+        with counter.in_phase("params"):  # the step's global row count (its loss weight; never read on the host)
+            n = torch.full((1,), cfg.data.batch_size, dtype=torch.long, device=device)
+            dist.all_reduce(n)
+        with counter.in_phase("loss"):  # the training loop's step (workers/training/step.py)
+            train_step(engine, objective, prepare_batch(batch, bf16), i / (warmup + steps),
+                       weight=cfg.data.batch_size * world / n[0].double(), touch=world > 1)
     if on_gpu:
         torch.cuda.synchronize()
     dist.barrier()
@@ -236,7 +236,7 @@ def measure(cfg, loss: str, steps: int, warmup: int, counter: CommCounter, devic
                 f.write(averages.table(sort_by=sort, row_limit=30))
                 lines = averages.table(sort_by="cpu_time_total", row_limit=500).splitlines()
                 f.write("\n\nphases (record_function):\n" + "\n".join(lines[:3]) + "\n")
-                f.write("\n".join(line for line in lines if "phase/" in line) + "\n")
+                f.write("\n".join(line for line in lines if "step/" in line) + "\n")
     peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if on_gpu else 0.0
     phases = {k: counter.bytes.get(k, 0) / steps for k in ("loss", "grads", "params")}
     totals = torch.tensor([dt, phases["loss"], phases["grads"], phases["params"]], dtype=torch.float64, device=device)

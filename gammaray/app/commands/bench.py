@@ -19,6 +19,7 @@ BENCHES = {
     "recipe": "gammaray.app.benchmarks.recipe",
     "tune-structure": "gammaray.app.benchmarks.tune_structure",
     "scaling": "gammaray.app.benchmarks.scaling",
+    "step": "gammaray.app.benchmarks.step",
     "ingest": "gammaray.app.benchmarks.ingest",
     "decode": "gammaray.app.benchmarks.decode",
     "scale": "gammaray.app.benchmarks.scale",
