@@ -355,7 +355,8 @@ def test_full_run_storage_is_one_line_and_the_same_command_resumes(ray_local, od
         err = capsys.readouterr().err
         line = next(ln for ln in err.splitlines() if ln.startswith("gammaray pretrain: "))
         assert f"storage full at {disk}" in line and "run the same command again" in line, err[-3000:]
-        assert "Traceback" not in err
+        # no traceback of the command itself (Ray's workers and controller log theirs, prefixed "(pid=...)")
+        assert not any(ln.startswith("Traceback") for ln in err.splitlines()), err[-3000:]
         run = disk / "full"
         done = sorted(p.name for p in run.glob("checkpoint_*") if (p / "rank-00001" / "train_state.json").exists())
         assert 1 <= len(done) < 4, sorted(os.listdir(run))

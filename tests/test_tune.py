@@ -431,22 +431,22 @@ def test_a_planted_pickle_in_the_experiment_is_refused_and_never_runs(search, tm
     marker = str(tmp_path / "payload-ran")
     cfg = apply_overrides(search["cfg"], {"tune.name": f"planted-{target.strip('-.')}"})
     source, copy = search["second"].experiment_uri, storage.join(cfg.run.storage, cfg.tune.name)
-    planted = None
+    planted = []  # every file of that kind (a resumed experiment has one per session)
     for f in storage.list_files(source):
         rel = f[len(source) + 1:]
         if rel.startswith("train/"):
             continue  # the trials' Train runs: not read by Tune
         data = storage.read_bytes(f)
         if "/" not in rel and rel.startswith(target):
-            planted = storage.join(copy, rel)
+            planted.append(storage.join(copy, rel))
             data = _plant_in_trial_state(data, marker) if target == "experiment_state-" else _payload_pickle(marker)
         storage.write_bytes(storage.join(copy, rel), data)
-    assert planted is not None, f"no {target} in {source}"
+    assert planted, f"no {target} in {source}"
     cfg_path = tmp_path / "tune.yaml"
     save(cfg, cfg_path)
     assert main(["tune", "--config", str(cfg_path), "--quiet", "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
-    assert f"{planted}: refused to load: " in err and "references code" in err, err[-2000:]
+    assert any(f"{p}: refused to load: " in err for p in planted) and "references code" in err, err[-2000:]
     assert "tune.name" in err  # the way out
     assert not os.path.exists(marker), "the planted payload ran"
 

@@ -65,8 +65,9 @@ TUNE_CALLS = frozenset({
     "ray.tune.search.sample.Integer._LogUniform", "ray.tune.search.sample.Function",
     "ray.tune.search.sample.Function._CallSampler",
     "ray.tune.schedulers.async_hyperband._Bracket", "ray.tune.schedulers.fifo.FIFOScheduler",
+    "ray.tune.schedulers.trial_scheduler.FIFOScheduler",
     "ray.tune.search.optuna.optuna_search.OptunaSearch", "ray.tune.search.basic_variant.BasicVariantGenerator", "tuning.state_check.CheckableVariantGenerator",
-    "ray.tune.search.variant_generator._VariantIterator", "ray.tune.search.basic_variant._TrialIterator",
+    "ray.tune.search.basic_variant._VariantIterator", "ray.tune.search.basic_variant._TrialIterator",
     "ray.tune.search.concurrency_limiter.ConcurrencyLimiter", "ray.tune.search.search_generator.SearchGenerator",
     # Optuna's study (the searcher state)
     "optuna.distributions.CategoricalDistribution", "optuna.distributions.FloatDistribution",

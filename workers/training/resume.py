@@ -162,3 +162,25 @@ def check_run(cfg: GammarayConfig, run_uri: str, identity: dict) -> None:
                              "that did not finish). Point train.resume_from at a complete checkpoint, or start a new run "
                              "with another run.name.")
     check_identity(state.get("identity"), identity, cfg, folder)
+
+
+def set_aside_partial_snapshot(cfg: GammarayConfig, run_uri: str) -> str | None:
+    """A Ray Train snapshot cut short by a full disk (empty or partial JSON) stops Ray's controller on
+    every re-run. Move it aside (`.partial`) and return the newest complete checkpoint folder, for
+    train.resume_from: the run then resumes from it instead of failing to start."""
+    uri = storage.join(run_uri, RAY_SNAPSHOT)
+    if not storage.exists(uri, cfg.storage):
+        return None
+    data = storage.read_bytes(uri, cfg.storage)
+    try:
+        json.loads(data)
+        return None
+    except ValueError:
+        pass
+    storage.write_bytes(uri + ".partial", data, cfg.storage)
+    fs, path = storage.resolve(uri, cfg.storage)
+    fs.delete_file(path)
+    folder = newest_checkpoint(run_uri, cfg.storage)
+    _warn(f"{uri} was empty or partial (a save cut short): set aside as {RAY_SNAPSHOT}.partial; resuming from "
+          f"{folder or 'the start'}")
+    return folder

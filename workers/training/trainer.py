@@ -14,7 +14,7 @@ from typing import Any
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from gammaray.config import GammarayConfig, RunError
+from gammaray.config import GammarayConfig, RunError, apply_overrides
 from pipelines import storage
 from pipelines.prepare import load_manifest
 from workers.evaluation.features import load_feature_store
@@ -24,7 +24,7 @@ from workers.training.faults import fault_from_env
 from workers.training.loop import train_loop_per_worker
 from workers.training.monitor import MetricsCallback, ProgressPrinter
 from workers.training.quarantine import DataQualityError
-from workers.training.resume import check_run, run_identity
+from workers.training.resume import check_run, run_identity, set_aside_partial_snapshot
 from workers.tracking import TrackingCallback, start_run
 
 
@@ -121,6 +121,9 @@ def pretrain(cfg: GammarayConfig, progress: bool = True, callbacks: list | None 
     t0 = time.perf_counter()
     manifest = preflight(cfg)
     identity = run_identity(cfg, manifest)  # as written: before "auto" keys are resolved for this cluster
+    partial = set_aside_partial_snapshot(cfg, run_dir(cfg))  # Ray's own record, cut short by a full disk
+    if partial and not cfg.train.resume_from:
+        cfg = apply_overrides(cfg, {"train.resume_from": partial})
     check_run(cfg, run_dir(cfg), identity)  # a resume that does not match is refused before Ray starts
     ensure_ray(cfg)
     cfg = resolve_for_cluster(cfg)  # train.workers / data.batch_size / preprocess_concurrency = "auto"
