@@ -57,6 +57,7 @@ from . import storage
 MANIFEST = "manifest.json"
 INDEX_DIR = "index"
 INDEX_FORMAT = 1
+INDEX_ROW_GROUP = 8192  # shards per row group of the index: a reader holds one decoded piece at a time
 _INDEX_KEYS = ("path", "num_rows", "row_groups", "sha256")  # columns of the index; other shard keys go to `extra`
 LOCK = "prepare.lock"
 HEARTBEAT_S = 30.0
@@ -216,18 +217,28 @@ def _index_bytes(shards: list[dict]) -> bytes:
     table = pa.table({
         "path": pa.array([s["path"] for s in shards], pa.string()),
         "num_rows": pa.array([int(s["num_rows"]) for s in shards], pa.int64()),
-        "row_groups": pa.array([[int(n) for n in s["row_groups"]] for s in shards], pa.list_(pa.int64())),
+        "row_groups": pa.array([[int(n) for n in s["row_groups"]] for s in shards], pa.list_(pa.int32())),
         "sha256": pa.array([s.get("sha256") for s in shards], pa.string()),
         "extra": pa.array([json.dumps(e, sort_keys=True) if e else None for e in extra], pa.string()),
     })
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", row_group_size=INDEX_ROW_GROUP)  # read piece by piece
     return buf.getvalue()
 
 
 def read_index(dst: str | None, index: dict, storage_cfg: StorageConfig | None = None,
                columns: list[str] | None = None) -> pa.Table:
     """The shard index a header names (some columns of it)."""
+    pieces = list(_index_pieces(dst, index, storage_cfg, columns))
+    table = pa.concat_tables(pieces) if pieces else pa.table({})
+    if table.num_rows != int(index.get("num_shards", table.num_rows)):
+        raise ValueError(f"{storage.join(dst or '', index['path'])} is damaged: {table.num_rows} shards, the manifest "
+                         f"says {index.get('num_shards')}")
+    return table
+
+
+def _index_pieces(dst: str | None, index: dict, storage_cfg: StorageConfig | None, columns: list[str] | None):
+    """The index's row groups one at a time (a reader keeps one decoded piece, not the whole table)."""
     if dst is None:
         raise ValueError("this manifest was not read from a catalogue: its shard index cannot be found")
     if int(index.get("format", 0)) > INDEX_FORMAT:
@@ -239,10 +250,9 @@ def read_index(dst: str | None, index: dict, storage_cfg: StorageConfig | None =
     except FileNotFoundError:
         raise FileNotFoundError(f"{uri}: the shard index named by {storage.join(dst, MANIFEST)} is missing; "
                                 "restore it from a backup or prepare into a new destination") from None
-    table = pq.read_table(io.BytesIO(data), columns=columns)
-    if table.num_rows != int(index.get("num_shards", table.num_rows)):
-        raise ValueError(f"{uri} is damaged: {table.num_rows} shards, the manifest says {index.get('num_shards')}")
-    return table
+    pf = pq.ParquetFile(io.BytesIO(data))
+    for g in range(pf.num_row_groups):
+        yield pf.read_row_group(g, columns=columns, use_threads=False)
 
 
 def _shard_dict(row: dict) -> dict:
@@ -258,11 +268,18 @@ def unit_table(manifest: dict):
     from .plan import UnitTable
 
     if "index" in manifest and "shards" not in dict.keys(manifest) and isinstance(manifest, Manifest):
-        t = read_index(manifest.uri, manifest["index"], manifest.storage_cfg, columns=["path", "row_groups"])
-        groups = t.column("row_groups").combine_chunks()
-        counts = np.diff(groups.offsets.to_numpy()).astype(np.int64)
-        sizes = groups.flatten().to_numpy().astype(np.int64)
-        return UnitTable.from_flat(t.column("path").to_pylist(), counts, sizes)
+        paths: list[str] = []
+        counts, sizes = [], []
+        for piece in _index_pieces(manifest.uri, manifest["index"], manifest.storage_cfg, ["path", "row_groups"]):
+            groups = piece.column("row_groups").combine_chunks()
+            counts.append(np.diff(groups.offsets.to_numpy()))
+            sizes.append(groups.flatten().to_numpy())
+            paths += piece.column("path").to_pylist()
+        if len(paths) != int(manifest["index"].get("num_shards", len(paths))):
+            raise ValueError(f"{storage.join(manifest.uri, manifest['index']['path'])} is damaged: {len(paths)} shards, "
+                             f"the manifest says {manifest['index'].get('num_shards')}")
+        return UnitTable.from_flat(paths, np.concatenate(counts) if counts else np.zeros(0, np.int64),
+                                   np.concatenate(sizes) if sizes else np.zeros(0, np.int64))
     shards = manifest["shards"]
     return UnitTable.from_row_groups([s["path"] for s in shards], [s["row_groups"] for s in shards])
 

@@ -55,7 +55,7 @@ class UnitTable:
     def __init__(self, shards: Sequence[str], shard_of: np.ndarray, row_group: np.ndarray, num_rows: np.ndarray,
                  first_row: np.ndarray):
         self.shards = list(shards)
-        self.shard_of = np.asarray(shard_of, dtype=np.int64)
+        self.shard_of = np.asarray(shard_of, dtype=np.int32 if len(self.shards) < 2**31 else np.int64)
         self.row_group = np.asarray(row_group, dtype=np.int32)
         self.num_rows = np.asarray(num_rows, dtype=np.int64)
         self.first_row = np.asarray(first_row, dtype=np.int64)
@@ -73,13 +73,16 @@ class UnitTable:
         """From flat vectors: row groups per shard, and the rows of every row group in shard order."""
         groups_per_shard = np.asarray(groups_per_shard, dtype=np.int64)
         sizes = np.asarray(sizes, dtype=np.int64)
-        shard_of = np.repeat(np.arange(len(groups_per_shard), dtype=np.int64), groups_per_shard)
-        shard_start = np.concatenate([[0], np.cumsum(groups_per_shard)[:-1]]).astype(np.int64)
-        row_group = np.arange(len(sizes), dtype=np.int64) - shard_start[shard_of] if len(sizes) else np.zeros(0, np.int64)
+        shard_of = np.repeat(np.arange(len(groups_per_shard), dtype=np.int32), groups_per_shard)
+        if not len(sizes):
+            return cls(paths, shard_of, np.zeros(0, np.int32), sizes, np.zeros(0, np.int64))
+        shard_start = np.concatenate([[0], np.cumsum(groups_per_shard)[:-1]])
+        start_of_unit = shard_start[shard_of]
+        row_group = (np.arange(len(sizes), dtype=np.int64) - start_of_unit).astype(np.int32)
         # rows of the shard before each row group: a cumulative sum that restarts at every shard
-        ends = np.cumsum(sizes)
-        before = ends - sizes
-        first_row = before - before[shard_start[shard_of]] if len(sizes) else np.zeros(0, np.int64)
+        first_row = np.cumsum(sizes)
+        first_row -= sizes
+        first_row -= first_row[start_of_unit]
         return cls(paths, shard_of, row_group, sizes, first_row)
 
     @classmethod
@@ -171,13 +174,10 @@ def _cut(order: np.ndarray, sizes: np.ndarray, lo: int, hi: int) -> list[Segment
     starts = ends - sizes
     i0 = int(np.searchsorted(ends, lo, side="right"))   # first unit that ends after lo
     i1 = int(np.searchsorted(starts, hi, side="left"))  # first unit that starts at or after hi
-    out = []
-    for i in range(i0, i1):
-        s, e = int(starts[i]), int(ends[i])
-        a, b = max(s, lo) - s, min(e, hi) - s
-        if b > a:
-            out.append(Segment(int(order[i]), a, b))
-    return out
+    s, e = starts[i0:i1], ends[i0:i1]
+    a, b = np.maximum(s, lo) - s, np.minimum(e, hi) - s
+    keep = b > a
+    return [Segment(u, x, y) for u, x, y in zip(order[i0:i1][keep].tolist(), a[keep].tolist(), b[keep].tolist())]
 
 
 def epoch_part(units, epoch: int, seed: int, world_size: int, rank: int, shuffle: bool) -> list[Segment]:

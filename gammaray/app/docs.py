@@ -86,7 +86,10 @@ def scale_table() -> str:
     rows = load("scale.json")
     synthetic_sizes = sorted({r["n"] for r in rows if r.get("synthetic_manifest")})
     cpus = sorted({r["cpus"] for r in rows if "cpus" in r})
+    cpu = "; ".join(f"`{m}` at {r['n']:,}: {r['cpu_s']:.3f} s" for m in ("plan_setup_s", "embed_setup_s")
+                    for r in rows if r["metric"] == m and "cpu_s" in r and r.get("synthetic_manifest"))
     return (scale.markdown(rows) + "\n\n"
+            f"CPU time of the setup (`cpu_s`, what a loaded machine does not inflate): {cpu}.\n\n"
             f"*Every figure measured (`measured: true`), each in a fresh process. Sizes "
             f"{', '.join(f'{n:,}' for n in synthetic_sizes)}: synthetic manifests (plan and embed setup only). "
             f"prepare ran with cpus = {', '.join(map(str, cpus))}; plan over W = "

@@ -16,7 +16,7 @@ figure is extrapolated (none is: every row here is measured). Metrics:
 | prepare_peak_rss_mb | peak resident set of the prepare process (Ray worker processes, if prepare uses them, not included) |
 | prepare_records_per_s | records prepared per second; `cpus`: the CPUs prepare was given |
 | tokenizer_s | WordPiece training on a seeded sample of `--tokenizer-sample` texts (`sample` field) |
-| plan_setup_s, plan_setup_mb | one worker's setup before its pipeline starts: manifest header + unit table + its part of the epoch + the first window's read items (`workers` field: W) |
+| plan_setup_s, plan_setup_mb | (`cpu_s`: the CPU time of it, which a loaded machine does not inflate) one worker's setup before its pipeline starts: manifest header + unit table + its part of the epoch + the first window's read items (`workers` field: W) |
 | embed_setup_s | `gammaray embed`'s work list (manifest + unit table + pending row groups + items) |
 | first_batch_s | a fresh worker (Ray running): manifest, plan, pipeline, first batch of `--batch-size` |
 | first_batch_after_resume_s | the same from the middle of the epoch, after reading its loss-state shard |
@@ -148,7 +148,7 @@ def child(kind: str, p: dict) -> dict:
 
         _warm_parquet()
         base = reset_peak_rss() / 2**20
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         units = units_from_manifest(load_manifest(p["dst"]))
         part = epoch_part(units, 0, 0, p["workers"], 0, True)
         first = part[:WINDOW_TASKS * 4]
@@ -156,7 +156,7 @@ def child(kind: str, p: dict) -> dict:
         items = [{"unit": int(u), "start": s.start, "stop": s.stop, "shard": units.shards[int(units.shard_of[u])]}
                  for u, s in zip(ids, first)]
         wall = time.perf_counter() - t0
-        return {"wall_s": wall, "mb": peak_rss() / 2**20 - base, "units": len(units), "segments": len(part),
+        return {"wall_s": wall, "cpu_s": time.process_time() - c0, "mb": peak_rss() / 2**20 - base, "units": len(units), "segments": len(part),
                 "items": len(items)}
     if kind == "embed":
         from pipelines.catalogue import load_manifest
@@ -164,11 +164,11 @@ def child(kind: str, p: dict) -> dict:
         from workers.evaluation.embed import work_list
 
         _warm_parquet()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         units = units_from_manifest(load_manifest(p["dst"]))
         todo = work_list(units, set())
         items = [dict(zip(todo, vals)) for vals in zip(*(v.tolist() for v in todo.values()))]
-        return {"wall_s": time.perf_counter() - t0, "items": len(items)}
+        return {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "items": len(items)}
     if kind == "stream":
         return _first_batch(p)
     raise ValueError(kind)
@@ -272,10 +272,10 @@ def measure(args) -> list[dict]:
             r = run_child("tokenizer", {"dst": dst, "out": tok, "sample": args.tokenizer_sample})
             rows.append(row(n, "tokenizer_s", r["wall_s"], sample=args.tokenizer_sample))
         r = run_child("plan", {"dst": dst, "workers": args.workers})
-        rows += [row(n, "plan_setup_s", r["wall_s"], workers=args.workers),
+        rows += [row(n, "plan_setup_s", r["wall_s"], workers=args.workers, cpu_s=round(r["cpu_s"], 4)),
                  row(n, "plan_setup_mb", r["mb"], workers=args.workers)]
         r = run_child("embed", {"dst": dst})
-        rows.append(row(n, "embed_setup_s", r["wall_s"]))
+        rows.append(row(n, "embed_setup_s", r["wall_s"], cpu_s=round(r["cpu_s"], 4)))
         if "stream" not in skip:
             with tempfile.TemporaryDirectory() as tmp:
                 params = {"dst": dst, "tokenizer": tok, "workers": args.stream_workers, "n": n,
@@ -300,10 +300,11 @@ def measure(args) -> list[dict]:
             if not os.path.exists(os.path.join(dst, "manifest.json")):
                 write_synthetic_manifest(dst, n)
             r = run_child("plan", {"dst": dst, "workers": args.workers})
-            new = [row(n, "plan_setup_s", r["wall_s"], workers=args.workers, synthetic_manifest=True),
+            new = [row(n, "plan_setup_s", r["wall_s"], workers=args.workers, synthetic_manifest=True,
+                       cpu_s=round(r["cpu_s"], 4)),
                    row(n, "plan_setup_mb", r["mb"], workers=args.workers, synthetic_manifest=True)]
             r = run_child("embed", {"dst": dst})
-            new.append(row(n, "embed_setup_s", r["wall_s"], synthetic_manifest=True))
+            new.append(row(n, "embed_setup_s", r["wall_s"], synthetic_manifest=True, cpu_s=round(r["cpu_s"], 4)))
             rows += new
             print_rows(new)
     return rows
