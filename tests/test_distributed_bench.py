@@ -40,20 +40,22 @@ def test_bench_scaling_counts_loss_traffic(tmp_path):
         assert r["vocab_size"] == 300 and r["peak_gpu_mb"] is None and r["device"] == "cpu"
     assert rows["gamma"]["params"] == rows["infonce"]["params"]
     assert all(r["rows_in_process"] == 2 for r in rows.values())  # on CPU both losses share the processes
-    # --profile: rank 0's operator table per row, with the four phases of the step labelled
+    # --profile: rank 0's operator table per row, with the phases of the step labelled (the shared train_step's)
     for loss in rows:
         assert rows[loss]["profiled"] is True
         text = (tmp_path / f"prof-{loss}-b16-z1.txt").read_text()
-        assert all(f"phase/{p}" in text for p in ("forward", "loss", "backward", "step")), text[:2000]
+        assert all(f"step/{p}" in text for p in ("forward", "loss", "backward", "optimizer")), text[:2000]
+        assert ("step/memory_exchange" in text) == (loss == "gamma"), text[:2000]
     B, D, W = 16, 32, 2
     # InfoNCE: all-gathers image and text embeddings (B x D float32 each, plus the batch sizes), and in
     # backward (gloo has no reduce-scatter) all-reduces the whole gathered gradient (W x B x D float32)
     assert rows["infonce"]["loss_bytes_per_step"] == 2 * (8 + B * D * 4) + 2 * W * B * D * 4
-    # gamma: one exchange for both directions (K = 2 channels): per-owner counts (W x int64),
-    # (index, log Z per channel) rows (B x (1 + K) x float64) and the updated rates back with the entry's
-    # last-update step (loss.gamma.track_age, on by default: B x (K + 1) x float64)
+    # gamma: one fixed-size exchange for both directions (K = 2 channels; no counts, no host read): a block
+    # of B rows for each of the W owners, (index, log Z per channel) as float64 (W x B x (1 + K)), and the
+    # updated rates back with the entry's last-update step (loss.gamma.track_age, on by default:
+    # W x B x (K + 1) x float64)
     K = 2
-    assert rows["gamma"]["loss_bytes_per_step"] == 8 * W + 8 * B * (1 + K) + 8 * B * (K + 1)
+    assert rows["gamma"]["loss_bytes_per_step"] == 8 * W * B * (1 + K) + 8 * W * B * (K + 1)
     # the gradient traffic depends on the model only
     assert rows["infonce"]["grad_bytes_per_step"] == rows["gamma"]["grad_bytes_per_step"] > 0
     assert "infonce" in proc.stdout and "bytes/step" in proc.stdout

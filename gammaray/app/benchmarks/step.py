@@ -434,8 +434,8 @@ def measure_row(cfg, regime: str, loss: str, B: int, impls: list[str], args, dev
                      "batch_size": B, "step_s": round(dt, 6), "samples_per_s": round(B / dt, 2),
                      "host_syncs_per_step": extra.get("syncs"), "host_syncs_per_report": extra.get("report_syncs"),
                      "sync_sites": extra.get("sync_where"),
-                     "flops_per_sample": round(f) if f else None, "tflops": round(tflops, 5) if tflops else None,
-                     "peak_fraction": round(tflops / peak, 6) if tflops and peak else None,
+                     "flops_per_sample": round(f) if f else None, "tflops": float(f"{tflops:.4g}") if tflops else None,  # significant digits: CPU rows are ~1e-4
+                     "peak_fraction": float(f"{tflops / peak:.4g}") if tflops and peak else None,
                      "peak_mem_mb": extra.get("peak_mem_mb")})
     return rows
 
