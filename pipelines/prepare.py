@@ -668,15 +668,17 @@ def _known_records(dst: str, manifest: dict, storage_cfg: StorageConfig | None) 
 
 
 def _remove_uncommitted(dst: str, manifest: dict | None, storage_cfg: StorageConfig | None) -> int:
-    """Under the lock, a shard, hash or quarantine file the manifest does not name was left by a prepare
-    that died before its commit: nobody will ever read it."""
+    """Under the lock, a shard, hash, quarantine or shard-index file the manifest does not name was left by
+    a prepare that died before its commit: nobody will ever read it."""
     named = set()
     for shard in (manifest or {}).get("shards", []):
         named.update((shard["path"], _hashes_path(shard["path"])))
     named.update((manifest or {}).get("quarantine", {}).get("files", []))
+    if (manifest or {}).get("index"):
+        named.add(manifest["index"]["path"])  # the shard index the header names (pipelines/catalogue.py)
     removed = 0
     for folder, pattern in (("shards", r"part-\d+\.parquet"), ("record_hashes", r"part-\d+\.parquet"),
-                            ("quarantine", r"prepare-\d+\.parquet")):
+                            ("quarantine", r"prepare-\d+\.parquet"), ("index", r"shards-[0-9a-f]+\.parquet")):
         base = storage.join(dst, folder)
         try:
             found = storage.list_files(base, storage=storage_cfg)

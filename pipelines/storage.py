@@ -552,6 +552,13 @@ def list_files(uri: str, suffix: str | tuple[str, ...] = "", storage: StorageCon
     return sorted(prefix + i.path for i in info if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
 
+def file_sizes(uri: str, storage: StorageConfig | S3Settings | None = None) -> dict[str, int]:
+    """{path relative to uri: size in bytes} of every file under uri (recursive, one listing)."""
+    fs, path = resolve(uri, storage)
+    info = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return {i.path[len(path) + 1:]: i.size for i in info if i.type == pafs.FileType.File}
+
+
 def delete_dir(uri: str, storage: StorageConfig | S3Settings | None = None) -> None:
     fs, path = resolve(uri, storage)
     try:

@@ -87,3 +87,34 @@ def test_the_loss_shards_a_rank_reads_hold_all_its_entries(old_w, new_w):
         b.load_shards(old[r] for r in picked)
         assert torch.equal(a.tables[0], b.tables[0]) and torch.equal(a.tables[0], values[rank::new_w])
     assert loss_shard_ranks(4, 4, 3) == [3]
+
+
+def test_a_checkpoint_is_complete_only_when_every_listed_file_has_its_size(tmp_path):
+    """Ray uploads a checkpoint folder in no set order: a full disk can leave every state file whole
+    beside a truncated engine file. Each rank's train_state.json lists its files with their sizes, and
+    only a folder whose files all have them is taken for a resume (an older folder without the list is
+    judged by its state files alone)."""
+    from workers.training.checkpoint import written_files
+    from workers.training.resume import is_complete, newest_checkpoint
+
+    run = tmp_path / "run"
+    for stamp, cut in (("2026-01-01_00-00-01", False), ("2026-01-01_00-00-02", True)):
+        d = run / f"checkpoint_{stamp}"
+        for r in range(2):
+            (d / f"rank-{r:05d}").mkdir(parents=True)
+            (d / f"rank-{r:05d}" / "loss_state.pt").write_bytes(b"x" * 100)
+        (d / "deepspeed").mkdir()
+        (d / "deepspeed" / "optim_states.pt").write_bytes(b"y" * 1000)
+        files = written_files(str(d))
+        assert files["deepspeed/optim_states.pt"] == 1000 and len(files) == 3
+        for r in range(2):
+            state = {"rank": r, "world_size": 2, "step": 1,
+                     "files": {k: v for k, v in files.items() if not k.startswith("rank-") or k.startswith(f"rank-{r:05d}")}}
+            (d / f"rank-{r:05d}" / "train_state.json").write_text(json.dumps(state))
+        if cut:  # the upload stopped inside the engine file
+            (d / "deepspeed" / "optim_states.pt").write_bytes(b"y" * 300)
+    older, newer = sorted(str(p) for p in run.iterdir())
+    assert is_complete(older, None) and not is_complete(newer, None)
+    assert newest_checkpoint(str(run), None) == older
+    (tmp_path / "run" / os.path.basename(newer) / "deepspeed" / "optim_states.pt").write_bytes(b"y" * 1000)
+    assert newest_checkpoint(str(run), None) == newer

@@ -239,7 +239,13 @@ def test_prepare_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsy
 KILLED_BEFORE_COMMIT = """
 import os, sys
 import pipelines.prepare as p
-p.commit_manifest = lambda *a, **k: os.kill(os.getpid(), 9)  # SIGKILL with every shard written
+from pipelines import storage
+write_bytes = storage.write_bytes
+def write_then_die(uri, *a, **k):  # SIGKILL with every shard and the new shard index written, no header
+    write_bytes(uri, *a, **k)
+    if "/index/" in uri:
+        os.kill(os.getpid(), 9)
+storage.write_bytes = write_then_die
 p.prepare(sys.argv[1], sys.argv[2], p.PrepareOptions(max_records_per_shard=2, progress=False))
 """
 
@@ -256,11 +262,13 @@ def test_a_killed_s3_prepare_leaves_nothing_after_the_next_one(s3, tmp_path):
     assert killed.returncode == -9, killed.stderr[-2000:]
     left = storage.list_files(dst, storage=None)
     assert len([f for f in left if "/shards/" in f]) == 3 and not storage.exists(f"{dst}/manifest.json"), left
+    assert len([f for f in left if "/index/" in f]) == 1, left
 
     res = prepare(src, dst, PrepareOptions(max_records_per_shard=4, **OPTS))
-    assert res.num_orphans_removed == 7, res.summary()  # 3 shards, 3 hash files, 1 quarantine file
+    assert res.num_orphans_removed == 8, res.summary()  # 3 shards, 3 hash files, 1 quarantine file, 1 index
     m = load_manifest(dst)
     named = {f"{dst}/{s['path']}" for s in m["shards"]} | {f"{dst}/{q}" for q in m["quarantine"]["files"]}
     named |= {f"{dst}/record_hashes/{s['path'].rsplit('/', 1)[1]}" for s in m["shards"]}
+    named.add(f"{dst}/{m['index']['path']}")  # the shard index the header names
     assert {f for f in storage.list_files(dst) if f.endswith(".parquet")} == named
-    assert m["num_records"] == 5 and "removed            7 uncommitted" in res.summary()
+    assert m["num_records"] == 5 and "removed            8 uncommitted" in res.summary()

@@ -57,8 +57,6 @@ def save_and_report(engine, scheduler, objective: Objective, audit: SampleAudit 
         torch.save(rng_state(), os.path.join(rdir, "rng.pt"))
         if audit is not None:
             torch.save(audit.counts, os.path.join(rdir, "audit.pt"))
-        with open(os.path.join(rdir, "train_state.json"), "w") as f:
-            json.dump(state.position_json(rank, W), f)
         with open(os.path.join(rdir, "quarantine.json"), "w") as f:
             json.dump(state.quarantine, f)
         write_quarantine(state, cfg, rank)
@@ -68,6 +66,12 @@ def save_and_report(engine, scheduler, objective: Objective, audit: SampleAudit 
                 json.dump(cfg.model_dump(mode="json"), f, indent=1)
         else:
             export_model(engine, cfg, None)  # ZeRO-3 gathers are collective
+        # last, with the size of every file this rank wrote: Ray uploads the folder in no set order, so
+        # a save cut short (a full disk) can leave this file whole beside a truncated engine file, and
+        # the sizes are what tells a complete checkpoint (workers/training/resume.py is_complete)
+        position = {**state.position_json(rank, W), "files": written_files(d)}
+        with open(os.path.join(rdir, "train_state.json"), "w") as f:
+            json.dump(position, f)
         if in_ray:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))  # [ray]
         else:
@@ -75,6 +79,16 @@ def save_and_report(engine, scheduler, objective: Objective, audit: SampleAudit 
             if final and not storage.is_remote(local):
                 shutil.rmtree(local, ignore_errors=True)
                 shutil.copytree(d, local)
+
+
+def written_files(d: str) -> dict[str, int]:
+    """{path relative to d: size in bytes} of every file under d."""
+    out = {}
+    for root, _, files in os.walk(d):
+        for name in files:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, d).replace(os.sep, "/")] = os.path.getsize(path)
+    return out
 
 
 def export_model(engine, cfg: GammarayConfig, out_dir: str | None) -> None:

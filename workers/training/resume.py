@@ -120,11 +120,19 @@ def read_state(folder: str, storage_cfg, rank: int = 0) -> dict | None:
 
 
 def is_complete(folder: str, storage_cfg) -> bool:
-    """Every rank's state file is there and whole."""
-    first = read_state(folder, storage_cfg)
-    if first is None:
+    """Every rank's state file is there and whole, and so is every file it lists with its size (a
+    checkpoint saved before the sizes were recorded is judged by its state files alone)."""
+    states = [read_state(folder, storage_cfg)]
+    if states[0] is None:
         return False
-    return all(read_state(folder, storage_cfg, r) is not None for r in range(1, int(first.get("world_size", 1))))
+    states += [read_state(folder, storage_cfg, r) for r in range(1, int(states[0].get("world_size", 1)))]
+    if any(s is None for s in states):
+        return False
+    listed = {rel: size for s in states for rel, size in (s.get("files") or {}).items()}
+    if not listed:
+        return True
+    sizes = storage.file_sizes(folder, storage_cfg)
+    return all(sizes.get(rel) == size for rel, size in listed.items())
 
 
 def newest_checkpoint(run_uri: str, storage_cfg) -> str | None:
