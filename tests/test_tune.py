@@ -392,6 +392,14 @@ def test_pickle_references_are_read_without_loading_whatever_the_protocol():
         check_state_file(json.dumps({"trial_data": [[json.dumps({"f": {"_type": "CLOUDPICKLE_FALLBACK",
                                                                         "value": inner.hex()}})]]}).encode(), "exp/s.json")
     check_state_file(json.dumps({"trial_id": "6ec288df", "x": [1, "a"]}).encode(), "exp/ok.json")
+    # a trial id that decodes to a persistent-id opcode is not a pickle pickle.loads could run...
+    check_state_file(json.dumps({"trial_id": "5109ab6a"}).encode(), "exp/ok.json")
+    assert pickle_references(bytes.fromhex("5109ab6a"), lenient=True) == (set(), set())
+    # ... but what a stream calls before such an opcode still counts
+    before = pickle.dumps(Payload(), protocol=0)[:-1] + b"Q"
+    assert "posix.system" in pickle_references(before, lenient=True)[0]
+    with pytest.raises(UnsafeCheckpoint, match="exp/p.json: refused"):
+        check_state_file(json.dumps({"f": before.hex()}).encode(), "exp/p.json")
     assert not TUNE_CALLS & {"builtins.eval", "builtins.exec", "builtins.getattr", "posix.system"}
     assert "ray.train._internal.storage._upload_to_fs_path" in TUNE_VALUES - TUNE_CALLS  # never called
 

@@ -160,6 +160,10 @@ def _scan(data: bytes, called: set[str], named: set[str], hex_strings: bool, str
         for op, arg, _ in pickletools.genops(io.BytesIO(data)):
             name = op.name
             if name in _NOT_CHECKABLE:
+                if not strict and name in ("PERSID", "BINPERSID"):
+                    # text read as a maybe-pickle (an id such as "5109ab6a" decodes to BINPERSID ...): plain
+                    # pickle.loads has no persistent_load and stops here with an error, so nothing after it runs
+                    return
                 raise _Unchecked(f"opcode {name} (a callable from outside the stream)")
             if name == "MARK":
                 marks.append(stack)
