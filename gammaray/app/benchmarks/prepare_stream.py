@@ -2,8 +2,10 @@
 
 Writes a JSONL of about `--total-mb` MB: ordinary records (a title and a description of
 `--record-kb` KB, one of 4 small shared JPEGs) and, in the middle, one line of `--line-mb` MB. Then,
-each in a fresh `python -c` child that imports only `pipelines.prepare`, so its peak RSS (ru_maxrss)
-is its own:
+each in a fresh `python -c` child that imports only `pipelines.prepare`, so its peak RSS is its own
+(VmHWM of /proc/self/status: the peak of the child's own address space. Not ru_maxrss: on Linux a
+child's ru_maxrss starts from its parent's RSS at the fork, so it reported this command's own ~270 MiB
+for any prepare below that):
 
   prepare     `prepare` with data.max_record_bytes (the huge line is quarantined as oversized_record
               while it streams past)
@@ -58,22 +60,32 @@ def write_source(folder: str, total_mb: int, line_mb: int, record_kb: float) -> 
     return path, n
 
 
-PREPARE_CHILD = """
-import json, resource, sys, time
+PEAK_RSS = """
+def peak_rss_mib():
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):  # not Linux: ru_maxrss (includes the parent's RSS at the fork there too)
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+"""
+
+PREPARE_CHILD = PEAK_RSS + """
+import json, sys, time
 from pipelines.prepare import PrepareOptions, prepare
 t0 = time.perf_counter()
 res = prepare(sys.argv[1], sys.argv[2], PrepareOptions(progress=False, max_record_bytes=int(sys.argv[3])))
 print(json.dumps({"wall_s": time.perf_counter() - t0, "input": res.num_input, "written": res.num_written,
                   "quarantined": res.quarantine_by_reason,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mib": peak_rss_mib()}))
 """
 
-READ_WHOLE_CHILD = """
-import json, resource, sys
+READ_WHOLE_CHILD = PEAK_RSS + """
+import json, sys
 import pipelines.prepare  # the same imports as the prepare child
 with open(sys.argv[1], "rb") as f:
     lines = f.read().splitlines()
-print(json.dumps({"lines": len(lines), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"lines": len(lines), "peak_rss_mib": peak_rss_mib()}))
 """
 
 
@@ -84,6 +96,7 @@ def _in_child(code: str, *args) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         t0 = time.perf_counter()
         src, n = write_source(os.path.join(tmp, "raw"), args.total_mb, args.line_mb, args.record_kb)
@@ -101,9 +114,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{r[0]:<44} {r[1]:>12} {r[2]:>10}  {r[3]}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"provenance": "measured by this command on a shared, loaded 2-core machine",
+            load = f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after"
+            json.dump({"provenance": f"measured by this command on a {os.cpu_count()}-CPU machine ({load})",
                        "command": f"gammaray bench prepare-stream --total-mb {args.total_mb} --line-mb {args.line_mb}",
                        "setting": f"JSONL of {size / 2**20:.0f} MiB: {n} records of ~{args.record_kb:g} KB text "
-                                  f"+ one {args.line_mb} MiB line; each figure from a fresh process (ru_maxrss)",
+                                  f"+ one {args.line_mb} MiB line; each figure from a fresh process (its VmHWM)",
                        "columns": cols, "rows": rows}, f, indent=1)
     return 0
