@@ -116,3 +116,11 @@ def test_demo_command_end_to_end(tmp_path):
     r_at_1 = (summary["r_at_1_i2t"] + summary["r_at_1_t2i"]) / 2
     assert r_at_5 >= FLOOR_R_AT_5, f"held-out R@5 {r_at_5:.3f} below the floor {FLOOR_R_AT_5} (chance 5/256)"
     assert r_at_1 >= FLOOR_R_AT_1, f"held-out R@1 {r_at_1:.4f} below chance (1/256)"
+    # the demo ends with search: two text queries against the held-out catalogue's image index
+    assert [s["query"] for s in summary["search"]] == ["red mug", "blue backpack"]
+    for found in summary["search"]:
+        scores = [h["score"] for h in found["hits"]]
+        assert len(found["hits"]) == 3 and scores == sorted(scores, reverse=True)
+        # held-out products only (the synthetic ids count on past the 320 train products)
+        assert all(int(h["product_id"].rsplit("-", 1)[1]) >= 320 and h["title"] for h in found["hits"]), found
+        assert f'"{found["query"]}":' in proc.stdout and found["hits"][0]["product_id"] in proc.stdout

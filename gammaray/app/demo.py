@@ -6,7 +6,8 @@
 4. Ray Data streams it into a Ray Train TorchTrainer (2 CPU workers, gloo, DeepSpeed ZeRO-1)
    training a tiny two-tower model under the gamma-augmented loss, micro-batch 16
 5. checkpoints to s3://.../runs/, held-out retrieval R@1/5/10 and zero-shot accuracy
-6. a summary table (and --json)
+6. `embed` + `index` the held-out catalogue, then `search` it with two text queries (top 3 each)
+7. a summary table (and --json)
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class DemoOptions:
     vocab_size: int = 1000
     json_path: str | None = None
     progress: bool = True
+    # text queries searched in the held-out catalogue's image index at the end (colour + product)
+    queries: tuple[str, ...] = ("red mug", "blue backpack")
+    top_k: int = 3
 
 
 def stage(msg: str) -> None:
@@ -83,6 +87,7 @@ def run_demo(cfg: GammarayConfig, opts: DemoOptions) -> dict:
 
         result = pretrain(cfg, progress=opts.progress)
         m = result.metrics
+        searches = search_held_out(cfg, result.checkpoint_uri, val_uri, f"{base}/embeddings/val", opts)
 
     summary = {
         "r_at_1_i2t": m.get("val_r_at_1_i2t"),
@@ -105,6 +110,7 @@ def run_demo(cfg: GammarayConfig, opts: DemoOptions) -> dict:
         "val_records": m.get("val_records"),
         "steps": m.get("step"),
         "checkpoint": result.checkpoint_uri,
+        "search": searches,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     stage("summary")
@@ -114,6 +120,34 @@ def run_demo(cfg: GammarayConfig, opts: DemoOptions) -> dict:
             json.dump(summary, f, indent=2)
         print(f"   written {opts.json_path}")
     return summary
+
+
+def search_held_out(cfg: GammarayConfig, checkpoint_uri: str, val_uri: str, out_uri: str,
+                    opts: DemoOptions) -> list[dict]:
+    """Embed the held-out catalogue, index its image embeddings, and look up each text query: the
+    path a user takes from a trained encoder to product search (gammaray embed / index / search)."""
+    from workers.evaluation.embed import EmbedOptions, embed_catalogue
+    from workers.evaluation.index import OpenIndex, build_index
+    from workers.evaluation.query import QueryEncoder
+
+    stage(f"gammaray embed + index + search: the held-out catalogue, {len(opts.queries)} text queries")
+    emb = embed_catalogue(checkpoint_uri, val_uri, out_uri, EmbedOptions(progress=opts.progress),
+                          storage_cfg=cfg.storage)
+    print(f"   embedded {emb.records_written} held-out products -> {out_uri}")
+    built = build_index(out_uri, field_name="image", storage_cfg=cfg.storage)
+    print(f"   {built.kind} index of {built.count} image embeddings -> {built.out_uri}")
+    index = OpenIndex(built.out_uri, cfg.storage)
+    encoder = QueryEncoder(checkpoint_uri, cfg.storage)
+    index.check_model(encoder.fingerprint, f"({checkpoint_uri})")
+    found = []
+    for query in opts.queries:
+        hits = index.search(encoder.encode_query(query), opts.top_k)[0]
+        print(f'   "{query}":')
+        for h in hits:
+            print(f"     {h.rank}. {h.score:.3f}  {h.product_id:<12} {h.title or ''}")
+        found.append({"query": query, "hits": [{"product_id": h.product_id, "title": h.title, "score": round(h.score, 4)}
+                                               for h in hits]})
+    return found
 
 
 def format_summary(s: dict) -> str:
