@@ -125,7 +125,9 @@ def build_engine(model: torch.nn.Module, cfg: GammarayConfig, total_steps: int, 
                            bf16=use_bf16(cfg, on_gpu), in_ray=in_ray)
         return engine, optimizer, scheduler
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
-    import deepspeed
+    from workers.runtime import import_deepspeed
+
+    deepspeed = import_deepspeed()
 
     # the shared-memory comm op is JIT-compiled on first use (~35 s on CPU) and not needed here
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
