@@ -7,6 +7,8 @@ index of another model is refused before anything is deployed."""
 from __future__ import annotations
 
 import base64
+import functools
+import http.server
 import json
 import socket
 import threading
@@ -88,6 +90,10 @@ def test_serve_matches_embed_searches_batches_and_refuses_bad_input(embedded_cat
     (images / "local.img").write_bytes(rows["image"][pick[1]])
     s3_image = s3.url("serve-test", "query.img")
     storage.write_bytes(s3_image, rows["image"][pick[2]])
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(images)))  # an image host for http:// URLs
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    web_url = f"http://127.0.0.1:{web.server_address[1]}"
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -107,7 +113,7 @@ def test_serve_matches_embed_searches_batches_and_refuses_bad_input(embedded_cat
         texts = [record_text(rows["title"][i], rows["description"][i], rows["category"][i]) for i in pick[:3]]
         status, res = post(f"{url}/embed", {"records": records, "texts": texts,
                                             "images": [b64(rows["image"][pick[0]]), {"url": str(images / "local.img")},
-                                                       {"url": s3_image}]})
+                                                       {"url": s3_image}, {"url": f"{web_url}/local.img"}]})
         assert status == 200, res
         assert [r["product_id"] for r in res["records"]] == [rows["product_id"][i] for i in pick]
         for r in res["records"]:
@@ -115,12 +121,14 @@ def test_serve_matches_embed_searches_batches_and_refuses_bad_input(embedded_cat
             assert_same(r["text"], expected[r["product_id"]]["text"])
         for v, i in zip(res["texts"], pick[:3]):  # a text is the text view of a record whose title it is
             assert_same(v, expected[rows["product_id"][i]]["text"])
-        for v, i in zip(res["images"], pick[:3]):  # inline, a local file under serve.image_root, an s3:// URL
+        # inline, a local file under serve.image_root, an s3:// URL, an http:// URL
+        assert len(res["images"]) == 4
+        for v, i in zip(res["images"], pick[:3] + [pick[1]]):
             assert_same(v, expected[rows["product_id"][i]]["image"])
         status, health = get_json(f"{url}/health")
         batching = health["batching"]
-        # 16 items in one request: batches of several items (max_batch_size=16), not one forward per item
-        assert batching["items"] >= 16 and batching["batches"] < batching["items"] and batching["largest_batch"] >= 2
+        # 17 items in one request: batches of several items (max_batch_size=16), not one forward per item
+        assert batching["items"] >= 17 and batching["batches"] < batching["items"] and batching["largest_batch"] >= 2
 
         # search: a record's text finds that record's image among the held-out catalogue
         i = pick[4]
@@ -143,6 +151,8 @@ def test_serve_matches_embed_searches_batches_and_refuses_bad_input(embedded_cat
             ({"images": [{"base64": "%%%"}]}, 400, "malformed_base64", "images[0].base64"),
             ({"images": [{"url": "/etc/hostname"}]}, 400, "image_path_outside_source", "images[0].url"),
             ({"images": [{"url": s3.url("serve-test", "missing.img")}]}, 400, "image_not_found", "images[0].url"),
+            ({"records": [{"title": "boots", "image": {"url": f"{web_url}/missing.img"}}]}, 400, "image_not_found",
+             "records[0].image.url"),
             ({}, 400, "missing_field", "request"),
             (b'{"texts": ["' + b"x" * 250_000 + b'"]}', 413, "request_too_large", "request body"),
             ({"texts": ["x"] * 300}, 413, "too_many_items", "request"),
@@ -181,3 +191,4 @@ def test_serve_matches_embed_searches_batches_and_refuses_bad_input(embedded_cat
             start_service(other, index, cfg)
     finally:
         serve.shutdown()
+        web.shutdown()
