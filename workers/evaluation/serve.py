@@ -402,6 +402,10 @@ def start_service(checkpoint: str, index: str | None = None, cfg: GammarayConfig
     del opened
     if index:
         check_index_model(read_index_meta(index, cfg.storage), index, fingerprint, f"({checkpoint})")
+        try:
+            import faiss  # noqa: F401 - the replicas open the index with it
+        except ImportError:
+            raise ValueError("serve --index needs FAISS: pip install 'gammaray[search]'") from None
     ensure_ray(cfg)
     serve.start(http_options={"host": sc.host, "port": sc.port})
     app = EncoderService.options(
