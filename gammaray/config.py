@@ -497,6 +497,30 @@ class TrackingConfig(Section):
     tags: dict[str, str] = Field(default_factory=dict, description="Tags set on every run (string values).")
 
 
+class ServeConfig(Section):
+    """`gammaray serve`: the embedding service (Ray Serve, HTTP JSON; workers/evaluation/serve.py). The
+    preprocessing (image size, tokenizer, text budget) is the checkpoint's own, never set here."""
+
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy listens on (0.0.0.0: every interface).")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port of the service.")
+    replicas: int = Field(1, ge=1, description="Copies of the model, each in its own Ray actor; requests are spread over them.")
+    cpus_per_replica: float = Field(1.0, gt=0.0, description="Logical CPUs each replica reserves.")
+    gpus_per_replica: float = Field(
+        0.0, ge=0.0, description="GPUs each replica reserves (a fraction shares one GPU); > 0 runs the model on CUDA.")
+    max_batch_size: int = Field(
+        32, ge=1, description="Dynamic batching: items (texts, images, records) of concurrent requests embedded in one forward.")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0.0, description="Dynamic batching: how long the first waiting item waits for others to fill a batch.")
+    max_request_bytes: int = Field(
+        16 * 2**20, ge=1, description="Larger request bodies are refused with HTTP 413 before they are parsed.")
+    max_items: int = Field(256, ge=1, description="Most texts + images + records in one request (HTTP 413 beyond).")
+    max_k: int = Field(1000, ge=1, description="Largest k of a /search request.")
+    image_root: str | None = Field(
+        None, description="Local folder whose files image URLs may name (path or file://); None = no local files, "
+                          "only http(s):// and s3:// URLs and inline base64.")
+    name: str = Field("gammaray", description="Ray Serve application name (one service per name on a cluster).")
+
+
 # --------------------------------------------------------------------------------------------
 # tuning (Ray Tune over the config tree; tuning/)
 
@@ -653,6 +677,7 @@ class GammarayConfig(Section):
     eval: EvalConfig = EvalConfig()
     tune: TuneSection = TuneSection()
     tracking: TrackingConfig = TrackingConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "GammarayConfig":

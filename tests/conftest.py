@@ -58,6 +58,24 @@ def small_catalogue(s3):
             "tokenizer": s3.url("small", "tokenizer"), "train_result": train, "val_result": val}
 
 
+@pytest.fixture(scope="session")
+def embedded_catalogue(ray_local, s3, small_catalogue, tmp_path_factory):
+    """A checkpoint built without training (tests/eval_support.make_checkpoint), uploaded to S3, and the
+    held-out catalogue embedded with it by `gammaray embed`: shared by the search and serve tests."""
+    from pipelines import storage
+    from tests.eval_support import make_checkpoint
+    from workers.evaluation.embed import EmbedOptions, embed_catalogue
+
+    root = tmp_path_factory.mktemp("embedded")
+    local, cfg = make_checkpoint(str(root), small_catalogue)
+    ckpt = s3.url("search-test", "ckpt")
+    storage.upload_dir(local, ckpt)
+    emb = s3.url("search-test", "emb")
+    embed_catalogue(ckpt, small_catalogue["val"], emb,
+                    EmbedOptions(batch_size=48, actors=1, cpus_per_actor=0.5, progress=False))
+    return {"checkpoint": ckpt, "checkpoint_local": local, "embeddings": emb, "root": str(root), "cfg": cfg}
+
+
 def tiny_overrides(catalogue: dict, run_storage: str, name: str) -> dict:
     """Config overrides for fast tests: a very small model, few steps."""
     return {

@@ -93,18 +93,12 @@ def test_ivfpq_parallel_agrees_with_exact_and_round_trips(ray_local, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_search_cli_finds_the_record_and_refuses_another_model(ray_local, s3, small_catalogue, tmp_path, capsys):
+def test_search_cli_finds_the_record_and_refuses_another_model(embedded_catalogue, small_catalogue, tmp_path, capsys):
     from gammaray.app.cli import main
     from pipelines import storage
     from pipelines.preprocess import record_text
-    from workers.evaluation.embed import EmbedOptions, embed_catalogue
 
-    ckpt_local, _ = make_checkpoint(str(tmp_path), small_catalogue)
-    ckpt = s3.url("search-test", "ckpt")
-    storage.upload_dir(ckpt_local, ckpt)
-    emb = s3.url("search-test", "emb")
-    embed_catalogue(ckpt, small_catalogue["val"], emb,
-                    EmbedOptions(batch_size=48, actors=1, cpus_per_actor=0.5, progress=False))
+    emb = embedded_catalogue["embeddings"]
     assert main(["index", "--embeddings", emb, "--field", "text"]) == 0
     assert main(["index", "--embeddings", emb]) == 0
     out = capsys.readouterr().out

@@ -1,19 +1,62 @@
 """Experiment tracking (workers/tracking.py) against the real clients: W&B in offline mode with its
 run files read back, and Ray Tune's MLflowLoggerCallback writing one child run per trial under a
-parent run into a real sqlite-backed MLflow store. (A pretrain run tracked in MLflow is checked in
-tests/test_foundation_e2e.py, an eval run with its artifacts in tests/test_eval_command.py.)"""
+parent run through a real `mlflow server` on 127.0.0.1 (sqlite backend, artifacts proxied by the
+server). (A pretrain run tracked in a sqlite MLflow store is checked in tests/test_foundation_e2e.py,
+an eval run with its artifacts in tests/test_eval_command.py.)"""
 
 from __future__ import annotations
 
 import glob
 import os
+import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 
 import pytest
 
 from gammaray.config import GammarayConfig, apply_overrides
 
 pytestmark = pytest.mark.ops
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` (sqlite backend, one worker, no job runner: that needs the `huey` package of full
+    mlflow) started when the module starts, so its start-up overlaps the W&B test; `wait_ready` blocks."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                             "--artifacts-destination", str(root / "artifacts")],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    url = f"http://127.0.0.1:{port}"
+
+    def wait_ready(timeout_s: float = 120.0) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited ({proc.returncode}): {(root / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return url
+            except OSError:
+                time.sleep(0.3)
+        raise TimeoutError(f"mlflow server not ready after {timeout_s} s: {(root / 'server.log').read_text()[-2000:]}")
+
+    yield {"wait_ready": wait_ready, "root": root}
+    # the server and its uvicorn worker (its own session); SIGKILL: everything was read back already, and
+    # a graceful stop waits for the clients' keep-alive connections (10+ s)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    log.close()
 
 
 @pytest.mark.timeout(180)
@@ -49,13 +92,13 @@ def test_wandb_offline_run_has_params_step_metrics_and_checkpoint(tmp_path, monk
 
 
 @pytest.mark.timeout(240)
-def test_mlflow_tune_trials_are_child_runs_of_one_parent(ray_local, tmp_path):
+def test_mlflow_server_tune_trials_are_child_runs_of_one_parent(ray_local, tmp_path, mlflow_server):
     from mlflow.tracking import MlflowClient
     from ray import tune
 
     from workers.tracking import start_run, tune_callbacks
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_server["wait_ready"]()
     cfg = apply_overrides(GammarayConfig(), {"tracking.kind": "mlflow", "tracking.uri": uri,
                                              "tracking.experiment": "gr-tune"})
     parent = start_run(cfg, "tune", name="tune demo")
@@ -69,6 +112,8 @@ def test_mlflow_tune_trials_are_child_runs_of_one_parent(ray_local, tmp_path):
                                                  callbacks=tune_callbacks(cfg, parent)))
     tuner.fit()
     parent.log_metrics({"best_score": 6.0})
+    (tmp_path / "best.json").write_text('{"x": 2}')
+    parent.log_artifact(str(tmp_path / "best.json"))  # uploaded to the server, which stores it
     parent.finish()
 
     client = MlflowClient(uri)
@@ -82,3 +127,10 @@ def test_mlflow_tune_trials_are_child_runs_of_one_parent(ray_local, tmp_path):
     p = client.get_run(parent.run_id)
     assert p.info.status == "FINISHED" and p.data.metrics["best_score"] == 6.0
     assert p.data.tags["gammaray.job"] == "tune" and p.data.params["tracking.experiment"] == "gr-tune"
+    assert [a.path for a in client.list_artifacts(parent.run_id)] == ["best.json"]
+    stored = glob.glob(str(mlflow_server["root"] / "artifacts" / "**" / "best.json"), recursive=True)
+    assert len(stored) == 1 and open(stored[0]).read() == '{"x": 2}'
+    # the server wrote its own backend store: the same runs read straight from its sqlite file
+    direct = MlflowClient(f"sqlite:///{mlflow_server['root']}/mlflow.db")
+    assert direct.get_run(parent.run_id).data.metrics["best_score"] == 6.0
+    assert len(direct.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.run_id}'")) == 2

@@ -13,7 +13,7 @@ import sys
 
 from gammaray.config import ConfigError, RunError
 
-COMMANDS = ["demo", "prepare", "pretrain", "config", "eval", "embed", "index", "search", "export", "bench", "tune",
+COMMANDS = ["demo", "prepare", "pretrain", "config", "eval", "embed", "index", "search", "serve", "export", "bench", "tune",
             "submit"]
 
 EPILOG = """config: every subcommand that trains reads one config tree: --config FILE (YAML) then any

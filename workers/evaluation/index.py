@@ -279,15 +279,28 @@ class Hit:
     sample_index: int
 
 
+def read_index_meta(uri: str, storage_cfg: StorageConfig | None = None) -> dict:
+    """index.json of a stored index (what it holds, the model it belongs to), without loading the index."""
+    meta_uri = storage.join(uri, "index.json")
+    if not storage.exists(meta_uri, storage_cfg):
+        raise FileNotFoundError(f"{uri} is not a gammaray index (no index.json): build one with gammaray index")
+    return storage.read_json(meta_uri, storage_cfg)
+
+
+def check_index_model(meta: dict, uri: str, fingerprint: str, what: str) -> None:
+    """Refuse a query model other than the one whose embeddings the index holds: its vectors live in another space."""
+    if fingerprint != meta["model_fingerprint"]:
+        raise ValueError(f"index {uri} was built from embeddings of model {meta['model_fingerprint']} "
+                         f"({meta['checkpoint']}); the query model {what} is {fingerprint}: embed the "
+                         f"catalogue with that model and index it, or query with the index's own model")
+
+
 class OpenIndex:
     """A stored index, loaded: `search(vectors, k)` -> one list of hits per query vector."""
 
     def __init__(self, uri: str, storage_cfg: StorageConfig | None = None):
-        meta_uri = storage.join(uri, "index.json")
-        if not storage.exists(meta_uri, storage_cfg):
-            raise FileNotFoundError(f"{uri} is not a gammaray index (no index.json): build one with gammaray index")
         self.uri = uri
-        self.meta = storage.read_json(meta_uri, storage_cfg)
+        self.meta = read_index_meta(uri, storage_cfg)
         if self.meta.get("format") != FORMAT:
             raise ValueError(f"{uri}: index format {self.meta.get('format')!r}, this gammaray reads {FORMAT}")
         self.index = deserialize(storage.read_bytes(storage.join(uri, "index.faiss"), storage_cfg))
@@ -309,10 +322,7 @@ class OpenIndex:
         return faiss.downcast_index(base)
 
     def check_model(self, fingerprint: str, what: str) -> None:
-        if fingerprint != self.meta["model_fingerprint"]:
-            raise ValueError(f"index {self.uri} was built from embeddings of model {self.meta['model_fingerprint']} "
-                             f"({self.meta['checkpoint']}); the query model {what} is {fingerprint}: embed the "
-                             f"catalogue with that model and index it, or query with the index's own model")
+        check_index_model(self.meta, self.uri, fingerprint, what)
 
     def search(self, vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
         q = normalised(np.atleast_2d(vectors))
