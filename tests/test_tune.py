@@ -195,7 +195,7 @@ def test_asha_rungs_survive_an_interrupted_experiment(ray_local, tmp_path, memor
 # --------------------------------------------------------------------------------------------
 # one real search: interrupted after two trials, resumed, best config trained
 
-SAMPLES = 4
+SAMPLES = 3  # the three points_to_evaluate: baseline, the 1-record oracle, the seeded point ASHA stops
 TRIAL_STEPS = 3  # validation at step 2 (the one ASHA rung) and at the end
 
 
