@@ -266,6 +266,8 @@ def test_multi_objective_search_of_in_process_trials_writes_the_front_and_the_pi
     for path, value in out.picked.values.items():
         assert get_value(picked, path) == value, path
     assert picked.train.max_steps is None  # the trial-only budget is not carried into it
+    head = open(out.picked_config_path).read().split("\n", 3)[:3]
+    assert head[1].startswith("# confirmed over seeds [1, 2]: val_r_at_1=") and " ± " in head[1]
     baseline = load(out.baseline_config_path)
     assert baseline.loss.structure.lambda_sep == 0.0 and baseline.loss.structure.lambda_gc == 0.0
 

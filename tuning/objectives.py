@@ -272,9 +272,13 @@ def outputs(user_cfg: GammarayConfig, cfg: GammarayConfig, rows: list[report.Tri
     })
     if chosen.row is not None and chosen.baseline is not None:
         vals = ", ".join(f"{m}={chosen.row.objectives[m]:.4f}" for m in objectives)
-        _, text = config_yaml(user_cfg, chosen.row, f"{name}-picked",
-                              [f"picked trial {chosen.row.trial_id} of Ray Tune experiment {name}: {vals}",
-                               f"rule: {chosen.reason}"])
+        header = [f"picked trial {chosen.row.trial_id} of Ray Tune experiment {name}: {vals}", f"rule: {chosen.reason}"]
+        conf = {c["trial_id"]: c for c in (chosen.confirmation or {}).get("configs", [])}
+        if chosen.row.trial_id in conf:  # the figures the pick was made on
+            c = conf[chosen.row.trial_id]
+            header.insert(1, f"confirmed over seeds {chosen.confirmation['seeds']}: " + ", ".join(
+                f"{m}={c['mean'][m]:.4f} ± {c['se'][m]:.4f}" for m in objectives if c["mean"].get(m) is not None))
+        _, text = config_yaml(user_cfg, chosen.row, f"{name}-picked", header)
         files["picked_config.yaml"] = text.encode()
         bvals = ", ".join(f"{m}={chosen.baseline.objectives[m]:.4f}" for m in objectives)
         _, text = config_yaml(user_cfg, chosen.baseline, f"{name}-baseline",
