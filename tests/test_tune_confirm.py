@@ -216,3 +216,21 @@ def test_asha_keeps_a_trial_on_the_front_of_both_objectives_at_a_rung(tmp_path, 
     again = _asha(tmp_path, B)
     again._load_once()
     assert set(again._rung_pairs.get(4.0, {})) == ({"plain", "strong", "reg", "weak"} if keep_front else set())
+
+
+def test_the_state_check_accepts_a_multi_objective_tpe_past_its_random_start():
+    """TPE sets its gamma function on its first model-based sample (after 10 random trials), in
+    multi-objective mode optuna's default_gamma_multiobjective: a 16-trial two-objective search's
+    searcher state holds it, and the check after the search refused it until it was allowlisted."""
+    import pickle
+
+    import optuna
+
+    from tuning.state_check import check_state_file
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "maximize"], sampler=optuna.samplers.TPESampler(seed=0),
+                                pruner=optuna.pruners.NopPruner())  # as Ray Tune's OptunaSearch makes it
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), -t.suggest_float("y", 0, 1)), n_trials=12)
+    assert study.sampler._gamma is optuna.samplers._tpe.sampler.default_gamma_multiobjective
+    check_state_file(pickle.dumps(study), "searcher-state.pkl")
