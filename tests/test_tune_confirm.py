@@ -234,3 +234,15 @@ def test_the_state_check_accepts_a_multi_objective_tpe_past_its_random_start():
     study.optimize(lambda t: (t.suggest_float("x", 0, 1), -t.suggest_float("y", 0, 1)), n_trials=12)
     assert study.sampler._gamma is optuna.samplers._tpe.sampler.default_gamma_multiobjective
     check_state_file(pickle.dumps(study), "searcher-state.pkl")
+
+
+def test_a_resumed_confirmation_refuses_other_candidates(tmp_path):
+    from gammaray.config import StorageConfig
+
+    uri, sc = str(tmp_path / "exp-confirm"), StorageConfig()
+    pts = [{SEP: 0.3, SEP + space.ZERO_SUFFIX: False, C.SEED_KEY: s} for s in (1, 2)]
+    C.check_points(uri, pts, sc)  # nothing stored yet (an experiment started before the file existed)
+    C.write_points(uri, pts, sc)
+    C.check_points(uri, [dict(p) for p in pts], sc)
+    with pytest.raises(ConfigError, match="exp-confirm was started with other candidates"):
+        C.check_points(uri, [*pts, {SEP: 0.5, SEP + space.ZERO_SUFFIX: False, C.SEED_KEY: 1}], sc)

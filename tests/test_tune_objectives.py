@@ -260,6 +260,8 @@ def test_multi_objective_search_of_in_process_trials_writes_the_front_and_the_pi
     assert doc["confirmation"]["picked"] == out.picked.trial_id and doc["warning"] == out.pick_warning
     for name in ("pareto_front.json", "pareto_front.png", "picked_config.yaml", "baseline_config.yaml", "confirm.csv"):
         assert storage.exists(storage.join(out.experiment_uri, name)), name
+    # the confirmation experiment beside the search's, with the points it trains (a resume checks them)
+    assert storage.exists(storage.join(out.experiment_uri + "-confirm", "confirm.points"))
     img = Image.open(inprocess_search["out_dir"] / "pareto_front.png")
     assert img.size[0] > 500
     picked = load(out.picked_config_path)

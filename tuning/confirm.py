@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from gammaray.config import GammarayConfig, SearchDim, apply_overrides
+from gammaray.config import ConfigError, GammarayConfig, SearchDim, apply_overrides
 
 from . import report, space
 from .objectives import Pick, find_baseline, pareto_front, resolution_warning, same_values
@@ -194,6 +195,32 @@ def gather(rows: list[report.TrialRow], runs: list[report.TrialRow], objectives:
 # --------------------------------------------------------------------------------------------
 # the confirmation experiment (Ray Tune)
 
+# the points the confirmation experiment was started with (not .json: Tune copies those on resume)
+POINTS_FILE = "confirm.points"
+
+
+def _canonical(pts: list[dict[str, Any]]) -> str:
+    return json.dumps(pts, sort_keys=True, default=str)
+
+
+def write_points(uri: str, pts: list[dict[str, Any]], storage_cfg) -> None:
+    from pipelines import storage
+
+    storage.write_bytes(storage.join(uri, POINTS_FILE), _canonical(pts).encode(), storage_cfg)
+
+
+def check_points(uri: str, pts: list[dict[str, Any]], storage_cfg) -> None:
+    """A resumed confirmation trains the points it started with: other candidates (the search grew,
+    tune.pick changed) are refused, naming the folder, rather than compared on missing runs."""
+    from pipelines import storage
+
+    f = storage.join(uri, POINTS_FILE)
+    if not storage.exists(f, storage_cfg):
+        return
+    if json.loads(storage.read_bytes(f, storage_cfg).decode()) != json.loads(_canonical(pts)):
+        raise ConfigError(f"tune: the confirmation experiment {uri} was started with other candidates or seeds "
+                          f"(the search or tune.pick changed since): remove that folder to confirm again")
+
 
 def run(cfg: GammarayConfig, rows: list[report.TrialRow], max_concurrent: int, exp_root: str, fs,
         progress: bool, log: Callable[[str], None], make_trainable: Callable, collect: Callable,
@@ -220,6 +247,7 @@ def run(cfg: GammarayConfig, rows: list[report.TrialRow], max_concurrent: int, e
     trainable = make_trainable(ccfg, uri)
     state_check.check_experiment(uri, cfg.storage)
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
+        check_points(uri, pts, cfg.storage)
         log(f"tune: resuming the confirmation runs {uri}")
         tuner = tune.Tuner.restore(path, trainable=trainable, param_space=space.param_space(ccfg.tune.space),
                                    resume_unfinished=True, storage_filesystem=fs)
@@ -237,6 +265,7 @@ def run(cfg: GammarayConfig, rows: list[report.TrialRow], max_concurrent: int, e
                                         trial_dirname_creator=trial_dirname, trial_name_creator=trial_dirname),
             run_config=tune.RunConfig(name=name, storage_path=exp_root, storage_filesystem=fs,
                                       verbose=1 if progress else 0))
+        write_points(uri, pts, cfg.storage)
     tuner.fit()
     state_check.check_experiment(uri, cfg.storage)
     runs, _ = collect(path, fs, ccfg)
