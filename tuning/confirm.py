@@ -224,7 +224,7 @@ def check_points(uri: str, pts: list[dict[str, Any]], storage_cfg) -> None:
 
 def run(cfg: GammarayConfig, rows: list[report.TrialRow], max_concurrent: int, exp_root: str, fs,
         progress: bool, log: Callable[[str], None], make_trainable: Callable, collect: Callable,
-        trial_dirname: Callable) -> tuple[list[Confirmed], list[report.TrialRow], list[int]]:
+        trial_dirname: Callable) -> tuple[list[Confirmed], list[int], bool]:
     """Train `rows` (the baseline first) with tune.pick.confirm_seeds fresh seeds each, as the Ray Tune
     experiment <tune.name>-confirm under the same storage; resumes one that was interrupted.
     `make_trainable(cfg, experiment_uri)`, `collect(path, fs, cfg)` and `trial_dirname` are the
@@ -268,8 +268,8 @@ def run(cfg: GammarayConfig, rows: list[report.TrialRow], max_concurrent: int, e
         write_points(uri, pts, cfg.storage)
     tuner.fit()
     state_check.check_experiment(uri, cfg.storage)
-    runs, _ = collect(path, fs, ccfg)
-    return gather(rows, runs, list(cfg.tune.objectives)), runs, seed_values
+    runs, interrupted = collect(path, fs, ccfg)  # interrupted: the caller makes no pick on part of the runs
+    return gather(rows, runs, list(cfg.tune.objectives)), seed_values, interrupted
 
 
 # --------------------------------------------------------------------------------------------

@@ -357,11 +357,13 @@ def run_tune(cfg: GammarayConfig, samples: int | None = None, progress: bool = T
     confirmation = None
     if cfg.tune.objectives and cfg.tune.pick.confirm_seeds and not interrupted:
         confirmation = _confirm(cfg, rows, plan, root, fs, progress, log)
+        if confirmation is not None and confirmation[2]:
+            interrupted = True  # no pick on part of the confirmation runs; the same command finishes them
     return _finish(user_cfg, cfg, rows, interrupted, resumed, plan, budget, exp_uri, out_dir, t0, log, confirmation)
 
 
 def _confirm(cfg: GammarayConfig, rows: list[report.TrialRow], plan: ResourcePlan, root: str, fs, progress: bool,
-             log: Callable[[str], None]) -> tuple[list, list[int]] | None:
+             log: Callable[[str], None]) -> tuple[list, list[int], bool] | None:
     """The front's trials and the baseline re-run with fresh seeds (tuning/confirm.py); None when
     there is no scored baseline to compare with (the pick then says why)."""
     from . import confirm, objectives
@@ -371,9 +373,8 @@ def _confirm(cfg: GammarayConfig, rows: list[report.TrialRow], plan: ResourcePla
     if baseline is None or not objectives.scored(baseline, objs):
         return None
     todo = confirm.candidates(rows, baseline, objs, cfg.tune.pick.confirm_candidates)
-    confirmed, _, seed_values = confirm.run(cfg, todo, plan.max_concurrent, root, fs, progress, log,
-                                            make_trainable=_trainable, collect=collect, trial_dirname=trial_dirname)
-    return confirmed, seed_values
+    return confirm.run(cfg, todo, plan.max_concurrent, root, fs, progress, log, make_trainable=_trainable,
+                       collect=collect, trial_dirname=trial_dirname)
 
 
 def _searcher(cfg: GammarayConfig, max_concurrent: int):
@@ -483,7 +484,7 @@ def _first_error_line(trial) -> str:
 
 def _finish(user_cfg: GammarayConfig, cfg: GammarayConfig, rows: list[report.TrialRow], interrupted: bool,
             resumed: bool, plan: ResourcePlan, budget: int, exp_uri: str, out_dir: str | None, t0: float,
-            log: Callable[[str], None], confirmation: tuple[list, list[int]] | None = None) -> TuneOutcome:
+            log: Callable[[str], None], confirmation: tuple[list, list[int], bool] | None = None) -> TuneOutcome:
     name = experiment_name(cfg)
     metric = cfg.tune.metric
     best = report.best_row(rows)
@@ -505,10 +506,13 @@ def _finish(user_cfg: GammarayConfig, cfg: GammarayConfig, rows: list[report.Tri
         from . import objectives
 
         chosen = files = None
-        if confirmation is not None:
+        if confirmation is not None and confirmation[2]:
+            chosen = objectives.Pick(None, objectives.find_baseline(rows, cfg), None,
+                                     "the confirmation runs were interrupted: no pick (run the same command again)")
+        elif confirmation is not None:
             from . import confirm
 
-            chosen, files = confirm.decide(cfg, rows, *confirmation)
+            chosen, files = confirm.decide(cfg, rows, *confirmation[:2])
         more, chosen, front = objectives.outputs(user_cfg, cfg, rows, name, chosen)
         files = {**(files or {}), **more}
         outputs.update(files)
