@@ -565,7 +565,8 @@ class SearchDim(Section):
 def _default_space() -> dict[str, "SearchDim"]:
     weight = dict(kind="loguniform", low=1e-3, high=1.0, zero=True)
     return {
-        "loss.structure.lambda_sep": SearchDim(**weight),
+        # lambda_sep pays from about 0.1 (docs/benchmarks.md, the latent-structure forms); below, it is noise
+        "loss.structure.lambda_sep": SearchDim(kind="loguniform", low=0.1, high=1.0, zero=True),
         "loss.structure.lambda_br": SearchDim(**weight),
         "loss.structure.lambda_gc": SearchDim(**weight),
         "loss.structure.bridge_t": SearchDim(kind="uniform", low=0.1, high=0.9),
@@ -577,7 +578,20 @@ def _default_space() -> dict[str, "SearchDim"]:
 
 class AshaConfig(Section):
     grace_period: int | None = Field(
-        None, ge=1, description="Steps every trial runs before it can be stopped (None = train.eval_every)."
+        None, ge=1, description="Steps every trial runs before it can be stopped (None = from grace_fraction)."
+    )
+    grace_fraction: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="Grace period as a fraction of a trial's budget, rounded up to a multiple of train.eval_every "
+                    "(the steps that report a metric). None = 0.5 when tune.space holds a loss.structure weight "
+                    "(regularizers act slowly: at a quarter of the run they are not yet told from noise), else "
+                    "train.eval_every. tune.asha.grace_period, when set, wins.",
+    )
+    keep_front: bool = Field(
+        True, description="Multi-objective searches (tune.objectives): a trial that ASHA would stop at a rung on "
+                          "tune.metric continues when its (metric, second objective) pair is on the Pareto front of "
+                          "the pairs recorded at that rung (a regularizer that buys the second objective with a "
+                          "little R@1 is not cut for the trade it makes)."
     )
     reduction_factor: float = Field(2.0, gt=1.0, description="Keep the top 1/reduction_factor at each rung.")
     max_steps: int | None = Field(
@@ -589,10 +603,37 @@ class PickConfig(Section):
     """How one configuration is picked from a multi-objective search's Pareto front (tuning/objectives.py)."""
 
     margin: float = Field(
-        0.005, ge=0.0, description="The picked trial's first objective (R@1) may be at most this much below the "
-                                   "baseline trial's (tune.points_to_evaluate[0]); among those, the highest second "
-                                   "objective wins."
+        0.005, ge=0.0, description="The smallest drop of the first objective (R@1) that matters. With confirm_seeds=0 "
+                                   "the rule on single runs: the picked trial's first objective may be at most this "
+                                   "much below the baseline trial's (tune.points_to_evaluate[0]). With confirmation, "
+                                   "the resolution the validation split is checked against (a warning when the "
+                                   "binomial standard error of R@1 there is larger)."
     )
+    confirm_seeds: int = Field(
+        3, ge=0, description="Before the pick, the Pareto front's trials (at most confirm_candidates) and the baseline "
+                             "train again with this many fresh seeds (run.seed+1 ...) and are compared on the means "
+                             "and standard errors of their validation objectives: single runs differ by noise. "
+                             "0 = pick on the search's single runs with the fixed margin. 1 is refused (no spread)."
+    )
+    confirm_candidates: int = Field(
+        4, ge=1, description="At most this many front trials are confirmed: those with the highest second objective."
+    )
+    margin_se: float = Field(
+        1.0, ge=0.0, description="With confirmation: a trial qualifies when its mean first objective is at least the "
+                                 "baseline's minus margin_se standard errors of the difference."
+    )
+    gain_se: float = Field(
+        1.0, ge=0.0, description="With confirmation: a qualifying trial is picked over the baseline only when its mean "
+                                 "second objective beats the baseline's by more than gain_se standard errors of the "
+                                 "difference (the highest such mean wins); otherwise the baseline."
+    )
+
+    @field_validator("confirm_seeds")
+    @classmethod
+    def _seeds_give_a_spread(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError("confirm_seeds=1 measures no spread: use 0 (no confirmation) or at least 2")
+        return v
 
 
 class TuneSection(Section):

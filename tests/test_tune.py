@@ -252,6 +252,9 @@ def search(ray_local, s3, small_catalogue, tmp_path_factory):
         # trial has no probe figure: it cannot be on the front)
         "tune.objectives": ["val_r_at_1", "val_probe_specific"],
         "eval.specific_attributes": {"image": ["pattern", "size"], "text": ["care", "warranty"]},
+        # ASHA on R@1 alone (the oracle above), and the single-run pick: the confirmation runs and the
+        # rung that keeps the front are exercised by the in-process search (tests/test_tune_objectives.py)
+        "tune.asha.keep_front": False, "tune.pick.confirm_seeds": 0,
     })
     cfg = apply_overrides(GammarayConfig(), ov)
     out_dir = tmp_path_factory.mktemp("tune-out")

@@ -12,10 +12,12 @@ that picks one configuration from it.
   the rule needs its final values.
 - Front: the completed trials that no other completed trial beats on every objective.
 - Pick (two objectives [a, b]): the baseline is the trial of `tune.points_to_evaluate[0]` (put plain
-  there, e.g. `{}` = the base config's values). Among completed trials whose a is at least the
-  baseline's a minus `tune.pick.margin`, the one with the highest b (ties: higher a, then the
-  baseline). The baseline
-  itself qualifies, so the rule picks it when no regularized point pays on b at that cost on a.
+  there, e.g. `{}` = the base config's values). With tune.pick.confirm_seeds (3 by default) the
+  front's trials and the baseline train again with fresh seeds and the pick compares means in
+  standard errors (tuning/confirm.py). With confirm_seeds 0, on the search's single runs: among
+  completed trials whose a is at least the baseline's a minus `tune.pick.margin`, the one with the
+  highest b (ties: higher a, then the baseline). The baseline itself qualifies, so either rule picks
+  it when no regularized point pays on b at that cost on a.
 
 Outputs next to the search's table: pareto_front.json, pareto_front.png, picked_config.yaml (train it
 with `gammaray pretrain --config`) and baseline_config.yaml (the baseline's config: the comparison).
@@ -110,8 +112,10 @@ def pareto_front(rows: list[report.TrialRow], objectives: list[str]) -> list[rep
 class Pick:
     row: report.TrialRow | None
     baseline: report.TrialRow | None
-    threshold: float | None          # the first objective the picked trial had to reach
+    threshold: float | None          # the first objective the picked trial had to reach (single-run rule)
     reason: str
+    warning: str | None = None       # the validation split cannot resolve tune.pick.margin
+    confirmation: dict | None = None  # tuning/confirm.py as_json: the confirmed means, SEs and decisions
 
 
 def pick(rows: list[report.TrialRow], objectives: list[str], baseline: report.TrialRow | None,
@@ -160,10 +164,15 @@ def front_json(rows: list[report.TrialRow], front: list[report.TrialRow], chosen
         "rung_metric": rung_metric,
         "rule": {"margin": margin, "baseline": chosen.baseline.trial_id if chosen.baseline else None,
                  "threshold": chosen.threshold,
-                 "text": f"highest {objectives[1]} among completed trials with {objectives[0]} >= "
-                         f"baseline's {objectives[0]} - margin"},
+                 "text": (f"highest {objectives[1]} among completed trials with {objectives[0]} >= "
+                          f"baseline's {objectives[0]} - margin") if chosen.confirmation is None else
+                         (f"confirmed with seeds {chosen.confirmation['seeds']}: highest mean {objectives[1]} among "
+                          f"trials with mean {objectives[0]} >= baseline's - {chosen.confirmation['margin_se']:g} SE "
+                          f"and mean {objectives[1]} > baseline's + {chosen.confirmation['gain_se']:g} SE")},
         "picked": chosen.row.trial_id if chosen.row else None,
         "reason": chosen.reason,
+        "warning": chosen.warning,
+        "confirmation": chosen.confirmation,
         "front": [r.trial_id for r in front],
         "trials": [{"trial_id": r.trial_id, "status": r.status, "steps": r.steps, "values": r.values,
                     "objectives": r.objectives, "on_front": r.trial_id in on_front,
@@ -226,23 +235,50 @@ def config_yaml(base: GammarayConfig, row: report.TrialRow, run_name: str, heade
     return cfg, "\n".join(lines) + "\n" + to_yaml(cfg)
 
 
-def outputs(user_cfg: GammarayConfig, cfg: GammarayConfig, rows: list[report.TrialRow], name: str) -> tuple[dict[str, bytes], Pick, list[report.TrialRow]]:
-    """pareto_front.json / .png, picked_config.yaml and baseline_config.yaml (when there is a pick)."""
+def resolution_warning(r_at_1: float | None, records: int | None, margin: float) -> str | None:
+    """A warning when the binomial standard error of R@1 at the observed R@1 on `records` validation
+    records is larger than `margin` (tune.pick.margin): the split cannot tell such a drop from chance."""
+    if not finite(r_at_1) or not records or margin <= 0:
+        return None
+    p = min(max(float(r_at_1), 0.0), 1.0)
+    se = math.sqrt(p * (1 - p) / records)
+    if se <= margin:
+        return None
+    need = math.ceil(p * (1 - p) / margin ** 2)
+    return (f"the validation split has {records} records: at R@1 {p:.3f} the binomial standard error of R@1 is {se:.4f}, "
+            f"more than tune.pick.margin={margin:g}; a drop that small cannot be resolved there (about {need} records "
+            f"would resolve it). Means over the confirmation seeds narrow the training noise, not this one")
+
+
+def outputs(user_cfg: GammarayConfig, cfg: GammarayConfig, rows: list[report.TrialRow], name: str,
+            chosen: Pick | None = None) -> tuple[dict[str, bytes], Pick, list[report.TrialRow]]:
+    """pareto_front.json / .png, picked_config.yaml and baseline_config.yaml (when there is a pick).
+    `chosen`: a pick already made (tuning/confirm.py, on the confirmation runs); None = the rule on
+    the search's single runs here."""
     objectives = list(cfg.tune.objectives)
     front = pareto_front(rows, objectives)
-    baseline = find_baseline(rows, cfg)
-    chosen = pick(rows, objectives, baseline, cfg.tune.pick.margin)
-    files = {
+    files: dict[str, bytes] = {}
+    if chosen is None:
+        baseline = find_baseline(rows, cfg)
+        chosen = pick(rows, objectives, baseline, cfg.tune.pick.margin)
+        if objectives[0] == "val_r_at_1" and baseline is not None:
+            chosen.warning = resolution_warning(baseline.objectives.get(objectives[0]),
+                                                baseline.extra.get("val_records"), cfg.tune.pick.margin)
+    files.update({
         "pareto_front.json": front_json(rows, front, chosen, objectives, cfg.tune.pick.margin, name,
                                         cfg.tune.metric).encode(),
         "pareto_front.png": front_png(rows, front, chosen, objectives,
                                       title=f"{name}: {len(rows)} trials, {len(front)} on the front"),
-    }
+    })
     if chosen.row is not None and chosen.baseline is not None:
         vals = ", ".join(f"{m}={chosen.row.objectives[m]:.4f}" for m in objectives)
-        _, text = config_yaml(user_cfg, chosen.row, f"{name}-picked",
-                              [f"picked trial {chosen.row.trial_id} of Ray Tune experiment {name}: {vals}",
-                               f"rule: {chosen.reason}"])
+        header = [f"picked trial {chosen.row.trial_id} of Ray Tune experiment {name}: {vals}", f"rule: {chosen.reason}"]
+        conf = {c["trial_id"]: c for c in (chosen.confirmation or {}).get("configs", [])}
+        if chosen.row.trial_id in conf:  # the figures the pick was made on
+            c = conf[chosen.row.trial_id]
+            header.insert(1, f"confirmed over seeds {chosen.confirmation['seeds']}: " + ", ".join(
+                f"{m}={c['mean'][m]:.4f} ± {c['se'][m]:.4f}" for m in objectives if c["mean"].get(m) is not None))
+        _, text = config_yaml(user_cfg, chosen.row, f"{name}-picked", header)
         files["picked_config.yaml"] = text.encode()
         bvals = ", ".join(f"{m}={chosen.baseline.objectives[m]:.4f}" for m in objectives)
         _, text = config_yaml(user_cfg, chosen.baseline, f"{name}-baseline",

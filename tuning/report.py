@@ -82,14 +82,22 @@ def table_text(rows: list[TrialRow], space: Mapping[str, SearchDim], metric: str
     return "\n".join(out) + "\n"
 
 
-def table_csv(rows: list[TrialRow], space: Mapping[str, SearchDim], metric: str) -> str:
+def table_csv(rows: list[TrialRow], space: Mapping[str, SearchDim], metric: str,
+              confirmed: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+    """One line per trial; with `confirmed` ({trial_id: {"mean": {m: x}, "se": {m: x}, "seeds": n}}, the
+    confirmation runs of a two-objective search) each objective's mean and standard error over seeds."""
+    objs = sorted({m for c in (confirmed or {}).values() for m in c.get("mean", {})})
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["trial", *space, metric, "steps", "status", "train_workers", "error"])
+    w.writerow(["trial", *space, metric, "steps", "status", "train_workers", "error",
+                *([f"{m}_{s}" for m in objs for s in ("mean", "se")] + ["confirm_seeds"] if objs else [])])
     for r in rows:
+        c = (confirmed or {}).get(r.trial_id)
+        conf = [] if not objs else ["" for _ in range(2 * len(objs) + 1)] if c is None else [
+            *["" if c[s].get(m) is None else c[s][m] for m in objs for s in ("mean", "se")], c.get("seeds", "")]
         w.writerow([r.trial_id, *[r.values.get(p, "") for p in space],
                     "" if r.metric is None else r.metric, "" if r.steps is None else r.steps, r.status,
-                    "" if r.train_workers is None else r.train_workers, r.error or ""])
+                    "" if r.train_workers is None else r.train_workers, r.error or "", *conf])
     return buf.getvalue()
 
 

@@ -17,6 +17,9 @@ Layout in the run storage (local or s3://):
   <run.storage>/<tune.name>/trial_<id>/          Tune's trial folder (every validation report: result.json)
   <run.storage>/<tune.name>/train/<id>/          the trial's Ray Train run (checkpoints)
   <run.storage>/<tune.name>/results.{txt,csv}, metric_vs_values.png, best_config.yaml
+  <run.storage>/<tune.name>-confirm/       two objectives: the front re-run with fresh seeds (tuning/confirm.py)
+
+Over 500 lines: the whole life of an experiment (plan, start or resume, results, outputs) in one place.
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ class TuneOutcome:
     picked: report.TrialRow | None = None
     baseline: report.TrialRow | None = None
     pick_reason: str | None = None
+    pick_warning: str | None = None           # the validation split cannot resolve tune.pick.margin
+    confirmation: dict | None = None          # the confirmed means and SEs (tuning/confirm.py as_json)
     picked_config_path: str | None = None     # local YAML for `gammaray pretrain --config`
     baseline_config_path: str | None = None
 
@@ -334,7 +339,7 @@ def run_tune(cfg: GammarayConfig, samples: int | None = None, progress: bool = T
             tune_config=tune.TuneConfig(
                 # several objectives: the searcher and the scheduler hold their own metrics (Tune takes one)
                 metric=None if cfg.tune.objectives else cfg.tune.metric, mode=None if cfg.tune.objectives else "max",
-                search_alg=_searcher(cfg), scheduler=_scheduler(cfg, budget, exp_uri),
+                search_alg=_searcher(cfg, plan.max_concurrent), scheduler=_scheduler(cfg, budget, exp_uri),
                 num_samples=cfg.tune.samples, max_concurrent_trials=plan.max_concurrent,
                 trial_dirname_creator=trial_dirname, trial_name_creator=trial_dirname,
             ),
@@ -349,10 +354,30 @@ def run_tune(cfg: GammarayConfig, samples: int | None = None, progress: bool = T
     tuner.fit()
     state_check.check_experiment(exp_uri, cfg.storage)  # the results are read back from storage
     rows, interrupted = collect(exp_path, fs, cfg)
-    return _finish(user_cfg, cfg, rows, interrupted, resumed, plan, budget, exp_uri, out_dir, t0, log)
+    confirmation = None
+    if cfg.tune.objectives and cfg.tune.pick.confirm_seeds and not interrupted:
+        confirmation = _confirm(cfg, rows, plan, root, fs, progress, log)
+        if confirmation is not None and confirmation[2]:
+            interrupted = True  # no pick on part of the confirmation runs; the same command finishes them
+    return _finish(user_cfg, cfg, rows, interrupted, resumed, plan, budget, exp_uri, out_dir, t0, log, confirmation)
 
 
-def _searcher(cfg: GammarayConfig):
+def _confirm(cfg: GammarayConfig, rows: list[report.TrialRow], plan: ResourcePlan, root: str, fs, progress: bool,
+             log: Callable[[str], None]) -> tuple[list, list[int], bool] | None:
+    """The front's trials and the baseline re-run with fresh seeds (tuning/confirm.py); None when
+    there is no scored baseline to compare with (the pick then says why)."""
+    from . import confirm, objectives
+
+    objs = list(cfg.tune.objectives)
+    baseline = objectives.find_baseline(rows, cfg)
+    if baseline is None or not objectives.scored(baseline, objs):
+        return None
+    todo = confirm.candidates(rows, baseline, objs, cfg.tune.pick.confirm_candidates)
+    return confirm.run(cfg, todo, plan.max_concurrent, root, fs, progress, log, make_trainable=_trainable,
+                       collect=collect, trial_dirname=trial_dirname)
+
+
+def _searcher(cfg: GammarayConfig, max_concurrent: int):
     seed = cfg.tune.seed if cfg.tune.seed is not None else cfg.run.seed
     points = space.start_points(cfg) or None
     if cfg.tune.searcher == "optuna" and cfg.tune.objectives:
@@ -363,17 +388,19 @@ def _searcher(cfg: GammarayConfig):
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(seed=seed, points_to_evaluate=points)
-    return state_check.CheckableVariantGenerator(random_state=seed, points_to_evaluate=points)
+    # Tune applies max_concurrent_trials to a Searcher only: a variant generator takes its own limit
+    return state_check.CheckableVariantGenerator(random_state=seed, points_to_evaluate=points,
+                                                 max_concurrent=max_concurrent)
 
 
 def _scheduler(cfg: GammarayConfig, budget: int, exp_uri: str):
     from ray.tune.schedulers import FIFOScheduler
 
-    from .asha import STATE_FILE, RungMemoryASHA
+    from .asha import STATE_FILE, RungMemoryASHA, grace_steps
 
     a = cfg.tune.asha
     trial = space.trial_config(cfg, {})
-    grace = a.grace_period or trial.train.eval_every or 1
+    grace = grace_steps(a.grace_period, a.grace_fraction, trial.train.eval_every or 1, budget, list(cfg.tune.space))
     if cfg.tune.scheduler == "fifo" or grace >= budget:
         return FIFOScheduler()  # (a grace period of the whole budget leaves ASHA nothing to stop)
     # time = optimizer steps. Rungs sit at grace * rf^k strictly below the budget: a trial that
@@ -384,9 +411,10 @@ def _scheduler(cfg: GammarayConfig, budget: int, exp_uri: str):
         from .objectives import baseline_params
 
         protect = [p for p in [baseline_params(cfg)] if p is not None]
+    front = cfg.tune.objectives[1] if cfg.tune.objectives and a.keep_front else None
     return RungMemoryASHA(storage.join(exp_uri, STATE_FILE), cfg.storage, time_attr="step", max_t=budget - 1,
                           grace_period=grace, reduction_factor=a.reduction_factor, stop_last_trials=False,
-                          protect=protect, **multi)
+                          protect=protect, front_objective=front, **multi)
 
 
 def _check_same_experiment(cfg: GammarayConfig, base_uri: str) -> None:
@@ -443,7 +471,8 @@ def collect(exp_path: str, fs, cfg: GammarayConfig) -> tuple[list[report.TrialRo
             steps=int(last["step"]) if "step" in last else None, status=status,
             train_workers=last.get("train_workers"), error=error,
             objectives={m: float(last[m]) for m in cfg.tune.objectives if space.finite(last.get(m))},
-            extra={"checkpoint_path": last.get("checkpoint_path"), "time_total_s": last.get("time_total_s")}))
+            extra={"checkpoint_path": last.get("checkpoint_path"), "time_total_s": last.get("time_total_s"),
+                   "val_records": last.get("val_records")}))
     return rows, interrupted
 
 
@@ -455,7 +484,7 @@ def _first_error_line(trial) -> str:
 
 def _finish(user_cfg: GammarayConfig, cfg: GammarayConfig, rows: list[report.TrialRow], interrupted: bool,
             resumed: bool, plan: ResourcePlan, budget: int, exp_uri: str, out_dir: str | None, t0: float,
-            log: Callable[[str], None]) -> TuneOutcome:
+            log: Callable[[str], None], confirmation: tuple[list, list[int], bool] | None = None) -> TuneOutcome:
     name = experiment_name(cfg)
     metric = cfg.tune.metric
     best = report.best_row(rows)
@@ -476,9 +505,26 @@ def _finish(user_cfg: GammarayConfig, cfg: GammarayConfig, rows: list[report.Tri
     if cfg.tune.objectives:
         from . import objectives
 
-        files, chosen, front = objectives.outputs(user_cfg, cfg, rows, name)
+        chosen = files = None
+        if confirmation is not None and confirmation[2]:
+            chosen = objectives.Pick(None, objectives.find_baseline(rows, cfg), None,
+                                     "the confirmation runs were interrupted: no pick (run the same command again)")
+        elif confirmation is not None:
+            from . import confirm
+
+            chosen, files = confirm.decide(cfg, rows, *confirmation[:2])
+        more, chosen, front = objectives.outputs(user_cfg, cfg, rows, name, chosen)
+        files = {**(files or {}), **more}
         outputs.update(files)
-        multi = {"front": front, "picked": chosen.row, "baseline": chosen.baseline, "pick_reason": chosen.reason}
+        if "confirm.txt" in files:
+            outputs["results.txt"] = (table + "\n").encode() + files["confirm.txt"]
+            table = outputs["results.txt"].decode()
+        multi = {"front": front, "picked": chosen.row, "baseline": chosen.baseline, "pick_reason": chosen.reason,
+                 "pick_warning": chosen.warning, "confirmation": chosen.confirmation}
+        if chosen.confirmation:
+            stats = {c["trial_id"]: {"mean": c["mean"], "se": c["se"], "seeds": len(c["per_seed"])}
+                     for c in chosen.confirmation["configs"]}
+            outputs["results.csv"] = report.table_csv(rows, cfg.tune.space, metric, stats).encode()
         for key, fname in (("picked_config_path", "picked_config.yaml"), ("baseline_config_path", "baseline_config.yaml")):
             if fname in files:
                 multi[key] = os.path.join(local, fname)
@@ -500,6 +546,8 @@ def _finish(user_cfg: GammarayConfig, cfg: GammarayConfig, rows: list[report.Tri
         log(f"tune: Pareto front of {', '.join(cfg.tune.objectives)}: {len(multi['front'])} trials "
             f"({', '.join(r.trial_id for r in multi['front'])}) -> {os.path.join(local, 'pareto_front.json')}, .png")
         log(f"tune: pick: {multi['pick_reason']}")
+        if multi.get("pick_warning"):
+            log(f"tune: warning: {multi['pick_warning']}")
         if multi.get("picked_config_path"):
             log(f"tune: picked config -> {multi['picked_config_path']}  (baseline: {multi['baseline_config_path']})")
     return TuneOutcome(experiment_uri=exp_uri, rows=rows, best=best, best_config=best_cfg, best_config_path=best_path,

@@ -85,6 +85,8 @@ TUNE_VALUES = frozenset({
     "numpy.random._mt19937.MT19937", "numpy.random._pcg64.PCG64", "numpy.random.bit_generator.SeedSequence",
     "optuna.samplers._tpe.parzen_estimator._ParzenEstimator", "optuna.samplers._tpe.sampler.default_weights",
     "optuna.samplers._tpe.sampler.default_gamma", "optuna.samplers._tpe.sampler.hyperopt_default_gamma",
+    # set by TPE on its first multi-objective sample, after its random start-up trials (10)
+    "optuna.samplers._tpe.sampler.default_gamma_multiobjective",
     "ray.train._internal.storage._upload_to_fs_path", "tuning.search.trial_dirname",
 })
 # what Ray Tune and gammaray read back from an experiment folder (the root) and a trial folder

@@ -51,7 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--markdown", metavar="JSON", help="print the docs table and verdict of an existing JSON; no training")
     p.add_argument("--make-catalogue", metavar="DIR",
                    help="only generate and prepare the synthetic catalogue the search and this benchmark use: "
-                        "DIR/catalog/{train,val,test,tokenizer} (3,000 / 500 / 1,000 records, seed 0), then exit")
+                        "DIR/catalog/{train,val,test,tokenizer} (3,000 / --val-records / 1,000 records, seed 0), then exit")
+    p.add_argument("--val-records", type=int, default=500,
+                   help="validation records of --make-catalogue (default 500). The search warns when the binomial "
+                        "standard error of R@1 there exceeds tune.pick.margin and says how many would resolve it")
     p.add_argument("--labels", default="plain,tuned",
                    help="names of the two variants in the rows (default plain,tuned; e.g. pairs_mean,paper to compare "
                         "two forms of one config)")
@@ -217,7 +220,9 @@ def run(args: argparse.Namespace) -> int:
     if args.make_catalogue:
         from .structure import make_catalogue
 
-        cat = make_catalogue(args.make_catalogue, 3000, 500, progress=False, n_test=1000)
+        if args.val_records < 1:
+            raise ValueError(f"--val-records: at least 1, got {args.val_records}")
+        cat = make_catalogue(args.make_catalogue, 3000, args.val_records, progress=False, n_test=1000)
         print(f"prepared {', '.join(f'{k} ({v.size})' for k, v in cat.items() if k != 'tokenizer')} and the tokenizer "
               f"under {os.path.join(args.make_catalogue, 'catalog')}")
         return 0
