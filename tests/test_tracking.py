@@ -96,8 +96,12 @@ def test_mlflow_server_tune_trials_are_child_runs_of_one_parent(ray_local, tmp_p
     from mlflow.tracking import MlflowClient
     from ray import tune
 
+    from tuning.search import keep_credentials_out_of_trial_env
     from workers.tracking import start_run, tune_callbacks
 
+    # as run_tune does: without it Ray Tune copies the session's S3 keys into the trials' runtime env,
+    # which Ray logs in clear text (tests/test_tune_secrets.py scans this session's logs for them)
+    keep_credentials_out_of_trial_env()
     uri = mlflow_server["wait_ready"]()
     cfg = apply_overrides(GammarayConfig(), {"tracking.kind": "mlflow", "tracking.uri": uri,
                                              "tracking.experiment": "gr-tune"})
