@@ -140,6 +140,9 @@ class StreamSpec:
     prefetch_batches: int
     concurrency: int | None = None
     segments_per_task: int = 1      # segments (row groups) fused into one read+preprocess task
+    # pixels handed over as the preprocessing made them (uint8 [B,H,W,3]): the trainer normalises them
+    # on its device (workers/training/step.prepare_batch), a quarter of the bytes to copy there
+    device_pixels: bool = False
 
 
 WINDOW_TASKS = 512  # read tasks (blocks) of one pipeline's source; a longer part runs as several windows
@@ -431,14 +434,18 @@ def iterate(spec: StreamSpec, part: list[Segment], start_consumed: int = 0,
             consumed += end - pos
             pos = end
             if have == B:
-                yield StreamBatch(_finish(_concat(frags)), consumed, rejects)
+                yield StreamBatch(_finish(_concat(frags, spec.device_pixels), spec.device_pixels), consumed, rejects)
                 frags, have, rejects = [], 0, []
     if have or rejects:
-        yield StreamBatch(_finish(_concat(frags)) if frags else {}, consumed, rejects)
+        arrays = _finish(_concat(frags, spec.device_pixels), spec.device_pixels) if frags else {}
+        yield StreamBatch(arrays, consumed, rejects)
 
 
-def _finish(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """uint8 [B,H,W,3] pixels -> normalised float32 [B,3,H,W] (BatchKeys contract)."""
+def _finish(arrays: dict[str, np.ndarray], device_pixels: bool = False) -> dict[str, np.ndarray]:
+    """uint8 [B,H,W,3] pixels -> normalised float32 [B,3,H,W] (BatchKeys contract), unless the
+    trainer normalises them on its device."""
+    if device_pixels:
+        return arrays
     for k in PIXEL_KEYS:
         v = arrays.get(k)
         if v is not None and v.dtype == np.uint8:
@@ -446,12 +453,13 @@ def _finish(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _concat(frags: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def _concat(frags: list[dict[str, np.ndarray]], device_pixels: bool = False) -> dict[str, np.ndarray]:
     """One batch from fragments; always writable arrays that own their memory (a view would pin the
     block in the object store and hand torch a read-only buffer)."""
     if len(frags) == 1:
-        # uint8 pixels need no copy: _finish writes the normalised floats into new arrays
-        return {k: v if (v.flags.writeable and v.base is None) or (k in PIXEL_KEYS and v.dtype == np.uint8)
+        # uint8 pixels normalised on the host need no copy: _finish writes the floats into new arrays
+        return {k: v if (v.flags.writeable and v.base is None)
+                or (not device_pixels and k in PIXEL_KEYS and v.dtype == np.uint8)
                 else v.copy() for k, v in frags[0].items()}
     return {k: np.concatenate([f[k] for f in frags]) for k in frags[0]}
 

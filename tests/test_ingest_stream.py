@@ -4,6 +4,7 @@ pipeline starts early, the view pairs, older shard versions, retries on transien
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import socket
@@ -20,7 +21,7 @@ from gammaray.config import AugmentConfig
 from gammaray.schema import RECORD_SCHEMA, BatchKeys as K, Reason
 from pipelines import faults, storage, stream
 from pipelines.prepare import PrepareOptions, load_manifest, prepare
-from pipelines.preprocess import PreprocessSpec, preprocess_batch
+from pipelines.preprocess import PreprocessSpec, normalise, preprocess_batch
 from pipelines.stream import (StreamSpec, advance, epoch_plan, iterate, read_segment_rows,
                               units_from_manifest)
 from pipelines.synthetic import write_raw_catalogue
@@ -140,6 +141,15 @@ def test_next_epoch_pipeline_starts_early_and_yields_the_same_records(ray_local,
     assert other == g0 and len(stream._warm.pumps) == 1
     stream.close_prefetched()
     assert not stream._warm.pumps
+    # the training loop's stream hands the pixels over as uint8 (device_pixels): the same batches,
+    # and the same floats once normalised (on the device, by workers/training/step.prepare_batch)
+    host = list(iterate(spec0, part0))
+    raw = list(iterate(dataclasses.replace(spec0, device_pixels=True), part0))
+    assert [b.consumed for b in raw] == [b.consumed for b in host]
+    for h, r in zip(host, raw):
+        assert r.arrays[K.PIXELS].dtype == np.uint8 and r.arrays[K.PIXELS].shape[1:] == (32, 32, 3)
+        assert np.array_equal(r.arrays[K.SAMPLE_INDEX], h.arrays[K.SAMPLE_INDEX])
+        assert np.array_equal(normalise(r.arrays[K.PIXELS]), h.arrays[K.PIXELS])
 
 
 def test_view_pairs_and_missing_views(s3, tmp_path):

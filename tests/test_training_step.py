@@ -99,6 +99,32 @@ def test_channels_last_gives_the_same_loss_and_gradients():
         torch.testing.assert_close(grads[n], g, rtol=1e-3, atol=1e-4 * float(g.abs().max()) + 1e-8, msg=n)
 
 
+def test_uint8_pixels_normalised_on_the_device_are_the_hosts_bit_for_bit():
+    """The training stream hands uint8 [B,H,W,3] pixels over (StreamSpec.device_pixels) and
+    prepare_batch normalises them: the same floats as the host's normaliser, in either memory
+    format and in bf16, and the whole train step gives the same loss and gradients."""
+    import numpy as np
+
+    from pipelines.preprocess import normalise
+
+    cfg = _cfg()
+    b = _batch(cfg, 0)
+    H = b[K.PIXELS].shape[-1]
+    u8 = np.random.default_rng(3).integers(0, 256, (b[K.PIXELS].shape[0], H, H, 3), dtype=np.uint8)
+    host = torch.from_numpy(normalise(u8))
+    for channels_last in (False, True):
+        got = prepare_batch({K.PIXELS: torch.from_numpy(u8)}, channels_last=channels_last)[K.PIXELS]
+        assert got.dtype == torch.float32 and got.shape == host.shape and torch.equal(got, host)
+        assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        bf = prepare_batch({K.PIXELS: torch.from_numpy(u8)}, bf16=True, channels_last=channels_last)[K.PIXELS]
+        assert torch.equal(bf, host.to(torch.bfloat16))
+    base_loss, base = _grads_after_one_step(cfg, prepare_batch({**b, K.PIXELS: host}))
+    loss, grads = _grads_after_one_step(cfg, prepare_batch({**b, K.PIXELS: torch.from_numpy(u8)}))
+    assert torch.equal(loss, base_loss)
+    for n, g in base.items():
+        assert torch.equal(grads[n], g), n
+
+
 def test_foreach_adamw_updates_like_the_per_tensor_loop():
     b = _batch(_cfg(), 0)
     params = {}

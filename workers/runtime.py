@@ -411,7 +411,7 @@ class Lockstep:
 
 
 def stream_spec(cfg: GammarayConfig, catalogue_uri: str, units, epoch: int, train: bool, with_aug: bool,
-                batch_size: int) -> StreamSpec:
+                batch_size: int, device_pixels: bool = False) -> StreamSpec:
     d = cfg.data
     pp = PreprocessSpec(image_size=d.image_size, max_image_pixels=d.max_image_pixels,
                         max_text_tokens=d.max_text_tokens, max_text_chars=d.max_text_chars, augment=d.augment,
@@ -423,7 +423,7 @@ def stream_spec(cfg: GammarayConfig, catalogue_uri: str, units, epoch: int, trai
                       settings=storage.S3Settings.from_config(cfg.storage), shuffle=d.shuffle and train,
                       batch_size=batch_size, preprocess_num_cpus=d.preprocess_num_cpus,
                       prefetch_batches=d.prefetch_batches, concurrency=d.preprocess_concurrency,
-                      segments_per_task=d.preprocess_segments_per_task)
+                      segments_per_task=d.preprocess_segments_per_task, device_pixels=device_pixels)
 
 
 @torch.no_grad()

@@ -80,7 +80,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     objective = Objective(cfg.loss, num_samples=num_samples, seed=cfg.run.seed, device=device, distributed=W > 1,
                           view_pair=cfg.data.view_pair, batch_size=cfg.data.batch_size)
     with_aug = objective.needs_augmented_views
-    spec = stream_spec(cfg, cfg.data.train, units, 0, train=True, with_aug=with_aug, batch_size=cfg.data.batch_size)
+    spec = stream_spec(cfg, cfg.data.train, units, 0, train=True, with_aug=with_aug, batch_size=cfg.data.batch_size,
+                       device_pixels=True)
     ckpt = latest_checkpoint(cfg, in_ray)  # [ray]
     if ckpt is None and cfg.data.prefetch_next_epoch:
         # [data] a fresh run: start epoch 0's pipeline now, so that its worker processes start while

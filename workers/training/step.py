@@ -11,9 +11,11 @@ this one; at small micro-batches that overlap is most of the step's speed.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.profiler import record_function
 
+from gammaray.schema import IMAGE_MEAN, IMAGE_STD
 from gammaray.schema import BatchKeys as K
 from workers.training.objective import OPTIONAL_METRICS, LossTerms, Objective
 
@@ -50,19 +52,35 @@ PIXEL_KEYS = (K.PIXELS, K.PIXELS_AUG, K.PIXELS_PAIR)
 
 
 def prepare_batch(batch: dict[str, torch.Tensor], bf16: bool = False, channels_last: bool = False) -> dict[str, torch.Tensor]:
-    """Pixels as the image tower takes them: bf16 for a bf16 engine, channels_last (NHWC) memory when
-    the tower is in it (train.channels_last). Other keys pass through."""
+    """Pixels as the image tower takes them: uint8 [B,H,W,3] (the stream's `device_pixels`) normalised
+    here, on the device; bf16 for a bf16 engine, channels_last (NHWC) memory when the tower is in it
+    (train.channels_last). Other keys pass through."""
     out = dict(batch)
     for k in PIXEL_KEYS:
         v = out.get(k)
         if v is None:
             continue
+        if v.dtype == torch.uint8:
+            v = normalise_pixels(v, channels_last)
         if bf16:
             v = v.to(torch.bfloat16)
         if channels_last and v.dim() == 4:
             v = v.contiguous(memory_format=torch.channels_last)
         out[k] = v
     return out
+
+
+# (x / 255 - mean) / std as x * SCALE + OFFSET in float32: the same two roundings as the host's
+# pipelines/preprocess.normalise, so a batch normalised here is bit for bit the one normalised there
+PIXEL_SCALE = float(np.float32(1.0 / (255.0 * IMAGE_STD)))
+PIXEL_OFFSET = float(np.float32(-IMAGE_MEAN / IMAGE_STD))
+
+
+def normalise_pixels(u8: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 [B,H,W,3] -> float32 [B,3,H,W]; NHWC memory (channels_last) comes free with the permute."""
+    x = u8.permute(0, 3, 1, 2).float()  # keeps the NHWC strides
+    x = x.mul_(PIXEL_SCALE).add_(PIXEL_OFFSET)
+    return x if channels_last else x.contiguous()
 
 
 def scalars(terms: LossTerms | None) -> dict[str, float]:

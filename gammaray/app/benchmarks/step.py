@@ -2,14 +2,16 @@
 PyTorch step of the same towers and loss maths, in one process on one device, side by side.
 
 For each micro-batch (default 8, 16, 64, 256) and loss (infonce, gamma) it times
-  gammaray   the loop's step: synthetic host batches (numpy, as the data stream hands them over)
+  gammaray   the loop's step: synthetic host batches (numpy, as the data stream hands them over:
+             uint8 [B,H,W,3] pixels, normalised on the device by prepare_batch)
              through workers/runtime.Lockstep (copied to the device one batch ahead), prepare_batch,
              workers/training/step.train_step on the engine the config builds (DeepSpeed or DDP, in a
              world of one), the device-side loss sums, and the metrics read every train.log_every steps
   reference  the step written the way the field writes a fast one: the same model (build_model), the
              same loss maths written out plainly (a plain tensor for the gamma memory), torch AdamW
              (fused on GPU, foreach on CPU) with the same parameter groups, schedule and clipping,
-             bf16 autocast and channels_last on GPU; no Ray, no DeepSpeed
+             bf16 autocast and channels_last on GPU, the uint8 pixels normalised on the device;
+             no Ray, no DeepSpeed
   timm       (GPU only, `pip install gammaray[bench]`) timm's efficientnet_lite0 training step at
              224 px, bf16 autocast, channels_last, fused AdamW: an outside anchor for the image tower
 in two regimes: "towers" (the configured towers train) and "heads" (locked towers: only the heads and
@@ -153,7 +155,7 @@ class SyncCounter:
 
 
 def host_batches(cfg, regime: str, n: int, seed: int = 0):
-    """n host batches as the data stream hands them over (numpy, normalised float pixels)."""
+    """n host batches as the training stream hands them over (numpy; pixels uint8 [B,H,W,3])."""
     from gammaray.schema import BatchKeys as K
 
     B = cfg.data.batch_size
@@ -166,7 +168,7 @@ def host_batches(cfg, regime: str, n: int, seed: int = 0):
                  K.TEXT_FEATURES: rng.standard_normal((B, HEADS_WIDTHS[1]), dtype=np.float32)}
         else:
             H, L = cfg.data.image_size, cfg.data.max_text_tokens
-            b = {K.SAMPLE_INDEX: index, K.PIXELS: rng.standard_normal((B, 3, H, H), dtype=np.float32),
+            b = {K.SAMPLE_INDEX: index, K.PIXELS: rng.integers(0, 256, (B, H, H, 3), dtype=np.uint8),
                  K.INPUT_IDS: rng.integers(5, VOCAB, (B, L)), K.ATTENTION_MASK: np.ones((B, L), dtype=np.int64)}
         out.append(b)
     return out
@@ -297,8 +299,9 @@ class ReferenceStep:
         for b in batches:
             batch = {k: (torch.from_numpy(v).pin_memory() if pin else torch.from_numpy(v)).to(self.device, non_blocking=True)
                      for k, v in b.items()}
-            if self.device.type == "cuda" and K.PIXELS in batch:
-                batch[K.PIXELS] = batch[K.PIXELS].contiguous(memory_format=torch.channels_last)
+            if K.PIXELS in batch:  # uint8 NHWC: the permute is channels_last; NCHW memory on CPU
+                x = batch[K.PIXELS].permute(0, 3, 1, 2).float().mul_(1 / 127.5).sub_(1.0)
+                batch[K.PIXELS] = x if self.device.type == "cuda" else x.contiguous()
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 out = self.model(batch)
             loss = self.loss(out, batch[K.SAMPLE_INDEX])
@@ -349,8 +352,10 @@ def flops_per_sample(cfg, regime: str, device) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from workers.training.step import prepare_batch
+
     ref = ReferenceStep(cfg, regime, device, total=10)
-    b = {k: torch.from_numpy(v).to(device) for k, v in host_batches(cfg, regime, 1, seed=9)[0].items()}
+    b = prepare_batch({k: torch.from_numpy(v).to(device) for k, v in host_batches(cfg, regime, 1, seed=9)[0].items()})
     with FlopCounterMode(display=False) as fc:
         out = ref.model(b)
         ref.loss(out, b["sample_index"]).backward()
