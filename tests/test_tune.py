@@ -162,11 +162,11 @@ def _report_steps(config):
 
 
 @pytest.mark.timeout(TIMEOUT_S)
-@pytest.mark.parametrize("memory", [True, False])
-def test_asha_rungs_survive_an_interrupted_experiment(ray_local, tmp_path, memory):
+def test_asha_rungs_survive_an_interrupted_experiment(ray_local, tmp_path, memory=True):
     """Ray Tune restores trials and the searcher, not the scheduler. With RungMemoryASHA the
     resumed trials still meet the rung values of the trials that finished before the interruption;
-    with plain ASHA the first resumed trial finds empty rungs and runs on."""
+    with plain ASHA (memory=False, measured on Ray 2.60 and kept out of CI: it tests Ray, 25 s) the
+    first resumed trial finds empty rungs and runs on."""
     from ray import tune
     from ray.tune.schedulers import AsyncHyperBandScheduler
 
@@ -500,18 +500,5 @@ def test_results_table_plot_and_best_config_are_written(search, s3):
         assert get_value(cfg, path) == value, path
     assert cfg.train.max_steps == 2  # tune.trial_overrides did not leak into it
     assert cfg.run.name == "tune-e2e-tune-best"
-
-
-@pytest.mark.timeout(TIMEOUT_S)
-def test_best_config_trains_with_pretrain(search, tmp_path):
-    from gammaray.app.cli import main
-
-    path = search["second"].best_config_path
-    summary = tmp_path / "pretrain.json"
-    t0 = time.perf_counter()
-    assert main(["pretrain", "--config", path, "--quiet", "--json", str(summary)]) == 0
-    print(f"best config trained in {time.perf_counter() - t0:.1f} s")
-    m = json.loads(summary.read_text())
-    assert m["final"] == 1 and m["step"] == 2
-    assert m["samples_seen_total"] == 2 * 2 * 16  # 2 steps x 2 workers x batch 16
-    assert m["checkpoint"].startswith("s3://") and "tune-e2e-tune-best" in m["checkpoint"]
+    # that such a YAML trains with `gammaray pretrain --config`: test_tune_objectives.py trains the
+    # picked config, built by the same report.best_config
