@@ -110,6 +110,31 @@ def check_deepspeed_files(folder: str, shown: str | None = None) -> None:
                 raise _refusal(where, f"it references code, not only data ({', '.join(unknown[:5])})")
 
 
+# what any of a checkpoint's .pt files may name, beyond torch's weights-only allowlist (the driver's
+# check; each file is then loaded against its own, narrower list)
+CHECKPOINT_GLOBALS = DEEPSPEED_DATA_CLASSES | {f"{o.__module__}.{o.__qualname__}" for o in _NUMPY_ARRAYS}
+
+
+def check_checkpoint(folder: str, storage_cfg=None) -> None:
+    """Driver side, before any cluster resource is asked for: refuse a checkpoint folder (local or in
+    object storage) that holds a link (local) or a .pt file naming a global outside what gammaray
+    and DeepSpeed write. Only each file's pickle is read (seeks into the zip), never its tensors.
+    The workers check again as they load (a Tune trial builds its trainer directly)."""
+    from pipelines import storage
+
+    if not storage.is_remote(folder) and os.path.exists(folder):
+        check_no_links(folder)
+    for uri in storage.list_files(folder, ".pt", storage_cfg):
+        try:
+            with storage.open_random_access(uri, storage_cfg) as f:
+                found = torch.serialization.get_unsafe_globals_in_checkpoint(f)
+        except Exception as err:  # noqa: BLE001 - not a torch zip file: cannot be checked
+            raise _refusal(uri, f"it cannot be checked ({type(err).__name__}: {str(err)[:200]})") from None
+        unknown = sorted(set(found) - CHECKPOINT_GLOBALS)
+        if unknown:
+            raise _refusal(uri, f"it references code, not only data ({', '.join(unknown[:5])})")
+
+
 # --------------------------------------------------------------------------------------------
 # any pickle, read without loading it
 

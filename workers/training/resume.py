@@ -25,6 +25,7 @@ from gammaray.config import GammarayConfig, RunError
 from pipelines import storage
 from pipelines.catalogue import manifest_sha256
 from workers.runtime import rank_dir
+from workers.safe_load import check_checkpoint
 
 
 class ResumeMismatch(RunError):
@@ -157,10 +158,11 @@ def newest_checkpoint(run_uri: str, storage_cfg) -> str | None:
 
 def check_run(cfg: GammarayConfig, run_uri: str, identity: dict) -> None:
     """Driver side, before any cluster resource: the checkpoint this run would resume from (its
-    own newest complete one, else train.resume_from) must match `identity`."""
+    own newest complete one, else train.resume_from) must hold data only and match `identity`."""
     folder = newest_checkpoint(run_uri, cfg.storage) or (cfg.train.resume_from.rstrip("/") if cfg.train.resume_from else None)
     if folder is None:
         return
+    check_checkpoint(folder, cfg.storage)  # a file that would run code: refused before the workers start
     state_uri = storage.join(folder, rank_dir(0), "train_state.json")
     if not storage.exists(state_uri, cfg.storage):
         return  # not a training checkpoint: the workers say so
