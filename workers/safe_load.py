@@ -54,7 +54,7 @@ CHECKPOINT_ADVICE = ("A checkpoint holds only tensors and plain values; this fil
                      "was altered). Restore the run's storage from a trusted copy, or start a new run (another run.name).")
 
 
-def _refusal(shown: str, why: str, advice: str = CHECKPOINT_ADVICE) -> UnsafeCheckpoint:
+def refusal(shown: str, why: str, advice: str = CHECKPOINT_ADVICE) -> UnsafeCheckpoint:
     return UnsafeCheckpoint(f"{shown}: refused to load: {why}. {advice}")
 
 
@@ -67,7 +67,7 @@ def load(path: str, shown: str | None = None, numpy_arrays: bool = False, map_lo
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         named = re.findall(r"GLOBAL (\S+)", str(err))
-        raise _refusal(shown or path, f"it references code, not only data ({', '.join(named) or str(err)[:200]})") from None
+        raise refusal(shown or path, f"it references code, not only data ({', '.join(named) or str(err)[:200]})") from None
 
 
 def check_no_links(folder: str, shown: str | None = None) -> None:
@@ -77,17 +77,17 @@ def check_no_links(folder: str, shown: str | None = None) -> None:
     os.walk does not, so a linked folder's files would be loaded unchecked."""
     shown = shown or folder
     if os.path.islink(folder):
-        raise _refusal(shown, f"it is a symbolic link (to {os.readlink(folder)})")
+        raise refusal(shown, f"it is a symbolic link (to {os.readlink(folder)})")
     for root, dirs, files in os.walk(folder):  # does not enter linked folders: they are refused here
         for name in sorted(dirs + files):
             path = os.path.join(root, name)
             where = os.path.join(shown, os.path.relpath(path, folder))
             mode = os.lstat(path).st_mode
             if stat.S_ISLNK(mode):
-                raise _refusal(where, f"it is a symbolic link (to {os.readlink(path)}); a checkpoint holds "
+                raise refusal(where, f"it is a symbolic link (to {os.readlink(path)}); a checkpoint holds "
                                       "regular files only")
             if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                raise _refusal(where, "it is not a regular file (a FIFO, socket or device)")
+                raise refusal(where, "it is not a regular file (a FIFO, socket or device)")
 
 
 def check_deepspeed_files(folder: str, shown: str | None = None) -> None:
@@ -104,35 +104,15 @@ def check_deepspeed_files(folder: str, shown: str | None = None) -> None:
             try:
                 found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
             except Exception as err:  # noqa: BLE001 - not a torch zip file: cannot be checked
-                raise _refusal(where, f"it cannot be checked ({type(err).__name__}: {err})") from None
+                raise refusal(where, f"it cannot be checked ({type(err).__name__}: {err})") from None
             unknown = sorted(set(found) - DEEPSPEED_DATA_CLASSES)
             if unknown:
-                raise _refusal(where, f"it references code, not only data ({', '.join(unknown[:5])})")
+                raise refusal(where, f"it references code, not only data ({', '.join(unknown[:5])})")
 
 
 # what any of a checkpoint's .pt files may name, beyond torch's weights-only allowlist (the driver's
 # check; each file is then loaded against its own, narrower list)
 CHECKPOINT_GLOBALS = DEEPSPEED_DATA_CLASSES | {f"{o.__module__}.{o.__qualname__}" for o in _NUMPY_ARRAYS}
-
-
-def check_checkpoint(folder: str, storage_cfg=None) -> None:
-    """Driver side, before any cluster resource is asked for: refuse a checkpoint folder (local or in
-    object storage) that holds a link (local) or a .pt file naming a global outside what gammaray
-    and DeepSpeed write. Only each file's pickle is read (seeks into the zip), never its tensors.
-    The workers check again as they load (a Tune trial builds its trainer directly)."""
-    from pipelines import storage
-
-    if not storage.is_remote(folder) and os.path.exists(folder):
-        check_no_links(folder)
-    for uri in storage.list_files(folder, ".pt", storage_cfg):
-        try:
-            with storage.open_random_access(uri, storage_cfg) as f:
-                found = torch.serialization.get_unsafe_globals_in_checkpoint(f)
-        except Exception as err:  # noqa: BLE001 - not a torch zip file: cannot be checked
-            raise _refusal(uri, f"it cannot be checked ({type(err).__name__}: {str(err)[:200]})") from None
-        unknown = sorted(set(found) - CHECKPOINT_GLOBALS)
-        if unknown:
-            raise _refusal(uri, f"it references code, not only data ({', '.join(unknown[:5])})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,7 +240,7 @@ def check_pickle(data: bytes, shown: str, calls: frozenset[str], values: frozens
     try:
         called, named = pickle_references(data, hex_strings)
     except ValueError as err:
-        raise _refusal(shown, f"it cannot be checked ({err})", advice) from None
+        raise refusal(shown, f"it cannot be checked ({err})", advice) from None
     bad = sorted((called - calls) | (named - calls - values))
     if bad:
-        raise _refusal(shown, f"it references code, not only data ({', '.join(bad[:5])})", advice)
+        raise refusal(shown, f"it references code, not only data ({', '.join(bad[:5])})", advice)

@@ -19,13 +19,16 @@ the worker count (parts are re-cut), `train.epochs` / `train.max_steps` (extendi
 from __future__ import annotations
 
 import json
+import os
 import sys
+
+import torch
 
 from gammaray.config import GammarayConfig, RunError
 from pipelines import storage
 from pipelines.catalogue import manifest_sha256
 from workers.runtime import rank_dir
-from workers.safe_load import check_checkpoint
+from workers.safe_load import CHECKPOINT_GLOBALS, check_no_links, refusal
 
 
 class ResumeMismatch(RunError):
@@ -154,6 +157,24 @@ def newest_checkpoint(run_uri: str, storage_cfg) -> str | None:
         else:
             return folder
     return None
+
+
+def check_checkpoint(folder: str, storage_cfg=None) -> None:
+    """Driver side, before any cluster resource is asked for: refuse a checkpoint folder (local or in
+    object storage) that holds a link (local) or a .pt file naming a global outside what gammaray
+    and DeepSpeed write. Only each file's pickle is read (seeks into the zip), never its tensors.
+    The workers check again as they load (a Tune trial builds its trainer directly)."""
+    if not storage.is_remote(folder) and os.path.exists(folder):
+        check_no_links(folder)
+    for uri in storage.list_files(folder, ".pt", storage_cfg):
+        try:
+            with storage.open_random_access(uri, storage_cfg) as f:
+                found = torch.serialization.get_unsafe_globals_in_checkpoint(f)
+        except Exception as err:  # noqa: BLE001 - not a torch zip file: cannot be checked
+            raise refusal(uri, f"it cannot be checked ({type(err).__name__}: {str(err)[:200]})") from None
+        unknown = sorted(set(found) - CHECKPOINT_GLOBALS)
+        if unknown:
+            raise refusal(uri, f"it references code, not only data ({', '.join(unknown[:5])})")
 
 
 def check_run(cfg: GammarayConfig, run_uri: str, identity: dict) -> None:
