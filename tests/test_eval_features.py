@@ -87,7 +87,7 @@ def test_embed_features_writes_the_towers_pooled_outputs(stores, small_catalogue
 @pytest.mark.timeout(600)
 def test_pretrain_on_cached_features_resumes_exports_and_evaluates_like_the_live_model(stores, s3, small_catalogue):
     from workers.evaluation.evaluate import evaluate_checkpoint
-    from workers.evaluation.heads import STATE_FILE
+    from workers.training.heads import STATE_FILE
     from workers.training.trainer import pretrain
 
     over = {**tiny_overrides(small_catalogue, s3.url("runs"), "heads-e2e"), **LOCKED,

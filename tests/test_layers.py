@@ -173,6 +173,13 @@ def test_nothing_below_the_application_layer_imports_it(graph):
             for m, ts in graph.items() if layer_of(m) != "app" and any(layer_of(t) == "app" for t in ts)} == {}
 
 
+def test_evaluation_never_imports_training(graph):
+    """Training evaluates as it goes (the loop, the heads trainer); evaluation only reads models."""
+    assert {m: sorted(t for t in ts if t.startswith("workers.training"))
+            for m, ts in graph.items() if m.startswith("workers.evaluation")
+            and any(t.startswith("workers.training") for t in ts)} == {}
+
+
 def test_the_import_graph_has_no_cycle(graph):
     assert cycles(graph) == []
 

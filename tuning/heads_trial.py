@@ -1,7 +1,7 @@
 """Ray Tune trials that train heads on cached tower features (`data.features.train` set).
 
 A trial is a plain function trainable: the heads train in the trial's own process
-(workers/evaluation/heads.py: seconds to minutes on a CPU), reporting every validation evaluation to Tune, so
+(workers/training/heads.py: seconds to minutes on a CPU), reporting every validation evaluation to Tune, so
 ASHA can stop weak trials. No TorchTrainer, no Ray Data: the features are read once per trial
 (a few MB per thousand records). This is how each contrastive loss's own hyperparameters are tuned
 at the same trial budget in `gammaray bench recipe`.
@@ -41,7 +41,7 @@ def run_heads_trial(params: dict, base: dict) -> None:
     import torch
 
     from workers.evaluation.features import load_feature_store
-    from workers.evaluation.heads import train_heads
+    from workers.training.heads import train_heads
 
     torch.set_num_threads(1)  # trials run side by side, one core each
     cfg0 = from_dict(base)

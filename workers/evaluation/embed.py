@@ -12,7 +12,7 @@ OUT that belongs to another model or catalogue.
 
 `--features` writes the towers' pooled outputs instead (columns image_features, text_features: what
 the heads see), the cache that heads-only training on locked towers reads (`data.features.*`,
-workers/evaluation/heads.py). Without a checkpoint the towers come from a config (`model.image/text.pretrained`);
+workers/training/heads.py). Without a checkpoint the towers come from a config (`model.image/text.pretrained`);
 the model they came from is written to OUT/model (+ OUT/config.json), so the store is also a
 checkpoint that `gammaray eval/export` can open, and the category prompts of the catalogue, through the
 same text tower, go to OUT/prompts.parquet (zero-shot evaluation of the heads).

@@ -11,7 +11,7 @@ catalogue:
 
 `load_feature_store` reads one into memory (a few MB per thousand records: 4 bytes x (1280 + 384) per
 record for EfficientNet-Lite0 + MiniLM) with the category of every record, which is what
-workers/evaluation/heads.py trains and evaluates on.
+workers/training/heads.py trains on and workers/evaluation/heads.py evaluates.
 """
 
 from __future__ import annotations

@@ -268,7 +268,7 @@ class GammaContrastiveLoss:
     @torch.no_grad()
     def log_rates(self, sample_index: torch.Tensor, logit_scale: float = 1.0) -> torch.Tensor:
         """The memory's log R of both directions for `sample_index` ([B, 2], NaN = never visited) at
-        `logit_scale` (single-process stores: the diagnostics of workers/evaluation/heads.py)."""
+        `logit_scale` (single-process stores: the diagnostics of workers/training/heads.py)."""
         if not isinstance(self.store, LocalRateStore):
             raise TypeError("log_rates reads a single-process store")
         lr = self.store.lookup(sample_index).double()

@@ -221,7 +221,7 @@ class DDPEngine:
     def local(cls, model: torch.nn.Module, optimizer, scheduler, cfg: GammarayConfig, device,
               bf16: bool = False) -> "DDPEngine":
         """One process, no process group, one micro-batch per step: the engine of the in-process
-        loops (workers/training/inprocess.py, workers/evaluation/heads.py, the benchmarks)."""
+        loops (workers/training/inprocess.py, workers/training/heads.py, the benchmarks)."""
         return cls(model, optimizer, scheduler, cfg, torch.device(device), bf16=bf16, in_ray=False, gas=1, wrap=False)
 
     # the DeepSpeed engine's surface -------------------------------------------------------

@@ -18,7 +18,7 @@ from gammaray.config import GammarayConfig, RunError, apply_overrides
 from pipelines import storage
 from pipelines.prepare import load_manifest
 from workers.evaluation.features import load_feature_store
-from workers.evaluation.heads import STATE_FILE, export_heads, train_heads
+from workers.training.heads import STATE_FILE, export_heads, train_heads
 from workers.runtime import ensure_ray, resolve_for_cluster, run_dir, tokenizer_uri
 from workers.training.faults import fault_from_env
 from workers.training.loop import train_loop_per_worker

@@ -8,7 +8,7 @@ a fixed seed (train / val for tuning / test for the figures, never seen by the t
   regime `locked` (the default, the only one that fits a CPU): pretrained EfficientNet-Lite0 and
   all-MiniLM-L6-v2 towers, locked; their pooled features are computed once per record with
   `gammaray embed --features` (Ray Data) and the heads (+ temperature) train on them in one process
-  (workers/evaluation/heads.py) for `--epochs` epochs at every micro-batch, each loss with
+  (workers/training/heads.py) for `--epochs` epochs at every micro-batch, each loss with
 
     settings "default": the shipped defaults of the config tree, and
     settings "tuned":   its own hyperparameters searched with `gammaray tune` (Ray Tune, Optuna TPE,
@@ -198,7 +198,8 @@ def run_cell(job: dict) -> dict:
         return run_live_cell(job)
 
     from gammaray.config import from_dict
-    from workers.evaluation.heads import evaluate_heads, train_heads
+    from workers.evaluation.heads import evaluate_heads
+    from workers.training.heads import train_heads
 
     torch.set_num_threads(1)
     cfg = from_dict(job["config"])

@@ -6,7 +6,7 @@
 Records come from the prepared catalogues through the project's preprocessing (the training
 stream's spec: checked decode, resize, tokenize; no augmentation, as in the locked regime), held in
 memory as arrays; the step is the library's (build_model, Objective, the engine's AdamW groups, warm-up
-+ cosine schedule, clipping) in one process, as in workers/evaluation/heads.py. Evaluation on the test split at
++ cosine schedule, clipping) in one process, as in workers/training/heads.py. Evaluation on the test split at
 the end: R@1/R@5 both ways and zero-shot category accuracy (the category prompts through the model's
 text tower).
 """

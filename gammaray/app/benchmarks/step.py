@@ -206,7 +206,7 @@ class GammarayStep:
         self.model = build(cfg, regime, device)
         self.objective = Objective(cfg.loss, num_samples=NUM_SAMPLES, seed=0, device=device, distributed=False,
                                    batch_size=cfg.data.batch_size)
-        if regime == "heads":  # workers/evaluation/heads.py's engine
+        if regime == "heads":  # workers/training/heads.py's engine
             self.model.to(device).train()
             opt, sched = optimizer_and_schedule(self.model, cfg, total, on_gpu)
             self.engine = DDPEngine.local(self.model, opt, sched, cfg, device, bf16=use_bf16(cfg, on_gpu))
