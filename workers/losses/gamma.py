@@ -75,6 +75,21 @@ class GammaSettings:
         if not 0.0 < self.gamma_decay_fraction <= 1.0:
             raise ValueError(f"gamma loss: gamma_decay_fraction must be in (0, 1], got {self.gamma_decay_fraction}")
 
+    @classmethod
+    def from_config(cls, loss_cfg) -> "GammaSettings":
+        """From the config's `loss` section (kind gamma or sogclr); the config has checked the values."""
+        g = loss_cfg.gamma
+        if loss_cfg.kind == "sogclr":
+            # SogCLR: the memory tracks mean_j exp(s_ij - s_i+) over negatives, u = 1/(R + eps)
+            return cls(alpha=1.0, gamma=g.gamma, gamma_schedule=g.gamma_schedule, gamma_min=g.gamma_min,
+                       gamma_decay_fraction=g.gamma_decay_fraction, mode="mean", include_positive=False,
+                       gather_negatives=loss_cfg.gather_negatives, eps=g.eps, estimator="sogclr",
+                       rescale_memory=g.rescale_memory, track_age=g.track_age)
+        return cls(alpha=g.alpha, gamma=g.gamma, gamma_schedule=g.gamma_schedule, gamma_min=g.gamma_min,
+                   gamma_decay_fraction=g.gamma_decay_fraction, mode=g.mode, include_positive=g.include_positive,
+                   gather_negatives=loss_cfg.gather_negatives, eps=g.eps, rescale_memory=g.rescale_memory,
+                   track_age=g.track_age)
+
     def gamma_at(self, progress: float) -> float:
         if self.gamma_schedule == "constant":
             return self.gamma

@@ -55,20 +55,6 @@ class LossTerms:
         return out
 
 
-def gamma_settings(cfg: LossConfig) -> GammaSettings:
-    g = cfg.gamma
-    if cfg.kind == "sogclr":
-        # SogCLR: the memory tracks mean_j exp(s_ij - s_i+) over negatives, u = 1/(R + eps)
-        return GammaSettings(alpha=1.0, gamma=g.gamma, gamma_schedule=g.gamma_schedule, gamma_min=g.gamma_min,
-                             gamma_decay_fraction=g.gamma_decay_fraction, mode="mean", include_positive=False,
-                             gather_negatives=cfg.gather_negatives, eps=g.eps, estimator="sogclr",
-                             rescale_memory=g.rescale_memory, track_age=g.track_age)
-    return GammaSettings(alpha=g.alpha, gamma=g.gamma, gamma_schedule=g.gamma_schedule, gamma_min=g.gamma_min,
-                         gamma_decay_fraction=g.gamma_decay_fraction, mode=g.mode, include_positive=g.include_positive,
-                         gather_negatives=cfg.gather_negatives, eps=g.eps, rescale_memory=g.rescale_memory,
-                         track_age=g.track_age)
-
-
 class Objective:
     def __init__(self, cfg: LossConfig, num_samples: int, seed: int = 0, device: torch.device | str = "cpu",
                  distributed: bool | None = None, view_pair: str = "image_text", batch_size: int | None = None):
@@ -79,7 +65,7 @@ class Objective:
         self.pair = pair_slots(view_pair)
         self.gamma: GammaContrastiveLoss | None = None
         if cfg.kind in ("gamma", "sogclr"):
-            self.gamma = GammaContrastiveLoss(num_samples, gamma_settings(cfg), seed=seed, device=device,
+            self.gamma = GammaContrastiveLoss(num_samples, GammaSettings.from_config(cfg), seed=seed, device=device,
                                               distributed=distributed, capacity=batch_size)
         # latent modality structure (workers/losses/structure.py): in-modal terms, the regularizers, ITM
         self.structure = StructureObjective(StructureSettings.from_config(cfg.structure, cfg.gather_negatives))
