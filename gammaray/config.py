@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
 
@@ -382,9 +383,27 @@ class LossConfig(Section):
 
 class DeepSpeedSection(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(1, description="ZeRO stage.")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU.")
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    gradient_clipping: float = Field(1.0, ge=0.0, description="Global grad-norm clip (0 = off).")
+
+
+# keys that moved: the old path is read (YAML, --set, Tune spaces) with a warning naming the new one
+MOVED_KEYS = {
+    "train.deepspeed.precision": "train.precision",
+    "train.deepspeed.gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "train.deepspeed.gradient_clipping": "train.gradient_clipping",
+}
+
+
+def moved_key_warning(old: str) -> None:
+    warnings.warn(f"config key {old} is now {MOVED_KEYS[old]} (every engine uses it, not only DeepSpeed); "
+                  f"the old key still works for now", FutureWarning, stacklevel=3)
+
+
+def canonical_path(path: str) -> str:
+    """A dotted path with a moved key's old name replaced by its new one (and a warning)."""
+    if path in MOVED_KEYS:
+        moved_key_warning(path)
+        return MOVED_KEYS[path]
+    return path
 
 
 class OptimConfig(Section):
@@ -447,8 +466,26 @@ class TrainConfig(Section):
     compile: bool = Field(
         False, description="torch.compile the model and the loss's score maths before training (the first "
         "steps then pay the compilation; off until measured to pay on the run's hardware).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 on GPU, fp32 on CPU (DeepSpeed's bf16, DDP's and in-process bf16 autocast).")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step (every engine).")
+    gradient_clipping: float = Field(1.0, ge=0.0, description="Global grad-norm clip (0 = off; every engine).")
     deepspeed: DeepSpeedSection = DeepSpeedSection()
     optim: OptimConfig = OptimConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data):
+        """train.deepspeed.{precision,gradient_accumulation_steps,gradient_clipping} of older configs."""
+        ds = data.get("deepspeed") if isinstance(data, dict) else None
+        if isinstance(ds, dict):
+            for old, new in MOVED_KEYS.items():
+                key = old.rsplit(".", 1)[1]
+                if key in ds:
+                    moved_key_warning(old)
+                    data = {**data, "deepspeed": {k: v for k, v in data["deepspeed"].items() if k != key},
+                            new.rsplit(".", 1)[1]: ds[key]}
+        return data
 
     @field_validator("workers")
     @classmethod
@@ -846,6 +883,7 @@ def apply_overrides(cfg: GammarayConfig, overrides: list[str] | Mapping[str, Any
     items = overrides.items() if isinstance(overrides, Mapping) else [parse_override(o) for o in overrides]
     data = cfg.model_dump(mode="python")
     for key, value in items:
+        key = canonical_path(key)
         check_path(key)
         node = data
         parts = key.split(".")
@@ -858,6 +896,7 @@ def apply_overrides(cfg: GammarayConfig, overrides: list[str] | Mapping[str, Any
 def get_value(cfg: GammarayConfig, path: str) -> Any:
     """The value at a dotted path (the reverse of `apply_overrides`); ConfigError names a path that
     addresses nothing."""
+    path = canonical_path(path)
     check_path(path)
     node: Any = cfg
     for part in path.split("."):

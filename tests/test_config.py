@@ -78,6 +78,29 @@ def test_bad_overrides_name_the_path(override, needle):
     assert needle in str(err.value)
 
 
+def test_moved_keys_are_read_under_their_old_names_with_a_warning(tmp_path):
+    """precision, accumulation and clipping moved from train.deepspeed to train (every engine uses
+    them): old YAML, --set paths and Tune spaces keep working, and a checkpoint whose run identity
+    names the old key resumes under the new one."""
+    from workers.training.resume import differences
+
+    f = tmp_path / "old.yaml"
+    f.write_text("train:\n  deepspeed:\n    zero_stage: 2\n    precision: bf16\n    gradient_clipping: 0.5\n")
+    with pytest.warns(FutureWarning, match=r"train.deepspeed.precision is now train.precision"):
+        cfg = load(str(f))
+    assert (cfg.train.precision, cfg.train.gradient_clipping, cfg.train.deepspeed.zero_stage) == ("bf16", 0.5, 2)
+    with pytest.warns(FutureWarning, match="train.gradient_accumulation_steps"):
+        cfg = apply_overrides(GammarayConfig(), ["train.deepspeed.gradient_accumulation_steps=4"])
+    assert cfg.train.gradient_accumulation_steps == 4
+    with pytest.warns(FutureWarning):
+        assert get_value(cfg, "train.deepspeed.gradient_accumulation_steps") == 4
+    new = {"catalogue_sha256": "x", "catalogue_records": 1, "train.gradient_accumulation_steps": 4}
+    old = {"catalogue_sha256": "x", "catalogue_records": 1, "train.deepspeed.gradient_accumulation_steps": 4}
+    assert differences(old, new) == []
+    assert differences({**old, "train.deepspeed.gradient_accumulation_steps": 2}, new) == [
+        "train.gradient_accumulation_steps was 2, now 4"]
+
+
 def test_unknown_key_in_yaml_is_an_error(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text(yaml.safe_dump({"train": {"workers": 2, "worker_count": 3}}))

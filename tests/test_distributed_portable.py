@@ -37,8 +37,8 @@ def _cfg(stage: int, precision: str):
     from gammaray.config import GammarayConfig, apply_overrides
 
     return apply_overrides(GammarayConfig(), {
-        "train.deepspeed.zero_stage": stage, "train.deepspeed.precision": precision,
-        "train.deepspeed.gradient_clipping": 0.0, "data.batch_size": GLOBAL_BATCH,
+        "train.deepspeed.zero_stage": stage, "train.precision": precision,
+        "train.gradient_clipping": 0.0, "data.batch_size": GLOBAL_BATCH,
         "train.optim.warmup_steps": 2, "train.optim.lr": 1e-2,
     })
 

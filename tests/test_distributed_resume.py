@@ -35,7 +35,7 @@ def run_overrides(catalogue: dict, run_storage: str, name: str, **extra) -> dict
     o = tiny_overrides(catalogue, run_storage, name)
     o.update({
         "data.val": None, "data.batch_size": 16, "train.workers": 2, "train.epochs": EPOCHS,
-        "train.deepspeed.gradient_accumulation_steps": 2, "train.checkpoint_every": 4, "train.log_every": 2,
+        "train.gradient_accumulation_steps": 2, "train.checkpoint_every": 4, "train.log_every": 2,
         "train.audit_samples": True, "run.deterministic": True, "loss.gamma.mode": "sample",
         "data.preprocess_concurrency": 1,
     })

@@ -311,7 +311,7 @@ def test_identity_names_catalogue_plan_and_auto_batch(odd_catalogue, s3):
         f"the catalogue (data.train) differs: the checkpoint's had 65 records (sha256 {base['catalogue_sha256'][:12]}), "
         f"this one has 70 (sha256 {run_identity(cfg, grown)['catalogue_sha256'][:12]})"]
     for key, value in (("run.seed", 7), ("data.shuffle", False), ("data.batch_size", 8),
-                       ("train.deepspeed.gradient_accumulation_steps", 2)):
+                       ("train.gradient_accumulation_steps", 2)):
         assert differences(base, run_identity(apply_overrides(cfg, {key: value}), manifest)) == [
             f"{key} was {base[key]!r}, now {value!r}"]
     # allowed to change on resume: the worker count (parts are re-cut), the epochs, max_steps

@@ -63,7 +63,7 @@ def test_train_step_is_the_plain_step_bit_for_bit_and_reads_nothing_on_the_host(
         plain = plain_obj(out, b, step / 10)
         plain_opt.zero_grad(set_to_none=True)
         plain.total.backward()
-        torch.nn.utils.clip_grad_norm_(plain_model.parameters(), cfg.train.deepspeed.gradient_clipping)
+        torch.nn.utils.clip_grad_norm_(plain_model.parameters(), cfg.train.gradient_clipping)
         plain_opt.step()
         plain_sched.step()
         assert torch.equal(terms.total, plain.total.detach())

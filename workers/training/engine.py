@@ -38,7 +38,7 @@ DDP_FILE = "ddp_state.pt"
 
 
 def use_bf16(cfg: GammarayConfig, on_gpu: bool) -> bool:
-    p = cfg.train.deepspeed.precision
+    p = cfg.train.precision
     return p == "bf16" or (p == "auto" and on_gpu)
 
 
@@ -46,14 +46,14 @@ def deepspeed_config(cfg: GammarayConfig, on_gpu: bool) -> dict:
     ds = cfg.train.deepspeed
     conf = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": ds.gradient_accumulation_steps,
+        "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
         "zero_optimization": {"stage": ds.zero_stage},
         "bf16": {"enabled": use_bf16(cfg, on_gpu)},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
         # always explicit: DeepSpeed 0.19's default is 1.0, so leaving the key out for "off" still clips
-        "gradient_clipping": ds.gradient_clipping,
+        "gradient_clipping": cfg.train.gradient_clipping,
     }
     return conf
 
@@ -189,8 +189,8 @@ class DDPEngine:
         self.module = model
         self.optimizer = optimizer
         self.lr_scheduler = scheduler
-        self.gas = cfg.train.deepspeed.gradient_accumulation_steps if gas is None else gas
-        self.clip = cfg.train.deepspeed.gradient_clipping
+        self.gas = cfg.train.gradient_accumulation_steps if gas is None else gas
+        self.clip = cfg.train.gradient_clipping
         self.micro_batch = cfg.data.batch_size
         self.device = device
         self.bf16 = bf16

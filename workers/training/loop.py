@@ -8,7 +8,7 @@ The loop reads like the single-process one; the distributed parts are marked:
          no host read (workers/training/step.py), metrics are read every train.log_every steps
   [data] the next epoch's pipeline started early
 
-Steps are optimizer steps. With gradient accumulation a step is `train.deepspeed.gradient_accumulation_steps`
+Steps are optimizer steps. With gradient accumulation a step is `train.gradient_accumulation_steps`
 micro-batches per worker; an accumulation group never spans two epochs (the last one of an epoch may be
 shorter), and reports, evaluations and checkpoints happen only on step boundaries, so a checkpoint never
 holds half-accumulated gradients and resume is exact.
@@ -97,7 +97,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with local_checkpoint(ckpt, rank, W) as d:  # only the files this rank reads
             state = restore(d, engine, scheduler, objective, audit, cfg, units, rank, W, identity, checkpoint_uri(ckpt))
 
-    gas = cfg.train.deepspeed.gradient_accumulation_steps
+    gas = cfg.train.gradient_accumulation_steps
     report_every, ckpt_every, max_steps = cfg.train.log_every, cfg.train.checkpoint_every, cfg.train.max_steps
     window = new_window()   # since the last report
     attempt = new_window()  # since this process started (the final line's throughput)

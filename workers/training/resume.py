@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from gammaray.config import GammarayConfig, RunError
+from gammaray.config import MOVED_KEYS, GammarayConfig, RunError
 from pipelines import storage
 from pipelines.catalogue import manifest_sha256
 from workers.runtime import rank_dir
@@ -49,7 +49,7 @@ def run_identity(cfg: GammarayConfig, manifest: dict) -> dict:
     identity = {
         "catalogue_sha256": catalogue_sha256(manifest), "catalogue_records": int(manifest["num_records"]),
         "run.seed": cfg.run.seed, "data.shuffle": cfg.data.shuffle, "data.batch_size": cfg.data.batch_size,
-        "train.deepspeed.gradient_accumulation_steps": cfg.train.deepspeed.gradient_accumulation_steps,
+        "train.gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
     }
     if cfg.data.batch_size == "auto":
         identity["ray.auto.global_batch_size"] = cfg.ray.auto.global_batch_size
@@ -62,11 +62,13 @@ def differences(saved: dict, current: dict) -> list[str]:
         out.append(f"the catalogue (data.train) differs: the checkpoint's had {saved.get('catalogue_records')} records "
                    f"(sha256 {str(saved.get('catalogue_sha256'))[:12]}), this one has {current['catalogue_records']} "
                    f"(sha256 {current['catalogue_sha256'][:12]})")
+    old_names = {new: old for old, new in MOVED_KEYS.items()}  # checkpoints written before a key moved
     for key in current:
         if key.startswith("catalogue_"):
             continue
-        if saved.get(key) != current[key]:
-            out.append(f"{key} was {saved.get(key)!r}, now {current[key]!r}")
+        was = saved.get(key, saved.get(old_names.get(key, key)))
+        if was != current[key]:
+            out.append(f"{key} was {was!r}, now {current[key]!r}")
     return out
 
 

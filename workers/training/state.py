@@ -47,7 +47,7 @@ class TrainState:
 
 def steps_per_epoch(cfg: GammarayConfig, records_per_worker: int) -> int:
     micro = math.ceil(records_per_worker / cfg.data.batch_size)
-    return math.ceil(micro / cfg.train.deepspeed.gradient_accumulation_steps)
+    return math.ceil(micro / cfg.train.gradient_accumulation_steps)
 
 
 def estimate_total_steps(cfg: GammarayConfig, num_records: int, world_size: int) -> int:

@@ -217,7 +217,7 @@ def train_one(job: dict) -> dict:
         loss = terms.total
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.deepspeed.gradient_clipping)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.gradient_clipping)
         opt.step()
         sched.step()
         if step % 20 == 0:

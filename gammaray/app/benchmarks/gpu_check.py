@@ -87,7 +87,7 @@ def run_one(name: str, overrides: dict, root: str) -> dict:
     out = {
         "run": name, "wall_s": round(wall, 1), "steps": m.get("step"), "samples_seen": m.get("samples_seen_total"),
         "step_time_s": round(step_time, 4),
-        "samples_per_s": round(cfg.data.batch_size * cfg.train.deepspeed.gradient_accumulation_steps / step_time, 1),
+        "samples_per_s": round(cfg.data.batch_size * cfg.train.gradient_accumulation_steps / step_time, 1),
         "peak_gpu_mem_mb": round(max((ln.get("gpu_mem_mb", 0.0) for ln in lines), default=0.0), 1),
         "val_r_at_1": m.get("val_r_at_1"), "val_r_at_1_i2t": m.get("val_r_at_1_i2t"),
         "val_r_at_1_t2i": m.get("val_r_at_1_t2i"), "chance_r_at_1": 1.0 / max(1, m.get("val_records", 1)),
@@ -138,7 +138,7 @@ def check(args, torch, root: str) -> int:
                                            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
     base = {"data.train": cat["train"], "data.val": cat["val"], "data.tokenizer": cat["tokenizer"],
             "run.storage": os.path.join(root, "runs"), "train.workers": 1, "train.use_gpu": not args.cpu,
-            "train.cpus_per_worker": 1, "train.deepspeed.precision": "bf16", "data.batch_size": args.batch_size,
+            "train.cpus_per_worker": 1, "train.precision": "bf16", "data.batch_size": args.batch_size,
             "train.epochs": args.epochs, "train.log_every": 5, "train.checkpoint_every": 10_000,
             "data.preprocess_num_cpus": 1, "train.optim.warmup_steps": 10}
     if args.tiny:

@@ -334,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
     from gammaray.config import apply_overrides
 
     cfg = apply_overrides(config_from_args(args), {"data.batch_size": args.batch_size,
-                                                   "train.deepspeed.gradient_accumulation_steps": 1})
+                                                   "train.gradient_accumulation_steps": 1})
     if args.gpu:
         import torch
 

@@ -265,7 +265,7 @@ class ReferenceStep:
         self.kind = cfg.loss.kind
         self.gamma = cfg.loss.gamma.gamma
         self.memory = torch.full((2, NUM_SAMPLES), float("nan"), device=device)  # log R per direction
-        self.clip = cfg.train.deepspeed.gradient_clipping
+        self.clip = cfg.train.gradient_clipping
 
     def loss(self, out, index):
         import torch
@@ -405,7 +405,7 @@ def time_window(step, batches, warmup: int, steps: int, device, counter: SyncCou
 def measure_row(cfg, regime: str, loss: str, B: int, impls: list[str], args, device) -> list[dict]:
     from gammaray.config import apply_overrides
 
-    cfg = apply_overrides(cfg, {"loss.kind": loss, "data.batch_size": B, "train.deepspeed.gradient_accumulation_steps": 1})
+    cfg = apply_overrides(cfg, {"loss.kind": loss, "data.batch_size": B, "train.gradient_accumulation_steps": 1})
     total = args.warmup + args.steps
     batches = host_batches(cfg, regime, total)
     if "timm" in impls:
@@ -453,7 +453,7 @@ def phases(cfg, loss: str, B: int, args, device) -> dict:
 
     from gammaray.config import apply_overrides
 
-    cfg = apply_overrides(cfg, {"loss.kind": loss, "data.batch_size": B, "train.deepspeed.gradient_accumulation_steps": 1})
+    cfg = apply_overrides(cfg, {"loss.kind": loss, "data.batch_size": B, "train.gradient_accumulation_steps": 1})
     batches = host_batches(cfg, "towers", args.warmup + args.steps)
     step = GammarayStep(cfg, "towers", device, args.warmup + args.steps)
     step.run(batches[:args.warmup], None)
