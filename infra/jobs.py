@@ -23,20 +23,13 @@
   any uploaded file: credential-like names, the config's secret_key_env, secret-looking values
   under any name, passwords inside URL variables, the Ray token.
 
-Authentication: Ray 2.60 clusters require a token by default. It is sent as
-`Authorization: Bearer ...`, taken from `--token-file`, `$RAY_AUTH_TOKEN`, `$RAY_AUTH_TOKEN_PATH`
-or `~/.ray/auth_token` (Ray's own order). A cluster refuses a missing token with HTTP 401 and a
-wrong one with 403: both become `AuthError` with a message saying which.
-
-Length (about 700 lines): one job plan and its life cycle (stage, check, submit, follow, stop) share
-the staging rules and the secret checks; credentials.py holds what is not about a job.
+The staging copy is infra/staging.py, the cluster's Jobs API (tokens, submit, follow, stop)
+infra/job_client.py, what is not about a job (credential detection) infra/credentials.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import fnmatch
 import hashlib
 import json
 import os
@@ -44,178 +37,19 @@ import re
 import secrets
 import shlex
 import shutil
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, TextIO
+from typing import Any, Iterable
 
-from .credentials import (CHUNK, ENV_REF, KEY_ID_NAME, REFERENCE_NAME, SECRET_NAME, ContentCheck, credential_name,
-                          secret_values, url_credentials)
+from .credentials import (CHUNK, ENV_REF, KEY_ID_NAME, REFERENCE_NAME, SECRET_NAME, secret_values, url_credentials)
+from .errors import SubmitError
+from .staging import DEFAULT_EXCLUDES, DEFAULT_MAX_FILE_MB, JOB_DIR, stage_working_dir
 
-JOB_DIR = ".gammaray_job"
 CONFIG_NAME = "config.yaml"
 JOB_JSON = "job.json"
 OPS_COMMANDS = {"submit", "status", "logs", "stop"}
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-# never uploaded: build outputs, environments, VCS data, runs, tests (a pattern starting with "/"
-# matches a path from the project root, any other one any path component). Credential files are
-# not excluded quietly: they stop the submission (infra/credentials.py).
-DEFAULT_EXCLUDES = [
-    ".git", ".hg", ".venv", "/venv", "/env", "__pycache__", "*.pyc", ".pytest_cache", ".mypy_cache",
-    ".ruff_cache", ".hypothesis", "*.egg-info", "/build", "/dist", "node_modules", "/runs", JOB_DIR, "/tests", "/.ci",
-    "/.whl", "/.gl", ".ipynb_checkpoints",
-]
-# a project file over this is refused (--max-file-mb): code and configs travel with the job, data
-# is read from object storage; Ray keeps every uploaded package in the cluster's object store
-DEFAULT_MAX_FILE_MB = 100.0
-
-
-class SubmitError(RuntimeError):
-    """A job that must not or cannot be submitted; the message says why and what to do."""
-
-
-class AuthError(SubmitError):
-    """The cluster refused the request: missing (401) or wrong (403) token."""
-
-
-# --------------------------------------------------------------------------------------------
-# tokens and clients
-
-
-def resolve_token(token_file: str | None = None) -> tuple[str | None, str]:
-    """(token, where it came from): --token-file, $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
-    if token_file:
-        p = Path(token_file).expanduser()
-        if not p.is_file():
-            raise SubmitError(f"--token-file {token_file}: no such file")
-        tok = p.read_text().strip()
-        if not tok:
-            raise SubmitError(f"--token-file {token_file} is empty")
-        return tok, f"--token-file {token_file}"
-    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
-        return os.environ["RAY_AUTH_TOKEN"].strip(), "$RAY_AUTH_TOKEN"
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    if path:
-        p = Path(path).expanduser()
-        if not p.is_file() or not p.read_text().strip():
-            raise SubmitError(f"$RAY_AUTH_TOKEN_PATH={path} does not name a non-empty file")
-        return p.read_text().strip(), "$RAY_AUTH_TOKEN_PATH"
-    default = Path.home() / ".ray" / "auth_token"
-    if default.is_file() and default.read_text().strip():
-        return default.read_text().strip(), str(default)
-    return None, "none"
-
-
-def resolve_address(address: str | None) -> str:
-    addr = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
-    if not addr:
-        raise SubmitError("no cluster address: pass --address http://HEAD:8265 (the Ray dashboard / Jobs API) "
-                          "or set RAY_ADDRESS")
-    if "://" not in addr:
-        addr = "http://" + addr
-    return addr.rstrip("/")
-
-
-def _auth_message(err: Exception, address: str, token_source: str) -> str:
-    text = str(err)
-    # no token sent: that is the reason, whatever words Ray's error chose (its texts vary by endpoint)
-    if token_source == "none" or "401" in text or "Authentication required" in text:
-        why = "it requires a token and none was sent"
-    elif "403" in text or "invalid" in text.lower():
-        why = f"the token from {token_source} is not this cluster's"
-    else:
-        why = text.splitlines()[0] if text else type(err).__name__
-    return (f"the Ray cluster at {address} refused the request: {why}. Pass the cluster's token with "
-            f"--token-file FILE (or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH); on KubeRay it is in the Secret named "
-            f"by spec.authOptions.secretName, key auth_token.")
-
-
-def _is_auth_error(err: BaseException) -> bool:
-    from ray.exceptions import AuthenticationError
-
-    if isinstance(err, AuthenticationError):
-        return True
-    text = str(err)
-    return "status code 401" in text or "status code 403" in text
-
-
-class JobClient:
-    """JobSubmissionClient with the token header and readable authentication errors."""
-
-    def __init__(self, address: str | None = None, token_file: str | None = None, token: str | None = None):
-        from ray.job_submission import JobSubmissionClient
-
-        self.address = resolve_address(address)
-        if token is not None:
-            self.token, self.token_source = token, "argument"
-        else:
-            self.token, self.token_source = resolve_token(token_file)
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        try:
-            self.client = JobSubmissionClient(self.address, headers=headers)
-        except Exception as err:  # noqa: BLE001 - classify
-            if _is_auth_error(err):
-                raise AuthError(_auth_message(err, self.address, self.token_source)) from None
-            raise SubmitError(f"cannot reach the Ray Jobs API at {self.address}: {str(err).splitlines()[0]}") from None
-
-    def _call(self, fn, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - classify
-            if _is_auth_error(err):
-                raise AuthError(_auth_message(err, self.address, self.token_source)) from None
-            raise
-
-    def submit(self, plan: "JobPlan") -> str:
-        return self._call(self.client.submit_job, entrypoint=plan.entrypoint, runtime_env=plan.runtime_env,
-                          metadata=plan.metadata, submission_id=plan.submission_id,
-                          entrypoint_num_cpus=plan.entrypoint_num_cpus, entrypoint_num_gpus=plan.entrypoint_num_gpus)
-
-    def info(self, job_id: str):
-        return self._call(self.client.get_job_info, job_id)
-
-    def status(self, job_id: str):
-        return self._call(self.client.get_job_status, job_id)
-
-    def logs(self, job_id: str) -> str:
-        return self._call(self.client.get_job_logs, job_id)
-
-    def list(self):
-        return self._call(self.client.list_jobs)
-
-    def stop(self, job_id: str) -> bool:
-        return self._call(self.client.stop_job, job_id)
-
-    def follow(self, job_id: str, out: TextIO = sys.stdout, timeout_s: float | None = None,
-               poll_s: float = 1.0) -> str:
-        """Stream the job's logs to `out` until it ends (or timeout_s); returns the final status name."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-
-        async def tail() -> None:
-            async for chunk in self.client.tail_job_logs(job_id):
-                out.write(chunk)
-                out.flush()
-
-        try:
-            remaining = None if deadline is None else max(1.0, deadline - time.monotonic())
-            asyncio.run(asyncio.wait_for(tail(), timeout=remaining))
-        except asyncio.TimeoutError:
-            pass
-        except Exception as err:  # noqa: BLE001 - the websocket broke: fall back to polling
-            if _is_auth_error(err):
-                raise AuthError(_auth_message(err, self.address, self.token_source)) from None
-            print(f"[gammaray] log stream interrupted ({err}); polling the job status", file=sys.stderr)
-        # the websocket closes when the driver exits; the status may lag a moment behind
-        while True:
-            st = self.status(job_id)
-            if st.is_terminal():
-                return st.value
-            if deadline is not None and time.monotonic() > deadline:
-                return st.value
-            time.sleep(poll_s)
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,148 +180,6 @@ def parse_env(items: Iterable[str]) -> dict[str, str]:
                               f"(or --secret-env {name} when the nodes hold {name} itself)")
         out[name] = value
     return out
-
-
-def _excluded(rel: str, patterns: list[str]) -> bool:
-    parts = rel.split("/")
-    for pat in patterns:
-        if pat.startswith("/"):
-            if fnmatch.fnmatch(rel, pat[1:]) or fnmatch.fnmatch(rel, pat[1:] + "/*"):
-                return True
-        elif any(fnmatch.fnmatch(part, pat) for part in parts) or fnmatch.fnmatch(rel, pat):
-            return True
-    return False
-
-
-def _git_files(root: Path) -> list[str] | None:
-    """Paths under `root` that git tracks or would track (tracked + untracked, not ignored), or None
-    when `root` is not inside a git work tree (or git is not installed)."""
-    import subprocess
-
-    try:
-        inside = subprocess.run(["git", "-C", str(root), "rev-parse", "--is-inside-work-tree"],
-                                capture_output=True, text=True, timeout=60)
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        return None
-    if inside.returncode != 0 and "not a git repository" not in inside.stderr:
-        # e.g. "detected dubious ownership": not a reason to upload what .gitignore leaves out
-        raise SubmitError(f"git cannot read {root}: {inside.stderr.strip()}")
-    if inside.returncode != 0 or inside.stdout.strip() != "true":
-        return None
-    proc = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                          capture_output=True, timeout=120)
-    if proc.returncode != 0:
-        raise SubmitError(f"git ls-files failed in {root}: {proc.stderr.decode(errors='replace').strip()}")
-    return sorted({p for p in proc.stdout.decode("utf-8", "surrogateescape").split("\0") if p})
-
-
-def _walk_files(root: Path, excludes: list[str]) -> list[str]:
-    """Every file and symlink under `root` (symlinked folders are listed, not entered)."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
-        rel_dir = "" if rel_dir == "." else rel_dir + "/"
-        keep = []
-        for d in dirnames:
-            if _excluded(rel_dir + d, excludes):
-                continue
-            if os.path.islink(os.path.join(dirpath, d)):
-                out.append(rel_dir + d)
-            else:
-                keep.append(d)
-        dirnames[:] = keep
-        out.extend(rel_dir + f for f in filenames)
-    return sorted(out)
-
-
-@dataclass
-class StagedProject:
-    dir: str
-    source: str                                                # "git ..." or "a walk of ..."
-    skipped: list[str] = field(default_factory=list)           # "path (why)": left out, nothing secret known
-    credentials: list[str] = field(default_factory=list)       # "path: what it holds (by name|content)"
-    oversized: list[str] = field(default_factory=list)         # "path (size)": over the per-file cap
-
-
-def stage_working_dir(src: Path, excludes: list[str], allow: Iterable[str] = (),
-                      max_file_bytes: int | None = None) -> StagedProject:
-    """Copy the project's files into a new temp dir: git's view of the project (tracked and
-    unignored files) when `src` is in a git work tree, else every file under it; minus `excludes`.
-    Symlinks are followed only to files inside the project; files that look like credentials (by
-    name or content, unless they match `allow`) are listed in `.credentials` and not copied, files
-    over `max_file_bytes` in `.oversized`. Files are streamed (checked while copied, a chunk at a
-    time), never read whole."""
-    root = src.resolve()
-    files = _git_files(root)
-    if files is None:
-        files = _walk_files(root, excludes)
-        source = f"a walk of {root} (not a git checkout: .gitignore is not read; the default excludes apply)"
-    else:
-        source = f"git's view of {root} (tracked and unignored files)"
-    staged = StagedProject(tempfile.mkdtemp(prefix="gammaray-job-"), source)
-    try:
-        for rel in files:
-            if _excluded(rel, excludes):
-                continue
-            _stage_one(root, rel, staged, excludes, list(allow), max_file_bytes)
-    except BaseException:
-        shutil.rmtree(staged.dir, ignore_errors=True)
-        raise
-    return staged
-
-
-def _stage_one(root: Path, rel: str, staged: StagedProject, excludes: list[str], allow: list[str],
-               max_file_bytes: int | None = None) -> None:
-    import stat
-
-    path = root / rel
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return  # in git's index, deleted from the work tree
-    real = Path(os.path.realpath(path))
-    if real != root and root not in real.parents:
-        staged.skipped.append(f"{rel} (a symlink to {os.readlink(path) if path.is_symlink() else real}, outside "
-                              "the project: not followed)")
-        return
-    target = real.relative_to(root).as_posix()  # == rel unless a symlink: its target is checked as well
-    if target != rel and _excluded(target, excludes):
-        staged.skipped.append(f"{rel} (a symlink to {target}, which is excluded)")
-        return
-    if stat.S_ISLNK(st.st_mode):
-        st = os.stat(real)
-        if stat.S_ISDIR(st.st_mode):
-            staged.skipped.append(f"{rel} (a symlink to a folder inside the project: not followed)")
-            return
-    if stat.S_ISDIR(st.st_mode):
-        staged.skipped.append(f"{rel} (a git submodule or nested repository: not staged)")
-        return
-    if not stat.S_ISREG(st.st_mode):
-        staged.skipped.append(f"{rel} (not a regular file)")
-        return
-    allowed = _excluded(rel, allow)
-    what = None if allowed else credential_name(rel) or credential_name(target)
-    if what:
-        staged.credentials.append(f"{rel}: {what} (by its name{'' if target == rel else f', via {target}'})")
-        return
-    if max_file_bytes is not None and st.st_size > max_file_bytes:
-        staged.oversized.append(f"{rel} ({st.st_size / 2**20:.1f} MB)")
-        return
-    check = None if allowed else ContentCheck(rel)
-    dst = os.path.join(staged.dir, rel)
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))  # the file checked above, not a swapped-in link
-    with os.fdopen(fd, "rb") as f, open(dst, "wb") as out:
-        while chunk := f.read(CHUNK):
-            if check is not None and check.feed(chunk):
-                break
-            out.write(chunk)
-    what = check.result() if check is not None else None
-    if what:
-        os.remove(dst)
-        staged.credentials.append(f"{rel}: {what} (by its content)")
-        return
-    os.chmod(dst, stat.S_IMODE(st.st_mode))
 
 
 def _accepts_config(parser, command: list[str]) -> bool:
@@ -732,29 +424,3 @@ def _validate_runtime_env(runtime_env: dict[str, Any]) -> None:
         RuntimeEnv(**{k: v for k, v in runtime_env.items() if k != "working_dir"})
     except Exception as err:  # noqa: BLE001
         raise SubmitError(f"invalid runtime environment: {err}") from None
-
-
-# --------------------------------------------------------------------------------------------
-# reading a job back
-
-
-def job_summary(info) -> dict[str, Any]:
-    """The parts of a JobDetails worth printing (never the env var values: only their names)."""
-    rt = info.runtime_env or {}
-    return {
-        "submission_id": info.submission_id,
-        "status": str(info.status),
-        "message": info.message,
-        "entrypoint": info.entrypoint,
-        "start_time": _fmt_ms(info.start_time),
-        "end_time": _fmt_ms(info.end_time),
-        "driver_exit_code": getattr(info, "driver_exit_code", None),
-        "metadata": {k: v for k, v in (info.metadata or {}).items() if k.startswith("gammaray.")},
-        "env_var_names": sorted((rt.get("env_vars") or {}).keys()),
-    }
-
-
-def _fmt_ms(ms: int | None) -> str | None:
-    if not ms:
-        return None
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))

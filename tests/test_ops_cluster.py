@@ -201,7 +201,7 @@ def test_demo_submitted_to_two_nodes_follows_to_success_without_leaking_the_secr
     assert saved["storage"]["secret_key_env"] == "AWS_SECRET_ACCESS_KEY"  # a name, not a value
 
     # the job's metadata holds references only
-    from infra.jobs import JobClient
+    from infra.job_client import JobClient
 
     jc = JobClient(c.dashboard_url, token_file=c.token_path)
     info = jc.info(job_id)
@@ -263,7 +263,7 @@ def test_stop_ends_a_running_job(ops_env, cli, tmp_path):
               "demo", "--storage", str(tmp_path / "never"), "--n-train", "200000", "--quiet")
     assert sub.returncode == 0, sub.stdout + sub.stderr
     job_id = json.loads(out_json.read_text())["submission_id"]
-    from infra.jobs import JobClient
+    from infra.job_client import JobClient
 
     jc = JobClient(c.dashboard_url, token_file=c.token_path)
     deadline = time.monotonic() + 120

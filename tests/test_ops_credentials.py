@@ -13,7 +13,8 @@ import pytest
 
 from gammaray.app.job_entry import job_spec
 from infra.credentials import looks_like_secret
-from infra.jobs import SubmitError, parse_env, parse_secret_refs, plan_job
+from infra.errors import SubmitError
+from infra.jobs import parse_env, parse_secret_refs, plan_job
 from tests.test_ops_submit import _copy_project
 
 pytestmark = pytest.mark.ops

@@ -16,8 +16,10 @@ import ray.runtime_env  # noqa: F401 - Ray binds its log handler to sys.stderr a
 from gammaray.app.job_entry import job_spec
 from gammaray.config import ConfigError, load
 from workers.runtime import ClusterResources, resolve
-from infra.jobs import (JOB_DIR, SubmitError, parse_env, parse_secret_refs, plan_job, project_requirements,
-                        resolve_token)
+from infra.errors import SubmitError
+from infra.job_client import resolve_token
+from infra.jobs import parse_env, parse_secret_refs, plan_job, project_requirements
+from infra.staging import JOB_DIR
 
 pytestmark = pytest.mark.ops
 ROOT = Path(__file__).resolve().parent.parent
@@ -243,7 +245,7 @@ def test_an_access_key_id_is_not_a_secret_to_scan_for(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     plan = _plan(["pretrain"])
     plan.cleanup()
-    from infra.jobs import secret_values
+    from infra.credentials import secret_values
 
     found = secret_values({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"})
     assert "$AWS_ACCESS_KEY_ID" not in found and found["$AWS_SECRET_ACCESS_KEY"] == SECRET

@@ -26,7 +26,7 @@ import re
 import shlex
 import sys
 
-from infra.jobs import JOB_DIR  # standard library only: safe before the dependency check
+from infra.staging import JOB_DIR  # standard library only: safe before the dependency check
 IMPORTS_MISSING = 4  # exit code: the interpreter lacks the project's dependencies
 
 

@@ -48,14 +48,14 @@ def _client_args(p: argparse.ArgumentParser) -> None:
 
 
 def _client(args):
-    from infra.jobs import JobClient
+    from infra.job_client import JobClient
 
     return JobClient(args.address, token_file=args.token_file)
 
 
 def _errors(fn):
     def run(args: argparse.Namespace) -> int:
-        from infra.jobs import AuthError, SubmitError
+        from infra.errors import AuthError, SubmitError
 
         try:
             return fn(args)
@@ -71,7 +71,8 @@ def _errors(fn):
 @_errors
 def run_submit(args: argparse.Namespace) -> int:
     from gammaray.app.job_entry import job_spec
-    from infra.jobs import parse_env, parse_secret_refs, plan_job, resolve_token
+    from infra.job_client import resolve_token
+    from infra.jobs import parse_env, parse_secret_refs, plan_job
 
     command = list(args.job_command)
     if command and command[0] == "--":
@@ -93,7 +94,7 @@ def run_submit(args: argparse.Namespace) -> int:
             print(json.dumps({"entrypoint": plan.entrypoint, "runtime_env": plan.runtime_env,
                               "metadata": plan.metadata}, indent=2))
             return 0
-        from infra.jobs import JobClient
+        from infra.job_client import JobClient
 
         client = JobClient(args.address, token_file=args.token_file)
         job_id = client.submit(plan)
@@ -120,7 +121,7 @@ def run_submit(args: argparse.Namespace) -> int:
 
 @_errors
 def run_status(args: argparse.Namespace) -> int:
-    from infra.jobs import job_summary
+    from infra.job_client import job_summary
 
     client = _client(args)
     if args.job_id:
@@ -184,7 +185,7 @@ def run_stop(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from infra.jobs import DEFAULT_MAX_FILE_MB  # standard library only: cheap at start-up
+    from infra.staging import DEFAULT_MAX_FILE_MB  # standard library only: cheap at start-up
 
     p = sub.add_parser("submit", help="run a gammaray subcommand as a Ray job on a cluster (Ray Jobs)",
                        description="Validate the config and the subcommand here, stage the project with the "
