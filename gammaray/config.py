@@ -76,7 +76,7 @@ class RunSection(Section):
 
 class AutoScalingConfig(Section):
     """How the keys set to "auto" (train.workers, data.batch_size, data.preprocess_concurrency) are
-    derived from the cluster's resources when the trainer is built (workers/runtime.py), so one
+    derived from the cluster's resources when the trainer is built (workers/cluster.py), so one
     config runs unchanged on a laptop, one GPU node or N GPU nodes."""
 
     global_batch_size: int = Field(

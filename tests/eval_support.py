@@ -57,7 +57,7 @@ def direct_embeddings(model, cfg: GammarayConfig, rows: dict[str, list], batch: 
     from pipelines import storage
     from pipelines.preprocess import preprocess_batch
     from pipelines.tokenizer import load as load_tokenizer
-    from workers.runtime import stream_spec
+    from workers.batches import stream_spec
 
     spec = stream_spec(cfg, "unused", [], epoch=0, train=False, with_aug=False, batch_size=batch).preprocess
     tok = load_tokenizer(spec.tokenizer_uri, storage.S3Settings.from_config(cfg.storage))

@@ -106,7 +106,7 @@ def test_other_view_pairs_feed_the_model_and_objective(s3, tmp_path, pair):
     from pipelines.tokenizer import load
     from workers.models.registry import build_model
     from workers.training.objective import Objective
-    from workers.runtime import to_torch
+    from workers.batches import to_torch
 
     base = s3.url("ingest", "pairs-train")
     if not storage.exists(f"{base}/catalog/manifest.json"):
@@ -156,7 +156,7 @@ def test_to_torch_copies_read_only_arrays_and_shares_writable_ones():
     import numpy as np
     import pyarrow as pa
 
-    from workers.runtime import to_torch
+    from workers.batches import to_torch
 
     ro = pa.array(np.arange(6, dtype=np.int64)).to_numpy(zero_copy_only=True)
     assert not ro.flags.writeable

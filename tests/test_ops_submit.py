@@ -15,7 +15,7 @@ import ray.runtime_env  # noqa: F401 - Ray binds its log handler to sys.stderr a
 
 from gammaray.app.job_entry import job_spec
 from gammaray.config import ConfigError, load
-from workers.runtime import ClusterResources, resolve
+from workers.cluster import ClusterResources, resolve
 from infra.errors import SubmitError
 from infra.job_client import resolve_token
 from infra.jobs import parse_env, parse_secret_refs, plan_job, project_requirements

@@ -279,7 +279,7 @@ def run_tune(cfg: GammarayConfig, samples: int | None = None, progress: bool = T
     results and writes the table, the plot and the best config."""
     from ray import tune
 
-    from workers.runtime import ensure_ray
+    from workers.cluster import ensure_ray
     from workers.training.trainer import preflight
 
     keep_credentials_out_of_trial_env()
@@ -300,7 +300,7 @@ def run_tune(cfg: GammarayConfig, samples: int | None = None, progress: bool = T
     ensure_ray(cfg)
     import ray
 
-    from workers.runtime import resolve_for_cluster
+    from workers.cluster import resolve_for_cluster
 
     cfg = resolve_for_cluster(cfg)  # "auto" keys become numbers once, for every trial
     plan = (plan_heads_resources if heads else plan_resources)(cfg, ray.cluster_resources())

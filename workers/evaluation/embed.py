@@ -45,7 +45,8 @@ from workers.evaluation.evaluate import embedding_outputs
 from workers.evaluation.export import open_checkpoint, storage_from_overrides
 from workers.evaluation.features import write_prompt_features, write_tower_model
 from workers.models.registry import load_model
-from workers.runtime import ensure_ray, stream_spec
+from workers.batches import stream_spec
+from workers.cluster import ensure_ray
 
 META = ("shard", "sample_index", "product_id", "reject_reason", "reject_detail", "source", "row")
 

@@ -23,7 +23,9 @@ from workers.evaluation.eval_report import EvalResult, write_report
 from workers.evaluation.export import load_checkpoint_model, open_checkpoint, storage_from_overrides
 from workers.evaluation.metrics import (category_prompts, labels_for, modality_gap, recall_at_k, retrieval_ranks,
                                         run_probes, specific_probes, stratified_split, zero_shot_predictions)
-from workers.runtime import ensure_ray, lockstep, placeholder_batch, stream_spec, sync_buffers, to_torch, world
+from workers.batches import lockstep, placeholder_batch, stream_spec, to_torch
+from workers.cluster import ensure_ray
+from workers.runtime import sync_buffers, world
 
 # forward outputs that are not per-record embeddings of the evaluated (un-augmented) views
 NOT_EMBEDDINGS = ("logit_scale", "logit_bias")

@@ -206,7 +206,7 @@ def build_index(embeddings_uri: str, out_uri: str | None = None, field_name: str
             import ray
 
             from gammaray.config import GammarayConfig
-            from workers.runtime import ensure_ray
+            from workers.cluster import ensure_ray
 
             ensure_ray(GammarayConfig())
             blob = ray.put(serialize(empty))

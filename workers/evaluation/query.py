@@ -27,7 +27,7 @@ from workers.evaluation.embed import model_fingerprint
 from workers.evaluation.evaluate import embedding_outputs
 from workers.evaluation.export import open_checkpoint
 from workers.models.registry import load_model
-from workers.runtime import stream_spec
+from workers.batches import stream_spec
 
 
 class QueryError(ValueError):

@@ -393,7 +393,7 @@ def start_service(checkpoint: str, index: str | None = None, cfg: GammarayConfig
     from workers.evaluation.embed import model_fingerprint
     from workers.evaluation.export import open_checkpoint
     from workers.evaluation.index import check_index_model, read_index_meta
-    from workers.runtime import ensure_ray
+    from workers.cluster import ensure_ray
 
     cfg = cfg or GammarayConfig()
     sc = cfg.serve

@@ -15,7 +15,8 @@ holds half-accumulated gradients and resume is exact.
 
 What the loop calls lives beside it: checkpoint.py (save, restore), state.py (the data position),
 metrics.py (what it reports), quarantine.py, audit.py, faults.py, rng.py; the plumbing shared with
-evaluation is workers/runtime.py; `pretrain` (trainer.py) starts it.
+evaluation is workers/runtime.py (rank, device, folders) and workers/batches.py (the stream spec, the
+lockstep walk); `pretrain` (trainer.py) starts it.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from pipelines.stream import StreamSpec, close_prefetched, epoch_part, iterate, 
 from pipelines.tokenizer import load as load_tokenizer
 from workers.evaluation.evaluate import evaluate  # validation: the same code as `gammaray eval`
 from workers.models.registry import build_model
-from workers.runtime import (Lockstep, batches_left, pick_device, placeholder_batch, quiet_libraries, stream_spec,
-                             tokenizer_uri, world)
+from workers.batches import batches_left, Lockstep, placeholder_batch, stream_spec
+from workers.runtime import pick_device, quiet_libraries, tokenizer_uri, world
 from workers.training.audit import SampleAudit
 from workers.training.checkpoint import checkpoint_uri, latest_checkpoint, local_checkpoint, restore, save_and_report
 from workers.training.engine import build_engine, init_single_process_group, setting_on, use_bf16

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from gammaray.config import GammarayConfig
 from gammaray.schema import ALL_REASONS
-from workers.runtime import node_id
+from workers.cluster import node_id
 from workers.training.quarantine import quarantine_by_reason
 from workers.training.state import TrainState
 

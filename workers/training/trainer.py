@@ -19,7 +19,8 @@ from pipelines import storage
 from pipelines.prepare import load_manifest
 from workers.evaluation.features import load_feature_store
 from workers.training.heads import STATE_FILE, export_heads, train_heads
-from workers.runtime import ensure_ray, resolve_for_cluster, run_dir, tokenizer_uri
+from workers.cluster import ensure_ray, resolve_for_cluster
+from workers.runtime import run_dir, tokenizer_uri
 from workers.training.faults import fault_from_env
 from workers.training.loop import train_loop_per_worker
 from workers.training.monitor import MetricsCallback, ProgressPrinter

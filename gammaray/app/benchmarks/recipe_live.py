@@ -56,7 +56,7 @@ def arrays(cfg, catalogue: str, out_path: str) -> str:
     from pipelines.preprocess import preprocess_batch
     from pipelines.stream import read_segment_rows, units_from_manifest
     from pipelines.tokenizer import load as load_tokenizer
-    from workers.runtime import stream_spec
+    from workers.batches import stream_spec
 
     units = units_from_manifest(load_manifest(catalogue))
     spec = stream_spec(cfg, catalogue, units, 0, train=False, with_aug=False, batch_size=64).preprocess

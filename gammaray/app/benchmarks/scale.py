@@ -182,7 +182,7 @@ def _first_batch(p: dict) -> dict:
     from pipelines.catalogue import load_manifest
     from pipelines.plan import advance, epoch_part
     from pipelines.stream import close_prefetched, iterate, units_from_manifest
-    from workers.runtime import stream_spec
+    from workers.batches import stream_spec
     from workers.safe_load import load as load_data
 
     cfg = apply_overrides(GammarayConfig(), {"data.train": p["dst"], "data.tokenizer": p["tokenizer"],

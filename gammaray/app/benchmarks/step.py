@@ -4,7 +4,7 @@ PyTorch step of the same towers and loss maths, in one process on one device, si
 For each micro-batch (default 8, 16, 64, 256) and loss (infonce, gamma) it times
   gammaray   the loop's step: synthetic host batches (numpy, as the data stream hands them over:
              uint8 [B,H,W,3] pixels, normalised on the device by prepare_batch)
-             through workers/runtime.Lockstep (copied to the device one batch ahead), prepare_batch,
+             through workers/batches.Lockstep (copied to the device one batch ahead), prepare_batch,
              workers/training/step.train_step on the engine the config builds (DeepSpeed or DDP, in a
              world of one), the device-side loss sums, and the metrics read every train.log_every steps
   reference  the step written the way the field writes a fast one: the same model (build_model), the
@@ -225,7 +225,7 @@ class GammarayStep:
         from types import SimpleNamespace
 
         from pipelines.stream import StreamBatch
-        from workers.runtime import Lockstep
+        from workers.batches import Lockstep
         from workers.training.step import prepare_batch, scalars, train_step
 
         stream = (StreamBatch(b, 0, []) for b in batches)
@@ -436,7 +436,7 @@ def measure_row(cfg, regime: str, loss: str, B: int, impls: list[str], args, dev
         f = flops if impl != "timm" else None
         tflops = f * B / dt / 1e12 if f else None
         rows.append({"device": name, "config": args.config_name, "impl": impl, "regime": regime, "loss": loss,
-                     "batch_size": B, "step_s": round(dt, 6), "samples_per_s": round(B / dt, 2),
+                     "batch_size": B, "step_s": round(dt, 6), "samples_per_s": float(f"{B / dt:.5g}"),
                      "host_syncs_per_step": extra.get("syncs"), "host_syncs_per_report": extra.get("report_syncs"),
                      "sync_sites": extra.get("sync_where"),
                      "flops_per_sample": round(f) if f else None, "tflops": float(f"{tflops:.4g}") if tflops else None,  # significant digits: CPU rows are ~1e-4
