@@ -359,7 +359,8 @@ def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, ids: 
                 buffer_bytes += record_bytes(rec)
                 if len(buffer) >= opts.max_records_per_shard or buffer_bytes >= opts.target_shard_bytes:
                     flush()
-                bar.set_postfix(shards=len(run.shard_uris), bad=len(new_quarantine), refresh=False)
+                if not bar.disable:
+                    bar.set_postfix(shards=len(run.shard_uris), bad=len(new_quarantine), refresh=False)
                 continue
         if checked.pid:
             decided_bad.add(checked.pid)

@@ -20,7 +20,9 @@ which ordered streaming generators give directly, with per-task backpressure.
 
 from __future__ import annotations
 
+import itertools
 import os
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -34,9 +36,10 @@ from .prepare_records import (Checked, PrepareOptions, check_unknowing, file_row
 from .ray_start import private_tmpdir_for_ray
 from .readers import READ_CHUNK, is_json_array, read_jsonl_range, read_source
 
-BATCH_RECORDS = 256         # rows a chunk task yields at once
-BATCH_BYTES = 16 * 2**20    # ... or fewer, once their images reach this size
-BACKPRESSURE = 4            # batches a chunk task may run ahead of the driver
+BATCH_RECORDS = 1024        # rows a chunk task yields at once
+BATCH_BYTES = 8 * 2**20     # ... or fewer, once their images reach this size
+PROBE_ROWS = 32            # rows a chunk task times on one thread (I/O bound or not)
+BACKPRESSURE = 8            # batches a chunk task may run ahead of the driver (a whole chunk of small records)
 
 
 @dataclass(frozen=True)
@@ -103,11 +106,18 @@ def chunk_rows(chunk: Chunk, opts: PrepareOptions, storage_cfg: StorageConfig | 
 
 def check_chunk(chunk: Chunk, opts: PrepareOptions, storage_cfg: StorageConfig | None,
                 policy: ImagePolicy) -> Iterator[list[tuple]]:
-    """The body of a chunk task: its rows as `check_unknowing` finds them, in batches."""
+    """The body of a chunk task: its rows as `check_unknowing` finds them, in batches. The first
+    rows are checked on one thread, timed: where they waited on I/O (images on remote storage) the
+    rest get `io_threads`; where not, threads would only contend for the GIL (about 40% more CPU)."""
     batch: list[tuple] = []
     size = 0
     check = lambda raw: check_unknowing(raw, opts, storage_cfg, policy)  # noqa: E731
-    for _, found in in_order(chunk_rows(chunk, opts, storage_cfg), check, opts.io_threads):
+    rows = chunk_rows(chunk, opts, storage_cfg)
+    first = list(itertools.islice(rows, PROBE_ROWS))
+    t, c = time.perf_counter(), time.thread_time()
+    probed = [(raw, check(raw)) for raw in first]
+    io_bound = time.perf_counter() - t > 2 * (time.thread_time() - c) + 0.01
+    for _, found in itertools.chain(probed, in_order(rows, check, opts.io_threads if io_bound else 1)):
         batch.append(found)
         full = found[4]
         if full is not None and full.rec is not None:
@@ -154,7 +164,10 @@ def start_ray(opts: PrepareOptions) -> tuple[int, bool]:
             ray.init(address=opts.address, log_to_driver=False)
         else:
             with private_tmpdir_for_ray():
-                ray.init(num_cpus=opts.cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+                # Ray starts its workers at niceness 15; here they do the work the command was run
+                # for, so they get its priority (a loaded machine would otherwise starve them)
+                ray.init(num_cpus=opts.cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+                         _system_config={"worker_niceness": os.nice(0)})
         started = True
     total = max(1, int(ray.cluster_resources().get("CPU", 1)))
     return max(1, min(opts.cpus or total, total)), started

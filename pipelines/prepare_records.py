@@ -266,15 +266,19 @@ def record_bytes(rec: dict) -> int:
 
 def in_order(rows: Iterator[RawRow], check: Callable[[RawRow], T], threads: int) -> Iterator[tuple[RawRow, T]]:
     """(raw, check(raw)) in source order; a bounded window of records checked in parallel threads
-    (image fetches are I/O; decoding releases the GIL)."""
-    window = max(1, threads) * 16
-    pool = ThreadPoolExecutor(max_workers=max(1, threads))
+    (image fetches are I/O; decoding releases the GIL), each thread taking a run of consecutive rows
+    (one future per row costs about a fifth of the CPU time of a row whose images are local)."""
+    threads = max(1, threads)
+    window, per_thread = threads * 16, 16
+    pool = ThreadPoolExecutor(max_workers=threads)
     try:
         while True:
             chunk = list(itertools.islice(rows, window))
             if not chunk:
                 return
-            yield from zip(chunk, pool.map(check, chunk))
+            runs = [chunk[i:i + per_thread] for i in range(0, len(chunk), per_thread)]
+            for run, found in zip(runs, pool.map(lambda run: [check(r) for r in run], runs)):
+                yield from zip(run, found)
     finally:  # on a fault, drop the rest of the window instead of fetching it first
         pool.shutdown(wait=True, cancel_futures=True)
 
