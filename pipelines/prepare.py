@@ -293,7 +293,7 @@ def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, ids: 
     dst, manifest, opts, storage_cfg = run.dst, run.manifest, run.opts, run.storage_cfg
     policy = image_policy(opts, source_root(src, src_is_dir))
     if run.cpus > 1:
-        items = prepare_parallel.parallel_items(files, opts, storage_cfg, policy, ids.is_known, run.cpus)
+        items = prepare_parallel.parallel_items(files, opts, storage_cfg, policy, ids, run.cpus)
     else:
         items = _in_process_items(files, opts, storage_cfg, policy, ids)
 

@@ -27,12 +27,14 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+import numpy as np
 from gammaray.config import StorageConfig
 
 from . import storage
 from .image_refs import ImagePolicy
+from .ids import IdFilter, IdTable
 from .prepare_records import (Checked, PrepareOptions, check_unknowing, file_rows, hash_table_bytes, in_order,
-                              write_shard)
+                              validate_raw, write_shard)
 from .ray_start import private_tmpdir_for_ray
 from .readers import READ_CHUNK, is_json_array, read_jsonl_range, read_source
 
@@ -104,14 +106,15 @@ def chunk_rows(chunk: Chunk, opts: PrepareOptions, storage_cfg: StorageConfig | 
     return file_rows(chunk.uri, ranged)
 
 
-def check_chunk(chunk: Chunk, opts: PrepareOptions, storage_cfg: StorageConfig | None,
-                policy: ImagePolicy) -> Iterator[list[tuple]]:
+def check_chunk(chunk: Chunk, opts: PrepareOptions, storage_cfg: StorageConfig | None, policy: ImagePolicy,
+                known_bits: np.ndarray | None = None) -> Iterator[list[tuple]]:
     """The body of a chunk task: its rows as `check_unknowing` finds them, in batches. The first
     rows are checked on one thread, timed: where they waited on I/O (images on remote storage) the
     rest get `io_threads`; where not, threads would only contend for the GIL (about 40% more CPU)."""
     batch: list[tuple] = []
     size = 0
-    check = lambda raw: check_unknowing(raw, opts, storage_cfg, policy)  # noqa: E731
+    maybe_known = IdFilter(known_bits).might_contain if known_bits is not None else (lambda pid: False)
+    check = lambda raw: check_unknowing(raw, opts, storage_cfg, policy, maybe_known)  # noqa: E731
     rows = chunk_rows(chunk, opts, storage_cfg)
     first = list(itertools.islice(rows, PROBE_ROWS))
     t, c = time.perf_counter(), time.thread_time()
@@ -120,7 +123,7 @@ def check_chunk(chunk: Chunk, opts: PrepareOptions, storage_cfg: StorageConfig |
     for _, found in itertools.chain(probed, in_order(rows, check, opts.io_threads if io_bound else 1)):
         batch.append(found)
         full = found[4]
-        if full is not None and full.rec is not None:
+        if full is not None and full.rec is not None:  # (never a row `maybe_known` let through)
             size += len(full.rec["image"]) + sum(len(b) for b in full.rec.get("extra_images") or ())
         if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES:
             yield batch
@@ -183,12 +186,16 @@ def unwrap(err: BaseException) -> BaseException:
 
 
 def parallel_items(files: list[str], opts: PrepareOptions, storage_cfg: StorageConfig | None, policy: ImagePolicy,
-                   is_known: Callable[[str | None], bool], cpus: int) -> Iterator[tuple[str, int, Checked, Callable[[], Checked]]]:
+                   table: IdTable, cpus: int) -> Iterator[tuple[str, int, Checked, Callable[[], Checked]]]:
     """(source, row, checked, full) in source order, as the in-process pass makes them: `checked`
-    is what validate_raw with the catalogue's ids says, full() the validation without them."""
+    is what validate_raw with the catalogue's ids says, full() the validation without them. The
+    tasks get a Bloom filter of the catalogue's ids (2 bytes an id, in the object store once), so
+    that a catalogued record's images are not read again."""
     import ray
 
     check = _remote("check")
+    known_bits = ray.put(table.known_filter().bits) if table.num_known else None
+    validate_here = lambda raw: validate_raw(raw, opts, storage_cfg, policy)  # noqa: E731
     running: deque = deque()
     chunks = plan_chunks(files, opts.chunk_bytes, storage_cfg)
     try:
@@ -197,7 +204,7 @@ def parallel_items(files: list[str], opts: PrepareOptions, storage_cfg: StorageC
                 chunk = next(chunks, None)
                 if chunk is None:
                     break
-                running.append((chunk.uri, check.remote(chunk, opts, storage_cfg, policy)))
+                running.append((chunk.uri, check.remote(chunk, opts, storage_cfg, policy, known_bits)))
             if not running:
                 return
             source, batches = running.popleft()
@@ -206,14 +213,16 @@ def parallel_items(files: list[str], opts: PrepareOptions, storage_cfg: StorageC
                     batch = ray.get(ref)
                 except ray.exceptions.RayTaskError as err:
                     raise unwrap(err) from None
-                for row, pid, cheap_ok, known_row_hash, full, fault in batch:
-                    if cheap_ok and is_known(pid):
-                        checked = Checked(None, None, pid, known=True, row_hash=known_row_hash)
-                    elif fault is not None:
-                        raise fault
+                for row, pid, cheap_ok, known_row_hash, full, fault, raw in batch:
+                    if raw is not None:  # the filter let it through: images not read yet
+                        full = lambda raw=raw: validate_here(raw)  # noqa: E731
                     else:
-                        checked = full
-                    yield source, row, checked, _full(full, fault)
+                        full = _full(full, fault)
+                    if cheap_ok and table.is_known(pid):
+                        checked = Checked(None, None, pid, known=True, row_hash=known_row_hash)
+                    else:
+                        checked = full()
+                    yield source, row, checked, full
     finally:
         for _, batches in running:
             try:

@@ -116,25 +116,33 @@ def validate_raw(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfig |
     return Checked(rec, err, pid, _content_key(raw, images), conversions, row_hash=row_hash(raw, opts) if rec else None)
 
 
-def check_unknowing(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfig | None,
-                    policy: ImagePolicy) -> tuple:
+def check_unknowing(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfig | None, policy: ImagePolicy,
+                    maybe_known: Callable[[str | None], bool] = lambda pid: False) -> tuple:
     """What a Ray task that does not hold the catalogue's ids finds for one row, so that the driver
     decides it exactly as `validate_raw` with the ids would: (row, pid, cheap_ok, known_row_hash,
-    full, fault). cheap_ok: the row passes the checks a catalogued product_id gets (it is then
+    full, fault, raw). cheap_ok: the row passes the checks a catalogued product_id gets (it is then
     already present, with known_row_hash); full: the whole validation, images read (None where a
-    storage fault stopped it: `fault`, raised by the driver only if the record is not catalogued)."""
+    storage fault stopped it: `fault`, raised by the driver only if the record is not catalogued).
+    A row `maybe_known` lets through (a filter of the catalogue's ids) gets the cheap checks only,
+    as validate_raw gives a catalogued one: full is None and raw comes back, for the driver to
+    validate whole if the record is not catalogued after all, or is met again."""
     pid = _raw_product_id(raw, opts)
+    if pid is not None and maybe_known(pid):
+        as_known = validate_raw(raw, opts, storage_cfg, policy, known_ids=(pid,))
+        if as_known.known:
+            return raw.row, pid, True, as_known.row_hash, None, None, raw
+        return raw.row, pid, False, None, as_known, None, None  # the cheap checks fail: the full validation's finding
     try:
         full, fault = validate_raw(raw, opts, storage_cfg, policy), None
     except StorageFault as err:
         full, fault = None, err
     if pid is None:
-        return raw.row, pid, False, None, full, fault
+        return raw.row, pid, False, None, full, fault, None
     if full is not None and full.err is None:
-        return raw.row, pid, True, full.row_hash, full, None
+        return raw.row, pid, True, full.row_hash, full, None, None
     # rejected, or stopped: whether the cheap checks alone pass (rare, so checked again)
     as_known = validate_raw(raw, opts, storage_cfg, policy, known_ids=(pid,))
-    return raw.row, pid, as_known.known, as_known.row_hash, full, fault
+    return raw.row, pid, as_known.known, as_known.row_hash, full, fault, None
 
 
 def _validate(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfig | None, policy: ImagePolicy,

@@ -9,6 +9,7 @@ import io
 import json
 import os
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -124,6 +125,11 @@ def test_a_hash_collision_never_merges_two_products(tmp_path, monkeypatch):
     assert [table.known_place(p) for p in ("a", "b", "c", "d", "e")] == [0, 1, 2, 3, None]
     assert table.add("e") == 4 and table.place("e") == 4 and not table.is_known("e") and table.is_new("e")
     assert table.place("f") is None and not table.is_new("a") and bool(table.has_row_hash[1]) is False
+
+    # the tasks' hint: no catalogued id is ever ruled out, few others are let through
+    ours = ids.IdFilter.of(np.array([ids.id_hash(f"P{i}") for i in range(3000)], np.int64))
+    assert all(ours.might_contain(f"P{i}") for i in range(3000))
+    assert sum(ours.might_contain(f"Q{i}") for i in range(3000)) < 30
 
     src = _hostile_source(tmp_path / "raw")
     honest = prepare(src, str(tmp_path / "honest"), PrepareOptions(cpus=1, **OPTS))
