@@ -33,9 +33,14 @@ A prepare that does not commit removes what it wrote (a full disk is one line: "
 PATH"); what a killed one left is removed by the next prepare, under the lock. A record in the
 catalogue whose source row changed is listed as changed, never re-admitted (docs/data.md, Identity).
 
-Length (about 720 lines): prepare is one pass (read, validate, shard, quarantine, manifest) whose
-steps share the shard writer, the manifest and the cleanup of an uncommitted run; readers, images and
-faults live in their own modules.
+With more than one CPU (`PrepareOptions.cpus`) and a source of at least `parallel_min_bytes`, the
+per-record work and the shard writes run in Ray tasks (pipelines/prepare_parallel.py) and this
+module's pass only decides, in source order: the same catalogue, byte for byte. The ids of the
+catalogue and of the run are 64-bit hashes (pipelines/ids.py), never a set of strings.
+
+Length (about 540 lines): prepare is one pass (read, validate, shard, quarantine, manifest) whose
+steps share the shard writer, the manifest and the cleanup of an uncommitted run; one record's
+validation (pipelines/prepare_records.py), readers, images and faults live in their own modules.
 """
 
 from __future__ import annotations
@@ -322,55 +327,58 @@ def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, ids: 
         buffer, hashes, buffer_bytes = [], [], 0
 
     bar = tqdm(desc="prepare", unit="rec", disable=not opts.progress, dynamic_ncols=True)
-    for source, row, checked, full in items:
-        num_input += 1
-        bar.update(1)
-        if source not in read_sources:
-            read_sources[source] = canonical_uri(source)
-        if checked.known:
-            place = ids.known_place(checked.pid)
-            if not ids.seen[place]:
-                ids.seen[place] = True
-                already += 1
-                if ids.has_row_hash[place] and checked.row_hash is not None \
-                        and int(ids.row_hash[place]) != checked.row_hash:
-                    changed.append(checked.pid)
-                continue
-            # the same catalogued product_id again in the source: the duplicate the first run quarantined
-            checked = full()
-        rec, err = checked.rec, checked.err
-        if err is None and rec is not None:
-            if ids.place(rec["product_id"]) is not None:
-                err = (Reason.DUPLICATE_ID, f"product_id {printable(rec['product_id'])!r} appears earlier in the source")
+    try:
+        for source, row, checked, full in items:
+            num_input += 1
+            bar.update(1)
+            if source not in read_sources:
+                read_sources[source] = canonical_uri(source)
+            if checked.known:
+                place = ids.known_place(checked.pid)
+                if not ids.seen[place]:
+                    ids.seen[place] = True
+                    already += 1
+                    if ids.has_row_hash[place] and checked.row_hash is not None \
+                            and int(ids.row_hash[place]) != checked.row_hash:
+                        changed.append(checked.pid)
+                    continue
+                # the same catalogued product_id again in the source: the duplicate the first run quarantined
+                checked = full()
+            rec, err = checked.rec, checked.err
+            if err is None and rec is not None:
+                if ids.place(rec["product_id"]) is not None:
+                    err = (Reason.DUPLICATE_ID, f"product_id {printable(rec['product_id'])!r} appears earlier in the source")
+                else:
+                    ids.add(rec["product_id"])
+                    conversions.update(checked.conversions)
+                    rec["sample_index"] = next_index
+                    next_index += 1
+                    written += 1
+                    if rec.get("category"):
+                        cats.add(rec["category"])
+                    if rec.get("locale"):
+                        locales.add(rec["locale"])
+                    for loc, _ in rec.get("titles") or ():
+                        locales.add(loc)
+                    buffer.append(rec)
+                    hashes.append(checked.row_hash)
+                    buffer_bytes += record_bytes(rec)
+                    if len(buffer) >= opts.max_records_per_shard or buffer_bytes >= opts.target_shard_bytes:
+                        flush()
+                    if not bar.disable:
+                        bar.set_postfix(shards=len(run.shard_uris), bad=len(new_quarantine), refresh=False)
+                    continue
+            if checked.pid:
+                decided_bad.add(checked.pid)
+            entry = {"product_id": checked.pid, "source": printable(source), "row": row, "reason": err[0],
+                     "detail": printable(str(err[1])[:500]), "stage": "prepare", "epoch": None, "record_key": checked.key}
+            if checked.key in new_quarantine or checked.key in old_keys:
+                repeated += 1  # the same record (same content) as one quarantined before
             else:
-                ids.add(rec["product_id"])
-                conversions.update(checked.conversions)
-                rec["sample_index"] = next_index
-                next_index += 1
-                written += 1
-                if rec.get("category"):
-                    cats.add(rec["category"])
-                if rec.get("locale"):
-                    locales.add(rec["locale"])
-                for loc, _ in rec.get("titles") or ():
-                    locales.add(loc)
-                buffer.append(rec)
-                hashes.append(checked.row_hash)
-                buffer_bytes += record_bytes(rec)
-                if len(buffer) >= opts.max_records_per_shard or buffer_bytes >= opts.target_shard_bytes:
-                    flush()
-                if not bar.disable:
-                    bar.set_postfix(shards=len(run.shard_uris), bad=len(new_quarantine), refresh=False)
-                continue
-        if checked.pid:
-            decided_bad.add(checked.pid)
-        entry = {"product_id": checked.pid, "source": printable(source), "row": row, "reason": err[0],
-                 "detail": printable(str(err[1])[:500]), "stage": "prepare", "epoch": None, "record_key": checked.key}
-        if checked.key in new_quarantine or checked.key in old_keys:
-            repeated += 1  # the same record (same content) as one quarantined before
-        else:
-            first_seen.append(entry)
-        new_quarantine[checked.key] = entry
+                first_seen.append(entry)
+            new_quarantine[checked.key] = entry
+    finally:  # a fault stops the chunk tasks still running
+        items.close()
     flush()
     run.finish_writes()
     bar.close()

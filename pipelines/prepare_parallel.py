@@ -10,8 +10,8 @@ once, each at most `BACKPRESSURE` batches ahead of the driver, so memory holds a
 records whatever the size of the source or its images. The driver takes the batches in source
 order and decides every record (already present, duplicate, changed at the source, quarantined,
 re-admitted) with the catalogue's ids, exactly as the in-process pass does: the tasks never see
-the ids, the output is the same, byte for byte. Full shards go to writer tasks (at most `cpus` in
-flight); the manifest is still committed last, by the driver.
+the ids, the output is the same, byte for byte. Full shards go to a few writer actors (a bounded
+number of writes in flight); the manifest is still committed last, by the driver.
 
 Ray tasks inside whatever Ray job runs the command, not a Ray Data pipeline: the decisions need one
 ordered pass over the validated records (first seen wins; sample_index is dense in source order),
@@ -140,19 +140,28 @@ def write_shard_files(rows: list[dict], hashes: list, uri: str, hash_uri: str, r
     return info
 
 
+class ShardWriter:
+    """A Ray actor writing shards (`write_shard_files`): a few live through the whole prepare, so
+    no worker process is started (and its imports paid) per shard."""
+
+    def write(self, rows: list[dict], hashes: list, uri: str, hash_uri: str, row_group_size: int,
+              storage_cfg: StorageConfig | None) -> dict:
+        return write_shard_files(rows, hashes, uri, hash_uri, row_group_size, storage_cfg)
+
+
 _TASKS: dict[str, Any] = {}
 
 
 def _remote(name: str):
-    """The Ray remote functions, made on first use (importing this module imports no Ray)."""
+    """The Ray remote functions and classes, made on first use (importing this module imports no Ray)."""
     if not _TASKS:
         import ray
 
-        # writers take no CPU slot: chunk tasks waiting on backpressure hold theirs, and a writer the
-        # driver waits for must still start
         _TASKS["check"] = ray.remote(num_cpus=1, max_retries=0)(check_chunk).options(
             _generator_backpressure_num_objects=BACKPRESSURE)
-        _TASKS["write"] = ray.remote(num_cpus=0, max_retries=0)(write_shard_files)
+        # writers take no CPU slot: chunk tasks waiting on backpressure hold theirs, and a writer the
+        # driver waits for must still run
+        _TASKS["writer"] = ray.remote(num_cpus=0, max_restarts=0)(ShardWriter)
     return _TASKS[name]
 
 
@@ -240,17 +249,23 @@ def _full(full: Checked | None, fault: BaseException | None) -> Callable[[], Che
 
 
 class ShardWriters:
-    """Shard writes in Ray tasks, at most `in_flight` at once; `done` gathers their manifest entries."""
+    """Shard writes on `max(1, min(4, cpus // 2))` writer actors, round robin, at most two a writer in
+    flight; `done` gathers their manifest entries."""
 
-    def __init__(self, in_flight: int):
-        self.in_flight = max(1, in_flight)
+    def __init__(self, cpus: int):
+        self.num_writers = max(1, min(4, cpus // 2))
+        self.in_flight = 2 * self.num_writers
+        self.writers: list = []
         self.pending: dict[int, tuple[Any, str]] = {}  # shard number -> (task, uri)
         self.done: dict[int, dict] = {}
         self.failed_uri: str | None = None
 
     def submit(self, key: int, rows: list[dict], hashes: list, uri: str, hash_uri: str, row_group_size: int,
                storage_cfg: StorageConfig | None) -> None:
-        self.pending[key] = (_remote("write").remote(rows, hashes, uri, hash_uri, row_group_size, storage_cfg), uri)
+        if not self.writers:
+            self.writers = [_remote("writer").remote() for _ in range(self.num_writers)]
+        writer = self.writers[key % self.num_writers]
+        self.pending[key] = (writer.write.remote(rows, hashes, uri, hash_uri, row_group_size, storage_cfg), uri)
         while len(self.pending) > self.in_flight:
             self.wait(min(self.pending))
 
@@ -271,6 +286,7 @@ class ShardWriters:
     def drain(self) -> None:
         for key in sorted(self.pending):
             self.wait(key)
+        self.close()
 
     def abandon(self) -> None:
         """Wait out every write still running (their files are then removed by the caller)."""
@@ -280,6 +296,14 @@ class ShardWriters:
         if refs:
             ray.wait(refs, num_returns=len(refs), timeout=300)
         self.pending.clear()
+        self.close()
+
+    def close(self) -> None:
+        import ray
+
+        for w in self.writers:
+            ray.kill(w)
+        self.writers = []
 
 
 def stop_ray() -> None:
