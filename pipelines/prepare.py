@@ -160,20 +160,23 @@ def prepare(
     unknown = sorted(set(opts.column_map) - set(RECORD_FIELDS))
     if unknown:
         raise ValueError(f"prepare: --map names unknown record field(s) {unknown}; fields: {RECORD_FIELDS}")
+    if opts.cpus is not None and opts.cpus < 1:
+        raise ValueError("prepare: cpus must be >= 1")
     try:
         files = source_files(src, storage_cfg)
         src_is_dir = storage.is_dir(src, storage_cfg)
+        parallel = opts.cpus != 1 and prepare_parallel.source_bytes(files, storage_cfg) >= opts.parallel_min_bytes
     except (FileNotFoundError, ValueError):
         raise
     except Exception as err:  # noqa: BLE001 - the source's storage itself
         raise PrepareError(f"cannot list source {src}: {type(err).__name__}: {err}"[:600]) from err
     _refuse_destination_inside_source(src, dst, src_is_dir)
     with WriterLock(dst, storage_cfg) as lock:
-        return _prepare_locked(src, src_is_dir, files, dst, opts, storage_cfg, lock, t0)
+        return _prepare_locked(src, src_is_dir, files, dst, opts, storage_cfg, lock, t0, parallel)
 
 
 def _prepare_locked(src: str, src_is_dir: bool, files: list[str], dst: str, opts: PrepareOptions,
-                    storage_cfg: StorageConfig | None, lock: WriterLock, t0: float) -> PrepareResult:
+                    storage_cfg: StorageConfig | None, lock: WriterLock, t0: float, parallel: bool) -> PrepareResult:
     manifest, etag = read_manifest(dst, storage_cfg)
     if manifest is not None:
         version = int(manifest["schema_version"])
@@ -183,7 +186,8 @@ def _prepare_locked(src: str, src_is_dir: bool, files: list[str], dst: str, opts
         manifest.setdefault("locales", [])
     orphans = _remove_uncommitted(dst, manifest, storage_cfg)
     manifest = manifest if manifest is not None else new_manifest()
-    cpus, started = _parallel_cpus(files, opts, storage_cfg)
+    # a source under parallel_min_bytes stays in this process: Ray's start-up would cost more than it buys
+    cpus, started = prepare_parallel.start_ray(opts) if parallel else (1, False)
     run = _Run(dst, manifest, opts, storage_cfg, lock, cpus)
     try:
         ids = IdTable(run.shard_ids, hash_fn=id_hashing.id_hash)
@@ -206,16 +210,6 @@ def _prepare_locked(src: str, src_is_dir: bool, files: list[str], dst: str, opts
             prepare_parallel.stop_ray()
     res.num_orphans_removed = orphans
     return res
-
-
-def _parallel_cpus(files: list[str], opts: PrepareOptions, storage_cfg: StorageConfig | None) -> tuple[int, bool]:
-    """(CPUs of Ray tasks, whether Ray was started for this run); 1: in this process. A source
-    under `parallel_min_bytes` stays here: Ray's start-up would cost more than it buys."""
-    if opts.cpus is not None and opts.cpus < 1:
-        raise ValueError("prepare: cpus must be >= 1")
-    if opts.cpus == 1 or prepare_parallel.source_bytes(files, storage_cfg) < opts.parallel_min_bytes:
-        return 1, False
-    return prepare_parallel.start_ray(opts)
 
 
 class _Run:

@@ -167,7 +167,8 @@ def _remote(name: str):
 
 def start_ray(opts: PrepareOptions) -> tuple[int, bool]:
     """(the chunk tasks to run at once, whether Ray was started here). A running instance is used
-    as it is; else `opts.address` or $RAY_ADDRESS; else a local instance of `opts.cpus` CPUs."""
+    as it is; else `opts.address` or $RAY_ADDRESS; else a local instance of `opts.cpus` CPUs (every
+    CPU of this machine by default)."""
     import ray
 
     started = False
@@ -181,8 +182,10 @@ def start_ray(opts: PrepareOptions) -> tuple[int, bool]:
                 ray.init(num_cpus=opts.cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
                          _system_config={"worker_niceness": os.nice(0)})
         started = True
-    total = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    return max(1, min(opts.cpus or total, total)), started
+    # the CPUs free now: chunk tasks waiting on backpressure hold theirs, so every task in flight must
+    # be able to run at once (a head chunk left waiting for a CPU would stall the run)
+    free = max(1, int(ray.available_resources().get("CPU", 1)))
+    return max(1, min(opts.cpus or free, free)), started
 
 
 def unwrap(err: BaseException) -> BaseException:
