@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import io
+import re
 import warnings
 
 import numpy as np
@@ -69,7 +70,9 @@ def decode(data: bytes | None, max_pixels: int, draft: tuple[int, int] | None = 
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise Invalid(Reason.IMAGE_TOO_LARGE, str(err)) from None
     except Exception as err:  # noqa: BLE001 - PIL raises many types for garbage
-        raise Invalid(Reason.IMAGE_UNDECODABLE, f"{type(err).__name__}: {err}") from None
+        # without the address of PIL's in-memory file: the same bytes give the same quarantine entry
+        raise Invalid(Reason.IMAGE_UNDECODABLE, re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "",
+                                                       f"{type(err).__name__}: {err}")) from None
     if w * h > max_pixels:
         raise Invalid(Reason.IMAGE_TOO_LARGE, f"{w}x{h} = {w * h} pixels > limit {max_pixels}")
     if w == 0 or h == 0:

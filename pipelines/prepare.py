@@ -33,9 +33,14 @@ A prepare that does not commit removes what it wrote (a full disk is one line: "
 PATH"); what a killed one left is removed by the next prepare, under the lock. A record in the
 catalogue whose source row changed is listed as changed, never re-admitted (docs/data.md, Identity).
 
-Length (about 720 lines): prepare is one pass (read, validate, shard, quarantine, manifest) whose
-steps share the shard writer, the manifest and the cleanup of an uncommitted run; readers, images and
-faults live in their own modules.
+With more than one CPU (`PrepareOptions.cpus`) and a source of at least `parallel_min_bytes`, the
+per-record work and the shard writes run in Ray tasks (pipelines/prepare_parallel.py) and this
+module's pass only decides, in source order: the same catalogue, byte for byte. The ids of the
+catalogue and of the run are 64-bit hashes (pipelines/ids.py), never a set of strings.
+
+Length (about 540 lines): prepare is one pass (read, validate, shard, quarantine, manifest) whose
+steps share the shard writer, the manifest and the cleanup of an uncommitted run; one record's
+validation (pipelines/prepare_records.py), readers, images and faults live in their own modules.
 """
 
 from __future__ import annotations
@@ -43,53 +48,30 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
-import itertools
-import json
-import os
 import re
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from gammaray.config import StorageConfig
-from gammaray.schema import (QUARANTINE_SCHEMA, RECORD_SCHEMA, REQUIRED_FIELDS, SCHEMA_VERSION, Invalid, Limits,
-                             Reason, validate_record)
+from gammaray.schema import QUARANTINE_SCHEMA, SCHEMA_VERSION, Reason
 
-from . import storage
+from . import ids as id_hashing
+from . import prepare_parallel, storage
 from .catalogue import PrepareError, WriterLock, commit_manifest, load_manifest, read_manifest
-from .image_refs import ImagePolicy, StorageFault, load_image, source_root
-from .images import decode, resized_for_training
-from .readers import CSV_FIELD_LIMIT, MAX_RECORD_BYTES, RawRow, read_source, source_files
-
-RECORD_FIELDS = [f.name for f in RECORD_SCHEMA if f.name != "sample_index"]
+from .ids import IdTable
+from .image_refs import ImagePolicy, source_root
+from .prepare_records import (RECORD_FIELDS, Checked, PrepareOptions, canonical_uri, hash_table_bytes, hashes_path,
+                              image_policy, in_order, printable, record_bytes, source_rows, validate_raw, write_shard)
+from .readers import source_files
 
 __all__ = ["PrepareOptions", "PrepareResult", "PrepareError", "prepare", "load_manifest", "read_quarantine",
            "validate_raw", "canonical_uri"]
-
-
-@dataclass
-class PrepareOptions:
-    column_map: dict[str, str] = field(default_factory=dict)  # record field -> source column
-    max_records_per_shard: int = 1000
-    target_shard_bytes: int = 128 * 2**20
-    row_group_size: int = 128
-    max_image_pixels: int = 25_000_000
-    max_image_bytes: int = 64 * 2**20    # checked before an image is read (data.max_image_bytes)
-    max_text_chars: int = 8192
-    csv_field_limit: int = CSV_FIELD_LIMIT
-    max_record_bytes: int = MAX_RECORD_BYTES  # one JSONL/CSV line; longer is oversized_record, skipped unread
-    allow_outside_paths: bool = False    # local image paths may leave the source folder (data.allow_outside_paths)
-    check_images: bool = True
-    check_draft_side: int | None = 256  # JPEGs are checked at a reduced decode scale (every byte still read)
-    image_max_side: int | None = None   # store images shrunk to this longer side (the source is untouched)
-    io_threads: int = 8
-    progress: bool = True
 
 
 @dataclass
@@ -155,216 +137,6 @@ class PrepareResult:
                 "num_orphans_removed": self.num_orphans_removed}
 
 
-# --------------------------------------------------------------------------------------------
-# validating one record
-
-
-@dataclass
-class Checked:
-    """What validation found for one raw row."""
-
-    rec: dict | None                    # the clean record (without sample_index), or None
-    err: tuple[str, str] | None         # (reason, detail), or None
-    pid: str | None                     # the product_id the row gives, also for a bad row
-    key: str | None = None              # the row's identity across runs (None: already in the catalogue)
-    conversions: tuple[str, ...] = ()   # what decoding changed in its images
-    known: bool = False                 # its product_id is already in the catalogue: images not read
-    row_hash: int | None = None         # what the row says about the record's fields (edits at the source)
-
-
-def _apply_map(values: dict[str, Any], column_map: dict[str, str]) -> dict[str, Any]:
-    out = dict(values)
-    for field_name, column in column_map.items():
-        out[field_name] = values.get(column)
-    return out
-
-
-def _missing_columns(raw: RawRow, opts: PrepareOptions) -> list[str]:
-    if raw.columns is None:
-        return []
-    return [f for f in REQUIRED_FIELDS if opts.column_map.get(f, f) not in raw.columns]
-
-
-def _policy(opts: PrepareOptions, root: str | None) -> ImagePolicy:
-    return ImagePolicy(root=root, max_bytes=opts.max_image_bytes, allow_outside=opts.allow_outside_paths)
-
-
-def validate_raw(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfig | None,
-                 policy: ImagePolicy | None = None, known_ids: frozenset[str] | set[str] = frozenset()) -> Checked:
-    """Validate one raw row. A row whose product_id is in `known_ids` gets the cheap checks only (its
-    images are not fetched again). A `StorageFault` (the storage, not the record) propagates."""
-    policy = policy or _policy(opts, None)
-    pid = _raw_product_id(raw, opts)
-    images: list[bytes] = []
-    conversions: tuple[str, ...] = ()
-    rec = err = None
-    try:
-        rec, conversions, known = _validate(raw, opts, storage_cfg, policy, pid in known_ids, images)
-        if known:
-            return Checked(None, None, pid, known=True, row_hash=row_hash(raw, opts))
-    except Invalid as bad:
-        err = (bad.reason, bad.detail)
-    except (StorageFault, MemoryError):
-        raise
-    except RecursionError:
-        err = (Reason.NESTING_TOO_DEEP, "the record is nested too deeply to validate")
-    except Exception as unexpected:  # noqa: BLE001 - one odd record must not abort a catalogue
-        err = (Reason.INVALID_RECORD, f"{type(unexpected).__name__}: {unexpected}"[:300])
-    return Checked(rec, err, pid, _content_key(raw, images), conversions, row_hash=row_hash(raw, opts) if rec else None)
-
-
-def _validate(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfig | None, policy: ImagePolicy,
-              known: bool, images: list[bytes]) -> tuple[dict | None, tuple[str, ...], bool]:
-    if raw.error is not None:
-        raise Invalid(*raw.error)
-    missing = _missing_columns(raw, opts)
-    if missing:
-        raise Invalid(Reason.MISSING_COLUMN, f"source has no column for {missing}"
-                      + (f" (mapped from {[opts.column_map[m] for m in missing if m in opts.column_map]})"
-                         if any(m in opts.column_map for m in missing) else ""))
-    v = _apply_map(raw.values or {}, opts.column_map)
-    limits = Limits(max_text_chars=opts.max_text_chars, max_image_bytes=opts.max_image_bytes)
-    if v.get("image") is None:
-        raise Invalid(Reason.MISSING_FIELD, "field 'image' is missing")
-    # cheap checks first: no image fetch for a record that is bad anyway, or already in the catalogue
-    validate_record({**v, "image": b"x", "extra_images": None}, limits)
-    if known:
-        return None, (), True
-    v["image"] = load_image(v["image"], raw.source, policy, storage_cfg)
-    images.append(v["image"])
-    extra = v.get("extra_images")
-    if extra is not None and isinstance(extra, (list, tuple)):
-        v["extra_images"] = [load_image(e, raw.source, policy, storage_cfg) for e in extra]
-        images.extend(v["extra_images"])
-    rec = validate_record(v, limits)
-    conversions: list[str] = []
-    draft = (opts.check_draft_side, opts.check_draft_side) if opts.check_draft_side else None
-    if opts.image_max_side:  # decoded anyway: this is the check too
-        rec["image"], done = resized_for_training(rec["image"], opts.image_max_side, opts.max_image_pixels)
-        conversions += done
-        if rec["extra_images"]:
-            extra = [resized_for_training(b, opts.image_max_side, opts.max_image_pixels) for b in rec["extra_images"]]
-            rec["extra_images"] = [b for b, _ in extra]
-            conversions += [c for _, done in extra for c in done]
-    elif opts.check_images:
-        for b in [rec["image"], *(rec["extra_images"] or ())]:
-            conversions += decode(b, opts.max_image_pixels, draft)[1]
-    return rec, tuple(conversions), False
-
-
-def _raw_product_id(raw: RawRow, opts: PrepareOptions) -> str | None:
-    if raw.values is None:
-        return None
-    v = raw.values.get(opts.column_map.get("product_id", "product_id"))
-    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
-        return None  # a nested value: validation says what is wrong with it
-    return printable(str(v).strip()[:512]) or None
-
-
-def printable(text: str) -> str:
-    """`text` as UTF-8 can hold it: a lone surrogate becomes its escape (a quarantine entry must be writable)."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def row_hash(raw: RawRow, opts: PrepareOptions) -> int | None:
-    """The record fields as the (mapped) row gives them, hashed (sha256 cut to a signed 64 bits: one
-    small int per catalogued record in memory): images by reference (or by the hash of inline bytes),
-    so a known record is compared without reading its images."""
-    if raw.values is None:
-        return None
-    v = _apply_map(raw.values, opts.column_map)
-    try:
-        text = json.dumps({f: v.get(f) for f in RECORD_FIELDS}, sort_keys=True, default=_jsonable)
-        return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "little", signed=True)
-    except (ValueError, TypeError, RecursionError):
-        return None
-
-
-def _content_key(raw: RawRow, images: list[bytes]) -> str:
-    """sha256 of what the row says (all its columns) and of the bytes of the images it names. A row
-    that could not be parsed is keyed by its raw bytes (`digest`), so a renamed copy of the source
-    names the same record; only a row with neither (a damaged Parquet row group or tar) is keyed by
-    its place in the (canonically named) source."""
-    h = hashlib.sha256()
-    try:
-        if raw.values is None:
-            if raw.digest is not None:
-                return hashlib.sha256(f"raw\0{raw.digest}".encode()).hexdigest()
-            raise ValueError("no values")
-        h.update(json.dumps(raw.values, sort_keys=True, default=_jsonable).encode("utf-8", "surrogatepass"))
-    except (ValueError, TypeError, RecursionError):
-        h = hashlib.sha256(f"row\0{canonical_uri(raw.source)}\0{raw.row}".encode("utf-8", "surrogatepass"))
-    for b in images:
-        h.update(hashlib.sha256(b).digest())
-    return h.hexdigest()
-
-
-def _jsonable(obj: Any) -> str:
-    if isinstance(obj, (bytes, bytearray)):
-        return "sha256:" + hashlib.sha256(obj).hexdigest()
-    return repr(obj)
-
-
-def canonical_uri(uri: str) -> str:
-    """One spelling per location: a local path (relative, absolute, file://, via symlinks) becomes
-    its real absolute path; s3:// and other URIs lose duplicate and trailing slashes."""
-    proto = storage.protocol(uri)
-    if proto == "file":
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
-        return os.path.realpath(os.path.abspath(path))
-    scheme, rest = uri.split("://", 1)
-    return f"{scheme}://{re.sub('/+', '/', rest).rstrip('/')}"
-
-
-# --------------------------------------------------------------------------------------------
-# writing
-
-
-def _write_shard(rows: list[dict], uri: str, row_group_size: int, storage_cfg: StorageConfig | None,
-                 write=None) -> dict:
-    table = pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)
-    buf = io.BytesIO()
-    pq.write_table(table, buf, row_group_size=row_group_size, compression="zstd", write_statistics=True)
-    data = buf.getvalue()
-    if write is None:
-        storage.write_bytes(uri, data, storage_cfg)
-    else:
-        write(uri, data)
-    groups = [min(row_group_size, len(rows) - s) for s in range(0, len(rows), row_group_size)]
-    return {"num_rows": len(rows), "row_groups": groups, "sha256": hashlib.sha256(data).hexdigest(),
-            "first_sample_index": rows[0]["sample_index"], "bytes": len(data)}
-
-
-def _record_bytes(rec: dict) -> int:
-    n = len(rec["image"]) + sum(len(b) for b in rec.get("extra_images") or ())
-    return n + sum(len(rec.get(k) or "") for k in ("title", "description", "category")) + 64
-
-
-def _validated(rows: Iterator[RawRow], opts: PrepareOptions, storage_cfg: StorageConfig | None,
-               policy: ImagePolicy, known_ids: set[str]) -> Iterator[tuple[RawRow, Checked]]:
-    """(raw, checked) in source order; a bounded window of records validated in parallel threads
-    (image fetches are I/O; decoding releases the GIL)."""
-    window = max(1, opts.io_threads) * 16
-    pool = ThreadPoolExecutor(max_workers=max(1, opts.io_threads))
-    try:
-        while True:
-            chunk = list(itertools.islice(rows, window))
-            if not chunk:
-                return
-            yield from zip(chunk, pool.map(lambda r: validate_raw(r, opts, storage_cfg, policy, known_ids), chunk))
-    finally:  # on a fault, drop the rest of the window instead of fetching it first
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _source_rows(files: list[str], opts: PrepareOptions, storage_cfg: StorageConfig | None) -> Iterator[RawRow]:
-    for f in files:
-        try:
-            yield from read_source(f, storage_cfg, opts.csv_field_limit, opts.max_record_bytes)
-        except PrepareError:
-            raise
-        except Exception as err:  # noqa: BLE001 - a damaged file is rows with reasons; this is the file itself
-            raise PrepareError(f"cannot read source file {f}: {type(err).__name__}: {err}"[:600]) from err
-
 
 def new_manifest() -> dict:
     return {"schema_version": SCHEMA_VERSION, "num_records": 0, "next_sample_index": 0, "shards": [],
@@ -388,20 +160,23 @@ def prepare(
     unknown = sorted(set(opts.column_map) - set(RECORD_FIELDS))
     if unknown:
         raise ValueError(f"prepare: --map names unknown record field(s) {unknown}; fields: {RECORD_FIELDS}")
+    if opts.cpus is not None and opts.cpus < 1:
+        raise ValueError("prepare: cpus must be >= 1")
     try:
         files = source_files(src, storage_cfg)
         src_is_dir = storage.is_dir(src, storage_cfg)
+        parallel = opts.cpus != 1 and prepare_parallel.source_bytes(files, storage_cfg) >= opts.parallel_min_bytes
     except (FileNotFoundError, ValueError):
         raise
     except Exception as err:  # noqa: BLE001 - the source's storage itself
         raise PrepareError(f"cannot list source {src}: {type(err).__name__}: {err}"[:600]) from err
     _refuse_destination_inside_source(src, dst, src_is_dir)
     with WriterLock(dst, storage_cfg) as lock:
-        return _prepare_locked(src, src_is_dir, files, dst, opts, storage_cfg, lock, t0)
+        return _prepare_locked(src, src_is_dir, files, dst, opts, storage_cfg, lock, t0, parallel)
 
 
 def _prepare_locked(src: str, src_is_dir: bool, files: list[str], dst: str, opts: PrepareOptions,
-                    storage_cfg: StorageConfig | None, lock: WriterLock, t0: float) -> PrepareResult:
+                    storage_cfg: StorageConfig | None, lock: WriterLock, t0: float, parallel: bool) -> PrepareResult:
     manifest, etag = read_manifest(dst, storage_cfg)
     if manifest is not None:
         version = int(manifest["schema_version"])
@@ -410,17 +185,19 @@ def _prepare_locked(src: str, src_is_dir: bool, files: list[str], dst: str, opts
                              f"needs version {SCHEMA_VERSION}: prepare into a new destination")
         manifest.setdefault("locales", [])
     orphans = _remove_uncommitted(dst, manifest, storage_cfg)
-    if manifest is None:
-        manifest = new_manifest()
-        known, old_quarantine = {}, []
-    else:
-        known = _known_records(dst, manifest, storage_cfg)
-        old_quarantine = _read_quarantine_entries(dst, manifest, storage_cfg)
-    run = _Run(dst, manifest, opts, storage_cfg, lock)
+    manifest = manifest if manifest is not None else new_manifest()
+    # a source under parallel_min_bytes stays in this process: Ray's start-up would cost more than it buys
+    cpus, started = prepare_parallel.start_ray(opts) if parallel else (1, False)
+    run = _Run(dst, manifest, opts, storage_cfg, lock, cpus)
     try:
-        res = _prepare_pass(src, src_is_dir, files, run, known, old_quarantine, etag, t0)
+        ids = IdTable(run.shard_ids, hash_fn=id_hashing.id_hash)
+        ids.load_known(_shard_id_rows(dst, shard, storage_cfg) for shard in manifest["shards"])
+        old_quarantine = _read_quarantine_entries(dst, manifest, storage_cfg) if manifest["shards"] or \
+            manifest["quarantine"]["files"] else []
+        res = _prepare_pass(src, src_is_dir, files, run, ids, old_quarantine, etag, t0)
     except OSError as err:
         if not _storage_full(err):
+            run.discard()
             raise
         run.discard()
         raise PrepareError(f"storage full at {run.writing or dst} ({_os_text(err)}); nothing of this run was committed "
@@ -428,16 +205,22 @@ def _prepare_locked(src: str, src_is_dir: bool, files: list[str], dst: str, opts
     except BaseException:
         run.discard()
         raise
+    finally:
+        if started:
+            prepare_parallel.stop_ray()
     res.num_orphans_removed = orphans
     return res
 
 
 class _Run:
-    """The files one prepare writes before its commit: removed again if it does not commit."""
+    """The files one prepare writes before its commit: removed again if it does not commit. With
+    cpus > 1 shards are written by Ray tasks, at most `cpus` at once."""
 
     def __init__(self, dst: str, manifest: dict, opts: PrepareOptions, storage_cfg: StorageConfig | None,
-                 lock: WriterLock):
+                 lock: WriterLock, cpus: int = 1):
         self.dst, self.manifest, self.opts, self.storage_cfg, self.lock = dst, manifest, opts, storage_cfg, lock
+        self.cpus = cpus
+        self.writers = prepare_parallel.ShardWriters(cpus) if cpus > 1 else None
         self.first_part = len(manifest["shards"])
         self.shard_uris: list[str] = []
         self.uncommitted: list[str] = []
@@ -453,13 +236,41 @@ class _Run:
 
     def write_shard(self, rows: list[dict], hashes: list[int | None]) -> None:
         rel = f"shards/part-{self.first_part + len(self.shard_uris):05d}.parquet"
-        uri = storage.join(self.dst, rel)
-        info = _write_shard(rows, uri, self.opts.row_group_size, self.storage_cfg, self.write)
-        self.write(storage.join(self.dst, _hashes_path(rel)), _hash_table_bytes(rows, hashes))
-        self.manifest["shards"].append({"path": rel, **info})
+        uri, hash_uri = storage.join(self.dst, rel), storage.join(self.dst, hashes_path(rel))
+        if self.writers is None:
+            info = write_shard(rows, uri, self.opts.row_group_size, self.storage_cfg, self.write)
+            self.write(hash_uri, hash_table_bytes(rows, hashes))
+            self.manifest["shards"].append({"path": rel, **info})
+        else:
+            self.lock.check()
+            self.uncommitted += [uri, hash_uri]
+            self.manifest["shards"].append({"path": rel})  # the rest when its task is done
+            self._settled(lambda: self.writers.submit(len(self.manifest["shards"]) - 1, rows, hashes, uri, hash_uri,
+                                                      self.opts.row_group_size, self.storage_cfg))
         self.shard_uris.append(uri)
 
+    def _settled(self, step) -> None:
+        try:
+            step()
+        finally:
+            self.writing = self.writers.failed_uri
+            for k, info in self.writers.done.items():
+                self.manifest["shards"][k].update(info)
+            self.writers.done.clear()
+
+    def finish_writes(self) -> None:
+        if self.writers is not None:
+            self._settled(self.writers.drain)
+
+    def shard_ids(self, k: int) -> list[str]:
+        """The product_ids of shard k of the catalogue (this run's once written), in row order."""
+        if self.writers is not None and k >= self.first_part:
+            self._settled(lambda: self.writers.wait(k))
+        return _shard_id_rows(self.dst, self.manifest["shards"][k], self.storage_cfg)[0]
+
     def discard(self) -> None:
+        if self.writers is not None:
+            self.writers.abandon()  # no write may land after the removal below
         try:
             self.lock.check()
         except PrepareError:
@@ -469,19 +280,29 @@ class _Run:
                 _remove_quietly(uri, self.storage_cfg)
 
 
-def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, known: dict[str, int | None], old_quarantine: list[dict],
+def _in_process_items(files: list[str], opts: PrepareOptions, storage_cfg: StorageConfig | None, policy: ImagePolicy,
+                      ids: IdTable) -> Iterator[tuple[str, int, Checked, Callable[[], Checked]]]:
+    check = lambda raw: validate_raw(raw, opts, storage_cfg, policy, ids)  # noqa: E731
+    for raw, checked in in_order(source_rows(files, opts, storage_cfg), check, opts.io_threads):
+        yield raw.source, raw.row, checked, lambda raw=raw: validate_raw(raw, opts, storage_cfg, policy)
+
+
+def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, ids: IdTable, old_quarantine: list[dict],
                   etag: str | None, t0: float) -> PrepareResult:
     dst, manifest, opts, storage_cfg = run.dst, run.manifest, run.opts, run.storage_cfg
-    policy = _policy(opts, source_root(src, src_is_dir))
-    rows = _source_rows(files, opts, storage_cfg)
+    policy = image_policy(opts, source_root(src, src_is_dir))
+    if run.cpus > 1:
+        items = prepare_parallel.parallel_items(files, opts, storage_cfg, policy, ids, run.cpus)
+    else:
+        items = _in_process_items(files, opts, storage_cfg, policy, ids)
 
-    new_ids: set[str] = set()             # product_ids this run wrote (the catalogue's are in `known`)
-    known_seen: set[str] = set()          # product_ids of the catalogue this run met in the source
+    # the product_ids of the catalogue and of this run's writes are in `ids` (64-bit hashes), the
+    # catalogue's met in the source flagged in ids.seen
     old_keys = {e["record_key"] for e in old_quarantine}
     new_quarantine: dict[str, dict] = {}  # record_key -> entry, this run's findings
     first_seen: list[dict] = []           # entries whose record was not quarantined before
-    decided_bad: set[str] = set()         # product_ids this run quarantined (the ones it wrote are in new_ids)
-    read_sources: set[str] = set()
+    decided_bad: set[str] = set()         # product_ids this run quarantined (as many as the quarantine holds)
+    read_sources: dict[str, str] = {}     # source as the rows name it -> canonical
     changed: list[str] = []
     conversions: Counter = Counter()
     num_input = already = written = repeated = 0
@@ -496,57 +317,66 @@ def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, known
         nonlocal buffer, hashes, buffer_bytes
         if buffer:
             run.write_shard(buffer, hashes)
+            ids.shard_done()
         buffer, hashes, buffer_bytes = [], [], 0
 
     bar = tqdm(desc="prepare", unit="rec", disable=not opts.progress, dynamic_ncols=True)
-    for raw, checked in _validated(rows, opts, storage_cfg, policy, known):
-        num_input += 1
-        bar.update(1)
-        read_sources.add(canonical_uri(raw.source))
-        if checked.known:
-            if checked.pid not in known_seen:
-                known_seen.add(checked.pid)
-                already += 1
-                stored = known[checked.pid]
-                if stored is not None and checked.row_hash is not None and stored != checked.row_hash:
-                    changed.append(checked.pid)
-                continue
-            # the same catalogued product_id again in the source: the duplicate the first run quarantined
-            checked = validate_raw(raw, opts, storage_cfg, policy)
-        rec, err = checked.rec, checked.err
-        if err is None and rec is not None:
-            if rec["product_id"] in new_ids or rec["product_id"] in known:
-                err = (Reason.DUPLICATE_ID, f"product_id {printable(rec['product_id'])!r} appears earlier in the source")
+    try:
+        for source, row, checked, full in items:
+            num_input += 1
+            bar.update(1)
+            if source not in read_sources:
+                read_sources[source] = canonical_uri(source)
+            if checked.known:
+                place = ids.known_place(checked.pid)
+                if not ids.seen[place]:
+                    ids.seen[place] = True
+                    already += 1
+                    if ids.has_row_hash[place] and checked.row_hash is not None \
+                            and int(ids.row_hash[place]) != checked.row_hash:
+                        changed.append(checked.pid)
+                    continue
+                # the same catalogued product_id again in the source: the duplicate the first run quarantined
+                checked = full()
+            rec, err = checked.rec, checked.err
+            if err is None and rec is not None:
+                if ids.place(rec["product_id"]) is not None:
+                    err = (Reason.DUPLICATE_ID, f"product_id {printable(rec['product_id'])!r} appears earlier in the source")
+                else:
+                    ids.add(rec["product_id"])
+                    conversions.update(checked.conversions)
+                    rec["sample_index"] = next_index
+                    next_index += 1
+                    written += 1
+                    if rec.get("category"):
+                        cats.add(rec["category"])
+                    if rec.get("locale"):
+                        locales.add(rec["locale"])
+                    for loc, _ in rec.get("titles") or ():
+                        locales.add(loc)
+                    buffer.append(rec)
+                    hashes.append(checked.row_hash)
+                    buffer_bytes += record_bytes(rec)
+                    if len(buffer) >= opts.max_records_per_shard or buffer_bytes >= opts.target_shard_bytes:
+                        flush()
+                    if not bar.disable:
+                        bar.set_postfix(shards=len(run.shard_uris), bad=len(new_quarantine), refresh=False)
+                    continue
+            if checked.pid:
+                decided_bad.add(checked.pid)
+            entry = {"product_id": checked.pid, "source": printable(source), "row": row, "reason": err[0],
+                     "detail": printable(str(err[1])[:500]), "stage": "prepare", "epoch": None, "record_key": checked.key}
+            if checked.key in new_quarantine or checked.key in old_keys:
+                repeated += 1  # the same record (same content) as one quarantined before
             else:
-                new_ids.add(rec["product_id"])
-                conversions.update(checked.conversions)
-                rec["sample_index"] = next_index
-                next_index += 1
-                written += 1
-                if rec.get("category"):
-                    cats.add(rec["category"])
-                if rec.get("locale"):
-                    locales.add(rec["locale"])
-                for loc, _ in rec.get("titles") or ():
-                    locales.add(loc)
-                buffer.append(rec)
-                hashes.append(checked.row_hash)
-                buffer_bytes += _record_bytes(rec)
-                if len(buffer) >= opts.max_records_per_shard or buffer_bytes >= opts.target_shard_bytes:
-                    flush()
-                bar.set_postfix(shards=len(run.shard_uris), bad=len(new_quarantine), refresh=False)
-                continue
-        if checked.pid:
-            decided_bad.add(checked.pid)
-        entry = {"product_id": checked.pid, "source": printable(raw.source), "row": raw.row, "reason": err[0],
-                 "detail": printable(str(err[1])[:500]), "stage": "prepare", "epoch": None, "record_key": checked.key}
-        if checked.key in new_quarantine or checked.key in old_keys:
-            repeated += 1  # the same record (same content) as one quarantined before
-        else:
-            first_seen.append(entry)
-        new_quarantine[checked.key] = entry
+                first_seen.append(entry)
+            new_quarantine[checked.key] = entry
+    finally:  # a fault stops the chunk tasks still running
+        items.close()
     flush()
+    run.finish_writes()
     bar.close()
+    read_canonical = set(read_sources.values())
 
     # this run's findings replace earlier entries of the records it decided, and of unreadable rows of
     # the files it read again; entries of records it did not see stay
@@ -554,10 +384,11 @@ def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, known
     for e in old_quarantine:
         if e["record_key"] in new_quarantine:
             continue
-        if e["product_id"] is not None and (e["product_id"] in new_ids or e["product_id"] in decided_bad):
-            readmitted += e["product_id"] in new_ids
+        is_new = e["product_id"] is not None and ids.is_new(e["product_id"])
+        if is_new or e["product_id"] in decided_bad:
+            readmitted += is_new
             continue
-        if e["product_id"] is None and canonical_uri(e["source"]) in read_sources:
+        if e["product_id"] is None and canonical_uri(e["source"]) in read_canonical:
             continue
         kept.append(e)
     current = kept + list(new_quarantine.values())
@@ -630,41 +461,24 @@ def _remove_quietly(uri: str, storage_cfg: StorageConfig | None) -> None:
         pass
 
 
-HASHES_SCHEMA = pa.schema([pa.field("product_id", pa.string(), nullable=False), pa.field("row_hash", pa.int64())])
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _FULL_TEXT = ("no space left", "disk quota exceeded", "file too large", "quotaexceeded", "entitytoolarge")
 
 
-def _hashes_path(shard_rel: str) -> str:
-    """Beside each shard, what its rows said at the source (product_id, row_hash): edits are found
-    without reading images. Written before the commit, like the shard."""
-    return "record_hashes/" + shard_rel.rsplit("/", 1)[-1]
 
-
-def _hash_table_bytes(rows: list[dict], hashes: list[int | None]) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(pa.table({"product_id": [r["product_id"] for r in rows], "row_hash": hashes}, schema=HASHES_SCHEMA),
-                   buf, compression="zstd")
-    return buf.getvalue()
-
-
-def _known_records(dst: str, manifest: dict, storage_cfg: StorageConfig | None) -> dict[str, int | None]:
-    """product_id -> row_hash of every record in the catalogue (None where the shard predates hashes)."""
-    known: dict[str, int | None] = {}
-    for shard in manifest["shards"]:
-        try:
-            with storage.open_random_access(storage.join(dst, _hashes_path(shard["path"])), storage_cfg) as f:
-                table = pq.read_table(f)
-            if table.num_rows == shard["num_rows"]:
-                known.update(zip(table.column("product_id").to_pylist(), table.column("row_hash").to_pylist()))
-                continue
-        except Exception as err:  # noqa: BLE001 - missing (an older catalogue) or unreadable: use the shard
-            if storage.is_storage_fault(err):
-                raise
-        with storage.open_random_access(storage.join(dst, shard["path"]), storage_cfg) as f:
-            table = pq.read_table(f, columns=["product_id"])
-        known.update(dict.fromkeys(table.column("product_id").to_pylist()))
-    return known
+def _shard_id_rows(dst: str, shard: dict, storage_cfg: StorageConfig | None) -> tuple[list[str], list[int | None]]:
+    """The product_ids of one shard and their row hashes (None where the shard predates hashes)."""
+    try:
+        with storage.open_random_access(storage.join(dst, hashes_path(shard["path"])), storage_cfg) as f:
+            table = pq.read_table(f)
+        if table.num_rows == shard["num_rows"]:
+            return table.column("product_id").to_pylist(), table.column("row_hash").to_pylist()
+    except Exception as err:  # noqa: BLE001 - missing (an older catalogue) or unreadable: use the shard
+        if storage.is_storage_fault(err):
+            raise
+    with storage.open_random_access(storage.join(dst, shard["path"]), storage_cfg) as f:
+        table = pq.read_table(f, columns=["product_id"])
+    return table.column("product_id").to_pylist(), [None] * table.num_rows
 
 
 def _remove_uncommitted(dst: str, manifest: dict | None, storage_cfg: StorageConfig | None) -> int:
@@ -672,7 +486,7 @@ def _remove_uncommitted(dst: str, manifest: dict | None, storage_cfg: StorageCon
     a prepare that died before its commit: nobody will ever read it."""
     named = set()
     for shard in (manifest or {}).get("shards", []):
-        named.update((shard["path"], _hashes_path(shard["path"])))
+        named.update((shard["path"], hashes_path(shard["path"])))
     named.update((manifest or {}).get("quarantine", {}).get("files", []))
     if (manifest or {}).get("index"):
         named.add(manifest["index"]["path"])  # the shard index the header names (pipelines/catalogue.py)

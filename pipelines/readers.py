@@ -86,12 +86,14 @@ class Line:
     digest: str | None     # sha256 of an over-cap line, computed while it was skipped
 
 
-def capped_lines(f: BinaryIO, cap: int, chunk: int = READ_CHUNK, first: bytes = b"") -> Iterator[Line]:
+def capped_lines(f: BinaryIO, cap: int, chunk: int = READ_CHUNK, first: bytes = b"", first_number: int = 0) -> Iterator[Line]:
     """The lines of a binary stream, read `chunk` bytes at a time. A line longer than `cap` bytes is
-    hashed as it streams past and yielded with data=None: memory holds at most cap + chunk bytes."""
+    hashed as it streams past and yielded with data=None: memory holds at most cap + chunk bytes.
+    Lines are numbered from `first_number` (a byte range of a file that starts at that line)."""
     carry = bytearray()
     over = None  # the hash of the line being skipped
-    size = number = 0
+    size = 0
+    number = first_number
     block = first or f.read(chunk)
     while block:
         parts = block.split(b"\n")
@@ -127,10 +129,40 @@ def read_jsonl(uri: str, f: BinaryIO, max_record_bytes: int = MAX_RECORD_BYTES) 
     """JSON Lines, streamed; a `.json` file holding one array of objects is read whole, up to
     `max_record_bytes` (a larger array is one oversized_record: convert it to JSON Lines)."""
     head = f.read(READ_CHUNK)
-    if head.lstrip()[:1] == b"[":
+    if is_json_array(head):
         yield from _read_json_array(uri, f, head, max_record_bytes)
         return
-    for line in capped_lines(f, max_record_bytes, first=head):
+    yield from jsonl_rows(uri, capped_lines(f, max_record_bytes, first=head), max_record_bytes)
+
+
+def is_json_array(head: bytes) -> bool:
+    """Whether a .json/.jsonl file whose first READ_CHUNK bytes are `head` is one JSON array (read whole)."""
+    return head.lstrip()[:1] == b"["
+
+
+def read_jsonl_range(uri: str, f: BinaryIO, start: int, stop: int, first_line: int,
+                     max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[RawRow]:
+    """The JSON Lines of bytes [start, stop) of a file (a range that starts at a line start, line
+    `first_line`, and ends after a newline or at the end): the rows `read_jsonl` gives for them."""
+    f.seek(start)
+    yield from jsonl_rows(uri, capped_lines(_Bounded(f, stop - start), max_record_bytes, first_number=first_line),
+                          max_record_bytes)
+
+
+class _Bounded:
+    """At most `left` bytes of a stream."""
+
+    def __init__(self, f: BinaryIO, left: int):
+        self.f, self.left = f, left
+
+    def read(self, n: int) -> bytes:
+        data = self.f.read(min(n, self.left)) if self.left > 0 else b""
+        self.left -= len(data)
+        return data
+
+
+def jsonl_rows(uri: str, lines: Iterator[Line], max_record_bytes: int) -> Iterator[RawRow]:
+    for line in lines:
         if line.data is None:
             yield _oversized(uri, line, max_record_bytes, f"line {line.number + 1}")
             continue

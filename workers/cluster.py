@@ -19,14 +19,14 @@ plus a thin reader of `ray.cluster_resources()` / `ray.nodes()`; it imports Ray 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 
 from gammaray.config import ConfigError, GammarayConfig, apply_overrides
+from pipelines.ray_start import private_tmpdir_for_ray
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,31 +145,3 @@ def ensure_ray(cfg: GammarayConfig) -> None:
         # the dashboard process also serves the state API that Ray Train's placement-group cleaner polls
         ray.init(num_cpus=num_cpus, log_to_driver=True, logging_config=ray.LoggingConfig(log_level="WARNING"),
                  runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if cfg.train.use_gpu else "cpu")}})
-
-
-@contextlib.contextmanager
-def private_tmpdir_for_ray() -> Iterator[str]:
-    """The processes of a local Ray instance started inside this block (GCS, raylet, dashboard, the
-    workers they start) get a TMPDIR of their own, removed when this process exits, after Ray's
-    shutdown. Ray stops them with signals, so Python's exit hooks never run in them: the dashboard's
-    multiprocessing folder (`pymp-*`) and whatever a killed worker left behind would otherwise stay in
-    the user's TMPDIR, one per command. Ray's own session folder stays where Ray puts it
-    (RAY_TMPDIR, else TMPDIR/ray: its logs outlive the command)."""
-    import atexit
-    import shutil
-    import tempfile
-
-    saved = {k: os.environ.get(k) for k in ("TMPDIR", "RAY_TMPDIR")}
-    ray_tmp = saved["RAY_TMPDIR"] or saved["TMPDIR"] or "/tmp"  # where Ray would put its session folder
-    private = tempfile.mkdtemp(prefix="gammaray-ray-", dir=tempfile.gettempdir())
-    # registered before ray.init, so it runs after the shutdown hook ray.init registers (atexit is LIFO)
-    atexit.register(shutil.rmtree, private, True)
-    os.environ.update(TMPDIR=private, RAY_TMPDIR=ray_tmp)
-    try:
-        yield private
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

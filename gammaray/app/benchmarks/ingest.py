@@ -226,7 +226,7 @@ def run_training(cfg, catalogue: str, tok: str, run_storage: str, steps: int, ep
     if not ray.is_initialized():
         # what `pretrain` would start (workers.cluster.ensure_ray), but always a fresh local instance:
         # never attach to a cluster someone started with `ray start` on the same machine
-        from workers.cluster import private_tmpdir_for_ray
+        from pipelines.ray_start import private_tmpdir_for_ray
 
         with private_tmpdir_for_ray():  # the dashboard's pymp-* folder goes with it
             ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1), log_to_driver=True,

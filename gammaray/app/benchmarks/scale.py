@@ -13,7 +13,8 @@ figure is extrapolated (none is: every row here is measured). Metrics:
 
 | metric | what |
 |---|---|
-| prepare_peak_rss_mb | peak resident set of the prepare process (Ray worker processes, if prepare uses them, not included) |
+| prepare_peak_rss_mb | peak resident set (VmHWM) of the prepare process, the driver (Ray's own processes not included) |
+| prepare_worker_peak_rss_mb | (`cpus` > 1) the largest peak resident set of a Ray worker process of that prepare (`workers`: how many ran) |
 | prepare_records_per_s | records prepared per second; `cpus`: the CPUs prepare was given |
 | tokenizer_s | WordPiece training on a seeded sample of `--tokenizer-sample` texts (`sample` field) |
 | plan_setup_s, plan_setup_mb | (`cpu_s`: the CPU time of it, which a loaded machine does not inflate) one worker's setup before its pipeline starts: manifest header + unit table + its part of the epoch + the first window's read items (`workers` field: W) |
@@ -35,9 +36,10 @@ import sys
 import tempfile
 import time
 
-METRICS = ("prepare_peak_rss_mb", "prepare_records_per_s", "tokenizer_s", "plan_setup_s", "plan_setup_mb",
-           "embed_setup_s", "first_batch_s", "first_batch_after_resume_s", "ckpt_save_s", "ckpt_restore_s")
-UNITS = {"prepare_peak_rss_mb": "MB", "prepare_records_per_s": "records/s", "plan_setup_mb": "MB"}
+METRICS = ("prepare_peak_rss_mb", "prepare_worker_peak_rss_mb", "prepare_records_per_s", "tokenizer_s", "plan_setup_s",
+           "plan_setup_mb", "embed_setup_s", "first_batch_s", "first_batch_after_resume_s", "ckpt_save_s", "ckpt_restore_s")
+UNITS = {"prepare_peak_rss_mb": "MB", "prepare_worker_peak_rss_mb": "MB", "prepare_records_per_s": "records/s",
+         "plan_setup_mb": "MB"}
 ROW_KEYS = ("n", "metric", "value", "unit", "measured")
 
 
@@ -127,11 +129,21 @@ def child(kind: str, p: dict) -> dict:
 
         fields = getattr(PrepareOptions, "__dataclass_fields__", {})
         extra = {k: p["cpus"] for k in ("cpus", "num_cpus") if k in fields}
+        opts = PrepareOptions(progress=False, **extra)
         t0 = time.perf_counter()
-        res = prepare(p["src"], p["dst"], PrepareOptions(progress=False, **extra))
+        workers = _RayWorkerPeaks() if p["cpus"] > 1 and extra else None
+        if workers is not None:  # started here (as prepare would) so that its workers outlive prepare
+            from pipelines import prepare_parallel
+
+            prepare_parallel.start_ray(opts)
+            workers.start()
+        res = prepare(p["src"], p["dst"], opts)
         wall = time.perf_counter() - t0
-        return {"wall_s": wall, "records": res.num_written, "peak_rss_mb": peak_rss() / 2**20,
-                "cpus": p["cpus"] if extra else 1}
+        out = {"wall_s": wall, "records": res.num_written, "peak_rss_mb": peak_rss() / 2**20,
+               "cpus": p["cpus"] if extra else 1}
+        if workers is not None:
+            out.update(workers.stop())
+        return out
     if kind == "tokenizer":
         from pipelines.catalogue import load_manifest
         from pipelines.tokenizer import build_for_catalogue
@@ -215,6 +227,47 @@ def _first_batch(p: dict) -> dict:
     return out
 
 
+class _RayWorkerPeaks:
+    """The peak resident set (VmHWM) of every Ray worker process under this one, sampled twice a
+    second while prepare runs (an idle worker Ray stops is counted up to its last sample)."""
+
+    def __init__(self):
+        import threading
+
+        self.peaks: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if not proc.cmdline()[0].startswith("ray::"):
+                    continue
+                with open(f"/proc/{proc.pid}/status") as f:
+                    kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+            except (psutil.Error, OSError, IndexError, StopIteration):
+                continue
+            self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0), kb * 1024)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self._sample()
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        import ray
+
+        ray.shutdown()
+        return {"worker_peak_rss_mb": max(self.peaks.values(), default=0) / 2**20, "workers": len(self.peaks)}
+
+
 def run_child(kind: str, params: dict, timeout: float = 3600, tries: int = 3) -> dict:
     """One measurement in a fresh process; tried again when it fails (on a loaded machine Ray's
     start-up can time out), the failure printed."""
@@ -268,6 +321,12 @@ def measure(args) -> list[dict]:
             for r in runs:
                 rows.append(row(n, "prepare_records_per_s", r["records"] / r["wall_s"], cpus=r["cpus"]))
                 rows.append(row(n, "prepare_peak_rss_mb", r["peak_rss_mb"], cpus=r["cpus"]))
+                if "worker_peak_rss_mb" in r:
+                    rows.append(row(n, "prepare_worker_peak_rss_mb", r["worker_peak_rss_mb"], cpus=r["cpus"],
+                                    workers=r["workers"]))
+            if len(runs) > 1:
+                print(f"  n={n:>11,}  prepare records/s with {runs[0]['cpus']} CPUs / with 1: "
+                      f"{runs[1]['wall_s'] / runs[0]['wall_s']:.2f}x", flush=True)
         if "tokenizer" not in skip or not os.path.exists(tok):
             r = run_child("tokenizer", {"dst": dst, "out": tok, "sample": args.tokenizer_sample})
             rows.append(row(n, "tokenizer_s", r["wall_s"], sample=args.tokenizer_sample))

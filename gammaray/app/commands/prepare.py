@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
                           csv_field_limit=args.csv_field_limit,
                           max_record_bytes=args.max_record_bytes or cfg.data.max_record_bytes,
                           image_max_side=args.image_max_side,
-                          check_images=not args.no_image_check, io_threads=args.io_threads, progress=not args.quiet)
+                          check_images=not args.no_image_check, io_threads=args.io_threads, progress=not args.quiet,
+                          cpus=args.cpus, address=args.address or cfg.ray.address)
     try:
         res = prepare(args.src, args.dst, opts, cfg.storage)
     except PrepareError as err:
@@ -76,6 +77,11 @@ def register(sub) -> None:
                    help="store each image shrunk to PX pixels on its longer side (decoded, converted as the stream "
                         "would, RGB JPEG); smaller images are stored as they are; the source is never changed")
     p.add_argument("--io-threads", type=int, default=8, help="threads fetching and checking images (default 8)")
+    p.add_argument("--cpus", type=int, metavar="N",
+                   help="Ray tasks reading, validating and writing at once (default: every CPU of this machine, or of "
+                        "the cluster); 1 prepares in this process, as does a source under 2 MiB")
+    p.add_argument("--address", metavar="ADDR",
+                   help="the Ray cluster to prepare on (default: ray.address, $RAY_ADDRESS, else a local instance)")
     p.add_argument("--max-image-bytes", type=parse_size, metavar="SIZE",
                    help="larger image files are quarantined before they are read (default: data.max_image_bytes, 64MiB)")
     p.add_argument("--allow-outside-paths", action="store_true",

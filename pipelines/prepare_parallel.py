@@ -1,0 +1,315 @@
+"""`gammaray prepare` on Ray: the per-record work in parallel tasks, every decision in the driver.
+
+The source is cut into chunks: a JSON Lines file into byte ranges of about `chunk_bytes` that start
+at a line start (the driver finds the cuts and the line number of each while streaming the file
+once: counting newlines costs far less than validating), every other file (CSV: quoted newlines;
+a JSON array; Parquet; WebDataset tar) is one chunk. A Ray task per chunk reads its rows (the
+readers of pipelines/readers.py: the same caps, reasons and row numbers), validates them, reads and
+checks their images, hashes them, and yields them in batches; at most `cpus` chunk tasks run at
+once, each at most `BACKPRESSURE` batches ahead of the driver, so memory holds a bounded window of
+records whatever the size of the source or its images. The driver takes the batches in source
+order and decides every record (already present, duplicate, changed at the source, quarantined,
+re-admitted) with the catalogue's ids, exactly as the in-process pass does: the tasks never see
+the ids, the output is the same, byte for byte. Full shards go to a few writer actors (a bounded
+number of writes in flight); the manifest is still committed last, by the driver.
+
+Ray tasks inside whatever Ray job runs the command, not a Ray Data pipeline: the decisions need one
+ordered pass over the validated records (first seen wins; sample_index is dense in source order),
+which ordered streaming generators give directly, with per-task backpressure.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from gammaray.config import StorageConfig
+
+from . import storage
+from .image_refs import ImagePolicy
+from .ids import IdFilter, IdTable
+from .prepare_records import (Checked, PrepareOptions, check_unknowing, file_rows, hash_table_bytes, in_order,
+                              validate_raw, write_shard)
+from .ray_start import private_tmpdir_for_ray
+from .readers import READ_CHUNK, is_json_array, read_jsonl_range, read_source
+
+BATCH_RECORDS = 1024        # rows a chunk task yields at once
+BATCH_BYTES = 8 * 2**20     # ... or fewer, once their images reach this size
+PROBE_ROWS = 32            # rows a chunk task times on one thread (I/O bound or not)
+BACKPRESSURE = 8            # batches a chunk task may run ahead of the driver (a whole chunk of small records)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    uri: str
+    start: int = 0
+    stop: int | None = None  # None: the whole file, through read_source
+    first_line: int = 0
+
+
+def source_bytes(files: list[str], storage_cfg: StorageConfig | None) -> int:
+    total = 0
+    for f in files:
+        fs, path = storage.resolve(f, storage_cfg)
+        total += fs.get_file_info(path).size or 0
+    return total
+
+
+def plan_chunks(files: list[str], chunk_bytes: int, storage_cfg: StorageConfig | None) -> Iterator[Chunk]:
+    for f in files:
+        if f.endswith((".jsonl", ".json")):
+            yield from file_rows(f, lambda f=f: _jsonl_chunks(f, chunk_bytes, storage_cfg))
+        else:
+            yield Chunk(f)
+
+
+def _jsonl_chunks(uri: str, chunk_bytes: int, storage_cfg: StorageConfig | None) -> Iterator[Chunk]:
+    """Byte ranges of about chunk_bytes, each ending after a newline (or at the end of the file)."""
+    with storage.open_input(uri, storage_cfg) as f:
+        block = f.read(READ_CHUNK)
+        if is_json_array(block):  # one JSON array: read whole, as read_jsonl does
+            yield Chunk(uri)
+            return
+        start = first_line = 0   # the chunk being cut
+        pos = lines = 0          # offset of `block` in the file; newlines before pos + done
+        while block:
+            done = 0             # bytes of block whose newlines are counted in `lines`
+            while True:
+                want = start + max(1, chunk_bytes) - 1 - pos  # a cut at the first newline from here on
+                i = block.find(b"\n", max(want, done)) if want < len(block) else -1
+                if i < 0:
+                    break
+                lines += block.count(b"\n", done, i + 1)
+                done = i + 1
+                yield Chunk(uri, start, pos + done, first_line)
+                start, first_line = pos + done, lines
+            lines += block.count(b"\n", done)
+            pos += len(block)
+            block = f.read(READ_CHUNK)
+        if start < pos:
+            yield Chunk(uri, start, pos, first_line)
+
+
+def chunk_rows(chunk: Chunk, opts: PrepareOptions, storage_cfg: StorageConfig | None):
+    if chunk.stop is None:
+        return file_rows(chunk.uri, lambda: read_source(chunk.uri, storage_cfg, opts.csv_field_limit,
+                                                        opts.max_record_bytes))
+
+    def ranged():
+        with storage.open_random_access(chunk.uri, storage_cfg) as f:
+            yield from read_jsonl_range(chunk.uri, f, chunk.start, chunk.stop, chunk.first_line, opts.max_record_bytes)
+    return file_rows(chunk.uri, ranged)
+
+
+def check_chunk(chunk: Chunk, opts: PrepareOptions, storage_cfg: StorageConfig | None, policy: ImagePolicy,
+                known_bits: np.ndarray | None = None) -> Iterator[list[tuple]]:
+    """The body of a chunk task: its rows as `check_unknowing` finds them, in batches. The first
+    rows are checked on one thread, timed: where they waited on I/O (images on remote storage) the
+    rest get `io_threads`; where not, threads would only contend for the GIL (about 40% more CPU)."""
+    batch: list[tuple] = []
+    size = 0
+    maybe_known = IdFilter(known_bits).might_contain if known_bits is not None else (lambda pid: False)
+    check = lambda raw: check_unknowing(raw, opts, storage_cfg, policy, maybe_known)  # noqa: E731
+    rows = chunk_rows(chunk, opts, storage_cfg)
+    first = list(itertools.islice(rows, PROBE_ROWS))
+    t, c = time.perf_counter(), time.thread_time()
+    probed = [(raw, check(raw)) for raw in first]
+    io_bound = time.perf_counter() - t > 2 * (time.thread_time() - c) + 0.01
+    for _, found in itertools.chain(probed, in_order(rows, check, opts.io_threads if io_bound else 1)):
+        batch.append(found)
+        full = found[4]
+        if full is not None and full.rec is not None:  # (never a row `maybe_known` let through)
+            size += len(full.rec["image"]) + sum(len(b) for b in full.rec.get("extra_images") or ())
+        if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def write_shard_files(rows: list[dict], hashes: list, uri: str, hash_uri: str, row_group_size: int,
+                      storage_cfg: StorageConfig | None) -> dict:
+    """The body of a writer task: one shard and its id/row-hash file."""
+    info = write_shard(rows, uri, row_group_size, storage_cfg)
+    storage.write_bytes(hash_uri, hash_table_bytes(rows, hashes), storage_cfg)
+    return info
+
+
+class ShardWriter:
+    """A Ray actor writing shards (`write_shard_files`): a few live through the whole prepare, so
+    no worker process is started (and its imports paid) per shard."""
+
+    def write(self, rows: list[dict], hashes: list, uri: str, hash_uri: str, row_group_size: int,
+              storage_cfg: StorageConfig | None) -> dict:
+        return write_shard_files(rows, hashes, uri, hash_uri, row_group_size, storage_cfg)
+
+
+_TASKS: dict[str, Any] = {}
+
+
+def _remote(name: str):
+    """The Ray remote functions and classes, made on first use (importing this module imports no Ray)."""
+    if not _TASKS:
+        import ray
+
+        _TASKS["check"] = ray.remote(num_cpus=1, max_retries=0)(check_chunk).options(
+            _generator_backpressure_num_objects=BACKPRESSURE)
+        # writers take no CPU slot: chunk tasks waiting on backpressure hold theirs, and a writer the
+        # driver waits for must still run
+        _TASKS["writer"] = ray.remote(num_cpus=0, max_restarts=0)(ShardWriter)
+    return _TASKS[name]
+
+
+def start_ray(opts: PrepareOptions) -> tuple[int, bool]:
+    """(the chunk tasks to run at once, whether Ray was started here). A running instance is used
+    as it is; else `opts.address` or $RAY_ADDRESS; else a local instance of `opts.cpus` CPUs (every
+    CPU of this machine by default)."""
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        if opts.address or os.environ.get("RAY_ADDRESS"):  # inside a Ray job RAY_ADDRESS names the cluster
+            ray.init(address=opts.address, log_to_driver=False)
+        else:
+            with private_tmpdir_for_ray():
+                # Ray starts its workers at niceness 15; here they do the work the command was run
+                # for, so they get its priority (a loaded machine would otherwise starve them)
+                ray.init(num_cpus=opts.cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+                         _system_config={"worker_niceness": os.nice(0)})
+        started = True
+    # the CPUs free now: chunk tasks waiting on backpressure hold theirs, so every task in flight must
+    # be able to run at once (a head chunk left waiting for a CPU would stall the run)
+    free = max(1, int(ray.available_resources().get("CPU", 1)))
+    return max(1, min(opts.cpus or free, free)), started
+
+
+def unwrap(err: BaseException) -> BaseException:
+    """The exception a task raised (a PrepareError, a storage OSError), not Ray's wrapper of it."""
+    import ray
+
+    if isinstance(err, ray.exceptions.RayTaskError) and isinstance(err.cause, BaseException):
+        return err.cause
+    return err
+
+
+def parallel_items(files: list[str], opts: PrepareOptions, storage_cfg: StorageConfig | None, policy: ImagePolicy,
+                   table: IdTable, cpus: int) -> Iterator[tuple[str, int, Checked, Callable[[], Checked]]]:
+    """(source, row, checked, full) in source order, as the in-process pass makes them: `checked`
+    is what validate_raw with the catalogue's ids says, full() the validation without them. The
+    tasks get a Bloom filter of the catalogue's ids (2 bytes an id, in the object store once), so
+    that a catalogued record's images are not read again."""
+    import ray
+
+    check = _remote("check")
+    known_bits = ray.put(table.known_filter().bits) if table.num_known else None
+    validate_here = lambda raw: validate_raw(raw, opts, storage_cfg, policy)  # noqa: E731
+    running: deque = deque()
+    chunks = plan_chunks(files, opts.chunk_bytes, storage_cfg)
+    try:
+        while True:
+            while len(running) < cpus:  # never more than the CPUs: a waiting head chunk would stall
+                chunk = next(chunks, None)
+                if chunk is None:
+                    break
+                running.append((chunk.uri, check.remote(chunk, opts, storage_cfg, policy, known_bits)))
+            if not running:
+                return
+            source, batches = running.popleft()
+            for ref in batches:
+                try:
+                    batch = ray.get(ref)
+                except ray.exceptions.RayTaskError as err:
+                    raise unwrap(err) from None
+                for row, pid, cheap_ok, known_row_hash, full, fault, raw in batch:
+                    if raw is not None:  # the filter let it through: images not read yet
+                        full = lambda raw=raw: validate_here(raw)  # noqa: E731
+                    else:
+                        full = _full(full, fault)
+                    if cheap_ok and table.is_known(pid):
+                        checked = Checked(None, None, pid, known=True, row_hash=known_row_hash)
+                    else:
+                        checked = full()
+                    yield source, row, checked, full
+    finally:
+        for _, batches in running:
+            try:
+                ray.cancel(batches, force=True)
+            except Exception:  # noqa: BLE001 - finished already
+                pass
+
+
+def _full(full: Checked | None, fault: BaseException | None) -> Callable[[], Checked]:
+    def get() -> Checked:
+        if fault is not None:
+            raise fault
+        return full
+    return get
+
+
+class ShardWriters:
+    """Shard writes on `max(1, min(4, cpus // 2))` writer actors, round robin, at most two a writer in
+    flight; `done` gathers their manifest entries."""
+
+    def __init__(self, cpus: int):
+        self.num_writers = max(1, min(4, cpus // 2))
+        self.in_flight = 2 * self.num_writers
+        self.writers: list = []
+        self.pending: dict[int, tuple[Any, str]] = {}  # shard number -> (task, uri)
+        self.done: dict[int, dict] = {}
+        self.failed_uri: str | None = None
+
+    def submit(self, key: int, rows: list[dict], hashes: list, uri: str, hash_uri: str, row_group_size: int,
+               storage_cfg: StorageConfig | None) -> None:
+        if not self.writers:
+            self.writers = [_remote("writer").remote() for _ in range(self.num_writers)]
+        writer = self.writers[key % self.num_writers]
+        self.pending[key] = (writer.write.remote(rows, hashes, uri, hash_uri, row_group_size, storage_cfg), uri)
+        while len(self.pending) > self.in_flight:
+            self.wait(min(self.pending))
+
+    def wait(self, key: int) -> None:
+        """Until shard `key` is written (raises what its task raised)."""
+        import ray
+
+        if key not in self.pending:
+            return
+        ref, uri = self.pending[key]
+        try:
+            self.done[key] = ray.get(ref)
+        except ray.exceptions.RayTaskError as err:
+            self.failed_uri = uri
+            raise unwrap(err) from None
+        del self.pending[key]
+
+    def drain(self) -> None:
+        for key in sorted(self.pending):
+            self.wait(key)
+        self.close()
+
+    def abandon(self) -> None:
+        """Wait out every write still running (their files are then removed by the caller)."""
+        import ray
+
+        refs = [ref for ref, _ in self.pending.values()]
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=300)
+        self.pending.clear()
+        self.close()
+
+    def close(self) -> None:
+        import ray
+
+        for w in self.writers:
+            ray.kill(w)
+        self.writers = []
+
+
+def stop_ray() -> None:
+    import ray
+
+    ray.shutdown()
