@@ -27,10 +27,17 @@ OPTS = dict(progress=False, io_threads=2)
 GOOD = 3
 
 
+_HELD_PORTS: list[socket.socket] = []
+
+
 def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port where a connection is refused: bound here and kept bound, never listening, for the rest
+    of the session. (Closing it at once let another process of the suite, a Ray worker's HTTP server
+    say, take the number before the test connected: a 404 from it made an "outage" a missing image.)"""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _HELD_PORTS.append(s)
+    return s.getsockname()[1]
 
 
 def _write_source(folder, bad: dict | None = None, bad_line: bytes | None = None) -> str:
