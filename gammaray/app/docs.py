@@ -94,7 +94,8 @@ def scale_table() -> str:
             f"{', '.join(f'{n:,}' for n in synthetic_sizes)}: synthetic manifests (plan and embed setup only). "
             f"prepare ran with cpus = {', '.join(map(str, cpus))}; plan over W = "
             f"{rows[[r['metric'] for r in rows].index('plan_setup_s')].get('workers')} workers. "
-            f"Source: `{BENCH}/scale.json`.*")
+            + "".join(f"{run}. " for run in sorted({r["run"] for r in rows if r.get("run")}))
+            + f"Source: `{BENCH}/scale.json`.*")
 
 
 def tune_structure_table() -> str:

@@ -396,14 +396,15 @@ def markdown(rows: list[dict]) -> str:
     sizes = sorted({r["n"] for r in rows})
     table = []
     for metric in METRICS:
-        mine = [r for r in rows if r["metric"] == metric]
-        if not mine:
-            continue
-        by_n = {r["n"]: r for r in mine}
-        k = growth(mine, metric)
-        unit = mine[0]["unit"]
-        table.append([f"`{metric}` ({unit})"] + [f"{by_n[n]['value']:,.3f}" if n in by_n else "" for n in sizes]
-                     + [f"n^{k:.2f}" if k is not None else ""])
+        of_metric = [r for r in rows if r["metric"] == metric]
+        # prepare's figures with N CPUs and with 1 are rows of their own
+        for cpus in sorted({r.get("cpus") for r in of_metric}, key=lambda c: -(c or 0)):
+            mine = [r for r in of_metric if r.get("cpus") == cpus]
+            by_n = {r["n"]: r for r in mine}
+            k = growth(mine, metric)
+            unit = mine[0]["unit"] + (f", {cpus} CPU{'s' if cpus > 1 else ''}" if cpus else "")
+            table.append([f"`{metric}` ({unit})"] + [f"{by_n[n]['value']:,.3f}" if n in by_n else "" for n in sizes]
+                         + [f"n^{k:.2f}" if k is not None else ""])
     return markdown_table(["metric"] + [f"{n:,}" for n in sizes] + ["growth"], table)
 
 
