@@ -100,14 +100,21 @@ def check_deepspeed_files(folder: str, shown: str | None = None) -> None:
             if not name.endswith(".pt"):
                 continue
             path = os.path.join(root, name)
-            where = os.path.join(shown, os.path.relpath(path, folder)) if shown else path
-            try:
-                found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-            except Exception as err:  # noqa: BLE001 - not a torch zip file: cannot be checked
-                raise refusal(where, f"it cannot be checked ({type(err).__name__}: {err})") from None
-            unknown = sorted(set(found) - DEEPSPEED_DATA_CLASSES)
-            if unknown:
-                raise refusal(where, f"it references code, not only data ({', '.join(unknown[:5])})")
+            check_torch_file(path, os.path.join(shown, os.path.relpath(path, folder)) if shown else path,
+                             DEEPSPEED_DATA_CLASSES)
+
+
+def check_torch_file(f, shown: str, allowed: frozenset[str]) -> None:
+    """Refuse a torch.save file (a path or a seekable file object) whose pickle names a global outside
+    torch's weights-only allowlist and `allowed`: torch's static scan, which reads only the pickle
+    (seeks into the zip), never the tensors, and runs nothing."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(f)
+    except Exception as err:  # noqa: BLE001 - not a torch zip file: cannot be checked
+        raise refusal(shown, f"it cannot be checked ({type(err).__name__}: {str(err)[:200]})") from None
+    unknown = sorted(set(found) - allowed)
+    if unknown:
+        raise refusal(shown, f"it references code, not only data ({', '.join(unknown[:5])})")
 
 
 # what any of a checkpoint's .pt files may name, beyond torch's weights-only allowlist (the driver's
