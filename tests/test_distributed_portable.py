@@ -65,7 +65,9 @@ def _worker(rank: int, world: int, port: int, phase: str, root: str) -> None:
 
     from workers.training.engine import build_engine, load_state, portable_state, save_state
 
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file store, not MASTER_PORT: a port picked free and then bound by the store can be taken in between
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(root, f"pg-{phase}"), rank=rank,
+                            world_size=world)
     try:
         for stage, precision in CASES:
             d = os.path.join(root, f"zero{stage}-{precision}")
