@@ -90,6 +90,12 @@ def tiny_overrides(catalogue: dict, run_storage: str, name: str) -> dict:
     }
 
 
+def file_rendezvous(folder: str, name: str) -> str:
+    """init_method for a spawned torch.distributed group: a file store, never a port picked free and
+    bound later, which another process of the suite (Ray starts servers on random ports) can take."""
+    return "file://" + os.path.join(folder, f"rendezvous-{name}")
+
+
 @pytest.fixture
 def one_torch_thread():
     """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""

@@ -240,15 +240,12 @@ def test_probe_gradient_matches_finite_differences_and_fit_reaches_the_optimum()
     assert max(Wt.grad.abs().max().item(), bt.grad.abs().max().item()) < 1e-5
 
 
-def _sync_worker(rank: int, port: int, q) -> None:
-    import os
-
+def _sync_worker(rank: int, init_method: str, q) -> None:
     import torch.distributed as dist
 
     from workers.runtime import sync_buffers
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
     bn = torch.nn.BatchNorm1d(3)
     bn.train()
     torch.manual_seed(rank)
@@ -261,18 +258,16 @@ def _sync_worker(rank: int, port: int, q) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_sync_buffers_averages_batchnorm_statistics_over_ranks():
+def test_sync_buffers_averages_batchnorm_statistics_over_ranks(tmp_path):
     """DeepSpeed leaves BatchNorm statistics rank-local; evaluation must see one model on all ranks."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tests.conftest import file_rendezvous
+
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_sync_worker, args=(r, port, q)) for r in range(2)]
+    init_method = file_rendezvous(str(tmp_path), "sync")
+    procs = [ctx.Process(target=_sync_worker, args=(r, init_method, q)) for r in range(2)]
     for p in procs:
         p.start()
     out = sorted(q.get(timeout=100) for _ in procs)

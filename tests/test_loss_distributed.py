@@ -1,5 +1,5 @@
 """The sharded per-sample state and the gathered objectives on real torch.distributed gloo process
-groups (torch.multiprocessing spawn, free ports, no mocks).
+groups (torch.multiprocessing spawn, file-store rendezvous, no mocks).
 
 One 2-process group checks: the sharded store equals the single-process store step by step
 (duplicates within and across ranks, "no observation" entries, a catalogue that grows, a rank with an
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from datetime import timedelta
 
 import pytest
@@ -24,6 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from tests.conftest import file_rendezvous
 from workers.losses.contrastive import infonce_loss
 from workers.losses.gamma import GammaContrastiveLoss, GammaSettings
 from workers.losses.state import LocalRateStore, ShardedRateStore
@@ -35,15 +35,9 @@ SIZES = [9, 8, 1, 7, 10, 6, 9, 8]     # global batch per step; step 2 leaves a r
 STEPS_BEFORE_SAVE = 5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _init(rank: int, world: int, port: int) -> None:
+def _init(rank: int, world: int, init_method: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
 
 
@@ -158,9 +152,9 @@ def _memory_check(rank: int, world: int, out_dir: str) -> None:
     gc.collect()
 
 
-def _two_workers(rank: int, port: int, out_dir: str) -> None:
+def _two_workers(rank: int, init_method: str, out_dir: str) -> None:
     world = 2
-    _init(rank, world, port)
+    _init(rank, world, init_method)
     steps = schedule()
 
     # 1. the store: sharded == single-process, step by step (ages and a moving memory scale included);
@@ -256,9 +250,9 @@ def _reference_after(n_steps: int) -> GammaContrastiveLoss:
     return ref
 
 
-def _three_workers(rank: int, port: int, out_dir: str) -> None:
+def _three_workers(rank: int, init_method: str, out_dir: str) -> None:
     world = 3
-    _init(rank, world, port)
+    _init(rank, world, init_method)
     ref = _reference_after(STEPS_BEFORE_SAVE)
     loss = GammaContrastiveLoss(N0, _gamma_settings("gamma", mode="sample"), seed=7, distributed=True)
     loss.load_shards(torch.load(os.path.join(out_dir, f"loss-w2-rank{r}.pt"), weights_only=False) for r in range(2))
@@ -285,8 +279,8 @@ def _three_workers(rank: int, port: int, out_dir: str) -> None:
 @pytest.mark.timeout(300)
 def test_sharded_state_gathered_losses_checkpoints_and_resharding(tmp_path):
     out = str(tmp_path)
-    mp.spawn(_two_workers, args=(_free_port(), out), nprocs=2, join=True)
-    mp.spawn(_three_workers, args=(_free_port(), out), nprocs=3, join=True)
+    mp.spawn(_two_workers, args=(file_rendezvous(out, "two"), out), nprocs=2, join=True)
+    mp.spawn(_three_workers, args=(file_rendezvous(out, "three"), out), nprocs=3, join=True)
 
     # 3 -> 1: the whole state in one process equals the reference after all steps
     ref = _reference_after(len(SIZES))
