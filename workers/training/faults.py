@@ -1,5 +1,5 @@
 """Fault injection for the failure-handling tests: the GAMMARAY_FAULT hook that kills a worker or the
-driver (or pauses) at a chosen optimizer step, once."""
+driver (or pauses) at a chosen optimizer step, once; a JSON list sets several faults in one run."""
 
 from __future__ import annotations
 
@@ -29,13 +29,17 @@ class Fault:
     driver_pid: int | None = None
 
     @classmethod
-    def parse(cls, spec: str | None) -> "Fault | None":
+    def parse(cls, spec: str | None) -> "list[Fault]":
+        """The faults of a GAMMARAY_FAULT value: one JSON object or a list of them."""
         if not spec:
-            return None
-        d = json.loads(spec)
-        if d.get("target") not in ("worker", "driver", "pause") or "step" not in d or "marker" not in d:
-            raise ValueError(f"{FAULT_ENV}: need target=worker|driver|pause, step and marker; got {spec}")
-        return cls(**d)
+            return []
+        loaded = json.loads(spec)
+        faults = []
+        for d in loaded if isinstance(loaded, list) else [loaded]:
+            if d.get("target") not in ("worker", "driver", "pause") or "step" not in d or "marker" not in d:
+                raise ValueError(f"{FAULT_ENV}: need target=worker|driver|pause, step and marker; got {d}")
+            faults.append(cls(**d))
+        return faults
 
     def maybe_fire(self, rank: int, step: int) -> None:
         if rank != self.rank or step != self.step or os.path.exists(self.marker):
@@ -57,8 +61,8 @@ def fault_from_env() -> str | None:
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return None
-    fault = Fault.parse(spec)
-    assert fault is not None
-    if fault.target == "driver" and fault.driver_pid is None:
-        fault.driver_pid = os.getpid()
-    return json.dumps(fault.__dict__)
+    faults = Fault.parse(spec)
+    for fault in faults:
+        if fault.target == "driver" and fault.driver_pid is None:
+            fault.driver_pid = os.getpid()
+    return json.dumps([f.__dict__ for f in faults])

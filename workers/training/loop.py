@@ -59,7 +59,7 @@ def for_epoch(spec: StreamSpec, epoch: int) -> StreamSpec:
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"])
     in_ray = loop_config.get("in_ray", True)
-    fault = Fault.parse(loop_config.get("fault"))
+    faults = Fault.parse(loop_config.get("fault"))
     identity = loop_config.get("identity")
     quiet_libraries()
     if not in_ray:
@@ -171,7 +171,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     ray.train.report(metrics)                                      # [ray]
                 attempt["wait"] += window["wait"]
                 window.update(new_window())  # in place: lockstep holds it as its clock
-            if fault is not None:
+            for fault in faults:
                 fault.maybe_fire(rank, state.step)
             if done:
                 break
