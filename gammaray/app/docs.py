@@ -170,6 +170,34 @@ def gpu_towers_table() -> str:
             f"`{BENCH}/gpu/step-towers-zero.json`.*")
 
 
+def cores_per_gpu_table() -> str:
+    """How many CPU cores keep one GPU fed: the stream's CPU ms per image (`bench image-max-side`) times the
+    samples/s of a measured GPU step (the random-towers rows of `bench scaling --gpu`), over the share of
+    the decode limit the stream reaches (`bench ingest`)."""
+    photos = load("image-max-side.json")
+    ingest = load("ingest.json")
+    efficiency = float(ingest["rows"][0][ingest["columns"].index("gammaray / limit")].rstrip("%")) / 100
+    rates = {}
+    for b in (16, 64, 256):
+        r = load(f"gpu/step-towers-b{b}.json")[0]  # the first row of its process: nothing left over before it
+        rates[b] = (r["samples_per_s"], r["device"])
+    ms_col = photos["columns"].index("stream ms per image at 224")
+    columns = ["images stored as", "stream CPU ms per image"] + [
+        f"cores at micro-batch {b} ({rate:,.0f} samples/s)" for b, (rate, _) in rates.items()]
+    table = []
+    for row in photos["rows"]:
+        ms = float(row[ms_col])
+        table.append([row[0], f"{ms:.2f}"] + [f"{rate * ms / 1000 / efficiency:.1f}" for rate, _ in rates.values()])
+    device = next(iter(rates.values()))[1]
+    return (markdown_table(columns, table) + "\n\n"
+            f"*cores = samples/s x CPU ms per image / 1000 / {efficiency:.2f}, where {efficiency:.2f} is the share "
+            f"of the decode limit the training stream reached in `gammaray bench ingest`. Samples/s: one {device}, "
+            "gammaray's step of 2026-12-04 (ZeRO-1, bf16, random-towers, InfoNCE), from the GPU table in "
+            "[training](training.md); CPU ms: 1600x1067 JPEG product photos on one core of the 2-core machine "
+            f"(`{photos['command']}`). Text tokenisation is not counted. Source: `{BENCH}/image-max-side.json`, "
+            f"`{BENCH}/gpu/step-towers-b{{16,64,256}}.json`, `{BENCH}/ingest.json`.*")
+
+
 def step_table() -> str:
     """`gammaray bench step`: gammaray's step against the plain PyTorch step, every row as measured."""
     rows, details = load("step.json"), load("step.details.json")
@@ -232,6 +260,7 @@ BLOCKS = {
     "gpu-towers": gpu_towers_table,
     "prepare-stream": lambda: measured_table("prepare-stream"),
     "image-max-side": lambda: measured_table("image-max-side"),
+    "cores-per-gpu": cores_per_gpu_table,
     "demo": lambda: demo_runs.readme_block(load("demo.json")),
     "demo-cause": lambda: demo_runs.cause_table(load("demo-cause.json")),
     "search": lambda: search.markdown(load("search.json")),
