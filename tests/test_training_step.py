@@ -175,3 +175,26 @@ def test_device_loss_sums_are_the_host_sums():
     assert {k: got[k] for k in host["sums"]} == host["sums"]  # bit for bit
     # a diagnostic without a value on these steps (every entry a first visit) sums to 0
     assert all(k in OPTIONAL_METRICS and v == 0.0 for k, v in got.items() if k not in host["sums"]), got
+
+
+def test_a_ddp_worker_never_imports_deepspeed():
+    """The DDP path builds its engine without DeepSpeed: the worker's set-up must not import it (about
+    6 s of CPU per worker)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from gammaray.config import GammarayConfig, apply_overrides\n"
+            "from workers.models.registry import build_model\n"
+            "from workers.runtime import quiet_libraries\n"
+            "from workers.training.engine import build_engine\n"
+            "import workers.training.loop\n"
+            "import torch.distributed as dist\n"
+            "quiet_libraries()\n"
+            "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:0', rank=0, world_size=1)\n"
+            "cfg = apply_overrides(GammarayConfig(), {'train.strategy': 'ddp'})\n"
+            "build_engine(build_model(cfg.model), cfg, total_steps=2, on_gpu=False, in_ray=False)\n"
+            "print('deepspeed' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
