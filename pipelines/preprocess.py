@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from gammaray.config import AugmentConfig
+from gammaray.config import AugmentConfig, GammarayConfig
 from gammaray.schema import IMAGE_MEAN, IMAGE_STD, BatchKeys as K, Invalid, Reason
 
 from .images import WHITE, open_checked
@@ -50,6 +50,17 @@ class PreprocessSpec:
     jpeg_draft: bool = True         # decode JPEGs at a reduced scale when they are much larger than needed
     pixels_uint8: bool = False      # leave pixels as uint8 [N,H,W,3] (4x less to move); `normalise` later
     image_background: tuple[int, int, int] = WHITE  # transparent pixels are composited onto this (data.image_background)
+
+    @classmethod
+    def from_config(cls, cfg: GammarayConfig, *, epoch: int, train: bool, with_aug: bool) -> "PreprocessSpec":
+        """The preprocessing of a run's config (data.*, run.seed, the run's tokenizer) for one epoch."""
+        from .tokenizer import tokenizer_uri
+
+        d = cfg.data
+        return cls(image_size=d.image_size, max_image_pixels=d.max_image_pixels, max_text_tokens=d.max_text_tokens,
+                   max_text_chars=d.max_text_chars, augment=d.augment, tokenizer_uri=tokenizer_uri(cfg),
+                   seed=cfg.run.seed, epoch=epoch, with_aug_views=with_aug, train=train, view_pair=d.view_pair,
+                   pair_locale=d.pair_locale, jpeg_draft=d.jpeg_draft, image_background=tuple(d.image_background))
 
     @property
     def columns(self) -> list[str]:

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gammaray.config import GammarayConfig
 from gammaray.schema import RECORD_SCHEMA, BatchKeys as K, Reason, SchemaError, check_table_schema, conform_table
 
 from . import storage
@@ -143,6 +144,20 @@ class StreamSpec:
     # pixels handed over as the preprocessing made them (uint8 [B,H,W,3]): the trainer normalises them
     # on its device (workers/training/step.prepare_batch), a quarter of the bytes to copy there
     device_pixels: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: GammarayConfig, catalogue_uri: str, units, *, epoch: int, train: bool,
+                    with_aug: bool, batch_size: int, device_pixels: bool = False) -> "StreamSpec":
+        """The stream of a run's config (data.*, storage.*) over `units` of `catalogue_uri` for one epoch;
+        shuffled only for training."""
+        d = cfg.data
+        units = units if isinstance(units, UnitTable) else UnitTable.from_units(units)  # numpy columns, pickled as such
+        return cls(catalogue_uri=catalogue_uri, units=units,
+                   preprocess=PreprocessSpec.from_config(cfg, epoch=epoch, train=train, with_aug=with_aug),
+                   settings=storage.S3Settings.from_config(cfg.storage), shuffle=d.shuffle and train,
+                   batch_size=batch_size, preprocess_num_cpus=d.preprocess_num_cpus,
+                   prefetch_batches=d.prefetch_batches, concurrency=d.preprocess_concurrency,
+                   segments_per_task=d.preprocess_segments_per_task, device_pixels=device_pixels)
 
 
 WINDOW_TASKS = 512  # read tasks (blocks) of one pipeline's source; a longer part runs as several windows

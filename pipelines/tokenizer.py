@@ -24,13 +24,21 @@ from typing import Iterable, Iterator
 import numpy as np
 import pyarrow.parquet as pq
 
-from gammaray.config import StorageConfig
+from gammaray.config import GammarayConfig, StorageConfig
 
 from . import storage
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 DEFAULT_SAMPLE = 3_000_000
 TEXT_COLUMNS = ("title", "description", "category")
+
+
+def tokenizer_uri(cfg: GammarayConfig) -> str:
+    """The run's tokenizer: data.tokenizer, else the `tokenizer` folder beside the training catalogue."""
+    if cfg.data.tokenizer:
+        return cfg.data.tokenizer
+    assert cfg.data.train
+    return storage.join(cfg.data.train.rstrip("/").rsplit("/", 1)[0], "tokenizer")
 
 
 @contextlib.contextmanager

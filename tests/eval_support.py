@@ -57,9 +57,9 @@ def direct_embeddings(model, cfg: GammarayConfig, rows: dict[str, list], batch: 
     from pipelines import storage
     from pipelines.preprocess import preprocess_batch
     from pipelines.tokenizer import load as load_tokenizer
-    from workers.batches import stream_spec
+    from pipelines.preprocess import PreprocessSpec
 
-    spec = stream_spec(cfg, "unused", [], epoch=0, train=False, with_aug=False, batch_size=batch).preprocess
+    spec = PreprocessSpec.from_config(cfg, epoch=0, train=False, with_aug=False)
     tok = load_tokenizer(spec.tokenizer_uri, storage.S3Settings.from_config(cfg.storage))
     out: dict[str, list] = {"sample_index": [], "product_id": [], "image": [], "text": []}
     n = len(rows["sample_index"])

@@ -166,10 +166,10 @@ def test_prepare_counts_the_conversions_in_its_report(tmp_path, capsys):
 def test_the_configured_background_reaches_the_training_stream():
     """data.image_background travels in the stream's spec (training, embed and eval decode with it)."""
     from gammaray.config import GammarayConfig, apply_overrides
-    from workers.batches import stream_spec
+    from pipelines.preprocess import PreprocessSpec
 
     cfg = apply_overrides(GammarayConfig(), {"data.image_background": [10, 20, 30], "data.tokenizer": "/tok"})
-    spec = stream_spec(cfg, "/cat", [], 0, train=False, with_aug=False, batch_size=8).preprocess
+    spec = PreprocessSpec.from_config(cfg, epoch=0, train=False, with_aug=False)
     assert spec.image_background == (10, 20, 30)
 
 

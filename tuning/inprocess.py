@@ -39,7 +39,7 @@ def trial_data(cfg: GammarayConfig) -> TrialData:
     from pipelines import storage
     from pipelines.tokenizer import load as load_tokenizer
     from workers.training.inprocess import Split, load_split, preprocess
-    from workers.runtime import tokenizer_uri
+    from pipelines.tokenizer import tokenizer_uri
 
     d = cfg.data
     key = (d.train, d.val, tokenizer_uri(cfg), d.image_size, d.max_text_tokens, cfg.eval.max_records)

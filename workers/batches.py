@@ -1,6 +1,6 @@
-"""A rank's batches: the stream spec of a catalogue, batches as tensors on the device, the stand-in
-batch of a rank whose part ran out, and the lockstep walk that keeps every rank in the same
-collectives (agreed once per epoch for training, per batch for evaluation)."""
+"""A rank's batches: batches as tensors on the device, the stand-in batch of a rank whose part ran
+out, and the lockstep walk that keeps every rank in the same collectives (agreed once per epoch for
+training, per batch for evaluation). A stream's spec is StreamSpec.from_config (pipelines/stream.py)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,7 @@ import torch.distributed as dist
 
 from gammaray.config import GammarayConfig
 from gammaray.schema import BatchKeys as K
-from pipelines import storage
-from pipelines.preprocess import PreprocessSpec
-from pipelines.stream import StreamBatch, StreamSpec, UnitTable
-
-
-from workers.runtime import tokenizer_uri
+from pipelines.stream import StreamBatch
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,19 +158,3 @@ class Lockstep:
             last = self.done >= self.total
             cur = self._pull() if not last else (None, None)
             yield sb, tensors, n[0], last
-
-
-def stream_spec(cfg: GammarayConfig, catalogue_uri: str, units, epoch: int, train: bool, with_aug: bool,
-                batch_size: int, device_pixels: bool = False) -> StreamSpec:
-    d = cfg.data
-    pp = PreprocessSpec(image_size=d.image_size, max_image_pixels=d.max_image_pixels,
-                        max_text_tokens=d.max_text_tokens, max_text_chars=d.max_text_chars, augment=d.augment,
-                        tokenizer_uri=tokenizer_uri(cfg), seed=cfg.run.seed, epoch=epoch,
-                        with_aug_views=with_aug, train=train, view_pair=d.view_pair, pair_locale=d.pair_locale,
-                        jpeg_draft=d.jpeg_draft, image_background=tuple(d.image_background))
-    units = units if isinstance(units, UnitTable) else UnitTable.from_units(units)  # numpy columns, pickled as such
-    return StreamSpec(catalogue_uri=catalogue_uri, units=units, preprocess=pp,
-                      settings=storage.S3Settings.from_config(cfg.storage), shuffle=d.shuffle and train,
-                      batch_size=batch_size, preprocess_num_cpus=d.preprocess_num_cpus,
-                      prefetch_batches=d.prefetch_batches, concurrency=d.preprocess_concurrency,
-                      segments_per_task=d.preprocess_segments_per_task, device_pixels=device_pixels)

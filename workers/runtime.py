@@ -1,5 +1,5 @@
 """The run's place and folders, shared by training, evaluation, embedding and tuning: this process's
-rank and device, the run directory, the tokenizer, the checkpoint rank folders, library start-up
+rank and device, the run directory, the checkpoint rank folders, library start-up
 (quiet logs, DeepSpeed without MLflow) and the buffers every rank must agree on. Ray start-up and
 the "auto" keys are workers/cluster.py; a rank's batches and the lockstep walk workers/batches.py."""
 
@@ -17,13 +17,6 @@ from pipelines import storage
 
 # --------------------------------------------------------------------------------------------
 # the run's place: rank, device, folders
-
-
-def tokenizer_uri(cfg: GammarayConfig) -> str:
-    if cfg.data.tokenizer:
-        return cfg.data.tokenizer
-    assert cfg.data.train
-    return storage.join(cfg.data.train.rstrip("/").rsplit("/", 1)[0], "tokenizer")
 
 
 def run_dir(cfg: GammarayConfig) -> str:

@@ -37,7 +37,7 @@ from gammaray.config import GammarayConfig, StorageConfig, apply_overrides
 from gammaray.schema import BatchKeys as K, QUARANTINE_SCHEMA, Reason
 from pipelines import storage
 from pipelines.prepare import load_manifest
-from pipelines.preprocess import preprocess_batch
+from pipelines.preprocess import PreprocessSpec, preprocess_batch
 from pipelines.storage import is_storage_fault
 from pipelines.stream import Unit, UnitTable, read_segment_rows, units_from_manifest
 from pipelines.tokenizer import load as load_tokenizer
@@ -45,7 +45,6 @@ from workers.evaluation.evaluate import embedding_outputs
 from workers.evaluation.export import open_checkpoint, storage_from_overrides
 from workers.evaluation.features import write_prompt_features, write_tower_model
 from workers.models.registry import load_model
-from workers.batches import stream_spec
 from workers.cluster import ensure_ray
 
 META = ("shard", "sample_index", "product_id", "reject_reason", "reject_detail", "source", "row")
@@ -308,8 +307,7 @@ def embed_catalogue(checkpoint_uri: str | None, data_uri: str, out_uri: str, opt
         ensure_ray(cfg)
         use_gpu = opts.use_gpu if opts.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
         device = "cuda" if use_gpu else "cpu"
-        spec = stream_spec(cfg, data_uri, units, epoch=0, train=False, with_aug=False,
-                           batch_size=opts.batch_size).preprocess
+        spec = PreprocessSpec.from_config(cfg, epoch=0, train=False, with_aug=False)
         settings = storage.S3Settings.from_config(storage_cfg)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False

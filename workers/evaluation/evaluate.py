@@ -17,13 +17,13 @@ from gammaray.config import apply_overrides
 from gammaray.schema import BatchKeys as K, pair_slots
 from pipelines import storage
 from pipelines.prepare import load_manifest
-from pipelines.stream import Segment, iterate, reshard, units_from_manifest
+from pipelines.stream import Segment, StreamSpec, iterate, reshard, units_from_manifest
 from pipelines.tokenizer import load as load_tokenizer
 from workers.evaluation.eval_report import EvalResult, write_report
 from workers.evaluation.export import load_checkpoint_model, open_checkpoint, storage_from_overrides
 from workers.evaluation.metrics import (category_prompts, labels_for, modality_gap, recall_at_k, retrieval_ranks,
                                         run_probes, specific_probes, stratified_split, zero_shot_predictions)
-from workers.batches import lockstep, placeholder_batch, stream_spec, to_torch
+from workers.batches import lockstep, placeholder_batch, to_torch
 from workers.cluster import ensure_ray
 from workers.runtime import sync_buffers, world
 
@@ -82,8 +82,8 @@ def embed_split(engine, cfg, catalogue_uri: str, device: torch.device,
     if max_records is not None:
         seq = advance_to_prefix(seq, max_records)
     parts = reshard([seq], W)
-    spec = stream_spec(cfg, catalogue_uri, units, epoch=0, train=False, with_aug=False,
-                       batch_size=cfg.eval.batch_size)
+    spec = StreamSpec.from_config(cfg, catalogue_uri, units, epoch=0, train=False, with_aug=False,
+                                  batch_size=cfg.eval.batch_size)
     sync_buffers(engine)
     was_training = engine.training
     engine.eval()

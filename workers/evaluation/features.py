@@ -28,11 +28,10 @@ import torch
 
 from gammaray.config import GammarayConfig, StorageConfig, apply_overrides
 from pipelines import storage
-from pipelines.tokenizer import load as load_tokenizer
+from pipelines.tokenizer import load as load_tokenizer, tokenizer_uri
 from workers.evaluation.evaluate import read_labels
 from workers.evaluation.metrics import category_prompts
 from workers.models.registry import build_model, save_model
-from workers.runtime import tokenizer_uri
 
 FEATURE_SUFFIX = "_features"
 

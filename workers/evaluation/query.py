@@ -21,13 +21,12 @@ import torch
 from gammaray.config import StorageConfig
 from gammaray.schema import BatchKeys as K
 from pipelines import storage
-from pipelines.preprocess import preprocess_batch
+from pipelines.preprocess import PreprocessSpec, preprocess_batch
 from pipelines.tokenizer import load as load_tokenizer
 from workers.evaluation.embed import model_fingerprint
 from workers.evaluation.evaluate import embedding_outputs
 from workers.evaluation.export import open_checkpoint
 from workers.models.registry import load_model
-from workers.batches import stream_spec
 
 
 class QueryError(ValueError):
@@ -76,7 +75,7 @@ class QueryEncoder:
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
         self.model = load_model(self.ckpt.model_dir).to(self.device).eval()
-        self.spec = stream_spec(self.cfg, "unused", [], epoch=0, train=False, with_aug=False, batch_size=1).preprocess
+        self.spec = PreprocessSpec.from_config(self.cfg, epoch=0, train=False, with_aug=False)
         self.tokenizer = load_tokenizer(self.spec.tokenizer_uri, storage.S3Settings.from_config(self.cfg.storage))
 
     @torch.no_grad()

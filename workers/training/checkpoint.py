@@ -18,9 +18,9 @@ import torch
 from gammaray.config import GammarayConfig
 from pipelines import storage
 from pipelines.stream import part_from_json, reshard, total_rows
-from pipelines.tokenizer import load as load_tokenizer
+from pipelines.tokenizer import load as load_tokenizer, tokenizer_uri
 from workers.models.registry import save_model
-from workers.runtime import rank_dir, RANK_DIR_PREFIX, run_dir, sync_buffers, tokenizer_uri
+from workers.runtime import rank_dir, RANK_DIR_PREFIX, run_dir, sync_buffers
 from workers.safe_load import check_no_links, load as load_data
 from workers.training.audit import SampleAudit
 from workers.training.engine import PORTABLE_FILE, is_zero3, load_state, save_state, set_total_steps

@@ -15,8 +15,8 @@ holds half-accumulated gradients and resume is exact.
 
 What the loop calls lives beside it: checkpoint.py (save, restore), state.py (the data position),
 metrics.py (what it reports), quarantine.py, audit.py, faults.py, rng.py; the plumbing shared with
-evaluation is workers/runtime.py (rank, device, folders) and workers/batches.py (the stream spec, the
-lockstep walk); `pretrain` (trainer.py) starts it.
+evaluation is workers/runtime.py (rank, device, folders) and workers/batches.py (tensors, the lockstep
+walk); the stream is pipelines/stream.py (StreamSpec.from_config); `pretrain` (trainer.py) starts it.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ from gammaray.schema import BatchKeys as K
 from pipelines import storage
 from pipelines.prepare import load_manifest
 from pipelines.stream import StreamSpec, close_prefetched, epoch_part, iterate, prefetch, units_from_manifest
-from pipelines.tokenizer import load as load_tokenizer
+from pipelines.tokenizer import load as load_tokenizer, tokenizer_uri
 from workers.evaluation.evaluate import evaluate  # validation: the same code as `gammaray eval`
 from workers.models.registry import build_model
-from workers.batches import batches_left, Lockstep, placeholder_batch, stream_spec
-from workers.runtime import pick_device, quiet_libraries, tokenizer_uri, world
+from workers.batches import batches_left, Lockstep, placeholder_batch
+from workers.runtime import pick_device, quiet_libraries, world
 from workers.training.audit import SampleAudit
 from workers.training.checkpoint import checkpoint_uri, latest_checkpoint, local_checkpoint, restore, save_and_report
 from workers.training.engine import build_engine, init_single_process_group, setting_on, use_bf16
@@ -81,8 +81,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     objective = Objective(cfg.loss, num_samples=num_samples, seed=cfg.run.seed, device=device, distributed=W > 1,
                           view_pair=cfg.data.view_pair, batch_size=cfg.data.batch_size)
     with_aug = objective.needs_augmented_views
-    spec = stream_spec(cfg, cfg.data.train, units, 0, train=True, with_aug=with_aug, batch_size=cfg.data.batch_size,
-                       device_pixels=True)
+    spec = StreamSpec.from_config(cfg, cfg.data.train, units, epoch=0, train=True, with_aug=with_aug,
+                                  batch_size=cfg.data.batch_size, device_pixels=True)
     ckpt = latest_checkpoint(cfg, in_ray)  # [ray]
     if ckpt is None and cfg.data.prefetch_next_epoch:
         # [data] a fresh run: start epoch 0's pipeline now, so that its worker processes start while

@@ -17,10 +17,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from gammaray.config import GammarayConfig, RunError, apply_overrides
 from pipelines import storage
 from pipelines.prepare import load_manifest
+from pipelines.tokenizer import tokenizer_uri
 from workers.evaluation.features import load_feature_store
 from workers.training.heads import STATE_FILE, export_heads, train_heads
 from workers.cluster import ensure_ray, resolve_for_cluster
-from workers.runtime import run_dir, tokenizer_uri
+from workers.runtime import run_dir
 from workers.training.faults import fault_from_env
 from workers.training.loop import train_loop_per_worker
 from workers.training.monitor import MetricsCallback, ProgressPrinter

@@ -56,10 +56,10 @@ def arrays(cfg, catalogue: str, out_path: str) -> str:
     from pipelines.preprocess import preprocess_batch
     from pipelines.stream import read_segment_rows, units_from_manifest
     from pipelines.tokenizer import load as load_tokenizer
-    from workers.batches import stream_spec
+    from pipelines.preprocess import PreprocessSpec
 
     units = units_from_manifest(load_manifest(catalogue))
-    spec = stream_spec(cfg, catalogue, units, 0, train=False, with_aug=False, batch_size=64).preprocess
+    spec = PreprocessSpec.from_config(cfg, epoch=0, train=False, with_aug=False)
     spec = dataclasses.replace(spec, pixels_uint8=True)
     settings = storage.S3Settings.from_config(cfg.storage)
     tok = load_tokenizer(spec.tokenizer_uri, settings)

@@ -194,7 +194,7 @@ def _first_batch(p: dict) -> dict:
     from pipelines.catalogue import load_manifest
     from pipelines.plan import advance, epoch_part
     from pipelines.stream import close_prefetched, iterate, units_from_manifest
-    from workers.batches import stream_spec
+    from pipelines.stream import StreamSpec
     from workers.safe_load import load as load_data
 
     cfg = apply_overrides(GammarayConfig(), {"data.train": p["dst"], "data.tokenizer": p["tokenizer"],
@@ -212,7 +212,8 @@ def _first_batch(p: dict) -> dict:
             load_data(shard_file, shard_file)  # this rank's loss-state shard only
             out["ckpt_restore_s"] = time.perf_counter() - t1
             part = advance(part, sum(s.size for s in part) // 2)
-        spec = stream_spec(cfg, p["dst"], units, 0, train=True, with_aug=False, batch_size=p["batch_size"])
+        spec = StreamSpec.from_config(cfg, p["dst"], units, epoch=0, train=True, with_aug=False,
+                                      batch_size=p["batch_size"])
         batch = next(iter(iterate(spec, part)))
         out[f"{mode}_s"] = time.perf_counter() - t0
         assert batch.size > 0

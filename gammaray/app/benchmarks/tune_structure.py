@@ -73,7 +73,7 @@ def run_one(job: dict) -> tuple[dict, dict]:
     from pipelines.tokenizer import load as load_tokenizer
     from workers.evaluation.metrics import modality_gap, retrieval_metrics, specific_probes
     from workers.training.inprocess import LocalRun, load_split, planned_steps, preprocess, train
-    from workers.runtime import tokenizer_uri
+    from pipelines.tokenizer import tokenizer_uri
 
     torch.set_num_threads(job.get("threads") or 1)
     cpu0, t0 = time.process_time(), time.perf_counter()
