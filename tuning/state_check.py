@@ -78,7 +78,8 @@ TUNE_CALLS = frozenset({
     "optuna.storages._in_memory._StudyInfo", "optuna.study._study_direction.StudyDirection", "optuna.study.study.Study",
     "optuna.trial._frozen.FrozenTrial", "optuna.trial._state.TrialState", "optuna.trial._trial.Trial",
     # gammaray's own
-    "gammaray.config.StorageConfig", "tuning.asha.RungMemoryASHA", "tuning.objectives.ParetoOptunaSearch",
+    "gammaray.config.run.StorageConfig", "tuning.asha.RungMemoryASHA", "tuning.objectives.ParetoOptunaSearch",
+    "gammaray.config.StorageConfig",  # its name in experiments written before the config package split
 })
 # stored by reference, never called at load time
 TUNE_VALUES = frozenset({
