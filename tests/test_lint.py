@@ -28,3 +28,20 @@ def test_the_check_finds_an_unused_import_and_an_undefined_name(tmp_path):
     proc = ruff("--select", "F", "--isolated", str(tmp_path / "bad.py"), cwd=str(tmp_path))
     assert proc.returncode == 1
     assert "F401" in proc.stdout and "F821" in proc.stdout
+
+
+def test_a_file_over_500_lines_says_why_at_its_top():
+    """The house rule: a long module's docstring says why it is long ("Length (...)" or "Over 500 lines")."""
+    import ast
+    import re
+
+    files = subprocess.run(["git", "ls-files", "*.py"], capture_output=True, text=True, cwd=ROOT, timeout=60).stdout
+    unexplained = []
+    for rel in files.split():
+        text = open(os.path.join(ROOT, rel), encoding="utf-8").read()
+        if text.count("\n") <= 500:
+            continue
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        if not re.search(r"^(Length \(|Over 500 lines)", doc, re.M):
+            unexplained.append(f"{rel} ({text.count(chr(10))} lines)")
+    assert not unexplained, "over 500 lines without saying why at the top: " + ", ".join(unexplained)

@@ -3,7 +3,11 @@ search on the real stack (SeaweedFS S3, Ray Tune, TorchTrainer trials with 2 Dee
 that is interrupted, resumed, and whose best config then trains with `gammaray pretrain`.
 
 These tests assert Tune's behaviour (which trials run, which ASHA stops, what resumes, what comes
-out), not the quality of the regularizers: the search may run against no-op weights."""
+out), not the quality of the regularizers: the search may run against no-op weights.
+
+Length (about 500 lines): one module-scoped real search carries most assertions; splitting the file would
+run it twice.
+"""
 
 from __future__ import annotations
 
