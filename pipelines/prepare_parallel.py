@@ -32,16 +32,18 @@ from gammaray.config import StorageConfig
 
 from . import storage
 from .image_refs import ImagePolicy
-from .ids import IdFilter, IdTable
+from .ids import IdPartition, PartitionedIds
 from .prepare_records import (Checked, PrepareOptions, check_unknowing, file_rows, hash_table_bytes, in_order,
-                              validate_raw, write_shard)
+                              raw_product_id, scan_shards, shard_slices, validate_raw, write_shard)
 from .ray_start import private_tmpdir_for_ray
-from .readers import READ_CHUNK, is_json_array, read_jsonl_range, read_source
+from .readers import READ_CHUNK, RawRow, is_json_array, read_jsonl_range, read_source
 
 BATCH_RECORDS = 1024        # rows a chunk task yields at once
 BATCH_BYTES = 8 * 2**20     # ... or fewer, once their images reach this size
 PROBE_ROWS = 32            # rows a chunk task times on one thread (I/O bound or not)
 BACKPRESSURE = 8            # batches a chunk task may run ahead of the driver (a whole chunk of small records)
+LOOKUP_ROWS = 256           # rows a chunk task asks the id partitions about at once
+SCAN_ROWS = 100_000         # catalogued ids one scan task reads (its shards' id files) for the partition owners
 
 
 @dataclass(frozen=True)
@@ -107,29 +109,44 @@ def chunk_rows(chunk: Chunk, opts: PrepareOptions, storage_cfg: StorageConfig | 
 
 
 def check_chunk(chunk: Chunk, opts: PrepareOptions, storage_cfg: StorageConfig | None, policy: ImagePolicy,
-                known_bits: np.ndarray | None = None) -> Iterator[list[tuple]]:
-    """The body of a chunk task: its rows as `check_unknowing` finds them, in batches. The first
-    rows are checked on one thread, timed: where they waited on I/O (images on remote storage) the
-    rest get `io_threads`; where not, threads would only contend for the GIL (about 40% more CPU)."""
+                ids: PartitionedIds | None = None) -> Iterator[list[tuple]]:
+    """The body of a chunk task: its rows as `check_unknowing` finds them, in batches. Where there
+    is a catalogue, the partition owners say which rows' product_ids it holds (one call per
+    partition per `LOOKUP_ROWS` rows), so that their images are not read again. The first rows are
+    checked on one thread, timed: where they waited on I/O (images on remote storage) the rest get
+    `io_threads`; where not, threads would only contend for the GIL (about 40% more CPU)."""
     batch: list[tuple] = []
     size = 0
-    maybe_known = IdFilter(known_bits).might_contain if known_bits is not None else (lambda pid: False)
-    check = lambda raw: check_unknowing(raw, opts, storage_cfg, policy, maybe_known)  # noqa: E731
-    rows = chunk_rows(chunk, opts, storage_cfg)
+    check = lambda row: check_unknowing(row[0], opts, storage_cfg, policy, lambda pid: row[1])  # noqa: E731
+    rows = _with_known(chunk_rows(chunk, opts, storage_cfg), opts, ids)
     first = list(itertools.islice(rows, PROBE_ROWS))
     t, c = time.perf_counter(), time.thread_time()
-    probed = [(raw, check(raw)) for raw in first]
+    probed = [(row, check(row)) for row in first]
     io_bound = time.perf_counter() - t > 2 * (time.thread_time() - c) + 0.01
     for _, found in itertools.chain(probed, in_order(rows, check, opts.io_threads if io_bound else 1)):
         batch.append(found)
         full = found[4]
-        if full is not None and full.rec is not None:  # (never a row `maybe_known` let through)
+        if full is not None and full.rec is not None:  # (never a catalogued row's)
             size += len(full.rec["image"]) + sum(len(b) for b in full.rec.get("extra_images") or ())
         if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES:
             yield batch
             batch, size = [], 0
     if batch:
         yield batch
+
+
+def _with_known(rows: Iterator[RawRow], opts: PrepareOptions, ids: PartitionedIds | None) -> Iterator[tuple]:
+    """(raw, whether its product_id is catalogued)."""
+    while True:
+        group = list(itertools.islice(rows, LOOKUP_ROWS))
+        if not group:
+            return
+        pids = [raw_product_id(raw, opts) for raw in group]
+        asked = [i for i, pid in enumerate(pids) if pid is not None]
+        known = np.zeros(len(group), bool)
+        if ids is not None and ids.num_known and asked:
+            known[asked] = ids.known([pids[i] for i in asked])
+        yield from zip(group, known.tolist())
 
 
 def write_shard_files(rows: list[dict], hashes: list, uri: str, hash_uri: str, row_group_size: int,
@@ -162,6 +179,9 @@ def _remote(name: str):
         # writers take no CPU slot: chunk tasks waiting on backpressure hold theirs, and a writer the
         # driver waits for must still run
         _TASKS["writer"] = ray.remote(num_cpus=0, max_restarts=0)(ShardWriter)
+        # the id partitions take no CPU slot either: the chunk tasks and the driver wait on them
+        _TASKS["owner"] = ray.remote(num_cpus=0, max_restarts=0)(IdPartition)
+        _TASKS["scan"] = ray.remote(num_cpus=1, max_retries=0)(scan_shards)
     return _TASKS[name]
 
 
@@ -197,16 +217,44 @@ def unwrap(err: BaseException) -> BaseException:
     return err
 
 
+def start_partitions(dst: str, shards: list[dict], storage_cfg: StorageConfig | None, count: int,
+                     hash_fn: Callable[[str], int]) -> PartitionedIds:
+    """`count` partition owners (Ray actors), the catalogue's ids loaded into them: scan tasks read
+    the shards' id files, about SCAN_ROWS ids each, at most `count` at once, and split them by
+    partition; each owner takes its part straight from the object store (the driver passes refs)."""
+    import ray
+
+    owners = [_remote("owner").remote(j, count, hash_fn) for j in range(count)]
+    ids = PartitionedIds(owners, hash_fn, remote=True)
+    scan = _remote("scan").options(num_returns=count) if count > 1 else _remote("scan")
+    loading: deque = deque()
+    try:
+        for group in shard_slices(shards, SCAN_ROWS):
+            parts = scan.remote(dst, group, storage_cfg, hash_fn, count)
+            parts = parts if count > 1 else [parts]  # one return: a ref, not a list
+            loading.append([owner.load_scanned.remote(part) for owner, part in zip(owners, parts)])
+            if len(loading) > count:
+                ray.get(loading.popleft())
+        while loading:
+            ray.get(loading.popleft())
+        ids.num_known = sum(ray.get([owner.finish_load.remote() for owner in owners]))
+    except ray.exceptions.RayTaskError as err:
+        ids.close()
+        raise unwrap(err) from None
+    except BaseException:
+        ids.close()
+        raise
+    return ids
+
+
 def parallel_items(files: list[str], opts: PrepareOptions, storage_cfg: StorageConfig | None, policy: ImagePolicy,
-                   table: IdTable, cpus: int) -> Iterator[tuple[str, int, Checked, Callable[[], Checked]]]:
-    """(source, row, checked, full) in source order, as the in-process pass makes them: `checked`
-    is what validate_raw with the catalogue's ids says, full() the validation without them. The
-    tasks get a Bloom filter of the catalogue's ids (2 bytes an id, in the object store once), so
-    that a catalogued record's images are not read again."""
+                   ids: PartitionedIds, cpus: int) -> Iterator[list[tuple[str, int, Checked, Callable[[], Checked]]]]:
+    """Batches of (source, row, checked, full) in source order, as the in-process pass makes them:
+    `checked` is what validate_raw with the catalogue's ids says, full() the validation without
+    them (for a catalogued record met twice; its images are read here then)."""
     import ray
 
     check = _remote("check")
-    known_bits = ray.put(table.known_filter().bits) if table.num_known else None
     validate_here = lambda raw: validate_raw(raw, opts, storage_cfg, policy)  # noqa: E731
     running: deque = deque()
     chunks = plan_chunks(files, opts.chunk_bytes, storage_cfg)
@@ -216,7 +264,7 @@ def parallel_items(files: list[str], opts: PrepareOptions, storage_cfg: StorageC
                 chunk = next(chunks, None)
                 if chunk is None:
                     break
-                running.append((chunk.uri, check.remote(chunk, opts, storage_cfg, policy, known_bits)))
+                running.append((chunk.uri, check.remote(chunk, opts, storage_cfg, policy, ids)))
             if not running:
                 return
             source, batches = running.popleft()
@@ -225,16 +273,16 @@ def parallel_items(files: list[str], opts: PrepareOptions, storage_cfg: StorageC
                     batch = ray.get(ref)
                 except ray.exceptions.RayTaskError as err:
                     raise unwrap(err) from None
+                items = []
                 for row, pid, cheap_ok, known_row_hash, full, fault, raw in batch:
-                    if raw is not None:  # the filter let it through: images not read yet
+                    if raw is not None:  # catalogued (the partitions said so): images not read
                         full = lambda raw=raw: validate_here(raw)  # noqa: E731
-                    else:
-                        full = _full(full, fault)
-                    if cheap_ok and table.is_known(pid):
                         checked = Checked(None, None, pid, known=True, row_hash=known_row_hash)
                     else:
+                        full = _full(full, fault)
                         checked = full()
-                    yield source, row, checked, full
+                    items.append((source, row, checked, full))
+                yield items
     finally:
         for _, batches in running:
             try:
