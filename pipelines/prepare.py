@@ -36,9 +36,10 @@ catalogue whose source row changed is listed as changed, never re-admitted (docs
 With more than one CPU (`PrepareOptions.cpus`) and a source of at least `parallel_min_bytes`, the
 per-record work and the shard writes run in Ray tasks (pipelines/prepare_parallel.py) and this
 module's pass only decides, in source order: the same catalogue, byte for byte. The ids of the
-catalogue and of the run are 64-bit hashes (pipelines/ids.py), never a set of strings.
+catalogue and of the run are held by hash partitions (pipelines/ids.py: Ray actors with Ray, one
+local partition here), never by this process, never as a set of strings.
 
-Length (about 540 lines): prepare is one pass (read, validate, shard, quarantine, manifest) whose
+Length (about 580 lines): prepare is one pass (read, validate, shard, quarantine, manifest) whose
 steps share the shard writer, the manifest and the cleanup of an uncommitted run; one record's
 validation (pipelines/prepare_records.py), readers, images and faults live in their own modules.
 """

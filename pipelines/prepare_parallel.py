@@ -1,4 +1,4 @@
-"""`gammaray prepare` on Ray: the per-record work in parallel tasks, every decision in the driver.
+"""`gammaray prepare` on Ray: the per-record work in parallel tasks, every decision in the driver and the id partitions.
 
 The source is cut into chunks: a JSON Lines file into byte ranges of about `chunk_bytes` that start
 at a line start (the driver finds the cuts and the line number of each while streaming the file
@@ -9,9 +9,11 @@ checks their images, hashes them, and yields them in batches; at most `cpus` chu
 once, each at most `BACKPRESSURE` batches ahead of the driver, so memory holds a bounded window of
 records whatever the size of the source or its images. The driver takes the batches in source
 order and decides every record (already present, duplicate, changed at the source, quarantined,
-re-admitted) with the catalogue's ids, exactly as the in-process pass does: the tasks never see
-the ids, the output is the same, byte for byte. Full shards go to a few writer actors (a bounded
-number of writes in flight); the manifest is still committed last, by the driver.
+re-admitted) exactly as the in-process pass does, asking the id partitions (pipelines/ids.py: P
+actors, one hash range each, started and loaded by `start_partitions`) one call per batch per
+partition; the driver holds no id, the tasks ask the partitions which rows are catalogued. The
+output is the same, byte for byte. Full shards go to a few writer actors (a bounded number of
+writes in flight); the manifest is still committed last, by the driver.
 
 Ray tasks inside whatever Ray job runs the command, not a Ray Data pipeline: the decisions need one
 ordered pass over the validated records (first seen wins; sample_index is dense in source order),
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import pyarrow.parquet as pq
 from gammaray.config import StorageConfig
 
 from . import storage
@@ -36,7 +39,7 @@ from .ids import IdPartition, PartitionedIds
 from .prepare_records import (Checked, PrepareOptions, check_unknowing, file_rows, hash_table_bytes, in_order,
                               raw_product_id, scan_shards, shard_slices, validate_raw, write_shard)
 from .ray_start import private_tmpdir_for_ray
-from .readers import READ_CHUNK, RawRow, is_json_array, read_jsonl_range, read_source
+from .readers import READ_CHUNK, RawRow, is_json_array, read_jsonl_range, read_parquet, read_source
 
 BATCH_RECORDS = 1024        # rows a chunk task yields at once
 BATCH_BYTES = 8 * 2**20     # ... or fewer, once their images reach this size
@@ -52,6 +55,7 @@ class Chunk:
     start: int = 0
     stop: int | None = None  # None: the whole file, through read_source
     first_line: int = 0
+    row_groups: tuple[int, int] | None = None  # a Parquet file's row groups [start, stop)
 
 
 def source_bytes(files: list[str], storage_cfg: StorageConfig | None) -> int:
@@ -66,6 +70,8 @@ def plan_chunks(files: list[str], chunk_bytes: int, storage_cfg: StorageConfig |
     for f in files:
         if f.endswith((".jsonl", ".json")):
             yield from file_rows(f, lambda f=f: _jsonl_chunks(f, chunk_bytes, storage_cfg))
+        elif f.endswith(".parquet"):
+            yield from _parquet_chunks(f, chunk_bytes, storage_cfg)
         else:
             yield Chunk(f)
 
@@ -97,7 +103,28 @@ def _jsonl_chunks(uri: str, chunk_bytes: int, storage_cfg: StorageConfig | None)
             yield Chunk(uri, start, pos, first_line)
 
 
+def _parquet_chunks(uri: str, chunk_bytes: int, storage_cfg: StorageConfig | None) -> Iterator[Chunk]:
+    """Runs of consecutive row groups of about chunk_bytes (uncompressed, as the footer says); the
+    whole file as one chunk where its footer cannot be read here (its reader then says why)."""
+    try:
+        with storage.open_random_access(uri, storage_cfg) as f:
+            meta = pq.ParquetFile(f).metadata
+    except Exception:  # noqa: BLE001 - a damaged footer is rows with a reason, a fault the task's to raise
+        yield Chunk(uri)
+        return
+    start, size = 0, 0
+    for g in range(meta.num_row_groups):
+        size += meta.row_group(g).total_byte_size
+        if size >= chunk_bytes or g + 1 == meta.num_row_groups:
+            yield Chunk(uri, row_groups=(start, g + 1))
+            start, size = g + 1, 0
+    if not meta.num_row_groups:
+        yield Chunk(uri)
+
+
 def chunk_rows(chunk: Chunk, opts: PrepareOptions, storage_cfg: StorageConfig | None):
+    if chunk.row_groups is not None:
+        return file_rows(chunk.uri, lambda: read_parquet(chunk.uri, storage_cfg, row_groups=chunk.row_groups))
     if chunk.stop is None:
         return file_rows(chunk.uri, lambda: read_source(chunk.uri, storage_cfg, opts.csv_field_limit,
                                                         opts.max_record_bytes))
@@ -237,7 +264,8 @@ def start_partitions(dst: str, shards: list[dict], storage_cfg: StorageConfig | 
                 ray.get(loading.popleft())
         while loading:
             ray.get(loading.popleft())
-        ids.num_known = sum(ray.get([owner.finish_load.remote() for owner in owners]))
+        if shards:  # (a new catalogue: the chunk tasks start while the owners do)
+            ids.num_known = sum(ray.get([owner.finish_load.remote() for owner in owners]))
     except ray.exceptions.RayTaskError as err:
         ids.close()
         raise unwrap(err) from None

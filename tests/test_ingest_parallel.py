@@ -1,7 +1,8 @@
 """`gammaray prepare` on Ray writes the catalogue the in-process pass writes, byte for byte: shards,
 id files, sample_index, quarantine entries and counts, manifest; on a hostile source cut into many
-small chunks, and on an append that re-admits, repeats and changes records. The ids are 64-bit
-hashes: a collision never merges two products."""
+small chunks (JSON Lines byte ranges, Parquet row groups), and on an append that re-admits, repeats
+and changes records. The ids are held by hash partitions in their own processes, never by the
+driver; a collision of their 64-bit hashes never merges two products."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from gammaray.schema import Reason
-from pipelines import faults, ids
+from pipelines import faults, ids, prepare_parallel
 from pipelines.prepare import PrepareOptions, prepare
 
 pytestmark = pytest.mark.ingest
@@ -90,6 +91,9 @@ def _same(a, b) -> None:
 
 def test_parallel_prepare_writes_what_the_in_process_one_writes(ray_local, tmp_path):
     src = _hostile_source(tmp_path / "raw")
+    # the Parquet file is read by one task per row group (its first one damaged), numbered as one
+    chunks = list(prepare_parallel.plan_chunks([src + "/d.parquet"], PARALLEL["chunk_bytes"], None))
+    assert [c.row_groups for c in chunks] == [(0, 1), (1, 2)]
     one = prepare(src, str(tmp_path / "one"), PrepareOptions(cpus=1, **OPTS))
     par = prepare(src, str(tmp_path / "par"), PrepareOptions(**PARALLEL, **OPTS))
     assert one.quarantine_by_reason == {
