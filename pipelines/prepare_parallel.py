@@ -2,8 +2,9 @@
 
 The source is cut into chunks: a JSON Lines file into byte ranges of about `chunk_bytes` that start
 at a line start (the driver finds the cuts and the line number of each while streaming the file
-once: counting newlines costs far less than validating), every other file (CSV: quoted newlines;
-a JSON array; Parquet; WebDataset tar) is one chunk. A Ray task per chunk reads its rows (the
+once: counting newlines costs far less than validating), a Parquet file into runs of row groups
+of about `chunk_bytes` (its footer read here), every other file (CSV: quoted newlines; a JSON
+array; WebDataset tar) is one chunk. A Ray task per chunk reads its rows (the
 readers of pipelines/readers.py: the same caps, reasons and row numbers), validates them, reads and
 checks their images, hashes them, and yields them in batches; at most `cpus` chunk tasks run at
 once, each at most `BACKPRESSURE` batches ahead of the driver, so memory holds a bounded window of

@@ -57,7 +57,7 @@ class PrepareOptions:
     cpus: int | None = None              # Ray tasks at once (None: every local CPU, or the cluster's); 1: in this process
     address: str | None = None           # a Ray cluster to run on (None: a running instance, $RAY_ADDRESS, or a local one)
     parallel_min_bytes: int = PARALLEL_MIN_BYTES  # smaller sources are prepared in this process (no Ray start-up)
-    chunk_bytes: int = CHUNK_BYTES       # JSON Lines are split into byte ranges of about this size, one Ray task each
+    chunk_bytes: int = CHUNK_BYTES       # JSON Lines split into byte ranges, Parquet into row-group runs, of about this size: one Ray task each
 
 
 # --------------------------------------------------------------------------------------------
