@@ -125,9 +125,9 @@ def check_unknowing(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfi
     full, fault, raw). cheap_ok: the row passes the checks a catalogued product_id gets (it is then
     already present, with known_row_hash); full: the whole validation, images read (None where a
     storage fault stopped it: `fault`, raised by the driver only if the record is not catalogued).
-    A row `maybe_known` lets through (a filter of the catalogue's ids) gets the cheap checks only,
+    A row `maybe_known` says is catalogued (the id partitions' answer) gets the cheap checks only,
     as validate_raw gives a catalogued one: full is None and raw comes back, for the driver to
-    validate whole if the record is not catalogued after all, or is met again."""
+    validate whole if the record is met again in the source."""
     pid = raw_product_id(raw, opts)
     if pid is not None and maybe_known(pid):
         as_known = validate_raw(raw, opts, storage_cfg, policy, known_ids=(pid,))
