@@ -1,27 +1,38 @@
-"""The product_ids prepare has to know, held as 64-bit hashes: no set of id strings in memory.
+"""The product_ids prepare has to know, split by a 64-bit hash into P partitions, each held by its owner.
 
-A catalogue of N records costs about 25 bytes a record here (hash, place, row hash, a seen flag),
-against about 150 bytes of a Python string set. An id is compared as a string only where its hash
-matches: the string of the record it may be is read back from where it lives (the catalogue's
-per-shard id files, this run's shards, or the shard buffer not yet written), so a hash collision
-can never make two products one.
+Partition j holds the ids whose hash (blake2b, 64 bits) falls in the j-th of P equal hash ranges:
+their hashes in memory (about 34 bytes a record: hash, number, spill offset, row hash, two flags),
+their strings in an unlinked temporary file of the owner (`SpilledIds`). An id is compared as a
+string only where its hash matches, so a hash collision can never make two products one.
 
-Records are numbered by their place in the catalogue (the order of its shards, then this run's
-writes): places 0..K-1 are the catalogue's, K.. this run's.
+With Ray the owners are P long-lived actors (pipelines/prepare_parallel.py) and the driver holds
+no id at all: it routes each record to its partition (`PartitionedIds`) and asks, one call per
+batch per partition, in source order, what the record is (`IdPartition.decide`): already in the
+catalogue (or changed at its source), met again, new, or a duplicate. An owner answers its calls
+in the order they were sent, so first-seen-wins holds across batches sent before the answers
+come back. In one process (`--cpus 1`, small sources) one local partition of the same class does
+the same.
 """
 
 from __future__ import annotations
 
 import hashlib
-import threading
-from bisect import bisect_right
-from collections import OrderedDict
-from typing import Callable
+import os
+import tempfile
+from typing import Any, Callable
 
 import numpy as np
 
-CACHE_IDS = 1 << 16  # id strings of shards kept for the exact comparisons (at least one shard)
-_MERGE_AT = 1 << 15  # this run's pending hashes merged into a sorted array past this many
+SPILL_BYTES = 1 << 20  # id strings buffered in memory before they are appended to the spill file
+_MERGE_AT = 1 << 15    # this run's pending hashes merged into a sorted array past this many
+
+# what `IdPartition.decide` answers for a record
+ALREADY = 0    # in the catalogue, met for the first time in this source
+CHANGED = 1    # ... and its source row differs from the one prepared (kept as first prepared)
+AGAIN = 2      # in the catalogue, met before in this source
+NOT_KNOWN = 3  # not in the catalogue, and not to be added (asked as a catalogued one)
+NEW = 4        # added by this run
+DUPLICATE = 5  # added earlier in this run (or catalogued): a duplicate
 
 
 def id_hash(product_id: str) -> int:
@@ -30,183 +41,297 @@ def id_hash(product_id: str) -> int:
     return int.from_bytes(digest, "little", signed=True)
 
 
-class IdTable:
-    """product_id -> place, for the catalogue's records (`known`) and those this run writes (`add`).
+def partition_bounds(count: int) -> list[int]:
+    """The first hash of partitions 1..count-1: P equal ranges of the signed 64-bit hashes."""
+    return [-(1 << 63) + (j << 64) // count for j in range(1, count)]
 
-    `shard_ids(s)` gives the ids of shard s in row order (s counts the catalogue's shards, then this
-    run's); `hash_fn` is the 64-bit hash (a parameter so that tests can force collisions)."""
 
-    def __init__(self, shard_ids: Callable[[int], list[str]], hash_fn: Callable[[str], int] = id_hash):
-        self.hash_fn = hash_fn
-        self._shard_ids = shard_ids
-        self._lock = threading.Lock()  # validation threads ask `is_known` while the driver adds
-        self._starts: list[int] = [0]  # first place of each shard, then the end
-        self._cache: OrderedDict[int, list[str]] = OrderedDict()
-        self._cached = 0
+def hash_range(index: int, count: int) -> tuple[int, int]:
+    """[lo, hi) of partition `index` of `count`."""
+    bounds = [-(1 << 63)] + partition_bounds(count) + [1 << 63]
+    return bounds[index], bounds[index + 1]
+
+
+class SpilledIds:
+    """Strings by number (0, 1, ...), in an unlinked temporary file: 8 bytes of memory each (its end
+    offset), the string read back only for an exact comparison."""
+
+    def __init__(self):
+        fd, path = tempfile.mkstemp(prefix="gammaray-ids-")
+        os.unlink(path)  # gone with the process, however it ends
+        self._fd = fd
+        self._ends = np.zeros(1024, np.int64)
+        self.count = 0
+        self._flushed = 0           # strings 0.._flushed-1 are in the file
+        self._tail: list[bytes] = []
+        self._tail_bytes = 0
+
+    def extend(self, ids: list[str]) -> None:
+        encoded = [s.encode("utf-8", "surrogatepass") for s in ids]
+        lengths = np.fromiter((len(b) for b in encoded), np.int64, len(encoded))
+        n = self.count + len(encoded)
+        if n > len(self._ends):
+            self._ends = np.resize(self._ends, max(n, 2 * len(self._ends)))
+        base = self._ends[self.count - 1] if self.count else 0
+        self._ends[self.count:n] = base + np.cumsum(lengths)
+        self.count = n
+        self._tail += encoded
+        self._tail_bytes += int(lengths.sum())
+        if self._tail_bytes >= SPILL_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        start = int(self._ends[self._flushed - 1]) if self._flushed else 0
+        os.pwrite(self._fd, b"".join(self._tail), start)
+        self._flushed, self._tail, self._tail_bytes = self.count, [], 0
+
+    def __getitem__(self, i: int) -> str:
+        if i >= self._flushed:
+            return self._tail[i - self._flushed].decode("utf-8", "surrogatepass")
+        start = int(self._ends[i - 1]) if i else 0
+        return os.pread(self._fd, int(self._ends[i]) - start, start).decode("utf-8", "surrogatepass")
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self):
+        self.close()
+
+
+class IdPartition:
+    """The ids of one hash range: the catalogue's (`load`, then `finish_load`) and those this run
+    adds (`decide`). Entries are numbered in the order they came (the catalogue's first); `hash_fn`
+    is the 64-bit hash (a parameter so that tests can force collisions)."""
+
+    def __init__(self, index: int = 0, count: int = 1, hash_fn: Callable[[str], int] = id_hash):
+        self.index, self.count, self.hash_fn = index, count, hash_fn
+        self.lo, self.hi = hash_range(index, count)
+        self._ids = SpilledIds()
+        self._loading: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.num_known = 0
-        self._known_hash = np.empty(0, np.int64)   # sorted
-        self._known_place = np.empty(0, np.int64)  # the place of each sorted hash
-        self.row_hash = np.empty(0, np.int64)      # by place: what the source row said when prepared
-        self.has_row_hash = np.empty(0, bool)      # False: the shard predates row hashes
-        self.seen = np.empty(0, bool)              # by place: met in the source by this run
-        self._new_hash = np.empty(0, np.int64)     # this run's, merged and sorted
-        self._new_place = np.empty(0, np.int64)
+        self._known_hash = np.empty(0, np.int64)  # sorted
+        self._known_num = np.empty(0, np.int64)   # the entry of each sorted hash
+        self._row_hash = np.empty(0, np.int64)    # by entry: what the source row said when prepared
+        self._has_row_hash = np.empty(0, bool)    # False: the shard predates row hashes
+        self._seen = np.empty(0, bool)            # by entry: met in the source by this run
+        self._new_hash = np.empty(0, np.int64)    # this run's, merged and sorted
+        self._new_num = np.empty(0, np.int64)
         self._pending: dict[int, int | list[int]] = {}  # this run's, not merged yet
         self.num_new = 0
-        self._buffer: list[str] = []  # ids added since the last `shard_done` (not in a shard yet)
 
-    # building ---------------------------------------------------------------------------------
+    # the catalogue ------------------------------------------------------------------------------
 
-    def load_known(self, shards: list[tuple[list[str], list[int | None]]]) -> None:
-        """The catalogue: per shard (in manifest order), its ids and their row hashes."""
-        hashes, rows, has = [], [], []
-        for ids, row_hashes in shards:
-            hashes.append(np.fromiter((self.hash_fn(p) for p in ids), np.int64, len(ids)))
-            rows.append(np.fromiter((0 if h is None else h for h in row_hashes), np.int64, len(ids)))
-            has.append(np.fromiter((h is not None for h in row_hashes), bool, len(ids)))
-            self._starts.append(self._starts[-1] + len(ids))
-        h = np.concatenate(hashes) if hashes else np.empty(0, np.int64)
-        order = np.argsort(h, kind="stable")
-        self._known_hash, self._known_place = h[order], order.astype(np.int64)
-        self.row_hash = np.concatenate(rows) if rows else np.empty(0, np.int64)
-        self.has_row_hash = np.concatenate(has) if has else np.empty(0, bool)
-        self.num_known = len(h)
-        self.seen = np.zeros(len(h), bool)
+    def load(self, hashes: np.ndarray, ids: list[str], row_hash: np.ndarray, has_row_hash: np.ndarray) -> int:
+        """Catalogued ids of this partition (any order; before the first `decide`)."""
+        if len(hashes) and (int(hashes.min()) < self.lo or int(hashes.max()) >= self.hi):
+            raise ValueError(f"id partition {self.index} of {self.count} was given a hash outside its range")
+        self._ids.extend(ids)
+        self._loading.append((np.asarray(hashes, np.int64), np.asarray(row_hash, np.int64),
+                              np.asarray(has_row_hash, bool)))
+        return len(ids)
 
-    def known_filter(self) -> "IdFilter":
-        """A Bloom filter of the catalogue's ids. Only a hint (where `hash_fn` is not `id_hash`, a
-        test's, it hints wrong): every decision is still made here, exactly."""
-        return IdFilter.of(self._known_hash)
+    def load_scanned(self, part: tuple) -> int:
+        """`load` of one part of what `scan_shards` returns (as Ray hands an object over: one argument)."""
+        return self.load(*part)
 
-    def add(self, product_id: str) -> int:
-        """A record this run writes (in write order); returns its place."""
-        place = self.num_known + self.num_new
-        h = self.hash_fn(product_id)
-        with self._lock:
-            old = self._pending.get(h)
-            self._pending[h] = place if old is None else ([old] if isinstance(old, int) else old) + [place]
-            self.num_new += 1
-            self._buffer.append(product_id)
-            if len(self._pending) >= _MERGE_AT:
-                self._merge()
-        return place
+    def finish_load(self) -> int:
+        if self._loading:
+            h, rows, has = (np.concatenate(a) for a in zip(*self._loading))
+            self._loading = []
+            order = np.argsort(h, kind="stable")
+            self._known_hash, self._known_num = h[order], order.astype(np.int64)
+            self._row_hash, self._has_row_hash = rows, has
+            self.num_known = len(h)
+            self._seen = np.zeros(len(h), bool)
+        return self.num_known
 
-    def shard_done(self) -> None:
-        """The ids added since the last call are one shard of this run (its ids stay cached)."""
-        with self._lock:
-            shard = len(self._starts) - 1
-            self._starts.append(self._starts[-1] + len(self._buffer))
-            self._remember(shard, self._buffer)
-            self._buffer = []
+    # asking ---------------------------------------------------------------------------------------
 
-    def _merge(self) -> None:
-        places = [p for v in self._pending.values() for p in ([v] if isinstance(v, int) else v)]
-        hashes = [h for h, v in self._pending.items() for _ in ([v] if isinstance(v, int) else v)]
-        h = np.concatenate([self._new_hash, np.asarray(hashes, np.int64)])
-        p = np.concatenate([self._new_place, np.asarray(places, np.int64)])
-        order = np.argsort(h, kind="stable")
-        self._new_hash, self._new_place = h[order], p[order]
-        self._pending = {}
-
-    # asking -------------------------------------------------------------------------------------
-
-    def place(self, product_id: str) -> int | None:
-        """The place of the record with this product_id (catalogue or this run), None if there is none."""
-        with self._lock:
-            h = self.hash_fn(product_id)
-            for place in self._candidates(h, new=True):
-                if self._id_at(place) == product_id:
-                    return place
-            return None
-
-    def known_place(self, product_id: str | None) -> int | None:
-        """The place of the catalogue's record with this product_id (this run's not looked at)."""
-        if product_id is None or not self.num_known:
-            return None
-        with self._lock:
-            for place in self._candidates(self.hash_fn(product_id), new=False):
-                if self._id_at(place) == product_id:
-                    return place
-            return None
-
-    def is_known(self, product_id: str | None) -> bool:
-        return self.known_place(product_id) is not None
-
-    __contains__ = is_known  # `pid in table`: the catalogue's records (validate_raw's known_ids)
-
-    def is_new(self, product_id: str) -> bool:
-        place = self.place(product_id)
-        return place is not None and place >= self.num_known
-
-    def _candidates(self, h: int, new: bool) -> list[int]:
-        out = _equal_range(self._known_hash, self._known_place, h)
-        if new:
-            out += _equal_range(self._new_hash, self._new_place, h)
-            v = self._pending.get(h)
-            if v is not None:
-                out += [v] if isinstance(v, int) else v
+    def known(self, hashes: np.ndarray, ids: list[str]) -> np.ndarray:
+        """Whether each id is in the catalogue (this run's additions not looked at)."""
+        out = np.zeros(len(ids), bool)
+        for i in self._hash_matches(self._known_hash, hashes):
+            out[i] = self._known_entry(int(hashes[i]), ids[i]) >= 0
         return out
 
-    def _id_at(self, place: int) -> str:
-        buffered = place - self._starts[-1]
-        if buffered >= 0:
-            return self._buffer[buffered]
-        shard = bisect_right(self._starts, place) - 1
-        ids = self._cache.get(shard)
-        if ids is None:
-            ids = self._shard_ids(shard)
-            self._remember(shard, ids)
-        else:
-            self._cache.move_to_end(shard)
-        return ids[place - self._starts[shard]]
+    def is_known(self, product_id: str | None) -> bool:
+        return product_id is not None and self._known_entry(self.hash_fn(product_id), product_id) >= 0
 
-    def _remember(self, shard: int, ids: list[str]) -> None:
-        self._cache[shard] = ids
-        self._cached += len(ids)
-        while self._cached > CACHE_IDS and len(self._cache) > 1:
-            _, dropped = self._cache.popitem(last=False)
-            self._cached -= len(dropped)
+    def decide(self, hashes: np.ndarray, ids: list[str], add: np.ndarray, row_hash: np.ndarray,
+               has_row_hash: np.ndarray) -> np.ndarray:
+        """What each record is, in order (the codes above). A catalogued id is marked met; one that
+        is not is added where `add` says the record is valid, unless this run added it already."""
+        out = np.empty(len(ids), np.int8)
+        maybe_known = np.zeros(len(ids), bool)
+        maybe_known[self._hash_matches(self._known_hash, hashes)] = True
+        maybe_new = np.zeros(len(ids), bool)
+        maybe_new[self._hash_matches(self._new_hash, hashes)] = True
+        for i, pid in enumerate(ids):
+            h = int(hashes[i])
+            k = self._known_entry(h, pid) if maybe_known[i] else -1
+            if k >= 0:
+                if self._seen[k]:
+                    out[i] = AGAIN
+                    continue
+                self._seen[k] = True
+                out[i] = CHANGED if (self._has_row_hash[k] and has_row_hash[i]
+                                     and int(self._row_hash[k]) != int(row_hash[i])) else ALREADY
+            elif not add[i]:
+                out[i] = NOT_KNOWN
+            elif self._new_entry(h, pid, maybe_new[i]) >= 0:
+                out[i] = DUPLICATE
+            else:
+                self._add(h, pid)
+                out[i] = NEW
+        if len(self._pending) >= _MERGE_AT:
+            self._merge()
+        return out
+
+    def is_new(self, hashes: np.ndarray, ids: list[str]) -> np.ndarray:
+        """Whether each id was added by this run."""
+        maybe_new = np.zeros(len(ids), bool)
+        maybe_new[self._hash_matches(self._new_hash, hashes)] = True
+        return np.fromiter((self._new_entry(int(h), pid, m) >= 0 for h, pid, m in zip(hashes, ids, maybe_new)),
+                           bool, len(ids))
+
+    def stats(self) -> dict[str, Any]:
+        """What this partition holds (the tests check that every id is in its owner's range)."""
+        hashes = np.concatenate([self._known_hash, self._new_hash, np.fromiter(self._pending, np.int64)])
+        return {"index": self.index, "count": self.count, "lo": self.lo, "hi": self.hi, "num_known": self.num_known,
+                "num_new": self.num_new, "min_hash": int(hashes.min()) if len(hashes) else None,
+                "max_hash": int(hashes.max()) if len(hashes) else None, "process": os.getpid()}
+
+    def close(self) -> None:
+        self._ids.close()
+
+    # inside -----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _hash_matches(sorted_hashes: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+        """Positions i of `hashes` whose hash is in `sorted_hashes`."""
+        if not len(sorted_hashes) or not len(hashes):
+            return np.empty(0, np.int64)
+        pos = np.minimum(np.searchsorted(sorted_hashes, hashes), len(sorted_hashes) - 1)
+        return np.flatnonzero(sorted_hashes[pos] == hashes)
+
+    def _known_entry(self, h: int, pid: str) -> int:
+        for k in _equal_range(self._known_hash, self._known_num, h):
+            if self._ids[k] == pid:
+                return k
+        return -1
+
+    def _new_entry(self, h: int, pid: str, maybe_merged: bool = True) -> int:
+        candidates = _equal_range(self._new_hash, self._new_num, h) if maybe_merged else []
+        v = self._pending.get(h)
+        if v is not None:
+            candidates += [v] if isinstance(v, int) else v
+        for k in candidates:
+            if self._ids[k] == pid:
+                return k
+        return -1
+
+    def _add(self, h: int, pid: str) -> None:
+        k = self._ids.count
+        self._ids.extend([pid])
+        old = self._pending.get(h)
+        self._pending[h] = k if old is None else ([old] if isinstance(old, int) else old) + [k]
+        self.num_new += 1
+
+    def _merge(self) -> None:
+        nums = [k for v in self._pending.values() for k in ([v] if isinstance(v, int) else v)]
+        hashes = [h for h, v in self._pending.items() for _ in ([v] if isinstance(v, int) else v)]
+        h = np.concatenate([self._new_hash, np.asarray(hashes, np.int64)])
+        k = np.concatenate([self._new_num, np.asarray(nums, np.int64)])
+        order = np.argsort(h, kind="stable")
+        self._new_hash, self._new_num = h[order], k[order]
+        self._pending = {}
 
 
-def _equal_range(sorted_hashes: np.ndarray, places: np.ndarray, h: int) -> list[int]:
+def _equal_range(sorted_hashes: np.ndarray, nums: np.ndarray, h: int) -> list[int]:
     lo = int(np.searchsorted(sorted_hashes, h, "left"))
     if lo == len(sorted_hashes) or sorted_hashes[lo] != h:
         return []
     hi = int(np.searchsorted(sorted_hashes, h, "right"))
-    return places[lo:hi].tolist()
+    return nums[lo:hi].tolist()
 
 
-class IdFilter:
-    """A Bloom filter of the catalogue's ids (16 bits an id, 4 probes: about 0.25% false positives),
-    for Ray tasks that must not hold the ids: a row it rules out is not catalogued; a row it lets
-    through gets the cheap checks only (its images unread) and the driver decides it exactly."""
+class PartitionedIds:
+    """The driver's (and the chunk tasks') side of the partitions: each id routed to its owner by
+    its hash, one call per partition per batch. `owners` are Ray actor handles (`remote`) or local
+    `IdPartition`s; this object holds no id."""
 
-    PROBES = 4
+    def __init__(self, owners: list, hash_fn: Callable[[str], int] = id_hash, remote: bool = False):
+        self.owners, self.hash_fn, self.remote = owners, hash_fn, remote
+        self.bounds = np.asarray(partition_bounds(len(owners)), np.int64)
+        self.num_known = 0  # set once the owners have loaded the catalogue
 
-    def __init__(self, bits: np.ndarray):
-        self.bits = bits  # uint8, a power-of-two number of bits
+    def route(self, ids: list[str]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(the hash of each id, the positions of the ids of each partition)."""
+        hashes = np.fromiter((self.hash_fn(p) for p in ids), np.int64, len(ids))
+        if len(self.owners) == 1:
+            return hashes, [np.arange(len(ids))]
+        part = np.searchsorted(self.bounds, hashes, "right")
+        order = np.argsort(part, kind="stable")
+        cuts = np.searchsorted(part[order], np.arange(1, len(self.owners)))
+        return hashes, np.split(order, cuts)
 
-    @classmethod
-    def of(cls, hashes: np.ndarray) -> "IdFilter":
-        m = 1 << max(6, int(np.ceil(np.log2(max(1, len(hashes)) * 16))))
-        bits = np.zeros(m // 8, np.uint8)
-        for idx in cls._probes(hashes.astype(np.int64).view(np.uint64), m):
-            np.bitwise_or.at(bits, idx >> 3, (1 << (idx & 7)).astype(np.uint8))
-        return cls(bits)
+    def _call(self, j: int, method: str, *args):
+        if self.remote:
+            return getattr(self.owners[j], method).remote(*args)
+        return getattr(self.owners[j], method)(*args)
 
-    @classmethod
-    def _probes(cls, h: np.ndarray, m: int):
-        h1, h2 = h & np.uint64(0xFFFFFFFF), (h >> np.uint64(32)) | np.uint64(1)
-        for i in range(cls.PROBES):
-            yield ((h1 + np.uint64(i) * h2) & np.uint64(m - 1)).astype(np.int64)
+    def _get(self, refs: list) -> list:
+        if not self.remote:
+            return refs
+        import ray
 
-    def might_contain(self, product_id: str | None) -> bool:
-        if product_id is None:
+        return ray.get(refs)
+
+    def _ask(self, method: str, ids: list[str], dtype, *columns: np.ndarray):
+        """Send `method` to each partition with its ids (and their part of each column); returns
+        a function that gathers the answers in the order of `ids`."""
+        hashes, parts = self.route(ids)
+        asked = [(j, pos, self._call(j, method, hashes[pos], [ids[i] for i in pos], *(c[pos] for c in columns)))
+                 for j, pos in enumerate(parts) if len(pos)]
+
+        def gather() -> np.ndarray:
+            out = np.empty(len(ids), dtype)
+            for (_, pos, _), answer in zip(asked, self._get([a for _, _, a in asked])):
+                out[pos] = answer
+            return out
+        return gather
+
+    def known(self, ids: list[str]) -> np.ndarray:
+        return self._ask("known", ids, bool)()
+
+    def __contains__(self, product_id: str | None) -> bool:
+        """`pid in ids`: in the catalogue (validate_raw's known_ids, in one process)."""
+        if product_id is None or not self.num_known:
             return False
-        h = id_hash(product_id) & 0xFFFFFFFFFFFFFFFF
-        h1, h2, m = h & 0xFFFFFFFF, (h >> 32) | 1, len(self.bits) * 8
-        for i in range(self.PROBES):
-            idx = (h1 + i * h2) & (m - 1)
-            if not self.bits[idx >> 3] & (1 << (idx & 7)):
-                return False
-        return True
+        if not self.remote and len(self.owners) == 1:
+            return self.owners[0].is_known(product_id)
+        return bool(self.known([product_id])[0])
+
+    def decide(self, ids: list[str], add: np.ndarray, row_hash: np.ndarray, has_row_hash: np.ndarray):
+        """Sent now (in order), gathered by calling what this returns."""
+        return self._ask("decide", ids, np.int8, add, row_hash, has_row_hash)
+
+    def is_new(self, ids: list[str]) -> np.ndarray:
+        return self._ask("is_new", ids, bool)()
+
+    def stats(self) -> list[dict]:
+        return self._get([self._call(j, "stats") for j in range(len(self.owners))])
+
+    def close(self) -> None:
+        if self.remote:
+            import ray
+
+            for owner in self.owners:
+                ray.kill(owner)
+        else:
+            for owner in self.owners:
+                owner.close()
+        self.owners = []
+

@@ -36,9 +36,10 @@ catalogue whose source row changed is listed as changed, never re-admitted (docs
 With more than one CPU (`PrepareOptions.cpus`) and a source of at least `parallel_min_bytes`, the
 per-record work and the shard writes run in Ray tasks (pipelines/prepare_parallel.py) and this
 module's pass only decides, in source order: the same catalogue, byte for byte. The ids of the
-catalogue and of the run are 64-bit hashes (pipelines/ids.py), never a set of strings.
+catalogue and of the run are held by hash partitions (pipelines/ids.py: Ray actors with Ray, one
+local partition here), never by this process, never as a set of strings.
 
-Length (about 540 lines): prepare is one pass (read, validate, shard, quarantine, manifest) whose
+Length (about 580 lines): prepare is one pass (read, validate, shard, quarantine, manifest) whose
 steps share the shard writer, the manifest and the cleanup of an uncommitted run; one record's
 validation (pipelines/prepare_records.py), readers, images and faults live in their own modules.
 """
@@ -50,10 +51,11 @@ import hashlib
 import io
 import re
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
@@ -64,10 +66,11 @@ from gammaray.schema import QUARANTINE_SCHEMA, SCHEMA_VERSION, Reason
 from . import ids as id_hashing
 from . import prepare_parallel, storage
 from .catalogue import PrepareError, WriterLock, commit_manifest, load_manifest, read_manifest
-from .ids import IdTable
+from .ids import AGAIN, ALREADY, CHANGED, DUPLICATE, NEW, NOT_KNOWN, IdPartition, PartitionedIds
 from .image_refs import ImagePolicy, source_root
 from .prepare_records import (RECORD_FIELDS, Checked, PrepareOptions, canonical_uri, hash_table_bytes, hashes_path,
-                              image_policy, in_order, printable, record_bytes, source_rows, validate_raw, write_shard)
+                              image_policy, in_order, printable, record_bytes, scan_shards, shard_slices, source_rows,
+                              validate_raw, write_shard)
 from .readers import source_files
 
 __all__ = ["PrepareOptions", "PrepareResult", "PrepareError", "prepare", "load_manifest", "read_quarantine",
@@ -90,6 +93,7 @@ class PrepareResult:
     num_readmitted: int = 0              # records quarantined by an earlier run, written by this one
     changed_ids: list[str] = field(default_factory=list)  # in the catalogue, edited at the source since (kept as first prepared)
     num_orphans_removed: int = 0         # uncommitted files of an earlier prepare that did not finish
+    id_partitions: list[dict] = field(default_factory=list)  # what each id partition held (IdPartition.stats)
 
     def summary(self) -> str:
         lines = [
@@ -189,9 +193,13 @@ def _prepare_locked(src: str, src_is_dir: bool, files: list[str], dst: str, opts
     # a source under parallel_min_bytes stays in this process: Ray's start-up would cost more than it buys
     cpus, started = prepare_parallel.start_ray(opts) if parallel else (1, False)
     run = _Run(dst, manifest, opts, storage_cfg, lock, cpus)
+    ids = None
     try:
-        ids = IdTable(run.shard_ids, hash_fn=id_hashing.id_hash)
-        ids.load_known(_shard_id_rows(dst, shard, storage_cfg) for shard in manifest["shards"])
+        # the ids by hash partition: P Ray actors with Ray (the driver holds none), else one here
+        if cpus > 1:
+            ids = prepare_parallel.start_partitions(dst, manifest["shards"], storage_cfg, cpus, id_hashing.id_hash)
+        else:
+            ids = _local_partition(dst, manifest["shards"], storage_cfg, id_hashing.id_hash)
         old_quarantine = _read_quarantine_entries(dst, manifest, storage_cfg) if manifest["shards"] or \
             manifest["quarantine"]["files"] else []
         res = _prepare_pass(src, src_is_dir, files, run, ids, old_quarantine, etag, t0)
@@ -206,6 +214,8 @@ def _prepare_locked(src: str, src_is_dir: bool, files: list[str], dst: str, opts
         run.discard()
         raise
     finally:
+        if ids is not None:
+            ids.close()
         if started:
             prepare_parallel.stop_ray()
     res.num_orphans_removed = orphans
@@ -262,12 +272,6 @@ class _Run:
         if self.writers is not None:
             self._settled(self.writers.drain)
 
-    def shard_ids(self, k: int) -> list[str]:
-        """The product_ids of shard k of the catalogue (this run's once written), in row order."""
-        if self.writers is not None and k >= self.first_part:
-            self._settled(lambda: self.writers.wait(k))
-        return _shard_id_rows(self.dst, self.manifest["shards"][k], self.storage_cfg)[0]
-
     def discard(self) -> None:
         if self.writers is not None:
             self.writers.abandon()  # no write may land after the removal below
@@ -280,24 +284,76 @@ class _Run:
                 _remove_quietly(uri, self.storage_cfg)
 
 
+def _local_partition(dst: str, shards: list[dict], storage_cfg: StorageConfig | None,
+                     hash_fn: Callable[[str], int]) -> PartitionedIds:
+    part = IdPartition(0, 1, hash_fn)
+    for group in shard_slices(shards, prepare_parallel.SCAN_ROWS):
+        part.load(*scan_shards(dst, group, storage_cfg, hash_fn, 1)[0])
+    ids = PartitionedIds([part], hash_fn)
+    ids.num_known = part.finish_load()
+    return ids
+
+
 def _in_process_items(files: list[str], opts: PrepareOptions, storage_cfg: StorageConfig | None, policy: ImagePolicy,
-                      ids: IdTable) -> Iterator[tuple[str, int, Checked, Callable[[], Checked]]]:
+                      ids: PartitionedIds) -> Iterator[list[tuple[str, int, Checked, Callable[[], Checked]]]]:
     check = lambda raw: validate_raw(raw, opts, storage_cfg, policy, ids)  # noqa: E731
+    batch = []
     for raw, checked in in_order(source_rows(files, opts, storage_cfg), check, opts.io_threads):
-        yield raw.source, raw.row, checked, lambda raw=raw: validate_raw(raw, opts, storage_cfg, policy)
+        batch.append((raw.source, raw.row, checked, lambda raw=raw: validate_raw(raw, opts, storage_cfg, policy)))
+        if len(batch) >= DECIDE_RECORDS:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
-def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, ids: IdTable, old_quarantine: list[dict],
+DECIDE_RECORDS = 256  # records of one batch of questions to the id partitions (in one process)
+
+
+def _decided(batches: Iterator[list[tuple]], ids: PartitionedIds) -> Iterator[tuple]:
+    """(source, row, checked, full, verdict) in source order. The verdicts of a batch are asked of
+    the id partitions (one call each) as soon as it arrives and gathered once the next one has been
+    asked too: the partitions answer in the order asked, so first-seen-wins holds, while the driver
+    and the partitions work at once. A record that is neither catalogued nor valid is not asked
+    about (NOT_KNOWN)."""
+    asked: deque = deque()
+    try:
+        for batch in batches:
+            ops = [i for i, (_, _, c, _) in enumerate(batch) if c.known or (c.err is None and c.rec is not None)]
+            pids = [batch[i][2].pid if batch[i][2].known else batch[i][2].rec["product_id"] for i in ops]
+            add = np.fromiter((not batch[i][2].known for i in ops), bool, len(ops))
+            row_hash = np.fromiter((batch[i][2].row_hash or 0 for i in ops), np.int64, len(ops))
+            has = np.fromiter((batch[i][2].known and batch[i][2].row_hash is not None for i in ops), bool, len(ops))
+            asked.append((batch, ops, ids.decide(pids, add, row_hash, has)))
+            if len(asked) > 1:
+                yield from _verdicts(*asked.popleft())
+        while asked:
+            yield from _verdicts(*asked.popleft())
+    finally:
+        batches.close()
+
+
+def _verdicts(batch: list[tuple], ops: list[int], gather) -> Iterator[tuple]:
+    verdicts = np.full(len(batch), NOT_KNOWN, np.int8)
+    verdicts[ops] = gather()
+    for item, verdict in zip(batch, verdicts.tolist()):
+        if verdict == NOT_KNOWN and item[2].known:
+            raise RuntimeError(f"product_id {item[2].pid!r}: the id partitions disagree on whether it is catalogued")
+        yield (*item, verdict)
+
+
+def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, ids: PartitionedIds, old_quarantine: list[dict],
                   etag: str | None, t0: float) -> PrepareResult:
     dst, manifest, opts, storage_cfg = run.dst, run.manifest, run.opts, run.storage_cfg
     policy = image_policy(opts, source_root(src, src_is_dir))
     if run.cpus > 1:
-        items = prepare_parallel.parallel_items(files, opts, storage_cfg, policy, ids, run.cpus)
+        batches = prepare_parallel.parallel_items(files, opts, storage_cfg, policy, ids, run.cpus)
     else:
-        items = _in_process_items(files, opts, storage_cfg, policy, ids)
+        batches = _in_process_items(files, opts, storage_cfg, policy, ids)
+    items = _decided(batches, ids)
 
-    # the product_ids of the catalogue and of this run's writes are in `ids` (64-bit hashes), the
-    # catalogue's met in the source flagged in ids.seen
+    # the product_ids of the catalogue and of this run's writes are held by the id partitions,
+    # which say what each record is (`verdict`); this pass keeps only the bad ones' ids
     old_keys = {e["record_key"] for e in old_quarantine}
     new_quarantine: dict[str, dict] = {}  # record_key -> entry, this run's findings
     first_seen: list[dict] = []           # entries whose record was not quarantined before
@@ -317,51 +373,46 @@ def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, ids: 
         nonlocal buffer, hashes, buffer_bytes
         if buffer:
             run.write_shard(buffer, hashes)
-            ids.shard_done()
         buffer, hashes, buffer_bytes = [], [], 0
 
     bar = tqdm(desc="prepare", unit="rec", disable=not opts.progress, dynamic_ncols=True)
     try:
-        for source, row, checked, full in items:
+        for source, row, checked, full, verdict in items:
             num_input += 1
             bar.update(1)
             if source not in read_sources:
                 read_sources[source] = canonical_uri(source)
-            if checked.known:
-                place = ids.known_place(checked.pid)
-                if not ids.seen[place]:
-                    ids.seen[place] = True
-                    already += 1
-                    if ids.has_row_hash[place] and checked.row_hash is not None \
-                            and int(ids.row_hash[place]) != checked.row_hash:
-                        changed.append(checked.pid)
-                    continue
+            if verdict in (ALREADY, CHANGED):
+                already += 1
+                if verdict == CHANGED:
+                    changed.append(checked.pid)
+                continue
+            if verdict == AGAIN:
                 # the same catalogued product_id again in the source: the duplicate the first run quarantined
                 checked = full()
+                verdict = DUPLICATE if checked.err is None and checked.rec is not None else NOT_KNOWN
             rec, err = checked.rec, checked.err
-            if err is None and rec is not None:
-                if ids.place(rec["product_id"]) is not None:
-                    err = (Reason.DUPLICATE_ID, f"product_id {printable(rec['product_id'])!r} appears earlier in the source")
-                else:
-                    ids.add(rec["product_id"])
-                    conversions.update(checked.conversions)
-                    rec["sample_index"] = next_index
-                    next_index += 1
-                    written += 1
-                    if rec.get("category"):
-                        cats.add(rec["category"])
-                    if rec.get("locale"):
-                        locales.add(rec["locale"])
-                    for loc, _ in rec.get("titles") or ():
-                        locales.add(loc)
-                    buffer.append(rec)
-                    hashes.append(checked.row_hash)
-                    buffer_bytes += record_bytes(rec)
-                    if len(buffer) >= opts.max_records_per_shard or buffer_bytes >= opts.target_shard_bytes:
-                        flush()
-                    if not bar.disable:
-                        bar.set_postfix(shards=len(run.shard_uris), bad=len(new_quarantine), refresh=False)
-                    continue
+            if verdict == NEW:
+                conversions.update(checked.conversions)
+                rec["sample_index"] = next_index
+                next_index += 1
+                written += 1
+                if rec.get("category"):
+                    cats.add(rec["category"])
+                if rec.get("locale"):
+                    locales.add(rec["locale"])
+                for loc, _ in rec.get("titles") or ():
+                    locales.add(loc)
+                buffer.append(rec)
+                hashes.append(checked.row_hash)
+                buffer_bytes += record_bytes(rec)
+                if len(buffer) >= opts.max_records_per_shard or buffer_bytes >= opts.target_shard_bytes:
+                    flush()
+                if not bar.disable:
+                    bar.set_postfix(shards=len(run.shard_uris), bad=len(new_quarantine), refresh=False)
+                continue
+            if verdict == DUPLICATE:
+                err = (Reason.DUPLICATE_ID, f"product_id {printable(rec['product_id'])!r} appears earlier in the source")
             if checked.pid:
                 decided_bad.add(checked.pid)
             entry = {"product_id": checked.pid, "source": printable(source), "row": row, "reason": err[0],
@@ -381,10 +432,12 @@ def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, ids: 
     # this run's findings replace earlier entries of the records it decided, and of unreadable rows of
     # the files it read again; entries of records it did not see stay
     kept, readmitted = [], 0
+    named = [e["product_id"] for e in old_quarantine if e["product_id"] is not None]
+    added = dict(zip(named, ids.is_new(named).tolist()))  # (as many as the quarantine holds)
     for e in old_quarantine:
         if e["record_key"] in new_quarantine:
             continue
-        is_new = e["product_id"] is not None and ids.is_new(e["product_id"])
+        is_new = e["product_id"] is not None and added[e["product_id"]]
         if is_new or e["product_id"] in decided_bad:
             readmitted += is_new
             continue
@@ -395,7 +448,8 @@ def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, ids: 
     quarantine_changed = _signature(current) != _signature(old_quarantine)
     source = canonical_uri(src)
     result = dict(num_input=num_input, written=written, already=already, first_seen=first_seen, repeated=repeated,
-                  readmitted=readmitted, shard_uris=run.shard_uris, conversions=conversions, changed=changed, t0=t0)
+                  readmitted=readmitted, shard_uris=run.shard_uris, conversions=conversions, changed=changed, t0=t0,
+                  id_partitions=ids.stats())
     if not (written or quarantine_changed or source not in manifest["sources"]):
         return _result(dst, manifest, **result)
 
@@ -426,13 +480,13 @@ def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, ids: 
 
 
 def _result(dst, manifest, *, num_input, written, already, first_seen, repeated, readmitted, shard_uris, conversions,
-            changed, t0) -> PrepareResult:
+            changed, t0, id_partitions) -> PrepareResult:
     return PrepareResult(dst=dst, num_input=num_input, num_written=written, num_already_present=already,
                          num_quarantined=len(first_seen),
                          quarantine_by_reason=dict(Counter(e["reason"] for e in first_seen)),
                          shards_written=shard_uris, manifest=manifest, wall_s=time.perf_counter() - t0,
                          image_conversions=dict(sorted(conversions.items())), num_already_quarantined=repeated,
-                         num_readmitted=readmitted, changed_ids=changed)
+                         num_readmitted=readmitted, changed_ids=changed, id_partitions=id_partitions)
 
 
 def _refuse_destination_inside_source(src: str, dst: str, src_is_dir: bool) -> None:
@@ -464,21 +518,6 @@ def _remove_quietly(uri: str, storage_cfg: StorageConfig | None) -> None:
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _FULL_TEXT = ("no space left", "disk quota exceeded", "file too large", "quotaexceeded", "entitytoolarge")
 
-
-
-def _shard_id_rows(dst: str, shard: dict, storage_cfg: StorageConfig | None) -> tuple[list[str], list[int | None]]:
-    """The product_ids of one shard and their row hashes (None where the shard predates hashes)."""
-    try:
-        with storage.open_random_access(storage.join(dst, hashes_path(shard["path"])), storage_cfg) as f:
-            table = pq.read_table(f)
-        if table.num_rows == shard["num_rows"]:
-            return table.column("product_id").to_pylist(), table.column("row_hash").to_pylist()
-    except Exception as err:  # noqa: BLE001 - missing (an older catalogue) or unreadable: use the shard
-        if storage.is_storage_fault(err):
-            raise
-    with storage.open_random_access(storage.join(dst, shard["path"]), storage_cfg) as f:
-        table = pq.read_table(f, columns=["product_id"])
-    return table.column("product_id").to_pylist(), [None] * table.num_rows
 
 
 def _remove_uncommitted(dst: str, manifest: dict | None, storage_cfg: StorageConfig | None) -> int:

@@ -1,17 +1,20 @@
-"""`gammaray prepare` on Ray: the per-record work in parallel tasks, every decision in the driver.
+"""`gammaray prepare` on Ray: the per-record work in parallel tasks, every decision in the driver and the id partitions.
 
 The source is cut into chunks: a JSON Lines file into byte ranges of about `chunk_bytes` that start
 at a line start (the driver finds the cuts and the line number of each while streaming the file
-once: counting newlines costs far less than validating), every other file (CSV: quoted newlines;
-a JSON array; Parquet; WebDataset tar) is one chunk. A Ray task per chunk reads its rows (the
+once: counting newlines costs far less than validating), a Parquet file into runs of row groups
+of about `chunk_bytes` (its footer read here), every other file (CSV: quoted newlines; a JSON
+array; WebDataset tar) is one chunk. A Ray task per chunk reads its rows (the
 readers of pipelines/readers.py: the same caps, reasons and row numbers), validates them, reads and
 checks their images, hashes them, and yields them in batches; at most `cpus` chunk tasks run at
 once, each at most `BACKPRESSURE` batches ahead of the driver, so memory holds a bounded window of
 records whatever the size of the source or its images. The driver takes the batches in source
 order and decides every record (already present, duplicate, changed at the source, quarantined,
-re-admitted) with the catalogue's ids, exactly as the in-process pass does: the tasks never see
-the ids, the output is the same, byte for byte. Full shards go to a few writer actors (a bounded
-number of writes in flight); the manifest is still committed last, by the driver.
+re-admitted) exactly as the in-process pass does, asking the id partitions (pipelines/ids.py: P
+actors, one hash range each, started and loaded by `start_partitions`) one call per batch per
+partition; the driver holds no id, the tasks ask the partitions which rows are catalogued. The
+output is the same, byte for byte. Full shards go to a few writer actors (a bounded number of
+writes in flight); the manifest is still committed last, by the driver.
 
 Ray tasks inside whatever Ray job runs the command, not a Ray Data pipeline: the decisions need one
 ordered pass over the validated records (first seen wins; sample_index is dense in source order),
@@ -28,20 +31,23 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import pyarrow.parquet as pq
 from gammaray.config import StorageConfig
 
 from . import storage
 from .image_refs import ImagePolicy
-from .ids import IdFilter, IdTable
+from .ids import IdPartition, PartitionedIds
 from .prepare_records import (Checked, PrepareOptions, check_unknowing, file_rows, hash_table_bytes, in_order,
-                              validate_raw, write_shard)
+                              raw_product_id, scan_shards, shard_slices, validate_raw, write_shard)
 from .ray_start import private_tmpdir_for_ray
-from .readers import READ_CHUNK, is_json_array, read_jsonl_range, read_source
+from .readers import READ_CHUNK, RawRow, is_json_array, read_jsonl_range, read_parquet, read_source
 
 BATCH_RECORDS = 1024        # rows a chunk task yields at once
 BATCH_BYTES = 8 * 2**20     # ... or fewer, once their images reach this size
 PROBE_ROWS = 32            # rows a chunk task times on one thread (I/O bound or not)
 BACKPRESSURE = 8            # batches a chunk task may run ahead of the driver (a whole chunk of small records)
+LOOKUP_ROWS = 256           # rows a chunk task asks the id partitions about at once
+SCAN_ROWS = 100_000         # catalogued ids one scan task reads (its shards' id files) for the partition owners
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class Chunk:
     start: int = 0
     stop: int | None = None  # None: the whole file, through read_source
     first_line: int = 0
+    row_groups: tuple[int, int] | None = None  # a Parquet file's row groups [start, stop)
 
 
 def source_bytes(files: list[str], storage_cfg: StorageConfig | None) -> int:
@@ -64,6 +71,8 @@ def plan_chunks(files: list[str], chunk_bytes: int, storage_cfg: StorageConfig |
     for f in files:
         if f.endswith((".jsonl", ".json")):
             yield from file_rows(f, lambda f=f: _jsonl_chunks(f, chunk_bytes, storage_cfg))
+        elif f.endswith(".parquet"):
+            yield from _parquet_chunks(f, chunk_bytes, storage_cfg)
         else:
             yield Chunk(f)
 
@@ -95,7 +104,28 @@ def _jsonl_chunks(uri: str, chunk_bytes: int, storage_cfg: StorageConfig | None)
             yield Chunk(uri, start, pos, first_line)
 
 
+def _parquet_chunks(uri: str, chunk_bytes: int, storage_cfg: StorageConfig | None) -> Iterator[Chunk]:
+    """Runs of consecutive row groups of about chunk_bytes (uncompressed, as the footer says); the
+    whole file as one chunk where its footer cannot be read here (its reader then says why)."""
+    try:
+        with storage.open_random_access(uri, storage_cfg) as f:
+            meta = pq.ParquetFile(f).metadata
+    except Exception:  # noqa: BLE001 - a damaged footer is rows with a reason, a fault the task's to raise
+        yield Chunk(uri)
+        return
+    start, size = 0, 0
+    for g in range(meta.num_row_groups):
+        size += meta.row_group(g).total_byte_size
+        if size >= chunk_bytes or g + 1 == meta.num_row_groups:
+            yield Chunk(uri, row_groups=(start, g + 1))
+            start, size = g + 1, 0
+    if not meta.num_row_groups:
+        yield Chunk(uri)
+
+
 def chunk_rows(chunk: Chunk, opts: PrepareOptions, storage_cfg: StorageConfig | None):
+    if chunk.row_groups is not None:
+        return file_rows(chunk.uri, lambda: read_parquet(chunk.uri, storage_cfg, row_groups=chunk.row_groups))
     if chunk.stop is None:
         return file_rows(chunk.uri, lambda: read_source(chunk.uri, storage_cfg, opts.csv_field_limit,
                                                         opts.max_record_bytes))
@@ -107,29 +137,44 @@ def chunk_rows(chunk: Chunk, opts: PrepareOptions, storage_cfg: StorageConfig | 
 
 
 def check_chunk(chunk: Chunk, opts: PrepareOptions, storage_cfg: StorageConfig | None, policy: ImagePolicy,
-                known_bits: np.ndarray | None = None) -> Iterator[list[tuple]]:
-    """The body of a chunk task: its rows as `check_unknowing` finds them, in batches. The first
-    rows are checked on one thread, timed: where they waited on I/O (images on remote storage) the
-    rest get `io_threads`; where not, threads would only contend for the GIL (about 40% more CPU)."""
+                ids: PartitionedIds | None = None) -> Iterator[list[tuple]]:
+    """The body of a chunk task: its rows as `check_unknowing` finds them, in batches. Where there
+    is a catalogue, the partition owners say which rows' product_ids it holds (one call per
+    partition per `LOOKUP_ROWS` rows), so that their images are not read again. The first rows are
+    checked on one thread, timed: where they waited on I/O (images on remote storage) the rest get
+    `io_threads`; where not, threads would only contend for the GIL (about 40% more CPU)."""
     batch: list[tuple] = []
     size = 0
-    maybe_known = IdFilter(known_bits).might_contain if known_bits is not None else (lambda pid: False)
-    check = lambda raw: check_unknowing(raw, opts, storage_cfg, policy, maybe_known)  # noqa: E731
-    rows = chunk_rows(chunk, opts, storage_cfg)
+    check = lambda row: check_unknowing(row[0], opts, storage_cfg, policy, lambda pid: row[1])  # noqa: E731
+    rows = _with_known(chunk_rows(chunk, opts, storage_cfg), opts, ids)
     first = list(itertools.islice(rows, PROBE_ROWS))
     t, c = time.perf_counter(), time.thread_time()
-    probed = [(raw, check(raw)) for raw in first]
+    probed = [(row, check(row)) for row in first]
     io_bound = time.perf_counter() - t > 2 * (time.thread_time() - c) + 0.01
     for _, found in itertools.chain(probed, in_order(rows, check, opts.io_threads if io_bound else 1)):
         batch.append(found)
         full = found[4]
-        if full is not None and full.rec is not None:  # (never a row `maybe_known` let through)
+        if full is not None and full.rec is not None:  # (never a catalogued row's)
             size += len(full.rec["image"]) + sum(len(b) for b in full.rec.get("extra_images") or ())
         if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES:
             yield batch
             batch, size = [], 0
     if batch:
         yield batch
+
+
+def _with_known(rows: Iterator[RawRow], opts: PrepareOptions, ids: PartitionedIds | None) -> Iterator[tuple]:
+    """(raw, whether its product_id is catalogued)."""
+    while True:
+        group = list(itertools.islice(rows, LOOKUP_ROWS))
+        if not group:
+            return
+        pids = [raw_product_id(raw, opts) for raw in group]
+        asked = [i for i, pid in enumerate(pids) if pid is not None]
+        known = np.zeros(len(group), bool)
+        if ids is not None and ids.num_known and asked:
+            known[asked] = ids.known([pids[i] for i in asked])
+        yield from zip(group, known.tolist())
 
 
 def write_shard_files(rows: list[dict], hashes: list, uri: str, hash_uri: str, row_group_size: int,
@@ -162,6 +207,9 @@ def _remote(name: str):
         # writers take no CPU slot: chunk tasks waiting on backpressure hold theirs, and a writer the
         # driver waits for must still run
         _TASKS["writer"] = ray.remote(num_cpus=0, max_restarts=0)(ShardWriter)
+        # the id partitions take no CPU slot either: the chunk tasks and the driver wait on them
+        _TASKS["owner"] = ray.remote(num_cpus=0, max_restarts=0)(IdPartition)
+        _TASKS["scan"] = ray.remote(num_cpus=1, max_retries=0)(scan_shards)
     return _TASKS[name]
 
 
@@ -197,16 +245,45 @@ def unwrap(err: BaseException) -> BaseException:
     return err
 
 
+def start_partitions(dst: str, shards: list[dict], storage_cfg: StorageConfig | None, count: int,
+                     hash_fn: Callable[[str], int]) -> PartitionedIds:
+    """`count` partition owners (Ray actors), the catalogue's ids loaded into them: scan tasks read
+    the shards' id files, about SCAN_ROWS ids each, at most `count` at once, and split them by
+    partition; each owner takes its part straight from the object store (the driver passes refs)."""
+    import ray
+
+    owners = [_remote("owner").remote(j, count, hash_fn) for j in range(count)]
+    ids = PartitionedIds(owners, hash_fn, remote=True)
+    scan = _remote("scan").options(num_returns=count) if count > 1 else _remote("scan")
+    loading: deque = deque()
+    try:
+        for group in shard_slices(shards, SCAN_ROWS):
+            parts = scan.remote(dst, group, storage_cfg, hash_fn, count)
+            parts = parts if count > 1 else [parts]  # one return: a ref, not a list
+            loading.append([owner.load_scanned.remote(part) for owner, part in zip(owners, parts)])
+            if len(loading) > count:
+                ray.get(loading.popleft())
+        while loading:
+            ray.get(loading.popleft())
+        if shards:  # (a new catalogue: the chunk tasks start while the owners do)
+            ids.num_known = sum(ray.get([owner.finish_load.remote() for owner in owners]))
+    except ray.exceptions.RayTaskError as err:
+        ids.close()
+        raise unwrap(err) from None
+    except BaseException:
+        ids.close()
+        raise
+    return ids
+
+
 def parallel_items(files: list[str], opts: PrepareOptions, storage_cfg: StorageConfig | None, policy: ImagePolicy,
-                   table: IdTable, cpus: int) -> Iterator[tuple[str, int, Checked, Callable[[], Checked]]]:
-    """(source, row, checked, full) in source order, as the in-process pass makes them: `checked`
-    is what validate_raw with the catalogue's ids says, full() the validation without them. The
-    tasks get a Bloom filter of the catalogue's ids (2 bytes an id, in the object store once), so
-    that a catalogued record's images are not read again."""
+                   ids: PartitionedIds, cpus: int) -> Iterator[list[tuple[str, int, Checked, Callable[[], Checked]]]]:
+    """Batches of (source, row, checked, full) in source order, as the in-process pass makes them:
+    `checked` is what validate_raw with the catalogue's ids says, full() the validation without
+    them (for a catalogued record met twice; its images are read here then)."""
     import ray
 
     check = _remote("check")
-    known_bits = ray.put(table.known_filter().bits) if table.num_known else None
     validate_here = lambda raw: validate_raw(raw, opts, storage_cfg, policy)  # noqa: E731
     running: deque = deque()
     chunks = plan_chunks(files, opts.chunk_bytes, storage_cfg)
@@ -216,7 +293,7 @@ def parallel_items(files: list[str], opts: PrepareOptions, storage_cfg: StorageC
                 chunk = next(chunks, None)
                 if chunk is None:
                     break
-                running.append((chunk.uri, check.remote(chunk, opts, storage_cfg, policy, known_bits)))
+                running.append((chunk.uri, check.remote(chunk, opts, storage_cfg, policy, ids)))
             if not running:
                 return
             source, batches = running.popleft()
@@ -225,16 +302,16 @@ def parallel_items(files: list[str], opts: PrepareOptions, storage_cfg: StorageC
                     batch = ray.get(ref)
                 except ray.exceptions.RayTaskError as err:
                     raise unwrap(err) from None
+                items = []
                 for row, pid, cheap_ok, known_row_hash, full, fault, raw in batch:
-                    if raw is not None:  # the filter let it through: images not read yet
+                    if raw is not None:  # catalogued (the partitions said so): images not read
                         full = lambda raw=raw: validate_here(raw)  # noqa: E731
-                    else:
-                        full = _full(full, fault)
-                    if cheap_ok and table.is_known(pid):
                         checked = Checked(None, None, pid, known=True, row_hash=known_row_hash)
                     else:
+                        full = _full(full, fault)
                         checked = full()
-                    yield source, row, checked, full
+                    items.append((source, row, checked, full))
+                yield items
     finally:
         for _, batches in running:
             try:

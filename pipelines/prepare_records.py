@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Container, Iterator, TypeVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -24,6 +25,7 @@ from gammaray.schema import RECORD_SCHEMA, REQUIRED_FIELDS, Invalid, Limits, Rea
 
 from . import storage
 from .catalogue import PrepareError
+from .ids import partition_bounds
 from .image_refs import ImagePolicy, StorageFault, load_image
 from .images import decode, resized_for_training
 from .readers import CSV_FIELD_LIMIT, MAX_RECORD_BYTES, RawRow, read_source
@@ -55,7 +57,7 @@ class PrepareOptions:
     cpus: int | None = None              # Ray tasks at once (None: every local CPU, or the cluster's); 1: in this process
     address: str | None = None           # a Ray cluster to run on (None: a running instance, $RAY_ADDRESS, or a local one)
     parallel_min_bytes: int = PARALLEL_MIN_BYTES  # smaller sources are prepared in this process (no Ray start-up)
-    chunk_bytes: int = CHUNK_BYTES       # JSON Lines are split into byte ranges of about this size, one Ray task each
+    chunk_bytes: int = CHUNK_BYTES       # JSON Lines split into byte ranges, Parquet into row-group runs, of about this size: one Ray task each
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,7 +99,7 @@ def validate_raw(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfig |
     """Validate one raw row. A row whose product_id is in `known_ids` gets the cheap checks only (its
     images are not fetched again). A `StorageFault` (the storage, not the record) propagates."""
     policy = policy or image_policy(opts, None)
-    pid = _raw_product_id(raw, opts)
+    pid = raw_product_id(raw, opts)
     images: list[bytes] = []
     conversions: tuple[str, ...] = ()
     rec = err = None
@@ -123,10 +125,10 @@ def check_unknowing(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfi
     full, fault, raw). cheap_ok: the row passes the checks a catalogued product_id gets (it is then
     already present, with known_row_hash); full: the whole validation, images read (None where a
     storage fault stopped it: `fault`, raised by the driver only if the record is not catalogued).
-    A row `maybe_known` lets through (a filter of the catalogue's ids) gets the cheap checks only,
+    A row `maybe_known` says is catalogued (the id partitions' answer) gets the cheap checks only,
     as validate_raw gives a catalogued one: full is None and raw comes back, for the driver to
-    validate whole if the record is not catalogued after all, or is met again."""
-    pid = _raw_product_id(raw, opts)
+    validate whole if the record is met again in the source."""
+    pid = raw_product_id(raw, opts)
     if pid is not None and maybe_known(pid):
         as_known = validate_raw(raw, opts, storage_cfg, policy, known_ids=(pid,))
         if as_known.known:
@@ -184,7 +186,7 @@ def _validate(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfig | No
     return rec, tuple(conversions), False
 
 
-def _raw_product_id(raw: RawRow, opts: PrepareOptions) -> str | None:
+def raw_product_id(raw: RawRow, opts: PrepareOptions) -> str | None:
     if raw.values is None:
         return None
     v = raw.values.get(opts.column_map.get("product_id", "product_id"))
@@ -321,3 +323,52 @@ def hash_table_bytes(rows: list[dict], hashes: list[int | None]) -> bytes:
                    buf, compression="zstd")
     return buf.getvalue()
 
+
+
+def shard_id_rows(dst: str, shard: dict, storage_cfg: StorageConfig | None) -> tuple[list[str], list[int | None]]:
+    """The product_ids of one shard and their row hashes (None where the shard predates hashes)."""
+    try:
+        with storage.open_random_access(storage.join(dst, hashes_path(shard["path"])), storage_cfg) as f:
+            table = pq.read_table(f)
+        if table.num_rows == shard["num_rows"]:
+            return table.column("product_id").to_pylist(), table.column("row_hash").to_pylist()
+    except Exception as err:  # noqa: BLE001 - missing (an older catalogue) or unreadable: use the shard
+        if storage.is_storage_fault(err):
+            raise
+    with storage.open_random_access(storage.join(dst, shard["path"]), storage_cfg) as f:
+        table = pq.read_table(f, columns=["product_id"])
+    return table.column("product_id").to_pylist(), [None] * table.num_rows
+
+
+def scan_shards(dst: str, shards: list[dict], storage_cfg: StorageConfig | None, hash_fn: Callable[[str], int],
+                count: int) -> list[tuple]:
+    """The catalogued ids of `shards`, split into the `count` hash partitions: per partition
+    (hashes, ids, row hashes, has a row hash), the arguments of `IdPartition.load`."""
+    ids: list[str] = []
+    rows: list[int | None] = []
+    for shard in shards:
+        i, r = shard_id_rows(dst, shard, storage_cfg)
+        ids += i
+        rows += r
+    hashes = np.fromiter((hash_fn(p) for p in ids), np.int64, len(ids))
+    row_hash = np.fromiter((0 if h is None else h for h in rows), np.int64, len(rows))
+    has = np.fromiter((h is not None for h in rows), bool, len(rows))
+    part = np.searchsorted(np.asarray(partition_bounds(count), np.int64), hashes, "right")
+    out = []
+    for j in range(count):
+        pos = np.flatnonzero(part == j)
+        out.append((hashes[pos], [ids[i] for i in pos], row_hash[pos], has[pos]))
+    return out
+
+
+def shard_slices(shards: list[dict], rows: int) -> list[list[dict]]:
+    """Consecutive shards in groups of about `rows` records (one scan each)."""
+    out: list[list[dict]] = []
+    size = rows
+    for shard in shards:
+        if size >= rows:
+            out.append([])
+            size = 0
+        out[-1].append(shard)
+        size += int(shard["num_rows"])
+    return out

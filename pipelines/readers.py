@@ -347,7 +347,9 @@ def read_csv(uri: str, f: BinaryIO, field_limit: int = CSV_FIELD_LIMIT,
 # Parquet: row groups streamed, a damaged file quarantined record by record where possible
 
 
-def read_parquet(uri: str, storage_cfg: StorageConfig | None = None, batch_rows: int = 256) -> Iterator[RawRow]:
+def read_parquet(uri: str, storage_cfg: StorageConfig | None = None, batch_rows: int = 256,
+                 row_groups: tuple[int, int] | None = None) -> Iterator[RawRow]:
+    """The rows of a Parquet file, or of its row groups [start, stop) (numbered as in the whole file)."""
     try:
         pf = pq.ParquetFile(storage.open_random_access(uri, storage_cfg))
         n_rows = pf.metadata.num_rows
@@ -357,8 +359,9 @@ def read_parquet(uri: str, storage_cfg: StorageConfig | None = None, batch_rows:
             raise
         yield RawRow(uri, -1, None, (Reason.UNREADABLE_SHARD, f"{type(err).__name__}: {err}"[:500]))
         return
-    row = 0
-    for g in range(pf.metadata.num_row_groups):
+    groups = range(pf.metadata.num_row_groups) if row_groups is None else range(*row_groups)
+    row = sum(pf.metadata.row_group(g).num_rows for g in range(groups.start))
+    for g in groups:
         n_g = pf.metadata.row_group(g).num_rows
         try:
             table = pf.read_row_group(g)
@@ -372,7 +375,7 @@ def read_parquet(uri: str, storage_cfg: StorageConfig | None = None, batch_rows:
         for rec in rows:
             yield RawRow(uri, row, rec[0], rec[1], cols)
             row += 1
-    assert row == n_rows
+    assert row == n_rows or row_groups is not None
 
 
 def _table_rows(table: pa.Table) -> list[tuple[dict | None, tuple[str, str] | None]]:

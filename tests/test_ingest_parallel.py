@@ -1,7 +1,8 @@
 """`gammaray prepare` on Ray writes the catalogue the in-process pass writes, byte for byte: shards,
 id files, sample_index, quarantine entries and counts, manifest; on a hostile source cut into many
-small chunks, and on an append that re-admits, repeats and changes records. The ids are 64-bit
-hashes: a collision never merges two products."""
+small chunks (JSON Lines byte ranges, Parquet row groups), and on an append that re-admits, repeats
+and changes records. The ids are held by hash partitions in their own processes, never by the
+driver; a collision of their 64-bit hashes never merges two products."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from gammaray.schema import Reason
-from pipelines import faults, ids
+from pipelines import faults, ids, prepare_parallel
 from pipelines.prepare import PrepareOptions, prepare
 
 pytestmark = pytest.mark.ingest
@@ -90,6 +91,9 @@ def _same(a, b) -> None:
 
 def test_parallel_prepare_writes_what_the_in_process_one_writes(ray_local, tmp_path):
     src = _hostile_source(tmp_path / "raw")
+    # the Parquet file is read by one task per row group (its first one damaged), numbered as one
+    chunks = list(prepare_parallel.plan_chunks([src + "/d.parquet"], PARALLEL["chunk_bytes"], None))
+    assert [c.row_groups for c in chunks] == [(0, 1), (1, 2)]
     one = prepare(src, str(tmp_path / "one"), PrepareOptions(cpus=1, **OPTS))
     par = prepare(src, str(tmp_path / "par"), PrepareOptions(**PARALLEL, **OPTS))
     assert one.quarantine_by_reason == {
@@ -99,6 +103,7 @@ def test_parallel_prepare_writes_what_the_in_process_one_writes(ray_local, tmp_p
         one.summary()
     assert one.num_written == 30 - 13 + 3 + 1 + 4 and len(one.shards_written) == 4
     _same(one, par)
+    _partitioned(par, known=0, new=par.num_written)
 
     # the append: a fixed image re-admits its record, a catalogued row edited at the source is
     # reported, the same bad rows are repeats, new records follow (one a duplicate of a catalogued
@@ -114,32 +119,63 @@ def test_parallel_prepare_writes_what_the_in_process_one_writes(ray_local, tmp_p
     assert (one.num_written, one.num_readmitted, one.changed_ids) == (10, 1, ["J0"]), one.summary()
     assert (one.num_already_quarantined, one.quarantine_by_reason) == (19, {Reason.DUPLICATE_ID: 2}), one.summary()
     _same(one, par)
+    _partitioned(par, known=par.manifest["num_records"] - 10, new=10)
+    # J1 (in the catalogue: its partition's old part) and N3 (added by this run: the new part) met again
+    dups = pq.read_table(tmp_path / "par" / par.manifest["quarantine"]["files"][0]).to_pylist()
+    assert sorted((e["product_id"], e["source"].rsplit("/", 1)[-1]) for e in dups
+                  if e["reason"] == Reason.DUPLICATE_ID and e["source"].endswith("e.jsonl")) == [("J1", "e.jsonl"),
+                                                                                                ("N3", "e.jsonl")]
 
 
-def test_a_hash_collision_never_merges_two_products(tmp_path, monkeypatch):
+def _partitioned(res, known: int, new: int) -> None:
+    """The ids were held by 2 partition owners, not by the driver: each in its own process, holding
+    only hashes of its range, together the whole catalogue (known: its ids before this run)."""
+    parts = res.id_partitions
+    assert [p["index"] for p in parts] == [0, 1] and all(p["count"] == 2 for p in parts)
+    assert os.getpid() not in {p["process"] for p in parts} and len({p["process"] for p in parts}) == 2
+    assert all(p["lo"] <= p["min_hash"] <= p["max_hash"] < p["hi"] for p in parts if p["min_hash"] is not None)
+    assert (sum(p["num_known"] for p in parts), sum(p["num_new"] for p in parts)) == (known, new)
+    assert all(p["num_known"] + p["num_new"] > 0 for p in parts)
+
+
+def test_a_hash_collision_never_merges_two_products(ray_local, tmp_path, monkeypatch):
     """Every id hashed to one of two values: each lookup compares strings, read back from the
-    catalogue's id files, this run's shards and the buffer; the catalogue is the one an honest hash
-    gives."""
-    table = ids.IdTable(lambda s: [["a", "b", "c"], ["d"]][s], hash_fn=lambda p: 7)
-    table.load_known([(["a", "b", "c"], [1, None, 3]), (["d"], [4])])
-    assert [table.known_place(p) for p in ("a", "b", "c", "d", "e")] == [0, 1, 2, 3, None]
-    assert table.add("e") == 4 and table.place("e") == 4 and not table.is_known("e") and table.is_new("e")
-    assert table.place("f") is None and not table.is_new("a") and bool(table.has_row_hash[1]) is False
+    partition's spill file; the catalogue is the one an honest hash gives, in one process and on
+    Ray (where the driver, the chunk tasks and the partition owners all hash alike)."""
+    part = ids.IdPartition(hash_fn=lambda p: 7)
+    part.load(np.full(4, 7), ["a", "b", "c", "d"], np.array([1, 0, 3, 4]), np.array([True, False, True, True]))
+    table = ids.PartitionedIds([part], hash_fn=lambda p: 7)
+    table.num_known = part.finish_load()
+    assert [p in table for p in "abcde"] == [True, True, True, True, False]
+    asked = ["a", "e", "e", "a", "b", "c", "f", "d"]
+    add = np.array([False, True, True, False, False, False, False, True])
+    verdicts = table.decide(asked, add, np.array([1, 0, 0, 1, 5, 9, 0, 0]), ~add)()
+    assert verdicts.tolist() == [ids.ALREADY, ids.NEW, ids.DUPLICATE, ids.AGAIN, ids.ALREADY, ids.CHANGED,
+                                 ids.NOT_KNOWN, ids.ALREADY]
+    assert table.is_new(["e", "a", "f"]).tolist() == [True, False, False]
 
-    # the tasks' hint: no catalogued id is ever ruled out, few others are let through
-    ours = ids.IdFilter.of(np.array([ids.id_hash(f"P{i}") for i in range(3000)], np.int64))
-    assert all(ours.might_contain(f"P{i}") for i in range(3000))
-    assert sum(ours.might_contain(f"Q{i}") for i in range(3000)) < 30
+    # three partitions: every id goes to the owner of its hash range, and only there
+    parts = [ids.IdPartition(j, 3) for j in range(3)]
+    spread = ids.PartitionedIds(parts)
+    pids = [f"P{i}" for i in range(300)]
+    assert (spread.decide(pids + pids[:5], np.ones(305, bool), np.zeros(305, np.int64), np.zeros(305, bool))()
+            == [ids.NEW] * 300 + [ids.DUPLICATE] * 5).all()
+    stats = spread.stats()
+    assert sum(s["num_new"] for s in stats) == 300 and min(s["num_new"] for s in stats) > 50
+    assert all(s["lo"] <= s["min_hash"] <= s["max_hash"] < s["hi"] for s in stats)
 
     src = _hostile_source(tmp_path / "raw")
     honest = prepare(src, str(tmp_path / "honest"), PrepareOptions(cpus=1, **OPTS))
     monkeypatch.setattr(ids, "id_hash", lambda p: len(p) % 2)
-    monkeypatch.setattr(ids, "CACHE_IDS", 1)  # one shard's ids at a time: the others are read back
+    monkeypatch.setattr(ids, "SPILL_BYTES", 1)  # every string in the file: read back for each comparison
     colliding = prepare(src, str(tmp_path / "colliding"), PrepareOptions(cpus=1, **OPTS))
     _same(honest, colliding)
     (tmp_path / "raw" / "e.jsonl").write_text("\n".join(json.dumps(_record(f"N{i}")) for i in range(12)) + "\n")
     colliding = prepare(src, str(tmp_path / "colliding"), PrepareOptions(cpus=1, **OPTS))
+    par = prepare(src, str(tmp_path / "colliding-par"), PrepareOptions(**PARALLEL, **OPTS))
     monkeypatch.undo()
     honest = prepare(src, str(tmp_path / "honest"), PrepareOptions(cpus=1, **OPTS))
     assert honest.num_written == 12 and honest.num_already_present > 0
     _same(honest, colliding)
+    fresh = prepare(src, str(tmp_path / "fresh"), PrepareOptions(cpus=1, **OPTS))
+    _same(fresh, par)
