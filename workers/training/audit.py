@@ -3,11 +3,14 @@ trained twice."""
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from gammaray.config import RunError
+from workers.training.stateful import Recut
 
 
 class DuplicateSampleError(RunError):
@@ -16,7 +19,8 @@ class DuplicateSampleError(RunError):
 
 class SampleAudit:
     """train.audit_samples: how often each sample_index was trained in the current epoch. Per rank,
-    checkpointed with the rank; summed over ranks at the end of every epoch."""
+    checkpointed with the rank; summed over ranks at the end of every epoch (and on rank 0 when a
+    resume changes the worker count)."""
 
     def __init__(self, num_samples: int):
         self.counts = torch.zeros(num_samples, dtype=torch.int32)
@@ -31,6 +35,18 @@ class SampleAudit:
         n = max(self.counts.numel(), counts.numel())
         self.counts = torch.nn.functional.pad(self.counts, (0, n - self.counts.numel()))
         self.counts[: counts.numel()] += counts.to(torch.int32)
+
+    # checkpoint component (workers/training/stateful.py)
+    def state_dict(self) -> dict:
+        return {"counts": self.counts}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.counts = state_dict["counts"]
+
+    def reshard(self, shards: Iterable[dict], recut: Recut) -> None:
+        """The old ranks' counts summed (the checkpoint layout hands them to rank 0, none to the others)."""
+        for shard in shards:
+            self.add_counts(shard["counts"])
 
     def close_epoch(self, epoch: int, device: torch.device) -> dict:
         """Collective. Summary of the finished epoch; raises if a record was trained twice."""

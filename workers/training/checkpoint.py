@@ -1,6 +1,20 @@
-"""Checkpoints: every rank saves its engine state, its shard of the loss state, its data position, RNG
-streams and quarantine into one folder that Ray merges; `restore` reads such a folder on any worker
-count (re-cutting the remaining records and re-sharding the loss state when the count changed)."""
+"""Checkpoints of a mapping of components (`CheckpointManager(states={...})`, each a
+workers/training/stateful.py `Stateful`): every rank saves each component's state dict into one folder
+that Ray merges; `restore` reads such a folder on any worker count: each component loads its own rank's
+state dict back (the same count: exact), or re-shards the old ranks' (another count).
+
+The layout of a folder (the same in every checkpoint so far; `LAYOUT` maps components to files):
+
+    deepspeed/                the engine's own files, one per rank (DeepSpeed's, or DDP's one file)
+    portable.pt               the engine's world-size-independent copy (rank 0, train.portable_checkpoint)
+    rank-NNNNN/loss_state.pt  the objective: this rank's shard of the loss state
+    rank-NNNNN/rng.pt         the process's random streams
+    rank-NNNNN/audit.pt       the sample audit's counts (train.audit_samples)
+    rank-NNNNN/quarantine.json    the train state's quarantined records
+    rank-NNNNN/train_state.json   the train state's position, with the rank, the world size and the size
+                              of every file the rank wrote (written last: what tells a complete save)
+    model/, config.json       the exported model (rank 0): for users, never read on a resume
+"""
 
 from __future__ import annotations
 
@@ -10,25 +24,67 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping
 
 import ray.train
 import torch
 
 from gammaray.config import GammarayConfig
 from pipelines import storage
-from pipelines.stream import part_from_json, reshard, total_rows
 from pipelines.tokenizer import load as load_tokenizer, tokenizer_uri
 from workers.models.registry import save_model
-from workers.runtime import rank_dir, RANK_DIR_PREFIX, run_dir, sync_buffers
+from workers.runtime import rank_dir, RANK_DIR_PREFIX, run_dir, sync_buffers, world
 from workers.safe_load import check_no_links, load as load_data
-from workers.training.audit import SampleAudit
-from workers.training.engine import PORTABLE_FILE, is_zero3, load_state, save_state, set_total_steps
-from workers.training.objective import Objective
+from workers.training.engine import PORTABLE_FILE, EngineState, is_zero3
 from workers.training.quarantine import write_quarantine
 from workers.training.resume import check_identity
-from workers.training.rng import reseed, rng_state, set_rng_state
-from workers.training.state import TrainState, merge_loss_sums, plan_of, read_position, rank_folders, remaining_steps
+from workers.training.rng import recut_seed
+from workers.training.state import read_position, rank_folders
+from workers.training.stateful import Recut, Reshardable
+
+
+def loss_shard_ranks(old_W: int, W: int, rank: int) -> list[int]:
+    """The old ranks whose loss-state shards hold entries of `rank` in a world of W: sample i lives in
+    old shard i mod old_W and belongs to new rank i mod W, so only the old ranks congruent to `rank`
+    modulo gcd(old_W, W) (one rank when the count is unchanged: its own)."""
+    g = math.gcd(old_W, W)
+    return [r for r in range(old_W) if r % g == rank % g]
+
+
+def _every_rank(old_W: int, W: int, rank: int) -> list[int]:
+    return list(range(old_W))
+
+
+def _to_rank_zero(old_W: int, W: int, rank: int) -> list[int]:
+    return list(range(old_W)) if rank == 0 else []
+
+
+def _none(old_W: int, W: int, rank: int) -> list[int]:
+    return []
+
+
+@dataclass(frozen=True)
+class RankFile:
+    """One file of every rank folder: an entry of a component's state dict (`entry`; None: all of it)."""
+
+    name: str
+    entry: str | None = None
+    recut_reads: Callable[[int, int, int], list[int]] = _none  # (old_W, W, rank): the old ranks a re-cut reads
+    optional: bool = False  # a checkpoint saved without it loads (train.audit_samples was off)
+    numpy_arrays: bool = False  # may hold numpy arrays (the RNG state), loaded as arrays only
+
+
+INDEX_FILE = "train_state.json"  # every rank reads every rank's: it says the world size and the files
+ENGINE = "engine"  # the one component that writes its own files (deepspeed/, portable.pt): EngineState
+LAYOUT: dict[str, tuple[RankFile, ...]] = {  # component -> its files, in the order they are saved and loaded
+    "objective": (RankFile("loss_state.pt", recut_reads=loss_shard_ranks),),
+    "rng": (RankFile("rng.pt", numpy_arrays=True),),  # restarted from a seed on another worker count: nothing to read
+    "audit": (RankFile("audit.pt", entry="counts", recut_reads=_to_rank_zero, optional=True),),
+    "train_state": (RankFile("quarantine.json", entry="quarantine", recut_reads=_to_rank_zero),
+                    RankFile(INDEX_FILE, entry="position", recut_reads=_every_rank)),
+}
+OPTIONAL = frozenset({"audit"})  # components a run may leave out of its states
 
 
 def latest_checkpoint(cfg: GammarayConfig, in_ray: bool):
@@ -43,42 +99,6 @@ def latest_checkpoint(cfg: GammarayConfig, in_ray: bool):
 def checkpoint_uri(ckpt) -> str:
     """A Ray checkpoint's location as a URI (for messages)."""
     return ("s3://" if "s3" in ckpt.filesystem.type_name else "") + ckpt.path
-
-
-def save_and_report(engine, scheduler, objective: Objective, audit: SampleAudit | None, state: TrainState,
-                    cfg: GammarayConfig, metrics: dict, rank: int, W: int, in_ray: bool, final: bool = False) -> None:
-    """Every rank writes its part of one checkpoint folder; Ray merges the ranks' folders."""
-    sync_buffers(engine)  # [dist] one set of BatchNorm statistics in the checkpoint and the export
-    with tempfile.TemporaryDirectory(prefix="gammaray-ckpt-") as d:
-        save_state(engine, scheduler, d, cfg.train.portable_checkpoint)          # [ds] every rank
-        rdir = os.path.join(d, rank_dir(rank))
-        os.makedirs(rdir)
-        torch.save(objective.state_dict(), os.path.join(rdir, "loss_state.pt"))
-        torch.save(rng_state(), os.path.join(rdir, "rng.pt"))
-        if audit is not None:
-            torch.save(audit.counts, os.path.join(rdir, "audit.pt"))
-        with open(os.path.join(rdir, "quarantine.json"), "w") as f:
-            json.dump(state.quarantine, f)
-        write_quarantine(state, cfg, rank)
-        if rank == 0:
-            export_model(engine, cfg, os.path.join(d, "model"))
-            with open(os.path.join(d, "config.json"), "w") as f:
-                json.dump(cfg.model_dump(mode="json"), f, indent=1)
-        else:
-            export_model(engine, cfg, None)  # ZeRO-3 gathers are collective
-        # last, with the size of every file this rank wrote: Ray uploads the folder in no set order, so
-        # a save cut short (a full disk) can leave this file whole beside a truncated engine file, and
-        # the sizes are what tells a complete checkpoint (workers/training/resume.py is_complete)
-        position = {**state.position_json(rank, W), "files": written_files(d)}
-        with open(os.path.join(rdir, "train_state.json"), "w") as f:
-            json.dump(position, f)
-        if in_ray:
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))  # [ray]
-        else:
-            local = os.path.join(storage.join(run_dir(cfg), "local-checkpoint"))
-            if final and not storage.is_remote(local):
-                shutil.rmtree(local, ignore_errors=True)
-                shutil.copytree(d, local)
 
 
 def written_files(d: str) -> dict[str, int]:
@@ -106,18 +126,10 @@ def export_model(engine, cfg: GammarayConfig, out_dir: str | None) -> None:
         save_model(model, out_dir, cfg.model, load_tokenizer(tokenizer_uri(cfg), storage.S3Settings.from_config(cfg.storage)))
 
 
-def loss_shard_ranks(old_W: int, W: int, rank: int) -> list[int]:
-    """The old ranks whose loss-state shards hold entries of `rank` in a world of W: sample i lives in
-    old shard i mod old_W and belongs to new rank i mod W, so only the old ranks congruent to `rank`
-    modulo gcd(old_W, W) (one rank when the count is unchanged: its own)."""
-    g = math.gcd(old_W, W)
-    return [r for r in range(old_W) if r % g == rank % g]
-
-
 def files_needed(rel: str, rank: int, W: int, old_W: int) -> bool:
     """Whether this rank's restore reads the checkpoint file `rel` (a path relative to the folder).
     The model export (`model/`, config.json) is for users, not for resuming; a rank folder's files
-    other than the small train_state.json are read by the ranks that own their contents."""
+    other than the small train_state.json are read by the ranks that own their contents (`LAYOUT`)."""
     top, _, rest = rel.partition("/")
     if top == "deepspeed":
         return True  # the engine's own files: DeepSpeed opens what it needs of them
@@ -126,13 +138,11 @@ def files_needed(rel: str, rank: int, W: int, old_W: int) -> bool:
     if not top.startswith(RANK_DIR_PREFIX) or not rest:
         return False
     r = int(top[len(RANK_DIR_PREFIX):])
-    if rest == "train_state.json":
+    if rest == INDEX_FILE:
         return True
     if old_W == W:
         return r == rank
-    if rest == "loss_state.pt":
-        return r in loss_shard_ranks(old_W, W, rank)
-    return rank == 0 and rest in ("quarantine.json", "audit.pt")
+    return any(f.name == rest and r in f.recut_reads(old_W, W, rank) for files in LAYOUT.values() for f in files)
 
 
 @contextlib.contextmanager
@@ -158,10 +168,10 @@ def local_checkpoint(ckpt, rank: int, W: int, copy: bool | None = None) -> Itera
             with fs.open_input_stream(f"{root}/{rel}") as src, open(os.path.join(d, rel), "wb") as dst:
                 shutil.copyfileobj(src, dst, 16 << 20)
 
-        fetch(f"{rank_dir(0)}/train_state.json")  # says the world size the checkpoint was saved with
+        fetch(f"{rank_dir(0)}/{INDEX_FILE}")  # says the world size the checkpoint was saved with
         old_W = int(read_position(d, 0)["world_size"])
         for rel in rels:
-            if rel != f"{rank_dir(0)}/train_state.json" and files_needed(rel, rank, W, old_W):
+            if rel != f"{rank_dir(0)}/{INDEX_FILE}" and files_needed(rel, rank, W, old_W):
                 fetch(rel)
         for rel in rels:  # every rank's folder, for the completeness check
             if rel.startswith(RANK_DIR_PREFIX) and "/" in rel:
@@ -169,77 +179,147 @@ def local_checkpoint(ckpt, rank: int, W: int, copy: bool | None = None) -> Itera
         yield d
 
 
-def restore(d: str, engine, scheduler, objective: Objective, audit: SampleAudit | None, cfg: GammarayConfig,
-            units, rank: int, W: int, identity: dict, shown: str) -> TrainState:
-    """Every rank, from one checkpoint folder saved with any worker count. `shown` names the
-    checkpoint in errors: a file that would run code (workers/safe_load.py) or a checkpoint trained
-    under other data, seed or plan settings (workers/training/resume.py) is refused."""
-    check_no_links(d, shown)  # links could hand DeepSpeed (which follows them) files no check has seen
-    first = read_position(d, 0)
-    forced = check_identity(first.get("identity"), identity, cfg, shown)
-    old_W = first["world_size"]
-    same_world = old_W == W
-    folders = rank_folders(d)
-    if folders != list(range(old_W)):
-        raise RuntimeError(f"{shown}: incomplete checkpoint, rank folders {folders} of {old_W}")
-    mine = read_position(d, rank) if same_world else first
-    # every rank's position (all parts) only where they are needed: a re-cut, or a re-planned schedule
-    replan = not (same_world and mine.get("plan") == plan_of(cfg) and mine.get("total_steps"))
-    positions = [read_position(d, r) for r in range(old_W)] if (replan or not same_world) else None
-    how = load_state(engine, scheduler, d, same_world, shown)                   # [ds]
 
-    def rank_file(r: int, name: str) -> tuple[str, str]:
-        return os.path.join(d, rank_dir(r), name), f"{shown}/{rank_dir(r)}/{name}"
 
-    # the per-sample memory, re-sharded for W ranks; a generator reads one old shard at a time, so
-    # peak memory stays at this rank's part plus one old shard (and the E-step generator comes back)
-    # only the old shards holding entries of this rank are read: its own one when the count is unchanged
-    objective.load_shards(load_data(*rank_file(r, "loss_state.pt")) for r in loss_shard_ranks(old_W, W, rank))
-    step = mine["step"]
-    state = TrainState(epoch=mine["epoch"], step=step, records_trained=mine["records_trained"],
-                       best_val_r_at_1=mine["best_val_r_at_1"], last_val=mine.get("last_val", {}),
-                       resumes=list(mine.get("resumes", [])), audit=list(mine.get("audit", [])), plan=plan_of(cfg),
-                       identity=identity, loss_sums=mine.get("loss_sums", {}), loss_sums_prev=mine.get("loss_sums_prev", {}))
-    if same_world:
-        parts = [part_from_json(p["remaining"] or []) for p in positions] if positions else None
-        state.part = None if mine["remaining"] is None else part_from_json(mine["remaining"])
-        state.epoch_consumed_before = mine["epoch_consumed"]
-        state.lockstep_left = mine.get("lockstep_left")  # the same walk as the run that saved it
-        set_rng_state(load_data(*rank_file(rank, "rng.pt"), numpy_arrays=True))
-        with open(os.path.join(d, rank_dir(rank), "quarantine.json")) as f:
-            state.quarantine = json.load(f)
-        if audit is not None and os.path.exists(rank_file(rank, "audit.pt")[0]):
-            audit.counts = load_data(*rank_file(rank, "audit.pt"))
-    else:
-        # re-cut the unconsumed records of every old rank for the new worker count; totals are
-        # kept on rank 0 so sums over ranks stay right; random streams restart from a seed
-        parts = reshard([part_from_json(p["remaining"] or []) for p in positions], W)
-        state.part = None if mine["remaining"] is None else parts[rank]
-        state.epoch_consumed_before = 0
-        state.records_trained = sum(p["records_trained"] for p in positions) if rank == 0 else 0
-        state.loss_sums = merge_loss_sums([p.get("loss_sums", {}) for p in positions]) if rank == 0 else {}
-        state.loss_sums_prev = merge_loss_sums([p.get("loss_sums_prev", {}) for p in positions]) if rank == 0 else {}
-        new_seed = reseed(cfg.run.seed, rank, step)
-        if objective.gamma is not None:
-            objective.gamma.generator.manual_seed(new_seed)
-        if rank == 0:
-            for p in positions:
-                with open(os.path.join(d, rank_dir(p["rank"]), "quarantine.json")) as f:
-                    state.quarantine.extend(json.load(f))
-        if audit is not None and rank == 0:
-            for p in positions:
-                f, f_shown = rank_file(p["rank"], "audit.pt")
-                if os.path.exists(f):
-                    audit.add_counts(load_data(f, f_shown))
-    # the step count the schedules plan for: kept while the plan holds (exact resume), re-planned from
-    # the remaining data when the worker count, train.epochs or train.max_steps changed
-    if not replan:
-        state.total_steps = mine["total_steps"]
-    else:
-        current = state.epoch if state.part is not None else state.epoch - 1  # an uncut epoch counts whole
-        total = step + remaining_steps(cfg, parts, current, total_rows(units), W)
-        state.total_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
-    set_total_steps(scheduler, cfg, state.total_steps)
-    state.resumes.append({"step": step, "world_size": W, "from_world_size": old_W, "optimizer": how,
-                          **({"forced": forced} if forced else {})})
-    return state
+class CheckpointManager:
+    """Saves and restores this rank's part of a run's checkpoints. `states` maps the names of `LAYOUT`
+    plus "engine" to the components (a None value, or a key left out, is a component this run does not
+    have: only "audit" may be); `cfg` says where the run is and what it may resume from."""
+
+    def __init__(self, states: Mapping[str, Reshardable | EngineState | None], cfg: GammarayConfig, in_ray: bool = True):
+        states = {k: v for k, v in states.items() if v is not None}
+        known = {ENGINE, *LAYOUT}
+        unknown = sorted(set(states) - known)
+        if unknown:
+            raise ValueError(f"unknown checkpoint component(s) {unknown}: a checkpoint holds {sorted(known)}")
+        missing = sorted(known - OPTIONAL - set(states))
+        if missing:
+            raise ValueError(f"checkpoint component(s) {missing} missing from the states given ({sorted(states)}); "
+                             f"only {sorted(OPTIONAL)} may be left out")
+        self.states = states
+        self.engine: EngineState = states[ENGINE]
+        self.train = states["train_state"]
+        self.cfg, self.in_ray = cfg, in_ray
+        self.rank, self.world_size = world()
+
+    # save --------------------------------------------------------------------------------------
+    def save(self, metrics: dict, final: bool = False) -> None:
+        """Every rank writes its part of one checkpoint folder and reports it with `metrics` ([ray]: Ray
+        merges the ranks' folders); outside Ray the final one is copied to <run>/local-checkpoint."""
+        sync_buffers(self.engine.engine)  # [dist] one set of BatchNorm statistics in the checkpoint and the export
+        with tempfile.TemporaryDirectory(prefix="gammaray-ckpt-") as d:
+            self.write(d)
+            if self.in_ray:
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))  # [ray]
+            else:
+                local = storage.join(run_dir(self.cfg), "local-checkpoint")
+                if final and not storage.is_remote(local):
+                    shutil.rmtree(local, ignore_errors=True)
+                    shutil.copytree(d, local)
+
+    def write(self, d: str, export: bool = True) -> None:
+        """This rank's files of a checkpoint in folder `d` (collective: every rank calls it);
+        `export=False` leaves the model export out (tests)."""
+        self.engine.save(d)                                                        # [ds] every rank
+        rdir = os.path.join(d, rank_dir(self.rank))
+        os.makedirs(rdir)
+        index = {}
+        for key, files in LAYOUT.items():
+            if key not in self.states:
+                continue
+            state = self.states[key].state_dict()
+            for f in files:
+                value = state if f.entry is None else state[f.entry]
+                if f.name == INDEX_FILE:
+                    index = value
+                elif f.name.endswith(".json"):
+                    with open(os.path.join(rdir, f.name), "w") as fh:
+                        json.dump(value, fh)
+                else:
+                    torch.save(value, os.path.join(rdir, f.name))
+        write_quarantine(self.train, self.cfg, self.rank)
+        if export and self.rank == 0:
+            export_model(self.engine.engine, self.cfg, os.path.join(d, "model"))
+            with open(os.path.join(d, "config.json"), "w") as fh:
+                json.dump(self.cfg.model_dump(mode="json"), fh, indent=1)
+        elif export:
+            export_model(self.engine.engine, self.cfg, None)  # ZeRO-3 gathers are collective
+        # last, with the size of every file this rank wrote: Ray uploads the folder in no set order, so
+        # a save cut short (a full disk) can leave this file whole beside a truncated engine file, and
+        # the sizes are what tells a complete checkpoint (workers/training/resume.py is_complete)
+        index = {"rank": self.rank, "world_size": self.world_size, **index, "files": written_files(d)}
+        with open(os.path.join(rdir, INDEX_FILE), "w") as fh:
+            json.dump(index, fh)
+
+    # restore -----------------------------------------------------------------------------------
+    def restore(self, ckpt) -> None:
+        """[ray] From a Ray checkpoint, local (read in place) or in object storage (only the files
+        this rank reads are copied)."""
+        with local_checkpoint(ckpt, self.rank, self.world_size) as d:
+            self.restore_folder(d, checkpoint_uri(ckpt))
+
+    def restore_folder(self, d: str, shown: str | None = None) -> None:
+        """Every rank, from one checkpoint folder saved with any worker count. `shown` names the
+        checkpoint in errors: a file that would run code (workers/safe_load.py) or a checkpoint trained
+        under other data, seed or plan settings (workers/training/resume.py) is refused."""
+        shown = shown or d
+        check_no_links(d, shown)  # links could hand DeepSpeed (which follows them) files no check has seen
+        first = read_position(d, 0)
+        forced = check_identity(first.get("identity"), self.train.identity, self.cfg, shown)
+        rank, W, old_W = self.rank, self.world_size, first["world_size"]
+        same_world = old_W == W
+        folders = rank_folders(d)
+        if folders != list(range(old_W)):
+            raise RuntimeError(f"{shown}: incomplete checkpoint, rank folders {folders} of {old_W}")
+        mine = read_position(d, rank) if same_world else first
+        # every rank's position only where it is needed: a re-cut, or a re-planned schedule
+        replan = self.train.needs_replan(mine, W)
+        positions = [read_position(d, r) for r in range(old_W)] if replan else None
+        how = self.engine.load(d, same_world, shown)                               # [ds]
+        if same_world:  # each component's own state dict: the run goes on exactly as it would have
+            for key, files in LAYOUT.items():
+                if key in self.states and (state := self._read(d, rank, files, shown)) is not None:
+                    self.states[key].load_state_dict(state)
+        else:  # each component re-shards the old ranks' state dicts; random streams restart from a seed
+            recut = Recut(rank=rank, world_size=W, old_world_size=old_W, seed=recut_seed(self.cfg.run.seed, rank, first["step"]))
+            for key in LAYOUT:
+                if key in self.states:
+                    self.states[key].reshard(self._shards(d, key, recut, shown), recut)
+        # the step count the schedules plan for: kept while the plan holds (exact resume), re-planned from
+        # the remaining data when the worker count, train.epochs or train.max_steps changed
+        if replan:
+            self.train.replan(self.cfg, positions, W)
+        self.engine.set_total_steps(self.train.total_steps)
+        self.train.resumes.append({"step": self.train.step, "world_size": W, "from_world_size": old_W, "optimizer": how,
+                                   **({"forced": forced} if forced else {})})
+
+    def _shards(self, d: str, key: str, recut: Recut, shown: str) -> Iterator[dict]:
+        """The state dicts of the old ranks this rank's part of component `key` comes from, each with
+        the entries this rank reads of it; one file at a time (a generator)."""
+        files = LAYOUT[key]
+        reads = {f.name: set(f.recut_reads(recut.old_world_size, recut.world_size, recut.rank)) for f in files}
+        for r in sorted(set().union(*reads.values())):
+            state = self._read(d, r, tuple(f for f in files if r in reads[f.name]), shown)
+            if state is not None:
+                yield state
+
+    @staticmethod
+    def _read(d: str, r: int, files: tuple[RankFile, ...], shown: str) -> dict | None:
+        """Rank r's state dict of a component stored in `files`; None when an optional file is absent."""
+        state: dict = {}
+        for f in files:
+            rel = f"{rank_dir(r)}/{f.name}"
+            path = os.path.join(d, rel)
+            if not os.path.exists(path):
+                if f.optional:
+                    return None
+                raise RuntimeError(f"{shown}: incomplete checkpoint, no {rel}")
+            if f.name.endswith(".json"):
+                with open(path) as fh:
+                    value = json.load(fh)
+            else:
+                value = load_data(path, f"{shown}/{rel}", numpy_arrays=f.numpy_arrays)
+            if f.entry is None:
+                return value
+            state[f.entry] = value
+        return state

@@ -1,11 +1,13 @@
 """The training engine from the config tree: DeepSpeed (ZeRO 0/1/2/3, bf16, accumulation, clipping) or
-torch DDP (`ray.train.torch.prepare_model`), both with torch AdamW and linear warm-up + cosine decay.
+torch DDP (`ray.train.torch.prepare_model`, workers/training/ddp.py), both with torch AdamW and linear
+warm-up + cosine decay.
 
 Both strategies expose the DeepSpeed engine calls the loop uses (`engine(batch)`, `backward`, `step`,
 `set_gradient_accumulation_boundary`, `global_steps`, `module`, `train`/`eval`,
 `save_checkpoint`/`load_checkpoint`), so `workers/training/loop.py` has one loop.
 
-Checkpoints (`save_state` / `load_state`):
+Checkpoints (`EngineState`, the engine and its LR schedule as one checkpoint component, over
+`save_state` / `load_state`):
 - DeepSpeed's own files: one per rank (ZeRO partitions the fp32 master weights and Adam moments by
   rank). They restore a run on the same worker count exactly.
 - A *portable* copy (`portable.pt`, written by rank 0 when train.portable_checkpoint): the full fp32
@@ -30,11 +32,11 @@ import torch.distributed as dist
 
 from gammaray.config import GammarayConfig
 from workers.safe_load import check_deepspeed_files, load as load_data
+from workers.training.ddp import DDPEngine
 
 NO_DECAY_HINTS = ("bias", "norm", "layernorm", "log_logit_scale", "logit_bias", "embeddings")
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 PORTABLE_FILE = "portable.pt"
-DDP_FILE = "ddp_state.pt"
 
 
 def use_bf16(cfg: GammarayConfig, on_gpu: bool) -> bool:
@@ -160,129 +162,6 @@ def set_total_steps(scheduler, cfg: GammarayConfig, total_steps: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# DDP with the DeepSpeed engine's calls
-
-
-class _LeafSafe(torch.nn.Module):
-    """Gives outputs that are parameters themselves (e.g. `logit_bias.float()` of an fp32 parameter) a
-    graph node, so DDP's unused-parameter search finds them instead of marking them ready twice."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch):
-        out = self.model(batch)
-        return {k: v.view_as(v) if torch.is_tensor(v) and v.requires_grad and v.grad_fn is None else v
-                for k, v in out.items()}
-
-
-class DDPEngine:
-    """torch DistributedDataParallel (through Ray's `prepare_model` inside Ray Train) behind the
-    DeepSpeed calls the loop makes: the loss is divided by the accumulation steps, gradients are
-    synchronised only at accumulation boundaries, clipped, then AdamW and the schedule step. bf16
-    runs under autocast with fp32 weights. The optimizer state is replicated, so a checkpoint loads
-    on any worker count."""
-
-    def __init__(self, model: torch.nn.Module, optimizer, scheduler, cfg: GammarayConfig, device: torch.device,
-                 bf16: bool, in_ray: bool, gas: int | None = None, wrap: bool = True):
-        self.module = model
-        self.optimizer = optimizer
-        self.lr_scheduler = scheduler
-        self.gas = cfg.train.gradient_accumulation_steps if gas is None else gas
-        self.clip = cfg.train.gradient_clipping
-        self.micro_batch = cfg.data.batch_size
-        self.device = device
-        self.bf16 = bf16
-        self.global_steps = 0
-        self.global_samples = 0
-        self.micro_steps = 0
-        self._boundary: bool | None = None
-        world = dist.get_world_size() if dist.is_initialized() and wrap else 1
-        self.world = world
-        kwargs = {"find_unused_parameters": True}  # towers compute poolers that a loss may not use
-        if not wrap:
-            model.to(device)
-            self.wrapped = model
-        elif in_ray:
-            from ray.train.torch import prepare_model
-
-            self.wrapped = prepare_model(_LeafSafe(model), move_to_device=device, parallel_strategy_kwargs=kwargs)
-        else:
-            model.to(device)
-            if world > 1:
-                from torch.nn.parallel import DistributedDataParallel
-
-                self.wrapped = DistributedDataParallel(_LeafSafe(model), **kwargs)
-            else:
-                self.wrapped = model
-
-    @classmethod
-    def local(cls, model: torch.nn.Module, optimizer, scheduler, cfg: GammarayConfig, device,
-              bf16: bool = False) -> "DDPEngine":
-        """One process, no process group, one micro-batch per step: the engine of the in-process
-        loops (workers/training/inprocess.py, workers/training/heads.py, the benchmarks)."""
-        return cls(model, optimizer, scheduler, cfg, torch.device(device), bf16=bf16, in_ray=False, gas=1, wrap=False)
-
-    # the DeepSpeed engine's surface -------------------------------------------------------
-    @property
-    def training(self) -> bool:
-        return self.module.training
-
-    def train(self) -> None:
-        self.module.train()
-
-    def eval(self) -> None:
-        self.module.eval()
-
-    def is_gradient_accumulation_boundary(self) -> bool:
-        if self._boundary is not None:
-            return self._boundary
-        return (self.micro_steps + 1) % self.gas == 0
-
-    def set_gradient_accumulation_boundary(self, is_boundary: bool) -> None:
-        self._boundary = is_boundary
-
-    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if hasattr(self.wrapped, "require_backward_grad_sync"):
-            # DDP's no_sync(), without a context manager around forward and backward
-            self.wrapped.require_backward_grad_sync = self.is_gradient_accumulation_boundary() or not self.module.training
-        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
-        with ctx:
-            return self.wrapped(batch)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.gas).backward()
-
-    def step(self) -> None:
-        if self.is_gradient_accumulation_boundary():
-            if self.clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.global_steps += 1
-        self.micro_steps += 1
-        self.global_samples += self.micro_batch * self.world
-
-    def save_checkpoint(self, save_dir: str, tag: str = "state") -> None:
-        if (dist.get_rank() if dist.is_initialized() else 0) != 0:
-            return
-        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
-        torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "lr_scheduler": self.lr_scheduler.state_dict(), "global_steps": self.global_steps,
-                    "global_samples": self.global_samples, "micro_steps": self.micro_steps},
-                   os.path.join(save_dir, tag, DDP_FILE))
-
-    def load_checkpoint(self, load_dir: str, tag: str = "state", **_: Any) -> None:
-        sd = load_data(os.path.join(load_dir, tag, DDP_FILE), map_location=self.device)
-        self.module.load_state_dict(sd["module"])
-        self.optimizer.load_state_dict(sd["optimizer"])
-        self.lr_scheduler.load_state_dict(sd["lr_scheduler"])
-        self.global_steps, self.global_samples, self.micro_steps = sd["global_steps"], sd["global_samples"], sd["micro_steps"]
-
-
-# --------------------------------------------------------------------------------------------
 # checkpoints
 
 
@@ -369,8 +248,8 @@ def _set_full_value(engine, p: torch.nn.Parameter, value: torch.Tensor, key: str
 
 
 def portable_state(engine, scheduler) -> dict | None:
-    """Collective over all ranks; rank 0 gets the world-size-independent training state."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    """Collective over all ranks; every rank gets the world-size-independent training state (None
+    for DDP, whose own checkpoint already is)."""
     if isinstance(engine, DDPEngine):
         return None  # the DDP checkpoint is already complete on every rank
     _ensure_adam_state(engine)
@@ -383,8 +262,6 @@ def portable_state(engine, scheduler) -> dict | None:
         out["params"][name] = _full_value(engine, p, None)
         for k in ADAM_KEYS:
             out[k][name] = _full_value(engine, p, k)
-    if rank != 0:
-        return None
     base = base_optimizer(engine)
     steps = {float(st["step"]) for st in base.state.values() if "step" in st}
     if len(steps) > 1:
@@ -431,7 +308,7 @@ def save_state(engine, scheduler, d: str, portable: bool) -> None:
     engine.save_checkpoint(os.path.join(d, "deepspeed"), tag="state")
     if portable:
         state = portable_state(engine, scheduler)
-        if state is not None:
+        if state is not None and (dist.get_rank() if dist.is_initialized() else 0) == 0:
             torch.save(state, os.path.join(d, PORTABLE_FILE))
 
 
@@ -456,6 +333,40 @@ def load_state(engine, scheduler, d: str, same_world: bool, shown: str | None = 
     engine.load_checkpoint(os.path.join(d, "deepspeed"), tag="state", load_module_only=True,
                            load_optimizer_states=False, load_lr_scheduler_states=False)
     return "weights-only"
+
+
+class EngineState:
+    """The engine (DeepSpeed or DDP) and its LR schedule as one checkpoint component.
+
+    `state_dict()` is the world-size-independent state (collective: every rank gets it): DeepSpeed's
+    portable copy, or DDP's replicated state; `load_state_dict` puts it into an engine of any worker
+    count and ZeRO stage. In a checkpoint folder the engine writes its own files (`save`: DeepSpeed's
+    per-rank files and, with train.portable_checkpoint, the portable copy) and reads them back (`load`:
+    exactly on the same worker count; on another, re-sharded from the portable copy)."""
+
+    def __init__(self, engine, scheduler, cfg: GammarayConfig):
+        self.engine, self.scheduler, self.cfg = engine, scheduler, cfg
+
+    def state_dict(self) -> dict:
+        if isinstance(self.engine, DDPEngine):
+            return self.engine.state_dict()
+        return portable_state(self.engine, self.scheduler)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if isinstance(self.engine, DDPEngine):
+            self.engine.load_state_dict(state_dict)
+        else:
+            load_portable_state(self.engine, self.scheduler, state_dict)
+
+    def save(self, d: str) -> None:
+        save_state(self.engine, self.scheduler, d, self.cfg.train.portable_checkpoint)
+
+    def load(self, d: str, same_world: bool, shown: str | None = None) -> str:
+        """How the optimizer state came back (`load_state`: exact, portable or weights-only)."""
+        return load_state(self.engine, self.scheduler, d, same_world, shown)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        set_total_steps(self.scheduler, self.cfg, total_steps)
 
 
 def forget_stale_deepspeed_groups() -> None:

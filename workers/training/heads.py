@@ -154,7 +154,9 @@ def train_heads(cfg: GammarayConfig, train: FeatureSet, val: FeatureSet | None =
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        objective.load_shards([saved["loss"]])
+        loss = saved["loss"]
+        # written before 2026-12-07 as the gamma memory's own dict, which the resume then skipped
+        objective.load_state_dict({"gamma": loss} if "image_to_text" in loss else loss)
         step, first_epoch, history = int(saved["step"]), int(saved["epoch"]), list(saved["history"])
         samples = int(saved["samples"])
 
@@ -203,7 +205,7 @@ def train_heads(cfg: GammarayConfig, train: FeatureSet, val: FeatureSet | None =
             bar.set_postfix_str(f"loss={last['loss']:.3f} val_R@1={m.get('val_r_at_1', float('nan')):.3f}")
         if state_uri:
             _save_state(state_uri, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "scheduler": scheduler.state_dict(), "loss": objective.state_dict().get("gamma", {}),
+                                    "scheduler": scheduler.state_dict(), "loss": objective.state_dict(),
                                     "step": step, "epoch": epoch + 1, "samples": samples, "history": history}, cfg)
     bar.close()
     final = dict(history[-1]) if history else {"step": float(step)}

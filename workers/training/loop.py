@@ -13,10 +13,12 @@ micro-batches per worker; an accumulation group never spans two epochs (the last
 shorter), and reports, evaluations and checkpoints happen only on step boundaries, so a checkpoint never
 holds half-accumulated gradients and resume is exact.
 
-What the loop calls lives beside it: checkpoint.py (save, restore), state.py (the data position),
-metrics.py (what it reports), quarantine.py, audit.py, faults.py, rng.py; the plumbing shared with
-evaluation is workers/runtime.py (rank, device, folders) and workers/batches.py (tensors, the lockstep
-walk); the stream is pipelines/stream.py (StreamSpec.from_config); `pretrain` (trainer.py) starts it.
+What the loop calls lives beside it: checkpoint.py (save and restore a mapping of components, each with
+`state_dict`/`load_state_dict`: the engine, the objective, the train state with the data position in
+state.py, the sample audit, the random streams in rng.py), metrics.py (what it reports), quarantine.py,
+faults.py; the plumbing shared with evaluation is workers/runtime.py (rank, device, folders) and
+workers/batches.py (tensors, the lockstep walk); the stream is pipelines/stream.py
+(StreamSpec.from_config); `pretrain` (trainer.py) starts it.
 """
 
 from __future__ import annotations
@@ -32,21 +34,22 @@ from gammaray.config import from_dict
 from gammaray.schema import BatchKeys as K
 from pipelines import storage
 from pipelines.prepare import load_manifest
-from pipelines.stream import StreamSpec, close_prefetched, epoch_part, iterate, prefetch, units_from_manifest
+from pipelines.stream import StreamSpec, close_prefetched, epoch_part, iterate, prefetch, total_rows, units_from_manifest
 from pipelines.tokenizer import load as load_tokenizer, tokenizer_uri
 from workers.evaluation.evaluate import evaluate  # validation: the same code as `gammaray eval`
 from workers.models.registry import build_model
 from workers.batches import batches_left, Lockstep, placeholder_batch
 from workers.runtime import pick_device, quiet_libraries, world
 from workers.training.audit import SampleAudit
-from workers.training.checkpoint import checkpoint_uri, latest_checkpoint, local_checkpoint, restore, save_and_report
-from workers.training.engine import build_engine, init_single_process_group, setting_on, use_bf16
+from workers.training.checkpoint import CheckpointManager, latest_checkpoint
+from workers.training.engine import EngineState, build_engine, init_single_process_group, setting_on, use_bf16
 from workers.training.faults import Fault
 from workers.training.metrics import (epoch_loss_means, new_window, prefixed, run_record, run_totals,
                                       step_metrics, val_r_at_1)
 from workers.training.objective import LossTerms, Objective
 from workers.training.quarantine import check_quality
 from workers.training.resume import run_identity
+from workers.training.rng import ProcessRNG
 from workers.training.state import TrainState, estimate_total_steps, plan_of
 from workers.training.step import DeviceLossSums, prepare_batch, scalars, train_step
 
@@ -93,10 +96,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     bf16 = use_bf16(cfg, on_gpu)
     audit = SampleAudit(num_samples) if cfg.train.audit_samples else None
 
-    state = TrainState(total_steps=total_steps, plan=plan_of(cfg), identity=identity)
+    state = TrainState(total_steps=total_steps, plan=plan_of(cfg), identity=identity, num_records=total_rows(units))
+    checkpoints = CheckpointManager({"engine": EngineState(engine, scheduler, cfg), "objective": objective,
+                                     "train_state": state, "audit": audit, "rng": ProcessRNG()}, cfg, in_ray)
     if ckpt is not None:
-        with local_checkpoint(ckpt, rank, W) as d:  # only the files this rank reads
-            state = restore(d, engine, scheduler, objective, audit, cfg, units, rank, W, identity, checkpoint_uri(ckpt))
+        checkpoints.restore(ckpt)  # on any worker count; only the files this rank reads
 
     gas = cfg.train.gradient_accumulation_steps
     report_every, ckpt_every, max_steps = cfg.train.log_every, cfg.train.checkpoint_every, cfg.train.max_steps
@@ -166,7 +170,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if checkpoint_now:
                     loss_sums.flush(state)
                     state.lockstep_left = walk.left
-                    save_and_report(engine, scheduler, objective, audit, state, cfg, metrics, rank, W, in_ray)
+                    checkpoints.save(metrics)                                       # [ray]
                 elif in_ray:
                     ray.train.report(metrics)                                      # [ray]
                 attempt["wait"] += window["wait"]
@@ -200,5 +204,5 @@ def train_loop_per_worker(loop_config: dict) -> None:
     metrics.update(run_totals(state, attempt, W, device))
     metrics.update(epoch_loss_means(state, W, device))
     metrics.update(run_record(state, objective.nbytes(), manifest))
-    save_and_report(engine, scheduler, objective, audit, state, cfg, metrics, rank, W, in_ray, final=True)
+    checkpoints.save(metrics, final=True)
 

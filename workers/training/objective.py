@@ -13,6 +13,7 @@ exchange run in fixed-size blocks (workers/losses/state.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 
@@ -21,6 +22,7 @@ from gammaray.schema import BatchKeys as K, pair_slots
 from workers.losses.contrastive import gather_candidates, infonce_loss, siglip_loss
 from workers.losses.gamma import GammaContrastiveLoss, GammaSettings
 from workers.losses.structure import StructureObjective, StructureSettings
+from workers.training.stateful import Recut
 
 
 # diagnostics that have no value on some steps (NaN then): left out of `scalars()`
@@ -109,14 +111,25 @@ class Objective:
             self.structure.apply(out, terms, metrics)
         return LossTerms(terms=terms, metrics=metrics)
 
-    # per-sample state travels with checkpoints
+    # the loss state (the gamma memory's shard and E-step generator) is a checkpoint component
+    # (workers/training/stateful.py)
     def state_dict(self) -> dict:
         return {"gamma": self.gamma.state_dict()} if self.gamma is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.load_shards([state_dict])
+
+    def reshard(self, shards: Iterable[dict], recut: Recut) -> None:
+        """Re-shard the memory (sample i lives on rank i mod W); the E-step generator restarts from
+        `recut.seed`."""
+        self.load_shards(shards)
+        if self.gamma is not None:
+            self.gamma.generator.manual_seed(recut.seed)
 
     def nbytes(self) -> int:
         return self.gamma.nbytes() if self.gamma is not None else 0
 
-    def load_shards(self, shards) -> None:
+    def load_shards(self, shards: Iterable[dict]) -> None:
         """Per-rank state dicts of a checkpoint saved with any world size; an iterable (a generator
         reading one file at a time keeps peak memory at one old shard)."""
         if self.gamma is not None:

@@ -1,5 +1,6 @@
-"""A rank's training state and data position: what `train_state.json` in each checkpoint rank folder
-holds, the step counts the schedules plan for, and the loss sums that survive a resume."""
+"""A rank's training state and data position, a checkpoint component (workers/training/stateful.py):
+what `train_state.json` (the position) and `quarantine.json` in each checkpoint rank folder hold, the
+step counts the schedules plan for, and the loss sums that survive a resume."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from gammaray.config import GammarayConfig
-from pipelines.stream import Segment, advance, part_to_json
+from pipelines.stream import Segment, advance, part_from_json, part_to_json, reshard
 from workers.runtime import RANK_DIR_PREFIX
+from workers.training.stateful import Recut
 
 
 @dataclass
@@ -27,22 +30,78 @@ class TrainState:
     last_val: dict = field(default_factory=dict)
     resumes: list[dict] = field(default_factory=list)   # one entry per restart: step, world sizes, how
     audit: list[dict] = field(default_factory=list)     # per finished epoch (train.audit_samples)
-    plan: dict = field(default_factory=dict)            # train.epochs / max_steps that total_steps was planned for
-    identity: dict = field(default_factory=dict)        # what the position means (workers/training/resume.py)
     loss_sums: dict = field(default_factory=dict)       # this epoch's loss terms x records (workers/training/step.py)
     loss_sums_prev: dict = field(default_factory=dict)  # the same for the last finished epoch
     lockstep_left: int | None = None      # lockstep batches the ranks still take this epoch (None: plan anew)
 
-    def position_json(self, rank: int, world_size: int) -> dict:
-        # None: the epoch's plan is not cut yet (every rank alike)
+    # the current run's: plan and identity are saved with the position and compared on a resume, never loaded
+    plan: dict = field(default_factory=dict)            # train.epochs / max_steps that total_steps was planned for
+    identity: dict = field(default_factory=dict)        # what the position means (workers/training/resume.py)
+    num_records: int = 0                  # the catalogue's records: a re-plan counts the later epochs with it
+
+    # checkpoint component -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """`position`: what every rank reads on a resume (small); `quarantine`: the rejected records
+        (read by their own rank, or by rank 0 when the worker count changed)."""
+        # remaining None: the epoch's plan is not cut yet (every rank alike)
         remaining = None if self.part is None else part_to_json(advance(self.part, self.consumed))
-        return {"rank": rank, "world_size": world_size, "epoch": self.epoch, "step": self.step,
-                "total_steps": self.total_steps, "remaining": remaining,
-                "epoch_consumed": self.epoch_consumed_before + self.consumed,
-                "records_trained": self.records_trained, "best_val_r_at_1": self.best_val_r_at_1,
-                "last_val": self.last_val, "resumes": self.resumes, "audit": self.audit, "plan": self.plan,
-                "identity": self.identity, "loss_sums": self.loss_sums, "loss_sums_prev": self.loss_sums_prev,
-                "lockstep_left": self.lockstep_left}
+        position = {"epoch": self.epoch, "step": self.step, "total_steps": self.total_steps, "remaining": remaining,
+                    "epoch_consumed": self.epoch_consumed_before + self.consumed,
+                    "records_trained": self.records_trained, "best_val_r_at_1": self.best_val_r_at_1,
+                    "last_val": self.last_val, "resumes": self.resumes, "audit": self.audit, "plan": self.plan,
+                    "identity": self.identity, "loss_sums": self.loss_sums, "loss_sums_prev": self.loss_sums_prev,
+                    "lockstep_left": self.lockstep_left}
+        return {"position": position, "quarantine": self.quarantine}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """This rank's own position (the same worker count): the same walk as the run that saved it."""
+        p = state_dict["position"]
+        self._load_shared(p)
+        self.part = None if p["remaining"] is None else part_from_json(p["remaining"])
+        self.consumed, self.epoch_consumed_before = 0, p["epoch_consumed"]
+        self.records_trained = p["records_trained"]
+        self.loss_sums, self.loss_sums_prev = p.get("loss_sums", {}), p.get("loss_sums_prev", {})
+        self.lockstep_left = p.get("lockstep_left")
+        self.quarantine = list(state_dict["quarantine"])
+
+    def reshard(self, shards: Iterable[dict], recut: Recut) -> None:
+        """Every old rank's position: their unconsumed records re-cut for the new worker count; the
+        totals (records trained, loss sums, quarantine) are kept on rank 0 so sums over ranks stay right."""
+        shards = list(shards)
+        positions = [s["position"] for s in shards]
+        first = positions[0]
+        self._load_shared(first)
+        parts = reshard([part_from_json(p["remaining"] or []) for p in positions], recut.world_size)
+        self.part = None if first["remaining"] is None else parts[recut.rank]
+        self.consumed, self.epoch_consumed_before, self.lockstep_left = 0, 0, None
+        on_zero = recut.rank == 0
+        self.records_trained = sum(p["records_trained"] for p in positions) if on_zero else 0
+        self.loss_sums = merge_loss_sums([p.get("loss_sums", {}) for p in positions]) if on_zero else {}
+        self.loss_sums_prev = merge_loss_sums([p.get("loss_sums_prev", {}) for p in positions]) if on_zero else {}
+        self.quarantine = [q for s in shards for q in s.get("quarantine", [])] if on_zero else []
+
+    def _load_shared(self, p: dict) -> None:
+        """What every rank of a checkpoint holds alike (rank 0's when the worker count changed)."""
+        self.epoch, self.step = p["epoch"], p["step"]
+        self.total_steps = p.get("total_steps") or self.total_steps
+        self.best_val_r_at_1, self.last_val = p["best_val_r_at_1"], p.get("last_val", {})
+        self.resumes, self.audit = list(p.get("resumes", [])), list(p.get("audit", []))
+
+    def needs_replan(self, saved: dict, world_size: int) -> bool:
+        """Whether the step count the schedules plan for must be re-planned after loading `saved` (a
+        position): kept while the plan holds (exact resume), re-planned when the worker count,
+        train.epochs or train.max_steps changed."""
+        return not (saved["world_size"] == world_size and saved.get("plan") == self.plan and saved.get("total_steps"))
+
+    def replan(self, cfg: GammarayConfig, positions: list[dict], world_size: int) -> None:
+        """The step count from the remaining records of every rank (`positions`: the checkpoint's,
+        re-cut when the worker count changed)."""
+        parts = [part_from_json(p["remaining"] or []) for p in positions]
+        if len(parts) != world_size:
+            parts = reshard(parts, world_size)
+        current = self.epoch if self.part is not None else self.epoch - 1  # an uncut epoch counts whole
+        total = self.step + remaining_steps(cfg, parts, current, self.num_records, world_size)
+        self.total_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
 
 
 def steps_per_epoch(cfg: GammarayConfig, records_per_worker: int) -> int:
