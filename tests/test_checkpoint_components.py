@@ -134,3 +134,40 @@ def test_a_mapping_with_a_missing_or_unknown_component_is_refused():
     with pytest.raises(ValueError, match=r"unknown checkpoint component\(s\) \['optimizer'\]"):
         CheckpointManager({**states, "optimizer": states["engine"]}, cfg)
     CheckpointManager({**states, "audit": None}, cfg)  # train.audit_samples off: the one that may be left out
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("mode", ["mean", "sample"])
+def test_heads_training_stopped_after_an_epoch_resumes_to_the_same_weights(tmp_path, mode):
+    """Heads on cached features (workers/training/heads.py) save their state every epoch; a run stopped
+    in its second epoch and rerun ends with the weights of the uninterrupted run, bit for bit. The
+    gamma memory must come back for that (a resume that lost it, as before 2026-12-07, trains on other
+    rates), and in mode=sample its random generator too."""
+    import numpy as np
+
+    from workers.evaluation.features import FeatureSet
+    from workers.training.heads import train_heads
+
+    rng = np.random.default_rng(0)
+    n = 64
+    feats = FeatureSet("memory", np.arange(n), rng.standard_normal((n, 24)).astype(np.float32),
+                       rng.standard_normal((n, 20)).astype(np.float32), ["a", "b"] * (n // 2))
+    cfg = apply_overrides(GammarayConfig(), {
+        "model.image.locked": True, "model.text.locked": True, "model.embed_dim": 16, "data.batch_size": 16,
+        "train.epochs": 3, "loss.kind": "gamma", "loss.gamma.mode": mode, "run.deterministic": True})
+    whole = train_heads(cfg, feats, diagnostics=False)
+
+    def stop_in_epoch_two(m: dict) -> None:
+        if m["epoch"] == 1:
+            raise _Stop
+
+    state = str(tmp_path / "heads_state.pt")
+    with pytest.raises(_Stop):
+        train_heads(cfg, feats, diagnostics=False, state_uri=state, report=stop_in_epoch_two)
+    resumed = train_heads(cfg, feats, diagnostics=False, state_uri=state)
+    assert resumed.resumed_from_epoch == 1 and resumed.steps == whole.steps == 3 * 4
+    for (name, a), (_, b) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
