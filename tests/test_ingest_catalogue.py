@@ -339,3 +339,36 @@ def test_shard_index_round_trips_and_old_manifests_still_load(tmp_path):
     sample = list(catalogue_texts(dst, m, sample=4, seed=0))
     assert len(sample) == 4 and set(sample) < set(titles) and sample == list(catalogue_texts(dst, m, sample=4, seed=0))
     assert {tuple(catalogue_texts(dst, m, sample=4, seed=s)) for s in range(6)} != {tuple(sample)}
+
+
+_TRAIN_ONE = """
+import hashlib, json, sys
+sys.path.insert(0, sys.argv[1])
+from pipelines.synthetic import write_raw_catalogue
+from pipelines.tokenizer import train_wordpiece
+paths = write_raw_catalogue(sys.argv[2] + "/raw", n_train=600, n_val=0, seed=0)
+texts = [t for line in open(paths["train"]) for r in [json.loads(line)]
+         for t in (r.get("title"), r.get("description"), r.get("category")) if t]
+out = train_wordpiece(iter(texts), sys.argv[2] + "/tok", vocab_size=400, parallel=sys.argv[3] == "1")
+state = json.load(open(out + "/tokenizer.json"))
+print(json.dumps({"vocab": hashlib.sha256(json.dumps(state["model"]["vocab"], sort_keys=True).encode()).hexdigest(),
+                  "size": len(state["model"]["vocab"]), "added": [t["content"] for t in state["added_tokens"]]}))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_the_same_texts_train_the_same_tokenizer_in_every_process(tmp_path):
+    """HF tokenizers' WordPiece trainer alone learns a slightly different vocabulary in every process
+    (huggingface/tokenizers#1794); train_wordpiece seeds the continuing pieces so that it does not."""
+    runs = []
+    for i, parallel in enumerate(("1", "1", "0")):
+        d = tmp_path / f"run{i}"
+        d.mkdir()
+        proc = subprocess.run([sys.executable, "-c", _TRAIN_ONE, ROOT, str(d), parallel], capture_output=True,
+                              text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert len({r["vocab"] for r in runs}) == 1, runs
+    # the seeded pieces are ordinary vocabulary again: only the five special tokens are special
+    assert runs[0]["added"] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert 100 < runs[0]["size"] <= 400
