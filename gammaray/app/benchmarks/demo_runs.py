@@ -2,11 +2,12 @@
 
 Runs `gammaray demo --json` N times (default 3), each in its own process with its own S3 server and Ray,
 with the demo's defaults (run.seed 0) unless --set/--config say otherwise. Runs of the same seed are not
-bit-identical (measured: R@1 0.052 to 0.068 over the runs of 2026-12-07). One cause is known and
-fixed since those runs: the demo trains its tokenizer, and the WordPiece trainer of HF tokenizers
-built a slightly different vocabulary in every process (pipelines/tokenizer.py now seeds it; see
-huggingface/tokenizers#1794). So one run is not the demo's figure: the JSON keeps every run, their mean and sample standard deviation, and the
-console output of the first run. The README's demo block is rendered from it by `python -m
+bit-identical unless everything in them is: until 2026-12-07 the demo's tokenizer was not (the
+WordPiece trainer of HF tokenizers built a slightly different vocabulary in every process;
+pipelines/tokenizer.py now seeds it, huggingface/tokenizers#1794), and runs spread over R@1 0.052 to
+0.068. Since then runs of the same code and seed are identical, and the bench keeps checking: the
+JSON keeps every run, their mean and sample standard deviation, and the console output of the first
+run. The README's demo block is rendered from it by `python -m
 gammaray.app.docs`.
 
     gammaray bench demo --runs 3 --json docs/bench/demo.json
@@ -101,10 +102,14 @@ def readme_block(data: dict) -> str:
     """The README's demo block: the first run's console output, then every run and the spread."""
     sp, n = data["spread"], len(data["runs"])
     m = data["machine"]
+    if all(sp[key][1] == 0 for key, _ in FIGURES if key != "wall_s"):
+        intro = (f"The demo is deterministic: {n} fresh runs of the same code and seed gave the same figures, the "
+                 f"training loss to the last digit (the output above is run 1's):")
+    else:
+        intro = (f"Runs are not bit-identical, so here are {n} fresh runs of the same code and seed (the output "
+                 f"above is run 1's); mean ± sample standard deviation over the {n}:")
     return (f"```\n$ make demo\n{data['console']}\n```\n\n"
-            f"Runs are not bit-identical (one cause, fixed after the runs of 2026-12-07: the tokenizer the demo "
-            f"trains differed in every process, huggingface/tokenizers#1794), so here are {n} fresh runs of the "
-            f"same code and seed (the output above is run 1's); mean ± sample standard deviation over the {n}:\n\n"
+            f"{intro}\n\n"
             f"{format_table(data)}\n\n"
             f"R@1 {sp['r_at_1_i2t'][0]:.3f} ± {sp['r_at_1_i2t'][1]:.3f} (image->text) / "
             f"{sp['r_at_1_t2i'][0]:.3f} ± {sp['r_at_1_t2i'][1]:.3f} (text->image), zero-shot "
