@@ -45,7 +45,8 @@ def test_the_wheel_installed_alone_runs_the_cli_and_a_small_pretrain(tmp_path):
 
     # the installed copy only: its folder first on the path, run from a folder outside the repository
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("AWS_") and k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(PYTHONPATH=str(site), DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
 
     def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:

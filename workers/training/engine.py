@@ -385,14 +385,9 @@ def init_single_process_group() -> None:
     """A world of one for the driver-side loop (ScalingConfig(num_workers=0), notebooks)."""
     if dist.is_initialized():
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    # an in-memory store: a world of one needs no port (a port picked free and bound later can be
+    # taken in between, and a MASTER_PORT inherited from a parent may still be bound by it)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
