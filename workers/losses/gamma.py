@@ -32,6 +32,7 @@ stable under bf16 autocast and for scores far beyond exp's float32 range.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -105,16 +106,40 @@ class PartitionEstimate:
     log_zhat: torch.Tensor     # [B] log of the mean exp over the candidates counted, graph kept
     has_neg: torch.Tensor      # [B] bool: the anchor had at least one candidate to average
     state_input: torch.Tensor  # [B] detached value fed to the memory (NaN = no observation)
+    every_anchor_has_neg: bool = False  # known from the shapes alone: has_neg is all True
+
+
+@functools.lru_cache(maxsize=64)
+def _diagonal_mask(B: int, C: int, offset: int, include_positive: bool, device: torch.device, dtype: torch.dtype):
+    """For the usual batch (every candidate valid, anchor i's positive at column offset + i): the
+    additive mask of the candidates counted (0, or -inf for the positive), log of their number,
+    whether every anchor has one and `has_neg`, made once per shape instead of every step."""
+    count = C if include_positive else C - 1
+    add = torch.zeros(B, C, device=device, dtype=dtype)
+    if not include_positive:
+        add[torch.arange(B, device=device), torch.arange(B, device=device) + offset] = -math.inf
+    return add, math.log(max(count, 1)), count > 0, torch.full((B,), count > 0, dtype=torch.bool, device=device)
 
 
 def estimate_partition(logits: torch.Tensor, pos_col: torch.Tensor, settings: GammaSettings,
-                       valid: torch.Tensor | None = None) -> PartitionEstimate:
+                       valid: torch.Tensor | None = None, offset: int | None = None) -> PartitionEstimate:
     """log Z_hat_i = log mean_{j counted} exp(s_ij), stable (logsumexp) and NaN-free in its gradient
     even for an anchor with nothing to average (batch of 1 without the positive). `logits` may have
     leading dimensions ([..., B, C], e.g. both directions of a batch at once: one set of ops for
-    both); the candidates counted (and `has_neg`, [B]) are the same for all of them."""
+    both); the candidates counted (and `has_neg`, [B]) are the same for all of them.
+
+    `offset` (with `valid` None): the caller's promise that pos_col is arange(B) + offset, the
+    two-tower batch; the positives are then a diagonal and the mask is made once per shape (a step
+    at a small micro-batch is mostly the number of tensor operations it launches)."""
     work = logits if logits.dtype == torch.float64 else logits.float()
     B, C = work.shape[-2:]
+    if valid is None and offset is not None and 0 <= offset and offset + B <= C:
+        add, log_count, every, has = _diagonal_mask(B, C, offset, settings.include_positive, work.device, work.dtype)
+        if every:
+            pos = work.diagonal(offset, dim1=-2, dim2=-1)
+            log_zhat = torch.logsumexp(work + add, dim=-1) - log_count
+            observed = log_zhat.detach() - pos.detach() if settings.estimator == "sogclr" else log_zhat.detach()
+            return PartitionEstimate(work, pos, log_zhat, has, observed, every_anchor_has_neg=True)
     pos_col = pos_col.to(work.device).long()
     pos = work.gather(-1, pos_col.expand(work.shape[:-1])[..., None]).squeeze(-1)
     ok = candidate_mask(B, C, pos_col, valid, include_positive=settings.include_positive, device=work.device)
@@ -145,12 +170,16 @@ def m_step(est: PartitionEstimate, log_rate: torch.Tensor, settings: GammaSettin
     s = settings
     B = est.pos.shape[-1]
     has = est.has_neg
+    every = est.every_anchor_has_neg  # then the masks below change nothing: left out (fewer operations)
     log_r = log_rate.to(est.log_zhat).detach()
-    log_r = torch.where(has, log_r, torch.zeros_like(log_r))  # anchors without negatives: inert
+    if not every:
+        log_r = torch.where(has, log_r, torch.zeros_like(log_r))  # anchors without negatives: inert
     if s.eps > 0:
         log_r = torch.logaddexp(log_r, torch.full_like(log_r, math.log(s.eps)))
     if s.mode == "sample":  # the leading dimensions draw one after the other from the generator
         log_u = sample_log_gamma(s.alpha, log_r.numel(), generator).reshape(log_r.shape).to(log_r) - log_r
+    elif s.alpha == 1.0:
+        log_u = -log_r
     else:
         log_u = math.log(s.alpha) - log_r
     if s.estimator == "sogclr":
@@ -158,9 +187,15 @@ def m_step(est: PartitionEstimate, log_rate: torch.Tensor, settings: GammaSettin
         per_anchor = weight
     else:
         weight = torch.exp(log_u + est.log_zhat)                    # u_i * Z_hat_i(theta)
-        per_anchor = -est.pos + weight
+        per_anchor = weight - est.pos
     # the generalized loss -s_i+ + alpha log Z_i with the memory's estimate of Z_i (for logging)
-    value = -est.pos.detach() * (s.estimator == "gamma") + s.alpha * log_r
+    value = s.alpha * log_r - est.pos.detach() if s.estimator == "gamma" else s.alpha * log_r
+    if every:
+        objective = per_anchor.mean(-1)
+        diagnostics = {"log_rate_mean": log_r.mean(-1), "weight_mean": weight.detach().mean(-1),
+                       "generalized_loss": value.mean(-1),
+                       "anchors_without_negatives": torch.zeros_like(objective.detach())}
+        return objective, diagnostics
     per_anchor = torch.where(has, per_anchor, torch.zeros_like(per_anchor))
     objective = per_anchor.sum(-1) / max(B, 1)
     if B == 0:
@@ -186,9 +221,11 @@ class GammaDirection:
         self.channel = channel
 
     def scores(self, logits: torch.Tensor, pos_col: torch.Tensor, sample_index: torch.Tensor,
-               progress: float = 0.0, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The whole EM step from a score matrix: logits [B, C], pos_col [B], sample_index [B]."""
-        est = estimate_partition(logits, pos_col, self.settings, valid)
+               progress: float = 0.0, valid: torch.Tensor | None = None,
+               offset: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The whole EM step from a score matrix: logits [B, C], pos_col [B], sample_index [B]
+        (`offset`: pos_col is arange(B) + offset, see estimate_partition)."""
+        est = estimate_partition(logits, pos_col, self.settings, valid, offset)
         obs = est.state_input
         if self.store.channels > 1:  # the other channels see "no observation"
             full = torch.full((obs.shape[0], self.store.channels), math.nan, dtype=obs.dtype, device=obs.device)
@@ -204,7 +241,7 @@ class GammaDirection:
         """Embedding-level form: anchor i's positive is candidate offset + i."""
         logits = similarity(anchors, candidates, logit_scale)
         pos_col = torch.arange(anchors.shape[0], device=logits.device) + offset
-        return self.scores(logits, pos_col, sample_index, progress, valid)
+        return self.scores(logits, pos_col, sample_index, progress, valid, offset=offset)
 
 
 def _derived_seed(*parts) -> int:
@@ -249,9 +286,12 @@ class GammaContrastiveLoss:
         else:
             all_text, valid, all_image, off = text, None, image, 0
         pos_col = torch.arange(image.shape[0], device=image.device) + off
-        # both directions in one set of ops: [2, B, C] (the gathered rows' validity is the same for both)
-        both = torch.stack([similarity(image, all_text, logit_scale), similarity(text, all_image, logit_scale)])
-        est = estimate_partition(both, pos_col, s, valid)
+        if valid is None:  # text -> image is image -> text transposed: one product for both
+            i2t = similarity(image, text, logit_scale)
+            both = torch.stack([i2t, i2t.T])
+        else:  # both directions in one set of ops: [2, B, C] (the gathered rows' validity is the same for both)
+            both = torch.stack([similarity(image, all_text, logit_scale), similarity(text, all_image, logit_scale)])
+        est = estimate_partition(both, pos_col, s, valid, off)
         with record_function("step/memory_exchange"):
             log_rate = self.store.update(sample_index, est.state_input.T, s.gamma_at(progress),
                                          self.memory_scale(logit_scale), capacity=self.capacity)
@@ -273,12 +313,10 @@ class GammaContrastiveLoss:
         if age is None or age.numel() == 0:
             return {}
         seen = ~torch.isnan(age)
-        n = seen.sum()
-        out = {"gamma/memory_first_visit_fraction": (~seen).float().mean()}
-        nan = torch.full_like(age[:1].sum(), math.nan)
-        out["gamma/memory_age_mean"] = torch.where(n > 0, torch.where(seen, age, 0.0).sum() / n.clamp_min(1), nan)
-        out["gamma/memory_age_max"] = torch.where(n > 0, torch.where(seen, age, -math.inf).max(), nan)
-        return out
+        mean = torch.nanmean(age)  # NaN when every entry was a first visit
+        top = torch.where(torch.isnan(mean), mean, age.nan_to_num(nan=-math.inf).amax())
+        return {"gamma/memory_first_visit_fraction": 1.0 - seen.float().mean(), "gamma/memory_age_mean": mean,
+                "gamma/memory_age_max": top}
 
     @torch.no_grad()
     def log_rates(self, sample_index: torch.Tensor, logit_scale: float = 1.0) -> torch.Tensor:

@@ -85,6 +85,36 @@ def _out_dtype(log_z: torch.Tensor) -> torch.dtype:
     return torch.float64 if log_z.dtype == torch.float64 else torch.float32
 
 
+SMALL_EXCHANGE = 512  # rows an update compares pairwise (an [m, m, K] float64 temporary: 4 MiB at 512, K = 2)
+
+
+def _combine_by_comparison(slots: torch.Tensor, lz: torch.Tensor) -> torch.Tensor:
+    """Per row, log of the mean Z over the observed rows (lz not NaN) of its slot, NaN if none:
+    every row compared with every other. lz is [m, K] float64."""
+    member = (slots[:, None] == slots[None, :])[:, :, None] & ~torch.isnan(lz)[None, :, :]  # [m, m, K]
+    total = torch.logsumexp(torch.where(member, lz[None, :, :], -math.inf), dim=1)
+    return total - torch.log(member.sum(1, dtype=lz.dtype))  # no observation: -inf - log 0 = NaN
+
+
+def _combine_by_sorting(slots: torch.Tensor, lz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same over sorted segments: (sorted slots, the sort's permutation, the combined value per
+    sorted row)."""
+    m, K = lz.shape
+    srt, perm = torch.sort(slots, stable=True)
+    lz = lz[perm]
+    start = torch.ones(m, dtype=torch.bool, device=slots.device)
+    start[1:] = srt[1:] != srt[:-1]
+    seg = (torch.cumsum(start, 0) - 1)[:, None].expand(-1, K)
+    seen = ~torch.isnan(lz)
+    lzs = torch.where(seen, lz, torch.full_like(lz, -math.inf))
+    counts = torch.zeros(m, K, dtype=lz.dtype, device=lz.device).scatter_add_(0, seg, seen.to(lz.dtype))
+    top = torch.full((m, K), -math.inf, dtype=lz.dtype, device=lz.device).scatter_reduce(0, seg, lzs, reduce="amax")
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    sums = torch.zeros_like(top).scatter_add_(0, seg, torch.exp(lzs - top.gather(0, seg)))
+    comb = (top + torch.log(sums) - torch.log(counts)).gather(0, seg)
+    return srt, perm, torch.where(counts.gather(0, seg) > 0, comb, torch.full_like(comb, math.nan))
+
+
 def _check_index(index: torch.Tensor) -> None:
     if index.numel() and int(index.min()) < 0:
         bad = int(index[index < 0][0])
@@ -150,43 +180,40 @@ class _Store:
     def _apply_rows(self, slots: torch.Tensor, valid: torch.Tensor | None, log_z: torch.Tensor, gamma: float,
                     scale) -> torch.Tensor:
         """`_apply` without a host read: the same combination of duplicates (log of the mean Z over a
-        slot's observed rows, in the rows' order) over sorted segments of at most m slots instead of
-        `torch.unique`, and the same EMA, written row by row (duplicates write the same value).
-        Rows with valid False are padding: they point at slot 0 with no observation and leave it
-        (and its age) as it was; valid None: every row is real."""
+        slot's observed rows) and the same EMA, written row by row (duplicates write the same value).
+        Up to SMALL_EXCHANGE rows the duplicates are found by comparing every row with every other
+        (a dozen operations), above that over sorted segments of the slots (m log m work instead of
+        m^2). Rows with valid False are padding: they point at slot 0 with no observation and leave
+        it (and its age) as it was; valid None: every row is real."""
         m, K = log_z.shape
         if valid is None:  # every row is real (one process)
             lz = log_z.double()
         else:
             slots = torch.where(valid, slots, torch.zeros_like(slots))
             lz = torch.where(valid[:, None], log_z.double(), torch.full_like(log_z, math.nan, dtype=torch.float64))
-        srt, perm = torch.sort(slots, stable=True)
-        lz = lz[perm]
-        start = torch.ones(m, dtype=torch.bool, device=slots.device)
-        start[1:] = srt[1:] != srt[:-1]
-        seg = (torch.cumsum(start, 0) - 1)[:, None].expand(-1, K)
-        seen = ~torch.isnan(lz)
-        lzs = torch.where(seen, lz, torch.full_like(lz, -math.inf))
-        counts = torch.zeros(m, K, dtype=lz.dtype, device=lz.device).scatter_add_(0, seg, seen.to(lz.dtype))
-        top = torch.full((m, K), -math.inf, dtype=lz.dtype, device=lz.device).scatter_reduce(0, seg, lzs, reduce="amax")
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        sums = torch.zeros_like(top).scatter_add_(0, seg, torch.exp(lzs - top.gather(0, seg)))
-        comb = (top + torch.log(sums) - torch.log(counts)).gather(0, seg)
-        comb = torch.where(counts.gather(0, seg) > 0, comb, torch.full_like(comb, math.nan))
+        if m <= SMALL_EXCHANGE:
+            rows, perm, comb = slots, None, _combine_by_comparison(slots, lz)
+        else:
+            rows, perm, comb = _combine_by_sorting(slots, lz)
         # every channel in one EMA (the tables stay one tensor per channel)
-        new = ema_log(torch.stack([t[srt] for t in self.tables], dim=1).double() * scale, comb, gamma)
-        stored = (new / scale).to(self.tables[0].dtype)
+        unit = isinstance(scale, float) and scale == 1.0
+        old = torch.stack([t[rows] for t in self.tables], dim=1).double()
+        new = ema_log(old if unit else old * scale, comb, gamma)
+        stored = (new if unit else new / scale).to(self.tables[0].dtype)
         for c, table in enumerate(self.tables):
-            table[srt] = stored[:, c]
+            table[rows] = stored[:, c]
         if self.last_update is not None:
-            last = self.last_update[srt]
+            last = self.last_update[rows]
             age = torch.where(last >= 0, (self.updates - last).double(), torch.full_like(last, math.nan, dtype=torch.float64))
             if valid is None:
-                self.last_update[srt] = self.updates
+                self.last_update[rows] = self.updates
             else:
-                stamp = torch.where(valid[perm], torch.full_like(last, self.updates), torch.full_like(last, -1))
-                self.last_update.scatter_reduce_(0, srt, stamp, reduce="amax")
+                ok = valid if perm is None else valid[perm]
+                stamp = torch.where(ok, torch.full_like(last, self.updates), torch.full_like(last, -1))
+                self.last_update.scatter_reduce_(0, rows, stamp, reduce="amax")
             new = torch.cat([new, age[:, None]], dim=1)
+        if perm is None:
+            return new
         out = torch.empty_like(new)
         out[perm] = new
         return out

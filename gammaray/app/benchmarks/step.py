@@ -66,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s (default: PEAK_TFLOPS "
                    "by GPU name; none on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: elapsed time (default); cpu: this process's CPU time, for a CPU row on a shared "
+                        "machine (with --threads 1 it is the step's own work, whatever runs beside it)")
     p.add_argument("--profile-row", default="gamma,16", metavar="LOSS,B",
                    help="the gammaray towers row run once more under torch.profiler for its phases ('' = none)")
     p.add_argument("--json", metavar="PATH", help="write the rows as a JSON list (PATH.details.json: phases, provenance)")
@@ -382,7 +385,8 @@ def peak_of(name: str, override: float | None) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def time_window(step, batches, warmup: int, steps: int, device, counter: SyncCounter | None = None) -> tuple[float, dict]:
+def time_window(step, batches, warmup: int, steps: int, device, counter: SyncCounter | None = None,
+                clock=time.perf_counter) -> tuple[float, dict]:
     """Seconds per step over `steps` timed steps after `warmup` (the step's own pipeline, one window)."""
     import torch
 
@@ -395,12 +399,12 @@ def time_window(step, batches, warmup: int, steps: int, device, counter: SyncCou
         torch.cuda.reset_peak_memory_stats(device)
     base = reset_peak_rss()
     ctx = counter.active() if counter is not None else contextlib.nullcontext()
-    t0 = time.perf_counter()
+    t0 = clock()
     with ctx:
         step.run(batches[warmup:warmup + steps], state, on_report=counter.report if counter is not None else None)
         if device.type == "cuda":
             torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / steps
+    dt = (clock() - t0) / steps
     mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else (peak_rss() - base) / 2**20
     return dt, {"peak_mem_mb": round(mem, 1), "report_syncs": counter.report_count if counter is not None else None}
 
@@ -424,7 +428,8 @@ def measure_row(cfg, regime: str, loss: str, B: int, impls: list[str], args, dev
             step = IMPLS[impl](cfg, regime, device, total * args.repeats)
             plain = [{k: v for k, v in b.items() if not k.startswith("timm_")} for b in batches] if impl != "timm" else batches
             counter = SyncCounter(device.type == "cuda") if rep == 0 else None
-            dt, extra = time_window(step, plain, args.warmup, args.steps, device, counter)
+            dt, extra = time_window(step, plain, args.warmup, args.steps, device, counter,
+                                    time.process_time if args.clock == "cpu" else time.perf_counter)
             if counter is not None:
                 syncs[impl] = counter
                 extra["syncs"] = counter.count / args.steps
@@ -583,6 +588,9 @@ def run(args: argparse.Namespace, cfg) -> int:
     if cfg.train.strategy != "deepspeed":  # the engine is part of what a row measures
         args.config_name += f" + {cfg.train.strategy}"
     impls = [x for x in args.impls.split(",") if x]
+    if args.clock == "cpu" and on_gpu:
+        print("gammaray bench step: --clock cpu times a CPU row (a GPU step's time is the device's): use --clock wall")
+        return 2
     if "timm" in impls and not on_gpu:
         print("gammaray bench step: no timm row on CPU (it anchors the GPU figures; set train.use_gpu=true on a GPU)")
         impls.remove("timm")
@@ -604,7 +612,7 @@ def run(args: argparse.Namespace, cfg) -> int:
                           f"{r['samples_per_s']:9.0f}/s  syncs/step {r['host_syncs_per_step']}", flush=True)
     print(table(rows))
     print("gammaray / reference:", json.dumps(ratios(rows)))
-    details = {"note": args.note, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    details = {"note": args.note, "torch": torch.__version__, "threads": torch.get_num_threads(), "clock": args.clock,
                "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "ratios": ratios(rows)}
     if args.profile_row:
         loss, B = args.profile_row.split(",")
