@@ -201,7 +201,8 @@ def cores_per_gpu_table() -> str:
 def step_table() -> str:
     """`gammaray bench step`: gammaray's step against the plain PyTorch step, every row as measured."""
     rows, details = load("step.json"), load("step.details.json")
-    notes = "; ".join(f"{k}: {v['note']} (torch {v['torch']}, {v['threads']} threads, fastest of {v['repeats']} "
+    notes = "; ".join(f"{k}: {v['note']} (torch {v['torch']}, {v['threads']} thread{'s' if v['threads'] != 1 else ''}, "
+                      f"{'CPU' if v.get('clock') == 'cpu' else 'wall-clock'} time, fastest of {v['repeats']} "
                       f"windows of {v['steps']} steps after {v['warmup']})" for k, v in details.items() if v.get("note"))
     return (step_bench.table(rows) + "\n\n"
             f"*{notes}. Source: `{BENCH}/step.json`, `{BENCH}/step.details.json`.*")

@@ -97,8 +97,8 @@ class TrainConfig(Section):
         "auto", description="Copy host batches into pinned memory and to the GPU with non_blocking, one batch "
         "ahead of the step that uses it. auto = on GPU only.")
     compile: bool = Field(
-        False, description="torch.compile the model and the loss's score maths before training (the first "
-        "steps then pay the compilation; off until measured to pay on the run's hardware).")
+        False, description="torch.compile the model before training (the first steps then pay the "
+        "compilation; the loss runs eagerly; off until measured to pay on the run's hardware).")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto = bf16 on GPU, fp32 on CPU (DeepSpeed's bf16, DDP's and in-process bf16 autocast).")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step (every engine).")

@@ -189,13 +189,13 @@ def m_step(est: PartitionEstimate, log_rate: torch.Tensor, settings: GammaSettin
         weight = torch.exp(log_u + est.log_zhat)                    # u_i * Z_hat_i(theta)
         per_anchor = weight - est.pos
     # the generalized loss -s_i+ + alpha log Z_i with the memory's estimate of Z_i (for logging)
-    value = s.alpha * log_r - est.pos.detach() if s.estimator == "gamma" else s.alpha * log_r
-    if every:
+    scaled = log_r if s.alpha == 1.0 else s.alpha * log_r
+    value = scaled - est.pos.detach() if s.estimator == "gamma" else scaled
+    if every:  # the diagnostics as one stack: one reduction for all of them
         objective = per_anchor.mean(-1)
-        diagnostics = {"log_rate_mean": log_r.mean(-1), "weight_mean": weight.detach().mean(-1),
-                       "generalized_loss": value.mean(-1),
-                       "anchors_without_negatives": torch.zeros_like(objective.detach())}
-        return objective, diagnostics
+        rate, w, gen = torch.stack([log_r, weight.detach(), value]).mean(-1).unbind(0)
+        return objective, {"log_rate_mean": rate, "weight_mean": w, "generalized_loss": gen,
+                           "anchors_without_negatives": torch.zeros_like(rate)}
     per_anchor = torch.where(has, per_anchor, torch.zeros_like(per_anchor))
     objective = per_anchor.sum(-1) / max(B, 1)
     if B == 0:
@@ -296,8 +296,8 @@ class GammaContrastiveLoss:
             log_rate = self.store.update(sample_index, est.state_input.T, s.gamma_at(progress),
                                          self.memory_scale(logit_scale), capacity=self.capacity)
         loss, diag = m_step(est, log_rate.T, s, self.generator)
-        means = 0.5 * torch.stack(list(diag.values())).sum(1)  # the two directions' average, per diagnostic
-        metrics: dict[str, torch.Tensor | float] = {f"gamma/{k}": means[i] for i, k in enumerate(diag)}
+        means = torch.stack(list(diag.values())).mean(1).unbind(0)  # the two directions' average, per diagnostic
+        metrics: dict[str, torch.Tensor | float] = {f"gamma/{k}": v for k, v in zip(diag, means)}
         metrics["gamma/gamma_t"] = s.gamma_at(progress)
         metrics.update(self.age_metrics())
         return 0.5 * loss.sum(), metrics

@@ -40,8 +40,9 @@ class LossTerms:
 
     def detached(self) -> "LossTerms":
         """The same values without the graph (what a loop keeps until it logs): no host read."""
-        terms = {name: t.detach() for name, t in self.terms.items()}
-        return LossTerms(terms=terms, metrics={k: v.detach() if torch.is_tensor(v) else v for k, v in self.metrics.items()})
+        terms = {name: t.detach() if t.requires_grad else t for name, t in self.terms.items()}
+        return LossTerms(terms=terms, metrics={k: v.detach() if torch.is_tensor(v) and v.requires_grad else v
+                                               for k, v in self.metrics.items()})
 
     def scalars(self) -> dict[str, float]:
         """Host floats of every term, `loss` and the metrics: one read of the device per call."""

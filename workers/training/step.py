@@ -88,6 +88,12 @@ def scalars(terms: LossTerms | None) -> dict[str, float]:
     return {} if terms is None else terms.scalars()
 
 
+def _scalar(t: torch.Tensor) -> torch.Tensor:
+    """A detached 0-d view (no operation where it already is one: a step is mostly its operation count)."""
+    t = t.detach() if t.requires_grad else t
+    return t if t.dim() == 0 else t.reshape(())
+
+
 class DeviceLossSums:
     """The loss terms of this epoch x their records (`TrainState.loss_sums`), summed on the device in
     float64 in the order a host sum would take (so the sums are the same numbers), read on the
@@ -118,7 +124,7 @@ class DeviceLossSums:
             self.host = {k: self._start["sums"].get(k, 0.0) for k in self.host}
         assert self.acc is not None
         # float32 values widen exactly to float64 (stack promotes): one op, not one per term
-        v = torch.stack([values[k].detach().reshape(()) for k in self.names]).to(torch.float64)
+        v = torch.stack([_scalar(values[k]) for k in self.names]).to(torch.float64)
         if self._optional:  # no value this step: adds nothing (as a missing value would)
             v = torch.nan_to_num(v, nan=0.0)
         self.acc += v * n

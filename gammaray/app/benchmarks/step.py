@@ -371,12 +371,14 @@ def flops_per_sample(cfg, regime: str, device) -> float:
     return (rest + 3 * conv_fwd) / cfg.data.batch_size
 
 
-def device_name(device) -> str:
+def device_name(device, clock: str = "wall") -> str:
     import torch
 
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    timed = ", CPU time" if clock == "cpu" else ""
+    return f"cpu ({platform.processor() or platform.machine()}, {n} thread{'s' if n != 1 else ''}{timed})"
 
 
 def peak_of(name: str, override: float | None) -> float | None:
@@ -437,7 +439,7 @@ def measure_row(cfg, regime: str, loss: str, B: int, impls: list[str], args, dev
             if impl not in best or dt < best[impl][0]:
                 best[impl] = (dt, {**best.get(impl, (0, {}))[1], **extra})
             del step
-    name = device_name(device)
+    name = device_name(device, args.clock)
     peak = peak_of(name, args.peak_tflops)
     rows = []
     for impl, (dt, extra) in best.items():
