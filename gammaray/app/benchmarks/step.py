@@ -468,12 +468,13 @@ def phases(cfg, loss: str, B: int, args, device) -> dict:
     step = GammarayStep(cfg, "towers", device, args.warmup + args.steps)
     step.run(batches[:args.warmup], None)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    t0 = time.perf_counter()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    t0 = clock()
     with profile(activities=acts) as prof:
         step.run(batches[args.warmup:], None)
         if device.type == "cuda":
             torch.cuda.synchronize()
-    wall = (time.perf_counter() - t0) / args.steps
+    wall = (clock() - t0) / args.steps
     out = {"loss": loss, "batch_size": B, "step_ms_profiled": round(wall * 1e3, 3), "phases_ms": {}}
     for e in prof.key_averages():
         if e.key.startswith("step/"):
