@@ -215,7 +215,8 @@ def step_summary() -> str:
         if p:
             phases = ", ".join(f"{name} {ms:.2f}" for name, ms in sorted(p["phases_ms"].items(), key=lambda x: -x[1]))
             lines.append(f"- Phases of the gammaray step ({k}, {p['loss']}, micro-batch {p['batch_size']}, "
-                         f"torch.profiler, ms per step of {p['step_ms_profiled']:.2f}): {phases}.")
+                         f"torch.profiler, ms per step of {p['step_ms_profiled']:.2f} {p.get('clock', 'wall')}-clock, "
+                         f"profiler included; phases in its CPU time): {phases}.")
     return "\n".join(lines)
 
 

@@ -475,7 +475,7 @@ def phases(cfg, loss: str, B: int, args, device) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
     wall = (clock() - t0) / args.steps
-    out = {"loss": loss, "batch_size": B, "step_ms_profiled": round(wall * 1e3, 3), "phases_ms": {}}
+    out = {"loss": loss, "batch_size": B, "step_ms_profiled": round(wall * 1e3, 3), "clock": args.clock, "phases_ms": {}}
     for e in prof.key_averages():
         if e.key.startswith("step/"):
             out["phases_ms"][e.key[5:]] = round(e.cpu_time_total / 1e3 / args.steps, 3)
