@@ -510,7 +510,7 @@ def _read_json_fd(fd: int) -> dict | None:
 
 
 def _s3fs(storage_cfg: StorageConfig | None):
-    return _s3fs_for(storage.S3Settings.from_config(storage_cfg))
+    return _s3fs_for(storage.settings_of(storage_cfg))
 
 
 @functools.lru_cache(maxsize=8)

@@ -143,7 +143,7 @@ _BAD_KEY = ("keytoolong", "key too long", "invalid_argument", "invalidargument",
 
 
 def _retries(storage_cfg: StorageConfig | None) -> int:
-    return storage_cfg.retries if storage_cfg is not None else 5
+    return storage.settings_of(storage_cfg).retries if storage_cfg is not None else 5
 
 
 def _read_s3(uri: str, policy: ImagePolicy, storage_cfg: StorageConfig | None) -> bytes:
