@@ -164,7 +164,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 val_now = bool(cfg.data.val) and cfg.train.eval_every is not None and (
                     state.step % cfg.train.eval_every == 0 or checkpoint_now)
                 if val_now:
-                    state.last_val = evaluate(engine, cfg, tokenizer, device)
+                    state.last_val = evaluate(engine, cfg, store, tokenizer, device)
                     state.best_val_r_at_1 = max(state.best_val_r_at_1, val_r_at_1(state.last_val))
                 metrics.update(prefixed(state.last_val, cfg))
                 if checkpoint_now:
@@ -196,7 +196,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     attempt["wait"] += window["wait"]
     metrics = step_metrics(state, scalars(last), attempt, scheduler, min(state.epoch, cfg.train.epochs - 1))
     if cfg.data.val:
-        state.last_val = evaluate(engine, cfg, tokenizer, device)
+        state.last_val = evaluate(engine, cfg, store, tokenizer, device)
         state.best_val_r_at_1 = max(state.best_val_r_at_1, val_r_at_1(state.last_val))
     metrics.update(prefixed(state.last_val, cfg))
     # the run's figures, the same on every rank: counts summed over ranks, loss terms averaged over
