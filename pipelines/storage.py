@@ -482,6 +482,7 @@ class Store:
                 store = super().__new__(cls)
                 store.settings = settings
                 store._s3 = None
+                store._s3fs = None
                 cls._bound[settings] = store
         return store
 
@@ -492,6 +493,12 @@ class Store:
 
     def __reduce__(self):
         return (Store, (self.settings,))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Store) and other.settings == self.settings
+
+    def __hash__(self) -> int:
+        return hash(self.settings)
 
     def __repr__(self) -> str:
         return f"Store({self.settings!r})"
@@ -517,8 +524,16 @@ class Store:
             return self._retrying_s3(), uri[len("s3://"):].rstrip("/")
         return pafs.LocalFileSystem(), os.path.abspath(_local_path(uri))
 
+    def s3fs(self):
+        """This process's s3fs client of the storage, made on first use (about 0.3 s: a botocore
+        session), for what pyarrow's S3 filesystem cannot do: conditional requests (If-Match,
+        If-None-Match) of the catalogue's manifest and writer lock."""
+        if self._s3fs is None:
+            self._s3fs = self.settings.fsspec_fs()
+        return self._s3fs
+
     def fsspec(self, uri: str):
-        """(fsspec filesystem, path) for a URI (a new s3fs client for s3://: they do not survive a fork)."""
+        """(fsspec filesystem, path) for a URI (for s3://, a new s3fs client on each call)."""
         if is_remote(uri):
             return self.settings.fsspec_fs(), uri[len("s3://"):].rstrip("/")
         import fsspec
