@@ -32,7 +32,6 @@ Length (about 510 lines): the header, its shard index and the writer lock are on
 
 from __future__ import annotations
 
-import functools
 import getpass
 import hashlib
 import io
@@ -53,6 +52,7 @@ from gammaray.config import StorageConfig
 from gammaray.schema import check_readable
 
 from . import storage
+from .storage import Store
 
 MANIFEST = "manifest.json"
 INDEX_DIR = "index"
@@ -81,14 +81,14 @@ class Manifest(dict):
     the index on first use, for code that wants it; readers that need only the row groups use
     `unit_table(manifest)`, which reads two columns of the index straight into numpy."""
 
-    def __init__(self, header: dict, uri: str | None = None, storage_cfg: StorageConfig | None = None):
+    def __init__(self, header: dict, uri: str | None = None, store: Store | None = None):
         super().__init__(header)
         self.uri = uri
-        self.storage_cfg = storage_cfg
+        self.store = Store.of(store)
 
     def __missing__(self, key):
         if key == "shards" and "index" in self:
-            shards = read_index(self.uri, self["index"], self.storage_cfg).to_pylist()
+            shards = read_index(self.uri, self["index"], self.store).to_pylist()
             self["shards"] = [_shard_dict(s) for s in shards]
             return self["shards"]
         raise KeyError(key)
@@ -100,29 +100,29 @@ class Manifest(dict):
         return super().__contains__(key) or (key == "shards" and super().__contains__("index"))
 
 
-def load_manifest(uri: str, storage_cfg: StorageConfig | None = None) -> Manifest:
+def load_manifest(uri: str, storage_cfg: Store | StorageConfig | None = None) -> Manifest:
     """The manifest of the catalogue at uri (for readers: training, eval, embed): the header, with
     the shard index read lazily."""
-    manifest, _ = _read_header(uri, storage_cfg)
+    manifest, _ = _read_header(uri, Store.of(storage_cfg))
     if manifest is None:
         raise FileNotFoundError(f"no manifest.json under {uri}: run `gammaray prepare` first")
     return manifest
 
 
-def read_manifest(dst: str, storage_cfg: StorageConfig | None = None) -> tuple[dict | None, str | None]:
+def read_manifest(dst: str, storage_cfg: Store | StorageConfig | None = None) -> tuple[dict | None, str | None]:
     """For a writer: (manifest or None when there is none, the version token a conditional commit
     needs). The manifest has its full `shards` list, to append to and pass to `commit_manifest`."""
-    manifest, etag = _read_header(dst, storage_cfg)
+    manifest, etag = _read_header(dst, Store.of(storage_cfg))
     if manifest is not None:
         manifest["shards"]  # noqa: B018 - read the index now: the writer appends to the list
     return manifest, etag
 
 
-def _read_header(dst: str, storage_cfg: StorageConfig | None) -> tuple[Manifest | None, str | None]:
+def _read_header(dst: str, store: Store) -> tuple[Manifest | None, str | None]:
     uri = storage.join(dst, MANIFEST)
     etag = None
     if storage.is_remote(uri):
-        fs = _s3fs(storage_cfg)
+        fs = store.s3fs()
         try:
             with fs.open(_s3_path(uri), "rb") as f:  # s3fs pins the read to the ETag it saw (If-Match)
                 etag = f.details.get("ETag")
@@ -130,9 +130,9 @@ def _read_header(dst: str, storage_cfg: StorageConfig | None) -> tuple[Manifest 
         except FileNotFoundError:
             return None, None
     else:
-        if not storage.exists(uri, storage_cfg):
+        if not store.exists(uri):
             return None, None
-        data = storage.read_bytes(uri, storage_cfg)
+        data = store.read_bytes(uri)
     try:
         manifest = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -141,27 +141,28 @@ def _read_header(dst: str, storage_cfg: StorageConfig | None) -> tuple[Manifest 
     if not isinstance(manifest, dict):
         raise ValueError(f"{uri} is damaged: not a JSON object")
     check_readable(manifest.get("schema_version"), uri)
-    return Manifest(manifest, dst, storage_cfg), etag
+    return Manifest(manifest, dst, store), etag
 
 
-def commit_manifest(dst: str, manifest: dict, etag: str | None, storage_cfg: StorageConfig | None = None) -> None:
+def commit_manifest(dst: str, manifest: dict, etag: str | None, storage_cfg: Store | StorageConfig | None = None) -> None:
     """Commit `manifest` (a header plus the full `shards` list) as the catalogue: the shard index is
     written under a new name, then DST/manifest.json is replaced atomically (on S3 only if it is still
     the version read: etag). An index the old header named is removed after the commit."""
+    store = Store.of(storage_cfg)
     uri = storage.join(dst, MANIFEST)
     shards = list(manifest["shards"])
     old_index = (manifest.get("index") or {}).get("path")
     digest = shards_sha256(shards)
     index = {"format": INDEX_FORMAT, "path": f"{INDEX_DIR}/shards-{digest[:16]}.parquet", "num_shards": len(shards),
              "num_row_groups": sum(len(s["row_groups"]) for s in shards)}
-    storage.write_bytes(storage.join(dst, index["path"]), _index_bytes(shards), storage_cfg)
+    store.write_bytes(storage.join(dst, index["path"]), _index_bytes(shards))
     header = {k: v for k, v in dict.items(manifest) if k not in ("shards", "index", "catalogue_sha256")}
     header.update(index=index, catalogue_sha256=digest)
     data = json.dumps(header, indent=2, sort_keys=True).encode("utf-8")
     if storage.is_remote(uri):
         condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
         try:
-            _s3fs(storage_cfg).pipe_file(_s3_path(uri), data, **condition)
+            store.s3fs().pipe_file(_s3_path(uri), data, **condition)
         except OSError as err:
             if _precondition_failed(err):
                 raise PrepareError(f"{uri} changed while this prepare ran (another writer took the lock over?): "
@@ -170,26 +171,26 @@ def commit_manifest(dst: str, manifest: dict, etag: str | None, storage_cfg: Sto
     elif storage.protocol(uri) == "file":
         _replace_local(uri[len("file://"):] if uri.startswith("file://") else uri, data)
     else:
-        storage.write_bytes(uri, data, storage_cfg)
+        store.write_bytes(uri, data)
     manifest["index"], manifest["catalogue_sha256"] = index, digest
     if old_index and old_index != index["path"]:
         try:
-            fs, path = storage.resolve(storage.join(dst, old_index), storage_cfg)
-            fs.delete_file(path)
+            store.delete_file(storage.join(dst, old_index))
         except Exception:  # noqa: BLE001 - an orphan index is harmless: no header names it
             pass
 
 
-def migrate(dst: str, storage_cfg: StorageConfig | None = None) -> bool:
+def migrate(dst: str, storage_cfg: Store | StorageConfig | None = None) -> bool:
     """Rewrite a catalogue of the old layout (the full shard list in manifest.json) as header +
     index, under the writer lock. Returns False when it has the new layout already."""
-    with WriterLock(dst, storage_cfg):
-        manifest, etag = read_manifest(dst, storage_cfg)
+    store = Store.of(storage_cfg)
+    with WriterLock(dst, store):
+        manifest, etag = read_manifest(dst, store)
         if manifest is None:
             raise FileNotFoundError(f"no manifest.json under {dst}")
         if "index" in dict.keys(manifest):
             return False
-        commit_manifest(dst, manifest, etag, storage_cfg)
+        commit_manifest(dst, manifest, etag, store)
         return True
 
 
@@ -226,10 +227,10 @@ def _index_bytes(shards: list[dict]) -> bytes:
     return buf.getvalue()
 
 
-def read_index(dst: str | None, index: dict, storage_cfg: StorageConfig | None = None,
+def read_index(dst: str | None, index: dict, storage_cfg: Store | StorageConfig | None = None,
                columns: list[str] | None = None) -> pa.Table:
     """The shard index a header names (some columns of it)."""
-    pieces = list(_index_pieces(dst, index, storage_cfg, columns))
+    pieces = list(_index_pieces(dst, index, Store.of(storage_cfg), columns))
     table = pa.concat_tables(pieces) if pieces else pa.table({})
     if table.num_rows != int(index.get("num_shards", table.num_rows)):
         raise ValueError(f"{storage.join(dst or '', index['path'])} is damaged: {table.num_rows} shards, the manifest "
@@ -237,7 +238,7 @@ def read_index(dst: str | None, index: dict, storage_cfg: StorageConfig | None =
     return table
 
 
-def _index_pieces(dst: str | None, index: dict, storage_cfg: StorageConfig | None, columns: list[str] | None):
+def _index_pieces(dst: str | None, index: dict, store: Store, columns: list[str] | None):
     """The index's row groups one at a time (a reader keeps one decoded piece, not the whole table)."""
     if dst is None:
         raise ValueError("this manifest was not read from a catalogue: its shard index cannot be found")
@@ -246,7 +247,7 @@ def _index_pieces(dst: str | None, index: dict, storage_cfg: StorageConfig | Non
                          f"({INDEX_FORMAT}); upgrade gammaray")
     uri = storage.join(dst, index["path"])
     try:
-        data = storage.read_bytes(uri, storage_cfg)
+        data = store.read_bytes(uri)
     except FileNotFoundError:
         raise FileNotFoundError(f"{uri}: the shard index named by {storage.join(dst, MANIFEST)} is missing; "
                                 "restore it from a backup or prepare into a new destination") from None
@@ -270,7 +271,7 @@ def unit_table(manifest: dict):
     if "index" in manifest and "shards" not in dict.keys(manifest) and isinstance(manifest, Manifest):
         paths: list[str] = []
         counts, sizes = [], []
-        for piece in _index_pieces(manifest.uri, manifest["index"], manifest.storage_cfg, ["path", "row_groups"]):
+        for piece in _index_pieces(manifest.uri, manifest["index"], manifest.store, ["path", "row_groups"]):
             groups = piece.column("row_groups").combine_chunks()
             counts.append(np.diff(groups.offsets.to_numpy()))
             sizes.append(groups.flatten().to_numpy())
@@ -352,11 +353,11 @@ def is_stale(info: dict | None, now: float, stale_after_s: float = STALE_AFTER_S
 class WriterLock:
     """`with WriterLock(dst): ...` holds DST/prepare.lock, or raises CatalogueBusy naming the owner."""
 
-    def __init__(self, dst: str, storage_cfg: StorageConfig | None = None, stale_after_s: float = STALE_AFTER_S,
+    def __init__(self, dst: str, storage_cfg: Store | StorageConfig | None = None, stale_after_s: float = STALE_AFTER_S,
                  heartbeat_s: float = HEARTBEAT_S):
         self.dst = dst
         self.uri = storage.join(dst, LOCK)
-        self.storage_cfg = storage_cfg
+        self.store = Store.of(storage_cfg)
         self.stale_after_s = stale_after_s
         self.heartbeat_s = heartbeat_s
         self.took_over: dict | None = None  # the stale lock this writer replaced, if any
@@ -398,7 +399,7 @@ class WriterLock:
             os.close(self._fd)  # closing drops the flock
             self._fd = None
         if self._etag is not None:
-            fs = _s3fs(self.storage_cfg)
+            fs = self.store.s3fs()
             bucket, key = _s3_path(self.uri).split("/", 1)
             try:  # only our own lock object: a conditional delete
                 fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=self._etag)
@@ -443,7 +444,7 @@ class WriterLock:
     # S3: a lock object with a heartbeat ---------------------------------------------------
 
     def _acquire_s3(self) -> None:
-        fs = _s3fs(self.storage_cfg)
+        fs = self.store.s3fs()
         path = _s3_path(self.uri)
         body = json.dumps(self._info).encode()
         try:
@@ -482,7 +483,7 @@ class WriterLock:
         return out
 
     def _heartbeat(self) -> None:
-        fs = _s3fs(self.storage_cfg)
+        fs = self.store.s3fs()
         path = _s3_path(self.uri)
         while not self._stop.wait(self.heartbeat_s):
             self._info["heartbeat_at"] = time.time()
@@ -507,15 +508,6 @@ def _read_json_fd(fd: int) -> dict | None:
 
 # --------------------------------------------------------------------------------------------
 # s3fs for conditional requests (pyarrow's S3 filesystem has no If-Match / If-None-Match)
-
-
-def _s3fs(storage_cfg: StorageConfig | None):
-    return _s3fs_for(storage.S3Settings.from_config(storage_cfg))
-
-
-@functools.lru_cache(maxsize=8)
-def _s3fs_for(settings: storage.S3Settings):
-    return settings.fsspec_fs()  # building one costs about 0.3 s (a botocore session): once per process
 
 
 def _s3_path(uri: str) -> str:

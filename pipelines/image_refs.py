@@ -31,6 +31,7 @@ from gammaray.config import StorageConfig
 from gammaray.schema import Invalid, Reason
 
 from . import storage
+from .storage import Store
 from .catalogue import PrepareError
 
 PSEUDO_FILESYSTEMS = ("/proc", "/sys", "/dev")
@@ -56,7 +57,7 @@ def source_root(src: str, is_dir: bool) -> str | None:
     return os.path.realpath(path if is_dir else os.path.dirname(path))
 
 
-def load_image(value: Any, source_uri: str, policy: ImagePolicy, storage_cfg: StorageConfig | None) -> bytes:
+def load_image(value: Any, source_uri: str, policy: ImagePolicy, storage_cfg: Store | StorageConfig | None) -> bytes:
     if isinstance(value, dict) and "bytes" in value:  # HF datasets / parquet struct style
         value = value["bytes"] or b""
     if isinstance(value, (bytes, bytearray)):
@@ -74,9 +75,10 @@ def load_image(value: Any, source_uri: str, policy: ImagePolicy, storage_cfg: St
     proto = storage.protocol(uri)
     if proto == "file":
         return _read_local(uri[len("file://"):] if uri.startswith("file://") else uri, policy)
+    store = Store.of(storage_cfg)
     if proto == "s3":
-        return _read_s3(uri, policy, storage_cfg)
-    return _read_fsspec(uri, proto, policy, storage_cfg)
+        return _read_s3(uri, policy, store)
+    return _read_fsspec(uri, proto, policy, store)
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,13 +144,9 @@ _DENIED = ("access_denied", "accessdenied", "invalidaccesskeyid", "signaturedoes
 _BAD_KEY = ("keytoolong", "key too long", "invalid_argument", "invalidargument", "invalid uri", "invalidbucketname")
 
 
-def _retries(storage_cfg: StorageConfig | None) -> int:
-    return storage_cfg.retries if storage_cfg is not None else 5
-
-
-def _read_s3(uri: str, policy: ImagePolicy, storage_cfg: StorageConfig | None) -> bytes:
+def _read_s3(uri: str, policy: ImagePolicy, store: Store) -> bytes:
     """S3 answers for the record (missing key, access denied, bad key) or fails as a whole."""
-    fs, path = storage.resolve(uri, storage_cfg)
+    fs, path = store.resolve(uri)
 
     def read() -> bytes:
         info = fs.get_file_info(path)
@@ -162,13 +160,13 @@ def _read_s3(uri: str, policy: ImagePolicy, storage_cfg: StorageConfig | None) -
         with fs.open_input_stream(path) as f:
             return f.read(want + 1)  # a read(n) allocates n bytes first: not max_bytes per small image
 
-    data = _classified(read, uri, storage_cfg, remote_host=False)
+    data = _classified(read, uri, store, remote_host=False)
     if len(data) > policy.max_bytes:
         raise Invalid(Reason.IMAGE_TOO_LARGE, f"{uri[:300]}: more than {policy.max_bytes} bytes")
     return data
 
 
-def _read_fsspec(uri: str, proto: str, policy: ImagePolicy, storage_cfg: StorageConfig | None) -> bytes:
+def _read_fsspec(uri: str, proto: str, policy: ImagePolicy, store: Store) -> bytes:
     import fsspec
 
     web = proto in ("http", "https")
@@ -195,19 +193,19 @@ def _read_fsspec(uri: str, proto: str, policy: ImagePolicy, storage_cfg: Storage
                 out += chunk
         return bytes(out)
 
-    data = _classified(read, uri, storage_cfg, remote_host=web)
+    data = _classified(read, uri, store, remote_host=web)
     if len(data) > policy.max_bytes:
         raise Invalid(Reason.IMAGE_TOO_LARGE, f"{uri[:300]}: more than {policy.max_bytes} bytes")
     return data
 
 
-def _classified(read: Callable[[], bytes], uri: str, storage_cfg: StorageConfig | None, remote_host: bool) -> bytes:
+def _classified(read: Callable[[], bytes], uri: str, store: Store, remote_host: bool) -> bytes:
     """Run `read` with the storage retries; turn what the server said about this object into a reason.
 
     remote_host: the URI names a web host of its own (http/https): that host not answering is the
     record's problem (a dead link), not an outage of the catalogue's storage."""
     try:
-        return storage.with_retries(read, retries=_retries(storage_cfg), what=uri)
+        return storage.with_retries(read, retries=store.settings.retries, what=uri)
     except Invalid:
         raise
     except Exception as err:  # noqa: BLE001 - classified below; anything unknown stops the run

@@ -65,6 +65,7 @@ from gammaray.schema import QUARANTINE_SCHEMA, SCHEMA_VERSION, Reason
 
 from . import ids as id_hashing
 from . import prepare_parallel, storage
+from .storage import Store
 from .catalogue import PrepareError, WriterLock, commit_manifest, load_manifest, read_manifest
 from .ids import AGAIN, ALREADY, CHANGED, DUPLICATE, NEW, NOT_KNOWN, IdPartition, PartitionedIds
 from .image_refs import ImagePolicy, source_root
@@ -151,9 +152,10 @@ def prepare(
     src: str,
     dst: str,
     options: PrepareOptions | None = None,
-    storage_cfg: StorageConfig | None = None,
+    storage_cfg: Store | StorageConfig | None = None,
 ) -> PrepareResult:
     t0 = time.perf_counter()
+    store = Store.of(storage_cfg)  # bound once: the Ray tasks get it too
     opts = options or PrepareOptions()
     if opts.row_group_size < 1 or opts.max_records_per_shard < 1 or opts.target_shard_bytes < 1:
         raise ValueError("prepare: row_group_size, max_records_per_shard and target_shard_bytes must be >= 1")
@@ -167,40 +169,40 @@ def prepare(
     if opts.cpus is not None and opts.cpus < 1:
         raise ValueError("prepare: cpus must be >= 1")
     try:
-        files = source_files(src, storage_cfg)
-        src_is_dir = storage.is_dir(src, storage_cfg)
-        parallel = opts.cpus != 1 and prepare_parallel.source_bytes(files, storage_cfg) >= opts.parallel_min_bytes
+        files = source_files(src, store)
+        src_is_dir = store.is_dir(src)
+        parallel = opts.cpus != 1 and prepare_parallel.source_bytes(files, store) >= opts.parallel_min_bytes
     except (FileNotFoundError, ValueError):
         raise
     except Exception as err:  # noqa: BLE001 - the source's storage itself
         raise PrepareError(f"cannot list source {src}: {type(err).__name__}: {err}"[:600]) from err
     _refuse_destination_inside_source(src, dst, src_is_dir)
-    with WriterLock(dst, storage_cfg) as lock:
-        return _prepare_locked(src, src_is_dir, files, dst, opts, storage_cfg, lock, t0, parallel)
+    with WriterLock(dst, store) as lock:
+        return _prepare_locked(src, src_is_dir, files, dst, opts, store, lock, t0, parallel)
 
 
 def _prepare_locked(src: str, src_is_dir: bool, files: list[str], dst: str, opts: PrepareOptions,
-                    storage_cfg: StorageConfig | None, lock: WriterLock, t0: float, parallel: bool) -> PrepareResult:
-    manifest, etag = read_manifest(dst, storage_cfg)
+                    store: Store, lock: WriterLock, t0: float, parallel: bool) -> PrepareResult:
+    manifest, etag = read_manifest(dst, store)
     if manifest is not None:
         version = int(manifest["schema_version"])
         if version != SCHEMA_VERSION:
             raise ValueError(f"{storage.join(dst, 'manifest.json')}: catalogue has schema version {version}; appending "
                              f"needs version {SCHEMA_VERSION}: prepare into a new destination")
         manifest.setdefault("locales", [])
-    orphans = _remove_uncommitted(dst, manifest, storage_cfg)
+    orphans = _remove_uncommitted(dst, manifest, store)
     manifest = manifest if manifest is not None else new_manifest()
     # a source under parallel_min_bytes stays in this process: Ray's start-up would cost more than it buys
     cpus, started = prepare_parallel.start_ray(opts) if parallel else (1, False)
-    run = _Run(dst, manifest, opts, storage_cfg, lock, cpus)
+    run = _Run(dst, manifest, opts, store, lock, cpus)
     ids = None
     try:
         # the ids by hash partition: P Ray actors with Ray (the driver holds none), else one here
         if cpus > 1:
-            ids = prepare_parallel.start_partitions(dst, manifest["shards"], storage_cfg, cpus, id_hashing.id_hash)
+            ids = prepare_parallel.start_partitions(dst, manifest["shards"], store, cpus, id_hashing.id_hash)
         else:
-            ids = _local_partition(dst, manifest["shards"], storage_cfg, id_hashing.id_hash)
-        old_quarantine = _read_quarantine_entries(dst, manifest, storage_cfg) if manifest["shards"] or \
+            ids = _local_partition(dst, manifest["shards"], store, id_hashing.id_hash)
+        old_quarantine = _read_quarantine_entries(dst, manifest, store) if manifest["shards"] or \
             manifest["quarantine"]["files"] else []
         res = _prepare_pass(src, src_is_dir, files, run, ids, old_quarantine, etag, t0)
     except OSError as err:
@@ -226,9 +228,9 @@ class _Run:
     """The files one prepare writes before its commit: removed again if it does not commit. With
     cpus > 1 shards are written by Ray tasks, at most `cpus` at once."""
 
-    def __init__(self, dst: str, manifest: dict, opts: PrepareOptions, storage_cfg: StorageConfig | None,
+    def __init__(self, dst: str, manifest: dict, opts: PrepareOptions, store: Store,
                  lock: WriterLock, cpus: int = 1):
-        self.dst, self.manifest, self.opts, self.storage_cfg, self.lock = dst, manifest, opts, storage_cfg, lock
+        self.dst, self.manifest, self.opts, self.store, self.lock = dst, manifest, opts, store, lock
         self.cpus = cpus
         self.writers = prepare_parallel.ShardWriters(cpus) if cpus > 1 else None
         self.first_part = len(manifest["shards"])
@@ -241,14 +243,14 @@ class _Run:
         self.lock.check()
         self.writing = uri
         self.uncommitted.append(uri)
-        storage.write_bytes(uri, data, self.storage_cfg)
+        self.store.write_bytes(uri, data)
         self.writing = None
 
     def write_shard(self, rows: list[dict], hashes: list[int | None]) -> None:
         rel = f"shards/part-{self.first_part + len(self.shard_uris):05d}.parquet"
         uri, hash_uri = storage.join(self.dst, rel), storage.join(self.dst, hashes_path(rel))
         if self.writers is None:
-            info = write_shard(rows, uri, self.opts.row_group_size, self.storage_cfg, self.write)
+            info = write_shard(rows, uri, self.opts.row_group_size, self.store, self.write)
             self.write(hash_uri, hash_table_bytes(rows, hashes))
             self.manifest["shards"].append({"path": rel, **info})
         else:
@@ -256,7 +258,7 @@ class _Run:
             self.uncommitted += [uri, hash_uri]
             self.manifest["shards"].append({"path": rel})  # the rest when its task is done
             self._settled(lambda: self.writers.submit(len(self.manifest["shards"]) - 1, rows, hashes, uri, hash_uri,
-                                                      self.opts.row_group_size, self.storage_cfg))
+                                                      self.opts.row_group_size, self.store))
         self.shard_uris.append(uri)
 
     def _settled(self, step) -> None:
@@ -281,25 +283,25 @@ class _Run:
             return  # another prepare holds DST now: the same file names may be its files
         if not self.committed:
             for uri in self.uncommitted:
-                _remove_quietly(uri, self.storage_cfg)
+                _remove_quietly(uri, self.store)
 
 
-def _local_partition(dst: str, shards: list[dict], storage_cfg: StorageConfig | None,
+def _local_partition(dst: str, shards: list[dict], store: Store,
                      hash_fn: Callable[[str], int]) -> PartitionedIds:
     part = IdPartition(0, 1, hash_fn)
     for group in shard_slices(shards, prepare_parallel.SCAN_ROWS):
-        part.load(*scan_shards(dst, group, storage_cfg, hash_fn, 1)[0])
+        part.load(*scan_shards(dst, group, store, hash_fn, 1)[0])
     ids = PartitionedIds([part], hash_fn)
     ids.num_known = part.finish_load()
     return ids
 
 
-def _in_process_items(files: list[str], opts: PrepareOptions, storage_cfg: StorageConfig | None, policy: ImagePolicy,
+def _in_process_items(files: list[str], opts: PrepareOptions, store: Store, policy: ImagePolicy,
                       ids: PartitionedIds) -> Iterator[list[tuple[str, int, Checked, Callable[[], Checked]]]]:
-    check = lambda raw: validate_raw(raw, opts, storage_cfg, policy, ids)  # noqa: E731
+    check = lambda raw: validate_raw(raw, opts, store, policy, ids)  # noqa: E731
     batch = []
-    for raw, checked in in_order(source_rows(files, opts, storage_cfg), check, opts.io_threads):
-        batch.append((raw.source, raw.row, checked, lambda raw=raw: validate_raw(raw, opts, storage_cfg, policy)))
+    for raw, checked in in_order(source_rows(files, opts, store), check, opts.io_threads):
+        batch.append((raw.source, raw.row, checked, lambda raw=raw: validate_raw(raw, opts, store, policy)))
         if len(batch) >= DECIDE_RECORDS:
             yield batch
             batch = []
@@ -344,12 +346,12 @@ def _verdicts(batch: list[tuple], ops: list[int], gather) -> Iterator[tuple]:
 
 def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, ids: PartitionedIds, old_quarantine: list[dict],
                   etag: str | None, t0: float) -> PrepareResult:
-    dst, manifest, opts, storage_cfg = run.dst, run.manifest, run.opts, run.storage_cfg
+    dst, manifest, opts, store = run.dst, run.manifest, run.opts, run.store
     policy = image_policy(opts, source_root(src, src_is_dir))
     if run.cpus > 1:
-        batches = prepare_parallel.parallel_items(files, opts, storage_cfg, policy, ids, run.cpus)
+        batches = prepare_parallel.parallel_items(files, opts, store, policy, ids, run.cpus)
     else:
-        batches = _in_process_items(files, opts, storage_cfg, policy, ids)
+        batches = _in_process_items(files, opts, store, policy, ids)
     items = _decided(batches, ids)
 
     # the product_ids of the catalogue and of this run's writes are held by the id partitions,
@@ -471,11 +473,11 @@ def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, ids: 
     manifest["locales"] = sorted(locales)
     run.lock.check()
     run.writing = storage.join(dst, "manifest.json")
-    commit_manifest(dst, manifest, etag, storage_cfg)
+    commit_manifest(dst, manifest, etag, store)
     run.committed, run.writing = True, None
     for rel in old_files:  # superseded by the new quarantine file; readers only follow the manifest
         if rel not in manifest["quarantine"]["files"]:
-            _remove_quietly(storage.join(dst, rel), storage_cfg)
+            _remove_quietly(storage.join(dst, rel), store)
     return _result(dst, manifest, **result)
 
 
@@ -507,9 +509,9 @@ def _next_file_number(files: list[str]) -> int:
     return max(numbers, default=-1) + 1
 
 
-def _remove_quietly(uri: str, storage_cfg: StorageConfig | None) -> None:
+def _remove_quietly(uri: str, store: Store) -> None:
     try:
-        fs, path = storage.resolve(uri, storage_cfg)
+        fs, path = store.resolve(uri)
         fs.delete_file(path)
     except Exception:  # noqa: BLE001 - an orphan file is harmless: the manifest no longer names it
         pass
@@ -520,7 +522,7 @@ _FULL_TEXT = ("no space left", "disk quota exceeded", "file too large", "quotaex
 
 
 
-def _remove_uncommitted(dst: str, manifest: dict | None, storage_cfg: StorageConfig | None) -> int:
+def _remove_uncommitted(dst: str, manifest: dict | None, store: Store) -> int:
     """Under the lock, a shard, hash, quarantine or shard-index file the manifest does not name was left by
     a prepare that died before its commit: nobody will ever read it."""
     named = set()
@@ -534,13 +536,13 @@ def _remove_uncommitted(dst: str, manifest: dict | None, storage_cfg: StorageCon
                             ("quarantine", r"prepare-\d+\.parquet"), ("index", r"shards-[0-9a-f]+\.parquet")):
         base = storage.join(dst, folder)
         try:
-            found = storage.list_files(base, storage=storage_cfg)
+            found = store.list_files(base)
         except FileNotFoundError:
             continue
         for uri in found:
             name = uri.rsplit("/", 1)[-1]
             if re.fullmatch(pattern, name) and f"{folder}/{name}" not in named:
-                _remove_quietly(uri, storage_cfg)
+                _remove_quietly(uri, store)
                 removed += 1
     return removed
 
@@ -553,10 +555,10 @@ def _os_text(err: OSError) -> str:
     return str(err).splitlines()[0][:300]
 
 
-def _read_quarantine_entries(dst: str, manifest: dict, storage_cfg: StorageConfig | None) -> list[dict]:
+def _read_quarantine_entries(dst: str, manifest: dict, store: Store) -> list[dict]:
     """The current quarantine as entries with a record_key (entries of catalogues prepared before
     keys existed get one from their place in the source)."""
-    entries = read_quarantine(dst, manifest, storage_cfg).to_pylist()
+    entries = read_quarantine(dst, manifest, store).to_pylist()
     for e in entries:
         if not e.get("record_key"):
             where = f"row\0{canonical_uri(e['source'] or '')}\0{e['row']}"
@@ -564,12 +566,13 @@ def _read_quarantine_entries(dst: str, manifest: dict, storage_cfg: StorageConfi
     return list({e["record_key"]: e for e in entries}.values())
 
 
-def read_quarantine(uri: str, manifest: dict | None = None, storage_cfg: StorageConfig | None = None) -> pa.Table:
+def read_quarantine(uri: str, manifest: dict | None = None, storage_cfg: Store | StorageConfig | None = None) -> pa.Table:
     """Every record `prepare` currently holds in quarantine for the catalogue at uri, as one table."""
-    manifest = manifest or load_manifest(uri, storage_cfg)
+    store = Store.of(storage_cfg)
+    manifest = manifest or load_manifest(uri, store)
     tables = []
     for rel in manifest["quarantine"]["files"]:
-        with storage.open_random_access(storage.join(uri, rel), storage_cfg) as f:
+        with store.open_random_access(storage.join(uri, rel)) as f:
             t = pq.read_table(f)
         tables.append(pa.table({n: t.column(n) if n in t.column_names else pa.nulls(t.num_rows, QUARANTINE_SCHEMA.field(n).type)
                                 for n in QUARANTINE_SCHEMA.names}, schema=QUARANTINE_SCHEMA))

@@ -32,9 +32,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
-from gammaray.config import StorageConfig
 
-from . import storage
+from .storage import Store
 from .image_refs import ImagePolicy
 from .ids import IdPartition, PartitionedIds
 from .prepare_records import (Checked, PrepareOptions, check_unknowing, file_rows, hash_table_bytes, in_order,
@@ -59,27 +58,27 @@ class Chunk:
     row_groups: tuple[int, int] | None = None  # a Parquet file's row groups [start, stop)
 
 
-def source_bytes(files: list[str], storage_cfg: StorageConfig | None) -> int:
+def source_bytes(files: list[str], store: Store) -> int:
     total = 0
     for f in files:
-        fs, path = storage.resolve(f, storage_cfg)
+        fs, path = store.resolve(f)
         total += fs.get_file_info(path).size or 0
     return total
 
 
-def plan_chunks(files: list[str], chunk_bytes: int, storage_cfg: StorageConfig | None) -> Iterator[Chunk]:
+def plan_chunks(files: list[str], chunk_bytes: int, store: Store) -> Iterator[Chunk]:
     for f in files:
         if f.endswith((".jsonl", ".json")):
-            yield from file_rows(f, lambda f=f: _jsonl_chunks(f, chunk_bytes, storage_cfg))
+            yield from file_rows(f, lambda f=f: _jsonl_chunks(f, chunk_bytes, store))
         elif f.endswith(".parquet"):
-            yield from _parquet_chunks(f, chunk_bytes, storage_cfg)
+            yield from _parquet_chunks(f, chunk_bytes, store)
         else:
             yield Chunk(f)
 
 
-def _jsonl_chunks(uri: str, chunk_bytes: int, storage_cfg: StorageConfig | None) -> Iterator[Chunk]:
+def _jsonl_chunks(uri: str, chunk_bytes: int, store: Store) -> Iterator[Chunk]:
     """Byte ranges of about chunk_bytes, each ending after a newline (or at the end of the file)."""
-    with storage.open_input(uri, storage_cfg) as f:
+    with store.open_input(uri) as f:
         block = f.read(READ_CHUNK)
         if is_json_array(block):  # one JSON array: read whole, as read_jsonl does
             yield Chunk(uri)
@@ -104,11 +103,11 @@ def _jsonl_chunks(uri: str, chunk_bytes: int, storage_cfg: StorageConfig | None)
             yield Chunk(uri, start, pos, first_line)
 
 
-def _parquet_chunks(uri: str, chunk_bytes: int, storage_cfg: StorageConfig | None) -> Iterator[Chunk]:
+def _parquet_chunks(uri: str, chunk_bytes: int, store: Store) -> Iterator[Chunk]:
     """Runs of consecutive row groups of about chunk_bytes (uncompressed, as the footer says); the
     whole file as one chunk where its footer cannot be read here (its reader then says why)."""
     try:
-        with storage.open_random_access(uri, storage_cfg) as f:
+        with store.open_random_access(uri) as f:
             meta = pq.ParquetFile(f).metadata
     except Exception:  # noqa: BLE001 - a damaged footer is rows with a reason, a fault the task's to raise
         yield Chunk(uri)
@@ -123,20 +122,20 @@ def _parquet_chunks(uri: str, chunk_bytes: int, storage_cfg: StorageConfig | Non
         yield Chunk(uri)
 
 
-def chunk_rows(chunk: Chunk, opts: PrepareOptions, storage_cfg: StorageConfig | None):
+def chunk_rows(chunk: Chunk, opts: PrepareOptions, store: Store):
     if chunk.row_groups is not None:
-        return file_rows(chunk.uri, lambda: read_parquet(chunk.uri, storage_cfg, row_groups=chunk.row_groups))
+        return file_rows(chunk.uri, lambda: read_parquet(chunk.uri, store, row_groups=chunk.row_groups))
     if chunk.stop is None:
-        return file_rows(chunk.uri, lambda: read_source(chunk.uri, storage_cfg, opts.csv_field_limit,
+        return file_rows(chunk.uri, lambda: read_source(chunk.uri, store, opts.csv_field_limit,
                                                         opts.max_record_bytes))
 
     def ranged():
-        with storage.open_random_access(chunk.uri, storage_cfg) as f:
+        with store.open_random_access(chunk.uri) as f:
             yield from read_jsonl_range(chunk.uri, f, chunk.start, chunk.stop, chunk.first_line, opts.max_record_bytes)
     return file_rows(chunk.uri, ranged)
 
 
-def check_chunk(chunk: Chunk, opts: PrepareOptions, storage_cfg: StorageConfig | None, policy: ImagePolicy,
+def check_chunk(chunk: Chunk, opts: PrepareOptions, store: Store, policy: ImagePolicy,
                 ids: PartitionedIds | None = None) -> Iterator[list[tuple]]:
     """The body of a chunk task: its rows as `check_unknowing` finds them, in batches. Where there
     is a catalogue, the partition owners say which rows' product_ids it holds (one call per
@@ -145,8 +144,8 @@ def check_chunk(chunk: Chunk, opts: PrepareOptions, storage_cfg: StorageConfig |
     `io_threads`; where not, threads would only contend for the GIL (about 40% more CPU)."""
     batch: list[tuple] = []
     size = 0
-    check = lambda row: check_unknowing(row[0], opts, storage_cfg, policy, lambda pid: row[1])  # noqa: E731
-    rows = _with_known(chunk_rows(chunk, opts, storage_cfg), opts, ids)
+    check = lambda row: check_unknowing(row[0], opts, store, policy, lambda pid: row[1])  # noqa: E731
+    rows = _with_known(chunk_rows(chunk, opts, store), opts, ids)
     first = list(itertools.islice(rows, PROBE_ROWS))
     t, c = time.perf_counter(), time.thread_time()
     probed = [(row, check(row)) for row in first]
@@ -178,10 +177,10 @@ def _with_known(rows: Iterator[RawRow], opts: PrepareOptions, ids: PartitionedId
 
 
 def write_shard_files(rows: list[dict], hashes: list, uri: str, hash_uri: str, row_group_size: int,
-                      storage_cfg: StorageConfig | None) -> dict:
+                      store: Store) -> dict:
     """The body of a writer task: one shard and its id/row-hash file."""
-    info = write_shard(rows, uri, row_group_size, storage_cfg)
-    storage.write_bytes(hash_uri, hash_table_bytes(rows, hashes), storage_cfg)
+    info = write_shard(rows, uri, row_group_size, store)
+    store.write_bytes(hash_uri, hash_table_bytes(rows, hashes))
     return info
 
 
@@ -190,8 +189,8 @@ class ShardWriter:
     no worker process is started (and its imports paid) per shard."""
 
     def write(self, rows: list[dict], hashes: list, uri: str, hash_uri: str, row_group_size: int,
-              storage_cfg: StorageConfig | None) -> dict:
-        return write_shard_files(rows, hashes, uri, hash_uri, row_group_size, storage_cfg)
+              store: Store) -> dict:
+        return write_shard_files(rows, hashes, uri, hash_uri, row_group_size, store)
 
 
 _TASKS: dict[str, Any] = {}
@@ -245,7 +244,7 @@ def unwrap(err: BaseException) -> BaseException:
     return err
 
 
-def start_partitions(dst: str, shards: list[dict], storage_cfg: StorageConfig | None, count: int,
+def start_partitions(dst: str, shards: list[dict], store: Store, count: int,
                      hash_fn: Callable[[str], int]) -> PartitionedIds:
     """`count` partition owners (Ray actors), the catalogue's ids loaded into them: scan tasks read
     the shards' id files, about SCAN_ROWS ids each, at most `count` at once, and split them by
@@ -258,7 +257,7 @@ def start_partitions(dst: str, shards: list[dict], storage_cfg: StorageConfig | 
     loading: deque = deque()
     try:
         for group in shard_slices(shards, SCAN_ROWS):
-            parts = scan.remote(dst, group, storage_cfg, hash_fn, count)
+            parts = scan.remote(dst, group, store, hash_fn, count)
             parts = parts if count > 1 else [parts]  # one return: a ref, not a list
             loading.append([owner.load_scanned.remote(part) for owner, part in zip(owners, parts)])
             if len(loading) > count:
@@ -276,7 +275,7 @@ def start_partitions(dst: str, shards: list[dict], storage_cfg: StorageConfig | 
     return ids
 
 
-def parallel_items(files: list[str], opts: PrepareOptions, storage_cfg: StorageConfig | None, policy: ImagePolicy,
+def parallel_items(files: list[str], opts: PrepareOptions, store: Store, policy: ImagePolicy,
                    ids: PartitionedIds, cpus: int) -> Iterator[list[tuple[str, int, Checked, Callable[[], Checked]]]]:
     """Batches of (source, row, checked, full) in source order, as the in-process pass makes them:
     `checked` is what validate_raw with the catalogue's ids says, full() the validation without
@@ -284,16 +283,16 @@ def parallel_items(files: list[str], opts: PrepareOptions, storage_cfg: StorageC
     import ray
 
     check = _remote("check")
-    validate_here = lambda raw: validate_raw(raw, opts, storage_cfg, policy)  # noqa: E731
+    validate_here = lambda raw: validate_raw(raw, opts, store, policy)  # noqa: E731
     running: deque = deque()
-    chunks = plan_chunks(files, opts.chunk_bytes, storage_cfg)
+    chunks = plan_chunks(files, opts.chunk_bytes, store)
     try:
         while True:
             while len(running) < cpus:  # never more than the CPUs: a waiting head chunk would stall
                 chunk = next(chunks, None)
                 if chunk is None:
                     break
-                running.append((chunk.uri, check.remote(chunk, opts, storage_cfg, policy, ids)))
+                running.append((chunk.uri, check.remote(chunk, opts, store, policy, ids)))
             if not running:
                 return
             source, batches = running.popleft()
@@ -341,11 +340,11 @@ class ShardWriters:
         self.failed_uri: str | None = None
 
     def submit(self, key: int, rows: list[dict], hashes: list, uri: str, hash_uri: str, row_group_size: int,
-               storage_cfg: StorageConfig | None) -> None:
+               store: Store) -> None:
         if not self.writers:
             self.writers = [_remote("writer").remote() for _ in range(self.num_writers)]
         writer = self.writers[key % self.num_writers]
-        self.pending[key] = (writer.write.remote(rows, hashes, uri, hash_uri, row_group_size, storage_cfg), uri)
+        self.pending[key] = (writer.write.remote(rows, hashes, uri, hash_uri, row_group_size, store), uri)
         while len(self.pending) > self.in_flight:
             self.wait(min(self.pending))
 

@@ -20,10 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gammaray.config import StorageConfig
 from gammaray.schema import RECORD_SCHEMA, REQUIRED_FIELDS, Invalid, Limits, Reason, validate_record
 
 from . import storage
+from .storage import Store
 from .catalogue import PrepareError
 from .ids import partition_bounds
 from .image_refs import ImagePolicy, StorageFault, load_image
@@ -94,7 +94,7 @@ def image_policy(opts: PrepareOptions, root: str | None) -> ImagePolicy:
     return ImagePolicy(root=root, max_bytes=opts.max_image_bytes, allow_outside=opts.allow_outside_paths)
 
 
-def validate_raw(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfig | None,
+def validate_raw(raw: RawRow, opts: PrepareOptions, store: Store,
                  policy: ImagePolicy | None = None, known_ids: Container[str | None] = frozenset()) -> Checked:
     """Validate one raw row. A row whose product_id is in `known_ids` gets the cheap checks only (its
     images are not fetched again). A `StorageFault` (the storage, not the record) propagates."""
@@ -104,7 +104,7 @@ def validate_raw(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfig |
     conversions: tuple[str, ...] = ()
     rec = err = None
     try:
-        rec, conversions, known = _validate(raw, opts, storage_cfg, policy, pid in known_ids, images)
+        rec, conversions, known = _validate(raw, opts, store, policy, pid in known_ids, images)
         if known:
             return Checked(None, None, pid, known=True, row_hash=row_hash(raw, opts))
     except Invalid as bad:
@@ -118,7 +118,7 @@ def validate_raw(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfig |
     return Checked(rec, err, pid, _content_key(raw, images), conversions, row_hash=row_hash(raw, opts) if rec else None)
 
 
-def check_unknowing(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfig | None, policy: ImagePolicy,
+def check_unknowing(raw: RawRow, opts: PrepareOptions, store: Store, policy: ImagePolicy,
                     maybe_known: Callable[[str | None], bool] = lambda pid: False) -> tuple:
     """What a Ray task that does not hold the catalogue's ids finds for one row, so that the driver
     decides it exactly as `validate_raw` with the ids would: (row, pid, cheap_ok, known_row_hash,
@@ -130,12 +130,12 @@ def check_unknowing(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfi
     validate whole if the record is met again in the source."""
     pid = raw_product_id(raw, opts)
     if pid is not None and maybe_known(pid):
-        as_known = validate_raw(raw, opts, storage_cfg, policy, known_ids=(pid,))
+        as_known = validate_raw(raw, opts, store, policy, known_ids=(pid,))
         if as_known.known:
             return raw.row, pid, True, as_known.row_hash, None, None, raw
         return raw.row, pid, False, None, as_known, None, None  # the cheap checks fail: the full validation's finding
     try:
-        full, fault = validate_raw(raw, opts, storage_cfg, policy), None
+        full, fault = validate_raw(raw, opts, store, policy), None
     except StorageFault as err:
         full, fault = None, err
     if pid is None:
@@ -143,11 +143,11 @@ def check_unknowing(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfi
     if full is not None and full.err is None:
         return raw.row, pid, True, full.row_hash, full, None, None
     # rejected, or stopped: whether the cheap checks alone pass (rare, so checked again)
-    as_known = validate_raw(raw, opts, storage_cfg, policy, known_ids=(pid,))
+    as_known = validate_raw(raw, opts, store, policy, known_ids=(pid,))
     return raw.row, pid, as_known.known, as_known.row_hash, full, fault, None
 
 
-def _validate(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfig | None, policy: ImagePolicy,
+def _validate(raw: RawRow, opts: PrepareOptions, store: Store, policy: ImagePolicy,
               known: bool, images: list[bytes]) -> tuple[dict | None, tuple[str, ...], bool]:
     if raw.error is not None:
         raise Invalid(*raw.error)
@@ -164,11 +164,11 @@ def _validate(raw: RawRow, opts: PrepareOptions, storage_cfg: StorageConfig | No
     validate_record({**v, "image": b"x", "extra_images": None}, limits)
     if known:
         return None, (), True
-    v["image"] = load_image(v["image"], raw.source, policy, storage_cfg)
+    v["image"] = load_image(v["image"], raw.source, policy, store)
     images.append(v["image"])
     extra = v.get("extra_images")
     if extra is not None and isinstance(extra, (list, tuple)):
-        v["extra_images"] = [load_image(e, raw.source, policy, storage_cfg) for e in extra]
+        v["extra_images"] = [load_image(e, raw.source, policy, store) for e in extra]
         images.extend(v["extra_images"])
     rec = validate_record(v, limits)
     conversions: list[str] = []
@@ -254,14 +254,14 @@ def canonical_uri(uri: str) -> str:
 # writing
 
 
-def write_shard(rows: list[dict], uri: str, row_group_size: int, storage_cfg: StorageConfig | None,
+def write_shard(rows: list[dict], uri: str, row_group_size: int, store: Store,
                  write=None) -> dict:
     table = pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)
     buf = io.BytesIO()
     pq.write_table(table, buf, row_group_size=row_group_size, compression="zstd", write_statistics=True)
     data = buf.getvalue()
     if write is None:
-        storage.write_bytes(uri, data, storage_cfg)
+        store.write_bytes(uri, data)
     else:
         write(uri, data)
     groups = [min(row_group_size, len(rows) - s) for s in range(0, len(rows), row_group_size)]
@@ -303,9 +303,9 @@ def file_rows(f: str, read: Callable[[], Iterator[RawRow]]) -> Iterator[RawRow]:
         raise PrepareError(f"cannot read source file {f}: {type(err).__name__}: {err}"[:600]) from err
 
 
-def source_rows(files: list[str], opts: PrepareOptions, storage_cfg: StorageConfig | None) -> Iterator[RawRow]:
+def source_rows(files: list[str], opts: PrepareOptions, store: Store) -> Iterator[RawRow]:
     for f in files:
-        yield from file_rows(f, lambda f=f: read_source(f, storage_cfg, opts.csv_field_limit, opts.max_record_bytes))
+        yield from file_rows(f, lambda f=f: read_source(f, store, opts.csv_field_limit, opts.max_record_bytes))
 
 
 HASHES_SCHEMA = pa.schema([pa.field("product_id", pa.string(), nullable=False), pa.field("row_hash", pa.int64())])
@@ -325,29 +325,29 @@ def hash_table_bytes(rows: list[dict], hashes: list[int | None]) -> bytes:
 
 
 
-def shard_id_rows(dst: str, shard: dict, storage_cfg: StorageConfig | None) -> tuple[list[str], list[int | None]]:
+def shard_id_rows(dst: str, shard: dict, store: Store) -> tuple[list[str], list[int | None]]:
     """The product_ids of one shard and their row hashes (None where the shard predates hashes)."""
     try:
-        with storage.open_random_access(storage.join(dst, hashes_path(shard["path"])), storage_cfg) as f:
+        with store.open_random_access(storage.join(dst, hashes_path(shard["path"]))) as f:
             table = pq.read_table(f)
         if table.num_rows == shard["num_rows"]:
             return table.column("product_id").to_pylist(), table.column("row_hash").to_pylist()
     except Exception as err:  # noqa: BLE001 - missing (an older catalogue) or unreadable: use the shard
         if storage.is_storage_fault(err):
             raise
-    with storage.open_random_access(storage.join(dst, shard["path"]), storage_cfg) as f:
+    with store.open_random_access(storage.join(dst, shard["path"])) as f:
         table = pq.read_table(f, columns=["product_id"])
     return table.column("product_id").to_pylist(), [None] * table.num_rows
 
 
-def scan_shards(dst: str, shards: list[dict], storage_cfg: StorageConfig | None, hash_fn: Callable[[str], int],
+def scan_shards(dst: str, shards: list[dict], store: Store, hash_fn: Callable[[str], int],
                 count: int) -> list[tuple]:
     """The catalogued ids of `shards`, split into the `count` hash partitions: per partition
     (hashes, ids, row hashes, has a row hash), the arguments of `IdPartition.load`."""
     ids: list[str] = []
     rows: list[int | None] = []
     for shard in shards:
-        i, r = shard_id_rows(dst, shard, storage_cfg)
+        i, r = shard_id_rows(dst, shard, store)
         ids += i
         rows += r
     hashes = np.fromiter((hash_fn(p) for p in ids), np.int64, len(ids))

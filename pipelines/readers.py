@@ -28,6 +28,7 @@ from gammaray.config import StorageConfig
 from gammaray.schema import Reason
 
 from . import storage
+from .storage import Store
 
 SOURCE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".tar")
 CSV_FIELD_LIMIT = 131_072  # chars; Python's csv default. A longer field is `field_too_large` (often an unclosed quote)
@@ -46,28 +47,30 @@ class RawRow:
     digest: str | None = None  # sha256 of the raw bytes of a row that could not be read: its identity across runs
 
 
-def source_files(src: str, storage_cfg: StorageConfig | None = None) -> list[str]:
+def source_files(src: str, storage_cfg: Store | StorageConfig | None = None) -> list[str]:
     """The raw files of a source: the file itself, or every supported file under a folder (sorted)."""
-    if not storage.exists(src, storage_cfg):
+    store = Store.of(storage_cfg)
+    if not store.exists(src):
         raise FileNotFoundError(f"prepare: source not found: {src}")
-    if not storage.is_dir(src, storage_cfg):
+    if not store.is_dir(src):
         if not src.endswith(SOURCE_SUFFIXES):
             raise ValueError(f"prepare: {src}: unsupported source type (want one of {', '.join(SOURCE_SUFFIXES)})")
         return [src]
-    files = [f for f in storage.list_files(src, storage=storage_cfg) if f.endswith(SOURCE_SUFFIXES)]
+    files = [f for f in store.list_files(src) if f.endswith(SOURCE_SUFFIXES)]
     if not files:
         raise FileNotFoundError(f"prepare: no {'/'.join(SOURCE_SUFFIXES)} files under {src}")
     return files
 
 
-def read_source(uri: str, storage_cfg: StorageConfig | None = None, csv_field_limit: int = CSV_FIELD_LIMIT,
+def read_source(uri: str, storage_cfg: Store | StorageConfig | None = None, csv_field_limit: int = CSV_FIELD_LIMIT,
                 max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[RawRow]:
+    store = Store.of(storage_cfg)
     if uri.endswith(".parquet"):
-        yield from read_parquet(uri, storage_cfg)
+        yield from read_parquet(uri, store)
     elif uri.endswith(".tar"):
-        yield from read_webdataset(uri, storage_cfg)
+        yield from read_webdataset(uri, store)
     else:
-        with storage.open_input(uri, storage_cfg) as f:
+        with store.open_input(uri) as f:
             if uri.endswith(".csv"):
                 yield from read_csv(uri, f, csv_field_limit, max_record_bytes)
             else:
@@ -347,11 +350,11 @@ def read_csv(uri: str, f: BinaryIO, field_limit: int = CSV_FIELD_LIMIT,
 # Parquet: row groups streamed, a damaged file quarantined record by record where possible
 
 
-def read_parquet(uri: str, storage_cfg: StorageConfig | None = None, batch_rows: int = 256,
+def read_parquet(uri: str, storage_cfg: Store | StorageConfig | None = None, batch_rows: int = 256,
                  row_groups: tuple[int, int] | None = None) -> Iterator[RawRow]:
     """The rows of a Parquet file, or of its row groups [start, stop) (numbered as in the whole file)."""
     try:
-        pf = pq.ParquetFile(storage.open_random_access(uri, storage_cfg))
+        pf = pq.ParquetFile(Store.of(storage_cfg).open_random_access(uri))
         n_rows = pf.metadata.num_rows
         cols = frozenset(pf.schema_arrow.names)
     except Exception as err:  # noqa: BLE001 - a corrupt footer shows up as many error types
@@ -408,7 +411,7 @@ def _table_rows(table: pa.Table) -> list[tuple[dict | None, tuple[str, str] | No
 # WebDataset (img2dataset) tar shards, streamed
 
 
-def read_webdataset(uri: str, storage_cfg: StorageConfig | None = None) -> Iterator[RawRow]:
+def read_webdataset(uri: str, storage_cfg: Store | StorageConfig | None = None) -> Iterator[RawRow]:
     row = 0
     current_key: str | None = None
     sample: dict[str, Any] = {}
@@ -417,7 +420,7 @@ def read_webdataset(uri: str, storage_cfg: StorageConfig | None = None) -> Itera
         return _webdataset_row(uri, row, current_key or "", sample)
 
     try:
-        with storage.open_input(uri, storage_cfg) as f:
+        with Store.of(storage_cfg).open_input(uri) as f:
             with tarfile.open(fileobj=f, mode="r|*") as tar:
                 for member in tar:
                     if not member.isfile():

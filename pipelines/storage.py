@@ -5,11 +5,17 @@ Endpoint and credentials come from `StorageConfig` (names of environment variabl
 AWS environment variables, read in whichever process touches the storage: the s3:// filesystem that
 `resolve` returns (and that Ray Train and Ray Tune are given) pickles as those names, never as keys.
 
+`Store` is the storage bound once: `Store.of(cfg.storage)` is made where a command starts (one per
+process and settings) and handed down; the code below calls its methods (`store.read_json(uri)`,
+`store.resolve(uri)`, `store.retry(fn, what)`). It pickles as its `S3Settings` alone, so a Ray task,
+actor or Train worker that receives it builds its own filesystems, with its own environment's keys.
+The module functions (`read_bytes(uri, storage)`, ...) remain for callers holding settings.
+
 Transient errors (connection refused or reset, timeouts, throttling, 5xx) are retried with jittered
 exponential backoff for `storage.retry_time_s`; past that, `StorageUnavailable` names the endpoint
 and the operation in one line.
 
-Length (about 580 lines): every storage access goes through this one module, so retries and
+Length (about 700 lines): every storage access goes through this one module, so retries and
 credential handling cannot differ between readers, writers, Ray Train and Ray Tune.
 """
 
@@ -22,6 +28,7 @@ import logging
 import os
 import random
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
@@ -167,26 +174,18 @@ def _native_s3(settings: S3Settings) -> pafs.S3FileSystem:
     return settings.pyarrow_fs()
 
 
-def settings_of(storage: StorageConfig | S3Settings | None) -> S3Settings:
+def settings_of(storage: Store | StorageConfig | S3Settings | None) -> S3Settings:
+    if isinstance(storage, Store):
+        return storage.settings
     return storage if isinstance(storage, S3Settings) else S3Settings.from_config(storage)
 
 
-def resolve(uri: str, storage: StorageConfig | S3Settings | None = None) -> tuple[pafs.FileSystem, str]:
-    """(pyarrow filesystem, path within it) for a URI. For s3:// a `RetryingS3` filesystem: safe to
-    hand to Ray (it carries no key) and it rides out outages of up to storage.retry_time_s."""
-    if is_remote(uri):
-        return retrying_s3(settings_of(storage)), uri[len("s3://"):].rstrip("/")
-    return pafs.LocalFileSystem(), os.path.abspath(_local_path(uri))
+def resolve(uri: str, storage: Store | StorageConfig | S3Settings | None = None) -> tuple[pafs.FileSystem, str]:
+    return Store.of(storage).resolve(uri)
 
 
-def fsspec_for(uri: str, storage: StorageConfig | S3Settings | None = None):
-    """(fsspec filesystem, path) for a URI."""
-    if is_remote(uri):
-        settings = storage if isinstance(storage, S3Settings) else S3Settings.from_config(storage)
-        return settings.fsspec_fs(), uri[len("s3://"):].rstrip("/")
-    import fsspec
-
-    return fsspec.filesystem("file"), os.path.abspath(_local_path(uri))
+def fsspec_for(uri: str, storage: Store | StorageConfig | S3Settings | None = None):
+    return Store.of(storage).fsspec(uri)
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,11 +222,11 @@ def is_transient(err: BaseException) -> bool:
     return any(s in text for s in _TRANSIENT_TEXT)
 
 
-def endpoint_of(storage: StorageConfig | S3Settings | None) -> str:
+def endpoint_of(storage: Store | StorageConfig | S3Settings | None) -> str:
     return settings_of(storage).endpoint_url or "the default AWS S3 endpoint"
 
 
-def with_retries(fn: Callable[[], T], what: str = "", storage: StorageConfig | S3Settings | None = None,
+def with_retries(fn: Callable[[], T], what: str = "", storage: Store | StorageConfig | S3Settings | None = None,
                  retries: int | None = None) -> T:
     """Call fn; retry transient failures with jittered exponential backoff (0.5 s doubling, at most
     10 s apart) until storage.retry_time_s have passed since the first one, then raise
@@ -238,7 +237,7 @@ def with_retries(fn: Callable[[], T], what: str = "", storage: StorageConfig | S
     storage (storage.retries for an http(s) image URL): a dead link is the record's fault, no outage
     to wait out."""
     global _last_warning
-    budget = storage.retry_time_s if storage is not None else _DEFAULT_RETRY_TIME_S
+    budget = settings_of(storage).retry_time_s if storage is not None else _DEFAULT_RETRY_TIME_S
     first_failure: float | None = None
     attempt = 0
     while True:
@@ -463,125 +462,249 @@ def is_storage_fault(err: BaseException) -> bool:
     return any(s in text for s in _ACCESS_TEXT)
 
 
-def read_bytes(uri: str, storage: StorageConfig | S3Settings | None = None) -> bytes:
-    if is_fsspec_only(uri):
-        fs, path = _fsspec_generic(uri)
-        return with_retries(lambda: fs.cat_file(path), f"reading {uri}", storage)
-    fs, path = resolve(uri, storage)
+class Store:
+    """The storage of a run, bound once: its settings, the s3:// filesystem (`RetryingS3`, made on
+    first use) and every operation on URIs (local paths, file://, s3://, other fsspec URLs) with the
+    retries of `with_retries`.
 
-    def _read() -> bytes:
-        with fs.open_input_stream(path) as f:
-            return f.read()
+    There is one per process and settings: `Store(settings)` and `Store.of(cfg.storage)` return the
+    same object each time. It pickles as its settings alone (no key, no open connection), and the
+    process that unpickles it gets its own bound one."""
 
-    return _local_retries(uri, _read, f"reading {uri}", storage)
+    _bound: dict[S3Settings, "Store"] = {}
+    _lock = threading.Lock()
+    settings: S3Settings
+
+    def __new__(cls, settings: S3Settings) -> "Store":
+        with cls._lock:
+            store = cls._bound.get(settings)
+            if store is None:
+                store = super().__new__(cls)
+                store.settings = settings
+                store._s3 = None
+                store._s3fs = None
+                cls._bound[settings] = store
+        return store
+
+    @classmethod
+    def of(cls, storage: Store | StorageConfig | S3Settings | None = None) -> "Store":
+        """The bound store for storage settings (a `Store` is returned as it is)."""
+        return storage if isinstance(storage, Store) else cls(settings_of(storage))
+
+    def __reduce__(self):
+        return (Store, (self.settings,))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Store) and other.settings == self.settings
+
+    def __hash__(self) -> int:
+        return hash(self.settings)
+
+    def __repr__(self) -> str:
+        return f"Store({self.settings!r})"
+
+    @property
+    def endpoint(self) -> str:
+        """The S3 endpoint, as error messages name it."""
+        return endpoint_of(self.settings)
+
+    def retry(self, fn: Callable[[], T], what: str = "", retries: int | None = None) -> T:
+        """`with_retries` under this storage's storage.retry_time_s."""
+        return with_retries(fn, what, self.settings, retries)
+
+    def _retrying_s3(self) -> pafs.PyFileSystem:
+        if self._s3 is None:
+            self._s3 = retrying_s3(self.settings)
+        return self._s3
+
+    def resolve(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        """(pyarrow filesystem, path within it) for a URI. For s3:// a `RetryingS3` filesystem: safe to
+        hand to Ray (it carries no key) and it rides out outages of up to storage.retry_time_s."""
+        if is_remote(uri):
+            return self._retrying_s3(), uri[len("s3://"):].rstrip("/")
+        return pafs.LocalFileSystem(), os.path.abspath(_local_path(uri))
+
+    def s3fs(self):
+        """This process's s3fs client of the storage, made on first use (about 0.3 s: a botocore
+        session), for what pyarrow's S3 filesystem cannot do: conditional requests (If-Match,
+        If-None-Match) of the catalogue's manifest and writer lock."""
+        if self._s3fs is None:
+            self._s3fs = self.settings.fsspec_fs()
+        return self._s3fs
+
+    def fsspec(self, uri: str):
+        """(fsspec filesystem, path) for a URI (for s3://, a new s3fs client on each call)."""
+        if is_remote(uri):
+            return self.settings.fsspec_fs(), uri[len("s3://"):].rstrip("/")
+        import fsspec
+
+        return fsspec.filesystem("file"), os.path.abspath(_local_path(uri))
+
+    def _local_retries(self, uri: str, fn: Callable[[], T], what: str) -> T:
+        """s3:// calls go through RetryingS3, which retries each of them: no second loop around it."""
+        return fn() if is_remote(uri) else self.retry(fn, what)
+
+    def read_bytes(self, uri: str) -> bytes:
+        if is_fsspec_only(uri):
+            fs, path = _fsspec_generic(uri)
+            return self.retry(lambda: fs.cat_file(path), f"reading {uri}")
+        fs, path = self.resolve(uri)
+
+        def _read() -> bytes:
+            with fs.open_input_stream(path) as f:
+                return f.read()
+
+        return self._local_retries(uri, _read, f"reading {uri}")
+
+    def open_input(self, uri: str):
+        """A sequential binary file object (streaming: a tar shard need not fit in memory)."""
+        if is_fsspec_only(uri):
+            fs, path = _fsspec_generic(uri)
+            return self.retry(lambda: fs.open(path, "rb"), f"opening {uri}")
+        fs, path = self.resolve(uri)
+        return self._local_retries(uri, lambda: fs.open_input_stream(path), f"opening {uri}")
+
+    def open_random_access(self, uri: str):
+        """A seekable binary file object (Parquet footers)."""
+        if is_fsspec_only(uri):
+            fs, path = _fsspec_generic(uri)
+            return self.retry(lambda: fs.open(path, "rb"), f"opening {uri}")
+        fs, path = self.resolve(uri)
+        return self._local_retries(uri, lambda: fs.open_input_file(path), f"opening {uri}")
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        if is_fsspec_only(uri):
+            gfs, gpath = _fsspec_generic(uri)
+            self.retry(lambda: gfs.pipe_file(gpath, data), f"writing {uri}")
+            return
+        fs, path = self.resolve(uri)
+        folder = path.rsplit("/", 1)[0]
+        if not is_remote(uri):
+            os.makedirs(folder, exist_ok=True)
+
+        def _write() -> None:
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+
+        self._local_retries(uri, _write, f"writing {uri}")
+
+    def read_json(self, uri: str) -> Any:
+        return json.loads(self.read_bytes(uri).decode("utf-8"))
+
+    def write_json(self, uri: str, obj: Any) -> None:
+        self.write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True).encode("utf-8"))
+
+    def exists(self, uri: str) -> bool:
+        if is_fsspec_only(uri):
+            fs, path = _fsspec_generic(uri)
+            return self.retry(lambda: fs.exists(path), f"looking up {uri}")
+        fs, path = self.resolve(uri)
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def is_dir(self, uri: str) -> bool:
+        if is_fsspec_only(uri):
+            fs, path = _fsspec_generic(uri)
+            return self.retry(lambda: fs.isdir(path), f"looking up {uri}")
+        fs, path = self.resolve(uri)
+        return fs.get_file_info(path).type == pafs.FileType.Directory
+
+    def list_files(self, uri: str, suffix: str | tuple[str, ...] = "") -> list[str]:
+        """Sorted URIs of files under uri (recursive) ending with suffix."""
+        if is_fsspec_only(uri):
+            fs, path = _fsspec_generic(uri)
+            found = self.retry(lambda: fs.find(path), f"listing {uri}")
+            return sorted(fs.unstrip_protocol(p) for p in found if p.endswith(suffix))
+        fs, path = self.resolve(uri)
+        info = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        prefix = "s3://" if is_remote(uri) else ""
+        return sorted(prefix + i.path for i in info if i.type == pafs.FileType.File and i.path.endswith(suffix))
+
+    def file_sizes(self, uri: str) -> dict[str, int]:
+        """{path relative to uri: size in bytes} of every file under uri (recursive, one listing)."""
+        fs, path = self.resolve(uri)
+        info = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        return {i.path[len(path) + 1:]: i.size for i in info if i.type == pafs.FileType.File}
+
+    def delete_dir(self, uri: str) -> None:
+        fs, path = self.resolve(uri)
+        try:
+            fs.delete_dir(path)
+        except FileNotFoundError:
+            pass
+
+    def delete_file(self, uri: str) -> None:
+        fs, path = self.resolve(uri)
+        fs.delete_file(path)
+
+    def download_dir(self, uri: str, local_dir: str) -> str:
+        """Copy a small directory (a tokenizer, an exported model) to local disk; returns local_dir."""
+        if not is_remote(uri):
+            return os.path.abspath(_local_path(uri))
+        fs, path = self.resolve(uri)
+        pafs.copy_files(path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        return local_dir
+
+    def upload_dir(self, local_dir: str, uri: str) -> None:
+        fs, path = self.resolve(uri)
+        if not is_remote(uri):
+            os.makedirs(path, exist_ok=True)
+        pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
-def open_input(uri: str, storage: StorageConfig | S3Settings | None = None):
-    """A sequential binary file object (streaming: a tar shard need not fit in memory)."""
-    if is_fsspec_only(uri):
-        fs, path = _fsspec_generic(uri)
-        return with_retries(lambda: fs.open(path, "rb"), f"opening {uri}", storage)
-    fs, path = resolve(uri, storage)
-    return _local_retries(uri, lambda: fs.open_input_stream(path), f"opening {uri}", storage)
+# the same operations for a caller holding settings (StorageConfig, S3Settings, None: the environment)
+StorageLike = Store | StorageConfig | S3Settings | None
 
 
-def open_random_access(uri: str, storage: StorageConfig | S3Settings | None = None):
-    """A seekable binary file object (Parquet footers)."""
-    if is_fsspec_only(uri):
-        fs, path = _fsspec_generic(uri)
-        return with_retries(lambda: fs.open(path, "rb"), f"opening {uri}", storage)
-    fs, path = resolve(uri, storage)
-    return _local_retries(uri, lambda: fs.open_input_file(path), f"opening {uri}", storage)
+def read_bytes(uri: str, storage: StorageLike = None) -> bytes:
+    return Store.of(storage).read_bytes(uri)
 
 
-def _local_retries(uri: str, fn: Callable[[], T], what: str, storage) -> T:
-    """s3:// calls go through RetryingS3, which retries each of them: no second loop around it."""
-    return fn() if is_remote(uri) else with_retries(fn, what, storage)
+def open_input(uri: str, storage: StorageLike = None):
+    return Store.of(storage).open_input(uri)
 
 
-def write_bytes(uri: str, data: bytes, storage: StorageConfig | S3Settings | None = None) -> None:
-    if is_fsspec_only(uri):
-        gfs, gpath = _fsspec_generic(uri)
-        with_retries(lambda: gfs.pipe_file(gpath, data), f"writing {uri}", storage)
-        return
-    fs, path = resolve(uri, storage)
-    folder = path.rsplit("/", 1)[0]
-    if not is_remote(uri):
-        os.makedirs(folder, exist_ok=True)
-
-    def _write() -> None:
-        with fs.open_output_stream(path) as f:
-            f.write(data)
-
-    _local_retries(uri, _write, f"writing {uri}", storage)
+def open_random_access(uri: str, storage: StorageLike = None):
+    return Store.of(storage).open_random_access(uri)
 
 
-def read_json(uri: str, storage: StorageConfig | S3Settings | None = None) -> Any:
-    return json.loads(read_bytes(uri, storage).decode("utf-8"))
+def write_bytes(uri: str, data: bytes, storage: StorageLike = None) -> None:
+    Store.of(storage).write_bytes(uri, data)
 
 
-def write_json(uri: str, obj: Any, storage: StorageConfig | S3Settings | None = None) -> None:
-    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True).encode("utf-8"), storage)
+def read_json(uri: str, storage: StorageLike = None) -> Any:
+    return Store.of(storage).read_json(uri)
 
 
-def exists(uri: str, storage: StorageConfig | S3Settings | None = None) -> bool:
-    if is_fsspec_only(uri):
-        fs, path = _fsspec_generic(uri)
-        return with_retries(lambda: fs.exists(path), f"looking up {uri}", storage)
-    fs, path = resolve(uri, storage)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+def write_json(uri: str, obj: Any, storage: StorageLike = None) -> None:
+    Store.of(storage).write_json(uri, obj)
 
 
-def is_dir(uri: str, storage: StorageConfig | S3Settings | None = None) -> bool:
-    if is_fsspec_only(uri):
-        fs, path = _fsspec_generic(uri)
-        return with_retries(lambda: fs.isdir(path), f"looking up {uri}", storage)
-    fs, path = resolve(uri, storage)
-    return fs.get_file_info(path).type == pafs.FileType.Directory
+def exists(uri: str, storage: StorageLike = None) -> bool:
+    return Store.of(storage).exists(uri)
 
 
-def list_files(uri: str, suffix: str | tuple[str, ...] = "", storage: StorageConfig | S3Settings | None = None) -> list[str]:
-    """Sorted URIs of files under uri (recursive) ending with suffix."""
-    if is_fsspec_only(uri):
-        fs, path = _fsspec_generic(uri)
-        found = with_retries(lambda: fs.find(path), f"listing {uri}", storage)
-        return sorted(fs.unstrip_protocol(p) for p in found if p.endswith(suffix))
-    fs, path = resolve(uri, storage)
-    info = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    prefix = "s3://" if is_remote(uri) else ""
-    return sorted(prefix + i.path for i in info if i.type == pafs.FileType.File and i.path.endswith(suffix))
+def is_dir(uri: str, storage: StorageLike = None) -> bool:
+    return Store.of(storage).is_dir(uri)
 
 
-def file_sizes(uri: str, storage: StorageConfig | S3Settings | None = None) -> dict[str, int]:
-    """{path relative to uri: size in bytes} of every file under uri (recursive, one listing)."""
-    fs, path = resolve(uri, storage)
-    info = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    return {i.path[len(path) + 1:]: i.size for i in info if i.type == pafs.FileType.File}
+def list_files(uri: str, suffix: str | tuple[str, ...] = "", storage: StorageLike = None) -> list[str]:
+    return Store.of(storage).list_files(uri, suffix)
 
 
-def delete_dir(uri: str, storage: StorageConfig | S3Settings | None = None) -> None:
-    fs, path = resolve(uri, storage)
-    try:
-        fs.delete_dir(path)
-    except FileNotFoundError:
-        pass
+def file_sizes(uri: str, storage: StorageLike = None) -> dict[str, int]:
+    return Store.of(storage).file_sizes(uri)
 
 
-def download_dir(uri: str, local_dir: str, storage: StorageConfig | S3Settings | None = None) -> str:
-    """Copy a small directory (a tokenizer, an exported model) to local disk; returns local_dir."""
-    if not is_remote(uri):
-        return os.path.abspath(_local_path(uri))
-    fs, path = resolve(uri, storage)
-    pafs.copy_files(path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return local_dir
+def delete_dir(uri: str, storage: StorageLike = None) -> None:
+    Store.of(storage).delete_dir(uri)
 
 
-def upload_dir(local_dir: str, uri: str, storage: StorageConfig | S3Settings | None = None) -> None:
-    fs, path = resolve(uri, storage)
-    if not is_remote(uri):
-        os.makedirs(path, exist_ok=True)
-    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+def download_dir(uri: str, local_dir: str, storage: StorageLike = None) -> str:
+    return Store.of(storage).download_dir(uri, local_dir)
 
+
+def upload_dir(local_dir: str, uri: str, storage: StorageLike = None) -> None:
+    Store.of(storage).upload_dir(local_dir, uri)
 
 def buffer(data: bytes) -> io.BytesIO:
     return io.BytesIO(data)

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from gammaray.config import GammarayConfig, StorageConfig
 
 from . import storage
+from .storage import Store
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 DEFAULT_SAMPLE = 3_000_000
@@ -114,16 +115,17 @@ def train_wordpiece(texts: Iterable[str], out_dir: str, vocab_size: int = 2000, 
     return out_dir
 
 
-def catalogue_texts(catalogue_uri: str, manifest: dict, storage_cfg: StorageConfig | None = None,
+def catalogue_texts(catalogue_uri: str, manifest: dict, storage_cfg: Store | StorageConfig | None = None,
                     sample: int | None = None, seed: int = 0) -> Iterable[str]:
     """The catalogue's non-empty titles, descriptions and categories; with `sample`, about that many
     of them from whole row groups taken in a seeded order (all of them when the catalogue has fewer)."""
     from .catalogue import unit_table
 
+    store = Store.of(storage_cfg)
     units = unit_table(manifest)
     if sample is None or units.total_rows * len(TEXT_COLUMNS) <= sample:  # all of it, shard by shard
         for shard in units.shards:
-            fs, path = storage.resolve(storage.join(catalogue_uri, shard), storage_cfg)
+            fs, path = store.resolve(storage.join(catalogue_uri, shard))
             t = pq.read_table(path, filesystem=fs, columns=list(TEXT_COLUMNS))
             for col in TEXT_COLUMNS:
                 for v in t.column(col).to_pylist():
@@ -140,7 +142,7 @@ def catalogue_texts(catalogue_uri: str, manifest: dict, storage_cfg: StorageConf
         if shard not in files:
             if len(files) > 16:
                 files.clear()
-            fs, path = storage.resolve(storage.join(catalogue_uri, shard), storage_cfg)
+            fs, path = store.resolve(storage.join(catalogue_uri, shard))
             files[shard] = pq.ParquetFile(fs.open_input_file(path))
         t = files[shard].read_row_group(int(units.row_group[u]), columns=list(TEXT_COLUMNS))
         for col in TEXT_COLUMNS:
@@ -151,18 +153,19 @@ def catalogue_texts(catalogue_uri: str, manifest: dict, storage_cfg: StorageConf
 
 
 def build_for_catalogue(catalogue_uri: str, out_uri: str, manifest: dict, vocab_size: int = 2000,
-                        storage_cfg: StorageConfig | None = None, sample: int | None = DEFAULT_SAMPLE,
+                        storage_cfg: Store | StorageConfig | None = None, sample: int | None = DEFAULT_SAMPLE,
                         seed: int = 0, parallel: bool = True) -> str:
     """Train a WordPiece tokenizer on (a seeded sample of) the catalogue's texts and save it at out_uri."""
+    store = Store.of(storage_cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        train_wordpiece(catalogue_texts(catalogue_uri, manifest, storage_cfg, sample, seed), tmp, vocab_size,
+        train_wordpiece(catalogue_texts(catalogue_uri, manifest, store, sample, seed), tmp, vocab_size,
                         parallel=parallel)
-        storage.upload_dir(tmp, out_uri, storage_cfg)
+        store.upload_dir(tmp, out_uri)
     return out_uri
 
 
 @contextlib.contextmanager
-def _local_copy(uri: str, storage_settings: storage.S3Settings | None) -> Iterator[str]:
+def _local_copy(uri: str, store: Store | storage.S3Settings | None) -> Iterator[str]:
     """A local folder with the tokenizer's files for as long as it takes to load them: an s3://
     folder is downloaded into a temporary folder that is removed right after (the loaded tokenizer
     keeps everything in memory), so no process leaves a copy behind."""
@@ -170,16 +173,16 @@ def _local_copy(uri: str, storage_settings: storage.S3Settings | None) -> Iterat
         yield uri
         return
     with tempfile.TemporaryDirectory(prefix="gammaray-tok-") as local:
-        storage.download_dir(uri, local, storage_settings)
+        Store.of(store).download_dir(uri, local)
         yield local
 
 
 @functools.lru_cache(maxsize=4)
-def load(uri: str, storage_settings: storage.S3Settings | None = None):
-    """A transformers tokenizer from a local folder or an s3:// folder (cached per process)."""
+def load(uri: str, store: Store | storage.S3Settings | None = None):
+    """A transformers tokenizer from a local folder or an s3:// folder in `store` (cached per process)."""
     from transformers import AutoTokenizer
 
-    with _local_copy(uri, storage_settings) as local:
+    with _local_copy(uri, store) as local:
         return AutoTokenizer.from_pretrained(local)
 
 
@@ -235,9 +238,9 @@ class FastTokenizer:
 
 
 @functools.lru_cache(maxsize=4)
-def load_fast(uri: str, storage_settings: storage.S3Settings | None = None):
+def load_fast(uri: str, store: Store | storage.S3Settings | None = None):
     """`FastTokenizer` when the folder has a tokenizer.json, else the transformers tokenizer."""
-    with _local_copy(uri, storage_settings) as local:
+    with _local_copy(uri, store) as local:
         if os.path.exists(os.path.join(local, "tokenizer.json")) and os.path.exists(os.path.join(local, "tokenizer_config.json")):
             return FastTokenizer(local)  # reads its files now
-    return load(uri, storage_settings)
+    return load(uri, store)

@@ -13,6 +13,7 @@ import torch
 
 from gammaray.config import GammarayConfig, apply_overrides
 from gammaray.schema import BatchKeys as K
+from pipelines.storage import Store
 from pipelines.stream import Segment
 from workers.models.registry import build_model
 from workers.training.audit import SampleAudit
@@ -103,7 +104,7 @@ def test_a_mapping_of_components_saves_and_resumes_exactly(tmp_path):
     other["objective"].load_state_dict(saving["objective"].state_dict())
     assert _equal(other["objective"].state_dict(), saving["objective"].state_dict())
 
-    CheckpointManager(saving, cfg, in_ray=False).write(str(tmp_path), export=False)
+    CheckpointManager(saving, cfg, Store.of(), in_ray=False).write(str(tmp_path), export=False)
     assert sorted(os.listdir(tmp_path / "rank-00000")) == ["audit.pt", "loss_state.pt", "quarantine.json", "rng.pt",
                                                            "train_state.json"]
     index = json.loads((tmp_path / "rank-00000" / "train_state.json").read_text())
@@ -113,7 +114,7 @@ def test_a_mapping_of_components_saves_and_resumes_exactly(tmp_path):
     draw = torch.rand(3)
 
     resumed = _components(cfg, seed=5)
-    CheckpointManager(resumed, cfg, in_ray=False).restore_folder(str(tmp_path))
+    CheckpointManager(resumed, cfg, Store.of(), in_ray=False).restore_folder(str(tmp_path))
     assert resumed["train_state"].step == 1 and resumed["train_state"].resumes[-1]["optimizer"] == "exact"
     _step(resumed, 1)
     for key, want in after.items():
@@ -123,17 +124,17 @@ def test_a_mapping_of_components_saves_and_resumes_exactly(tmp_path):
     # a checkpoint without a required file names it
     os.remove(tmp_path / "rank-00000" / "loss_state.pt")
     with pytest.raises(RuntimeError, match="incomplete checkpoint, no rank-00000/loss_state.pt"):
-        CheckpointManager(other, cfg, in_ray=False).restore_folder(str(tmp_path))
+        CheckpointManager(other, cfg, Store.of(), in_ray=False).restore_folder(str(tmp_path))
 
 
 def test_a_mapping_with_a_missing_or_unknown_component_is_refused():
     cfg = _cfg()
     states = {k: ProcessRNG() for k in ("engine", "objective", "train_state", "audit", "rng")}  # only the keys count here
     with pytest.raises(ValueError, match=r"\['rng'\] missing"):
-        CheckpointManager({k: v for k, v in states.items() if k != "rng"}, cfg)
+        CheckpointManager({k: v for k, v in states.items() if k != "rng"}, cfg, Store.of())
     with pytest.raises(ValueError, match=r"unknown checkpoint component\(s\) \['optimizer'\]"):
-        CheckpointManager({**states, "optimizer": states["engine"]}, cfg)
-    CheckpointManager({**states, "audit": None}, cfg)  # train.audit_samples off: the one that may be left out
+        CheckpointManager({**states, "optimizer": states["engine"]}, cfg, Store.of())
+    CheckpointManager({**states, "audit": None}, cfg, Store.of())  # train.audit_samples off: the one that may be left out
 
 
 class _Stop(Exception):
@@ -166,8 +167,8 @@ def test_heads_training_stopped_after_an_epoch_resumes_to_the_same_weights(tmp_p
 
     state = str(tmp_path / "heads_state.pt")
     with pytest.raises(_Stop):
-        train_heads(cfg, feats, diagnostics=False, state_uri=state, report=stop_in_epoch_two)
-    resumed = train_heads(cfg, feats, diagnostics=False, state_uri=state)
+        train_heads(cfg, feats, diagnostics=False, state_uri=state, store=Store.of(), report=stop_in_epoch_two)
+    resumed = train_heads(cfg, feats, diagnostics=False, state_uri=state, store=Store.of())
     assert resumed.resumed_from_epoch == 1 and resumed.steps == whole.steps == 3 * 4
     for (name, a), (_, b) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name

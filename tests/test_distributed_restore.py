@@ -96,6 +96,7 @@ def test_a_checkpoint_is_complete_only_when_every_listed_file_has_its_size(tmp_p
     judged by its state files alone)."""
     from workers.training.checkpoint import written_files
     from workers.training.resume import is_complete, newest_checkpoint
+    from pipelines.storage import Store
 
     run = tmp_path / "run"
     for stamp, cut in (("2026-01-01_00-00-01", False), ("2026-01-01_00-00-02", True)):
@@ -114,7 +115,7 @@ def test_a_checkpoint_is_complete_only_when_every_listed_file_has_its_size(tmp_p
         if cut:  # the upload stopped inside the engine file
             (d / "deepspeed" / "optim_states.pt").write_bytes(b"y" * 300)
     older, newer = sorted(str(p) for p in run.iterdir())
-    assert is_complete(older, None) and not is_complete(newer, None)
-    assert newest_checkpoint(str(run), None) == older
+    assert is_complete(older, Store.of()) and not is_complete(newer, Store.of())
+    assert newest_checkpoint(str(run), Store.of()) == older
     (tmp_path / "run" / os.path.basename(newer) / "deepspeed" / "optim_states.pt").write_bytes(b"y" * 1000)
-    assert newest_checkpoint(str(run), None) == newer
+    assert newest_checkpoint(str(run), Store.of()) == newer

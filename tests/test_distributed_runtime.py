@@ -275,7 +275,8 @@ def test_resume_refuses_another_seed_and_force_resumes(ray_local, s3, odd_catalo
 
     resume = apply_overrides(other_seed, {"train.resume_from": first.checkpoint_uri})
     with pytest.raises(ResumeMismatch, match=r"run\.seed was 0, now 1"):
-        train_loop_per_worker({"config": resume.model_dump(mode="json"), "in_ray": False})
+        train_loop_per_worker({"config": resume.model_dump(mode="json"), "store": storage.Store.of(resume.storage),
+                               "in_ray": False})
 
     # a checkpoint folder whose save never finished (a full disk, a killed driver): named later than
     # the real one, with an empty state file and never registered by Ray Train. A main-branch resume

@@ -69,7 +69,7 @@ def test_embed_features_writes_the_towers_pooled_outputs(stores, small_catalogue
             return {"image": self.m.image_features(batch[K.PIXELS])[0],
                     "text": self.m.text_features(batch[K.INPUT_IDS], batch[K.ATTENTION_MASK])[0]}
 
-    live = embed_split(Features(model).eval(), cfg, small_catalogue["train"], torch.device("cpu"), None)
+    live = embed_split(Features(model).eval(), cfg, ckpt.store, small_catalogue["train"], torch.device("cpu"), None)
     order = np.argsort(live["sample_index"])
     np.testing.assert_allclose(live["image"][order], fs.image, rtol=0, atol=1e-5)
     np.testing.assert_allclose(live["text"][order], fs.text, rtol=0, atol=1e-5)

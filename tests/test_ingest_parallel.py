@@ -17,6 +17,7 @@ import pytest
 
 from gammaray.schema import Reason
 from pipelines import faults, ids, prepare_parallel
+from pipelines.storage import Store
 from pipelines.prepare import PrepareOptions, prepare
 
 pytestmark = pytest.mark.ingest
@@ -92,7 +93,7 @@ def _same(a, b) -> None:
 def test_parallel_prepare_writes_what_the_in_process_one_writes(ray_local, tmp_path):
     src = _hostile_source(tmp_path / "raw")
     # the Parquet file is read by one task per row group (its first one damaged), numbered as one
-    chunks = list(prepare_parallel.plan_chunks([src + "/d.parquet"], PARALLEL["chunk_bytes"], None))
+    chunks = list(prepare_parallel.plan_chunks([src + "/d.parquet"], PARALLEL["chunk_bytes"], Store.of()))
     assert [c.row_groups for c in chunks] == [(0, 1), (1, 2)]
     one = prepare(src, str(tmp_path / "one"), PrepareOptions(cpus=1, **OPTS))
     par = prepare(src, str(tmp_path / "par"), PrepareOptions(**PARALLEL, **OPTS))

@@ -79,12 +79,13 @@ def test_training_run_accounts_for_every_input_record(ray_local, s3, bad_catalog
 def test_runs_abort_above_the_bad_fraction_with_a_clear_message(s3, bad_catalogue):
     from workers.training.quarantine import DataQualityError, check_quality
     from workers.training.state import TrainState
+    from pipelines.storage import Store
     from workers.training.trainer import preflight
 
     over = {**tiny_overrides(bad_catalogue, s3.url("ingest", "runs"), "abort"), "data.quarantine_max_fraction": 0.02}
     with pytest.raises(DataQualityError, match=r"prepare quarantined 3 of 96 records \(3.1%\).*duplicate_product_id"):
-        preflight(apply_overrides(GammarayConfig(), over))
-    preflight(apply_overrides(GammarayConfig(), {**over, "data.quarantine_max_fraction": 0.05}))  # 3.1% < 5%
+        preflight(apply_overrides(GammarayConfig(), over), Store.of())
+    preflight(apply_overrides(GammarayConfig(), {**over, "data.quarantine_max_fraction": 0.05}), Store.of())  # 3.1% < 5%
 
     cfg = apply_overrides(GammarayConfig(), {**over, "data.quarantine_max_fraction": 0.1})
     state = TrainState(records_trained=89)

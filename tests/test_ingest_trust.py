@@ -240,12 +240,12 @@ KILLED_BEFORE_COMMIT = """
 import os, sys
 import pipelines.prepare as p
 from pipelines import storage
-write_bytes = storage.write_bytes
-def write_then_die(uri, *a, **k):  # SIGKILL with every shard and the new shard index written, no header
-    write_bytes(uri, *a, **k)
+write_bytes = storage.Store.write_bytes
+def write_then_die(self, uri, *a, **k):  # SIGKILL with every shard and the new shard index written, no header
+    write_bytes(self, uri, *a, **k)
     if "/index/" in uri:
         os.kill(os.getpid(), 9)
-storage.write_bytes = write_then_die
+storage.Store.write_bytes = write_then_die
 p.prepare(sys.argv[1], sys.argv[2], p.PrepareOptions(max_records_per_shard=2, progress=False))
 """
 

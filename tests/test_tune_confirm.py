@@ -237,9 +237,9 @@ def test_the_state_check_accepts_a_multi_objective_tpe_past_its_random_start():
 
 
 def test_a_resumed_confirmation_refuses_other_candidates(tmp_path):
-    from gammaray.config import StorageConfig
+    from pipelines.storage import Store
 
-    uri, sc = str(tmp_path / "exp-confirm"), StorageConfig()
+    uri, sc = str(tmp_path / "exp-confirm"), Store.of()
     pts = [{SEP: 0.3, SEP + space.ZERO_SUFFIX: False, C.SEED_KEY: s} for s in (1, 2)]
     C.check_points(uri, pts, sc)  # nothing stored yet (an experiment started before the file existed)
     C.write_points(uri, pts, sc)

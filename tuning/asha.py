@@ -24,7 +24,7 @@ import tempfile
 from ray.tune.schedulers import AsyncHyperBandScheduler
 
 from gammaray.config import StorageConfig
-from pipelines import storage
+from pipelines.storage import Store
 
 from .state_check import check_state_file
 
@@ -64,11 +64,11 @@ class RungMemoryASHA(AsyncHyperBandScheduler):
     second objective of a two-objective search; a trial on the front of the (metric, front_objective)
     pairs recorded at a rung is kept."""
 
-    def __init__(self, state_uri: str, storage_cfg: StorageConfig, protect: list[dict] | None = None,
+    def __init__(self, state_uri: str, store: Store | StorageConfig, protect: list[dict] | None = None,
                  front_objective: str | None = None, **kwargs):
         super().__init__(**kwargs)
         self._state_uri = state_uri
-        self._storage_cfg = storage_cfg
+        self._store = Store.of(store)
         self._state_loaded = False
         self._protect = list(protect or [])
         self._front_objective = front_objective
@@ -81,9 +81,9 @@ class RungMemoryASHA(AsyncHyperBandScheduler):
         if self._state_loaded:
             return
         self._state_loaded = True
-        if not storage.exists(self._state_uri, self._storage_cfg):
+        if not self._store.exists(self._state_uri):
             return
-        data = storage.read_bytes(self._state_uri, self._storage_cfg)
+        data = self._store.read_bytes(self._state_uri)
         check_state_file(data, self._state_uri)  # a pickle from storage: checked before it is loaded
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, STATE_FILE)
@@ -97,7 +97,7 @@ class RungMemoryASHA(AsyncHyperBandScheduler):
             path = os.path.join(d, STATE_FILE)
             self.save(path)
             with open(path, "rb") as f:
-                storage.write_bytes(self._state_uri, f.read(), self._storage_cfg)
+                self._store.write_bytes(self._state_uri, f.read())
 
     def rung_records(self) -> dict[float, dict[str, float]]:
         """{milestone step: {trial_id: metric}} over all brackets (for reports and tests)."""
@@ -164,8 +164,8 @@ def _same_params(config: dict, point: dict) -> bool:
     return same_values({k: config.get(k) for k in point}, point)
 
 
-def load_rung_records(state_uri: str, storage_cfg: StorageConfig) -> dict[float, dict[str, float]]:
+def load_rung_records(state_uri: str, store: Store | StorageConfig) -> dict[float, dict[str, float]]:
     """The rung records a (finished or interrupted) experiment's ASHA holds."""
-    s = RungMemoryASHA(state_uri, storage_cfg, time_attr="step", metric="m", mode="max", max_t=2, grace_period=1)
+    s = RungMemoryASHA(state_uri, store, time_attr="step", metric="m", mode="max", max_t=2, grace_period=1)
     s._load_once()
     return s.rung_records()

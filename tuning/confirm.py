@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from gammaray.config import ConfigError, GammarayConfig, SearchDim, apply_overrides
+from pipelines.storage import Store
 
 from . import report, space
 from .objectives import Pick, find_baseline, pareto_front, resolution_warning, same_values
@@ -203,31 +204,31 @@ def _canonical(pts: list[dict[str, Any]]) -> str:
     return json.dumps(pts, sort_keys=True, default=str)
 
 
-def write_points(uri: str, pts: list[dict[str, Any]], storage_cfg) -> None:
+def write_points(uri: str, pts: list[dict[str, Any]], store: Store) -> None:
     from pipelines import storage
 
-    storage.write_bytes(storage.join(uri, POINTS_FILE), _canonical(pts).encode(), storage_cfg)
+    store.write_bytes(storage.join(uri, POINTS_FILE), _canonical(pts).encode())
 
 
-def check_points(uri: str, pts: list[dict[str, Any]], storage_cfg) -> None:
+def check_points(uri: str, pts: list[dict[str, Any]], store: Store) -> None:
     """A resumed confirmation trains the points it started with: other candidates (the search grew,
     tune.pick changed) are refused, naming the folder, rather than compared on missing runs."""
     from pipelines import storage
 
     f = storage.join(uri, POINTS_FILE)
-    if not storage.exists(f, storage_cfg):
+    if not store.exists(f):
         return
-    if json.loads(storage.read_bytes(f, storage_cfg).decode()) != json.loads(_canonical(pts)):
+    if json.loads(store.read_bytes(f).decode()) != json.loads(_canonical(pts)):
         raise ConfigError(f"tune: the confirmation experiment {uri} was started with other candidates or seeds "
                           f"(the search or tune.pick changed since): remove that folder to confirm again")
 
 
-def run(cfg: GammarayConfig, rows: list[report.TrialRow], max_concurrent: int, exp_root: str, fs,
+def run(cfg: GammarayConfig, store: Store, rows: list[report.TrialRow], max_concurrent: int, exp_root: str, fs,
         progress: bool, log: Callable[[str], None], make_trainable: Callable, collect: Callable,
         trial_dirname: Callable) -> tuple[list[Confirmed], list[int], bool]:
     """Train `rows` (the baseline first) with tune.pick.confirm_seeds fresh seeds each, as the Ray Tune
     experiment <tune.name>-confirm under the same storage; resumes one that was interrupted.
-    `make_trainable(cfg, experiment_uri)`, `collect(path, fs, cfg)` and `trial_dirname` are the
+    `make_trainable(cfg, store, experiment_uri)`, `collect(path, fs, cfg)` and `trial_dirname` are the
     search's own (tuning/search.py)."""
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
@@ -244,10 +245,10 @@ def run(cfg: GammarayConfig, rows: list[report.TrialRow], max_concurrent: int, e
     name = ccfg.tune.name
     uri = storage.join(cfg.run.storage, name)
     path = f"{exp_root}/{name}"
-    trainable = make_trainable(ccfg, uri)
-    state_check.check_experiment(uri, cfg.storage)
+    trainable = make_trainable(ccfg, store, uri)
+    state_check.check_experiment(uri, store)
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
-        check_points(uri, pts, cfg.storage)
+        check_points(uri, pts, store)
         log(f"tune: resuming the confirmation runs {uri}")
         tuner = tune.Tuner.restore(path, trainable=trainable, param_space=space.param_space(ccfg.tune.space),
                                    resume_unfinished=True, storage_filesystem=fs)
@@ -265,9 +266,9 @@ def run(cfg: GammarayConfig, rows: list[report.TrialRow], max_concurrent: int, e
                                         trial_dirname_creator=trial_dirname, trial_name_creator=trial_dirname),
             run_config=tune.RunConfig(name=name, storage_path=exp_root, storage_filesystem=fs,
                                       verbose=1 if progress else 0))
-        write_points(uri, pts, cfg.storage)
+        write_points(uri, pts, store)
     tuner.fit()
-    state_check.check_experiment(uri, cfg.storage)
+    state_check.check_experiment(uri, store)
     runs, interrupted = collect(path, fs, ccfg)  # interrupted: the caller makes no pick on part of the runs
     return gather(rows, runs, list(cfg.tune.objectives)), seed_values, interrupted
 

@@ -10,10 +10,14 @@ at the same trial budget in `gammaray bench recipe`.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from gammaray.config import GammarayConfig, from_dict
 
 from . import space
+
+if TYPE_CHECKING:
+    from pipelines.storage import Store
 
 
 def budget_steps(cfg: GammarayConfig, num_records: int) -> int:
@@ -24,18 +28,18 @@ def budget_steps(cfg: GammarayConfig, num_records: int) -> int:
     return min([steps, *caps])
 
 
-def num_records(cfg: GammarayConfig) -> int:
+def num_records(cfg: GammarayConfig, store: Store) -> int:
     from pipelines import storage
 
-    meta = storage.read_json(storage.join(cfg.data.features.train.rstrip("/"), "_embed.json"), cfg.storage)
+    meta = store.read_json(storage.join(cfg.data.features.train.rstrip("/"), "_embed.json"))
     if meta.get("kind") != "features":
         raise ValueError(f"data.features.train={cfg.data.features.train} is not a feature store (gammaray embed --features)")
     from workers.evaluation.features import load_feature_store
 
-    return len(load_feature_store(cfg.data.features.train, cfg.storage, with_labels=False))
+    return len(load_feature_store(cfg.data.features.train, store, with_labels=False))
 
 
-def run_heads_trial(params: dict, base: dict) -> None:
+def run_heads_trial(params: dict, base: dict, store: Store) -> None:
     """The trainable: the base config with the trial's values, heads trained in this process."""
     import ray.tune
     import torch
@@ -49,6 +53,6 @@ def run_heads_trial(params: dict, base: dict) -> None:
     if cfg0.tune.asha.max_steps:
         steps = min(cfg.train.max_steps or cfg0.tune.asha.max_steps, cfg0.tune.asha.max_steps)
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": steps})})
-    train = load_feature_store(cfg.data.features.train, cfg.storage)
-    val = load_feature_store(cfg.data.features.val, cfg.storage)
+    train = load_feature_store(cfg.data.features.train, store)
+    val = load_feature_store(cfg.data.features.val, store)
     train_heads(cfg, train, val, report=lambda m: ray.tune.report(dict(m)), diagnostics=False)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gammaray.config import GammarayConfig, from_dict
+from pipelines.storage import Store
 
 from . import space
 
@@ -35,8 +36,7 @@ class TrialData:
 _CACHE: dict[tuple, TrialData] = {}
 
 
-def trial_data(cfg: GammarayConfig) -> TrialData:
-    from pipelines import storage
+def trial_data(cfg: GammarayConfig, store: Store) -> TrialData:
     from pipelines.tokenizer import load as load_tokenizer
     from workers.training.inprocess import Split, load_split, preprocess
     from pipelines.tokenizer import tokenizer_uri
@@ -45,8 +45,8 @@ def trial_data(cfg: GammarayConfig) -> TrialData:
     key = (d.train, d.val, tokenizer_uri(cfg), d.image_size, d.max_text_tokens, cfg.eval.max_records)
     if key not in _CACHE:
         tok_uri = tokenizer_uri(cfg)
-        tokenizer = load_tokenizer(tok_uri, storage.S3Settings.from_config(cfg.storage))
-        train, val = load_split(d.train, cfg.storage), load_split(d.val, cfg.storage)
+        tokenizer = load_tokenizer(tok_uri, store)
+        train, val = load_split(d.train, store), load_split(d.val, store)
         if cfg.eval.max_records is not None and val.size > cfg.eval.max_records:
             n = cfg.eval.max_records  # the first records by sample_index, as the loop's validation takes them
             val = Split(columns={k: v[:n] for k, v in val.columns.items()},
@@ -73,7 +73,7 @@ def validation_metrics(emb: dict[str, np.ndarray], labels: dict, cfg: GammarayCo
     return m
 
 
-def run_trial(params: dict, base: dict, experiment_uri: str) -> None:
+def run_trial(params: dict, base: dict, experiment_uri: str, store: Store) -> None:
     """The Tune trainable: train the trial's config in this process, report every eval_every steps."""
     import torch
     from ray import tune
@@ -88,7 +88,7 @@ def run_trial(params: dict, base: dict, experiment_uri: str) -> None:
     cfg = space.trial_config(cfg0, space.effective(params, cfg0.tune.space))
     torch.set_num_threads(max(1, int(round(cfg.tune.trial_cpus))))
     device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
-    data = trial_data(cfg)
+    data = trial_data(cfg, store)
     total = planned_steps(cfg, data.train.size)
     run = LocalRun(cfg, cfg.run.seed, len(data.tokenizer), data.tokenizer.pad_token_id, data.train.size, total, device)
     every = cfg.train.eval_every or total
@@ -106,9 +106,9 @@ def run_trial(params: dict, base: dict, experiment_uri: str) -> None:
     train(cfg, run, data.train, data.tokenizer, data.tokenizer_uri, cfg.run.seed, on_step)
 
 
-def trainable(cfg: GammarayConfig, experiment_uri: str):
+def trainable(cfg: GammarayConfig, store: Store, experiment_uri: str):
     from ray import tune
 
-    fn = tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), experiment_uri=experiment_uri)
+    fn = tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), experiment_uri=experiment_uri, store=store)
     resources = {"CPU": cfg.tune.trial_cpus, **({"GPU": 1} if cfg.train.use_gpu else {})}
     return tune.with_resources(fn, resources)

@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 from gammaray.config import ConfigError, GammarayConfig, apply_overrides, from_dict, to_yaml
 from pipelines import storage
+from pipelines.storage import Store
 
 from . import report, space, state_check
 
@@ -214,7 +215,7 @@ def _forwarding_callback(metric: str, eval_every: int, objectives: list[str] | N
     return FreshMetricReport()
 
 
-def run_trial(params: dict, base: dict, experiment_uri: str) -> None:
+def run_trial(params: dict, base: dict, experiment_uri: str, store: Store) -> None:
     """The Tune trainable: one TorchTrainer run of the training loop with the trial's values."""
     import ray.tune
 
@@ -228,7 +229,7 @@ def run_trial(params: dict, base: dict, experiment_uri: str) -> None:
     cfg = apply_overrides(cfg, {"run.storage": storage.join(experiment_uri, "train"), "run.name": trial_id})
     # (no MetricsCallback: the trial's reports are in its Tune result files, and TensorBoard's
     # import in every trial's controller costs seconds of CPU)
-    trainer = build_trainer(cfg, callbacks=[_forwarding_callback(cfg0.tune.metric, cfg.train.eval_every,
+    trainer = build_trainer(cfg, store, callbacks=[_forwarding_callback(cfg0.tune.metric, cfg.train.eval_every,
                                                                  list(cfg0.tune.objectives))])
     trainer.fit()
 
@@ -237,19 +238,21 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _trainable(cfg: GammarayConfig, experiment_uri: str):
+def _trainable(cfg: GammarayConfig, store: Store, experiment_uri: str):
+    """The trial function; every trial gets the experiment's `store` (it pickles as its settings)."""
     from ray import tune
 
     if cfg.data.features.train:
         from .heads_trial import run_heads_trial
 
-        fn = tune.with_parameters(run_heads_trial, base=cfg.model_dump(mode="json"))
+        fn = tune.with_parameters(run_heads_trial, base=cfg.model_dump(mode="json"), store=store)
     elif cfg.tune.trial_kind == "in_process":
         from . import inprocess
 
-        return inprocess.trainable(cfg, experiment_uri)
+        return inprocess.trainable(cfg, store, experiment_uri)
     else:
-        fn = tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), experiment_uri=experiment_uri)
+        fn = tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), experiment_uri=experiment_uri,
+                                  store=store)
     return tune.with_resources(fn, {"CPU": cfg.tune.trial_cpus})
 
 
@@ -283,6 +286,7 @@ def run_tune(cfg: GammarayConfig, samples: int | None = None, progress: bool = T
     from workers.training.trainer import preflight
 
     keep_credentials_out_of_trial_env()
+    store = Store.of(cfg.storage)  # the run's storage, bound once: handed to everything below and the trials
     t0 = time.perf_counter()
     if samples is not None:
         cfg = apply_overrides(cfg, {"tune.samples": samples})
@@ -293,9 +297,9 @@ def run_tune(cfg: GammarayConfig, samples: int | None = None, progress: bool = T
     if heads:
         from .heads_trial import budget_steps, num_records
 
-        budget = budget_steps(cfg, num_records(cfg))
+        budget = budget_steps(cfg, num_records(cfg, store))
     else:
-        manifest = preflight(space.trial_config(cfg, {}))
+        manifest = preflight(space.trial_config(cfg, {}), store)
         budget = trial_budget(cfg, int(manifest["num_records"]))
     ensure_ray(cfg)
     import ray
@@ -306,18 +310,18 @@ def run_tune(cfg: GammarayConfig, samples: int | None = None, progress: bool = T
     plan = (plan_heads_resources if heads else plan_resources)(cfg, ray.cluster_resources())
     name = experiment_name(cfg)
     exp_uri = storage.join(cfg.run.storage, name)
-    fs, root = storage.resolve(cfg.run.storage, cfg.storage)
+    fs, root = store.resolve(cfg.run.storage)
     exp_path = f"{root}/{name}"
     base_uri = storage.join(exp_uri, "gammaray_tune.yaml")
 
-    trainable = _trainable(cfg, exp_uri)
+    trainable = _trainable(cfg, store, exp_uri)
     params = space.param_space(cfg.tune.space)
     # Tune unpickles what it finds in the experiment folder: checked first (tuning/state_check.py)
     state_check.no_pickled_trial_errors()
-    state_check.check_experiment(exp_uri, cfg.storage)
+    state_check.check_experiment(exp_uri, store)
     resumed = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
     if resumed:
-        _check_same_experiment(cfg, base_uri)
+        _check_same_experiment(cfg, store, base_uri)
         log(f"tune: resuming experiment {exp_uri} (finished trials are kept, unfinished ones continue)")
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, param_space=params, resume_unfinished=True,
                                    resume_errored=retry_errored, storage_filesystem=fs)
@@ -329,7 +333,7 @@ def run_tune(cfg: GammarayConfig, samples: int | None = None, progress: bool = T
             run_config.callbacks = list(callbacks or [])
             run_config.verbose = 1 if progress else 0
     else:
-        storage.write_bytes(base_uri, to_yaml(cfg).encode(), cfg.storage)
+        store.write_bytes(base_uri, to_yaml(cfg).encode())
         log(f"tune: experiment {exp_uri}: {cfg.tune.samples} trials, {plan.max_concurrent} at once "
             f"({plan.reason}; {plan.cluster_cpus:g} CPUs, {plan.cpus_held_per_trial:g} held per trial), "
             f"{budget} steps each, searcher={cfg.tune.searcher}, scheduler={cfg.tune.scheduler}")
@@ -339,7 +343,7 @@ def run_tune(cfg: GammarayConfig, samples: int | None = None, progress: bool = T
             tune_config=tune.TuneConfig(
                 # several objectives: the searcher and the scheduler hold their own metrics (Tune takes one)
                 metric=None if cfg.tune.objectives else cfg.tune.metric, mode=None if cfg.tune.objectives else "max",
-                search_alg=_searcher(cfg, plan.max_concurrent), scheduler=_scheduler(cfg, budget, exp_uri),
+                search_alg=_searcher(cfg, plan.max_concurrent), scheduler=_scheduler(cfg, store, budget, exp_uri),
                 num_samples=cfg.tune.samples, max_concurrent_trials=plan.max_concurrent,
                 trial_dirname_creator=trial_dirname, trial_name_creator=trial_dirname,
             ),
@@ -352,18 +356,19 @@ def run_tune(cfg: GammarayConfig, samples: int | None = None, progress: bool = T
         if local is not None:
             local.get_run_config().callbacks = list(callbacks or [])
     tuner.fit()
-    state_check.check_experiment(exp_uri, cfg.storage)  # the results are read back from storage
+    state_check.check_experiment(exp_uri, store)  # the results are read back from storage
     rows, interrupted = collect(exp_path, fs, cfg)
     confirmation = None
     if cfg.tune.objectives and cfg.tune.pick.confirm_seeds and not interrupted:
-        confirmation = _confirm(cfg, rows, plan, root, fs, progress, log)
+        confirmation = _confirm(cfg, store, rows, plan, root, fs, progress, log)
         if confirmation is not None and confirmation[2]:
             interrupted = True  # no pick on part of the confirmation runs; the same command finishes them
-    return _finish(user_cfg, cfg, rows, interrupted, resumed, plan, budget, exp_uri, out_dir, t0, log, confirmation)
+    return _finish(user_cfg, cfg, store, rows, interrupted, resumed, plan, budget, exp_uri, out_dir, t0, log,
+                   confirmation)
 
 
-def _confirm(cfg: GammarayConfig, rows: list[report.TrialRow], plan: ResourcePlan, root: str, fs, progress: bool,
-             log: Callable[[str], None]) -> tuple[list, list[int], bool] | None:
+def _confirm(cfg: GammarayConfig, store: Store, rows: list[report.TrialRow], plan: ResourcePlan, root: str, fs,
+             progress: bool, log: Callable[[str], None]) -> tuple[list, list[int], bool] | None:
     """The front's trials and the baseline re-run with fresh seeds (tuning/confirm.py); None when
     there is no scored baseline to compare with (the pick then says why)."""
     from . import confirm, objectives
@@ -373,7 +378,7 @@ def _confirm(cfg: GammarayConfig, rows: list[report.TrialRow], plan: ResourcePla
     if baseline is None or not objectives.scored(baseline, objs):
         return None
     todo = confirm.candidates(rows, baseline, objs, cfg.tune.pick.confirm_candidates)
-    return confirm.run(cfg, todo, plan.max_concurrent, root, fs, progress, log, make_trainable=_trainable,
+    return confirm.run(cfg, store, todo, plan.max_concurrent, root, fs, progress, log, make_trainable=_trainable,
                        collect=collect, trial_dirname=trial_dirname)
 
 
@@ -393,7 +398,7 @@ def _searcher(cfg: GammarayConfig, max_concurrent: int):
                                                  max_concurrent=max_concurrent)
 
 
-def _scheduler(cfg: GammarayConfig, budget: int, exp_uri: str):
+def _scheduler(cfg: GammarayConfig, store: Store, budget: int, exp_uri: str):
     from ray.tune.schedulers import FIFOScheduler
 
     from .asha import STATE_FILE, RungMemoryASHA, grace_steps
@@ -412,17 +417,17 @@ def _scheduler(cfg: GammarayConfig, budget: int, exp_uri: str):
 
         protect = [p for p in [baseline_params(cfg)] if p is not None]
     front = cfg.tune.objectives[1] if cfg.tune.objectives and a.keep_front else None
-    return RungMemoryASHA(storage.join(exp_uri, STATE_FILE), cfg.storage, time_attr="step", max_t=budget - 1,
+    return RungMemoryASHA(storage.join(exp_uri, STATE_FILE), store, time_attr="step", max_t=budget - 1,
                           grace_period=grace, reduction_factor=a.reduction_factor, stop_last_trials=False,
                           protect=protect, front_objective=front, **multi)
 
 
-def _check_same_experiment(cfg: GammarayConfig, base_uri: str) -> None:
-    if not storage.exists(base_uri, cfg.storage):
+def _check_same_experiment(cfg: GammarayConfig, store: Store, base_uri: str) -> None:
+    if not store.exists(base_uri):
         return
     import yaml
 
-    stored = yaml.safe_load(storage.read_bytes(base_uri, cfg.storage).decode())
+    stored = yaml.safe_load(store.read_bytes(base_uri).decode())
     diff = _diff(stored, cfg.model_dump(mode="json"))
     if diff:
         shown = ", ".join(diff[:5]) + (" ..." if len(diff) > 5 else "")
@@ -482,7 +487,7 @@ def _first_error_line(trial) -> str:
     return lines[-1][:300] if lines else "failed (see the trial's error file)"
 
 
-def _finish(user_cfg: GammarayConfig, cfg: GammarayConfig, rows: list[report.TrialRow], interrupted: bool,
+def _finish(user_cfg: GammarayConfig, cfg: GammarayConfig, store: Store, rows: list[report.TrialRow], interrupted: bool,
             resumed: bool, plan: ResourcePlan, budget: int, exp_uri: str, out_dir: str | None, t0: float,
             log: Callable[[str], None], confirmation: tuple[list, list[int], bool] | None = None) -> TuneOutcome:
     name = experiment_name(cfg)
@@ -529,7 +534,7 @@ def _finish(user_cfg: GammarayConfig, cfg: GammarayConfig, rows: list[report.Tri
             if fname in files:
                 multi[key] = os.path.join(local, fname)
     for fname, data in outputs.items():
-        storage.write_bytes(storage.join(exp_uri, fname), data, cfg.storage)
+        store.write_bytes(storage.join(exp_uri, fname), data)
         with open(os.path.join(local, fname), "wb") as f:
             f.write(data)
     if best is not None:

@@ -30,8 +30,7 @@ import json
 from ray.tune.experiment.config_parser import _make_parser
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from gammaray.config import StorageConfig
-from pipelines import storage
+from pipelines.storage import Store
 from workers.safe_load import UnsafeCheckpoint, check_pickle, pickle_references
 
 ADVICE = ("Ray Tune's experiment state holds only configs, searcher and trial records; this file was not "
@@ -53,6 +52,7 @@ TUNE_CALLS = frozenset({
     # storage handed to Tune: a filesystem from its URI, gammaray's retrying S3 handler
     "pyarrow._fs.FileSystem._from_uri", "pyarrow._fs.PyFileSystem", "pyarrow._fs.LocalFileSystem",
     "pyarrow._s3fs.S3FileSystem._reconstruct", "pipelines.storage.RetryingS3", "pipelines.storage.S3Settings",
+    "pipelines.storage.Store",  # the experiment's storage a scheduler holds (built from its settings, nothing opened)
     # Ray Tune / Train configs and records
     "ray.air._internal.usage.AirEntrypoint", "ray.train.SyncConfig", "ray.tune.CheckpointConfig",
     "ray.tune.FailureConfig", "ray.tune.RunConfig", "ray.tune.tune_config.TuneConfig",
@@ -140,10 +140,10 @@ def _check_json(value, shown: str) -> None:
                                        f"({', '.join(bad[:5])}). {ADVICE}")
 
 
-def state_files(exp_uri: str, storage_cfg: StorageConfig) -> list[str]:
+def state_files(exp_uri: str, store: Store) -> list[str]:
     """The files of an experiment folder that Ray Tune or gammaray unpickle."""
     out = []
-    for f in storage.list_files(exp_uri, storage=storage_cfg):
+    for f in store.list_files(exp_uri):
         rel = f[len(exp_uri.rstrip("/")) + 1:]
         parts = rel.split("/")
         if len(parts) == 1 and rel.endswith(_ROOT_SUFFIXES):
@@ -154,12 +154,12 @@ def state_files(exp_uri: str, storage_cfg: StorageConfig) -> list[str]:
     return sorted(out)
 
 
-def check_experiment(exp_uri: str, storage_cfg: StorageConfig) -> int:
+def check_experiment(exp_uri: str, store: Store) -> int:
     """Refuse (UnsafeCheckpoint, naming the file) an experiment folder holding a file that would run
     code when Ray Tune or gammaray loads it; returns the number of files checked."""
-    files = state_files(exp_uri, storage_cfg)
+    files = state_files(exp_uri, store)
     for f in files:
-        check_state_file(storage.read_bytes(f, storage_cfg), f)
+        check_state_file(store.read_bytes(f), f)
     return len(files)
 
 

@@ -17,8 +17,12 @@ import json
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from gammaray.config import GammarayConfig
+
+if TYPE_CHECKING:
+    from pipelines.storage import Store
 
 
 @dataclass
@@ -57,6 +61,7 @@ def run_demo(cfg: GammarayConfig, opts: DemoOptions) -> dict:
         else:
             base = opts.storage.rstrip("/")
 
+        store = storage.Store.of(cfg.storage)  # bound once the server's endpoint is in the environment
         raw_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="gammaray-raw-"))
         stage(f"generating a synthetic catalogue: {opts.n_train} train + {opts.n_val} held-out products "
               f"(+{opts.bad_records} deliberately broken records)")
@@ -67,14 +72,13 @@ def run_demo(cfg: GammarayConfig, opts: DemoOptions) -> dict:
         popts = PrepareOptions(max_image_pixels=cfg.data.max_image_pixels, max_text_chars=cfg.data.max_text_chars,
                                max_image_bytes=cfg.data.max_image_bytes, progress=opts.progress)
         train_uri, val_uri = f"{base}/catalog/train", f"{base}/catalog/val"
-        res_train = prepare(paths["train"], train_uri, popts, cfg.storage)
+        res_train = prepare(paths["train"], train_uri, popts, store)
         print(res_train.summary())
-        res_val = prepare(paths["val"], val_uri, popts, cfg.storage)
+        res_val = prepare(paths["val"], val_uri, popts, store)
         print(res_val.summary())
         tok_uri = f"{base}/catalog/tokenizer"
-        if not storage.exists(storage.join(tok_uri, "tokenizer_config.json"), cfg.storage):
-            build_for_catalogue(train_uri, tok_uri, res_train.manifest, vocab_size=opts.vocab_size,
-                                storage_cfg=cfg.storage)
+        if not store.exists(storage.join(tok_uri, "tokenizer_config.json")):
+            build_for_catalogue(train_uri, tok_uri, res_train.manifest, vocab_size=opts.vocab_size, storage_cfg=store)
         print(f"   tokenizer (WordPiece, {opts.vocab_size}) -> {tok_uri}")
 
         from gammaray.config import apply_overrides
@@ -87,7 +91,7 @@ def run_demo(cfg: GammarayConfig, opts: DemoOptions) -> dict:
 
         result = pretrain(cfg, progress=opts.progress)
         m = result.metrics
-        searches = search_held_out(cfg, result.checkpoint_uri, val_uri, f"{base}/embeddings/val", opts)
+        searches = search_held_out(store, result.checkpoint_uri, val_uri, f"{base}/embeddings/val", opts)
 
     summary = {
         "r_at_1_i2t": m.get("val_r_at_1_i2t"),
@@ -122,8 +126,7 @@ def run_demo(cfg: GammarayConfig, opts: DemoOptions) -> dict:
     return summary
 
 
-def search_held_out(cfg: GammarayConfig, checkpoint_uri: str, val_uri: str, out_uri: str,
-                    opts: DemoOptions) -> list[dict]:
+def search_held_out(store: Store, checkpoint_uri: str, val_uri: str, out_uri: str, opts: DemoOptions) -> list[dict]:
     """Embed the held-out catalogue, index its image embeddings, and look up each text query: the
     path a user takes from a trained encoder to product search (gammaray embed / index / search)."""
     from workers.evaluation.embed import EmbedOptions, embed_catalogue
@@ -131,13 +134,12 @@ def search_held_out(cfg: GammarayConfig, checkpoint_uri: str, val_uri: str, out_
     from workers.evaluation.query import QueryEncoder
 
     stage(f"gammaray embed + index + search: the held-out catalogue, {len(opts.queries)} text queries")
-    emb = embed_catalogue(checkpoint_uri, val_uri, out_uri, EmbedOptions(progress=opts.progress),
-                          storage_cfg=cfg.storage)
+    emb = embed_catalogue(checkpoint_uri, val_uri, out_uri, EmbedOptions(progress=opts.progress), storage_cfg=store)
     print(f"   embedded {emb.records_written} held-out products -> {out_uri}")
-    built = build_index(out_uri, field_name="image", storage_cfg=cfg.storage)
+    built = build_index(out_uri, field_name="image", storage_cfg=store)
     print(f"   {built.kind} index of {built.count} image embeddings -> {built.out_uri}")
-    index = OpenIndex(built.out_uri, cfg.storage)
-    encoder = QueryEncoder(checkpoint_uri, cfg.storage)
+    index = OpenIndex(built.out_uri, store)
+    encoder = QueryEncoder(checkpoint_uri, store)
     index.check_model(encoder.fingerprint, f"({checkpoint_uri})")
     found = []
     for query in opts.queries:

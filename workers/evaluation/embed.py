@@ -38,7 +38,7 @@ from gammaray.schema import BatchKeys as K, QUARANTINE_SCHEMA, Reason
 from pipelines import storage
 from pipelines.prepare import load_manifest
 from pipelines.preprocess import PreprocessSpec, preprocess_batch
-from pipelines.storage import is_storage_fault
+from pipelines.storage import Store, is_storage_fault
 from pipelines.stream import Unit, UnitTable, read_segment_rows, units_from_manifest
 from pipelines.tokenizer import load as load_tokenizer
 from workers.evaluation.evaluate import embedding_outputs
@@ -116,13 +116,13 @@ def work_list(units: UnitTable, done: set[str]) -> dict[str, np.ndarray]:
 
 
 def read_and_preprocess(batch: dict[str, np.ndarray], catalogue_uri: str, shard_paths: list[str], spec,
-                        settings) -> dict[str, np.ndarray]:
+                        store: Store) -> dict[str, np.ndarray]:
     """One row group (batch_size=1) -> model-ready arrays; an unreadable row group becomes rejected
     rows with empty model inputs, so that every block has the same columns."""
     (u,), (shard,) = batch["unit"], batch["shard"]
     unit = Unit(shard_paths[int(shard)], int(batch["row_group"][0]), int(batch["num_rows"][0]), int(batch["first_row"][0]))
     try:
-        table = read_segment_rows(catalogue_uri, unit, int(u), 0, unit.num_rows, 0, 0, False, settings)
+        table = read_segment_rows(catalogue_uri, unit, int(u), 0, unit.num_rows, 0, 0, False, store)
     except Exception as err:  # noqa: BLE001 - a damaged row group must not sink the job
         if is_storage_fault(err):
             raise  # an outage is not the records' fault: no quarantine (reads retried for storage.retry_time_s)
@@ -135,7 +135,7 @@ def read_and_preprocess(batch: dict[str, np.ndarray], catalogue_uri: str, shard_
                 K.SOURCE: np.asarray([unit.shard] * n, dtype=object), K.ROW: np.arange(n, dtype=np.int64),
                 "shard": np.full(n, int(shard))}
     cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
-    out = preprocess_batch(cols, spec, load_tokenizer(spec.tokenizer_uri, settings))
+    out = preprocess_batch(cols, spec, load_tokenizer(spec.tokenizer_uri, store))
     out["shard"] = np.full(len(out[K.SAMPLE_INDEX]), int(shard))
     return out
 
@@ -143,8 +143,8 @@ def read_and_preprocess(batch: dict[str, np.ndarray], catalogue_uri: str, shard_
 class Embedder:
     """A Ray Data actor: loads the model once, embeds the good rows of each batch."""
 
-    def __init__(self, model_uri: str, storage: dict, use_gpu: bool, features: bool = False):
-        ckpt = open_checkpoint(model_uri, StorageConfig.model_validate(storage))
+    def __init__(self, model_uri: str, store: Store, use_gpu: bool, features: bool = False):
+        ckpt = open_checkpoint(model_uri, store)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda":
             # full fp32 (no TF32 convolutions/matmuls): the same embeddings as on CPU, to ~1e-6
@@ -212,7 +212,7 @@ def _json(obj: Any) -> str:
 
 
 def write_shard(rows: list[dict[str, np.ndarray]], names: list[str], schema: pa.Schema, out_uri: str, name: str,
-                storage_cfg: StorageConfig | None, suffix: str = "_embedding") -> tuple[int, int]:
+                store: Store, suffix: str = "_embedding") -> tuple[int, int]:
     """Write one input shard's embeddings (and its quarantine first, so the embeddings file marks
     the shard done). Returns (rows written, rows quarantined)."""
     merged = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
@@ -224,7 +224,7 @@ def write_shard(rows: list[dict[str, np.ndarray]], names: list[str], schema: pa.
               "epoch": None} for i in bad]
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(q, schema=QUARANTINE_SCHEMA), buf)
-        storage.write_bytes(storage.join(out_uri, "quarantine", name), buf.getvalue(), storage_cfg)
+        store.write_bytes(storage.join(out_uri, "quarantine", name), buf.getvalue())
     sel = np.flatnonzero(good)
     sel = sel[np.argsort(merged["sample_index"][sel], kind="stable")]
     cols: dict[str, pa.Array] = {
@@ -237,12 +237,12 @@ def write_shard(rows: list[dict[str, np.ndarray]], names: list[str], schema: pa.
     table = pa.Table.from_pydict(cols, schema=schema)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    storage.write_bytes(storage.join(out_uri, "embeddings", name), buf.getvalue(), storage_cfg)
+    store.write_bytes(storage.join(out_uri, "embeddings", name), buf.getvalue())
     return int(sel.size), int(bad.size)
 
 
-def count_rows(uri: str, storage_cfg: StorageConfig | None) -> int:
-    fs, path = storage.resolve(uri, storage_cfg)
+def count_rows(uri: str, store: Store) -> int:
+    fs, path = store.resolve(uri)
     return pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows
 
 
@@ -264,14 +264,14 @@ def embed_catalogue(checkpoint_uri: str | None, data_uri: str, out_uri: str, opt
         if not (features and config is not None):
             raise ValueError("embed needs --checkpoint (or --features with a --config that names the towers)")
 
-        checkpoint_uri = write_tower_model(config, out_uri)
         storage_cfg = storage_cfg or config.storage
+        checkpoint_uri = write_tower_model(config, Store.of(config.storage), out_uri)
     ckpt = open_checkpoint(checkpoint_uri, storage_cfg or storage_from_overrides(cfg_overrides))
     cfg = ckpt.cfg
     if cfg_overrides:
         cfg = apply_overrides(cfg, cfg_overrides)
-    storage_cfg = cfg.storage
-    manifest = load_manifest(data_uri, storage_cfg)
+    store = ckpt.store  # the storage given, else the checkpoint's: the Ray Data stages and the actors get it too
+    manifest = load_manifest(data_uri, store)
     units = units_from_manifest(manifest)
     shards = units.shards
 
@@ -283,18 +283,18 @@ def embed_catalogue(checkpoint_uri: str | None, data_uri: str, out_uri: str, opt
             "data": data_uri.rstrip("/"), "columns": [f"{n}{suffix}" for n in names], "dims": dims,
             "image_size": cfg.data.image_size, "max_text_tokens": cfg.data.max_text_tokens}
     meta_uri = storage.join(out_uri, "_embed.json")
-    if storage.exists(meta_uri, storage_cfg):
-        old = storage.read_json(meta_uri, storage_cfg)
+    if store.exists(meta_uri):
+        old = store.read_json(meta_uri)
         old.setdefault("kind", "embeddings")
         for key in ("kind", "model_fingerprint", "data", "columns", "image_size", "max_text_tokens"):
             if old.get(key) != meta[key]:
                 raise ValueError(f"{out_uri} holds embeddings made with another {key} ({old.get(key)!r}, now "
                                  f"{meta[key]!r}): choose a new --out or delete it")
     else:
-        storage.write_json(meta_uri, meta, storage_cfg)
+        store.write_json(meta_uri, meta)
     schema = output_schema(names, dims, meta, suffix)
 
-    done = {shard_name(f) for f in storage.list_files(storage.join(out_uri, "embeddings"), ".parquet", storage_cfg)}
+    done = {shard_name(f) for f in store.list_files(storage.join(out_uri, "embeddings"), ".parquet")}
     todo_list = work_list(units, done)
     rows_of_shard = np.bincount(units.shard_of, weights=units.num_rows, minlength=len(shards)).astype(np.int64)
     pending = np.unique(todo_list["shard"]).tolist()
@@ -308,7 +308,6 @@ def embed_catalogue(checkpoint_uri: str | None, data_uri: str, out_uri: str, opt
         use_gpu = opts.use_gpu if opts.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
         device = "cuda" if use_gpu else "cpu"
         spec = PreprocessSpec.from_config(cfg, epoch=0, train=False, with_aug=False)
-        settings = storage.S3Settings.from_config(storage_cfg)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         # a bounded number of blocks (several row groups per read task); the items carry their unit,
@@ -316,11 +315,11 @@ def embed_catalogue(checkpoint_uri: str | None, data_uri: str, out_uri: str, opt
         ds = ray.data.from_items(items, override_num_blocks=min(len(items), EMBED_BLOCKS))
         ds = ds.map_batches(read_and_preprocess, batch_size=1, batch_format="numpy",
                             fn_kwargs={"catalogue_uri": data_uri, "shard_paths": shards, "spec": spec,
-                                       "settings": settings},
+                                       "store": store},
                             num_cpus=cfg.data.preprocess_num_cpus)
         ds = ds.map_batches(Embedder, batch_size=opts.batch_size, batch_format="numpy",
                             fn_constructor_kwargs={"model_uri": ckpt.model_uri, "features": features,
-                                                   "storage": storage_cfg.model_dump(mode="json"), "use_gpu": use_gpu},
+                                                   "store": store, "use_gpu": use_gpu},
                             compute=ray.data.ActorPoolStrategy(size=opts.actors), num_cpus=opts.cpus_per_actor,
                             num_gpus=1 if use_gpu else 0)
         open_rows: dict[int, list[dict]] = {}
@@ -335,7 +334,7 @@ def embed_catalogue(checkpoint_uri: str | None, data_uri: str, out_uri: str, opt
                 seen[s_idx] = seen.get(s_idx, 0) + int(m.sum())
                 if seen[s_idx] == rows_of_shard[s_idx]:
                     w, q = write_shard(open_rows.pop(s_idx), names, schema, out_uri,
-                                       shard_name(shards[s_idx]), storage_cfg, suffix)
+                                       shard_name(shards[s_idx]), store, suffix)
                     written_now += w
                     quarantined_now += q
             n = len(block["shard"])
@@ -347,11 +346,11 @@ def embed_catalogue(checkpoint_uri: str | None, data_uri: str, out_uri: str, opt
             raise RuntimeError(f"embed: shards {sorted(open_rows)} did not receive all their rows "
                                f"({ {k: seen[k] for k in open_rows} } of { {k: rows_of_shard[k] for k in open_rows} })")
 
-    if features and not storage.exists(storage.join(out_uri, "prompts.parquet"), storage_cfg):
-        tok = load_tokenizer(cfg.data.tokenizer, storage.S3Settings.from_config(storage_cfg))
-        write_prompt_features(model, cfg, tok, list(manifest.get("categories", [])), out_uri)
-    written = sum(count_rows(f, storage_cfg) for f in storage.list_files(storage.join(out_uri, "embeddings"), ".parquet", storage_cfg))
-    quarantined = sum(count_rows(f, storage_cfg) for f in storage.list_files(storage.join(out_uri, "quarantine"), ".parquet", storage_cfg))
+    if features and not store.exists(storage.join(out_uri, "prompts.parquet")):
+        tok = load_tokenizer(cfg.data.tokenizer, store)
+        write_prompt_features(model, cfg, store, tok, list(manifest.get("categories", [])), out_uri)
+    written = sum(count_rows(f, store) for f in store.list_files(storage.join(out_uri, "embeddings"), ".parquet"))
+    quarantined = sum(count_rows(f, store) for f in store.list_files(storage.join(out_uri, "quarantine"), ".parquet"))
     wall = time.perf_counter() - t0
     return EmbedResult(out_uri=out_uri, records_in=int(manifest["num_records"]), records_written=written,
                        records_quarantined=quarantined, shards_total=len(shards), shards_embedded=len(pending),

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from gammaray.config import apply_overrides
 from gammaray.schema import BatchKeys as K, pair_slots
 from pipelines import storage
+from pipelines.storage import Store
 from pipelines.prepare import load_manifest
 from pipelines.stream import Segment, StreamSpec, iterate, reshard, units_from_manifest
 from pipelines.tokenizer import load as load_tokenizer
@@ -43,12 +44,12 @@ def embedding_outputs(out: dict[str, torch.Tensor], batch_size: int) -> dict[str
             and v.shape[0] == batch_size}
 
 
-def read_labels(catalogue_uri: str, cfg) -> dict[int, dict]:
+def read_labels(catalogue_uri: str, store: Store) -> dict[int, dict]:
     """sample_index -> {"category": str | None, "attributes": {key: value}} of a prepared catalogue."""
-    manifest = load_manifest(catalogue_uri, cfg.storage)
+    manifest = load_manifest(catalogue_uri, store)
     out: dict[int, dict] = {}
     for shard in manifest["shards"]:
-        fs, path = storage.resolve(storage.join(catalogue_uri, shard["path"]), cfg.storage)
+        fs, path = store.resolve(storage.join(catalogue_uri, shard["path"]))
         t = pq.read_table(path, filesystem=fs, columns=["sample_index", "category", "attributes"])
         for idx, cat, attrs in zip(t.column("sample_index").to_pylist(), t.column("category").to_pylist(),
                                    t.column("attributes").to_pylist()):
@@ -69,14 +70,14 @@ def advance_to_prefix(seq, n: int):
 
 
 @torch.no_grad()
-def embed_split(engine, cfg, catalogue_uri: str, device: torch.device,
+def embed_split(engine, cfg, store: Store, catalogue_uri: str, device: torch.device,
                 max_records: int | None = None) -> dict[str, np.ndarray]:
     """Embed a prepared catalogue, each rank its part; every rank gets all rows, sorted by index.
 
     `engine` is a DeepSpeed engine inside the training loop or a plain model (`gammaray eval`); the
     keys are `sample_index` plus every embedding output of the model (`image`, `text`, extras)."""
     rank, W = world()
-    manifest = load_manifest(catalogue_uri, cfg.storage)
+    manifest = load_manifest(catalogue_uri, store)
     units = units_from_manifest(manifest)
     seq = [Segment(u, 0, units[u].num_rows) for u in range(len(units))]
     if max_records is not None:
@@ -142,9 +143,9 @@ def label_columns(labels_by_index: dict[int, dict], sample_index: np.ndarray) ->
 
 
 @torch.no_grad()
-def run_evaluation(engine, cfg, tokenizer, device: torch.device, data_uri: str | None = None,
+def run_evaluation(engine, cfg, store: Store, tokenizer, device: torch.device, data_uri: str | None = None,
                    full: bool = False) -> EvalResult:
-    """Evaluate a model on a prepared catalogue (default: data.val).
+    """Evaluate a model on a prepared catalogue (default: data.val) in `store`.
 
     Always: retrieval R@1/5/10 both ways, zero-shot category accuracy, modality gap. `full` adds
     the linear and k-shot probes (category and every attribute column, on every embedding output)
@@ -152,7 +153,7 @@ def run_evaluation(engine, cfg, tokenizer, device: torch.device, data_uri: str |
     uri = data_uri or cfg.data.val
     if not uri:
         raise ValueError("nothing to evaluate: set data.val (or pass a catalogue URI)")
-    emb = embed_split(engine, cfg, uri, device, cfg.eval.max_records)
+    emb = embed_split(engine, cfg, store, uri, device, cfg.eval.max_records)
     # retrieval runs between the two sides of the trained pair (data.view_pair): image<->text by default
     side_a, side_b = pair_slots(cfg.data.view_pair)
     image, text = torch.from_numpy(emb[side_a]), torch.from_numpy(emb[side_b])
@@ -166,7 +167,7 @@ def run_evaluation(engine, cfg, tokenizer, device: torch.device, data_uri: str |
     metrics["records"] = int(image.shape[0])
     res = EvalResult(metrics=metrics, ranks_i2t=ranks_i2t, ranks_t2i=ranks_t2i)
 
-    labels_by_index = read_labels(uri, cfg)
+    labels_by_index = read_labels(uri, store)
     cols = label_columns(labels_by_index, emb["sample_index"])
     if cfg.eval.specific_attributes and cfg.data.view_pair == "image_text":
         metrics.update(specific_probes(emb, cols, cfg.eval.specific_attributes, cfg.run.seed, cfg.eval.probe_l2))
@@ -188,8 +189,8 @@ def run_evaluation(engine, cfg, tokenizer, device: torch.device, data_uri: str |
     names = [k for k in emb if k != "sample_index"]
     ev = cfg.eval
     if ev.probe_train:
-        tr_emb = embed_split(engine, cfg, ev.probe_train, device, ev.probe_max_records)
-        tr_cols = label_columns(read_labels(ev.probe_train, cfg), tr_emb["sample_index"])
+        tr_emb = embed_split(engine, cfg, store, ev.probe_train, device, ev.probe_max_records)
+        tr_cols = label_columns(read_labels(ev.probe_train, store), tr_emb["sample_index"])
         train_emb = {k: tr_emb[k] for k in names if k in tr_emb}
         test_emb = {k: emb[k] for k in names}
         train_cols, test_cols = tr_cols, cols
@@ -209,10 +210,10 @@ def run_evaluation(engine, cfg, tokenizer, device: torch.device, data_uri: str |
 
 
 @torch.no_grad()
-def evaluate(engine, cfg, tokenizer, device: torch.device) -> dict[str, float]:
+def evaluate(engine, cfg, store: Store, tokenizer, device: torch.device) -> dict[str, float]:
     """Validation inside the training loop (every rank calls it; ranks share the embedding work):
     the same code as `gammaray eval`, without the probes."""
-    return run_evaluation(engine, cfg, tokenizer, device).metrics
+    return run_evaluation(engine, cfg, store, tokenizer, device).metrics
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,8 +234,8 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, overrides: list[str]
     ensure_ray(cfg)
     model = load_checkpoint_model(ckpt, dev)
     ckpt.close()  # the model is in memory: its temporary local copy can go
-    tokenizer = load_tokenizer(cfg.data.tokenizer, storage.S3Settings.from_config(cfg.storage))
-    res = run_evaluation(model, cfg, tokenizer, dev, data_uri, full=True)
+    tokenizer = load_tokenizer(cfg.data.tokenizer, ckpt.store)
+    res = run_evaluation(model, cfg, ckpt.store, tokenizer, dev, data_uri, full=True)
     summary = {"checkpoint": checkpoint_uri, "model": ckpt.model_uri, "data": data_uri, "device": str(dev),
                **res.to_json()}
     if report_path:

@@ -29,6 +29,7 @@ import torch
 from gammaray.config import GammarayConfig, ModelConfig, StorageConfig, apply_overrides, from_dict
 from gammaray.schema import IMAGE_MEAN, IMAGE_STD
 from pipelines import storage
+from pipelines.storage import Store
 from workers.models.registry import EXPORT_SKIP, MODEL_FILE, load_model
 
 KNOWN_HEADS = ("image_proj.weight", "text_proj.weight", "log_logit_scale", "logit_bias")
@@ -40,6 +41,7 @@ class Checkpoint:
     model_dir: str        # a local copy of it
     cfg: GammarayConfig   # the training config (defaults + the model config for a bare model folder)
     has_config: bool      # config.json was found next to model/
+    store: Store          # where the checkpoint's data and tokenizer are read: the storage given, else cfg's
     _cleanup: Any = field(default=None, repr=False, compare=False)  # removes a temporary model_dir
 
     def close(self) -> None:
@@ -48,15 +50,15 @@ class Checkpoint:
             self._cleanup()
 
 
-def find_model_uri(uri: str, storage_cfg: StorageConfig | None = None) -> str:
+def find_model_uri(uri: str, store: Store) -> str:
     uri = uri.rstrip("/")
-    if storage.exists(storage.join(uri, MODEL_FILE), storage_cfg):
+    if store.exists(storage.join(uri, MODEL_FILE)):
         return uri
-    if storage.exists(storage.join(uri, "model", MODEL_FILE), storage_cfg):
+    if store.exists(storage.join(uri, "model", MODEL_FILE)):
         return storage.join(uri, "model")
     # a run folder: the newest checkpoint in it (Ray names them checkpoint_<timestamp>)
     try:
-        found = [f.rsplit("/", 1)[0] for f in storage.list_files(uri, suffix=MODEL_FILE, storage=storage_cfg)]
+        found = [f.rsplit("/", 1)[0] for f in store.list_files(uri, suffix=MODEL_FILE)]
     except (NotADirectoryError, FileNotFoundError):
         found = []
     if not found:
@@ -65,11 +67,15 @@ def find_model_uri(uri: str, storage_cfg: StorageConfig | None = None) -> str:
     return sorted(found)[-1]
 
 
-def open_checkpoint(uri: str, storage_cfg: StorageConfig | None = None, local_dir: str | None = None) -> Checkpoint:
+def open_checkpoint(uri: str, storage_cfg: Store | StorageConfig | None = None, local_dir: str | None = None) -> Checkpoint:
     """The checkpoint's model, local: an s3:// model is downloaded into `local_dir`, or into a
     temporary folder that lives as long as the returned Checkpoint (removed when it is garbage
-    collected or at exit, on failure too): keep the object while `model_dir` is in use."""
-    model_uri = find_model_uri(uri, storage_cfg)
+    collected or at exit, on failure too): keep the object while `model_dir` is in use.
+
+    `storage_cfg` (a bound Store or the storage settings; None: the environment's) is where the
+    checkpoint is read, and what `Checkpoint.store` is; without it, the checkpoint's own
+    config.json says where its data is."""
+    model_uri = find_model_uri(uri, Store.of(storage_cfg))
     owned = tempfile.mkdtemp(prefix="gammaray-model-") if storage.is_remote(model_uri) and local_dir is None else None
     try:
         ckpt = _open_checkpoint(uri, model_uri, storage_cfg, local_dir or owned)
@@ -82,26 +88,29 @@ def open_checkpoint(uri: str, storage_cfg: StorageConfig | None = None, local_di
     return ckpt
 
 
-def _open_checkpoint(uri: str, model_uri: str, storage_cfg: StorageConfig | None, local_dir: str | None) -> Checkpoint:
+def _open_checkpoint(uri: str, model_uri: str, storage_cfg: Store | StorageConfig | None,
+                     local_dir: str | None) -> Checkpoint:
+    opener = Store.of(storage_cfg)
     if storage.is_remote(model_uri):
         assert local_dir is not None
-        storage.download_dir(model_uri, local_dir, storage_cfg)
+        opener.download_dir(model_uri, local_dir)
         model_dir = local_dir
     else:
         model_dir = os.path.abspath(model_uri)
     parent = model_uri.rsplit("/", 1)[0]
     cfg_uri = storage.join(parent, "config.json")
-    has_config = model_uri.endswith("/model") and storage.exists(cfg_uri, storage_cfg)
+    has_config = model_uri.endswith("/model") and opener.exists(cfg_uri)
     if has_config:
-        cfg = from_dict(storage.read_json(cfg_uri, storage_cfg))
+        cfg = from_dict(opener.read_json(cfg_uri))
     else:
         with open(os.path.join(model_dir, MODEL_FILE)) as f:
             cfg = GammarayConfig(model=ModelConfig.model_validate(json.load(f)["model"]))
-    if storage_cfg is not None:
+    if isinstance(storage_cfg, StorageConfig):
         cfg = cfg.model_copy(update={"storage": storage_cfg})
     # the tokenizer saved with the model is the one it was trained with
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"tokenizer": storage.join(model_uri, "text_tower")})})
-    return Checkpoint(uri=uri, model_uri=model_uri, model_dir=model_dir, cfg=cfg, has_config=has_config)
+    store = opener if storage_cfg is not None else Store.of(cfg.storage)
+    return Checkpoint(uri=uri, model_uri=model_uri, model_dir=model_dir, cfg=cfg, has_config=has_config, store=store)
 
 
 def storage_from_overrides(overrides: list[str] | None) -> StorageConfig | None:

@@ -28,6 +28,7 @@ import torch
 
 from gammaray.config import GammarayConfig, StorageConfig, apply_overrides
 from pipelines import storage
+from pipelines.storage import Store
 from pipelines.tokenizer import load as load_tokenizer, tokenizer_uri
 from workers.evaluation.evaluate import read_labels
 from workers.evaluation.metrics import category_prompts
@@ -66,26 +67,26 @@ def locked_config(cfg: GammarayConfig) -> GammarayConfig:
                                  "model.text.locked": True, "model.text.unlocked_layers": 0})
 
 
-def write_tower_model(cfg: GammarayConfig, out_uri: str) -> str:
+def write_tower_model(cfg: GammarayConfig, store: Store, out_uri: str) -> str:
     """Build the model of `cfg` (towers from model.*.pretrained or hf_config, heads seeded by
-    run.seed) and write it as OUT/model + OUT/config.json; returns OUT, a checkpoint URI. A store that
-    already holds a model keeps it (a rerun must embed with the same towers)."""
+    run.seed) and write it as OUT/model + OUT/config.json in `store`; returns OUT, a checkpoint URI.
+    A feature store that already holds a model keeps it (a rerun must embed with the same towers)."""
     out_uri = out_uri.rstrip("/")
-    if storage.exists(storage.join(out_uri, "config.json"), cfg.storage):
+    if store.exists(storage.join(out_uri, "config.json")):
         return out_uri
     cfg = locked_config(cfg)
-    tokenizer = load_tokenizer(tokenizer_uri(cfg), storage.S3Settings.from_config(cfg.storage))
+    tokenizer = load_tokenizer(tokenizer_uri(cfg), store)
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     with tempfile.TemporaryDirectory(prefix="gammaray-features-") as tmp:
         save_model(model, os.path.join(tmp, "model"), cfg.model, tokenizer)
-        storage.upload_dir(os.path.join(tmp, "model"), storage.join(out_uri, "model"), cfg.storage)
-    storage.write_json(storage.join(out_uri, "config.json"), cfg.model_dump(mode="json"), cfg.storage)
+        store.upload_dir(os.path.join(tmp, "model"), storage.join(out_uri, "model"))
+    store.write_json(storage.join(out_uri, "config.json"), cfg.model_dump(mode="json"))
     return out_uri
 
 
 @torch.no_grad()
-def write_prompt_features(model, cfg: GammarayConfig, tokenizer, categories: list[str], out_uri: str) -> None:
+def write_prompt_features(model, cfg: GammarayConfig, store: Store, tokenizer, categories: list[str], out_uri: str) -> None:
     """The zero-shot prompts of `categories` through the locked text tower: OUT/prompts.parquet."""
     prompts = category_prompts(categories, cfg.eval.prompt_template)
     feats = np.zeros((len(prompts), 0), np.float32)
@@ -99,7 +100,7 @@ def write_prompt_features(model, cfg: GammarayConfig, tokenizer, categories: lis
                       if prompts else pa.array([], pa.list_(pa.float32()))})
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    storage.write_bytes(storage.join(out_uri, "prompts.parquet"), buf.getvalue(), cfg.storage)
+    store.write_bytes(storage.join(out_uri, "prompts.parquet"), buf.getvalue())
 
 
 def _matrix(table: pa.Table, column: str) -> np.ndarray:
@@ -108,20 +109,21 @@ def _matrix(table: pa.Table, column: str) -> np.ndarray:
     return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, width)
 
 
-def load_feature_store(uri: str, storage_cfg: StorageConfig | None = None, with_labels: bool = True) -> FeatureSet:
+def load_feature_store(uri: str, store: Store | StorageConfig | None = None, with_labels: bool = True) -> FeatureSet:
     """A feature store in memory: every good record's features (sorted by sample_index), the
     category of each (read from the catalogue the store was made from) and the prompt features."""
+    store = Store.of(store)
     uri = uri.rstrip("/")
     meta_uri = storage.join(uri, "_embed.json")
-    if not storage.exists(meta_uri, storage_cfg):
+    if not store.exists(meta_uri):
         raise FileNotFoundError(f"{uri}: not a feature store (no _embed.json; write one with `gammaray embed "
                                 "--features`)")
-    meta = storage.read_json(meta_uri, storage_cfg)
+    meta = store.read_json(meta_uri)
     if meta.get("kind") != "features":
         raise ValueError(f"{uri} holds head embeddings, not tower features (made without --features)")
     tables = []
-    for f in sorted(storage.list_files(storage.join(uri, "embeddings"), ".parquet", storage_cfg)):
-        fs, path = storage.resolve(f, storage_cfg)
+    for f in sorted(store.list_files(storage.join(uri, "embeddings"), ".parquet")):
+        fs, path = store.resolve(f)
         tables.append(pq.read_table(path, filesystem=fs))
     if not tables:
         raise FileNotFoundError(f"{uri}: the feature store has no embeddings/*.parquet (an interrupted "
@@ -134,13 +136,12 @@ def load_feature_store(uri: str, storage_cfg: StorageConfig | None = None, with_
     index = index[order]
     category: list[str | None] = [None] * len(index)
     if with_labels:
-        cfg = GammarayConfig() if storage_cfg is None else GammarayConfig(storage=storage_cfg)
-        labels = read_labels(meta["data"], cfg)
+        labels = read_labels(meta["data"], store)
         category = [labels.get(int(i), {}).get("category") for i in index]
     prompts: dict[str, np.ndarray] = {}
     p_uri = storage.join(uri, "prompts.parquet")
-    if storage.exists(p_uri, storage_cfg):
-        fs, path = storage.resolve(p_uri, storage_cfg)
+    if store.exists(p_uri):
+        fs, path = store.resolve(p_uri)
         pt = pq.read_table(path, filesystem=fs)
         if pt.num_rows:
             mat = _matrix(pt, "text_features")

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from gammaray.config import StorageConfig
 from pipelines import storage
+from pipelines.storage import Store
 
 FORMAT = 1
 FLAT_MAX = 50_000
@@ -115,16 +116,16 @@ def finish(idx, plan: IndexPlan, vectors: np.ndarray | None):
     return out
 
 
-def add_shard(index_bytes: bytes, uri: str, column: str, start: int, storage_cfg: dict | None) -> bytes:
+def add_shard(index_bytes: bytes, uri: str, column: str, start: int, store: Store) -> bytes:
     """[Ray task] One embeddings file added to a copy of the trained empty index, ids from `start`."""
     idx = deserialize(index_bytes)
-    vec = read_vectors(uri, column, StorageConfig.model_validate(storage_cfg) if storage_cfg else None)
+    vec = read_vectors(uri, column, store)
     idx.add_with_ids(normalised(vec), np.arange(start, start + len(vec), dtype=np.int64))
     return serialize(idx)
 
 
-def read_vectors(uri: str, column: str, storage_cfg: StorageConfig | None) -> np.ndarray:
-    fs, path = storage.resolve(uri, storage_cfg)
+def read_vectors(uri: str, column: str, store: Store) -> np.ndarray:
+    fs, path = store.resolve(uri)
     t = pq.read_table(path, filesystem=fs, columns=[column])
     col = t.column(column).combine_chunks()
     if len(col) == 0:
@@ -159,27 +160,28 @@ def default_out(embeddings_uri: str, column: str) -> str:
 
 
 def build_index(embeddings_uri: str, out_uri: str | None = None, field_name: str = "image",
-                storage_cfg: StorageConfig | None = None, flat_max: int = FLAT_MAX, plan: IndexPlan | None = None,
+                storage_cfg: Store | StorageConfig | None = None, flat_max: int = FLAT_MAX, plan: IndexPlan | None = None,
                 parallel: bool | None = None, with_titles: bool = True, seed: int = 0) -> IndexResult:
     """Index column `<field_name>_embedding` of an embedded catalogue. `parallel`: add the shards in
     Ray tasks (None: when the index is IVF-PQ and there is more than one shard)."""
     t0 = time.perf_counter()
+    store = Store.of(storage_cfg)
     meta_uri = storage.join(embeddings_uri, "_embed.json")
-    if not storage.exists(meta_uri, storage_cfg):
+    if not store.exists(meta_uri):
         raise FileNotFoundError(f"{embeddings_uri} is not an embedded catalogue (no _embed.json): run gammaray embed first")
-    emb_meta = storage.read_json(meta_uri, storage_cfg)
+    emb_meta = store.read_json(meta_uri)
     if emb_meta.get("kind", "embeddings") != "embeddings":
         raise ValueError(f"{embeddings_uri} holds tower features (embed --features), not embeddings: nothing to search")
     column = field_name if field_name.endswith("_embedding") else f"{field_name}_embedding"
     if column not in emb_meta["columns"]:
         raise ValueError(f"{embeddings_uri} has no column {column!r}; it has {emb_meta['columns']}")
     out_uri = out_uri or default_out(embeddings_uri, column)
-    files = storage.list_files(storage.join(embeddings_uri, "embeddings"), ".parquet", storage_cfg)
+    files = store.list_files(storage.join(embeddings_uri, "embeddings"), ".parquet")
     if not files:
         raise FileNotFoundError(f"{embeddings_uri}/embeddings holds no Parquet files")
     counts, ids, sample_idx = [], [], []
     for f in files:
-        fs, path = storage.resolve(f, storage_cfg)
+        fs, path = store.resolve(f)
         t = pq.read_table(path, filesystem=fs, columns=["product_id", "sample_index"])
         counts.append(t.num_rows)
         ids.append(t.column("product_id"))
@@ -189,7 +191,7 @@ def build_index(embeddings_uri: str, out_uri: str | None = None, field_name: str
     plan = plan or plan_index(n, d, flat_max)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
 
-    vectors = np.concatenate([read_vectors(f, column, storage_cfg) for f in files]) if (
+    vectors = np.concatenate([read_vectors(f, column, store) for f in files]) if (
         plan.kind == "flat" or plan.refine or not parallel) else None
     if plan.kind == "flat":
         idx = trained_index(plan, vectors[:1])
@@ -198,7 +200,7 @@ def build_index(embeddings_uri: str, out_uri: str | None = None, field_name: str
     else:
         rng = np.random.default_rng(seed)
         pick = np.sort(rng.choice(n, size=min(plan.train_size, n), replace=False))
-        sample = vectors[pick] if vectors is not None else _sample_rows(files, column, starts, counts, pick, storage_cfg)
+        sample = vectors[pick] if vectors is not None else _sample_rows(files, column, starts, counts, pick, store)
         empty = trained_index(plan, sample)
         if parallel is None:
             parallel = len(files) > 1
@@ -210,9 +212,8 @@ def build_index(embeddings_uri: str, out_uri: str | None = None, field_name: str
 
             ensure_ray(GammarayConfig())
             blob = ray.put(serialize(empty))
-            sc = storage_cfg.model_dump(mode="json") if storage_cfg else None
             task = ray.remote(num_cpus=1)(add_shard)
-            refs = [task.remote(blob, f, column, s, sc) for f, s in zip(files, starts)]
+            refs = [task.remote(blob, f, column, s, store) for f, s in zip(files, starts)]
             idx = empty
             for part in ray.get(refs):  # merged in shard order: the same lists as adding sequentially
                 idx.merge_from(deserialize(part), 0)
@@ -223,7 +224,7 @@ def build_index(embeddings_uri: str, out_uri: str | None = None, field_name: str
 
     items = {"product_id": pa.concat_arrays([c.combine_chunks() for c in ids]).cast(pa.string()),
              "sample_index": pa.concat_arrays([c.combine_chunks() for c in sample_idx])}
-    titles = read_titles(emb_meta["data"], items["sample_index"].to_numpy(), storage_cfg) if with_titles else [None] * n
+    titles = read_titles(emb_meta["data"], items["sample_index"].to_numpy(), store) if with_titles else [None] * n
     items["title"] = pa.array(titles, pa.string())
     buf = io.BytesIO()
     pq.write_table(pa.table(items), buf, compression="zstd")
@@ -232,31 +233,31 @@ def build_index(embeddings_uri: str, out_uri: str | None = None, field_name: str
             "metric": "cosine", "model_fingerprint": emb_meta["model_fingerprint"],
             "checkpoint": emb_meta["checkpoint"], "data": emb_meta["data"], "embeddings": embeddings_uri.rstrip("/"),
             "image_size": emb_meta.get("image_size"), "max_text_tokens": emb_meta.get("max_text_tokens")}
-    storage.write_bytes(storage.join(out_uri, "index.faiss"), serialize(searchable), storage_cfg)
-    storage.write_bytes(storage.join(out_uri, "items.parquet"), buf.getvalue(), storage_cfg)
-    storage.write_json(storage.join(out_uri, "index.json"), meta, storage_cfg)  # last: marks the index complete
+    store.write_bytes(storage.join(out_uri, "index.faiss"), serialize(searchable))
+    store.write_bytes(storage.join(out_uri, "items.parquet"), buf.getvalue())
+    store.write_json(storage.join(out_uri, "index.json"), meta)  # last: marks the index complete
     return IndexResult(out_uri=out_uri, kind=plan.kind, count=n, dim=d, column=column,
                        plan={k: v for k, v in asdict(plan).items()}, parallel=bool(parallel),
                        wall_s=time.perf_counter() - t0, shards=len(files), meta=meta)
 
 
-def _sample_rows(files, column, starts, counts, pick, storage_cfg) -> np.ndarray:
+def _sample_rows(files, column, starts, counts, pick, store: Store) -> np.ndarray:
     out = []
     for f, s, c in zip(files, starts, counts):
         local = pick[(pick >= s) & (pick < s + c)] - s
         if local.size:
-            out.append(read_vectors(f, column, storage_cfg)[local])
+            out.append(read_vectors(f, column, store)[local])
     return np.concatenate(out)
 
 
-def read_titles(catalogue_uri: str, sample_index: np.ndarray, storage_cfg: StorageConfig | None) -> list[str | None]:
+def read_titles(catalogue_uri: str, sample_index: np.ndarray, store: Store) -> list[str | None]:
     """The titles of the indexed records, by sample_index, from the prepared catalogue."""
     from pipelines.prepare import load_manifest
 
-    manifest = load_manifest(catalogue_uri, storage_cfg)
+    manifest = load_manifest(catalogue_uri, store)
     found: dict[int, str] = {}
     for shard in manifest["shards"]:
-        fs, path = storage.resolve(storage.join(catalogue_uri, shard["path"]), storage_cfg)
+        fs, path = store.resolve(storage.join(catalogue_uri, shard["path"]))
         t = pq.read_table(path, filesystem=fs, columns=["sample_index", "title"])
         found.update(zip(t.column("sample_index").to_pylist(), t.column("title").to_pylist()))
     missing = [int(i) for i in sample_index if int(i) not in found]
@@ -279,12 +280,12 @@ class Hit:
     sample_index: int
 
 
-def read_index_meta(uri: str, storage_cfg: StorageConfig | None = None) -> dict:
+def read_index_meta(uri: str, store: Store) -> dict:
     """index.json of a stored index (what it holds, the model it belongs to), without loading the index."""
     meta_uri = storage.join(uri, "index.json")
-    if not storage.exists(meta_uri, storage_cfg):
+    if not store.exists(meta_uri):
         raise FileNotFoundError(f"{uri} is not a gammaray index (no index.json): build one with gammaray index")
-    return storage.read_json(meta_uri, storage_cfg)
+    return store.read_json(meta_uri)
 
 
 def check_index_model(meta: dict, uri: str, fingerprint: str, what: str) -> None:
@@ -298,16 +299,17 @@ def check_index_model(meta: dict, uri: str, fingerprint: str, what: str) -> None
 class OpenIndex:
     """A stored index, loaded: `search(vectors, k)` -> one list of hits per query vector."""
 
-    def __init__(self, uri: str, storage_cfg: StorageConfig | None = None):
+    def __init__(self, uri: str, store: Store | StorageConfig | None = None):
         self.uri = uri
-        self.meta = read_index_meta(uri, storage_cfg)
+        self.store = store = Store.of(store)
+        self.meta = read_index_meta(uri, store)
         if self.meta.get("format") != FORMAT:
             raise ValueError(f"{uri}: index format {self.meta.get('format')!r}, this gammaray reads {FORMAT}")
-        self.index = deserialize(storage.read_bytes(storage.join(uri, "index.faiss"), storage_cfg))
+        self.index = deserialize(store.read_bytes(storage.join(uri, "index.faiss")))
         if self.meta["kind"] != "flat":
             ivf = self._ivf()
             ivf.nprobe = self.meta["plan"]["nprobe"]
-        items = pq.read_table(storage.buffer(storage.read_bytes(storage.join(uri, "items.parquet"), storage_cfg)))
+        items = pq.read_table(storage.buffer(store.read_bytes(storage.join(uri, "items.parquet"))))
         self.product_id = items.column("product_id").to_pylist()
         self.title = items.column("title").to_pylist()
         self.sample_index = items.column("sample_index").to_pylist()

@@ -20,7 +20,7 @@ import torch
 
 from gammaray.config import StorageConfig
 from gammaray.schema import BatchKeys as K
-from pipelines import storage
+from pipelines.storage import Store
 from pipelines.preprocess import PreprocessSpec, preprocess_batch
 from pipelines.tokenizer import load as load_tokenizer
 from workers.evaluation.embed import model_fingerprint
@@ -66,7 +66,7 @@ class Item:
 class QueryEncoder:
     """A checkpoint's model, loaded once, with its tokenizer and preprocessing."""
 
-    def __init__(self, checkpoint_uri: str, storage_cfg: StorageConfig | None = None, device: str = "cpu"):
+    def __init__(self, checkpoint_uri: str, storage_cfg: Store | StorageConfig | None = None, device: str = "cpu"):
         self.ckpt = open_checkpoint(checkpoint_uri, storage_cfg)
         self.cfg = self.ckpt.cfg
         self.fingerprint = model_fingerprint(self.ckpt.model_dir)
@@ -76,7 +76,7 @@ class QueryEncoder:
             torch.backends.cuda.matmul.allow_tf32 = False
         self.model = load_model(self.ckpt.model_dir).to(self.device).eval()
         self.spec = PreprocessSpec.from_config(self.cfg, epoch=0, train=False, with_aug=False)
-        self.tokenizer = load_tokenizer(self.spec.tokenizer_uri, storage.S3Settings.from_config(self.cfg.storage))
+        self.tokenizer = load_tokenizer(self.spec.tokenizer_uri, self.ckpt.store)
 
     @torch.no_grad()
     def encode_items(self, items: list[Item]) -> list[dict[str, np.ndarray] | QueryError]:

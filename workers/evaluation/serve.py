@@ -33,9 +33,10 @@ from typing import Any
 
 from ray import serve
 
-from gammaray.config import GammarayConfig, ServeConfig, StorageConfig
+from gammaray.config import GammarayConfig, ServeConfig
 from gammaray.schema import Invalid, Reason
 from pipelines import storage
+from pipelines.storage import Store
 from pipelines.image_refs import ImagePolicy, StorageFault, load_image
 from workers.evaluation.query import Item, QueryEncoder, QueryError, mean_direction
 
@@ -214,21 +215,21 @@ async def read_body(request, limit: int) -> bytes:
 class EncoderService:
     """One replica: the model, the optional index, and the batch queue of its items."""
 
-    def __init__(self, checkpoint: str, index: str | None, storage_cfg: dict | None, serve_cfg: dict):
+    def __init__(self, checkpoint: str, index: str | None, store: Store, serve_cfg: dict):
         import torch
 
         from workers.evaluation.embed import probe_outputs
 
         self.cfg = ServeConfig.model_validate(serve_cfg)
-        self.storage_cfg = StorageConfig.model_validate(storage_cfg) if storage_cfg else None
+        self.store = store
         use_cuda = self.cfg.gpus_per_replica > 0 and torch.cuda.is_available()
-        self.encoder = QueryEncoder(checkpoint, self.storage_cfg, "cuda" if use_cuda else "cpu")
+        self.encoder = QueryEncoder(checkpoint, store, "cuda" if use_cuda else "cpu")
         self.checkpoint = checkpoint
         self.index = None
         if index:
             from workers.evaluation.index import OpenIndex
 
-            self.index = OpenIndex(index, self.storage_cfg)
+            self.index = OpenIndex(index, store)
             self.index.check_model(self.encoder.fingerprint, f"({checkpoint})")
         names, dims = probe_outputs(self.encoder.model, self.encoder.cfg, self.encoder.device)
         self.outputs = {n: dims[n] for n in names}
@@ -267,7 +268,7 @@ class EncoderService:
         try:
             # relative paths resolve against serve.image_root; without it only absolute URLs get here
             source = os.path.join(self.policy.root, "request") if self.policy.root else url
-            return load_image(url, source, self.policy, self.storage_cfg)
+            return load_image(url, source, self.policy, self.store)
         except Invalid as bad:
             detail = bad.detail
             if bad.reason == Reason.IMAGE_OUTSIDE_SOURCE:
@@ -397,11 +398,12 @@ def start_service(checkpoint: str, index: str | None = None, cfg: GammarayConfig
 
     cfg = cfg or GammarayConfig()
     sc = cfg.serve
-    opened = open_checkpoint(checkpoint, cfg.storage)  # kept while its (downloaded) folder is read
+    store = Store.of(cfg.storage)  # bound once: the replicas get it (it pickles as its settings)
+    opened = open_checkpoint(checkpoint, store)  # kept while its (downloaded) folder is read
     fingerprint = model_fingerprint(opened.model_dir)
     del opened
     if index:
-        check_index_model(read_index_meta(index, cfg.storage), index, fingerprint, f"({checkpoint})")
+        check_index_model(read_index_meta(index, store), index, fingerprint, f"({checkpoint})")
         try:
             import faiss  # noqa: F401 - the replicas open the index with it
         except ImportError:
@@ -411,7 +413,7 @@ def start_service(checkpoint: str, index: str | None = None, cfg: GammarayConfig
     app = EncoderService.options(
         num_replicas=sc.replicas, max_ongoing_requests=max(8, sc.max_batch_size),
         ray_actor_options={"num_cpus": sc.cpus_per_replica, "num_gpus": sc.gpus_per_replica},
-    ).bind(checkpoint, index, cfg.storage.model_dump(mode="json"), sc.model_dump(mode="json"))
+    ).bind(checkpoint, index, store, sc.model_dump(mode="json"))
     serve.run(app, name=sc.name, route_prefix="/")
     host = "127.0.0.1" if sc.host in ("0.0.0.0", "::") else sc.host
     url = f"http://{host}:{sc.port}"

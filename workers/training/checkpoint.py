@@ -32,6 +32,7 @@ import torch
 
 from gammaray.config import GammarayConfig
 from pipelines import storage
+from pipelines.storage import Store
 from pipelines.tokenizer import load as load_tokenizer, tokenizer_uri
 from workers.models.registry import save_model
 from workers.runtime import rank_dir, RANK_DIR_PREFIX, run_dir, sync_buffers, world
@@ -87,11 +88,11 @@ LAYOUT: dict[str, tuple[RankFile, ...]] = {  # component -> its files, in the or
 OPTIONAL = frozenset({"audit"})  # components a run may leave out of its states
 
 
-def latest_checkpoint(cfg: GammarayConfig, in_ray: bool):
-    """[ray] The run's latest checkpoint, else train.resume_from, else None."""
+def latest_checkpoint(cfg: GammarayConfig, store: Store, in_ray: bool):
+    """[ray] The run's latest checkpoint, else train.resume_from (in `store`), else None."""
     ckpt = ray.train.get_checkpoint() if in_ray else None
     if ckpt is None and cfg.train.resume_from:
-        fs, path = storage.resolve(cfg.train.resume_from, cfg.storage)
+        fs, path = store.resolve(cfg.train.resume_from)
         ckpt = ray.train.Checkpoint(path=path, filesystem=fs)
     return ckpt
 
@@ -111,19 +112,19 @@ def written_files(d: str) -> dict[str, int]:
     return out
 
 
-def export_model(engine, cfg: GammarayConfig, out_dir: str | None) -> None:
-    """Towers in Hugging Face format plus the heads; under ZeRO-3 the weights are gathered first
-    (every rank must call this)."""
+def export_model(engine, cfg: GammarayConfig, store: Store, out_dir: str | None) -> None:
+    """Towers in Hugging Face format plus the heads (the tokenizer read from `store`); under ZeRO-3
+    the weights are gathered first (every rank must call this)."""
     model = engine.module
     if is_zero3(engine):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             if out_dir is not None:
-                save_model(model, out_dir, cfg.model, load_tokenizer(tokenizer_uri(cfg), storage.S3Settings.from_config(cfg.storage)))
+                save_model(model, out_dir, cfg.model, load_tokenizer(tokenizer_uri(cfg), store))
         return
     if out_dir is not None:
-        save_model(model, out_dir, cfg.model, load_tokenizer(tokenizer_uri(cfg), storage.S3Settings.from_config(cfg.storage)))
+        save_model(model, out_dir, cfg.model, load_tokenizer(tokenizer_uri(cfg), store))
 
 
 def files_needed(rel: str, rank: int, W: int, old_W: int) -> bool:
@@ -184,9 +185,11 @@ def local_checkpoint(ckpt, rank: int, W: int, copy: bool | None = None) -> Itera
 class CheckpointManager:
     """Saves and restores this rank's part of a run's checkpoints. `states` maps the names of `LAYOUT`
     plus "engine" to the components (a None value, or a key left out, is a component this run does not
-    have: only "audit" may be); `cfg` says where the run is and what it may resume from."""
+    have: only "audit" may be); `cfg` says where the run is and what it may resume from, `store` is
+    the run's storage."""
 
-    def __init__(self, states: Mapping[str, Reshardable | EngineState | None], cfg: GammarayConfig, in_ray: bool = True):
+    def __init__(self, states: Mapping[str, Reshardable | EngineState | None], cfg: GammarayConfig, store: Store,
+                 in_ray: bool = True):
         states = {k: v for k, v in states.items() if v is not None}
         known = {ENGINE, *LAYOUT}
         unknown = sorted(set(states) - known)
@@ -199,7 +202,7 @@ class CheckpointManager:
         self.states = states
         self.engine: EngineState = states[ENGINE]
         self.train = states["train_state"]
-        self.cfg, self.in_ray = cfg, in_ray
+        self.cfg, self.store, self.in_ray = cfg, store, in_ray
         self.rank, self.world_size = world()
 
     # save --------------------------------------------------------------------------------------
@@ -237,13 +240,13 @@ class CheckpointManager:
                         json.dump(value, fh)
                 else:
                     torch.save(value, os.path.join(rdir, f.name))
-        write_quarantine(self.train, self.cfg, self.rank)
+        write_quarantine(self.train, self.cfg, self.store, self.rank)
         if export and self.rank == 0:
-            export_model(self.engine.engine, self.cfg, os.path.join(d, "model"))
+            export_model(self.engine.engine, self.cfg, self.store, os.path.join(d, "model"))
             with open(os.path.join(d, "config.json"), "w") as fh:
                 json.dump(self.cfg.model_dump(mode="json"), fh, indent=1)
         elif export:
-            export_model(self.engine.engine, self.cfg, None)  # ZeRO-3 gathers are collective
+            export_model(self.engine.engine, self.cfg, self.store, None)  # ZeRO-3 gathers are collective
         # last, with the size of every file this rank wrote: Ray uploads the folder in no set order, so
         # a save cut short (a full disk) can leave this file whole beside a truncated engine file, and
         # the sizes are what tells a complete checkpoint (workers/training/resume.py is_complete)

@@ -38,6 +38,7 @@ import torch
 from gammaray.config import GammarayConfig
 from gammaray.schema import BatchKeys as K
 from pipelines import storage
+from pipelines.storage import Store
 from pipelines.tokenizer import load as load_tokenizer
 from workers.evaluation.export import open_checkpoint
 from workers.evaluation.features import FeatureSet
@@ -102,17 +103,17 @@ def memory_diagnostics(objective: Objective, model: TwoTowerModel, train: dict[s
     return out
 
 
-def _save_state(uri: str, state: dict, cfg: GammarayConfig) -> None:
+def _save_state(uri: str, state: dict, store: Store) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
-    storage.write_bytes(uri, buf.getvalue(), cfg.storage)
+    store.write_bytes(uri, buf.getvalue())
 
 
-def _load_state(uri: str, cfg: GammarayConfig) -> dict | None:
-    if not storage.exists(uri, cfg.storage):
+def _load_state(uri: str, store: Store) -> dict | None:
+    if not store.exists(uri):
         return None
     try:
-        return torch.load(io.BytesIO(storage.read_bytes(uri, cfg.storage)), map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(store.read_bytes(uri)), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - a file that is not plain tensors and numbers is refused
         raise ValueError(f"{uri}: not a heads state this version can load safely ({type(err).__name__}: "
                          f"{str(err)[:200]}); start a new run (another run.name)") from None
@@ -120,13 +121,15 @@ def _load_state(uri: str, cfg: GammarayConfig) -> dict | None:
 
 def train_heads(cfg: GammarayConfig, train: FeatureSet, val: FeatureSet | None = None, *,
                 report: Callable[[dict[str, float]], None] | None = None, progress: bool = False,
-                device: torch.device | str = "cpu", state_uri: str | None = None,
+                device: torch.device | str = "cpu", state_uri: str | None = None, store: Store | None = None,
                 diagnostics: bool = True, probe_size: int = 256) -> HeadsResult:
     """Train the heads of `cfg.model` on cached features for `cfg.train.epochs` (or max_steps).
 
     Evaluates on `val` every `cfg.train.eval_every` steps (None: every epoch) and at the end; each
-    evaluation goes to `report` (Ray Tune's reporter in a trial). `state_uri`: saved every epoch, a
-    rerun resumes from the last saved epoch."""
+    evaluation goes to `report` (Ray Tune's reporter in a trial). `state_uri`: saved every epoch (in
+    `store`), a rerun resumes from the last saved epoch."""
+    if state_uri and store is None:
+        raise ValueError("train_heads: a state_uri needs the store it is in")
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -149,7 +152,7 @@ def train_heads(cfg: GammarayConfig, train: FeatureSet, val: FeatureSet | None =
 
     step, first_epoch, history, last, samples = 0, 0, [], {}, 0
     terms = None
-    saved = _load_state(state_uri, cfg) if state_uri else None
+    saved = _load_state(state_uri, store) if state_uri else None
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -206,7 +209,7 @@ def train_heads(cfg: GammarayConfig, train: FeatureSet, val: FeatureSet | None =
         if state_uri:
             _save_state(state_uri, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                     "scheduler": scheduler.state_dict(), "loss": objective.state_dict(),
-                                    "step": step, "epoch": epoch + 1, "samples": samples, "history": history}, cfg)
+                                    "step": step, "epoch": epoch + 1, "samples": samples, "history": history}, store)
     bar.close()
     final = dict(history[-1]) if history else {"step": float(step)}
     best = max(history, key=lambda m: m.get("val_r_at_1", -1.0)) if history else {}
@@ -218,22 +221,22 @@ def train_heads(cfg: GammarayConfig, train: FeatureSet, val: FeatureSet | None =
 # `gammaray pretrain` with data.features.train
 
 
-def export_heads(model: TwoTowerModel, train: FeatureSet, cfg: GammarayConfig, out_uri: str) -> str:
-    """The store's towers + the trained heads as OUT/model + OUT/config.json: what a Ray Train
-    checkpoint holds, so `gammaray eval/embed/export` open it."""
+def export_heads(model: TwoTowerModel, train: FeatureSet, cfg: GammarayConfig, store: Store, out_uri: str) -> str:
+    """The feature store's towers + the trained heads as OUT/model + OUT/config.json: what a Ray
+    Train checkpoint holds, so `gammaray eval/embed/export` open it."""
     with tempfile.TemporaryDirectory(prefix="gammaray-heads-") as tmp:
-        store = open_checkpoint(train.uri, cfg.storage, local_dir=os.path.join(tmp, "towers"))
-        full = load_model(store.model_dir)
+        features = open_checkpoint(train.uri, store, local_dir=os.path.join(tmp, "towers"))
+        full = load_model(features.model_dir)
         missing, unexpected = full.load_state_dict(model.state_dict(), strict=False)
         if unexpected or any(not k.startswith(("image_tower.", "text_tower.")) for k in missing):
-            raise ValueError(f"heads do not fit the store's model (missing {missing}, unexpected {unexpected})")
+            raise ValueError(f"heads do not fit the feature store's model (missing {missing}, unexpected {unexpected})")
 
-        tok = load_tokenizer(os.path.join(store.model_dir, "text_tower"))
-        model_cfg = cfg.model.model_copy(update={"image": store.cfg.model.image, "text": store.cfg.model.text})
+        tok = load_tokenizer(os.path.join(features.model_dir, "text_tower"))
+        model_cfg = cfg.model.model_copy(update={"image": features.cfg.model.image, "text": features.cfg.model.text})
         save_model(full, os.path.join(tmp, "model"), model_cfg, tok)
-        storage.upload_dir(os.path.join(tmp, "model"), storage.join(out_uri, "model"), cfg.storage)
+        store.upload_dir(os.path.join(tmp, "model"), storage.join(out_uri, "model"))
     saved = cfg.model_copy(update={"model": model_cfg})
-    storage.write_json(storage.join(out_uri, "config.json"), saved.model_dump(mode="json"), cfg.storage)
+    store.write_json(storage.join(out_uri, "config.json"), saved.model_dump(mode="json"))
     return out_uri
 
 

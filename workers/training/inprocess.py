@@ -19,9 +19,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from gammaray.config import StorageConfig
 from gammaray.schema import BatchKeys as K
 from pipelines import storage
+from pipelines.storage import Store
 from pipelines.prepare import load_manifest
 from pipelines.preprocess import PreprocessSpec, preprocess_batch
 from workers.evaluation.evaluate import label_columns
@@ -47,15 +47,15 @@ class Split:
         return len(self.columns["sample_index"])
 
 
-def load_split(uri: str, storage_cfg=None) -> Split:
-    """Read every shard of a prepared catalogue (local path or s3://) into memory."""
+def load_split(uri: str, store: Store | None = None) -> Split:
+    """Read every shard of a prepared catalogue (local path or s3://; None: the environment's storage) into memory."""
     import pyarrow.parquet as pq
 
-    storage_cfg = storage_cfg or StorageConfig()
-    manifest = load_manifest(uri, storage_cfg)
+    store = Store.of(store)
+    manifest = load_manifest(uri, store)
     cols: dict[str, list] = {c: [] for c in COLUMNS}
     for shard in manifest["shards"]:
-        fs, path = storage.resolve(storage.join(uri, shard["path"]), storage_cfg)
+        fs, path = store.resolve(storage.join(uri, shard["path"]))
         t = pq.read_table(path, filesystem=fs, columns=list(COLUMNS))
         for c in COLUMNS:
             cols[c].extend(t.column(c).to_pylist())

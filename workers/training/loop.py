@@ -32,7 +32,6 @@ import torch
 
 from gammaray.config import from_dict
 from gammaray.schema import BatchKeys as K
-from pipelines import storage
 from pipelines.prepare import load_manifest
 from pipelines.stream import StreamSpec, close_prefetched, epoch_part, iterate, prefetch, total_rows, units_from_manifest
 from pipelines.tokenizer import load as load_tokenizer, tokenizer_uri
@@ -75,18 +74,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
     random.seed(cfg.run.seed + rank)
     np.random.seed(cfg.run.seed + rank)
 
-    manifest = load_manifest(cfg.data.train, cfg.storage)
+    store = loop_config["store"]  # the run's storage, bound in this process as it was unpickled
+    manifest = load_manifest(cfg.data.train, store)
     units = units_from_manifest(manifest)
     num_samples = int(manifest["next_sample_index"])
     identity = identity or run_identity(cfg, manifest)
-    tokenizer = load_tokenizer(tokenizer_uri(cfg), storage.S3Settings.from_config(cfg.storage))
+    tokenizer = load_tokenizer(tokenizer_uri(cfg), store)
     model = build_model(cfg.model, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     objective = Objective(cfg.loss, num_samples=num_samples, seed=cfg.run.seed, device=device, distributed=W > 1,
                           view_pair=cfg.data.view_pair, batch_size=cfg.data.batch_size)
     with_aug = objective.needs_augmented_views
     spec = StreamSpec.from_config(cfg, cfg.data.train, units, epoch=0, train=True, with_aug=with_aug,
                                   batch_size=cfg.data.batch_size, device_pixels=True)
-    ckpt = latest_checkpoint(cfg, in_ray)  # [ray]
+    ckpt = latest_checkpoint(cfg, store, in_ray)  # [ray]
     if ckpt is None and cfg.data.prefetch_next_epoch:
         # [data] a fresh run: start epoch 0's pipeline now, so that its worker processes start while
         # the engine is built (a resumed run starts from its checkpointed position instead)
@@ -98,7 +98,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     state = TrainState(total_steps=total_steps, plan=plan_of(cfg), identity=identity, num_records=total_rows(units))
     checkpoints = CheckpointManager({"engine": EngineState(engine, scheduler, cfg), "objective": objective,
-                                     "train_state": state, "audit": audit, "rng": ProcessRNG()}, cfg, in_ray)
+                                     "train_state": state, "audit": audit, "rng": ProcessRNG()}, cfg, store, in_ray)
     if ckpt is not None:
         checkpoints.restore(ckpt)  # on any worker count; only the files this rank reads
 
@@ -164,7 +164,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 val_now = bool(cfg.data.val) and cfg.train.eval_every is not None and (
                     state.step % cfg.train.eval_every == 0 or checkpoint_now)
                 if val_now:
-                    state.last_val = evaluate(engine, cfg, tokenizer, device)
+                    state.last_val = evaluate(engine, cfg, store, tokenizer, device)
                     state.best_val_r_at_1 = max(state.best_val_r_at_1, val_r_at_1(state.last_val))
                 metrics.update(prefixed(state.last_val, cfg))
                 if checkpoint_now:
@@ -196,7 +196,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     attempt["wait"] += window["wait"]
     metrics = step_metrics(state, scalars(last), attempt, scheduler, min(state.epoch, cfg.train.epochs - 1))
     if cfg.data.val:
-        state.last_val = evaluate(engine, cfg, tokenizer, device)
+        state.last_val = evaluate(engine, cfg, store, tokenizer, device)
         state.best_val_r_at_1 = max(state.best_val_r_at_1, val_r_at_1(state.last_val))
     metrics.update(prefixed(state.last_val, cfg))
     # the run's figures, the same on every rank: counts summed over ranks, loss terms averaged over

@@ -11,8 +11,8 @@ import threading
 import time
 from typing import Any
 
-from gammaray.config import StorageConfig
 from pipelines import storage
+from pipelines.storage import Store
 
 from ray.train.v2.api.callback import UserCallback
 
@@ -56,9 +56,9 @@ def aggregate(per_worker: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class MetricsCallback(UserCallback):
-    def __init__(self, run_uri: str, storage_cfg: StorageConfig, progress_queue=None, flush_every_s: float = 20.0):
+    def __init__(self, run_uri: str, store: Store, progress_queue=None, flush_every_s: float = 20.0):
         self.run_uri = run_uri
-        self.storage_cfg = storage_cfg
+        self.store = store
         self.queue = progress_queue
         self.flush_every_s = flush_every_s
         self._lines: list[str] | None = None
@@ -68,8 +68,8 @@ class MetricsCallback(UserCallback):
     def _load_existing(self) -> list[str]:
         uri = storage.join(self.run_uri, "metrics.jsonl")
         try:
-            if storage.exists(uri, self.storage_cfg):
-                return storage.read_bytes(uri, self.storage_cfg).decode().splitlines()
+            if self.store.exists(uri):
+                return self.store.read_bytes(uri).decode().splitlines()
         except Exception:  # noqa: BLE001 - metrics must never kill training
             pass
         return []
@@ -116,8 +116,7 @@ class MetricsCallback(UserCallback):
         if self._lines is None:
             return
         try:
-            storage.write_bytes(storage.join(self.run_uri, "metrics.jsonl"), ("\n".join(self._lines) + "\n").encode(),
-                                self.storage_cfg)
+            self.store.write_bytes(storage.join(self.run_uri, "metrics.jsonl"), ("\n".join(self._lines) + "\n").encode())
         except Exception:  # noqa: BLE001
             pass
 

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 from gammaray.config import GammarayConfig, RunError
 from gammaray.schema import QUARANTINE_SCHEMA
 from pipelines import storage
+from pipelines.storage import Store
 from workers.runtime import run_dir
 from workers.training.state import TrainState
 
@@ -40,12 +41,11 @@ def check_quality(state: TrainState, cfg: GammarayConfig) -> None:
         )
 
 
-def write_quarantine(state: TrainState, cfg: GammarayConfig, rank: int) -> None:
+def write_quarantine(state: TrainState, cfg: GammarayConfig, store: Store, rank: int) -> None:
     """Records rejected while streaming, cumulative per rank, rewritten with every checkpoint so the
     file always matches the data position that the checkpoint resumes from."""
     if not state.quarantine:
         return
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(state.quarantine, schema=QUARANTINE_SCHEMA), buf)
-    storage.write_bytes(storage.join(run_dir(cfg), "quarantine", f"stream-rank{rank:05d}.parquet"), buf.getvalue(),
-                        cfg.storage)
+    store.write_bytes(storage.join(run_dir(cfg), "quarantine", f"stream-rank{rank:05d}.parquet"), buf.getvalue())

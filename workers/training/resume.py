@@ -25,6 +25,7 @@ import sys
 
 from gammaray.config import MOVED_KEYS, GammarayConfig, RunError
 from pipelines import storage
+from pipelines.storage import Store
 from pipelines.catalogue import manifest_sha256
 from workers.runtime import rank_dir
 from workers.safe_load import CHECKPOINT_GLOBALS, check_no_links, check_torch_file
@@ -94,14 +95,14 @@ def _warn(message: str) -> None:
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the checkpoints it registered
 
 
-def registered_checkpoints(run_uri: str, storage_cfg) -> set[str] | None:
+def registered_checkpoints(run_uri: str, store: Store) -> set[str] | None:
     """The checkpoint folder names Ray Train registered for this run (its snapshot lists them once
     every rank's upload finished); None when there is no readable snapshot."""
     uri = storage.join(run_uri, RAY_SNAPSHOT)
-    if not storage.exists(uri, storage_cfg):
+    if not store.exists(uri):
         return None
     try:
-        snap = json.loads(storage.read_bytes(uri, storage_cfg))
+        snap = json.loads(store.read_bytes(uri))
     except ValueError:
         _warn(f"{uri} is empty or partial: checkpoints are judged by their own files")
         return None
@@ -109,12 +110,12 @@ def registered_checkpoints(run_uri: str, storage_cfg) -> set[str] | None:
     return {r["checkpoint_dir_name"] for r in results if r.get("checkpoint_dir_name")}
 
 
-def read_state(folder: str, storage_cfg, rank: int = 0) -> dict | None:
+def read_state(folder: str, store: Store, rank: int = 0) -> dict | None:
     """A checkpoint's train_state.json of `rank`; None when it is missing, empty or partial (a save
     cut short by a full disk or a kill)."""
     uri = storage.join(folder, rank_dir(rank), "train_state.json")
     try:
-        state = json.loads(storage.read_bytes(uri, storage_cfg))
+        state = json.loads(store.read_bytes(uri))
     except ValueError:
         return None
     except OSError as err:
@@ -124,65 +125,65 @@ def read_state(folder: str, storage_cfg, rank: int = 0) -> dict | None:
     return state if isinstance(state, dict) and "step" in state else None
 
 
-def is_complete(folder: str, storage_cfg) -> bool:
+def is_complete(folder: str, store: Store) -> bool:
     """Every rank's state file is there and whole, and so is every file it lists with its size (a
     checkpoint saved before the sizes were recorded is judged by its state files alone)."""
-    states = [read_state(folder, storage_cfg)]
+    states = [read_state(folder, store)]
     if states[0] is None:
         return False
-    states += [read_state(folder, storage_cfg, r) for r in range(1, int(states[0].get("world_size", 1)))]
+    states += [read_state(folder, store, r) for r in range(1, int(states[0].get("world_size", 1)))]
     if any(s is None for s in states):
         return False
     listed = {rel: size for s in states for rel, size in (s.get("files") or {}).items()}
     if not listed:
         return True
-    sizes = storage.file_sizes(folder, storage_cfg)
+    sizes = store.file_sizes(folder)
     return all(sizes.get(rel) == size for rel, size in listed.items())
 
 
-def newest_checkpoint(run_uri: str, storage_cfg) -> str | None:
+def newest_checkpoint(run_uri: str, store: Store) -> str | None:
     """The run's newest complete checkpoint folder (Ray names them checkpoint_<timestamp>; a resume
     starts from the newest one). A folder Ray Train never registered (its upload did not finish: a
     full disk, a killed driver) or with an empty or partial state file is skipped with a warning:
     Ray resumes from the last registered checkpoint, and so does the driver's check."""
-    found = storage.list_files(run_uri, suffix=f"{rank_dir(0)}/train_state.json", storage=storage_cfg)
+    found = store.list_files(run_uri, suffix=f"{rank_dir(0)}/train_state.json")
     folders = sorted(f.rsplit(f"/{rank_dir(0)}/", 1)[0] for f in found
                      if f.rsplit(f"/{rank_dir(0)}/", 1)[0].rsplit("/", 1)[-1].startswith("checkpoint_"))
-    registered = registered_checkpoints(run_uri, storage_cfg)
+    registered = registered_checkpoints(run_uri, store)
     for folder in reversed(folders):
         if registered is not None and folder.rsplit("/", 1)[-1] not in registered:
             _warn(f"{folder}: skipped: Ray Train never registered this checkpoint (its save did not finish: storage "
                   "full, or the run stopped mid-save)")
-        elif not is_complete(folder, storage_cfg):
+        elif not is_complete(folder, store):
             _warn(f"{folder}: skipped: a state file is empty or partial (its save did not finish)")
         else:
             return folder
     return None
 
 
-def check_checkpoint(folder: str, storage_cfg=None) -> None:
+def check_checkpoint(folder: str, store: Store) -> None:
     """Driver side, before any cluster resource is asked for: refuse a checkpoint folder (local or in
     object storage) that holds a link (local) or a .pt file naming a global outside what gammaray
     and DeepSpeed write. Only each file's pickle is read (seeks into the zip), never its tensors.
     The workers check again as they load (a Tune trial builds its trainer directly)."""
     if not storage.is_remote(folder) and os.path.exists(folder):
         check_no_links(folder)
-    for uri in storage.list_files(folder, ".pt", storage_cfg):
-        with storage.open_random_access(uri, storage_cfg) as f:
+    for uri in store.list_files(folder, ".pt"):
+        with store.open_random_access(uri) as f:
             check_torch_file(f, uri, CHECKPOINT_GLOBALS)
 
 
-def check_run(cfg: GammarayConfig, run_uri: str, identity: dict) -> None:
+def check_run(cfg: GammarayConfig, store: Store, run_uri: str, identity: dict) -> None:
     """Driver side, before any cluster resource: the checkpoint this run would resume from (its
     own newest complete one, else train.resume_from) must hold data only and match `identity`."""
-    folder = newest_checkpoint(run_uri, cfg.storage) or (cfg.train.resume_from.rstrip("/") if cfg.train.resume_from else None)
+    folder = newest_checkpoint(run_uri, store) or (cfg.train.resume_from.rstrip("/") if cfg.train.resume_from else None)
     if folder is None:
         return
-    check_checkpoint(folder, cfg.storage)  # a file that would run code: refused before the workers start
+    check_checkpoint(folder, store)  # a file that would run code: refused before the workers start
     state_uri = storage.join(folder, rank_dir(0), "train_state.json")
-    if not storage.exists(state_uri, cfg.storage):
+    if not store.exists(state_uri):
         return  # not a training checkpoint: the workers say so
-    state = read_state(folder, cfg.storage)
+    state = read_state(folder, store)
     if state is None:
         raise ResumeMismatch(f"run {cfg.run.name!r} cannot resume from {folder}: {state_uri} is empty or partial (a save "
                              "that did not finish). Point train.resume_from at a complete checkpoint, or start a new run "
@@ -190,23 +191,22 @@ def check_run(cfg: GammarayConfig, run_uri: str, identity: dict) -> None:
     check_identity(state.get("identity"), identity, cfg, folder)
 
 
-def set_aside_partial_snapshot(cfg: GammarayConfig, run_uri: str) -> str | None:
+def set_aside_partial_snapshot(store: Store, run_uri: str) -> str | None:
     """A Ray Train snapshot cut short by a full disk (empty or partial JSON) stops Ray's controller on
     every re-run. Move it aside (`.partial`) and return the newest complete checkpoint folder, for
     train.resume_from: the run then resumes from it instead of failing to start."""
     uri = storage.join(run_uri, RAY_SNAPSHOT)
-    if not storage.exists(uri, cfg.storage):
+    if not store.exists(uri):
         return None
-    data = storage.read_bytes(uri, cfg.storage)
+    data = store.read_bytes(uri)
     try:
         json.loads(data)
         return None
     except ValueError:
         pass
-    storage.write_bytes(uri + ".partial", data, cfg.storage)
-    fs, path = storage.resolve(uri, cfg.storage)
-    fs.delete_file(path)
-    folder = newest_checkpoint(run_uri, cfg.storage)
+    store.write_bytes(uri + ".partial", data)
+    store.delete_file(uri)
+    folder = newest_checkpoint(run_uri, store)
     _warn(f"{uri} was empty or partial (a save cut short): set aside as {RAY_SNAPSHOT}.partial; resuming from "
           f"{folder or 'the start'}")
     return folder

@@ -16,6 +16,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from gammaray.config import GammarayConfig, RunError, apply_overrides
 from pipelines import storage
+from pipelines.storage import Store
 from pipelines.prepare import load_manifest
 from pipelines.tokenizer import tokenizer_uri
 from workers.evaluation.features import load_feature_store
@@ -40,27 +41,27 @@ class PretrainResult:
     progress_updates: int = 0
 
 
-def pretrain_heads(cfg: GammarayConfig, progress: bool = True) -> PretrainResult:
+def pretrain_heads(cfg: GammarayConfig, store: Store, progress: bool = True) -> PretrainResult:
     """`gammaray pretrain` on cached features: train, write metrics.jsonl, export the model."""
     t0 = time.perf_counter()
-    train = load_feature_store(cfg.data.features.train, cfg.storage)
-    val = load_feature_store(cfg.data.features.val, cfg.storage) if cfg.data.features.val else None
+    train = load_feature_store(cfg.data.features.train, store)
+    val = load_feature_store(cfg.data.features.val, store) if cfg.data.features.val else None
     rdir = run_dir(cfg)
-    res = train_heads(cfg, train, val, progress=progress, state_uri=storage.join(rdir, "heads", STATE_FILE))
+    res = train_heads(cfg, train, val, progress=progress, state_uri=storage.join(rdir, "heads", STATE_FILE), store=store)
     lines = "".join(json.dumps(m) + "\n" for m in res.history)
-    storage.write_bytes(storage.join(rdir, "metrics.jsonl"), lines.encode(), cfg.storage)
-    export_heads(res.model, train, cfg, rdir)
+    store.write_bytes(storage.join(rdir, "metrics.jsonl"), lines.encode())
+    export_heads(res.model, train, cfg, store, rdir)
     metrics = dict(res.metrics)
     metrics.update({"records_trained": len(train), "samples_seen_total": res.samples, "steps": res.steps,
                     "final": 1, "resumed_from_epoch": res.resumed_from_epoch, "train_s": round(res.train_s, 2)})
     return PretrainResult(metrics=metrics, checkpoint_uri=rdir, run_dir=rdir, wall_s=time.perf_counter() - t0)
 
 
-def preflight(cfg: GammarayConfig) -> dict:
+def preflight(cfg: GammarayConfig, store: Store) -> dict:
     """Fail before any cluster resource is used: data and tokenizer must exist."""
     if not cfg.data.train:
         raise ValueError("data.train is not set: point it at a prepared catalogue (gammaray prepare)")
-    manifest = load_manifest(cfg.data.train, cfg.storage)
+    manifest = load_manifest(cfg.data.train, store)
     if manifest["num_records"] == 0:
         raise ValueError(f"{cfg.data.train}: the catalogue has no records")
     q = manifest.get("quarantine", {})
@@ -70,14 +71,14 @@ def preflight(cfg: GammarayConfig) -> dict:
             f"{cfg.data.train}: prepare quarantined {bad} of {total} records ({bad / total:.1%}), above "
             f"data.quarantine_max_fraction={cfg.data.quarantine_max_fraction}: {q.get('by_reason')}. "
             f"See {storage.join(cfg.data.train, 'quarantine')} or raise the threshold.")
-    if not storage.exists(storage.join(tokenizer_uri(cfg), "tokenizer_config.json"), cfg.storage):
+    if not store.exists(storage.join(tokenizer_uri(cfg), "tokenizer_config.json")):
         raise FileNotFoundError(f"no tokenizer at {tokenizer_uri(cfg)} (set data.tokenizer or prepare --build-tokenizer)")
     if cfg.data.val:
-        load_manifest(cfg.data.val, cfg.storage)
+        load_manifest(cfg.data.val, store)
     return manifest
 
 
-def build_trainer(cfg: GammarayConfig, callbacks: list | None = None, fault: str | None = None,
+def build_trainer(cfg: GammarayConfig, store: Store, callbacks: list | None = None, fault: str | None = None,
                   identity: dict | None = None, **run_config: Any):
     """The TorchTrainer that runs `cfg`'s training loop; starts nothing (no ray.init, no progress
     queue). Shared by `pretrain` and the Ray Tune trials of tuning/: `callbacks` go to the RunConfig
@@ -86,13 +87,14 @@ def build_trainer(cfg: GammarayConfig, callbacks: list | None = None, fault: str
 
     The storage filesystem handed to Ray is `storage.RetryingS3` for s3://: it carries the names of
     the key variables, never the keys (Ray and Tune pickle it), and retries Ray's own checkpoint
-    uploads and storage checks for storage.retry_time_s."""
-    loop_config = {"config": cfg.model_dump(mode="json")}
+    uploads and storage checks for storage.retry_time_s. The workers get `store` (it pickles as its
+    settings) in their loop config."""
+    loop_config = {"config": cfg.model_dump(mode="json"), "store": store}
     if fault:
         loop_config["fault"] = fault
     if identity:
         loop_config["identity"] = identity
-    fs, path = storage.resolve(cfg.run.storage, cfg.storage)
+    fs, path = store.resolve(cfg.run.storage)
     score = {"checkpoint_score_attribute": "val_r_at_1", "checkpoint_score_order": "max"} if cfg.train.eval_every else {}
     rc: dict[str, Any] = dict(
         name=cfg.run.name, storage_path=path, storage_filesystem=fs,
@@ -118,28 +120,30 @@ def pretrain(cfg: GammarayConfig, progress: bool = True, callbacks: list | None 
 
     Re-running with the same run.name and run.storage resumes from the run's latest checkpoint;
     FailureConfig(train.max_failures) restarts the workers from it after a failure."""
+    store = Store.of(cfg.storage)  # the run's storage, bound once: everything below is handed this
     if cfg.data.features.train:  # locked towers, cached features: only the heads train, in this process
-        return pretrain_heads(cfg, progress=progress)
+        return pretrain_heads(cfg, store, progress=progress)
     t0 = time.perf_counter()
-    manifest = preflight(cfg)
+    manifest = preflight(cfg, store)
     identity = run_identity(cfg, manifest)  # as written: before "auto" keys are resolved for this cluster
-    partial = set_aside_partial_snapshot(cfg, run_dir(cfg))  # Ray's own record, cut short by a full disk
+    partial = set_aside_partial_snapshot(store, run_dir(cfg))  # Ray's own record, cut short by a full disk
     if partial and not cfg.train.resume_from:
         cfg = apply_overrides(cfg, {"train.resume_from": partial})
-    check_run(cfg, run_dir(cfg), identity)  # a resume that does not match is refused before Ray starts
+    check_run(cfg, store, run_dir(cfg), identity)  # a resume that does not match is refused before Ray starts
     ensure_ray(cfg)
     cfg = resolve_for_cluster(cfg)  # train.workers / data.batch_size / preprocess_concurrency = "auto"
     fault = fault_from_env()
     if cfg.train.workers == 0:
-        loop_config = {"config": cfg.model_dump(mode="json"), "in_ray": False, "fault": fault, "identity": identity}
+        loop_config = {"config": cfg.model_dump(mode="json"), "store": store, "in_ray": False, "fault": fault,
+                       "identity": identity}
         train_loop_per_worker(loop_config)
         return PretrainResult(metrics={}, checkpoint_uri=None, run_dir=run_dir(cfg), wall_s=time.perf_counter() - t0)
 
     printer = ProgressPrinter(enabled=progress)
-    cb = MetricsCallback(run_dir(cfg), cfg.storage, printer.queue)
+    cb = MetricsCallback(run_dir(cfg), store, printer.queue)
     tracked = start_run(cfg, "pretrain")  # tracking.kind: MLflow / W&B run fed by the controller (workers/tracking.py)
     tracking = [TrackingCallback(tracked)] if tracked else []
-    trainer = build_trainer(cfg, [cb, *tracking, *(callbacks or [])], fault, identity)
+    trainer = build_trainer(cfg, store, [cb, *tracking, *(callbacks or [])], fault, identity)
     with printer:
         try:
             result = trainer.fit()

@@ -212,7 +212,7 @@ def stall_from_metrics(lines: list[dict]) -> dict[str, float]:
             "data_stall_first_window": rows[0][0], "data_stall_windows": [round(f, 4) for f, _ in rows]}
 
 
-def run_training(cfg, catalogue: str, tok: str, run_storage: str, steps: int, epochs: int) -> dict:
+def run_training(cfg, store, catalogue: str, tok: str, run_storage: str, steps: int, epochs: int) -> dict:
     from gammaray.config import apply_overrides
     from pipelines import storage
     from workers.training.trainer import pretrain
@@ -234,8 +234,8 @@ def run_training(cfg, catalogue: str, tok: str, run_storage: str, steps: int, ep
                      runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
                                                "PYTHONPATH": os.environ.get("PYTHONPATH", os.getcwd())}})
     res = pretrain(cfg, progress=False)
-    lines = [json.loads(x) for x in storage.read_bytes(storage.join(res.run_dir, "metrics.jsonl"), cfg.storage)
-             .decode().splitlines() if x.strip()]
+    lines = [json.loads(x) for x in store.read_bytes(storage.join(res.run_dir, "metrics.jsonl")).decode().splitlines()
+             if x.strip()]
     out = stall_from_metrics(lines)
     out.update({"train_steps": res.metrics.get("step"), "train_wall_s": round(res.wall_s, 1),
                 "train_step_time_s": statistics.median([m["step_time_s"] for m in lines if "step_time_s" in m
@@ -294,22 +294,22 @@ def run(args: argparse.Namespace, cfg=None) -> int:
             s3 = stack.enter_context(SeaweedS3(bucket="gammaray-bench"))
             base = "s3://gammaray-bench"
             say(f"S3 server (SeaweedFS) at {s3.endpoint}")
+        store = storage.Store.of(cfg.storage)  # bound once the server's endpoint is in the environment
         raw = stack.enter_context(tempfile.TemporaryDirectory(prefix="gammaray-bench-"))
         say(f"catalogue: {args.records} synthetic records, {args.image_side}px JPEGs -> {base}/bench/catalog")
         paths = write_raw_catalogue(raw, n_train=args.records, n_val=0, seed=0, image_side=args.image_side)
         cat, tok = f"{base}/bench/catalog", f"{base}/bench/tokenizer"
-        storage.delete_dir(cat, cfg.storage)
+        store.delete_dir(cat)
         res = prepare(paths["train"], cat, PrepareOptions(progress=False, row_group_size=args.row_group_size,
-                                                          max_records_per_shard=8 * args.row_group_size),
-                      cfg.storage)
-        build_for_catalogue(cat, tok, res.manifest, vocab_size=1000, storage_cfg=cfg.storage)
+                                                          max_records_per_shard=8 * args.row_group_size), store)
+        build_for_catalogue(cat, tok, res.manifest, vocab_size=1000, storage_cfg=store)
         units = units_from_manifest(res.manifest)
         d = cfg.data
         pp = PreprocessSpec(image_size=d.image_size, max_image_pixels=d.max_image_pixels,
                             max_text_tokens=d.max_text_tokens, max_text_chars=d.max_text_chars, augment=d.augment,
                             tokenizer_uri=tok, seed=0, epoch=0, with_aug_views=not args.no_aug, train=True,
                             jpeg_draft=d.jpeg_draft, image_background=d.image_background)
-        settings = storage.S3Settings.from_config(cfg.storage)
+        settings = store.settings
         spec = StreamSpec(catalogue_uri=cat, units=tuple(units), preprocess=pp, settings=settings, shuffle=True,
                           batch_size=d.batch_size, preprocess_num_cpus=d.preprocess_num_cpus, prefetch_batches=d.prefetch_batches,
                           concurrency=d.preprocess_concurrency, segments_per_task=d.preprocess_segments_per_task)
@@ -326,7 +326,7 @@ def run(args: argparse.Namespace, cfg=None) -> int:
             table = pa.concat_tables([read_segment_rows(cat, units[s.unit], s.unit, s.start, s.stop, 0, 0, True, settings,
                                                         pp.columns) for s in part])
             local_tok = stack.enter_context(tempfile.TemporaryDirectory(prefix="gammaray-bench-tok-"))
-            storage.download_dir(tok, local_tok, cfg.storage)
+            store.download_dir(tok, local_tok)
             pp_local = PreprocessSpec(**{**pp.__dict__, "tokenizer_uri": local_tok})
 
             import ray
@@ -393,14 +393,14 @@ def run(args: argparse.Namespace, cfg=None) -> int:
             # the demo model on a prefix of the catalogue, so that a short run crosses epoch starts
             n_train = min(args.train_records, res.num_written)
             sub = f"{base}/bench/train-catalog"
-            storage.delete_dir(sub, cfg.storage)
+            store.delete_dir(sub)
             with open(paths["train"]) as f, open(os.path.join(raw, "train-prefix.jsonl"), "w") as g:
                 for _, line in zip(range(n_train), f):
                     g.write(line)
-            prepare(os.path.join(raw, "train-prefix.jsonl"), sub, PrepareOptions(progress=False), cfg.storage)
+            prepare(os.path.join(raw, "train-prefix.jsonl"), sub, PrepareOptions(progress=False), store)
             say(f"training the demo model ({args.train_steps} steps, {n_train} records, up to {args.train_epochs} "
                 f"epochs) for the data-stall fraction")
-            result.update(run_training(cfg, sub, tok, f"{base}/bench/runs", args.train_steps, args.train_epochs))
+            result.update(run_training(cfg, store, sub, tok, f"{base}/bench/runs", args.train_steps, args.train_epochs))
             result["train_records"] = n_train
             import ray
 

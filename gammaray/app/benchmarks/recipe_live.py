@@ -61,11 +61,11 @@ def arrays(cfg, catalogue: str, out_path: str) -> str:
     units = units_from_manifest(load_manifest(catalogue))
     spec = PreprocessSpec.from_config(cfg, epoch=0, train=False, with_aug=False)
     spec = dataclasses.replace(spec, pixels_uint8=True)
-    settings = storage.S3Settings.from_config(cfg.storage)
-    tok = load_tokenizer(spec.tokenizer_uri, settings)
+    store = storage.Store.of(cfg.storage)
+    tok = load_tokenizer(spec.tokenizer_uri, store)
     parts: dict[str, list] = {k: [] for k in ("pixels", "ids", "mask", "index", "category")}
     for u, unit in enumerate(units):
-        table = read_segment_rows(catalogue, unit, u, 0, unit.num_rows, 0, 0, False, settings)
+        table = read_segment_rows(catalogue, unit, u, 0, unit.num_rows, 0, 0, False, store)
         cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
         out = preprocess_batch(cols, spec, tok)
         ok = out[K.REJECT] == ""

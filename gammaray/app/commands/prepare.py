@@ -20,9 +20,11 @@ def parse_size(text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from pipelines.prepare import PrepareError, PrepareOptions, prepare
+    from pipelines.storage import Store
     from pipelines.tokenizer import build_for_catalogue
 
     cfg = config_from_args(args)
+    store = Store.of(cfg.storage)
     column_map = {}
     for item in args.map:
         if "=" not in item:
@@ -40,14 +42,14 @@ def run(args: argparse.Namespace) -> int:
                           check_images=not args.no_image_check, io_threads=args.io_threads, progress=not args.quiet,
                           cpus=args.cpus, address=args.address or cfg.ray.address)
     try:
-        res = prepare(args.src, args.dst, opts, cfg.storage)
+        res = prepare(args.src, args.dst, opts, store)
     except PrepareError as err:
         print(f"gammaray prepare: error: {err}", file=sys.stderr)
         return 1
     print(res.summary())
     if args.build_tokenizer:
         uri = args.tokenizer_out or args.dst.rstrip("/").rsplit("/", 1)[0] + "/tokenizer"
-        build_for_catalogue(args.dst, uri, res.manifest, vocab_size=args.build_tokenizer, storage_cfg=cfg.storage,
+        build_for_catalogue(args.dst, uri, res.manifest, vocab_size=args.build_tokenizer, storage_cfg=store,
                             sample=args.tokenizer_sample or cfg.data.tokenizer_sample, seed=cfg.run.seed)
         print(f"tokenizer -> {uri}")
     if args.json:
