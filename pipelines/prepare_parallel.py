@@ -24,13 +24,17 @@ which ordered streaming generators give directly, with per-task backpressure.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
+import pickle
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from gammaray.config import StorageConfig
 
@@ -45,7 +49,6 @@ from .readers import READ_CHUNK, RawRow, is_json_array, read_jsonl_range, read_p
 BATCH_RECORDS = 1024        # rows a chunk task yields at once
 BATCH_BYTES = 8 * 2**20     # ... or fewer, once their images reach this size
 PROBE_ROWS = 32            # rows a chunk task times on one thread (I/O bound or not)
-BACKPRESSURE = 8            # batches a chunk task may run ahead of the driver (a whole chunk of small records)
 LOOKUP_ROWS = 256           # rows a chunk task asks the id partitions about at once
 SCAN_ROWS = 100_000         # catalogued ids one scan task reads (its shards' id files) for the partition owners
 
@@ -202,15 +205,23 @@ def _remote(name: str):
     if not _TASKS:
         import ray
 
-        _TASKS["check"] = ray.remote(num_cpus=1, max_retries=0)(check_chunk).options(
-            _generator_backpressure_num_objects=BACKPRESSURE)
         # writers take no CPU slot: chunk tasks waiting on backpressure hold theirs, and a writer the
         # driver waits for must still run
         _TASKS["writer"] = ray.remote(num_cpus=0, max_restarts=0)(ShardWriter)
         # the id partitions take no CPU slot either: the chunk tasks and the driver wait on them
         _TASKS["owner"] = ray.remote(num_cpus=0, max_restarts=0)(IdPartition)
         _TASKS["scan"] = ray.remote(num_cpus=1, max_retries=0)(scan_shards)
+        _TASKS["warm"] = ray.remote(num_cpus=1)(_warm_worker)
     return _TASKS[name]
+
+
+def _warm_worker() -> int:
+    """What a chunk task imports (Ray Data's worker side, the readers and image checks: about 1-2 s
+    a process), done while the driver loads the id partitions and cuts the source."""
+    import ray.data  # noqa: F401
+
+    from . import prepare_records  # noqa: F401
+    return os.getpid()
 
 
 def start_ray(opts: PrepareOptions) -> tuple[int, bool]:
@@ -233,7 +244,12 @@ def start_ray(opts: PrepareOptions) -> tuple[int, bool]:
     # the CPUs free now: chunk tasks waiting on backpressure hold theirs, so every task in flight must
     # be able to run at once (a head chunk left waiting for a CPU would stall the run)
     free = max(1, int(ray.available_resources().get("CPU", 1)))
-    return max(1, min(opts.cpus or free, free)), started
+    cpus = max(1, min(opts.cpus or free, free))
+    _WARMING[:] = [_remote("warm").remote() for _ in range(cpus)]
+    return cpus, started
+
+
+_WARMING: list = []  # the warm-up tasks of `start_ray` (their results are not needed)
 
 
 def unwrap(err: BaseException) -> BaseException:
@@ -276,48 +292,115 @@ def start_partitions(dst: str, shards: list[dict], storage_cfg: StorageConfig | 
     return ids
 
 
+def _chunk_item(index: int, chunk: Chunk) -> dict:
+    """A chunk as a row of the Ray Data source (plain columns: no pickled object in the plan)."""
+    rg = chunk.row_groups or (-1, -1)
+    return {"index": index, "uri": chunk.uri, "start": chunk.start, "stop": -1 if chunk.stop is None else chunk.stop,
+            "first_line": chunk.first_line, "rg_start": rg[0], "rg_stop": rg[1]}
+
+
+def _chunk_of(row: dict) -> Chunk:
+    stop, rg = int(row["stop"]), (int(row["rg_start"]), int(row["rg_stop"]))
+    return Chunk(str(row["uri"]), int(row["start"]), None if stop < 0 else stop, int(row["first_line"]),
+                 None if rg[0] < 0 else rg)
+
+
+def check_chunk_batches(items: pa.Table, opts: PrepareOptions, storage_cfg: StorageConfig | None,
+                        policy: ImagePolicy, ids: PartitionedIds | None) -> Iterator[pa.Table]:
+    """The Ray Data UDF: for its chunk (one row), what `check_chunk` yields, one output row per
+    batch (the batch pickled: records hold image bytes, faults and raw rows, which no Arrow column
+    keeps as they are). A fault of the chunk (a PrepareError naming its file, a storage OSError)
+    comes back as a last row, for the driver to raise where the source order reaches it, exactly
+    as the in-process pass would (the batches before it are still decided)."""
+    for row in items.to_pylist():
+        chunk, seq = _chunk_of(row), 0
+        try:
+            for batch in check_chunk(chunk, opts, storage_cfg, policy, ids):
+                yield _out_row(row["index"], seq, pickle.dumps(batch, protocol=5), None)
+                seq += 1
+        except Exception as err:  # noqa: BLE001 - raised by the driver, in source order
+            yield _out_row(row["index"], seq, None, pickle.dumps(err, protocol=5))
+
+
+def _out_row(index: int, seq: int, batch: bytes | None, fault: bytes | None) -> pa.Table:
+    return pa.table({"chunk": pa.array([index], pa.int64()), "seq": pa.array([seq], pa.int64()),
+                     "batch": pa.array([batch], pa.large_binary()), "fault": pa.array([fault], pa.large_binary())})
+
+
+@contextmanager
+def _data_context(cpus: int):
+    """Ray Data settings for the prepare job, the caller's restored after it: order preserved (the
+    decisions are one ordered pass), `cpus` chunk tasks at once, blocks of about one batch (a
+    generator UDF's output is buffered up to `target_max_block_size` before it becomes a block: at
+    Ray Data's 128 MiB that would be a whole chunk held by its task), no progress bars, stats or
+    log lines on the console (the command prints its own progress)."""
+    import ray.data
+    from ray.data import DataContext
+
+    before = DataContext.get_current()
+    ctx = before.copy()
+    ctx.execution_options.preserve_order = True
+    ctx.execution_options.resource_limits = ray.data.ExecutionResources(cpu=cpus)
+    ctx.target_max_block_size = 1  # every batch a block of its own, as soon as it is yielded
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.enable_auto_log_stats = False
+    ctx.print_on_execution_start = False
+    # one operator: no other to keep a reservation for (pipelines/stream.py: half the CPUs idle otherwise)
+    ctx.op_resource_reservation_enabled = False
+    DataContext._set_current(ctx)
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield ctx
+    finally:
+        logger.setLevel(level)
+        DataContext._set_current(before)
+
+
 def parallel_items(files: list[str], opts: PrepareOptions, storage_cfg: StorageConfig | None, policy: ImagePolicy,
                    ids: PartitionedIds, cpus: int) -> Iterator[list[tuple[str, int, Checked, Callable[[], Checked]]]]:
     """Batches of (source, row, checked, full) in source order, as the in-process pass makes them:
     `checked` is what validate_raw with the catalogue's ids says, full() the validation without
-    them (for a catalogued record met twice; its images are read here then)."""
-    import ray
+    them (for a catalogued record met twice; its images are read here then).
 
-    check = _remote("check")
+    A Ray Data job: the chunks (one block each) -> `check_chunk_batches` (a generator UDF, at most
+    `cpus` tasks at once), iterated in source order (`preserve_order`); the streaming executor's
+    backpressure (at most `_max_num_blocks_in_streaming_gen_buffer` blocks a task ahead, an object
+    store budget for the operator) bounds what is in flight."""
+    import ray.data
+
+    chunks = [_chunk_item(i, c) for i, c in enumerate(plan_chunks(files, opts.chunk_bytes, storage_cfg))]
+    if not chunks:
+        return
     validate_here = lambda raw: validate_raw(raw, opts, storage_cfg, policy)  # noqa: E731
-    running: deque = deque()
-    chunks = plan_chunks(files, opts.chunk_bytes, storage_cfg)
-    try:
-        while True:
-            while len(running) < cpus:  # never more than the CPUs: a waiting head chunk would stall
-                chunk = next(chunks, None)
-                if chunk is None:
-                    break
-                running.append((chunk.uri, check.remote(chunk, opts, storage_cfg, policy, ids)))
-            if not running:
-                return
-            source, batches = running.popleft()
-            for ref in batches:
-                try:
-                    batch = ray.get(ref)
-                except ray.exceptions.RayTaskError as err:
-                    raise unwrap(err) from None
-                items = []
-                for row, pid, cheap_ok, known_row_hash, full, fault, raw in batch:
-                    if raw is not None:  # catalogued (the partitions said so): images not read
-                        full = lambda raw=raw: validate_here(raw)  # noqa: E731
-                        checked = Checked(None, None, pid, known=True, row_hash=known_row_hash)
-                    else:
-                        full = _full(full, fault)
-                        checked = full()
-                    items.append((source, row, checked, full))
-                yield items
-    finally:
-        for _, batches in running:
-            try:
-                ray.cancel(batches, force=True)
-            except Exception:  # noqa: BLE001 - finished already
-                pass
+    sources = [c["uri"] for c in chunks]
+    with _data_context(cpus):
+        ds = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
+            check_chunk_batches, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
+            fn_kwargs={"opts": opts, "storage_cfg": storage_cfg, "policy": policy, "ids": ids},
+            num_cpus=1, compute=ray.data.TaskPoolStrategy(size=cpus))
+        blocks = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1))
+        try:
+            for block in blocks:
+                for index, batch, fault in zip(*(block.column(c).to_pylist() for c in ("chunk", "batch", "fault"))):
+                    if fault is not None:
+                        raise pickle.loads(fault)
+                    items = []
+                    for row, pid, cheap_ok, known_row_hash, full, fault, raw in pickle.loads(batch):
+                        if raw is not None:  # catalogued (the partitions said so): images not read
+                            full = lambda raw=raw: validate_here(raw)  # noqa: E731
+                            checked = Checked(None, None, pid, known=True, row_hash=known_row_hash)
+                        else:
+                            full = _full(full, fault)
+                            checked = full()
+                        items.append((sources[index], row, checked, full))
+                    yield items
+        finally:  # stops the job (its tasks) where the pass stopped early
+            close = getattr(blocks, "close", None)
+            if close is not None:
+                close()
 
 
 def _full(full: Checked | None, fault: BaseException | None) -> Callable[[], Checked]:
