@@ -211,17 +211,7 @@ def _remote(name: str):
         # the id partitions take no CPU slot either: the chunk tasks and the driver wait on them
         _TASKS["owner"] = ray.remote(num_cpus=0, max_restarts=0)(IdPartition)
         _TASKS["scan"] = ray.remote(num_cpus=1, max_retries=0)(scan_shards)
-        _TASKS["warm"] = ray.remote(num_cpus=1)(_warm_worker)
     return _TASKS[name]
-
-
-def _warm_worker() -> int:
-    """What a chunk task imports (Ray Data's worker side, the readers and image checks: about 1-2 s
-    a process), done while the driver loads the id partitions and cuts the source."""
-    import ray.data  # noqa: F401
-
-    from . import prepare_records  # noqa: F401
-    return os.getpid()
 
 
 def start_ray(opts: PrepareOptions) -> tuple[int, bool]:
@@ -244,12 +234,7 @@ def start_ray(opts: PrepareOptions) -> tuple[int, bool]:
     # the CPUs free now: chunk tasks waiting on backpressure hold theirs, so every task in flight must
     # be able to run at once (a head chunk left waiting for a CPU would stall the run)
     free = max(1, int(ray.available_resources().get("CPU", 1)))
-    cpus = max(1, min(opts.cpus or free, free))
-    _WARMING[:] = [_remote("warm").remote() for _ in range(cpus)]
-    return cpus, started
-
-
-_WARMING: list = []  # the warm-up tasks of `start_ray` (their results are not needed)
+    return max(1, min(opts.cpus or free, free)), started
 
 
 def unwrap(err: BaseException) -> BaseException:
