@@ -34,8 +34,9 @@ PATH"); what a killed one left is removed by the next prepare, under the lock. A
 catalogue whose source row changed is listed as changed, never re-admitted (docs/data.md, Identity).
 
 With more than one CPU (`PrepareOptions.cpus`) and a source of at least `parallel_min_bytes`, the
-per-record work and the shard writes run in Ray tasks (pipelines/prepare_parallel.py) and this
-module's pass only decides, in source order: the same catalogue, byte for byte. The ids of the
+per-record work runs as a Ray Data job and the shard writes in Ray actors
+(pipelines/prepare_parallel.py), and this module's pass only decides, in source order, handing
+each decided batch the next contiguous range of sample_index: the same catalogue, byte for byte. The ids of the
 catalogue and of the run are held by hash partitions (pipelines/ids.py: Ray actors with Ray, one
 local partition here), never by this process, never as a set of strings.
 

@@ -1,24 +1,35 @@
-"""`gammaray prepare` on Ray: the per-record work in parallel tasks, every decision in the driver and the id partitions.
+"""`gammaray prepare` as a Ray Data job: the per-record work in Ray Data tasks, every decision in the driver and the id partitions.
 
 The source is cut into chunks: a JSON Lines file into byte ranges of about `chunk_bytes` that start
 at a line start (the driver finds the cuts and the line number of each while streaming the file
 once: counting newlines costs far less than validating), a Parquet file into runs of row groups
 of about `chunk_bytes` (its footer read here), every other file (CSV: quoted newlines; a JSON
-array; WebDataset tar) is one chunk. A Ray task per chunk reads its rows (the
-readers of pipelines/readers.py: the same caps, reasons and row numbers), validates them, reads and
-checks their images, hashes them, and yields them in batches; at most `cpus` chunk tasks run at
-once, each at most `BACKPRESSURE` batches ahead of the driver, so memory holds a bounded window of
-records whatever the size of the source or its images. The driver takes the batches in source
-order and decides every record (already present, duplicate, changed at the source, quarantined,
-re-admitted) exactly as the in-process pass does, asking the id partitions (pipelines/ids.py: P
-actors, one hash range each, started and loaded by `start_partitions`) one call per batch per
-partition; the driver holds no id, the tasks ask the partitions which rows are catalogued. The
+array; WebDataset tar) is one chunk. The chunks are the rows of a Ray Data dataset, one block
+each (`ray.data.from_items`), mapped by a generator UDF (`check_chunk_batches`, `map_batches`, at
+most `cpus` tasks at once) that streams its chunk's rows (the readers of pipelines/readers.py: the
+same caps, reasons and row numbers; a byte range or row groups read, never the whole file),
+validates them, reads and checks their images, hashes them, asks the id partitions which are
+catalogued, and yields them in batches of at most `BATCH_RECORDS` rows or `BATCH_BYTES` of images,
+each its own block. The driver iterates the blocks in source order (`preserve_order`) and decides
+every record (already present, duplicate, changed at the source, quarantined, re-admitted) exactly
+as the in-process pass does, asking the id partitions (pipelines/ids.py: P actors, one hash range
+each, started and loaded by `start_partitions`) one call per batch per partition, and hands each
+decided batch the next contiguous range of sample_index (pipelines/prepare.py, `_numbered`). The
 output is the same, byte for byte. Full shards go to a few writer actors (a bounded number of
 writes in flight); the manifest is still committed last, by the driver.
 
-Ray tasks inside whatever Ray job runs the command, not a Ray Data pipeline: the decisions need one
-ordered pass over the validated records (first seen wins; sample_index is dense in source order),
-which ordered streaming generators give directly, with per-task backpressure.
+Memory: a block is one batch (`target_max_block_size` is set so that the UDF's output is never
+buffered into a bigger block), a task holds at most Ray Data's streaming-generator buffer of
+blocks ahead of the executor, and the executor stops starting chunk tasks while the driver falls
+behind (measured: the driver held for 48 s, 8 chunks of 100,000 records' 21 had started, none
+more until it went on). A batch travels pickled in one binary cell: its records carry image
+bytes, per-record faults and raw rows, which no Arrow column keeps as they are. A fault of a whole
+chunk (its file unreadable, its storage down) comes back as the chunk's last row and is raised by
+the driver where the source order reaches it, as the in-process pass raises it.
+
+Why the decisions stay in the driver: first seen wins and sample_index is dense in source order,
+so they need one ordered pass over the validated records; the id partitions make each decision a
+lookup, so that pass costs little next to the per-record work it no longer does.
 """
 
 from __future__ import annotations
@@ -205,7 +216,7 @@ def _remote(name: str):
     if not _TASKS:
         import ray
 
-        # writers take no CPU slot: chunk tasks waiting on backpressure hold theirs, and a writer the
+        # writers take no CPU slot: chunk tasks held back by the executor hold theirs, and a writer the
         # driver waits for must still run
         _TASKS["writer"] = ray.remote(num_cpus=0, max_restarts=0)(ShardWriter)
         # the id partitions take no CPU slot either: the chunk tasks and the driver wait on them
@@ -231,7 +242,7 @@ def start_ray(opts: PrepareOptions) -> tuple[int, bool]:
                 ray.init(num_cpus=opts.cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
                          _system_config={"worker_niceness": os.nice(0)})
         started = True
-    # the CPUs free now: chunk tasks waiting on backpressure hold theirs, so every task in flight must
+    # the CPUs free now: chunk tasks held back by the executor hold theirs, so every task in flight must
     # be able to run at once (a head chunk left waiting for a CPU would stall the run)
     free = max(1, int(ray.available_resources().get("CPU", 1)))
     return max(1, min(opts.cpus or free, free)), started
@@ -352,8 +363,7 @@ def parallel_items(files: list[str], opts: PrepareOptions, storage_cfg: StorageC
 
     A Ray Data job: the chunks (one block each) -> `check_chunk_batches` (a generator UDF, at most
     `cpus` tasks at once), iterated in source order (`preserve_order`); the streaming executor's
-    backpressure (at most `_max_num_blocks_in_streaming_gen_buffer` blocks a task ahead, an object
-    store budget for the operator) bounds what is in flight."""
+    backpressure bounds what is in flight (the module's docstring: Memory)."""
     import ray.data
 
     chunks = [_chunk_item(i, c) for i, c in enumerate(plan_chunks(files, opts.chunk_bytes, storage_cfg))]
