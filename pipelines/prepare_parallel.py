@@ -375,7 +375,7 @@ def parallel_items(files: list[str], opts: PrepareOptions, storage_cfg: StorageC
         ds = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
             check_chunk_batches, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
             fn_kwargs={"opts": opts, "storage_cfg": storage_cfg, "policy": policy, "ids": ids},
-            num_cpus=1, compute=ray.data.TaskPoolStrategy(size=cpus))
+            num_cpus=1, compute=ray.data.TaskPoolStrategy(size=min(cpus, len(chunks))))
         blocks = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1))
         try:
             for block in blocks:
