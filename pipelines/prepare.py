@@ -34,8 +34,9 @@ PATH"); what a killed one left is removed by the next prepare, under the lock. A
 catalogue whose source row changed is listed as changed, never re-admitted (docs/data.md, Identity).
 
 With more than one CPU (`PrepareOptions.cpus`) and a source of at least `parallel_min_bytes`, the
-per-record work and the shard writes run in Ray tasks (pipelines/prepare_parallel.py) and this
-module's pass only decides, in source order: the same catalogue, byte for byte. The ids of the
+per-record work runs as a Ray Data job and the shard writes in Ray actors
+(pipelines/prepare_parallel.py), and this module's pass only decides, in source order, handing
+each decided batch the next contiguous range of sample_index: the same catalogue, byte for byte. The ids of the
 catalogue and of the run are held by hash partitions (pipelines/ids.py: Ray actors with Ray, one
 local partition here), never by this process, never as a set of strings.
 
@@ -312,8 +313,8 @@ def _in_process_items(files: list[str], opts: PrepareOptions, store: Store, poli
 DECIDE_RECORDS = 256  # records of one batch of questions to the id partitions (in one process)
 
 
-def _decided(batches: Iterator[list[tuple]], ids: PartitionedIds) -> Iterator[tuple]:
-    """(source, row, checked, full, verdict) in source order. The verdicts of a batch are asked of
+def _decided(batches: Iterator[list[tuple]], ids: PartitionedIds) -> Iterator[list[tuple]]:
+    """Batches of (source, row, checked, full, verdict), in source order. The verdicts of a batch are asked of
     the id partitions (one call each) as soon as it arrives and gathered once the next one has been
     asked too: the partitions answer in the order asked, so first-seen-wins holds, while the driver
     and the partitions work at once. A record that is neither catalogued nor valid is not asked
@@ -328,11 +329,27 @@ def _decided(batches: Iterator[list[tuple]], ids: PartitionedIds) -> Iterator[tu
             has = np.fromiter((batch[i][2].known and batch[i][2].row_hash is not None for i in ops), bool, len(ops))
             asked.append((batch, ops, ids.decide(pids, add, row_hash, has)))
             if len(asked) > 1:
-                yield from _verdicts(*asked.popleft())
+                yield list(_verdicts(*asked.popleft()))
         while asked:
-            yield from _verdicts(*asked.popleft())
+            yield list(_verdicts(*asked.popleft()))
     finally:
         batches.close()
+
+
+def _numbered(decided: Iterator[list[tuple]], first_index: int) -> Iterator[tuple]:
+    """(source, row, checked, full, verdict, sample_index) in source order: each decided batch (a
+    chunk task's batch on Ray) is handed the next contiguous range of sample_index, as many as it
+    has NEW records, before its records are looked at; sample_index is None for every other verdict.
+    The ranges follow the source order, so the catalogue is dense and the same whatever the CPUs."""
+    try:
+        for batch in decided:
+            new = sum(1 for item in batch if item[4] == NEW)
+            indices = iter(range(first_index, first_index + new))
+            first_index += new
+            for item in batch:
+                yield (*item, next(indices) if item[4] == NEW else None)
+    finally:  # (the pass stopping early stops the job behind it)
+        decided.close()
 
 
 def _verdicts(batch: list[tuple], ops: list[int], gather) -> Iterator[tuple]:
@@ -352,7 +369,8 @@ def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, ids: 
         batches = prepare_parallel.parallel_items(files, opts, store, policy, ids, run.cpus)
     else:
         batches = _in_process_items(files, opts, store, policy, ids)
-    items = _decided(batches, ids)
+    first_index = int(manifest["next_sample_index"])
+    items = _numbered(_decided(batches, ids), first_index)
 
     # the product_ids of the catalogue and of this run's writes are held by the id partitions,
     # which say what each record is (`verdict`); this pass keeps only the bad ones' ids
@@ -364,7 +382,6 @@ def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, ids: 
     changed: list[str] = []
     conversions: Counter = Counter()
     num_input = already = written = repeated = 0
-    next_index = int(manifest["next_sample_index"])
     buffer: list[dict] = []
     hashes: list[int | None] = []
     buffer_bytes = 0
@@ -379,7 +396,7 @@ def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, ids: 
 
     bar = tqdm(desc="prepare", unit="rec", disable=not opts.progress, dynamic_ncols=True)
     try:
-        for source, row, checked, full, verdict in items:
+        for source, row, checked, full, verdict, sample_index in items:
             num_input += 1
             bar.update(1)
             if source not in read_sources:
@@ -396,8 +413,7 @@ def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, ids: 
             rec, err = checked.rec, checked.err
             if verdict == NEW:
                 conversions.update(checked.conversions)
-                rec["sample_index"] = next_index
-                next_index += 1
+                rec["sample_index"] = sample_index
                 written += 1
                 if rec.get("category"):
                     cats.add(rec["category"])
@@ -466,7 +482,7 @@ def _prepare_pass(src: str, src_is_dir: bool, files: list[str], run: _Run, ids: 
             run.write(storage.join(dst, qrel), buf.getvalue())
             manifest["quarantine"]["files"] = [qrel]
     manifest["num_records"] = int(manifest["num_records"]) + written
-    manifest["next_sample_index"] = next_index
+    manifest["next_sample_index"] = first_index + written
     if source not in manifest["sources"]:
         manifest["sources"].append(source)
     manifest["categories"] = sorted(cats)

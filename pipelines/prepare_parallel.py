@@ -1,36 +1,51 @@
-"""`gammaray prepare` on Ray: the per-record work in parallel tasks, every decision in the driver and the id partitions.
+"""`gammaray prepare` as a Ray Data job: the per-record work in Ray Data tasks, every decision in the driver and the id partitions.
 
 The source is cut into chunks: a JSON Lines file into byte ranges of about `chunk_bytes` that start
 at a line start (the driver finds the cuts and the line number of each while streaming the file
 once: counting newlines costs far less than validating), a Parquet file into runs of row groups
 of about `chunk_bytes` (its footer read here), every other file (CSV: quoted newlines; a JSON
-array; WebDataset tar) is one chunk. A Ray task per chunk reads its rows (the
-readers of pipelines/readers.py: the same caps, reasons and row numbers), validates them, reads and
-checks their images, hashes them, and yields them in batches; at most `cpus` chunk tasks run at
-once, each at most `BACKPRESSURE` batches ahead of the driver, so memory holds a bounded window of
-records whatever the size of the source or its images. The driver takes the batches in source
-order and decides every record (already present, duplicate, changed at the source, quarantined,
-re-admitted) exactly as the in-process pass does, asking the id partitions (pipelines/ids.py: P
-actors, one hash range each, started and loaded by `start_partitions`) one call per batch per
-partition; the driver holds no id, the tasks ask the partitions which rows are catalogued. The
+array; WebDataset tar) is one chunk. The chunks are the rows of a Ray Data dataset, one block
+each (`ray.data.from_items`), mapped by a generator UDF (`check_chunk_batches`, `map_batches`, at
+most `cpus` tasks at once) that streams its chunk's rows (the readers of pipelines/readers.py: the
+same caps, reasons and row numbers; a byte range or row groups read, never the whole file),
+validates them, reads and checks their images, hashes them, asks the id partitions which are
+catalogued, and yields them in batches of at most `BATCH_RECORDS` rows or `BATCH_BYTES` of images,
+each its own block. The driver iterates the blocks in source order (`preserve_order`) and decides
+every record (already present, duplicate, changed at the source, quarantined, re-admitted) exactly
+as the in-process pass does, asking the id partitions (pipelines/ids.py: P actors, one hash range
+each, started and loaded by `start_partitions`) one call per batch per partition, and hands each
+decided batch the next contiguous range of sample_index (pipelines/prepare.py, `_numbered`). The
 output is the same, byte for byte. Full shards go to a few writer actors (a bounded number of
 writes in flight); the manifest is still committed last, by the driver.
 
-Ray tasks inside whatever Ray job runs the command, not a Ray Data pipeline: the decisions need one
-ordered pass over the validated records (first seen wins; sample_index is dense in source order),
-which ordered streaming generators give directly, with per-task backpressure.
+Memory: a block is one batch (`target_max_block_size` is set so that the UDF's output is never
+buffered into a bigger block), a task holds at most Ray Data's streaming-generator buffer of
+blocks ahead of the executor, and the executor stops starting chunk tasks while the driver falls
+behind (measured: the driver held for 48 s, 8 chunks of 100,000 records' 21 had started, none
+more until it went on). A batch travels pickled in one binary cell: its records carry image
+bytes, per-record faults and raw rows, which no Arrow column keeps as they are. A fault of a whole
+chunk (its file unreadable, its storage down) comes back as the chunk's last row and is raised by
+the driver where the source order reaches it, as the in-process pass raises it.
+
+Why the decisions stay in the driver: first seen wins and sample_index is dense in source order,
+so they need one ordered pass over the validated records; the id partitions make each decision a
+lookup, so that pass costs little next to the per-record work it no longer does.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import os
+import pickle
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .storage import Store
@@ -44,7 +59,6 @@ from .readers import READ_CHUNK, RawRow, is_json_array, read_jsonl_range, read_p
 BATCH_RECORDS = 1024        # rows a chunk task yields at once
 BATCH_BYTES = 8 * 2**20     # ... or fewer, once their images reach this size
 PROBE_ROWS = 32            # rows a chunk task times on one thread (I/O bound or not)
-BACKPRESSURE = 8            # batches a chunk task may run ahead of the driver (a whole chunk of small records)
 LOOKUP_ROWS = 256           # rows a chunk task asks the id partitions about at once
 SCAN_ROWS = 100_000         # catalogued ids one scan task reads (its shards' id files) for the partition owners
 
@@ -201,9 +215,7 @@ def _remote(name: str):
     if not _TASKS:
         import ray
 
-        _TASKS["check"] = ray.remote(num_cpus=1, max_retries=0)(check_chunk).options(
-            _generator_backpressure_num_objects=BACKPRESSURE)
-        # writers take no CPU slot: chunk tasks waiting on backpressure hold theirs, and a writer the
+        # writers take no CPU slot: chunk tasks held back by the executor hold theirs, and a writer the
         # driver waits for must still run
         _TASKS["writer"] = ray.remote(num_cpus=0, max_restarts=0)(ShardWriter)
         # the id partitions take no CPU slot either: the chunk tasks and the driver wait on them
@@ -229,7 +241,7 @@ def start_ray(opts: PrepareOptions) -> tuple[int, bool]:
                 ray.init(num_cpus=opts.cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
                          _system_config={"worker_niceness": os.nice(0)})
         started = True
-    # the CPUs free now: chunk tasks waiting on backpressure hold theirs, so every task in flight must
+    # the CPUs free now: chunk tasks held back by the executor hold theirs, so every task in flight must
     # be able to run at once (a head chunk left waiting for a CPU would stall the run)
     free = max(1, int(ray.available_resources().get("CPU", 1)))
     return max(1, min(opts.cpus or free, free)), started
@@ -275,48 +287,114 @@ def start_partitions(dst: str, shards: list[dict], store: Store, count: int,
     return ids
 
 
+def _chunk_item(index: int, chunk: Chunk) -> dict:
+    """A chunk as a row of the Ray Data source (plain columns: no pickled object in the plan)."""
+    rg = chunk.row_groups or (-1, -1)
+    return {"index": index, "uri": chunk.uri, "start": chunk.start, "stop": -1 if chunk.stop is None else chunk.stop,
+            "first_line": chunk.first_line, "rg_start": rg[0], "rg_stop": rg[1]}
+
+
+def _chunk_of(row: dict) -> Chunk:
+    stop, rg = int(row["stop"]), (int(row["rg_start"]), int(row["rg_stop"]))
+    return Chunk(str(row["uri"]), int(row["start"]), None if stop < 0 else stop, int(row["first_line"]),
+                 None if rg[0] < 0 else rg)
+
+
+def check_chunk_batches(items: pa.Table, opts: PrepareOptions, store: Store,
+                        policy: ImagePolicy, ids: PartitionedIds | None) -> Iterator[pa.Table]:
+    """The Ray Data UDF: for its chunk (one row), what `check_chunk` yields, one output row per
+    batch (the batch pickled: records hold image bytes, faults and raw rows, which no Arrow column
+    keeps as they are). A fault of the chunk (a PrepareError naming its file, a storage OSError)
+    comes back as a last row, for the driver to raise where the source order reaches it, exactly
+    as the in-process pass would (the batches before it are still decided)."""
+    for row in items.to_pylist():
+        chunk, seq = _chunk_of(row), 0
+        try:
+            for batch in check_chunk(chunk, opts, store, policy, ids):
+                yield _out_row(row["index"], seq, pickle.dumps(batch, protocol=5), None)
+                seq += 1
+        except Exception as err:  # noqa: BLE001 - raised by the driver, in source order
+            yield _out_row(row["index"], seq, None, pickle.dumps(err, protocol=5))
+
+
+def _out_row(index: int, seq: int, batch: bytes | None, fault: bytes | None) -> pa.Table:
+    return pa.table({"chunk": pa.array([index], pa.int64()), "seq": pa.array([seq], pa.int64()),
+                     "batch": pa.array([batch], pa.large_binary()), "fault": pa.array([fault], pa.large_binary())})
+
+
+@contextmanager
+def _data_context(cpus: int):
+    """Ray Data settings for the prepare job, the caller's restored after it: order preserved (the
+    decisions are one ordered pass), `cpus` chunk tasks at once, blocks of about one batch (a
+    generator UDF's output is buffered up to `target_max_block_size` before it becomes a block: at
+    Ray Data's 128 MiB that would be a whole chunk held by its task), no progress bars, stats or
+    log lines on the console (the command prints its own progress)."""
+    import ray.data
+    from ray.data import DataContext
+
+    before = DataContext.get_current()
+    ctx = before.copy()
+    ctx.execution_options.preserve_order = True
+    ctx.execution_options.resource_limits = ray.data.ExecutionResources(cpu=cpus)
+    ctx.target_max_block_size = 1  # every batch a block of its own, as soon as it is yielded
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.enable_auto_log_stats = False
+    ctx.print_on_execution_start = False
+    # one operator: no other to keep a reservation for (pipelines/stream.py: half the CPUs idle otherwise)
+    ctx.op_resource_reservation_enabled = False
+    DataContext._set_current(ctx)
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield ctx
+    finally:
+        logger.setLevel(level)
+        DataContext._set_current(before)
+
+
 def parallel_items(files: list[str], opts: PrepareOptions, store: Store, policy: ImagePolicy,
                    ids: PartitionedIds, cpus: int) -> Iterator[list[tuple[str, int, Checked, Callable[[], Checked]]]]:
     """Batches of (source, row, checked, full) in source order, as the in-process pass makes them:
     `checked` is what validate_raw with the catalogue's ids says, full() the validation without
-    them (for a catalogued record met twice; its images are read here then)."""
-    import ray
+    them (for a catalogued record met twice; its images are read here then).
 
-    check = _remote("check")
+    A Ray Data job: the chunks (one block each) -> `check_chunk_batches` (a generator UDF, at most
+    `cpus` tasks at once), iterated in source order (`preserve_order`); the streaming executor's
+    backpressure bounds what is in flight (the module's docstring: Memory)."""
+    import ray.data
+
+    chunks = [_chunk_item(i, c) for i, c in enumerate(plan_chunks(files, opts.chunk_bytes, store))]
+    if not chunks:
+        return
     validate_here = lambda raw: validate_raw(raw, opts, store, policy)  # noqa: E731
-    running: deque = deque()
-    chunks = plan_chunks(files, opts.chunk_bytes, store)
-    try:
-        while True:
-            while len(running) < cpus:  # never more than the CPUs: a waiting head chunk would stall
-                chunk = next(chunks, None)
-                if chunk is None:
-                    break
-                running.append((chunk.uri, check.remote(chunk, opts, store, policy, ids)))
-            if not running:
-                return
-            source, batches = running.popleft()
-            for ref in batches:
-                try:
-                    batch = ray.get(ref)
-                except ray.exceptions.RayTaskError as err:
-                    raise unwrap(err) from None
-                items = []
-                for row, pid, cheap_ok, known_row_hash, full, fault, raw in batch:
-                    if raw is not None:  # catalogued (the partitions said so): images not read
-                        full = lambda raw=raw: validate_here(raw)  # noqa: E731
-                        checked = Checked(None, None, pid, known=True, row_hash=known_row_hash)
-                    else:
-                        full = _full(full, fault)
-                        checked = full()
-                    items.append((source, row, checked, full))
-                yield items
-    finally:
-        for _, batches in running:
-            try:
-                ray.cancel(batches, force=True)
-            except Exception:  # noqa: BLE001 - finished already
-                pass
+    sources = [c["uri"] for c in chunks]
+    with _data_context(cpus):
+        ds = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
+            check_chunk_batches, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
+            fn_kwargs={"opts": opts, "store": store, "policy": policy, "ids": ids},
+            num_cpus=1, compute=ray.data.TaskPoolStrategy(size=min(cpus, len(chunks))))
+        blocks = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1))
+        try:
+            for block in blocks:
+                for index, batch, fault in zip(*(block.column(c).to_pylist() for c in ("chunk", "batch", "fault"))):
+                    if fault is not None:
+                        raise pickle.loads(fault)
+                    items = []
+                    for row, pid, cheap_ok, known_row_hash, full, fault, raw in pickle.loads(batch):
+                        if raw is not None:  # catalogued (the partitions said so): images not read
+                            full = lambda raw=raw: validate_here(raw)  # noqa: E731
+                            checked = Checked(None, None, pid, known=True, row_hash=known_row_hash)
+                        else:
+                            full = _full(full, fault)
+                            checked = full()
+                        items.append((sources[index], row, checked, full))
+                    yield items
+        finally:  # stops the job (its tasks) where the pass stopped early
+            close = getattr(blocks, "close", None)
+            if close is not None:
+                close()
 
 
 def _full(full: Checked | None, fault: BaseException | None) -> Callable[[], Checked]:

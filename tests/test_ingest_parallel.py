@@ -180,3 +180,22 @@ def test_a_hash_collision_never_merges_two_products(ray_local, tmp_path, monkeyp
     _same(honest, colliding)
     fresh = prepare(src, str(tmp_path / "fresh"), PrepareOptions(cpus=1, **OPTS))
     _same(fresh, par)
+
+
+def test_a_fault_of_a_chunk_is_raised_where_the_source_order_reaches_it(ray_local, tmp_path):
+    """A Ray Data task returns its chunk's fault (here: a CSV file gone before its task reads it) as
+    the chunk's last row; the driver gets every batch before it, then the same PrepareError naming
+    the file that the in-process pass raises."""
+    from pipelines.catalogue import PrepareError
+    from pipelines.prepare_records import image_policy
+
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text("\n".join(json.dumps(_record(f"K{i}")) for i in range(5)) + "\n")
+    gone = str(tmp_path / "gone.csv")
+    opts = PrepareOptions(**PARALLEL, **OPTS)
+    got = []
+    with pytest.raises(PrepareError, match="cannot read source file .*gone.csv"):
+        for batch in prepare_parallel.parallel_items([str(ok), gone], opts, None, image_policy(opts, str(tmp_path)),
+                                                     ids.PartitionedIds([]), 2):
+            got += [(os.path.basename(source), row) for source, row, _, _ in batch]
+    assert got == [("ok.jsonl", i) for i in range(5)]
