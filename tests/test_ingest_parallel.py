@@ -188,6 +188,7 @@ def test_a_fault_of_a_chunk_is_raised_where_the_source_order_reaches_it(ray_loca
     the file that the in-process pass raises."""
     from pipelines.catalogue import PrepareError
     from pipelines.prepare_records import image_policy
+    from pipelines.storage import Store
 
     ok = tmp_path / "ok.jsonl"
     ok.write_text("\n".join(json.dumps(_record(f"K{i}")) for i in range(5)) + "\n")
@@ -195,7 +196,7 @@ def test_a_fault_of_a_chunk_is_raised_where_the_source_order_reaches_it(ray_loca
     opts = PrepareOptions(**PARALLEL, **OPTS)
     got = []
     with pytest.raises(PrepareError, match="cannot read source file .*gone.csv"):
-        for batch in prepare_parallel.parallel_items([str(ok), gone], opts, None, image_policy(opts, str(tmp_path)),
+        for batch in prepare_parallel.parallel_items([str(ok), gone], opts, Store.of(None), image_policy(opts, str(tmp_path)),
                                                      ids.PartitionedIds([]), 2):
             got += [(os.path.basename(source), row) for source, row, _, _ in batch]
     assert got == [("ok.jsonl", i) for i in range(5)]
