@@ -106,7 +106,7 @@ def test_bench_step_rows_and_host_sync_counter():
     from gammaray.config import GammarayConfig, apply_overrides
 
     cfg = apply_overrides(GammarayConfig(), {"data.image_size": 32, "data.max_text_tokens": 8})
-    args = argparse.Namespace(warmup=1, steps=2, repeats=1, peak_tflops=50.0, config_name="tiny")
+    args = argparse.Namespace(warmup=1, steps=2, repeats=1, peak_tflops=50.0, config_name="tiny", clock="cpu")
     rows = []
     for regime in ("towers", "heads"):
         rows += bench_step.measure_row(cfg, regime, "gamma", 4, ["gammaray", "reference"], args, torch.device("cpu"))
@@ -117,6 +117,7 @@ def test_bench_step_rows_and_host_sync_counter():
     for r in rows:
         assert keys <= r.keys(), keys - r.keys()
         assert r["batch_size"] == 4 and r["step_s"] > 0 and r["samples_per_s"] == pytest.approx(4 / r["step_s"], rel=1e-3)
+        assert r["device"].endswith(", CPU time)")  # --clock cpu: the row says which clock timed it
         assert r["flops_per_sample"] > 0
         assert r["tflops"] == pytest.approx(r["flops_per_sample"] * 4 / r["step_s"] / 1e12, rel=1e-2)
         assert r["peak_fraction"] == pytest.approx(r["tflops"] / 50.0, rel=1e-2)
