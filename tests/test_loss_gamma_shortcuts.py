@@ -80,3 +80,84 @@ def test_the_diagonal_shortcut_equals_the_masked_estimate(include_positive, esti
     torch.testing.assert_close(g0, g1, rtol=0, atol=1e-12)
     for k in d0:
         torch.testing.assert_close(d0[k], d1[k].to(d0[k].dtype), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("gamma,scale,dtype", [(0.3, 1.0, torch.float32), (1.0, 1.0, torch.float64),
+                                               (0.1, torch.tensor(7.5, dtype=torch.float64), torch.float32)])
+def test_the_observed_update_equals_the_fixed_size_update(gamma, scale, dtype):
+    """`update_observed` (one process, every row observed, channel-major) writes the memory, the
+    ages and the returned rates of `update(..., capacity=...)`: duplicates in the batch, first visits
+    and revisits, the rescaled memory, gamma = 1."""
+    g = torch.Generator().manual_seed(3)
+    fast, ref = (LocalRateStore(30, channels=2, track_age=True) for _ in range(2))
+    for step in range(5):
+        index = torch.randint(0, 30, (12,), generator=g)
+        index[3] = index[7]  # a duplicate every step
+        log_z = (torch.randn(12, 2, generator=g) * 20).to(dtype)
+        got = fast.update_observed(index, log_z.T.contiguous(), gamma, scale)
+        want = ref.update(index, log_z, gamma, scale, capacity=12)
+        assert got.shape == (2, 12) and got.dtype == want.dtype
+        torch.testing.assert_close(got.T, want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fast.table, ref.table, rtol=1e-6, atol=1e-6, equal_nan=True)
+        torch.testing.assert_close(fast.last_age, ref.last_age, equal_nan=True)
+        assert torch.equal(fast.last_update, ref.last_update) and fast.updates == ref.updates == step + 1
+    assert [t.data_ptr() for t in fast.tables] == [fast.table[c].data_ptr() for c in range(2)]  # views, no copies
+
+
+def test_the_observed_update_refuses_an_index_outside_the_memory():
+    store = LocalRateStore(10, channels=2)
+    for bad in (-1, 10):
+        with pytest.raises(ValueError, match=r"sample_index must be >= 0 and < 10"):
+            store.update_observed(torch.tensor([1, bad]), torch.zeros(2, 2), 0.5)
+    assert torch.isnan(store.table).all()  # nothing written
+    with pytest.raises(ValueError, match=r"log_z must be \[2, B\]"):
+        store.update_observed(torch.tensor([1, 2]), torch.zeros(2, 3), 0.5)
+
+
+@pytest.mark.parametrize("offset", [None, 0])
+def test_m_step_averaged_over_directions_is_the_mean_of_the_directions(offset):
+    """`average_leading` (the two-tower loss's form): objective and diagnostics are the means of the
+    per-direction values, on the diagonal shortcut and on the general path."""
+    g = torch.Generator().manual_seed(2)
+    s = GammaSettings()
+    x = torch.randn(2, 5, 5, generator=g, dtype=torch.float64)
+    log_rate = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    est = estimate_partition(x, torch.arange(5), s, None, offset)
+    per_dir, d_dir = m_step(est, log_rate, s, None)
+    both, d_both = m_step(est, log_rate, s, None, average_leading=True)
+    torch.testing.assert_close(both, per_dir.mean(), rtol=0, atol=1e-12)
+    assert d_both.keys() == d_dir.keys()
+    for k in d_dir:
+        assert torch.is_tensor(d_both[k]) and d_both[k].dim() == 0
+        torch.testing.assert_close(d_both[k].double(), d_dir[k].double().mean(), rtol=0, atol=1e-12)
+
+
+def test_the_two_tower_loss_on_the_short_path_matches_the_host_path():
+    """The training step's gamma loss (fixed-size, one process: the observed update) gives the loss,
+    gradients, metrics and memory of the host path (no capacity: `combine_duplicates`, grown store),
+    step after step, duplicates included."""
+    from workers.losses.gamma import GammaContrastiveLoss
+
+    s = GammaSettings(gamma=0.3, track_age=True)
+    short = GammaContrastiveLoss(40, s, distributed=False, capacity=8)
+    host = GammaContrastiveLoss(40, s, distributed=False)
+    g = torch.Generator().manual_seed(5)
+    for step in range(4):
+        idx = torch.randint(0, 40, (8,), generator=g)
+        idx[1] = idx[6]
+        img, txt = (torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1) for _ in range(2))
+        out = []
+        for loss in (short, host):
+            a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
+            value, metrics = loss(a, b, torch.tensor(10.0), idx, step / 4)
+            value.backward()
+            out.append((value.detach(), a.grad, b.grad, {k: float(v) for k, v in metrics.items()}))
+        (v0, ga0, gb0, m0), (v1, ga1, gb1, m1) = out
+        torch.testing.assert_close(v0, v1, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ga0, ga1, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gb0, gb1, rtol=1e-5, atol=1e-6)
+        assert m0.keys() == m1.keys()
+        for k in m0:
+            assert (math.isnan(m0[k]) and math.isnan(m1[k])) or m0[k] == pytest.approx(m1[k], rel=1e-5, abs=1e-6), k
+    for c in range(2):
+        torch.testing.assert_close(short.store.tables[c], host.store.tables[c][:40], rtol=1e-6, atol=1e-6, equal_nan=True)

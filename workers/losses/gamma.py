@@ -42,7 +42,7 @@ import torch
 from torch.profiler import record_function
 
 from .contrastive import _dist_on, candidate_mask, gather_candidates, similarity
-from .state import LocalRateStore, ShardedRateStore
+from .state import SMALL_EXCHANGE, LocalRateStore, ShardedRateStore
 
 
 @dataclass
@@ -121,7 +121,7 @@ def _diagonal_mask(B: int, C: int, offset: int, include_positive: bool, device: 
     return add, math.log(max(count, 1)), count > 0, torch.full((B,), count > 0, dtype=torch.bool, device=device)
 
 
-def estimate_partition(logits: torch.Tensor, pos_col: torch.Tensor, settings: GammaSettings,
+def estimate_partition(logits: torch.Tensor, pos_col: torch.Tensor | None, settings: GammaSettings,
                        valid: torch.Tensor | None = None, offset: int | None = None) -> PartitionEstimate:
     """log Z_hat_i = log mean_{j counted} exp(s_ij), stable (logsumexp) and NaN-free in its gradient
     even for an anchor with nothing to average (batch of 1 without the positive). `logits` may have
@@ -130,8 +130,9 @@ def estimate_partition(logits: torch.Tensor, pos_col: torch.Tensor, settings: Ga
 
     `offset` (with `valid` None): the caller's promise that pos_col is arange(B) + offset, the
     two-tower batch; the positives are then a diagonal and the mask is made once per shape (a step
-    at a small micro-batch is mostly the number of tensor operations it launches)."""
-    work = logits if logits.dtype == torch.float64 else logits.float()
+    at a small micro-batch is mostly the number of tensor operations it launches). With `offset`
+    given, pos_col may be None (made only where the diagonal does not apply)."""
+    work = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     B, C = work.shape[-2:]
     if valid is None and offset is not None and 0 <= offset and offset + B <= C:
         add, log_count, every, has = _diagonal_mask(B, C, offset, settings.include_positive, work.device, work.dtype)
@@ -140,6 +141,10 @@ def estimate_partition(logits: torch.Tensor, pos_col: torch.Tensor, settings: Ga
             log_zhat = torch.logsumexp(work + add, dim=-1) - log_count
             observed = log_zhat.detach() - pos.detach() if settings.estimator == "sogclr" else log_zhat.detach()
             return PartitionEstimate(work, pos, log_zhat, has, observed, every_anchor_has_neg=True)
+    if pos_col is None:
+        if offset is None:
+            raise ValueError("estimate_partition: give pos_col or offset")
+        pos_col = torch.arange(B, device=work.device) + offset
     pos_col = pos_col.to(work.device).long()
     pos = work.gather(-1, pos_col.expand(work.shape[:-1])[..., None]).squeeze(-1)
     ok = candidate_mask(B, C, pos_col, valid, include_positive=settings.include_positive, device=work.device)
@@ -153,6 +158,13 @@ def estimate_partition(logits: torch.Tensor, pos_col: torch.Tensor, settings: Ga
     return PartitionEstimate(work, pos, log_zhat, has, state_input)
 
 
+@functools.lru_cache(maxsize=16)
+def _zero(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A constant 0 for a diagnostic that is known to be 0 (made once, not every step; never
+    written in place)."""
+    return torch.zeros((), device=device, dtype=dtype)
+
+
 def sample_log_gamma(alpha: float, n: int, generator: torch.Generator) -> torch.Tensor:
     """log of n draws of Gamma(alpha, 1), float64 on CPU from `generator` (log first: small alpha
     puts much mass near 0, where float32 underflows)."""
@@ -161,17 +173,21 @@ def sample_log_gamma(alpha: float, n: int, generator: torch.Generator) -> torch.
 
 
 def m_step(est: PartitionEstimate, log_rate: torch.Tensor, settings: GammaSettings,
-           generator: torch.Generator | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+           generator: torch.Generator | None,
+           average_leading: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Step 3 given the updated memory log R (detached, [..., B]). Returns the M-step objective
     mean_i [-s_i+ + stopgrad(u_i) Z_hat_i(theta)] (anchors without negatives count zero; its value is
     a surrogate, about alpha - s_i+ at the fixed point) and detached diagnostics, among them the
     generalized loss mean_i [-s_i+ + alpha log R_i] that the EM minimises; both shaped like the
-    leading dimensions of the estimate (scalars for one direction)."""
+    leading dimensions of the estimate (scalars for one direction); with `average_leading` the
+    objective and the diagnostics are averaged over the leading dimensions as well, scalars (both
+    directions of a batch: one reduction instead of one per direction and another across them)."""
     s = settings
     B = est.pos.shape[-1]
     has = est.has_neg
     every = est.every_anchor_has_neg  # then the masks below change nothing: left out (fewer operations)
-    log_r = log_rate.to(est.log_zhat).detach()
+    log_r = log_rate if log_rate.dtype == est.log_zhat.dtype and not log_rate.requires_grad \
+        else log_rate.to(est.log_zhat).detach()
     if not every:
         log_r = torch.where(has, log_r, torch.zeros_like(log_r))  # anchors without negatives: inert
     if s.eps > 0:
@@ -179,23 +195,26 @@ def m_step(est: PartitionEstimate, log_rate: torch.Tensor, settings: GammaSettin
     if s.mode == "sample":  # the leading dimensions draw one after the other from the generator
         log_u = sample_log_gamma(s.alpha, log_r.numel(), generator).reshape(log_r.shape).to(log_r) - log_r
     elif s.alpha == 1.0:
-        log_u = -log_r
+        log_u = None  # u = 1 / R: the weight below is exp(log Z_hat - log R), one operation fewer
     else:
         log_u = math.log(s.alpha) - log_r
     if s.estimator == "sogclr":
-        weight = torch.exp(log_u + est.log_zhat - est.pos)          # u_i * g_i(theta)
+        log_g = est.log_zhat - est.pos
+        weight = torch.exp(log_g - log_r if log_u is None else log_u + log_g)   # u_i * g_i(theta)
         per_anchor = weight
     else:
-        weight = torch.exp(log_u + est.log_zhat)                    # u_i * Z_hat_i(theta)
+        weight = torch.exp(est.log_zhat - log_r if log_u is None else log_u + est.log_zhat)  # u_i * Z_hat_i(theta)
         per_anchor = weight - est.pos
     # the generalized loss -s_i+ + alpha log Z_i with the memory's estimate of Z_i (for logging)
     scaled = log_r if s.alpha == 1.0 else s.alpha * log_r
     value = scaled - est.pos.detach() if s.estimator == "gamma" else scaled
     if every:  # the diagnostics as one stack: one reduction for all of them
-        objective = per_anchor.mean(-1)
-        rate, w, gen = torch.stack([log_r, weight.detach(), value]).mean(-1).unbind(0)
+        objective = per_anchor.mean() if average_leading else per_anchor.mean(-1)
+        stats = torch.stack([log_r, weight.detach(), value])
+        rate, w, gen = stats.mean(tuple(range(1, stats.dim())) if average_leading else -1).unbind(0)
+        none = _zero(rate.device, rate.dtype) if average_leading else torch.zeros_like(rate)
         return objective, {"log_rate_mean": rate, "weight_mean": w, "generalized_loss": gen,
-                           "anchors_without_negatives": torch.zeros_like(rate)}
+                           "anchors_without_negatives": none}
     per_anchor = torch.where(has, per_anchor, torch.zeros_like(per_anchor))
     objective = per_anchor.sum(-1) / max(B, 1)
     if B == 0:
@@ -207,6 +226,9 @@ def m_step(est: PartitionEstimate, log_rate: torch.Tensor, settings: GammaSettin
         "generalized_loss": (value * has).sum(-1) / n,
         "anchors_without_negatives": (~has).sum().to(log_r.dtype).expand(objective.shape),
     }
+    if average_leading:
+        objective = objective.mean()
+        diagnostics = {k: v.mean() for k, v in diagnostics.items()}
     return objective, diagnostics
 
 
@@ -285,7 +307,7 @@ class GammaContrastiveLoss:
             all_image, _, _ = gather_candidates(image, self.capacity)  # the same rows are valid
         else:
             all_text, valid, all_image, off = text, None, image, 0
-        pos_col = torch.arange(image.shape[0], device=image.device) + off
+        pos_col = None  # arange(B) + off: estimate_partition makes it where the diagonal does not apply
         if valid is None:  # text -> image is image -> text transposed: one product for both
             i2t = similarity(image, text, logit_scale)
             both = torch.stack([i2t, i2t.T])
@@ -293,14 +315,18 @@ class GammaContrastiveLoss:
             both = torch.stack([similarity(image, all_text, logit_scale), similarity(text, all_image, logit_scale)])
         est = estimate_partition(both, pos_col, s, valid, off)
         with record_function("step/memory_exchange"):
-            log_rate = self.store.update(sample_index, est.state_input.T, s.gamma_at(progress),
-                                         self.memory_scale(logit_scale), capacity=self.capacity)
-        loss, diag = m_step(est, log_rate.T, s, self.generator)
-        means = torch.stack(list(diag.values())).mean(1).unbind(0)  # the two directions' average, per diagnostic
-        metrics: dict[str, torch.Tensor | float] = {f"gamma/{k}": v for k, v in zip(diag, means)}
+            if self.capacity is not None and est.every_anchor_has_neg and isinstance(self.store, LocalRateStore) \
+                    and est.log_zhat.shape[-1] <= SMALL_EXCHANGE:  # the fixed-size path, every anchor observed
+                log_rate = self.store.update_observed(sample_index, est.state_input, s.gamma_at(progress),
+                                                      self.memory_scale(logit_scale))
+            else:
+                log_rate = self.store.update(sample_index, est.state_input.T, s.gamma_at(progress),
+                                             self.memory_scale(logit_scale), capacity=self.capacity).T
+        loss, diag = m_step(est, log_rate, s, self.generator, average_leading=True)  # both directions' mean
+        metrics: dict[str, torch.Tensor | float] = {f"gamma/{k}": v for k, v in diag.items()}
         metrics["gamma/gamma_t"] = s.gamma_at(progress)
         metrics.update(self.age_metrics())
-        return 0.5 * loss.sum(), metrics
+        return loss, metrics
 
     def memory_scale(self, logit_scale: torch.Tensor):
         """The logit scale the memory is kept at (a detached device tensor: no host read), or 1."""

@@ -2,8 +2,9 @@
 
 The store keeps log R_i for every sample_index i in one or more *channels* (the gamma loss uses two:
 image anchors and text anchors, each direction with its own state), as float32 with NaN meaning "never
-visited". Logs, because R_i = E[exp(s)] overflows float32 once 1/tau is large. Each channel is its
-own 1-D tensor, so a store of N samples and 2 channels holds exactly 8 N bytes.
+visited". Logs, because R_i = E[exp(s)] overflows float32 once 1/tau is large. The channels are the
+rows of one [K, N] tensor (`table`; `tables[c]` is row c, a contiguous 1-D view), so a store of N
+samples and 2 channels holds exactly 8 N bytes and a step reads and writes every channel at once.
 
 `ShardedRateStore` spreads the entries over the training processes: sample i lives on rank i mod W at
 slot i div W, so a process holds ceil(N/W) floats per channel and no process holds all N. A step
@@ -30,7 +31,10 @@ known (the micro-batch), an update makes no host read at all. Every rank sends W
 exchange, duplicates are combined over sorted segments instead of `torch.unique`, and index checks
 run on the device (`torch._assert_async`): the step never waits for the accelerator. The store must
 then cover every index it is given (the training loop sizes it from the manifest); without
-`capacity` the store grows to the largest index seen and validates on the host.
+`capacity` the store grows to the largest index seen and validates on the host. In one process, when
+every anchor observed something (the usual batch), `LocalRateStore.update_observed` is that update
+in about half the operations: channel-major rows straight from the estimate, no masks for missing
+observations, duplicates combined by one matrix product.
 
 Checkpoints: `state_dict(channel)` is one channel of this process's shard, *without a copy* (save it
 before the next update); `load_shards(channel, shards)` takes the shards of a store saved with any
@@ -134,12 +138,18 @@ class _Store:
         self.channels = int(channels)
         self.num_samples = int(num_samples)
         n = self._local_len(self.num_samples)
-        self.tables = [torch.full((n,), math.nan, dtype=torch.float32, device=self.device) for _ in range(channels)]
+        # one [K, n] tensor whose rows are the channels' tables: a step gathers and writes every
+        # channel in one operation, and each table stays a contiguous 1-D tensor of its own
+        self._set_table(torch.full((channels, n), math.nan, dtype=torch.float32, device=self.device))
         self.updates = 0
         self.last_update = torch.full((n,), -1, dtype=torch.int32, device=self.device) if track_age else None
         self.last_age: torch.Tensor | None = None
 
     # -- layout
+    def _set_table(self, table: torch.Tensor) -> None:
+        self.table = table
+        self.tables = list(table.unbind(0))
+
     def _local_len(self, n: int) -> int:
         return max(0, (n - self.rank + self.world_size - 1) // self.world_size)
 
@@ -149,8 +159,8 @@ class _Store:
             return
         extra = self._local_len(num_samples) - self.tables[0].numel()
         if extra > 0:
-            self.tables = [torch.cat([t, torch.full((extra,), math.nan, dtype=t.dtype, device=t.device)])
-                           for t in self.tables]
+            t = self.table
+            self._set_table(torch.cat([t, torch.full((t.shape[0], extra), math.nan, dtype=t.dtype, device=t.device)], 1))
             if self.last_update is not None:
                 self.last_update = torch.cat([self.last_update, self.last_update.new_full((extra,), -1)])
         self.num_samples = num_samples
@@ -217,6 +227,41 @@ class _Store:
         out = torch.empty_like(new)
         out[perm] = new
         return out
+
+    def _apply_observed(self, slots: torch.Tensor, log_z: torch.Tensor, gamma: float, scale) -> torch.Tensor:
+        """`_apply_rows` for one process when every row holds an observation (no NaN, no padding),
+        channel-major: log_z and the result are [K, m] (the estimate's layout, no transposes). The
+        same combination of duplicates and the same EMA in about half the operations (a small
+        micro-batch's step costs about the operations it launches). Returns the updated log R
+        ([K, m] float64) and sets `last_age` itself.
+
+        A slot's log-mean-exp over its rows is a product with the column-normalised slot matrix,
+        shifted by the channel's largest value: exact while the rows' log Z span less than 700
+        (float64's exp range; scores are bounded by the logit scale, max_logit_scale 100, so they
+        span at most 4 x 100), and finite beyond (the clamp)."""
+        if not 0.0 < gamma <= 1.0:
+            raise ValueError(f"EMA weight gamma must be in (0, 1], got {gamma}")
+        lz = log_z if log_z.dtype == torch.float64 else log_z.double()
+        same = (slots[:, None] == slots[None, :]).to(lz.dtype)
+        top = lz.amax(1, keepdim=True)
+        comb = torch.log(torch.exp((lz - top).clamp_min_(-700.0)) @ same / same.sum(0)) + top
+        unit = isinstance(scale, float) and scale == 1.0
+        old = self.table.index_select(1, slots).double()
+        if not unit:
+            old = old * scale
+        if gamma < 1.0:
+            mixed = torch.logaddexp(old + math.log1p(-gamma), comb + math.log(gamma))
+            new = torch.where(torch.isnan(old), comb, mixed)  # NaN old: a first visit
+        else:
+            new = comb
+        # duplicates write the same value, so the order of the copies does not matter
+        self.table.index_copy_(1, slots, (new if unit else new / scale).to(self.table.dtype))
+        if self.last_update is not None:
+            last = self.last_update.index_select(0, slots)
+            self.last_age = (self.updates - last).float().masked_fill_(last < 0, math.nan)
+            self.last_update.index_fill_(0, slots, self.updates)
+        self.updates += 1
+        return new
 
     def _check_on_device(self, index: torch.Tensor) -> None:
         """Index checks that never wait for the device (they fail at the next synchronisation)."""
@@ -316,6 +361,32 @@ class LocalRateStore(_Store):
         self._ensure(int(index.max()) + 1)
         new = self._split_age(self._apply(index, lz.to(self.device), gamma, scale)).to(log_z.device, _out_dtype(log_z))
         return new[:, 0] if one else new
+
+    @torch.no_grad()
+    def update_observed(self, index: torch.Tensor, log_z: torch.Tensor, gamma: float, scale=1.0) -> torch.Tensor:
+        """`update(..., capacity=...)` for the training step's usual batch, channel-major: log_z is
+        [channels, B] with no NaN (every anchor observed something), B <= SMALL_EXCHANGE; returns the
+        updated log R as [channels, B]. No host read; the same values as `update`."""
+        if index.dim() != 1:
+            index = index.reshape(-1)
+        if index.device != self.device or index.dtype != torch.long:
+            index = index.to(self.device, torch.long)
+        if log_z.shape != (self.channels, index.numel()) or index.numel() > SMALL_EXCHANGE:
+            raise ValueError(f"update_observed: log_z must be [{self.channels}, B] with B = {index.numel()} <= "
+                             f"{SMALL_EXCHANGE}, got {tuple(log_z.shape)}")
+        on_cpu = self.device.type == "cpu"
+        if not on_cpu:
+            self._check_on_device(index)
+        lz = log_z.detach() if log_z.requires_grad else log_z
+        try:  # on CPU the gather below refuses an index out of range before anything is written
+            new = self._apply_observed(index, lz if lz.device == self.device else lz.to(self.device), gamma, scale)
+        except RuntimeError as e:
+            if on_cpu and index.numel() and not bool(((index >= 0) & (index < self.num_samples)).all()):
+                raise ValueError(f"sample_index must be >= 0 and < {self.num_samples} (the memory's size, from the "
+                                 "manifest's next_sample_index)") from e
+            raise
+        new = new if new.device == log_z.device else new.to(log_z.device)
+        return new if log_z.dtype == torch.float64 else new.float()
 
     @torch.no_grad()
     def lookup(self, index: torch.Tensor) -> torch.Tensor:
