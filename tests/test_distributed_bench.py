@@ -52,10 +52,10 @@ def test_bench_scaling_counts_loss_traffic(tmp_path):
     assert rows["infonce"]["loss_bytes_per_step"] == 2 * (8 + B * D * 4) + 2 * W * B * D * 4
     # gamma: one fixed-size exchange for both directions (K = 2 channels; no counts, no host read): a block
     # of B rows for each of the W owners, (index, log Z per channel) as float64 (W x B x (1 + K)), and the
-    # updated rates back with the entry's last-update step (loss.gamma.track_age, on by default:
-    # W x B x (K + 1) x float64)
+    # updated rates back (W x B x K x float64; with loss.gamma.track_age, off by default, one more
+    # column: the entry's last-update step)
     K = 2
-    assert rows["gamma"]["loss_bytes_per_step"] == 8 * W * B * (1 + K) + 8 * W * B * (K + 1)
+    assert rows["gamma"]["loss_bytes_per_step"] == 8 * W * B * (1 + K) + 8 * W * B * K
     # the gradient traffic depends on the model only
     assert rows["infonce"]["grad_bytes_per_step"] == rows["gamma"]["grad_bytes_per_step"] > 0
     assert "infonce" in proc.stdout and "bytes/step" in proc.stdout

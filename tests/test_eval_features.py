@@ -92,7 +92,7 @@ def test_pretrain_on_cached_features_resumes_exports_and_evaluates_like_the_live
 
     over = {**tiny_overrides(small_catalogue, s3.url("runs"), "heads-e2e"), **LOCKED,
             "data.features.train": stores["train"], "data.features.val": stores["val"], "train.epochs": 2,
-            "data.batch_size": 32}
+            "data.batch_size": 32, "loss.gamma.track_age": True}
     cfg = apply_overrides(GammarayConfig(), over)
     first = pretrain(cfg, progress=False)
     assert first.metrics["steps"] == 2 * 12 and first.metrics["samples_seen_total"] == 2 * 384

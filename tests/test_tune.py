@@ -402,6 +402,17 @@ def test_pickle_references_are_read_without_loading_whatever_the_protocol():
     # a trial id that decodes to a persistent-id opcode is not a pickle pickle.loads could run...
     check_state_file(json.dumps({"trial_id": "5109ab6a"}).encode(), "exp/ok.json")
     assert pickle_references(bytes.fromhex("5109ab6a"), lenient=True) == (set(), set())
+    # ... nor one that decodes to an extension code nobody registered (EXT1, EXT2, EXT4: about 1 trial
+    # id in 85 starts with 82, 83 or 84); a registered code would be loaded, so it stays refused
+    for trial_id in ("82c1a0f3", "8300f1e2", "84a1b2c3"):
+        check_state_file(json.dumps({"trial_id": trial_id}).encode(), "exp/ok.json")
+    import copyreg
+    copyreg.add_extension("posix", "system", 0xc1)
+    try:
+        with pytest.raises(UnsafeCheckpoint, match="exp/e.json: refused"):
+            check_state_file(json.dumps({"trial_id": "82c1a0f3"}).encode(), "exp/e.json")
+    finally:
+        copyreg.remove_extension("posix", "system", 0xc1)
     # ... but what a stream calls before such an opcode still counts
     before = pickle.dumps(Payload(), protocol=0)[:-1] + b"Q"
     assert "posix.system" in pickle_references(before, lenient=True)[0]

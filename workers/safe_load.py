@@ -21,6 +21,7 @@ every worker that resumes. So:
 
 from __future__ import annotations
 
+import copyreg
 import io
 import os
 import pickle
@@ -175,6 +176,10 @@ def _scan(data: bytes, called: set[str], named: set[str], hex_strings: bool, str
                 if not strict and name in ("PERSID", "BINPERSID"):
                     # text read as a maybe-pickle (an id such as "5109ab6a" decodes to BINPERSID ...): plain
                     # pickle.loads has no persistent_load and stops here with an error, so nothing after it runs
+                    return
+                if not strict and name.startswith("EXT") and arg not in copyreg._inverted_registry:
+                    # the same for an extension code nobody registered (a trial id such as "82c1..."):
+                    # pickle.loads stops there with "unregistered extension code"
                     return
                 raise _Unchecked(f"opcode {name} (a callable from outside the stream)")
             if name == "MARK":

@@ -38,8 +38,11 @@ class GammaLossConfig(Section):
                            "rescaled (R^(scale_now/scale_then)) before the EMA mixes in a new estimate."
     )
     track_age: bool = Field(
-        True, description="Log how stale the memory is (gamma/memory_age_mean|max: steps since each anchor's entry "
-                          "was last written); 4 bytes more per sample and worker shard (12 instead of 8)."
+        False, description="Log how stale the memory is (gamma/memory_age_mean|max: steps since each anchor's entry "
+                           "was last written). Off by default: 4 bytes more per sample and worker shard (12 instead "
+                           "of 8, 400 MB more for 100 M samples) and about a dozen more tensor operations per step "
+                           "(docs/training.md, 'How fast is a step'); under the epoch sampler an entry is rewritten "
+                           "about once an epoch, so the age says little a run does not already know."
     )
 
 

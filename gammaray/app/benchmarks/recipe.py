@@ -168,7 +168,8 @@ ABLATIONS = {
 def loss_config(base, loss: str, batch_size: int, seed: int, epochs: int, settings: dict | None = None):
     from gammaray.config import apply_overrides
 
-    over = {"loss.kind": loss, "data.batch_size": batch_size, "run.seed": seed, "train.epochs": epochs}
+    over = {"loss.kind": loss, "data.batch_size": batch_size, "run.seed": seed, "train.epochs": epochs,
+            "loss.gamma.track_age": True}  # the study reports the memory's age (gamma/memory_age_mean)
     over.update(settings or {})
     return apply_overrides(base, over)
 
