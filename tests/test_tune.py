@@ -404,7 +404,7 @@ def test_pickle_references_are_read_without_loading_whatever_the_protocol():
     assert pickle_references(bytes.fromhex("5109ab6a"), lenient=True) == (set(), set())
     # ... nor one that decodes to an extension code nobody registered (EXT1, EXT2, EXT4: about 1 trial
     # id in 85 starts with 82, 83 or 84); a registered code would be loaded, so it stays refused
-    for trial_id in ("82c1a0f3", "8300f1e2", "84a1b2c3"):
+    for trial_id in ("82c1a0f3", "8300f1e2", "84a1b2c3d4e5"):
         check_state_file(json.dumps({"trial_id": trial_id}).encode(), "exp/ok.json")
     import copyreg
     copyreg.add_extension("posix", "system", 0xc1)
