@@ -106,12 +106,18 @@ def test_bench_step_rows_and_host_sync_counter():
     from gammaray.config import GammarayConfig, apply_overrides
 
     cfg = apply_overrides(GammarayConfig(), {"data.image_size": 32, "data.max_text_tokens": 8})
-    args = argparse.Namespace(warmup=1, steps=2, repeats=1, peak_tflops=50.0, config_name="tiny", clock="cpu")
-    rows = []
-    for regime in ("towers", "heads"):
-        rows += bench_step.measure_row(cfg, regime, "gamma", 4, ["gammaray", "reference"], args, torch.device("cpu"))
+    args = argparse.Namespace(warmup=1, steps=2, repeats=1, peak_tflops=50.0, config_name="tiny", clock="cpu",
+                              min_window_s=0.0)
+    rows = bench_step.measure_row(cfg, "towers", ["gamma"], 4, ["gammaray", "reference"], args, torch.device("cpu"))
+    # heads: both losses alternate in one row group, each window at least --min-window-s long (more steps)
+    args.min_window_s = 0.05
+    heads = bench_step.measure_row(cfg, "heads", ["infonce", "gamma"], 4, ["gammaray", "reference"], args,
+                                   torch.device("cpu"))
+    assert {r["loss"] for r in heads} == {"infonce", "gamma"} and len({r["window_steps"] for r in heads}) == 1
+    assert heads[0]["window_steps"] > args.steps and heads[0]["window_steps"] * heads[0]["step_s"] >= 0.02
+    rows += [r for r in heads if r["loss"] == "gamma"]
     keys = {"device", "config", "impl", "regime", "loss", "batch_size", "step_s", "samples_per_s", "host_syncs_per_step",
-            "flops_per_sample", "tflops", "peak_fraction", "peak_mem_mb"}
+            "flops_per_sample", "tflops", "peak_fraction", "peak_mem_mb", "window_steps"}
     assert len(rows) == 4 and {(r["impl"], r["regime"]) for r in rows} == {
         (i, g) for i in ("gammaray", "reference") for g in ("towers", "heads")}
     for r in rows:

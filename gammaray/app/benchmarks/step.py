@@ -17,9 +17,11 @@ For each micro-batch (default 8, 16, 64, 256) and loss (infonce, gamma) it times
 in two regimes: "towers" (the configured towers train) and "heads" (locked towers: only the heads and
 the temperature train, on cached features, as configs/locked-towers.yaml; feature widths 1280 / 384).
 
-Per row: step_s (the fastest of --repeats timed windows), samples/s, FLOPs per sample (forward +
-backward counted by torch.utils.flop_counter, every convolution's backward taken as 2x its forward:
-the counter's figure for depthwise convolutions is an overcount), achieved TFLOP/s and the fraction of
+Per row: step_s (the fastest of --repeats timed windows of at least --steps steps and --min-window-s;
+the windows of a micro-batch's losses and implementations alternate, so their ratios come from one
+stretch of time), samples/s, FLOPs per sample (forward + backward counted by torch.utils.flop_counter,
+every convolution's backward taken as 2x its forward: the counter's figure for depthwise
+convolutions is an overcount), achieved TFLOP/s and the fraction of
 the device's dense bf16 peak (PEAK_TFLOPS, or --peak-tflops; none on CPU unless given), host
 synchronisations per steady-state step (counted: on GPU torch.cuda.set_sync_debug_mode; on CPU the
 Python-level reads of a tensor's value, `.item() .tolist() .cpu() .numpy() int() float() bool()`,
@@ -61,7 +63,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per window (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     p.add_argument("--repeats", type=int, default=2,
-                   help="timed windows per row, gammaray and reference alternating; the fastest counts (default 2)")
+                   help="timed windows per row, the losses and implementations of a micro-batch alternating; the "
+                        "fastest counts (default 2)")
+    p.add_argument("--min-window-s", type=float, default=0.5,
+                   help="a window times at least --steps steps and at least this long (by the clock), so that rows "
+                        "of a few milliseconds (the heads regime) are not timed over a scheduler's slice (default 0.5)")
     p.add_argument("--impls", default="gammaray,reference,timm", help="which steps to time (timm: GPU only)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s (default: PEAK_TFLOPS "
                    "by GPU name; none on CPU)")
@@ -411,39 +417,61 @@ def time_window(step, batches, warmup: int, steps: int, device, counter: SyncCou
     return dt, {"peak_mem_mb": round(mem, 1), "report_syncs": counter.report_count if counter is not None else None}
 
 
-def measure_row(cfg, regime: str, loss: str, B: int, impls: list[str], args, device) -> list[dict]:
+def window_steps(cfg, regime: str, args, device, clock) -> int:
+    """Steps per timed window: --steps, more where that would take under --min-window-s (a heads step
+    is a few milliseconds), from the clock's time of the gammaray step's warmup."""
+    if args.min_window_s <= 0:
+        return args.steps
+    probe = max(2, args.warmup)
+    step = GammarayStep(cfg, regime, device, probe)
+    batches = host_batches(cfg, regime, probe)
+    step.run(batches[:1], None)
+    t0 = clock()
+    step.run(batches[1:], None)
+    per_step = max(1e-6, (clock() - t0) / (probe - 1))
+    return max(args.steps, min(2000, math.ceil(args.min_window_s / per_step)))
+
+
+def measure_row(cfg, regime: str, losses: list[str], B: int, impls: list[str], args, device) -> list[dict]:
+    """The rows of one (regime, micro-batch): every loss and implementation, their windows alternating
+    (so the ratios between them, gammaray / reference and a loss against another, come from one stretch
+    of time); each row keeps its fastest window."""
     from gammaray.config import apply_overrides
 
-    cfg = apply_overrides(cfg, {"loss.kind": loss, "data.batch_size": B, "train.gradient_accumulation_steps": 1})
-    total = args.warmup + args.steps
-    batches = host_batches(cfg, regime, total)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    cfgs = {loss: apply_overrides(cfg, {"loss.kind": loss, "data.batch_size": B, "train.gradient_accumulation_steps": 1})
+            for loss in losses}
+    steps = window_steps(cfgs[losses[0]], regime, args, device, clock)
+    total = args.warmup + steps
+    batches = {loss: host_batches(c, regime, total) for loss, c in cfgs.items()}
     if "timm" in impls:
         rng = np.random.default_rng(1)
-        for b in batches:
-            b["timm_pixels"] = rng.standard_normal((B, 3, 224, 224), dtype=np.float32)
-            b["timm_labels"] = rng.integers(0, 1000, B)
-    flops = flops_per_sample(cfg, regime, device)
-    best: dict[str, tuple[float, dict]] = {}
-    syncs: dict[str, SyncCounter] = {}
+        for bs in batches.values():
+            for b in bs:
+                b["timm_pixels"] = rng.standard_normal((B, 3, 224, 224), dtype=np.float32)
+                b["timm_labels"] = rng.integers(0, 1000, B)
+    flops = {loss: flops_per_sample(c, regime, device) for loss, c in cfgs.items()}
+    best: dict[tuple[str, str], tuple[float, dict]] = {}
     for rep in range(args.repeats):
-        for impl in impls:
-            step = IMPLS[impl](cfg, regime, device, total * args.repeats)
-            plain = [{k: v for k, v in b.items() if not k.startswith("timm_")} for b in batches] if impl != "timm" else batches
-            counter = SyncCounter(device.type == "cuda") if rep == 0 else None
-            dt, extra = time_window(step, plain, args.warmup, args.steps, device, counter,
-                                    time.process_time if args.clock == "cpu" else time.perf_counter)
-            if counter is not None:
-                syncs[impl] = counter
-                extra["syncs"] = counter.count / args.steps
-                extra["sync_where"] = dict(counter.where)
-            if impl not in best or dt < best[impl][0]:
-                best[impl] = (dt, {**best.get(impl, (0, {}))[1], **extra})
-            del step
+        for loss in losses:
+            for impl in impls:
+                step = IMPLS[impl](cfgs[loss], regime, device, total * args.repeats)
+                plain = [{k: v for k, v in b.items() if not k.startswith("timm_")} for b in batches[loss]] \
+                    if impl != "timm" else batches[loss]
+                counter = SyncCounter(device.type == "cuda") if rep == 0 else None
+                dt, extra = time_window(step, plain, args.warmup, steps, device, counter, clock)
+                if counter is not None:
+                    extra["syncs"] = counter.count / steps
+                    extra["sync_where"] = dict(counter.where)
+                key = (loss, impl)
+                if key not in best or dt < best[key][0]:
+                    best[key] = (dt, {**best.get(key, (0, {}))[1], **extra, "steps": steps})
+                del step
     name = device_name(device, args.clock)
     peak = peak_of(name, args.peak_tflops)
     rows = []
-    for impl, (dt, extra) in best.items():
-        f = flops if impl != "timm" else None
+    for (loss, impl), (dt, extra) in best.items():
+        f = flops[loss] if impl != "timm" else None
         tflops = f * B / dt / 1e12 if f else None
         rows.append({"device": name, "config": args.config_name, "impl": impl, "regime": regime, "loss": loss,
                      "batch_size": B, "step_s": round(dt, 6), "samples_per_s": float(f"{B / dt:.5g}"),
@@ -451,7 +479,7 @@ def measure_row(cfg, regime: str, loss: str, B: int, impls: list[str], args, dev
                      "sync_sites": extra.get("sync_where"),
                      "flops_per_sample": round(f) if f else None, "tflops": float(f"{tflops:.4g}") if tflops else None,  # significant digits: CPU rows are ~1e-4
                      "peak_fraction": float(f"{tflops / peak:.4g}") if tflops and peak else None,
-                     "peak_mem_mb": extra.get("peak_mem_mb")})
+                     "peak_mem_mb": extra.get("peak_mem_mb"), "window_steps": extra["steps"]})
     return rows
 
 
@@ -604,19 +632,22 @@ def run(args: argparse.Namespace, cfg) -> int:
             print("gammaray bench step: timm is not installed (pip install 'gammaray[bench]'): no timm row")
             impls.remove("timm")
     rows: list[dict] = []
+    losses = [x for x in args.losses.split(",") if x]
     for regime in [x for x in args.regimes.split(",") if x]:
-        for loss in [x for x in args.losses.split(",") if x]:
-            for B in [int(x) for x in args.batch_sizes.split(",") if x]:
-                got = measure_row(cfg, regime, loss, B, [i for i in impls if regime == "towers" or i != "timm"],
-                                  args, device)
-                rows += got
-                for r in got:
-                    print(f"{regime:6} {loss:8} B={B:<4} {r['impl']:9} {r['step_s'] * 1e3:8.2f} ms  "
-                          f"{r['samples_per_s']:9.0f}/s  syncs/step {r['host_syncs_per_step']}", flush=True)
+        for B in [int(x) for x in args.batch_sizes.split(",") if x]:
+            got = measure_row(cfg, regime, losses, B, [i for i in impls if regime == "towers" or i != "timm"],
+                              args, device)
+            rows += got
+            for r in got:
+                print(f"{regime:6} {r['loss']:8} B={B:<4} {r['impl']:9} {r['step_s'] * 1e3:8.2f} ms  "
+                      f"{r['samples_per_s']:9.0f}/s  syncs/step {r['host_syncs_per_step']}  "
+                      f"({r['window_steps']} steps a window)", flush=True)
+    rows.sort(key=lambda r: (r["regime"] != "towers", r["loss"] != "infonce", r["batch_size"], r["impl"]))
     print(table(rows))
     print("gammaray / reference:", json.dumps(ratios(rows)))
     details = {"note": args.note, "torch": torch.__version__, "threads": torch.get_num_threads(), "clock": args.clock,
-               "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "ratios": ratios(rows)}
+               "steps": args.steps, "min_window_s": args.min_window_s, "warmup": args.warmup, "repeats": args.repeats,
+               "ratios": ratios(rows)}
     if args.profile_row:
         loss, B = args.profile_row.split(",")
         details["profile"] = phases(cfg, loss, int(B), args, device)
