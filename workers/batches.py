@@ -14,6 +14,7 @@ import torch.distributed as dist
 from gammaray.config import GammarayConfig
 from gammaray.schema import BatchKeys as K
 from pipelines.stream import StreamBatch
+from workers.losses.phases import phase
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,10 +131,8 @@ class Lockstep:
         return None if self.total is None else self.total - self.done
 
     def _pull(self) -> tuple[StreamBatch | None, dict[str, torch.Tensor] | None]:
-        from torch.profiler import record_function
-
         t0 = time.perf_counter()
-        with record_function("step/data"):
+        with phase("step/data"):
             sb = next(self.it, None)  # waiting for this rank's data pipeline (not for the other ranks)
             if self.clock is not None:
                 self.clock["wait"] = self.clock.get("wait", 0.0) + time.perf_counter() - t0

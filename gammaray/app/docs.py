@@ -203,9 +203,15 @@ def step_table() -> str:
     rows, details = load("step.json"), load("step.details.json")
     notes = "; ".join(f"{k}: {v['note']} (torch {v['torch']}, {v['threads']} thread{'s' if v['threads'] != 1 else ''}, "
                       f"{'CPU' if v.get('clock') == 'cpu' else 'wall-clock'} time, fastest of {v['repeats']} "
-                      f"windows of {v['steps']} steps after {v['warmup']})" for k, v in details.items() if v.get("note"))
+                      f"windows of {_window(v)} after {v['warmup']})" for k, v in details.items() if v.get("note"))
     return (step_bench.table(rows) + "\n\n"
             f"*{notes}. Source: `{BENCH}/step.json`, `{BENCH}/step.details.json`.*")
+
+
+def _window(details: dict) -> str:
+    if details.get("min_window_s"):  # since windows alternate losses and last a minimum time
+        return f"at least {details['steps']} steps and {details['min_window_s']:g} s, the losses and steps alternating"
+    return f"{details['steps']} steps"
 
 
 def step_summary() -> str:

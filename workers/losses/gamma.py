@@ -39,9 +39,9 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
-from torch.profiler import record_function
 
 from .contrastive import _dist_on, candidate_mask, gather_candidates, similarity
+from .phases import phase
 from .state import SMALL_EXCHANGE, LocalRateStore, ShardedRateStore
 
 
@@ -314,7 +314,7 @@ class GammaContrastiveLoss:
         else:  # both directions in one set of ops: [2, B, C] (the gathered rows' validity is the same for both)
             both = torch.stack([similarity(image, all_text, logit_scale), similarity(text, all_image, logit_scale)])
         est = estimate_partition(both, pos_col, s, valid, off)
-        with record_function("step/memory_exchange"):
+        with phase("step/memory_exchange"):
             if self.capacity is not None and est.every_anchor_has_neg and isinstance(self.store, LocalRateStore) \
                     and est.log_zhat.shape[-1] <= SMALL_EXCHANGE:  # the fixed-size path, every anchor observed
                 log_rate = self.store.update_observed(sample_index, est.state_input, s.gamma_at(progress),

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.profiler import record_function
 
 from gammaray.schema import IMAGE_MEAN, IMAGE_STD
 from gammaray.schema import BatchKeys as K
+from workers.losses.phases import phase
 from workers.training.objective import OPTIONAL_METRICS, LossTerms, Objective
 
 NOT_AVERAGED = ("logit_scale",)  # a parameter's current value, not a per-record quantity
@@ -31,9 +31,9 @@ def train_step(engine, objective: Objective, batch: dict[str, torch.Tensor], pro
     output so the same parameters get gradients on every rank (a rank with a stand-in batch);
     `active=False`: this rank has no data and contributes exactly zero. Returns the terms, detached."""
     engine.set_gradient_accumulation_boundary(boundary)
-    with record_function("step/forward"):
+    with phase("step/forward"):
         out = engine(batch)
-    with record_function("step/loss"):
+    with phase("step/loss"):
         terms = objective(out, batch, progress, active=active)
         if weight is None:
             loss = terms.total
@@ -41,9 +41,9 @@ def train_step(engine, objective: Objective, batch: dict[str, torch.Tensor], pro
             loss = terms.total * (weight.to(terms.total.dtype) if torch.is_tensor(weight) else weight)
         if touch:
             loss = loss + sum(v.sum() for v in out.values() if torch.is_tensor(v)) * 0.0
-    with record_function("step/backward"):
+    with phase("step/backward"):
         engine.backward(loss)
-    with record_function("step/optimizer"):
+    with phase("step/optimizer"):
         engine.step()
     return terms.detached()
 
@@ -108,7 +108,7 @@ class DeviceLossSums:
         self._optional = False
 
     def add(self, terms: LossTerms, n: int, state) -> None:
-        with record_function("step/metrics"):
+        with phase("step/metrics"):
             self._add(terms, n, state)
 
     def _add(self, terms: LossTerms, n: int, state) -> None:

@@ -422,13 +422,13 @@ def window_steps(cfg, regime: str, args, device, clock) -> int:
     is a few milliseconds), from the clock's time of the gammaray step's warmup."""
     if args.min_window_s <= 0:
         return args.steps
-    probe = max(2, args.warmup)
-    step = GammarayStep(cfg, regime, device, probe)
-    batches = host_batches(cfg, regime, probe)
-    step.run(batches[:1], None)
+    warm, timed = max(1, args.warmup), 3
+    step = GammarayStep(cfg, regime, device, warm + timed)
+    batches = host_batches(cfg, regime, warm + timed)
+    step.run(batches[:warm], None)
     t0 = clock()
-    step.run(batches[1:], None)
-    per_step = max(1e-6, (clock() - t0) / (probe - 1))
+    step.run(batches[warm:], None)
+    per_step = max(1e-6, (clock() - t0) / timed)
     return max(args.steps, min(2000, math.ceil(args.min_window_s / per_step)))
 
 
