@@ -61,7 +61,7 @@ def test_category_words_cover_the_name_its_forms_and_its_phrase_not_stopwords():
 
 
 def test_held_out_category_leaves_no_class_word_in_any_text_and_reaches_the_probes_through_prepare(tmp_path):
-    from gammaray.app.benchmarks.tune_structure import make_openclipart_catalogue
+    from gammaray.app.benchmarks.tune_structure import input_probes, make_openclipart_catalogue
     from pipelines.tokenizer import load as load_tokenizer
     from workers.evaluation.metrics import specific_probes
 
@@ -101,6 +101,10 @@ def test_held_out_category_leaves_no_class_word_in_any_text_and_reaches_the_prob
     emb = {"image": g.normal(size=(cat["train"].size, 4)), "text": g.normal(size=(cat["train"].size, 4))}
     out = specific_probes(emb, lab, {"image": ["category"]}, seed=0)
     assert "probe_text_only" not in out and out["probe_specific"] == out["probe_image_only"]
+    # the same attribute probed from the raw inputs (no model): pixels and a bag of words
+    raw = input_probes(cat["train"], cat["test"])
+    assert list(raw) == ["category"] and raw["category"]["test_records"] == 3
+    assert all(0.0 <= raw["category"][k] <= 1.0 for k in ("pixels", "words", "majority"))
 
 
 def test_tune_structure_summary_with_one_side_and_no_shared_attribute():

@@ -98,8 +98,8 @@ def scale_table() -> str:
             + f"Source: `{BENCH}/scale.json`.*")
 
 
-def tune_structure_table() -> str:
-    return tune_structure.markdown_table(load("tune-structure.json"))
+def tune_structure_table(name: str = "tune-structure") -> str:
+    return tune_structure.markdown_table(load(f"{name}.json"))
 
 
 # the GPU check's result files and the code each ran on (the files hold the run, not the commit)
@@ -255,6 +255,7 @@ BLOCKS = {
     "structure": lambda: structure_table("structure"),
     "structure-clip": lambda: structure_table("structure_clip"),
     "tune-structure": tune_structure_table,
+    "tune-structure-openclipart": lambda: tune_structure_table("tune-structure-openclipart"),
     "scale": scale_table,
     "recipe-verdict": recipe_verdict,
     "gpu-check": gpu_check_table,

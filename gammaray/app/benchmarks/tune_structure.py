@@ -60,6 +60,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "once into the cache with apt-get download), its top-level category held out of the text as "
                         "the attribute `category` (an image-only attribute: eval.specific_attributes {image: [category]})")
     p.add_argument("--test-records", type=int, default=500, help="openclipart: test records (default 500)")
+    p.add_argument("--input-probes", metavar="JSON",
+                   help="with --make-catalogue: also probe every attribute of the catalogue from the raw inputs, "
+                        "no model (16 x 16 pixels; a bag of the training split's 512 most frequent words of the text "
+                        "view), fitted on train, scored on test, and write the accuracies and the majority class's "
+                        "share here: how much of an attribute each modality's input carries")
     p.add_argument("--val-records", type=int, default=500,
                    help="validation records of --make-catalogue (default 500). The search warns when the binomial "
                         "standard error of R@1 there exceeds tune.pick.margin and says how many would resolve it")
@@ -271,6 +276,48 @@ def make_openclipart_catalogue(workdir: str, n_val: int, n_test: int, records: l
     return out
 
 
+def input_probes(train, test, side: int = 16, words: int = 512, l2: float = 1e-4) -> dict:
+    """{attribute: {pixels, words, majority, classes, test_records}}: each `attr:` column of the splits
+    probed from the raw inputs with the bench's linear probe (fitted on train, scored on test): the
+    image at side x side RGB, and the text view (title, category, description as the model reads it)
+    as a bag of the training split's `words` most frequent words."""
+    import re
+    from collections import Counter
+
+    import numpy as np
+
+    from pipelines.images import decode
+    from pipelines.preprocess import record_text
+    from workers.evaluation.metrics import specific_probes
+
+    def texts(split):
+        c = split.columns
+        return [record_text(t, d, k).lower() for t, d, k in zip(c["title"], c["description"], c["category"])]
+
+    vocab = [w for w, _ in Counter(w for t in texts(train) for w in set(re.findall(r"[a-z]+", t))).most_common(words)]
+    index = {w: i for i, w in enumerate(vocab)}
+
+    def features(split) -> dict:
+        pix = []
+        for data in split.columns["image"]:
+            img, _ = decode(data, 1 << 26, (side, side))
+            pix.append(np.asarray(img.convert("RGB").resize((side, side)), dtype=np.float64).ravel() / 255.0)
+        bag = np.zeros((split.size, len(vocab)))
+        for i, t in enumerate(texts(split)):
+            bag[i, [index[w] for w in re.findall(r"[a-z]+", t) if w in index]] = 1.0
+        return {"image": np.stack(pix), "text": bag}
+
+    fit, ev = features(train), features(test)
+    out = {}
+    for col in sorted(c for c in test.labels if c.startswith("attr:")):
+        attr = col[5:]
+        got = specific_probes(ev, test.labels, {"image": [attr], "text": [attr]}, 0, l2, fit=(fit, train.labels))
+        y = [v for v in test.labels[col] if v is not None]
+        out[attr] = {"pixels": got["probe_image_only"], "words": got["probe_text_only"],
+                     "majority": Counter(y).most_common(1)[0][1] / len(y), "classes": len(set(y)), "test_records": len(y)}
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # the benchmark
 
@@ -309,6 +356,14 @@ def run(args: argparse.Namespace) -> int:
             cat = make_catalogue(args.make_catalogue, 3000, args.val_records, progress=False, n_test=1000)
         print(f"prepared {', '.join(f'{k} ({v.size})' for k, v in cat.items() if k != 'tokenizer')} and the tokenizer "
               f"under {os.path.join(args.make_catalogue, 'catalog')}")
+        if args.input_probes:
+            out = input_probes(cat["train"], cat["test"])
+            for attr, r in out.items():
+                print(f"   {attr}: pixels {r['pixels']:.3f}, words {r['words']:.3f}, majority class {r['majority']:.3f} "
+                      f"({r['classes']} classes, {r['test_records']} test records)")
+            with open(args.input_probes, "w") as f:
+                json.dump({"command_args": {k: v for k, v in vars(args).items() if k != "func"}, "probes": out}, f,
+                          indent=1)
         return 0
     labels = tuple(x.strip() for x in args.labels.split(","))
     if len(labels) != 2 or labels[0] == labels[1]:
