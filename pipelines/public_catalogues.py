@@ -13,6 +13,10 @@ missing where it cannot be had.
   "Category > subcategory" as the category.
 - `synthetic`: the project's procedural catalogue (pipelines/synthetic.py), for comparison.
 
+`hold_out_category` turns a catalogue's category into an attribute only the image carries (its words
+taken out of every text), for the modality-specific probes (`gammaray bench tune-structure
+--make-catalogue W --catalogue openclipart`).
+
 `write_splits` writes `train.jsonl`, `val.jsonl`, `test.jsonl` (+ image files) with a seeded split:
 the validation split is for tuning, the test split for the final figures only.
 """
@@ -107,6 +111,93 @@ def openclipart_all(cache: str) -> list[dict]:
             records.append({"product_id": rel, "title": title, "description": desc, "category": category,
                             "image": f.read()})
     return records
+
+
+# --------------------------------------------------------------------------------------------
+# a category held out of the text: an attribute only the image carries
+
+# words of a category name that say nothing about it (kept in the text)
+_STOPWORDS = {"and", "or", "of", "the", "a", "an", "in", "for"}
+# forms of a category word that the plural/singular rules below do not make
+_FORMS = {"people": ("person", "persons"), "transportation": ("transport", "transports"),
+          "electronics": ("electronic",), "geography": ("geographic", "geographical"),
+          "recreation": ("recreational",), "science": ("scientific",), "education": ("educational",),
+          "decorations": ("decorative",)}
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+def category_words(name: str) -> set[str]:
+    """The lower-case words that name a category folder ("signs_and_symbols" -> sign, signs, symbol,
+    symbols), with their plural and singular forms and the few derived forms of _FORMS, and the
+    name itself as one phrase (signs_and_symbols, signs and symbols, signs & symbols)."""
+    words = _WORD.findall(name.lower())
+    out: set[str] = {"_".join(words), " ".join(words), " & ".join(w for w in words if w not in _STOPWORDS)}
+    for w in words:
+        if w in _STOPWORDS:
+            continue
+        out.update({w, *_FORMS.get(w, ())})
+        if w.endswith("ies"):
+            out.add(w[:-3] + "y")
+        elif w.endswith("y"):
+            out.add(w[:-1] + "ies")
+        if w.endswith("s"):
+            out.add(w[:-1])
+        else:
+            out.update({w + "s", w + "es"})
+    return out
+
+
+def strip_words(text: str, words: set[str]) -> str:
+    """`text` without any of `words` (case-insensitive, whole words: letters on neither side, so the
+    parts of "signs_and_symbols/weather" go too); each comma-separated part is cleaned of the
+    punctuation left at its ends and dropped when nothing is left."""
+    if not text or not words:
+        return text
+    pattern = re.compile(r"(?<![A-Za-z])(?:" + "|".join(sorted(map(re.escape, words), key=len, reverse=True))
+                         + r")(?![A-Za-z])", re.I)
+    parts = []
+    for part in text.split(","):
+        part = re.sub(r"\s+", " ", pattern.sub(" ", part))
+        part = re.sub(r"^[\s_/&\-]+|[\s_/&\-]+$", "", part)
+        part = re.sub(r"[_/]{2,}", "_", part)
+        if part and re.search(r"[A-Za-z0-9]", part):
+            parts.append(part)
+    return ", ".join(parts)
+
+
+def hold_out_category(records: list[dict], attribute: str = "category", min_records: int = 20,
+                      not_a_class: tuple[str, ...] = ("unsorted",)) -> tuple[list[dict], dict]:
+    """The records with their top-level category moved out of the text into `attributes[attribute]`:
+    the `category` field is removed (it is part of the text view) and every word of every class's
+    name (category_words) is stripped from the title and the description of every record, so no
+    text names a class. A category with fewer than `min_records` records, or in `not_a_class`, gets
+    no attribute (the probes leave such records out); its records still train. A record whose
+    title is empty after the removal takes its description's first part as the title; one with no
+    text left is left out. Returns (records, report: classes with their counts, records left out)."""
+    from collections import Counter
+
+    top = [(r.get("category") or "").split(" > ")[0].strip() for r in records]
+    counts = Counter(t for t in top if t)
+    classes = sorted(c for c, n in counts.items() if n >= min_records and c not in not_a_class)
+    words = set().union(*(category_words(c) for c in classes)) if classes else set()
+    out, no_text = [], []
+    for r, cat in zip(records, top):
+        title = strip_words(r.get("title") or "", words)
+        desc = strip_words(r.get("description") or "", words)
+        if not title.strip():
+            first, _, rest = desc.partition(", ")
+            title, desc = first, rest
+        if not title.strip():
+            no_text.append(r.get("product_id"))
+            continue
+        rec = {k: v for k, v in r.items() if k != "category"}
+        rec.update(title=title, description=desc,
+                   attributes={**(r.get("attributes") or {}), **({attribute: cat} if cat in classes else {})})
+        out.append(rec)
+    report = {"classes": {c: counts[c] for c in classes},
+              "without_attribute": {c: n for c, n in counts.items() if c not in classes},
+              "left_out_no_text": no_text, "removed_words": sorted(words)}
+    return out, report
 
 
 # --------------------------------------------------------------------------------------------

@@ -98,8 +98,9 @@ def scale_table() -> str:
             + f"Source: `{BENCH}/scale.json`.*")
 
 
-def tune_structure_table() -> str:
-    return tune_structure.markdown_table(load("tune-structure.json"))
+def tune_structure_table(name: str = "tune-structure") -> str:
+    rows = load(f"{name}.json")
+    return tune_structure.markdown_table(rows, tuple(dict.fromkeys(r["variant"] for r in rows)))  # its own labels
 
 
 # the GPU check's result files and the code each ran on (the files hold the run, not the commit)
@@ -261,6 +262,7 @@ BLOCKS = {
     "structure": lambda: structure_table("structure"),
     "structure-clip": lambda: structure_table("structure_clip"),
     "tune-structure": tune_structure_table,
+    "tune-structure-openclipart": lambda: tune_structure_table("tune-structure-openclipart"),
     "scale": scale_table,
     "recipe-verdict": recipe_verdict,
     "gpu-check": gpu_check_table,

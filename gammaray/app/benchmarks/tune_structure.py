@@ -28,6 +28,8 @@ import os
 import time
 
 VARIANTS = ("plain", "tuned")
+CATALOGUES = ("synthetic", "openclipart")
+OPENCLIPART_IMAGE_SIDE = 96  # stored at the synthetic catalogue's side; the towers see data.image_size (64)
 ROW_KEYS = ("variant", "seed", "r_at_1", "probe_image_only", "probe_text_only", "probe_shared", "config")
 METRICS = ("r_at_1", "probe_image_only", "probe_text_only", "probe_shared", "probe_specific")
 
@@ -50,8 +52,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--png", metavar="PATH", help="plot (default: PATH of --json with .png)")
     p.add_argument("--markdown", metavar="JSON", help="print the docs table and verdict of an existing JSON; no training")
     p.add_argument("--make-catalogue", metavar="DIR",
-                   help="only generate and prepare the synthetic catalogue the search and this benchmark use: "
-                        "DIR/catalog/{train,val,test,tokenizer} (3,000 / --val-records / 1,000 records, seed 0), then exit")
+                   help="only make and prepare the catalogue the search and this benchmark use: "
+                        "DIR/catalog/{train,val,test,tokenizer}, then exit. synthetic: 3,000 / --val-records / 1,000 "
+                        "records, seed 0; openclipart: --val-records / --test-records, the rest trains")
+    p.add_argument("--catalogue", choices=CATALOGUES, default="synthetic",
+                   help="what --make-catalogue makes (default synthetic). openclipart: Debian's clip art (fetched "
+                        "once into the cache with apt-get download), its top-level category held out of the text as "
+                        "the attribute `category` (an image-only attribute: eval.specific_attributes {image: [category]})")
+    p.add_argument("--test-records", type=int, default=500, help="openclipart: test records (default 500)")
+    p.add_argument("--input-probes", metavar="JSON",
+                   help="with --make-catalogue: also probe every attribute of the catalogue from the raw inputs, "
+                        "no model (16 x 16 pixels; a bag of the training split's 512 most frequent words of the text "
+                        "view), fitted on train, scored on test, and write the accuracies and the majority class's "
+                        "share here: how much of an attribute each modality's input carries")
     p.add_argument("--val-records", type=int, default=500,
                    help="validation records of --make-catalogue (default 500). The search warns when the binomial "
                         "standard error of R@1 there exceeds tune.pick.margin and says how many would resolve it")
@@ -93,13 +106,17 @@ def run_one(job: dict) -> tuple[dict, dict]:
     spec = specific_probes(emb_te, te.labels, attrs, job["seed"], cfg.eval.probe_l2, fit=(emb_tr, tr.labels))
     shared = specific_probes(emb_te, te.labels, {"image": job["shared"], "text": job["shared"]}, job["seed"],
                              cfg.eval.probe_l2, fit=(emb_tr, tr.labels))
+    # each side's attributes probed from the OTHER embedding: how much of it leaks into the other modality
+    other = specific_probes(emb_te, te.labels, {"text": attrs.get("image", []), "image": attrs.get("text", [])},
+                            job["seed"], cfg.eval.probe_l2, fit=(emb_tr, tr.labels))
     row = {"variant": job["variant"], "seed": job["seed"], "r_at_1": 0.5 * (r["r_at_1_i2t"] + r["r_at_1_t2i"]),
            "probe_image_only": spec.get("probe_image_only"), "probe_text_only": spec.get("probe_text_only"),
-           "probe_shared": shared["probe_specific"], "config": job["values"]}
+           "probe_shared": shared.get("probe_specific"), "config": job["values"]}
     details = {**row, "r_at_1_i2t": r["r_at_1_i2t"], "r_at_1_t2i": r["r_at_1_t2i"], "r_at_5_i2t": r["r_at_5_i2t"],
                "r_at_5_t2i": r["r_at_5_t2i"], "modality_gap": modality_gap(vi, vt), "test_records": te.size,
                "probes": {k: v for k, v in spec.items() if "_only_" in k},
                "probes_shared": {k.replace("_only_", "_"): v for k, v in shared.items() if "_only_" in k},
+               "probes_other_side": {k.replace("_only_", "_embedding_"): v for k, v in other.items() if "_only_" in k},
                "steps": run.step, "train_s": round(run.train_s, 1), "cpu_s": round(time.process_time() - cpu0, 1),
                "wall_s": round(time.perf_counter() - t0, 1), "last_terms": run.last,
                "chance_r_at_1": r["chance_r_at_1"], "probe_fit_records": tr.size}
@@ -112,10 +129,13 @@ def run_one(job: dict) -> tuple[dict, dict]:
 
 
 def specific(row: dict) -> float:
-    return 0.5 * (row["probe_image_only"] + row["probe_text_only"])
+    """The mean of the sides that have modality-specific attributes (a catalogue may have one side only)."""
+    sides = [row[k] for k in ("probe_image_only", "probe_text_only") if row.get(k) is not None]
+    return sum(sides) / len(sides)
 
 
 def summarize(rows: list[dict], variants=VARIANTS) -> dict:
+    """{variant: {metric: (mean, std, n) or None where no row has the metric (no such attribute)}}."""
     import numpy as np
 
     out = {}
@@ -123,7 +143,8 @@ def summarize(rows: list[dict], variants=VARIANTS) -> dict:
         rs = [r for r in rows if r["variant"] == v]
         if rs:
             vals = {m: [specific(r) if m == "probe_specific" else r[m] for r in rs] for m in METRICS}
-            out[v] = {m: (float(np.mean(x)), float(np.std(x)), len(x)) for m, x in vals.items()}
+            out[v] = {m: (float(np.mean(x)), float(np.std(x)), len(x)) if None not in x else None
+                      for m, x in vals.items()}
     return out
 
 
@@ -157,8 +178,8 @@ def markdown_table(rows: list[dict], variants=VARIANTS) -> str:
             "probe shared |\n|---|---|---|---|---|---|")
     lines = [head]
     for v, m in s.items():
-        cells = [f"{m[k][0]:.3f} ± {m[k][1]:.3f}" for k in ("r_at_1", "probe_image_only", "probe_text_only",
-                                                              "probe_specific", "probe_shared")]
+        cells = [f"{m[k][0]:.3f} ± {m[k][1]:.3f}" if m[k] else "–" for k in (
+            "r_at_1", "probe_image_only", "probe_text_only", "probe_specific", "probe_shared")]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -176,6 +197,11 @@ def plot(rows: list[dict], path: str, title: str = "", variants=VARIANTS) -> Non
     seeds = sorted({r["seed"] for r in rows})
     for ax, m in zip(axes, METRICS):
         val = {(r["variant"], r["seed"]): (specific(r) if m == "probe_specific" else r[m]) for r in rows}
+        val = {k: x for k, x in val.items() if x is not None}
+        if not val:  # no such attribute on this catalogue
+            ax.set_title(titles[m] + "\n(none)", fontsize=9)
+            ax.set_axis_off()
+            continue
         for i, v in enumerate(variants):
             ys = [val[(v, sd)] for sd in seeds if (v, sd) in val]
             if ys:
@@ -195,6 +221,101 @@ def plot(rows: list[dict], path: str, title: str = "", variants=VARIANTS) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# the real catalogue
+
+
+def make_openclipart_catalogue(workdir: str, n_val: int, n_test: int, records: list[dict] | None = None,
+                               min_records: int = 20) -> dict:
+    """openclipart with its top-level category held out of the text (pipelines/public_catalogues.py
+    hold_out_category: the attribute `category`, its words gone from every title and description),
+    split (seed 0) and prepared like the synthetic one: {"train", "val", "test": Split, "tokenizer":
+    uri}, images stored at OPENCLIPART_IMAGE_SIDE. `records`: the raw records (default: fetched with
+    openclipart_all, raising Unavailable where apt-get is missing); a category with fewer than
+    `min_records` records is no class. Reuses a complete folder."""
+    from pipelines import public_catalogues as pc
+    from pipelines.prepare import PrepareOptions, prepare
+    from pipelines.tokenizer import build_for_catalogue
+    from workers.training.inprocess import load_split
+
+    raw = os.path.join(workdir, "raw")
+    if not os.path.exists(os.path.join(raw, "test.jsonl")):
+        held, report = pc.hold_out_category(pc.openclipart_all(pc.cache_dir()) if records is None else records,
+                                            min_records=min_records)
+        print(f"openclipart: {len(held)} records; the attribute `category` on {sum(report['classes'].values())} "
+              f"({len(report['classes'])} classes: {', '.join(f'{c} {n}' for c, n in report['classes'].items())}); "
+              f"without it (too few records or not a class): "
+              f"{', '.join(f'{c} {n}' for c, n in report['without_attribute'].items()) or 'none'}; "
+              f"{len(report['left_out_no_text'])} left out with no text once the class words were removed", flush=True)
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "held_out.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        pc.write_splits(held, raw, n_val, n_test, seed=0)
+    paths = {s: os.path.join(raw, f"{s}.jsonl") for s in ("train", "val", "test")}
+    opts = PrepareOptions(progress=False, image_max_side=OPENCLIPART_IMAGE_SIDE)
+    res = {}
+    for split, path in paths.items():
+        dst = os.path.join(workdir, "catalog", split)
+        if not os.path.exists(os.path.join(dst, "manifest.json")):
+            res[split] = prepare(path, dst, opts)
+            if res[split].num_quarantined:
+                print(f"openclipart {split}: {res[split].num_quarantined} records quarantined "
+                      f"{res[split].quarantine_by_reason}", flush=True)
+    tok = os.path.join(workdir, "catalog", "tokenizer")
+    if not os.path.exists(os.path.join(tok, "tokenizer_config.json")):
+        if "train" in res:
+            manifest = res["train"].manifest
+        else:
+            with open(os.path.join(workdir, "catalog", "train", "manifest.json")) as f:
+                manifest = json.load(f)
+        build_for_catalogue(os.path.join(workdir, "catalog", "train"), tok, manifest, vocab_size=1000)
+    out: dict = {s: load_split(os.path.join(workdir, "catalog", s)) for s in paths}
+    out["tokenizer"] = tok
+    return out
+
+
+def input_probes(train, test, side: int = 16, words: int = 512, l2: float = 1e-4) -> dict:
+    """{attribute: {pixels, words, majority, classes, test_records}}: each `attr:` column of the splits
+    probed from the raw inputs with the bench's linear probe (fitted on train, scored on test): the
+    image at side x side RGB, and the text view (title, category, description as the model reads it)
+    as a bag of the training split's `words` most frequent words."""
+    import re
+    from collections import Counter
+
+    import numpy as np
+
+    from pipelines.images import decode
+    from pipelines.preprocess import record_text
+    from workers.evaluation.metrics import specific_probes
+
+    def texts(split):
+        c = split.columns
+        return [record_text(t, d, k).lower() for t, d, k in zip(c["title"], c["description"], c["category"])]
+
+    vocab = [w for w, _ in Counter(w for t in texts(train) for w in set(re.findall(r"[a-z]+", t))).most_common(words)]
+    index = {w: i for i, w in enumerate(vocab)}
+
+    def features(split) -> dict:
+        pix = []
+        for data in split.columns["image"]:
+            img, _ = decode(data, 1 << 26, (side, side))
+            pix.append(np.asarray(img.convert("RGB").resize((side, side)), dtype=np.float64).ravel() / 255.0)
+        bag = np.zeros((split.size, len(vocab)))
+        for i, t in enumerate(texts(split)):
+            bag[i, [index[w] for w in re.findall(r"[a-z]+", t) if w in index]] = 1.0
+        return {"image": np.stack(pix), "text": bag}
+
+    fit, ev = features(train), features(test)
+    out = {}
+    for col in sorted(c for c in test.labels if c.startswith("attr:")):
+        attr = col[5:]
+        got = specific_probes(ev, test.labels, {"image": [attr], "text": [attr]}, 0, l2, fit=(fit, train.labels))
+        y = [v for v in test.labels[col] if v is not None]
+        out[attr] = {"pixels": got["probe_image_only"], "words": got["probe_text_only"],
+                     "majority": Counter(y).most_common(1)[0][1] / len(y), "classes": len(set(y)), "test_records": len(y)}
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,11 +342,28 @@ def run(args: argparse.Namespace) -> int:
     if args.make_catalogue:
         from .structure import make_catalogue
 
-        if args.val_records < 1:
-            raise ValueError(f"--val-records: at least 1, got {args.val_records}")
-        cat = make_catalogue(args.make_catalogue, 3000, args.val_records, progress=False, n_test=1000)
+        if args.val_records < 1 or args.test_records < 1:
+            raise ValueError(f"--val-records and --test-records: at least 1, got {args.val_records}, {args.test_records}")
+        if args.catalogue == "openclipart":
+            from pipelines.public_catalogues import Unavailable
+
+            try:
+                cat = make_openclipart_catalogue(args.make_catalogue, args.val_records, args.test_records)
+            except Unavailable as err:
+                print(f"tune-structure --catalogue openclipart: {err}")
+                return 2
+        else:
+            cat = make_catalogue(args.make_catalogue, 3000, args.val_records, progress=False, n_test=1000)
         print(f"prepared {', '.join(f'{k} ({v.size})' for k, v in cat.items() if k != 'tokenizer')} and the tokenizer "
               f"under {os.path.join(args.make_catalogue, 'catalog')}")
+        if args.input_probes:
+            out = input_probes(cat["train"], cat["test"])
+            for attr, r in out.items():
+                print(f"   {attr}: pixels {r['pixels']:.3f}, words {r['words']:.3f}, majority class {r['majority']:.3f} "
+                      f"({r['classes']} classes, {r['test_records']} test records)")
+            with open(args.input_probes, "w") as f:
+                json.dump({"command_args": {k: v for k, v in vars(args).items() if k != "func"}, "probes": out}, f,
+                          indent=1)
         return 0
     labels = tuple(x.strip() for x in args.labels.split(","))
     if len(labels) != 2 or labels[0] == labels[1]:
@@ -262,8 +400,9 @@ def run(args: argparse.Namespace) -> int:
     def done(row, det):
         rows.append(row)
         details.append(det)
-        print(f"   {row['variant']:<6} seed {row['seed']}: R@1 {row['r_at_1']:.4f}  image-only {row['probe_image_only']:.4f}"
-              f"  text-only {row['probe_text_only']:.4f}  shared {row['probe_shared']:.4f}  ({det['cpu_s']:.0f} CPU s)",
+        figs = "  ".join(f"{name} {row[k]:.4f}" for name, k in (("image-only", "probe_image_only"),
+                         ("text-only", "probe_text_only"), ("shared", "probe_shared")) if row[k] is not None)
+        print(f"   {row['variant']:<6} seed {row['seed']}: R@1 {row['r_at_1']:.4f}  {figs}  ({det['cpu_s']:.0f} CPU s)",
               flush=True)
         with open(args.json + ".partial", "w") as f:
             json.dump(rows, f, indent=1)
