@@ -96,6 +96,9 @@ QUARANTINE_SCHEMA = pa.schema(
 # Keys of a preprocessed training batch (numpy/torch, leading dim = batch).
 class BatchKeys:
     SAMPLE_INDEX = "sample_index"            # int64 [B]
+    # bool, not a tensor: the batch's sample indices are all different, checked on the host before the
+    # copy to the device (the gamma memory's update then skips combining duplicates); absent: not known
+    SAMPLE_INDEX_DISTINCT = "sample_index_distinct"
     PIXELS = "pixel_values"                  # float32 [B,3,H,W], normalised
     PIXELS_AUG = "pixel_values_aug"          # second (augmented) image view
     INPUT_IDS = "input_ids"                  # int64 [B,L]

@@ -132,32 +132,79 @@ def test_m_step_averaged_over_directions_is_the_mean_of_the_directions(offset):
         torch.testing.assert_close(d_both[k].double(), d_dir[k].double().mean(), rtol=0, atol=1e-12)
 
 
-def test_the_two_tower_loss_on_the_short_path_matches_the_host_path():
-    """The training step's gamma loss (fixed-size, one process: the observed update) gives the loss,
-    gradients, metrics and memory of the host path (no capacity: `combine_duplicates`, grown store),
-    step after step, duplicates included."""
+@pytest.mark.parametrize("distinct,settings", [
+    (False, dict(gamma=0.3, track_age=True)),
+    (True, dict(gamma=0.3, track_age=True)),
+    (True, dict(gamma=0.5, include_positive=True, rescale_memory=True)),
+    (False, dict(gamma=0.3, mode="sample")),  # not the diagonal node: the general M-step on the short update
+])
+def test_the_two_tower_loss_on_the_short_path_matches_the_host_path(distinct, settings):
+    """The training step's gamma loss (fixed-size, one process: the observed update and, in mode
+    "mean", the one-node `_DiagonalGamma`) gives the loss, gradients (embeddings and logit scale),
+    metrics and memory of the host path (no capacity: `combine_duplicates`, grown store, the
+    estimate and M-step's own graph), step after step; duplicates included unless the batch is
+    `distinct` (the caller's host check: no duplicates to combine)."""
     from workers.losses.gamma import GammaContrastiveLoss
 
-    s = GammaSettings(gamma=0.3, track_age=True)
+    s = GammaSettings(**settings)
     short = GammaContrastiveLoss(40, s, distributed=False, capacity=8)
     host = GammaContrastiveLoss(40, s, distributed=False)
     g = torch.Generator().manual_seed(5)
     for step in range(4):
-        idx = torch.randint(0, 40, (8,), generator=g)
-        idx[1] = idx[6]
+        idx = torch.randperm(40, generator=g)[:8] if distinct else torch.randint(0, 40, (8,), generator=g)
+        if not distinct:
+            idx[1] = idx[6]
         img, txt = (torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1) for _ in range(2))
         out = []
         for loss in (short, host):
             a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
-            value, metrics = loss(a, b, torch.tensor(10.0), idx, step / 4)
+            scale = torch.tensor(10.0 + step, requires_grad=True)
+            value, metrics = loss(a, b, scale, idx, step / 4, distinct=distinct and loss is short)
             value.backward()
-            out.append((value.detach(), a.grad, b.grad, {k: float(v) for k, v in metrics.items()}))
-        (v0, ga0, gb0, m0), (v1, ga1, gb1, m1) = out
+            out.append((value.detach(), a.grad, b.grad, scale.grad, {k: float(v) for k, v in metrics.items()}))
+        (v0, ga0, gb0, gs0, m0), (v1, ga1, gb1, gs1, m1) = out
         torch.testing.assert_close(v0, v1, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(ga0, ga1, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(gb0, gb1, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gs0, gs1, rtol=1e-5, atol=1e-6)
         assert m0.keys() == m1.keys()
         for k in m0:
             assert (math.isnan(m0[k]) and math.isnan(m1[k])) or m0[k] == pytest.approx(m1[k], rel=1e-5, abs=1e-6), k
     for c in range(2):
         torch.testing.assert_close(short.store.tables[c], host.store.tables[c][:40], rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("include_positive", [False, True])
+def test_the_diagonal_node_gradient_matches_finite_differences(include_positive):
+    """`_DiagonalGamma`'s closed-form backward against finite differences of its own forward (float64,
+    the memory's reply held fixed: u is a stop-gradient weight), batch of 2 and 6, logits far apart."""
+    from workers.losses.gamma import _DiagonalGamma, _diagonal_mask
+
+    g = torch.Generator().manual_seed(4)
+    for B in (2, 6):
+        i2t = (torch.randn(B, B, generator=g, dtype=torch.float64) * 8).requires_grad_()
+        add, log_count, _, _ = _diagonal_mask(B, B, 0, include_positive, i2t.device, i2t.dtype)
+        seen = []
+        _DiagonalGamma.apply(i2t.detach(), add, log_count, lambda log_zhat: seen.append(log_zhat) or log_zhat)
+        log_r = seen[0] + torch.randn(2, B, generator=g, dtype=torch.float64)  # a memory near the batch's value
+
+        def objective(x):
+            return _DiagonalGamma.apply(x, add, log_count, lambda log_zhat: log_r)[0]
+
+        assert torch.autograd.gradcheck(objective, (i2t,), eps=1e-6, atol=1e-7)
+
+
+def test_the_step_marks_a_batch_of_distinct_indices_from_the_host_array():
+    """Lockstep (the loops' walk over a stream) tells the loss, from the host array before the copy,
+    whether a batch's sample indices are all different; a batch with a duplicate is not marked."""
+    import numpy as np
+
+    from gammaray.schema import BatchKeys as K
+    from pipelines.stream import StreamBatch
+    from workers.batches import Lockstep, distinct_indices
+
+    assert distinct_indices(np.array([3, 1, 2])) and distinct_indices(np.array([7])) and distinct_indices(np.array([]))
+    assert not distinct_indices(np.array([3, 1, 3]))
+    stream = [StreamBatch({K.SAMPLE_INDEX: np.array(ix, dtype=np.int64)}, 0, []) for ix in ([0, 1, 2], [4, 5, 4])]
+    flags = [t[K.SAMPLE_INDEX_DISTINCT] for _, t, _, _ in Lockstep(iter(stream), torch.device("cpu"))]
+    assert flags == [True, False]

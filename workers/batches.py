@@ -36,6 +36,12 @@ def to_torch(arrays: dict[str, np.ndarray], device: torch.device, pin: bool = Fa
     return {k: tensor(v) for k, v in arrays.items()}
 
 
+def distinct_indices(index: np.ndarray) -> bool:
+    """Whether a batch's sample indices are all different (a host array: no device read)."""
+    flat = np.asarray(index).reshape(-1)
+    return flat.size < 2 or np.unique(flat).size == flat.size
+
+
 def placeholder_batch(cfg: GammarayConfig, with_aug: bool, device: torch.device) -> dict[str, torch.Tensor]:
     """A one-row stand-in for a rank whose part ran out first: it takes the step with weight 0 so
     that every rank runs the same collectives (DeepSpeed gradient reduction, the loss-state exchange)."""
@@ -137,6 +143,8 @@ class Lockstep:
             if self.clock is not None:
                 self.clock["wait"] = self.clock.get("wait", 0.0) + time.perf_counter() - t0
             tensors = to_torch(sb.arrays, self.device, self.pin) if sb is not None and sb.size > 0 else None
+            if tensors is not None and K.SAMPLE_INDEX in sb.arrays:
+                tensors[K.SAMPLE_INDEX_DISTINCT] = distinct_indices(sb.arrays[K.SAMPLE_INDEX])  # type: ignore[assignment]
         return sb, tensors
 
     def __iter__(self) -> Iterator[tuple[StreamBatch | None, dict[str, torch.Tensor] | None, Any, bool]]:

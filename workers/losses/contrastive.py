@@ -153,7 +153,12 @@ def infonce_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Ten
         all_image, valid_i, _ = gather_candidates(image, pad_to)
         return 0.5 * (infonce_direction(image, all_text, logit_scale, valid_t, off)
                       + infonce_direction(text, all_image, logit_scale, valid_i, off))
-    return 0.5 * (infonce_direction(image, text, logit_scale) + infonce_direction(text, image, logit_scale))
+    if image.shape[0] == 0:
+        return 0.5 * (infonce_direction(image, text, logit_scale) + infonce_direction(text, image, logit_scale))
+    # text -> image is image -> text transposed: one product and one label vector for both directions
+    logits = similarity(image, text, logit_scale)
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
 def siglip_scores(logits: torch.Tensor, pos_col: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -106,7 +106,7 @@ class DDPEngine:
             return self.wrapped(batch)
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.gas).backward()
+        (loss / self.gas if self.gas != 1 else loss).backward()  # x / 1 is x: no operation for it
 
     def step(self) -> None:
         if self.is_gradient_accumulation_boundary():

@@ -40,6 +40,7 @@ from gammaray.schema import BatchKeys as K
 from pipelines import storage
 from pipelines.storage import Store
 from pipelines.tokenizer import load as load_tokenizer
+from workers.batches import distinct_indices
 from workers.evaluation.export import open_checkpoint
 from workers.evaluation.features import FeatureSet
 from workers.evaluation.heads import embed_features, evaluate_heads, feature_tensors
@@ -139,6 +140,8 @@ def train_heads(cfg: GammarayConfig, train: FeatureSet, val: FeatureSet | None =
     objective = Objective(cfg.loss, num_samples=int(train.sample_index.max()) + 1, seed=cfg.run.seed,
                           device=device, distributed=False, batch_size=int(cfg.data.batch_size))
     data = feature_tensors(train, device)
+    # every batch is rows of a permutation: its indices are distinct when the split's are (host array)
+    distinct = distinct_indices(train.sample_index)
     val_data = feature_tensors(val, device) if val is not None else None
     N, B = len(train), int(cfg.data.batch_size)
     steps_per_epoch = -(-N // B)
@@ -189,6 +192,7 @@ def train_heads(cfg: GammarayConfig, train: FeatureSet, val: FeatureSet | None =
         for b in range(steps_per_epoch):
             rows = order[b * B:(b + 1) * B]
             batch = {k: v[rows] for k, v in data.items()}
+            batch[K.SAMPLE_INDEX_DISTINCT] = distinct  # type: ignore[assignment]
             terms = train_step(engine, objective, batch, step / max(1, total))
             step += 1
             samples += int(rows.shape[0])

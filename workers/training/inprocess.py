@@ -24,6 +24,7 @@ from pipelines import storage
 from pipelines.storage import Store
 from pipelines.prepare import load_manifest
 from pipelines.preprocess import PreprocessSpec, preprocess_batch
+from workers.batches import distinct_indices
 from workers.evaluation.evaluate import label_columns
 from workers.models.registry import build_model
 from workers.training.engine import DDPEngine, setting_on, fast_step_setup, optimizer_and_schedule, use_bf16
@@ -154,8 +155,10 @@ def train(cfg, run: LocalRun, split: Split, tokenizer, tokenizer_uri: str, seed:
         order = np.random.default_rng([seed, epoch, 7]).permutation(split.size)
         data = preprocess(split, tokenizer, tokenizer_uri, cfg, seed, epoch, train=True, with_aug=needs_aug, order=order)
         tensors = {k: torch.from_numpy(v) for k, v in data.items() if needs_aug or not k.endswith("_aug")}
+        distinct = distinct_indices(data[K.SAMPLE_INDEX])  # so is every slice of it (host array)
         for s in range(0, split.size, B):
-            run.train_step({k: v[s:s + B].to(run.device, non_blocking=True) for k, v in tensors.items()})
+            batch = {k: v[s:s + B].to(run.device, non_blocking=True) for k, v in tensors.items()}
+            run.train_step({**batch, K.SAMPLE_INDEX_DISTINCT: distinct})
             if on_step is not None:
                 on_step(run.step)
             if run.step >= run.total_steps:

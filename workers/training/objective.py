@@ -36,7 +36,11 @@ class LossTerms:
 
     @property
     def total(self) -> torch.Tensor:
-        return sum(self.terms.values())  # type: ignore[return-value]
+        values = iter(self.terms.values())
+        total = next(values, 0)
+        for t in values:  # not sum(): its start 0 adds one operation (and a backward node) per step
+            total = total + t
+        return total
 
     def detached(self) -> "LossTerms":
         """The same values without the graph (what a loop keeps until it logs): no host read."""
@@ -105,7 +109,8 @@ class Objective:
                               pad_to=self.batch_size)
         else:
             assert self.gamma is not None
-            con, gm = self.gamma(image, text, scale, batch[K.SAMPLE_INDEX], progress)
+            con, gm = self.gamma(image, text, scale, batch[K.SAMPLE_INDEX], progress,
+                                 distinct=bool(batch.get(K.SAMPLE_INDEX_DISTINCT, False)))
             metrics.update(gm)
         terms = {"contrastive_loss": con}
         if self.with_structure:
