@@ -202,9 +202,14 @@ def cores_per_gpu_table() -> str:
 def step_table() -> str:
     """`gammaray bench step`: gammaray's step against the plain PyTorch step, every row as measured."""
     rows, details = load("step.json"), load("step.details.json")
-    notes = "; ".join(f"{k}: {v['note']} (torch {v['torch']}, {v['threads']} thread{'s' if v['threads'] != 1 else ''}, "
-                      f"{'CPU' if v.get('clock') == 'cpu' else 'wall-clock'} time, fastest of {v['repeats']} "
-                      f"windows of {_window(v)} after {v['warmup']})" for k, v in details.items() if v.get("note"))
+    runs = {k: v for k, v in details.items() if v.get("note")}
+    shared = len({v["note"] for v in runs.values()}) == 1  # one machine note for every run: said once
+    protocol = {k: f"torch {v['torch']}, {v['threads']} thread{'s' if v['threads'] != 1 else ''}, "
+                   f"{'CPU' if v.get('clock') == 'cpu' else 'wall-clock'} time, fastest of {v['repeats']} "
+                   f"windows of {_window(v)} after {v['warmup']}" for k, v in runs.items()}
+    notes = "; ".join(f"{k}: {p}" if shared else f"{k}: {runs[k]['note']} ({p})" for k, p in protocol.items())
+    if shared and runs:
+        notes = f"{next(iter(runs.values()))['note']}. {notes}"
     return (step_bench.table(rows) + "\n\n"
             f"*{notes}. Source: `{BENCH}/step.json`, `{BENCH}/step.details.json`.*")
 

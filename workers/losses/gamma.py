@@ -266,6 +266,12 @@ class GammaDirection:
         return self.scores(logits, pos_col, sample_index, progress, valid, offset=offset)
 
 
+@functools.lru_cache(maxsize=64)
+def _minus_constant(add: torch.Tensor, c: float) -> torch.Tensor:
+    """add - c for a cached mask (made once per shape, not every step)."""
+    return add - c
+
+
 class _DiagonalGamma(torch.autograd.Function):
     """Estimate, E-step and M-step of both directions of the usual two-tower batch as one autograd
     node: `i2t` [B, B] (text -> image is its transpose, the positives its diagonal), mode "mean",
@@ -277,11 +283,11 @@ class _DiagonalGamma(torch.autograd.Function):
     @staticmethod
     def forward(ctx, i2t, add, log_count: float, update):
         ctx.set_materialize_grads(False)  # the stats' gradient is never used: no zeros made for it
-        shifted = torch.stack([i2t, i2t.T]).add_(add)
+        shifted = torch.stack([i2t, i2t.T]).add_(_minus_constant(add, log_count))  # s + mask - log(count)
         top = shifted.amax(-1, keepdim=True)
-        e = shifted.sub_(top).exp_()  # exp(s - max): [2, B, B]
+        e = shifted.sub_(top).exp_()  # exp(s - max): [2, B, B], the same for any constant shift
         total = e.sum(-1)
-        log_zhat = total.log().add_(top.squeeze(-1)).sub_(log_count)
+        log_zhat = total.log().add_(top.squeeze(-1))
         log_r = update(log_zhat)
         weight = torch.exp(log_zhat - log_r)  # u_i Z_hat_i
         w_mean, pos_mean, rate_mean = weight.mean(), i2t.diagonal().mean(), log_r.mean()
