@@ -573,13 +573,19 @@ def summary(rows: list[dict]) -> list[str]:
             for B, bar in ((16, 1.15), (256, 1.05)):
                 v = r_by.get(ratio_key(device, config, "towers", loss, B))
                 if v is not None:
-                    bars.append(f"{loss} {B}: {v:.2f} ({'meets' if v <= bar else 'misses'} <= {bar})")
+                    bars.append(f"{loss} {B}: {_against(v, bar)}")
         by = {(r["loss"], r["batch_size"]): r["step_s"] for r in mine if r["impl"] == "gammaray" and r["regime"] == "heads"}
         if ("gamma", 16) in by and ("infonce", 16) in by:
             v = by["gamma", 16] / by["infonce", 16]
-            bars.append(f"heads gamma / InfoNCE at 16: {v:.2f} ({'meets' if v <= 1.15 else 'misses'} <= 1.15)")
+            bars.append(f"heads gamma / InfoNCE at 16: {_against(v, 1.15)}")
         lines.append(f"{head} {'; '.join(parts)}." + (f" gammaray / reference: {'; '.join(bars)}." if bars else ""))
     return lines
+
+
+def _against(v: float, bar: float) -> str:
+    """A ratio and its verdict, with a third decimal where two would print the bar itself."""
+    shown = f"{v:.3f}" if f"{v:.2f}" == f"{bar:.2f}" else f"{v:.2f}"
+    return f"{shown} ({'meets' if v <= bar else 'misses'} <= {bar})"
 
 
 def plot(rows: list[dict], path: str) -> None:
