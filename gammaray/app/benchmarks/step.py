@@ -29,7 +29,7 @@ patched for the timed window; the loop's metrics read every train.log_every step
 host_syncs_per_report), and peak memory (GPU: max allocated; CPU: the process's peak resident set
 growth over the row). One row is also run under torch.profiler for its per-phase times.
 
-Length (about 630 lines): the two steps being compared, their timing and the report stay in one file, so a
+Length (about 680 lines): the two steps being compared, their timing and the report stay in one file, so a
 reader can check that the comparison is fair without leaving it.
 """
 
