@@ -376,8 +376,8 @@ class LocalRateStore(_Store):
         """`update(..., capacity=...)` for the training step's usual batch, channel-major: log_z is
         [channels, B] with no NaN (every anchor observed something), B <= SMALL_EXCHANGE; returns the
         updated log R as [channels, B]. No host read; the same values as `update`. `distinct`: the
-        caller's word, checked on the host, that `index` has no duplicates (nothing to combine: a
-        fifth of the operations)."""
+        caller's word, checked on the host, that `index` has no duplicates (nothing to combine: about
+        a third of the operations left)."""
         if index.dim() != 1:
             index = index.reshape(-1)
         if index.device != self.device or index.dtype != torch.long:
